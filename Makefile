@@ -1,0 +1,35 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ASSETS := ptqcli/assets
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Quantize the embedded Fashion-MNIST CNN to W8A8 and measure it on its labelled test slice.
+demo: $(STAMP)
+	$(BIN)/ptq inspect $(ASSETS)/fashion_cnn.onnx
+	$(BIN)/ptq calibrate $(ASSETS)/fashion_cnn.onnx --data $(ASSETS)/fashion_calib.npz -o demo-run
+	$(BIN)/ptq export demo-run -o demo-run/fashion_cnn.w8a8.onnx --eval-data $(ASSETS)/fashion_test.npz
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Benchmarks need torch and the evaluation models (see bench/README.md).
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	$(BIN)/pip install --quiet --no-deps foolbox==3.3.4
+	$(BIN)/python bench/models.py
+	$(BIN)/python bench/calibration.py
+
+clean:
+	rm -rf $(VENV) demo-run .pytest_cache

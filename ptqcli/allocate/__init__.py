@@ -1,0 +1,1 @@
+"""Per-layer bit-width allocation under a budget (integer programming)."""

@@ -1,0 +1,1 @@
+"""Calibration: data sources, streaming observers, the one ORT pass, and the plan they produce."""

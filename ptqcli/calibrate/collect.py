@@ -1,0 +1,65 @@
+"""One ONNX Runtime pass over the calibration data that feeds every activation observer at once."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..errors import PtqError
+from ..graph import Graph
+from ..runtime import session, with_outputs
+from .data import Batch
+from .observers import Histogram
+
+Stats = dict[str, Histogram]
+
+
+def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
+            advance: Callable[[int], None] = lambda n: None) -> tuple[Stats, int]:
+    """Histograms for `tensors` over all batches; returns them and the number of samples seen.
+
+    The augmented session emits every requested tensor per run; each is folded into its
+    histogram and dropped before the next run, so memory is one batch of activations.
+    """
+    stats = {name: Histogram.empty(bins) for name in tensors}
+    if not tensors:
+        seen = 0
+        for batch in batches:
+            seen += _batch_len(batch)
+            advance(_batch_len(batch))
+        return stats, seen
+    sess = session(with_outputs(g.model, tensors))
+    seen = 0
+    for batch in batches:
+        try:
+            values = sess.run(tensors, batch.feeds)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise PtqError(f"ONNX Runtime failed on the calibration data: {first}") from None
+        for name, value in zip(tensors, values):
+            stats[name].update(value)
+        n = _batch_len(batch)
+        seen += n
+        advance(n)
+    if seen == 0:
+        raise PtqError("the calibration data holds no samples")
+    return stats, seen
+
+
+def _batch_len(batch: Batch) -> int:
+    return len(next(iter(batch.feeds.values())))
+
+
+def save_stats(stats: Stats) -> dict[str, np.ndarray]:
+    """Arrays for an .npz: one counts and one meta array per tensor, keyed by position."""
+    arrays: dict[str, np.ndarray] = {"names": np.array(list(stats), dtype=object).astype(str)}
+    for i, h in enumerate(stats.values()):
+        for key, value in h.to_arrays().items():
+            arrays[f"{i}_{key}"] = value
+    return arrays
+
+
+def load_stats(arrays) -> Stats:
+    names = [str(n) for n in arrays["names"]]
+    return {name: Histogram.from_arrays(arrays[f"{i}_counts"], arrays[f"{i}_meta"]) for i, name in enumerate(names)}

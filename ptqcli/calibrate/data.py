@@ -1,0 +1,311 @@
+"""Calibration and evaluation data: an iterator of input dicts, streamed from files.
+
+Sources are a `.npy` (single-input models), a `.npz` keyed by input names, an image file folder,
+or a folder of `.npy`/`.npz` files. The first axis of an array is the sample axis. Nothing is
+read before it is needed and nothing is kept after it is fed, so memory does not grow with the
+number of samples.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from onnx import helper
+
+from ..config import DataConfig
+from ..errors import PtqError
+from ..graph import Graph
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+ARRAY_SUFFIXES = {".npy", ".npz"}
+LABEL_KEYS = ("labels", "label", "y")
+_CHUNK = 256  # samples read from an array file at a time
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple  # per-sample dims included; None for a dynamic dim
+    dtype: np.dtype
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+
+    def sample_shape(self) -> tuple:
+        return tuple(self.shape[1:])
+
+
+def model_inputs(g: Graph) -> list[InputSpec]:
+    specs = []
+    for vi in g.graph_inputs:
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+    return specs
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Some consecutive samples: one array per model input, and labels when the source has them."""
+
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+
+def iter_chunks(path: str | Path, inputs: list[InputSpec], cfg: DataConfig) -> Iterator[Chunk]:
+    """Stream chunks of validated samples from a file or folder."""
+    p = Path(path)
+    if not p.exists():
+        raise PtqError(f"data path not found: {p}")
+    files = _files_of(p)
+    image_files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    array_files = [f for f in files if f.suffix.lower() in ARRAY_SUFFIXES]
+    if image_files:
+        yield from _image_chunks(image_files, inputs, cfg)
+    for f in array_files:
+        yield from _array_chunks(f, inputs)
+
+
+def _files_of(p: Path) -> list[Path]:
+    if p.is_file():
+        if p.suffix.lower() not in IMAGE_SUFFIXES | ARRAY_SUFFIXES:
+            raise PtqError(f"unsupported data file {p.name}: expected .npy, .npz or an image")
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES | ARRAY_SUFFIXES)
+    if not files:
+        raise PtqError(f"no images or .npy/.npz files in {p}")
+    return files
+
+
+def _array_chunks(path: Path, inputs: list[InputSpec]) -> Iterator[Chunk]:
+    arrays, labels = _open_arrays(path, inputs)
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1:
+        raise PtqError(f"{path.name}: inputs have different sample counts {sorted(counts)}")
+    total = counts.pop()
+    for start in range(0, total, _CHUNK):
+        stop = min(start + _CHUNK, total)
+        chunk = {spec.name: _conform(arrays[spec.name][start:stop], spec, path) for spec in inputs}
+        yield Chunk(chunk, None if labels is None else np.asarray(labels[start:stop]))
+
+
+def _open_arrays(path: Path, inputs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    try:
+        if path.suffix.lower() == ".npy":
+            if len(inputs) != 1:
+                names = ", ".join(s.name for s in inputs)
+                raise PtqError(f"{path.name}: a .npy feeds a single-input model; this one has inputs {names} (use .npz)")
+            return {inputs[0].name: _as_samples(np.load(path, mmap_mode="r"), inputs[0], path)}, None
+        npz = np.load(path)
+        keys = list(npz.files)
+    except PtqError:
+        raise
+    except Exception as exc:
+        raise PtqError(f"cannot read {path.name}: {type(exc).__name__}: {exc}") from None
+    label_key = next((k for k in LABEL_KEYS if k in keys), None)
+    data_keys = [k for k in keys if k != label_key]
+    if len(inputs) == 1 and inputs[0].name not in keys and len(data_keys) == 1:
+        mapping = {inputs[0].name: data_keys[0]}  # one array for one input: the name need not match
+    else:
+        missing = [s.name for s in inputs if s.name not in keys]
+        if missing:
+            raise PtqError(f"{path.name} has no array for input(s) {', '.join(missing)} (keys: {', '.join(keys)})")
+        mapping = {s.name: s.name for s in inputs}
+    arrays = {s.name: _as_samples(npz[mapping[s.name]], s, path) for s in inputs}
+    return arrays, (npz[label_key] if label_key else None)
+
+
+def _as_samples(a: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
+    """A lone sample (rank one less than the input) becomes a batch of one."""
+    if a.ndim == len(spec.shape) - 1:
+        return a[None]
+    return a
+
+
+def _conform(a: np.ndarray, spec: InputSpec, where: Path | str) -> np.ndarray:
+    expected = spec.sample_shape()
+    got = tuple(a.shape[1:])
+    if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
+        shown = tuple("?" if e is None else e for e in expected)
+        raise PtqError(
+            f"{Path(str(where)).name}: input '{spec.name}' expects samples of shape {shown}, data has {got}"
+        )
+    if a.dtype != spec.dtype:
+        same_kind = (a.dtype.kind == "f" and spec.dtype.kind == "f") or (
+            a.dtype.kind in "iu" and spec.dtype.kind in "iu"
+        )
+        if not same_kind:
+            raise PtqError(f"{Path(str(where)).name}: input '{spec.name}' expects {spec.dtype}, data is {a.dtype}")
+    return np.ascontiguousarray(a, dtype=spec.dtype)
+
+
+def _image_chunks(files: list[Path], inputs: list[InputSpec], cfg: DataConfig) -> Iterator[Chunk]:
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise PtqError("image folders feed models with a single 4-D image input; use .npz for this model")
+    spec = inputs[0]
+    layout = _layout(spec, cfg)
+    channels = spec.shape[1] if layout == "NCHW" else spec.shape[3]
+    height, width = (spec.shape[2], spec.shape[3]) if layout == "NCHW" else (spec.shape[1], spec.shape[2])
+    if not all(isinstance(v, int) for v in (channels, height, width)):
+        raise PtqError(f"input '{spec.name}' has dynamic image dims {spec.shape}; image folders need fixed ones")
+    color = cfg.color if cfg.color != "auto" else ("gray" if channels == 1 else "rgb")
+    mean = _per_channel(cfg.mean, channels, "--mean")
+    std = _per_channel(cfg.std, channels, "--std")
+    for start in range(0, len(files), _CHUNK):
+        batch = [_load_image(f, color, height, width, cfg.resize) for f in files[start : start + _CHUNK]]
+        x = (np.stack(batch).astype(np.float32) - mean) / std  # N, H, W, C
+        if layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        yield Chunk({spec.name: np.ascontiguousarray(x, dtype=spec.dtype)})
+
+
+def _layout(spec: InputSpec, cfg: DataConfig) -> str:
+    if cfg.layout != "auto":
+        return cfg.layout
+    if spec.shape[1] in (1, 3, 4):
+        return "NCHW"
+    if spec.shape[3] in (1, 3, 4):
+        return "NHWC"
+    raise PtqError(f"cannot tell the layout of input '{spec.name}' {spec.shape}; pass --layout NCHW or NHWC")
+
+
+def _per_channel(values: tuple, channels: int, flag: str) -> np.ndarray:
+    if len(values) == 1:
+        return np.full(channels, values[0], dtype=np.float32)
+    if len(values) != channels:
+        raise PtqError(f"{flag} has {len(values)} values; the model's images have {channels} channels")
+    return np.asarray(values, dtype=np.float32)
+
+
+def _load_image(path: Path, color: str, height: int, width: int, resize: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if color == "gray" else "RGB")
+            if resize:
+                scale = resize / min(img.size)
+                img = img.resize((max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale))),
+                                 Image.BILINEAR)
+                left, top = (img.size[0] - width) // 2, (img.size[1] - height) // 2
+                img = img.crop((left, top, left + width, top + height))
+            else:
+                img = img.resize((width, height), Image.BILINEAR)
+            a = np.asarray(img, dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise PtqError(f"cannot read image {path.name}: {exc}") from None
+    if a.ndim == 2:
+        a = a[..., None]
+    return a[..., ::-1] if color == "bgr" else a
+
+
+def count_samples(path: str | Path) -> int | None:
+    """Samples available, read from file headers only (None when it cannot be told cheaply)."""
+    p = Path(path)
+    try:
+        files = _files_of(p)
+    except PtqError:
+        return None
+    total = 0
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            total += 1
+        elif suffix == ".npy":
+            total += np.load(f, mmap_mode="r").shape[0]
+        else:
+            n = _npz_first_dim(f)
+            if n is None:
+                return None
+            total += n
+    return total
+
+
+def _npz_first_dim(path: Path) -> int | None:
+    try:
+        with zipfile.ZipFile(path) as z:
+            for member in z.namelist():
+                if member[:-4] in LABEL_KEYS:
+                    continue
+                with z.open(member) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    shape, _, _ = np.lib.format._read_array_header(fh, version)
+                    return shape[0] if shape else 1
+    except Exception:
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class Batch:
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+
+
+def iter_batches(
+    path: str | Path, inputs: list[InputSpec], cfg: DataConfig, limit: int, skip: int = 0
+) -> Iterator[Batch]:
+    """Batches of `cfg.batch_size` samples (or the model's fixed batch), after skipping `skip` samples.
+
+    A model with a fixed batch dimension is fed exactly that many samples per run; a remainder
+    smaller than it is dropped.
+    """
+    fixed = {s.fixed_batch for s in inputs}
+    fixed.discard(None)
+    if len(fixed) > 1:
+        raise PtqError(f"inputs have different fixed batch sizes {sorted(fixed)}")
+    size = fixed.pop() if fixed else cfg.batch_size
+    pending: list[Chunk] = []
+    held, seen, emitted = 0, 0, 0
+    for chunk in iter_chunks(path, inputs, cfg):
+        lo = max(0, skip - seen)
+        seen += len(chunk)
+        if lo >= len(chunk):
+            continue
+        if lo:
+            chunk = _slice(chunk, lo, len(chunk))
+        pending.append(chunk)
+        held += len(chunk)
+        while held >= size and emitted < limit:
+            take = min(size, limit - emitted)
+            batch, pending = _pop(pending, take)
+            held -= take
+            emitted += take
+            if take == size or not fixed:
+                yield batch
+        if emitted >= limit:
+            return
+    if held and emitted < limit and not fixed:
+        take = min(held, limit - emitted)
+        batch, _ = _pop(pending, take)
+        yield batch
+
+
+def _slice(chunk: Chunk, lo: int, hi: int) -> Chunk:
+    return Chunk({k: v[lo:hi] for k, v in chunk.arrays.items()}, None if chunk.labels is None else chunk.labels[lo:hi])
+
+
+def _pop(pending: list[Chunk], n: int) -> tuple[Batch, list[Chunk]]:
+    parts, rest, need = [], [], n
+    for chunk in pending:
+        if need == 0:
+            rest.append(chunk)
+        elif len(chunk) <= need:
+            parts.append(chunk)
+            need -= len(chunk)
+        else:
+            parts.append(_slice(chunk, 0, need))
+            rest.append(_slice(chunk, need, len(chunk)))
+            need = 0
+    feeds = {k: np.concatenate([c.arrays[k] for c in parts]) for k in parts[0].arrays}
+    has_labels = all(c.labels is not None for c in parts)
+    labels = np.concatenate([c.labels for c in parts]) if has_labels else None
+    return Batch(feeds, labels), rest

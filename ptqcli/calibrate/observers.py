@@ -1,0 +1,193 @@
+"""Streaming activation statistics and the range choosers that read them.
+
+One ``Histogram`` per tensor: exact min/max plus a histogram over [-R, R] on a fixed number of
+bins. When a value beyond R arrives, R doubles and adjacent bins merge in pairs, which is exact
+(bin edges stay aligned), so memory is constant in the number of samples and the result does not
+depend on how samples were batched beyond the first batch's range.
+
+Range choosers (minmax, percentile, mse, entropy) are pure functions of a histogram and a grid size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Histogram:
+    bins: int
+    counts: np.ndarray  # int64 [bins] over [-bound, bound]
+    bound: float
+    lo: float
+    hi: float
+
+    @staticmethod
+    def empty(bins: int) -> "Histogram":
+        return Histogram(bins, np.zeros(bins, dtype=np.int64), 0.0, np.inf, -np.inf)
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.bound, self.bound, self.bins + 1)
+
+    @property
+    def centers(self) -> np.ndarray:
+        e = self.edges
+        return (e[:-1] + e[1:]) / 2
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).ravel()
+        if x.size == 0:
+            return
+        finite = np.isfinite(x)
+        if not finite.all():
+            x = x[finite]
+            if x.size == 0:
+                return
+        lo, hi = float(x.min()), float(x.max())
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        peak = max(abs(lo), abs(hi))
+        if self.bound == 0.0:
+            self.bound = _initial_bound(peak)
+        while peak > self.bound:
+            self._double()
+        half = self.bins // 2
+        idx = np.floor(x * np.float32(half / self.bound)).astype(np.int64)
+        idx += half
+        np.clip(idx, 0, self.bins - 1, out=idx)
+        self.counts += np.bincount(idx, minlength=self.bins)
+
+    def _double(self) -> None:
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        quarter = self.bins // 4
+        counts = np.zeros_like(self.counts)
+        counts[quarter : quarter + merged.size] = merged
+        self.counts = counts
+        self.bound *= 2.0
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"counts": self.counts, "meta": np.array([self.bound, self.lo, self.hi], dtype=np.float64)}
+
+    @staticmethod
+    def from_arrays(counts: np.ndarray, meta: np.ndarray) -> "Histogram":
+        return Histogram(len(counts), counts.astype(np.int64), float(meta[0]), float(meta[1]), float(meta[2]))
+
+
+def _initial_bound(peak: float) -> float:
+    """A power of two at or above the first batch's peak: later doublings then stay on round numbers."""
+    if peak <= 0.0:
+        return 2.0**-20
+    return float(2.0 ** np.ceil(np.log2(peak)))
+
+
+# ---- range choosers -------------------------------------------------------------------------
+
+
+def minmax_range(h: Histogram) -> tuple[float, float]:
+    return (0.0, 0.0) if h.total == 0 else (h.lo, h.hi)
+
+
+def percentile_range(h: Histogram, percentile: float, symmetric: bool) -> tuple[float, float]:
+    """Clip the given percentile of mass: both tails for a signed tensor, |x| when symmetric."""
+    if h.total == 0:
+        return 0.0, 0.0
+    tail = (100.0 - percentile) / 100.0
+    edges = h.edges
+    if symmetric:
+        mag = _folded(h)
+        cdf = np.cumsum(mag) / mag.sum()
+        k = int(np.searchsorted(cdf, 1.0 - tail))
+        t = min(edges[h.bins // 2 + k + 1], max(abs(h.lo), abs(h.hi)))
+        return -t, t
+    cdf = np.cumsum(h.counts) / h.total
+    lo_idx = int(np.searchsorted(cdf, tail, side="right"))
+    hi_idx = int(np.searchsorted(cdf, 1.0 - tail))
+    lo = max(h.lo, min(edges[lo_idx], 0.0)) if h.lo < 0 else h.lo
+    hi = min(h.hi, edges[min(hi_idx + 1, h.bins)])
+    return lo, hi
+
+
+def _folded(h: Histogram) -> np.ndarray:
+    """Histogram of |x| over [0, bound] on bins/2 bins."""
+    half = h.bins // 2
+    return h.counts[half:] + h.counts[:half][::-1]
+
+
+def _candidates(h: Histogram, symmetric: bool, steps: int = 128) -> list[tuple[float, float]]:
+    """Shrinking ranges [a*lo, a*hi] (or [-a*m, a*m]) from the full range down to ~1/16 of it."""
+    lo, hi = min(h.lo, 0.0), max(h.hi, 0.0)
+    if symmetric:
+        m = max(-lo, hi)
+        lo, hi = (-m, m) if h.lo < 0 else (0.0, m)
+    alphas = np.geomspace(1.0, 1.0 / 16.0, steps)
+    return [(lo * a, hi * a) for a in alphas]
+
+
+def _grid_error(h: Histogram, lo: float, hi: float, levels: int) -> float:
+    """Expected squared error of quantizing the histogram's values onto `levels` points on [lo, hi]."""
+    c = h.centers
+    w = h.counts
+    step = (hi - lo) / (levels - 1) if hi > lo else 1.0
+    q = np.clip(np.round((c - lo) / step), 0, levels - 1) * step + lo
+    return float(np.dot(w, (c - q) ** 2))
+
+
+def mse_range(h: Histogram, levels: int, symmetric: bool) -> tuple[float, float]:
+    """The candidate range with the least expected squared quantization error."""
+    if h.total == 0 or h.hi <= h.lo:
+        return minmax_range(h)
+    candidates = _candidates(h, symmetric)
+    errors = [_grid_error(h, lo, hi, levels) for lo, hi in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+def entropy_range(h: Histogram, levels: int, symmetric: bool) -> tuple[float, float]:
+    """The candidate range whose quantized distribution is closest in KL to the clipped original.
+
+    Follows the TensorRT calibration idea: mass outside the range is folded into the edge bins,
+    the in-range bins are merged into `levels` groups and spread back evenly over the non-empty bins.
+    """
+    if h.total == 0 or h.hi <= h.lo:
+        return minmax_range(h)
+    edges = h.edges
+    best, best_kl = None, np.inf
+    for lo, hi in _candidates(h, symmetric):
+        i0 = int(np.clip(np.searchsorted(edges, lo, side="right") - 1, 0, h.bins - 1))
+        i1 = int(np.clip(np.searchsorted(edges, hi, side="left"), i0 + 1, h.bins))
+        if i1 - i0 < levels:
+            break  # fewer bins than levels: the quantized distribution equals P, the KL is meaningless
+        kl = _clipped_kl(h.counts, i0, i1, levels)
+        if kl < best_kl:
+            best, best_kl = (lo, hi), kl
+    return best if best is not None else minmax_range(h)
+
+
+def _clipped_kl(counts: np.ndarray, i0: int, i1: int, levels: int) -> float:
+    p = counts[i0:i1].astype(np.float64).copy()
+    p[0] += counts[:i0].sum()
+    p[-1] += counts[i1:].sum()
+    nonzero = p > 0
+    groups = np.minimum((np.arange(p.size) * levels) // p.size, levels - 1)
+    mass = np.bincount(groups, weights=p, minlength=levels)
+    support = np.bincount(groups, weights=nonzero, minlength=levels)
+    q = np.where(nonzero, mass[groups] / np.maximum(support[groups], 1), 0.0)
+    p /= p.sum()
+    q /= q.sum()
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+
+
+def choose_range(h: Histogram, method: str, levels: int, symmetric: bool, percentile: float) -> tuple[float, float]:
+    """Dispatch on the method name: the one place observers are chosen by name."""
+    choosers = {
+        "minmax": lambda: minmax_range(h),
+        "percentile": lambda: percentile_range(h, percentile, symmetric),
+        "mse": lambda: mse_range(h, levels, symmetric),
+        "entropy": lambda: entropy_range(h, levels, symmetric),
+    }
+    return choosers[method]()

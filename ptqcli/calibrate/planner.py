@@ -1,0 +1,111 @@
+"""From graph + statistics + config to a Plan: scales and zero points for every quantized tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import QuantConfig, to_jsonable
+from ..graph import Graph
+from ..ops import channel_axis
+from ..plan import Layer, Plan, TensorQuant
+from ..quant import channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
+from ..spec import QuantSpec
+from .collect import Stats
+from .observers import choose_range
+from .select import Selection
+
+
+def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None) -> QuantSpec:
+    bits = bits or cfg.weight_bits
+    # Only 8-bit weights meet ORT's u8s8 integer kernels; 4-bit ones run through DequantizeLinear.
+    reduce = cfg.resolved_reduce_range() and bits == 8
+    return QuantSpec(bits=bits, signed=True, symmetric=True, axis=axis, reduce_range=reduce)
+
+
+def activation_spec(cfg: QuantConfig) -> QuantSpec:
+    signed = cfg.acts.value == "int8"
+    return QuantSpec(bits=8, signed=signed, symmetric=cfg.act_symmetric and signed)
+
+
+def quantize_weight(w: np.ndarray, spec: QuantSpec) -> TensorQuant:
+    lo, hi = channel_ranges(w, spec.axis)
+    scale, zp = scale_zero_point(lo, hi, spec)
+    q = quantize(w, scale, zp, spec)
+    damage = sqnr_db(w, dequantize(q, scale, zp, spec))
+    return TensorQuant("weight", spec, scale, zp, {"method": "minmax", "sqnr_db": _finite(damage)})
+
+
+def quantize_activation(name: str, stats: Stats, cfg: QuantConfig) -> TensorQuant:
+    spec = activation_spec(cfg)
+    h = stats[name]
+    levels = spec.qmax - spec.qmin + 1
+    lo, hi = choose_range(h, cfg.method.value, levels, spec.symmetric, cfg.percentile)
+    scale, zp = scale_zero_point(np.asarray(lo), np.asarray(hi), spec)
+    source = {"method": cfg.method.value, "range": [float(lo), float(hi)], "observed": [_finite(h.lo), _finite(h.hi)]}
+    return TensorQuant("activation", spec, scale, zp, source)
+
+
+def bias_quant(layer: Layer, acts: dict[str, TensorQuant], weights: dict[str, TensorQuant]) -> TensorQuant | None:
+    """int32 bias with scale = activation scale x weight scale, so integer kernels can add it directly."""
+    if layer.bias is None or layer.activation not in acts or layer.weight not in weights:
+        return None
+    a, w = acts[layer.activation], weights[layer.weight]
+    if a.spec.axis is not None or np.size(a.scale) != 1:
+        return None
+    scale = (np.float32(a.scale) * w.scale).astype(np.float32)
+    spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if scale.ndim else None)
+    return TensorQuant("bias", spec, scale, np.zeros(scale.shape, dtype=np.int64), {"method": "derived"})
+
+
+def widen_for_bias(wq: TensorQuant, w: np.ndarray, b: np.ndarray, act: TensorQuant) -> TensorQuant:
+    """Raise weight scales where the int32 bias would overflow.
+
+    That happens on near-dead channels (weights ~0 after BN folding, bias large): a coarser grid
+    costs those weights nothing, while a bias left in float breaks ORT's integer kernels.
+    """
+    if np.size(act.scale) != 1 or b.shape != np.shape(wq.scale) and np.size(wq.scale) != 1:
+        return wq
+    limit = float(2**31 - 1) / 2  # headroom for the accumulator
+    needed = (np.abs(b.astype(np.float64)) / (float(act.scale) * limit)).astype(np.float32)
+    if np.size(wq.scale) == 1:
+        needed = np.asarray(needed.max(), dtype=np.float32)
+    if np.all(needed <= wq.scale):
+        return wq
+    scale = np.maximum(wq.scale, needed).astype(np.float32)
+    damage = sqnr_db(w, dequantize(quantize(w, scale, wq.zero_point, wq.spec), scale, wq.zero_point, wq.spec))
+    return TensorQuant("weight", wq.spec, scale, wq.zero_point,
+                       {**wq.source, "sqnr_db": _finite(damage), "widened_for_bias": True})
+
+
+def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_config: dict | None = None) -> Plan:
+    acts = {name: quantize_activation(name, stats, cfg) for name in sel.activations}
+    weights: dict[str, TensorQuant] = {}
+    for layer in sel.layers:
+        if layer.weight in weights:
+            continue  # a weight shared by several nodes is quantized once
+        node = g.node_by_name[layer.node]
+        w = g.constant(layer.weight)
+        axis = channel_axis(node) % w.ndim if cfg.granularity.value == "channel" else None
+        weights[layer.weight] = quantize_weight(w, weight_spec(cfg, axis))
+    biases = {}
+    for layer in sel.layers:
+        if layer.bias is None or layer.activation not in acts or layer.weight not in weights:
+            continue
+        b = g.constant(layer.bias)
+        weights[layer.weight] = widen_for_bias(weights[layer.weight], g.constant(layer.weight), b, acts[layer.activation])
+        bq = bias_quant(layer, acts, weights)
+        if bq is not None and _bias_fits(b, bq):
+            biases[layer.bias] = bq
+    config = {"quant": to_jsonable(cfg), **(extra_config or {})}
+    return Plan({**acts, **weights, **biases}, sel.layers, sel.float_nodes, config, list(g.notes))
+
+
+def _bias_fits(b: np.ndarray, bq: TensorQuant) -> bool:
+    """A bias whose int32 image would overflow (tiny scales) stays in float."""
+    if b.shape != np.shape(bq.scale) and np.size(bq.scale) != 1:
+        return False
+    return bool(np.all(np.abs(b / bq.scale) < 2**31 - 1))
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None

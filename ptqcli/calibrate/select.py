@@ -1,0 +1,81 @@
+"""Which tensors get quantized: a pure function of the graph, the op registry and the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import QuantConfig
+from ..graph import Graph
+from ..ops import LAYOUT_OPS, activation_slots, is_fusable_activation, op_info
+from ..plan import Layer
+
+
+@dataclass(frozen=True)
+class Selection:
+    layers: list[Layer]  # nodes with a quantized constant weight
+    activations: list[str]  # float tensors to observe and quantize, in graph order
+    float_nodes: dict[str, str]  # node -> why it stays in float
+
+
+def select(g: Graph, cfg: QuantConfig) -> Selection:
+    layers: list[Layer] = []
+    acts: dict[str, None] = {}  # an ordered set
+    float_nodes: dict[str, str] = {}
+    excluded_nodes, excluded_ops = set(cfg.exclude_nodes), set(cfg.exclude_ops)
+    outputs = set(g.output_names)
+    for node in g.graph.node:
+        info = op_info(node.op_type, node.domain)
+        if node.name in excluded_nodes or node.op_type in excluded_ops:
+            float_nodes[node.name] = "excluded by the recipe"
+            continue
+        if info is None:
+            if node.op_type not in LAYOUT_OPS:
+                float_nodes[node.name] = f"{node.op_type} has no quantized form here"
+            continue
+        weight = _constant_weight(g, node, info)
+        bias = _constant_bias(g, node, info) if weight else None
+        params = {weight, bias}
+        act_inputs = [node.input[i] for i in activation_slots(node, info) if node.input[i] not in params]
+        quantized_inputs = [n for n in act_inputs if g.is_float(n) and n not in g.initializers]
+        for name in quantized_inputs:
+            acts[name] = None
+        if weight:
+            first_act = quantized_inputs[0] if quantized_inputs else None
+            layers.append(Layer(node.name, node.op_type, first_act, weight, bias, node.output[0]))
+        if cfg.acts.value == "none":
+            continue
+        out = node.output[0]
+        if info.quantize_output and g.is_float(out) and not _feeds_only_fusable(g, out, outputs):
+            acts[out] = None
+    if cfg.acts.value == "none":
+        acts.clear()
+    return Selection(layers, list(acts), float_nodes)
+
+
+def _constant_weight(g: Graph, node, info) -> str | None:
+    slot = info.weight_input
+    if slot is None or slot >= len(node.input):
+        return None
+    name = node.input[slot]
+    if name not in g.initializers or not g.is_float(name):
+        return None
+    w = g.constant(name)
+    return name if w is not None and w.ndim >= 2 else None
+
+
+def _constant_bias(g: Graph, node, info) -> str | None:
+    slot = info.bias_input
+    if slot is None or slot >= len(node.input) or not node.input[slot]:
+        return None
+    name = node.input[slot]
+    b = g.constant(name)
+    return name if b is not None and b.ndim == 1 and g.is_float(name) else None
+
+
+def _feeds_only_fusable(g: Graph, tensor: str, graph_outputs: set[str]) -> bool:
+    """A Conv output read only by Relu/Clip: ORT fuses the activation, so quantize after it."""
+    if tensor in graph_outputs:
+        return False
+    users = g.consumers.get(tensor, [])
+    return bool(users) and all(is_fusable_activation(u) for u in users)
+

@@ -1,0 +1,192 @@
+"""The `ptq` command line: parse options into config dataclasses, call a stage, render tables."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .config import ActFormat, DataConfig, Granularity, Method, QuantConfig, ReduceRange, WeightFormat, load_recipe, merge
+from .errors import PtqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization for ONNX models.")
+out = Console()
+err = Console(stderr=True)
+
+# ---- shared option aliases --------------------------------------------------------------------
+ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
+RunArg = Annotated[Path, typer.Argument(help="Run directory written by `ptq calibrate`.", show_default=False)]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Calibration data: .npy, .npz, image folder, or folder of arrays.")]
+NumSamplesOpt = Annotated[Optional[int], typer.Option("--num-samples", help="Calibration samples to read [default: 256].")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Samples per ORT run (models with a fixed batch use theirs) [default: 16].")]
+ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="Images: resize the shorter side to this, then centre-crop.")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Images: per-channel mean on 0..255, comma-separated [default: 0].")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Images: per-channel std on 0..255, comma-separated [default: 255].")]
+LayoutOpt = Annotated[Optional[str], typer.Option("--layout", help="Images: auto, NCHW or NHWC.")]
+ColorOpt = Annotated[Optional[str], typer.Option("--color", help="Images: auto, rgb, bgr or gray.")]
+WeightsOpt = Annotated[Optional[WeightFormat], typer.Option("--weights", help="Weight format [default: int8].")]
+ActsOpt = Annotated[Optional[ActFormat], typer.Option("--acts", help="Activation format [default: uint8].")]
+GranularityOpt = Annotated[Optional[Granularity], typer.Option("--granularity", help="Weight scales per channel or per tensor [default: channel].")]
+ActSymOpt = Annotated[Optional[bool], typer.Option("--act-symmetric/--act-asymmetric", help="Symmetric int8 activations.")]
+MethodOpt = Annotated[Optional[Method], typer.Option("--method", help="Activation range method [default: minmax].")]
+PercentileOpt = Annotated[Optional[float], typer.Option("--percentile", help="Percentile for --method percentile [default: 99.999].")]
+ReduceOpt = Annotated[Optional[ReduceRange], typer.Option("--reduce-range", help="7-bit weights for ORT's int8 kernels; auto = on for x86 without VNNI.")]
+ExcludeNodesOpt = Annotated[Optional[str], typer.Option("--exclude-nodes", help="Comma-separated node names to keep in float.")]
+ExcludeOpsOpt = Annotated[Optional[str], typer.Option("--exclude-ops", help="Comma-separated op types to keep in float.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [default: 0].")]
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file with [quant] and [data] tables holding any of these options.")]
+EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data for fidelity (an .npz may carry `labels`).")]
+EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to measure fidelity on.")]
+
+
+def user_errors(fn):
+    """Domain errors become one red line and exit code 1; never a traceback unless PTQ_DEBUG is set."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PtqError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # a bug, not bad input: still one line, with a way to see more
+            if os.environ.get("PTQ_DEBUG"):
+                raise
+            err.print(f"[red]error:[/red] internal error: {type(exc).__name__}: {exc} (set PTQ_DEBUG=1 for a traceback)",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def rich_progress(description: str, total: int | None):
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and "PTQ_PROGRESS" not in os.environ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise PtqError(f"{flag} takes comma-separated numbers (got {text!r})") from None
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
+             act_symmetric, method, percentile, reduce_range, exclude_nodes, exclude_ops, seed):
+    doc = load_recipe(str(recipe) if recipe else None)
+    quant = merge(QuantConfig, doc.get("quant", {}), dict(
+        weights=weights, acts=acts, granularity=granularity, act_symmetric=act_symmetric, method=method,
+        percentile=percentile, reduce_range=reduce_range, exclude_nodes=_names(exclude_nodes),
+        exclude_ops=_names(exclude_ops), seed=seed), "quant options")
+    data_cfg = merge(DataConfig, doc.get("data", {}), dict(
+        path=data, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"), layout=layout, color=color), "data options")
+    return quant, data_cfg
+
+
+@app.command()
+@user_errors
+def inspect(model: ModelArg):
+    """Layers, parameters, quantizable ops, and whether BatchNorm is present or folded."""
+    from .report import inspect_tables
+
+    for table in inspect_tables(model):
+        out.print(table)
+
+
+@app.command()
+@user_errors
+def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--output", help="Run directory.")],
+              data: DataOpt = None, num_samples: NumSamplesOpt = None, batch_size: BatchOpt = None,
+              resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
+              color: ColorOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
+              granularity: GranularityOpt = None, act_symmetric: ActSymOpt = None, method: MethodOpt = None,
+              percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
+              exclude_ops: ExcludeOpsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None):
+    """Observe activations on calibration data; write statistics and a plan to a run directory."""
+    from . import stages
+    from .report import plan_table
+
+    quant, data_cfg = _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
+                               granularity, act_symmetric, method, percentile, reduce_range, exclude_nodes, exclude_ops, seed)
+    plan = stages.calibrate(model, quant, data_cfg, output, rich_progress)
+    out.print(plan_table(plan))
+    out.print(f"run directory: [bold]{output}[/bold]")
+
+
+@app.command()
+@user_errors
+def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", help="Quantized model to write.")],
+           eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
+    """Write the QDQ model from a run directory and measure its fidelity against the float model."""
+    from . import stages
+    from .report import fidelity_tables
+
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress)
+    _print_fidelity(fidelity)
+    out.print(f"wrote [bold]{output}[/bold]")
+
+
+@app.command()
+@user_errors
+def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--output", help="Quantized model to write.")],
+             run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory [default: OUTPUT.run/].")] = None,
+             data: DataOpt = None, num_samples: NumSamplesOpt = None, batch_size: BatchOpt = None,
+             resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
+             color: ColorOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
+             granularity: GranularityOpt = None, act_symmetric: ActSymOpt = None, method: MethodOpt = None,
+             percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
+             exclude_ops: ExcludeOpsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
+             eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
+    """Calibrate and export in one go."""
+    from . import stages
+    from .report import plan_table
+
+    quant, data_cfg = _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
+                               granularity, act_symmetric, method, percentile, reduce_range, exclude_nodes, exclude_ops, seed)
+    run = run_dir or output.with_name(output.name + ".run")
+    if not output.parent.is_dir():
+        raise PtqError(f"output folder does not exist: {output.parent}")
+    plan = stages.calibrate(model, quant, data_cfg, run, rich_progress)
+    out.print(plan_table(plan))
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress)
+    _print_fidelity(fidelity)
+    out.print(f"wrote [bold]{output}[/bold] (run directory {run})")
+
+
+def _print_fidelity(fidelity) -> None:
+    from .report import fidelity_tables
+
+    if fidelity is None:
+        out.print("[yellow]no evaluation data: pass --eval-data to measure fidelity[/yellow]")
+        return
+    for table in fidelity_tables(fidelity):
+        out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Typed, validated configuration. The CLI and recipe files both produce these dataclasses."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .errors import PtqError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class WeightFormat(str, Enum):
+    int8 = "int8"
+    int4 = "int4"
+
+
+class ActFormat(str, Enum):
+    uint8 = "uint8"
+    int8 = "int8"
+    none = "none"
+
+
+class Method(str, Enum):
+    minmax = "minmax"
+    percentile = "percentile"
+    mse = "mse"
+    entropy = "entropy"
+
+
+class Granularity(str, Enum):
+    channel = "channel"
+    tensor = "tensor"
+
+
+class ReduceRange(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+WEIGHT_BITS = {WeightFormat.int8: 8, WeightFormat.int4: 4}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where calibration samples come from and how images become tensors."""
+
+    path: str | None = None
+    num_samples: int = 256
+    batch_size: int = 16
+    # Images: resize the shorter side, centre-crop to the model's input size, then (pixel - mean) / std
+    # on 0..255 values. `resize` 0 means "resize straight to the input size".
+    resize: int = 0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (255.0,)
+    layout: str = "auto"  # auto | NCHW | NHWC
+    color: str = "auto"  # auto | rgb | bgr | gray
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise PtqError(f"--num-samples must be at least 1 (got {self.num_samples})")
+        if self.batch_size < 1:
+            raise PtqError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.layout not in ("auto", "NCHW", "NHWC"):
+            raise PtqError(f"--layout must be auto, NCHW or NHWC (got {self.layout})")
+        if self.color not in ("auto", "rgb", "bgr", "gray"):
+            raise PtqError(f"--color must be auto, rgb, bgr or gray (got {self.color})")
+        if any(s == 0 for s in self.std):
+            raise PtqError("--std values must be non-zero")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how."""
+
+    weights: WeightFormat = WeightFormat.int8
+    acts: ActFormat = ActFormat.uint8
+    granularity: Granularity = Granularity.channel
+    act_symmetric: bool = False
+    method: Method = Method.minmax
+    percentile: float = 99.999
+    reduce_range: ReduceRange = ReduceRange.auto
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    bins: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, enum in (("weights", WeightFormat), ("acts", ActFormat), ("method", Method),
+                           ("granularity", Granularity), ("reduce_range", ReduceRange)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum(value.value if isinstance(value, Enum) else value))
+            except ValueError:
+                choices = ", ".join(e.value for e in enum)
+                raise PtqError(f"{name} must be one of {choices} (got {value!r})") from None
+        if not 50.0 < self.percentile <= 100.0:
+            raise PtqError(f"percentile must be in (50, 100] (got {self.percentile})")
+        if self.bins < 256 or self.bins % 4:
+            raise PtqError(f"bins must be a multiple of 4 and at least 256 (got {self.bins})")
+
+    @property
+    def weight_bits(self) -> int:
+        return WEIGHT_BITS[self.weights]
+
+    def resolved_reduce_range(self) -> bool:
+        if self.reduce_range is ReduceRange.auto:
+            return cpu_needs_reduce_range()
+        return self.reduce_range is ReduceRange.on
+
+
+def cpu_needs_reduce_range() -> bool:
+    """True on x86 CPUs without VNNI, where ORT's u8s8 int8 kernels (vpmaddubsw) saturate."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def to_jsonable(cfg: Any) -> dict:
+    def convert(v: Any) -> Any:
+        if isinstance(v, Enum):
+            return v.value
+        if isinstance(v, tuple):
+            return list(v)
+        return v
+
+    return {k: convert(v) for k, v in asdict(cfg).items()}
+
+
+def from_mapping(cls, mapping: dict, where: str):
+    """Build a config dataclass from a dict (a recipe section), refusing unknown keys."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise PtqError(f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise PtqError(f"{where}: {exc}") from None
+
+
+def load_recipe(path: str | None) -> dict[str, dict]:
+    """A TOML recipe: [quant] and [data] tables with the same names as the CLI options."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise PtqError(f"recipe file not found: {p}")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PtqError(f"recipe {p} is not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - {"quant", "data"})
+    if unknown:
+        raise PtqError(f"recipe {p}: unknown table(s) {', '.join(unknown)} (known: quant, data)")
+    return {k: dict(v) for k, v in doc.items()}
+
+
+def merge(cls, recipe_section: dict, overrides: dict, where: str):
+    """Recipe values first, then every CLI option the user actually passed."""
+    merged = {**recipe_section, **{k: v for k, v in overrides.items() if v is not None}}
+    return from_mapping(cls, merged, where)
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Provenance stored with every run directory."""
+
+    model_path: str
+    model_sha256: str
+    tool_version: str
+    quant: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)

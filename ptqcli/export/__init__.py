@@ -1,0 +1,1 @@
+"""Export: the QDQ model and its measured fidelity against the float model."""

@@ -1,0 +1,116 @@
+"""Plan -> QDQ model: QuantizeLinear/DequantizeLinear pairs that stock ONNX Runtime runs.
+
+Weights and biases become integer initializers behind a DequantizeLinear; activations get a
+QuantizeLinear -> DequantizeLinear pair right after their producer, and their readers read the
+dequantized value. ORT's graph optimizer then fuses DQ -> Conv -> Q into its integer kernels.
+Graph outputs keep their names and stay in float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+from ..errors import PtqError
+from ..graph import Graph, check_model, clone, default_opset, make_initializer, set_opset
+from ..plan import Plan, TensorQuant
+from ..quant import quantize
+from ..spec import QuantSpec
+
+# DequantizeLinear of int4/uint4 needs opset 21.
+INT4_OPSET = 21
+
+
+def onnx_int_type(spec: QuantSpec) -> int:
+    table = {
+        (4, True): TensorProto.INT4,
+        (4, False): TensorProto.UINT4,
+        (8, True): TensorProto.INT8,
+        (8, False): TensorProto.UINT8,
+        (32, True): TensorProto.INT32,
+    }
+    return table[(spec.storage_bits, spec.signed)]
+
+
+def _numpy_int_type(spec: QuantSpec):
+    return {4: np.int8, 8: np.int8, 32: np.int32}[spec.storage_bits] if spec.signed else np.uint8
+
+
+def _int_tensor(name: str, values: np.ndarray, spec: QuantSpec) -> TensorProto:
+    return make_initializer(name, values.astype(_numpy_int_type(spec)), onnx_int_type(spec))
+
+
+def _scale_zp(prefix: str, tq: TensorQuant) -> list[TensorProto]:
+    return [
+        numpy_helper.from_array(np.asarray(tq.scale, dtype=np.float32), f"{prefix}_scale"),
+        _int_tensor(f"{prefix}_zero_point", np.asarray(tq.zero_point), tq.spec),
+    ]
+
+
+def _axis_attrs(tq: TensorQuant) -> dict:
+    return {"axis": tq.spec.axis} if tq.spec.axis is not None else {}
+
+
+def _dequantize_node(name: str, tq: TensorQuant, source: str) -> NodeProto:
+    return helper.make_node(
+        "DequantizeLinear", [source, f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
+        name=f"{name}_DequantizeLinear", **_axis_attrs(tq),
+    )
+
+
+def _constant_qdq(name: str, tq: TensorQuant, value: np.ndarray) -> tuple[list[TensorProto], NodeProto]:
+    q = quantize(value, tq.scale, tq.zero_point, tq.spec)
+    inits = [_int_tensor(f"{name}_quantized", q, tq.spec), *_scale_zp(name, tq)]
+    return inits, _dequantize_node(name, tq, f"{name}_quantized")
+
+
+def _activation_qdq(name: str, tq: TensorQuant) -> tuple[list[TensorProto], list[NodeProto]]:
+    quant = helper.make_node(
+        "QuantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"], [f"{name}_quantized"],
+        name=f"{name}_QuantizeLinear", **_axis_attrs(tq),
+    )
+    return _scale_zp(name, tq), [quant, _dequantize_node(name, tq, f"{name}_quantized")]
+
+
+def required_opset(model: ModelProto, plan: Plan) -> int:
+    needs_int4 = any(t.spec.storage_bits == 4 for t in plan.tensors.values())
+    return max(default_opset(model), INT4_OPSET if needs_int4 else 13)
+
+
+def export_qdq(g: Graph, plan: Plan) -> ModelProto:
+    model = set_opset(clone(g.model), required_opset(g.model, plan))
+    initializers = {t.name: t for t in model.graph.initializer}
+    excluded = {name for name, why in plan.float_nodes.items() if why == "excluded by the recipe"}
+    new_inits: list[TensorProto] = []
+    head: list[NodeProto] = []
+    after: dict[str, list[NodeProto]] = {}
+    rewire: dict[str, str] = {}
+    producers = {out for n in model.graph.node for out in n.output}
+    for name, tq in plan.tensors.items():
+        if tq.role in ("weight", "bias"):
+            if name not in initializers:
+                raise PtqError(f"plan names weight '{name}', which the model does not have")
+            inits, dq = _constant_qdq(name, tq, numpy_helper.to_array(initializers.pop(name)))
+            new_inits += inits
+            head.append(dq)
+        else:
+            inits, nodes = _activation_qdq(name, tq)
+            new_inits += inits
+            (after.setdefault(name, []) if name in producers else head).extend(nodes)
+        rewire[name] = f"{name}_dequantized"
+    nodes = list(head)
+    for node in model.graph.node:
+        if node.name not in excluded:
+            for i, name in enumerate(node.input):
+                if name in rewire:
+                    node.input[i] = rewire[name]
+        nodes.append(node)
+        for out in node.output:
+            nodes.extend(after.get(out, []))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept = list(initializers.values())
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + new_inits)
+    check_model(model, "the exported model")
+    return model

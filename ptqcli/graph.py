@@ -1,0 +1,216 @@
+"""Loading, preparing and saving ONNX models; read-only views of a graph's structure."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+from .errors import PtqError
+
+MIN_OPSET = 13
+# Protobuf cannot serialise a single message over 2 GiB; leave headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Lowest IR version that goes with each opset (onnx.helper.VERSION_TABLE, spelled out for the ones we emit).
+IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11}
+
+
+@dataclass
+class Graph:
+    """A model plus cached maps of who produces and who consumes each tensor.
+
+    The maps are computed once per Graph; transforms build a new Graph rather than mutate one.
+    """
+
+    model: ModelProto
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    @cached_property
+    def initializers(self) -> dict[str, TensorProto]:
+        return {t.name: t for t in self.graph.initializer}
+
+    @cached_property
+    def producer(self) -> dict[str, NodeProto]:
+        return {out: n for n in self.graph.node for out in n.output if out}
+
+    @cached_property
+    def consumers(self) -> dict[str, list[NodeProto]]:
+        table: dict[str, list[NodeProto]] = {}
+        for n in self.graph.node:
+            for name in n.input:
+                if name:
+                    table.setdefault(name, []).append(n)
+        return table
+
+    @cached_property
+    def node_by_name(self) -> dict[str, NodeProto]:
+        return {n.name: n for n in self.graph.node}
+
+    @cached_property
+    def value_types(self) -> dict[str, int]:
+        """Element type of every tensor whose type is known (inputs, outputs, value_info, constants)."""
+        types = {}
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            if vi.type.HasField("tensor_type"):
+                types[vi.name] = vi.type.tensor_type.elem_type
+        for t in self.graph.initializer:
+            types[t.name] = t.data_type
+        return types
+
+    @cached_property
+    def value_shapes(self) -> dict[str, list]:
+        shapes = {}
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                shapes[vi.name] = [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in vi.type.tensor_type.shape.dim
+                ]
+        return shapes
+
+    @cached_property
+    def graph_inputs(self) -> list[onnx.ValueInfoProto]:
+        """Real inputs: old models also list their initializers as inputs."""
+        return [i for i in self.graph.input if i.name not in self.initializers]
+
+    @cached_property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.graph.output]
+
+    @property
+    def opset(self) -> int:
+        return default_opset(self.model)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        t = self.initializers.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def is_float(self, name: str) -> bool:
+        return self.value_types.get(name) == TensorProto.FLOAT
+
+
+def default_opset(model: ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(path: str | os.PathLike) -> ModelProto:
+    """Read a model (with any external data beside it); every failure is a one-line PtqError."""
+    p = Path(path)
+    if not p.exists():
+        raise PtqError(f"model file not found: {p}")
+    if p.is_dir():
+        raise PtqError(f"expected an ONNX file, got a directory: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=True)
+    except Exception as exc:  # protobuf raises several unrelated types for a bad file
+        raise PtqError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node:
+        raise PtqError(f"{p} is not an ONNX model (no graph nodes; truncated or another format?)")
+    return model
+
+
+def check_model(model: ModelProto, what: str) -> None:
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PtqError(f"{what} fails onnx.checker: {first_line}") from None
+
+
+def save_model(model: ModelProto, path: str | os.PathLike) -> None:
+    """Write atomically: a temp file in the target folder, renamed into place when complete.
+
+    Models too large for one protobuf get their tensors in ``<name>.data`` beside them.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise PtqError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise PtqError(f"output folder is not writable: {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            _save_with_external_data(model, target, Path(tmp))
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_with_external_data(model: ModelProto, target: Path, tmp: Path) -> None:
+    data_name = target.name + ".data"
+    data_tmp = target.parent / f".{data_name}.tmp"
+    big = onnx.ModelProto()
+    big.CopyFrom(model)
+    onnx.external_data_helper.convert_model_to_external_data(
+        big, all_tensors_to_one_file=True, location=data_tmp.name, size_threshold=1024
+    )
+    onnx.save_model(big, str(tmp))
+    for t in onnx.external_data_helper._get_all_tensors(big):
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    onnx.save_model(big, str(tmp))
+    os.replace(data_tmp, target.parent / data_name)
+
+
+def model_bytes_or_path(model: ModelProto, scratch: Path) -> bytes | str:
+    """What onnxruntime.InferenceSession accepts: bytes when small, a saved file when huge."""
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        return model.SerializeToString()
+    path = scratch / "model.onnx"
+    save_model(model, path)
+    return str(path)
+
+
+def clone(model: ModelProto) -> ModelProto:
+    copy = ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def set_opset(model: ModelProto, opset: int) -> ModelProto:
+    """Convert the default-domain opset (upwards) and raise the IR version to match it."""
+    current = default_opset(model)
+    if current < opset:
+        try:
+            model = onnx.version_converter.convert_version(model, opset)
+        except Exception as exc:
+            raise PtqError(f"cannot convert the model from opset {current} to {opset}: {exc}") from None
+    model.ir_version = max(model.ir_version, IR_FOR_OPSET.get(max(opset, current), 10))
+    return model
+
+
+def make_initializer(name: str, array: np.ndarray, onnx_type: int | None = None) -> TensorProto:
+    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):
+        return helper.make_tensor(name, onnx_type, list(array.shape), array.astype(np.int32).ravel().tolist())
+    return numpy_helper.from_array(array, name)

@@ -1,0 +1,1 @@
+"""N:M sparsity masks, including transposable ones."""

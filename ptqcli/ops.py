@@ -1,0 +1,129 @@
+"""Per-op facts as data: one registry that every stage consults instead of matching op names.
+
+``weight_input``/``bias_input`` name the input slots that hold constant parameters;
+``channel_axis`` says which weight axis indexes output channels (a function of the node,
+because Gemm's depends on ``transB``). ``act_inputs`` are the input slots whose float values are
+quantized; ``quantize_output`` says whether the op's output is quantized too. An op absent from
+the registry is left in float and reported, never an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from onnx import NodeProto
+
+
+def _attr(node: NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    return default
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    act_inputs: tuple[int, ...] | None = (0,)  # None: every input (variadic ops)
+    quantize_output: bool = True
+    weight_input: int | None = None
+    bias_input: int | None = None
+    channel_axis: Callable[[NodeProto], int] = lambda node: 0
+    # Conv-like ops whose BatchNormalization successor can be folded into their weights.
+    folds_batchnorm: bool = False
+    # Ops ORT fuses into a quantized kernel when their output is quantized: their own float
+    # output need not be quantized when it only feeds one of these.
+    fusable_activation: bool = False
+
+
+def _gemm_axis(node: NodeProto) -> int:
+    return 0 if _attr(node, "transB", 0) else 1
+
+
+_COMPUTE = {
+    "Conv": OpInfo(weight_input=1, bias_input=2, folds_batchnorm=True),
+    "ConvTranspose": OpInfo(weight_input=1, bias_input=2, channel_axis=lambda node: 1),
+    "Gemm": OpInfo(weight_input=1, bias_input=2, channel_axis=_gemm_axis, folds_batchnorm=True),
+    # MatMul's weight is input 1 when it is a constant [K, N]; two activations otherwise.
+    "MatMul": OpInfo(act_inputs=(0, 1), weight_input=1, channel_axis=lambda node: -1),
+}
+
+_ELEMENTWISE = {
+    op: OpInfo(act_inputs=(0, 1))
+    for op in ("Add", "Mul", "Sub")
+}
+
+_UNARY = {
+    op: OpInfo()
+    for op in (
+        "AveragePool",
+        "GlobalAveragePool",
+        "MaxPool",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "LeakyRelu",
+        "Softmax",
+        "Resize",
+    )
+}
+
+_FUSABLE = {op: OpInfo(act_inputs=(), fusable_activation=True) for op in ("Relu", "Clip")}
+
+OP_INFO: dict[str, OpInfo] = {
+    **_COMPUTE,
+    **_ELEMENTWISE,
+    **_UNARY,
+    **_FUSABLE,
+    "Concat": OpInfo(act_inputs=None),
+    "Sum": OpInfo(act_inputs=None),
+}
+
+# Ops that carry parameters worth quantizing (counted by `ptq inspect`, given bias correction).
+WEIGHTED_OPS = tuple(op for op, info in OP_INFO.items() if info.weight_input is not None)
+
+# Ops that only move or reshape data: left in float, they neither need nor block quantization.
+LAYOUT_OPS = frozenset(
+    {
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Identity",
+        "Dropout",
+        "Shape",
+        "Gather",
+        "Slice",
+        "Split",
+        "Pad",
+        "Cast",
+        "Constant",
+        "ConstantOfShape",
+        "Expand",
+        "Tile",
+    }
+)
+
+
+def op_info(op_type: str, domain: str = "") -> OpInfo | None:
+    """The registry entry for a standard-domain op, or None when the op stays in float."""
+    if domain not in ("", "ai.onnx"):
+        return None
+    return OP_INFO.get(op_type)
+
+
+def activation_slots(node: NodeProto, info: OpInfo) -> list[int]:
+    slots = range(len(node.input)) if info.act_inputs is None else info.act_inputs
+    return [i for i in slots if i < len(node.input) and node.input[i]]
+
+
+def is_fusable_activation(node: NodeProto) -> bool:
+    info = op_info(node.op_type, node.domain)
+    return info is not None and info.fusable_activation
+
+
+def channel_axis(node: NodeProto) -> int:
+    info = op_info(node.op_type, node.domain)
+    assert info is not None and info.weight_input is not None
+    return info.channel_axis(node)

@@ -1,0 +1,124 @@
+"""The Plan: every quantization decision for a model, as data that round-trips through JSON.
+
+A Plan names tensors of the prepared float graph. Stages read a Plan and return a new one;
+export turns it into a model. Its JSON form is versioned so that old run directories are refused
+with a clear message instead of being misread.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .errors import PtqError
+from .spec import QuantSpec
+
+PLAN_VERSION = 1
+ROLES = ("activation", "weight", "bias")
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one tensor is quantized: its format plus the fitted scale and zero point."""
+
+    role: str
+    spec: QuantSpec
+    scale: np.ndarray
+    zero_point: np.ndarray
+    # Where the range came from (observer name and the float range it chose), for the card.
+    source: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise PtqError(f"unknown tensor role '{self.role}'")
+
+    def to_dict(self) -> dict:
+        return {
+            "role": self.role,
+            "spec": self.spec.to_dict(),
+            # float32 -> Python float is exact, and the JSON text of a double round-trips exactly.
+            "scale": np.asarray(self.scale, dtype=np.float32).ravel().astype(float).tolist(),
+            "scale_shape": list(np.shape(self.scale)),
+            "zero_point": np.asarray(self.zero_point).ravel().astype(int).tolist(),
+            "source": self.source,
+        }
+
+    @staticmethod
+    def from_dict(d: dict) -> "TensorQuant":
+        shape = tuple(d.get("scale_shape", []))
+        return TensorQuant(
+            role=d["role"],
+            spec=QuantSpec.from_dict(d["spec"]),
+            scale=np.asarray(d["scale"], dtype=np.float32).reshape(shape),
+            zero_point=np.asarray(d["zero_point"], dtype=np.int64).reshape(shape),
+            source=dict(d.get("source", {})),
+        )
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A quantized compute node: which tensors feed it, for bias quantization and reports."""
+
+    node: str
+    op_type: str
+    activation: str | None
+    weight: str | None
+    bias: str | None
+    output: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Layer":
+        return Layer(**{k: d.get(k) for k in ("node", "op_type", "activation", "weight", "bias", "output")})
+
+
+@dataclass(frozen=True)
+class Plan:
+    tensors: dict[str, TensorQuant]
+    layers: list[Layer]
+    float_nodes: dict[str, str]  # node name -> why it stays in float
+    config: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    def with_tensor(self, name: str, tq: TensorQuant) -> "Plan":
+        return replace(self, tensors={**self.tensors, name: tq})
+
+    def of_role(self, role: str) -> dict[str, TensorQuant]:
+        return {k: v for k, v in self.tensors.items() if v.role == role}
+
+    def to_json(self) -> str:
+        doc = {
+            "version": self.version,
+            "config": self.config,
+            "notes": self.notes,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "float_nodes": self.float_nodes,
+            "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
+        }
+        return json.dumps(doc, indent=1, sort_keys=False)
+
+    @staticmethod
+    def from_json(text: str) -> "Plan":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PtqError(f"plan.json is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        version = doc.get("version") if isinstance(doc, dict) else None
+        if version != PLAN_VERSION:
+            raise PtqError(f"plan.json has version {version!r}; this ptqcli reads version {PLAN_VERSION}")
+        try:
+            return Plan(
+                tensors={k: TensorQuant.from_dict(v) for k, v in doc["tensors"].items()},
+                layers=[Layer.from_dict(d) for d in doc["layers"]],
+                float_nodes=dict(doc["float_nodes"]),
+                config=dict(doc["config"]),
+                notes=list(doc.get("notes", [])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PtqError(f"plan.json is malformed: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,218 @@
+"""Turn any loaded model into the float graph the quantizer works on.
+
+Each transform is a function ModelProto -> ModelProto that returns a new model; ``prepare`` chains
+them. What a transform changed is recorded as a note for the quantization card.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import ModelProto, helper, numpy_helper
+
+from .graph import EXTERNAL_DATA_THRESHOLD, MIN_OPSET, Graph, check_model, clone, default_opset, set_opset
+from .ops import op_info
+
+# Ops whose value differs between runs: folding them would freeze one draw.
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_MAX_FOLDED_ELEMENTS = 64_000_000
+
+
+def prepare(model: ModelProto, source: str = "") -> Graph:
+    """Upgrade, validate, fold constants and BatchNorm, infer shapes."""
+    notes: list[str] = []
+    if default_opset(model) < MIN_OPSET:
+        notes.append(f"converted from opset {default_opset(model)} to {MIN_OPSET}")
+        model = set_opset(model, MIN_OPSET)
+    model = drop_initializer_inputs(model)
+    model = name_nodes(model)
+    check_model(model, source or "the model")
+    model, folded = fold_constants(model)
+    if folded:
+        notes.append(f"folded {folded} constant nodes into initializers")
+    model, bn = fold_batchnorm(model)
+    if bn:
+        notes.append(f"folded {bn} BatchNormalization nodes into the preceding Conv/Gemm")
+    model = infer_shapes(model)
+    return Graph(model, source=source, notes=notes)
+
+
+def drop_initializer_inputs(model: ModelProto) -> ModelProto:
+    """IR < 4 lists every initializer as a graph input; newer IRs treat that as an overridable input."""
+    names = {t.name for t in model.graph.initializer}
+    if not any(i.name in names for i in model.graph.input):
+        return model
+    model = clone(model)
+    keep = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    return model
+
+
+def name_nodes(model: ModelProto) -> ModelProto:
+    """Give every node a unique name: plans, recipes and reports refer to nodes by name."""
+    names = [n.name for n in model.graph.node]
+    if all(names) and len(set(names)) == len(names):
+        return model
+    model = clone(model)
+    taken: set[str] = set()
+    for idx, node in enumerate(model.graph.node):
+        if not node.name or node.name in taken:
+            node.name = f"{node.op_type}_{idx}" if f"{node.op_type}_{idx}" not in taken else f"{node.op_type}_{idx}_{len(taken)}"
+        taken.add(node.name)
+    return model
+
+
+def infer_shapes(model: ModelProto) -> ModelProto:
+    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        return model  # in-memory inference cannot serialise it; types then come from ORT
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        # Unknown custom ops defeat inference; the quantizer then skips tensors of unknown type.
+        return model
+
+
+def fold_constants(model: ModelProto) -> tuple[ModelProto, int]:
+    """Replace nodes whose inputs are all constant (e.g. ConstantOfShape weights) by initializers."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = Graph(model)
+    consts = dict(g.initializers)
+    graph_outputs = set(g.output_names)
+    kept, new_inits, folded = [], [], 0
+    for node in model.graph.node:
+        inputs = [i for i in node.input if i]
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NONDETERMINISTIC
+            and all(i in consts for i in inputs)
+            and not any(o in graph_outputs for o in node.output)
+            and not any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute)
+        )
+        values = _evaluate_node(ReferenceEvaluator, node, consts) if foldable else None
+        if values is None:
+            kept.append(node)
+            continue
+        folded += 1
+        for name, value in zip(node.output, values):
+            tensor = numpy_helper.from_array(np.asarray(value), name)
+            consts[name] = tensor
+            new_inits.append(tensor)
+    if not folded:
+        return model, 0
+    out = clone(model)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    out.graph.initializer.extend(new_inits)
+    return _drop_unused_initializers(out), folded
+
+
+def _evaluate_node(evaluator_cls, node, consts) -> list | None:
+    feeds = {i: numpy_helper.to_array(consts[i]) for i in node.input if i}
+    if sum(v.size for v in feeds.values()) > _MAX_FOLDED_ELEMENTS:
+        return None
+    inputs = [helper.make_tensor_value_info(i, consts[i].data_type, None) for i in feeds]
+    outputs = [helper.make_value_info(o, onnx.TypeProto()) for o in node.output]
+    single = helper.make_model(
+        helper.make_graph([node], "fold", inputs, outputs),
+        opset_imports=[helper.make_opsetid("", MIN_OPSET)],
+    )
+    try:
+        values = evaluator_cls(single).run(None, feeds)
+    except Exception:
+        return None  # an op the reference cannot evaluate simply stays in the graph
+    if any(np.asarray(v).size > _MAX_FOLDED_ELEMENTS for v in values):
+        return None
+    return values
+
+
+def _drop_unused_initializers(model: ModelProto) -> ModelProto:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
+
+
+def fold_batchnorm(model: ModelProto) -> tuple[ModelProto, int]:
+    """Fold inference-mode BatchNormalization into a Conv/Gemm that feeds only it.
+
+    ORT cannot fold BN once the conv weight sits behind a DequantizeLinear, and quantizing
+    the unfolded weight would quantize the wrong numbers, so the fold happens before anything else.
+    """
+    g = Graph(model)
+    out = clone(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    graph_outputs = set(g.output_names)
+    removed: set[int] = set()
+    renames: dict[str, tuple[str, str]] = {}
+    for idx, bn in enumerate(g.graph.node):
+        producer = g.producer.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
+        if producer is None or not _can_fold(g, producer, bn, graph_outputs):
+            continue
+        weight, bias = _folded_parameters(g, producer, bn)
+        w_name, b_name = producer.input[1], f"{producer.name or producer.output[0]}_bn_bias"
+        inits[w_name].CopyFrom(numpy_helper.from_array(weight, w_name))
+        new_bias = numpy_helper.from_array(bias, b_name)
+        out.graph.initializer.append(new_bias)
+        inits[b_name] = new_bias
+        renames[producer.output[0]] = (b_name, bn.output[0])
+        removed.add(idx)
+    if not removed:
+        return model, 0
+    kept = []
+    for idx, node in enumerate(out.graph.node):
+        if idx in removed:
+            continue
+        if node.output and node.output[0] in renames:
+            bias_name, new_out = renames[node.output[0]]
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = bias_name
+            node.output[0] = new_out
+        kept.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    del out.graph.value_info[:]  # shapes are re-inferred after the rewrite
+    return _drop_unused_initializers(out), len(removed)
+
+
+def _can_fold(g: Graph, producer, bn, graph_outputs) -> bool:
+    info = op_info(producer.op_type, producer.domain)
+    if info is None or not info.folds_batchnorm:
+        return False
+    if producer.output[0] in graph_outputs or len(g.consumers.get(producer.output[0], [])) != 1:
+        return False
+    if any(a.name == "training_mode" and a.i for a in bn.attribute) or len(bn.output) > 1 and any(bn.output[1:]):
+        return False
+    params = [producer.input[1]] + list(bn.input[1:5])
+    if any(g.constant(p) is None for p in params):
+        return False
+    if len(producer.input) > 2 and producer.input[2] and g.constant(producer.input[2]) is None:
+        return False
+    if producer.op_type == "Gemm":
+        attrs = {a.name: a for a in producer.attribute}
+        if attrs.get("alpha", None) and attrs["alpha"].f != 1.0 or attrs.get("beta", None) and attrs["beta"].f != 1.0:
+            return False
+        bias = g.constant(producer.input[2]) if len(producer.input) > 2 and producer.input[2] else None
+        if bias is not None and bias.ndim != 1:
+            return False
+    return True
+
+
+def _folded_parameters(g: Graph, producer, bn) -> tuple[np.ndarray, np.ndarray]:
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    gamma, beta, mean, var = (g.constant(n).astype(np.float64) for n in bn.input[1:5])
+    weight = g.constant(producer.input[1]).astype(np.float64)
+    has_bias = len(producer.input) > 2 and producer.input[2]
+    bias = g.constant(producer.input[2]).astype(np.float64) if has_bias else np.zeros_like(mean)
+    k = gamma / np.sqrt(var + eps)
+    axis = op_info(producer.op_type).channel_axis(producer)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    weight = weight * k.reshape(shape)
+    bias = (bias - mean) * k + beta
+    dtype = g.constant(producer.input[1]).dtype
+    return weight.astype(dtype), bias.astype(dtype)
+

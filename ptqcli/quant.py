@@ -1,0 +1,78 @@
+"""Numeric quantization: scales from ranges, quantize and dequantize exactly as ONNX defines them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .spec import QuantSpec
+
+# A scale of zero would divide by zero in QuantizeLinear; an all-zero tensor gets this instead.
+_MIN_SCALE = np.float32(1e-8)
+
+
+def scale_zero_point(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) that map [lo, hi] onto the spec's integer grid.
+
+    The range is widened to contain zero so that zero (padding, ReLU) is exactly representable.
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric:
+        bound = np.maximum(-lo, hi)
+        if spec.signed:
+            scale = bound / ((qmax - qmin) / 2.0)
+            zero_point = np.zeros_like(scale, dtype=np.int64)
+        else:
+            # Unsigned symmetric means a grid starting at zero: only for non-negative tensors.
+            scale = hi / (qmax - qmin)
+            zero_point = np.full(scale.shape, qmin, dtype=np.int64)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zero_point = np.clip(np.round(qmin - lo / safe), qmin, qmax).astype(np.int64)
+    scale = np.maximum(scale.astype(np.float32), _MIN_SCALE)
+    return scale, zero_point
+
+
+def _broadcast(values: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    if axis is None or values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), as integers (int64)."""
+    s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, spec.axis)
+    z = _broadcast(np.asarray(zero_point, dtype=np.int64), x.ndim, spec.axis)
+    q = np.rint(x.astype(np.float32) / s).astype(np.int64) + z
+    return np.clip(q, spec.qmin, spec.qmax)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """DequantizeLinear: (q - zero_point) * scale, in float32."""
+    s = _broadcast(np.asarray(scale, dtype=np.float32), q.ndim, spec.axis)
+    z = _broadcast(np.asarray(zero_point, dtype=np.int64), q.ndim, spec.axis)
+    return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
+def channel_ranges(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of a weight per output channel (or over the whole tensor)."""
+    if axis is None:
+        return np.asarray(w.min()), np.asarray(w.max())
+    axis = axis % w.ndim
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    return moved.min(axis=1), moved.max(axis=1)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when exact)."""
+    signal = float(np.sum(np.square(reference, dtype=np.float64)))
+    noise = float(np.sum(np.square(reference.astype(np.float64) - approx.astype(np.float64))))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * np.log10(signal / noise)

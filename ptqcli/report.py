@@ -1,0 +1,116 @@
+"""Rich tables for what a person wants to look at: the model, the plan, the fidelity."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from .config import QuantConfig
+from .export.fidelity import Fidelity
+from .graph import Graph, default_opset, load_model
+from .ops import WEIGHTED_OPS, op_info
+from .plan import Plan
+from .prepare import prepare
+from .calibrate.select import select
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "exact"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def inspect_tables(path: Path) -> list[Table]:
+    raw = load_model(path)
+    ops = Counter(n.op_type for n in raw.graph.node)
+    g = prepare(raw, source=str(path))
+    sel = select(g, QuantConfig())
+    params = sum(int(np.prod(t.dims)) for t in g.graph.initializer)
+    summary = Table(title=f"{path.name}", show_header=False)
+    summary.add_row("opset", str(default_opset(raw)))
+    for i in g.graph_inputs:
+        summary.add_row("input", f"{i.name} {g.value_shapes.get(i.name)}")
+    for o in g.graph.output:
+        summary.add_row("output", f"{o.name} {g.value_shapes.get(o.name)}")
+    summary.add_row("nodes", str(len(raw.graph.node)))
+    summary.add_row("parameters", f"{params:,}")
+    bn = ops.get("BatchNormalization", 0)
+    summary.add_row("BatchNormalization", f"{bn} present (folded into Conv/Gemm for quantization)" if bn
+                    else "none (folded at export, or never there)")
+    summary.add_row("quantizable layers", str(len(sel.layers)))
+    summary.add_row("activation tensors", str(len(sel.activations)))
+    summary.add_row("stays in float", ", ".join(sorted({why.split(" ")[0] for why in sel.float_nodes.values()})) or "-")
+    for note in g.notes:
+        summary.add_row("note", note)
+    op_table = Table(title="op types")
+    for col in ("op", "count", "handling"):
+        op_table.add_column(col)
+    for op, count in sorted(ops.items(), key=lambda kv: -kv[1]):
+        info = op_info(op)
+        handling = "weights + activations" if op in WEIGHTED_OPS else "activations" if info else "float"
+        op_table.add_row(op, str(count), handling)
+    layer_table = Table(title="quantizable layers")
+    for col in ("node", "op", "weight shape", "params"):
+        layer_table.add_column(col)
+    for layer in sel.layers:
+        shape = list(g.initializers[layer.weight].dims)
+        layer_table.add_row(layer.node, layer.op_type, str(shape), f"{int(np.prod(shape)):,}")
+    return [summary, op_table, layer_table]
+
+
+def plan_table(plan: Plan) -> Table:
+    q = plan.config.get("quant", {})
+    acts, weights, biases = (plan.of_role(r) for r in ("activation", "weight", "bias"))
+    reduce = any(t.spec.reduce_range for t in weights.values())
+    table = Table(title="quantization plan", show_header=False)
+    table.add_row("weights", f"{q.get('weights')} {q.get('granularity')}-wise symmetric"
+                  + (" (7-bit range for ORT's int8 kernels on this CPU)" if reduce else ""))
+    table.add_row("activations", f"{q.get('acts')} per tensor, {'symmetric' if q.get('act_symmetric') else 'asymmetric'},"
+                  f" {q.get('method')}")
+    table.add_row("calibration samples", str(plan.config.get("samples_seen")))
+    table.add_row("layers / weights / biases", f"{len(plan.layers)} / {len(weights)} / {len(biases)}")
+    table.add_row("activation tensors", str(len(acts)))
+    worst = sorted((t.source.get("sqnr_db") or np.inf, n) for n, t in weights.items())[:3]
+    table.add_row("lowest weight SQNR", ", ".join(f"{n} {s:.1f} dB" for s, n in worst) or "-")
+    table.add_row("float nodes", str(len(plan.float_nodes)) + (
+        f" ({', '.join(sorted(set(v.split(' ')[0] for v in plan.float_nodes.values())))})" if plan.float_nodes else ""))
+    return table
+
+
+def fidelity_tables(f: Fidelity, max_layers: int = 40) -> list[Table]:
+    where = "held-out samples" if f.held_out else "calibration samples (no held-out data)"
+    summary = Table(title=f"fidelity vs float: {f.samples} {where}, ORT kernel path")
+    for col in ("output", "top-1 agreement", "KL", "cosine", "SQNR dB", "MSE"):
+        summary.add_column(col, justify="right")
+    for name, m in f.outputs.items():
+        agreement = f"{100 * m['top1_agreement']:.2f}%" if "top1_agreement" in m else "-"
+        kl = f"{m['kl']:.5f}" if "kl" in m else "-"
+        summary.add_row(name, agreement, kl, f"{m['cosine']:.5f}", _fmt(m["sqnr_db"]), f"{m['mse']:.3g}")
+    tables = [summary]
+    if f.accuracy:
+        acc = Table(title="accuracy on labels")
+        for col in ("float top-1", "quantized top-1", "drop"):
+            acc.add_column(col, justify="right")
+        fl, qu = f.accuracy["float"], f.accuracy["quantized"]
+        acc.add_row(f"{100 * fl:.2f}%", f"{100 * qu:.2f}%", f"{100 * (fl - qu):+.2f} pts")
+        tables.append(acc)
+    kernels = Table(title="kernel path (ops ORT runs after optimization)", show_header=False)
+    kernels.add_row("integer kernels", ", ".join(f"{k} x{v}" for k, v in f.integer_kernels.items()) or "none (emulated)")
+    float_ops = {k: v for k, v in f.kernel_ops.items() if k not in f.integer_kernels}
+    kernels.add_row("other ops", ", ".join(f"{k} x{v}" for k, v in float_ops.items()))
+    tables.append(kernels)
+    layers = Table(title="per-layer output SQNR (emulated path)")
+    for col in ("node", "op", "SQNR dB"):
+        layers.add_column(col, justify="right" if col == "SQNR dB" else "left")
+    shown = sorted(f.layers, key=lambda l: (l["sqnr_db"] is None, l["sqnr_db"] or 0.0))[:max_layers]
+    for layer in shown:
+        layers.add_row(layer["node"], layer["op_type"], _fmt(layer["sqnr_db"], 1))
+    if len(f.layers) > max_layers:
+        layers.caption = f"the {max_layers} lowest of {len(f.layers)} layers; all are in fidelity.json"
+    tables.append(layers)
+    return tables

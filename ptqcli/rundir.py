@@ -1,0 +1,85 @@
+"""The run directory: what each stage leaves for the next, written atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PtqError
+from .graph import load_model, save_model
+from .plan import Plan
+
+FLOAT_MODEL = "model.float.onnx"
+PLAN = "plan.json"
+STATS = "stats.npz"
+RUN_INFO = "run.json"
+FIDELITY = "fidelity.json"
+
+
+def ensure_run_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise PtqError(f"run directory path exists and is not a directory: {p}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PtqError(f"cannot create run directory {p}: {exc.strerror}") from None
+    if not os.access(p, os.W_OK):
+        raise PtqError(f"run directory is not writable: {p}")
+    return p
+
+
+def existing_run_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not (p / PLAN).is_file() or not (p / FLOAT_MODEL).is_file():
+        raise PtqError(f"{p} is not a run directory (run `ptq calibrate MODEL -o {p}` first)")
+    return p
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, doc: dict) -> None:
+    write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PtqError(f"cannot read {path}: {exc}") from None
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(path, buf.getvalue())
+
+
+def write_plan(run: Path, plan: Plan) -> None:
+    write_bytes(run / PLAN, (plan.to_json() + "\n").encode())
+
+
+def read_plan(run: Path) -> Plan:
+    return Plan.from_json((run / PLAN).read_text())
+
+
+def write_float_model(run: Path, model) -> None:
+    save_model(model, run / FLOAT_MODEL)
+
+
+def read_float_model(run: Path):
+    return load_model(run / FLOAT_MODEL)
