@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ptq inspect $(ASSETS)/fashion_cnn.onnx
 	$(BIN)/ptq calibrate $(ASSETS)/fashion_cnn.onnx --data $(ASSETS)/fashion_calib.npz -o demo-run
-	$(BIN)/ptq export demo-run -o demo-run/fashion_cnn.w8a8.onnx --eval-data $(ASSETS)/fashion_test.npz
+	$(BIN)/ptq export demo-run -o demo-run/fashion_cnn.w8a8.onnx --eval-data $(ASSETS)/fashion_test.npz --eval-samples 2000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -140,7 +140,6 @@ def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", h
            eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
     """Write the QDQ model from a run directory and measure its fidelity against the float model."""
     from . import stages
-    from .report import fidelity_tables
 
     _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress)
     _print_fidelity(fidelity)
@@ -160,13 +159,13 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
     """Calibrate and export in one go."""
     from . import stages
+    from .graph import check_writable
     from .report import plan_table
 
     quant, data_cfg = _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
                                granularity, act_symmetric, method, percentile, reduce_range, exclude_nodes, exclude_ops, seed)
     run = run_dir or output.with_name(output.name + ".run")
-    if not output.parent.is_dir():
-        raise PtqError(f"output folder does not exist: {output.parent}")
+    check_writable(output)
     plan = stages.calibrate(model, quant, data_cfg, run, rich_progress)
     out.print(plan_table(plan))
     _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress)

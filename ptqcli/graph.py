@@ -147,12 +147,7 @@ def save_model(model: ModelProto, path: str | os.PathLike) -> None:
     Models too large for one protobuf get their tensors in ``<name>.data`` beside them.
     """
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise PtqError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise PtqError(f"output folder is not writable: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    fd, tmp = _temp_beside(target)
     os.close(fd)
     try:
         if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
@@ -161,9 +156,31 @@ def save_model(model: ModelProto, path: str | os.PathLike) -> None:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise PtqError(f"cannot write {target}: {exc.strerror}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _temp_beside(target: Path) -> tuple[int, str]:
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise PtqError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise PtqError(f"output folder is not writable: {folder}")
+    try:
+        return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise PtqError(f"cannot write to {folder}: {exc.strerror}") from None
+
+
+def check_writable(target: str | os.PathLike) -> None:
+    """Fail before hours of work, not after: create and remove a temp file where the output goes."""
+    fd, tmp = _temp_beside(Path(target))
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def _save_with_external_data(model: ModelProto, target: Path, tmp: Path) -> None:

@@ -34,6 +34,9 @@ class OpInfo:
     # Ops ORT fuses into a quantized kernel when their output is quantized: their own float
     # output need not be quantized when it only feeds one of these.
     fusable_activation: bool = False
+    # Output values are a subset of the input values (max, reshape): the output reuses the
+    # input's scale, which lets ORT run the op on integers without requantizing.
+    preserves_scale: bool = False
 
 
 def _gemm_axis(node: NodeProto) -> int:
@@ -58,7 +61,6 @@ _UNARY = {
     for op in (
         "AveragePool",
         "GlobalAveragePool",
-        "MaxPool",
         "Sigmoid",
         "HardSigmoid",
         "HardSwish",
@@ -68,6 +70,8 @@ _UNARY = {
     )
 }
 
+_SCALE_PRESERVING = {"MaxPool": OpInfo(preserves_scale=True)}
+
 _FUSABLE = {op: OpInfo(act_inputs=(), fusable_activation=True) for op in ("Relu", "Clip")}
 
 OP_INFO: dict[str, OpInfo] = {
@@ -75,6 +79,7 @@ OP_INFO: dict[str, OpInfo] = {
     **_ELEMENTWISE,
     **_UNARY,
     **_FUSABLE,
+    **_SCALE_PRESERVING,
     "Concat": OpInfo(act_inputs=None),
     "Sum": OpInfo(act_inputs=None),
 }
@@ -116,6 +121,14 @@ def op_info(op_type: str, domain: str = "") -> OpInfo | None:
 def activation_slots(node: NodeProto, info: OpInfo) -> list[int]:
     slots = range(len(node.input)) if info.act_inputs is None else info.act_inputs
     return [i for i in slots if i < len(node.input) and node.input[i]]
+
+
+def preserves_scale(node: NodeProto) -> bool:
+    """Layout ops and max-like ops: what comes out is some of what went in."""
+    if node.op_type in LAYOUT_OPS and node.op_type not in ("Shape", "Cast", "Constant", "ConstantOfShape"):
+        return True
+    info = op_info(node.op_type, node.domain)
+    return info is not None and info.preserves_scale
 
 
 def is_fusable_activation(node: NodeProto) -> bool:

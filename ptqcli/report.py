@@ -11,7 +11,7 @@ from rich.table import Table
 from .config import QuantConfig
 from .export.fidelity import Fidelity
 from .graph import Graph, default_opset, load_model
-from .ops import WEIGHTED_OPS, op_info
+from .ops import LAYOUT_OPS, WEIGHTED_OPS, op_info
 from .plan import Plan
 from .prepare import prepare
 from .calibrate.select import select
@@ -23,6 +23,18 @@ def _fmt(x, digits: int = 2) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+def _handling(op: str) -> str:
+    if op == "BatchNormalization":
+        return "folded into the preceding Conv/Gemm"
+    if op in WEIGHTED_OPS:
+        return "int weights + quantized activations"
+    if op_info(op) is not None:
+        return "quantized activations"
+    if op in LAYOUT_OPS:
+        return "layout: carries quantized values"
+    return "float"
 
 
 def inspect_tables(path: Path) -> list[Table]:
@@ -51,9 +63,7 @@ def inspect_tables(path: Path) -> list[Table]:
     for col in ("op", "count", "handling"):
         op_table.add_column(col)
     for op, count in sorted(ops.items(), key=lambda kv: -kv[1]):
-        info = op_info(op)
-        handling = "weights + activations" if op in WEIGHTED_OPS else "activations" if info else "float"
-        op_table.add_row(op, str(count), handling)
+        op_table.add_row(op, str(count), _handling(op))
     layer_table = Table(title="quantizable layers")
     for col in ("node", "op", "weight shape", "params"):
         layer_table.add_column(col)

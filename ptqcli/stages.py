@@ -15,7 +15,7 @@ from .config import DataConfig, QuantConfig, cpu_name, to_jsonable
 from .errors import PtqError
 from .export.fidelity import Fidelity, measure
 from .export.qdq import export_qdq
-from .graph import Graph, file_sha256, load_model, save_model
+from .graph import Graph, check_writable, file_sha256, load_model, save_model
 from .plan import Plan
 from .prepare import prepare
 from . import rundir
@@ -68,6 +68,7 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
            progress: Progress = silent) -> tuple[Plan, Fidelity | None]:
     """Write the QDQ model, then measure it against the float model on held-out data."""
     run = rundir.existing_run_dir(run_dir)
+    check_writable(out_path)
     plan = rundir.read_plan(run)
     g = Graph(rundir.read_float_model(run))
     quantized = export_qdq(g, plan)

@@ -236,8 +236,9 @@ def _npz_first_dim(path: Path) -> int | None:
                 if member[:-4] in LABEL_KEYS:
                     continue
                 with z.open(member) as fh:
-                    version = np.lib.format.read_magic(fh)
-                    shape, _, _ = np.lib.format._read_array_header(fh, version)
+                    major, _ = np.lib.format.read_magic(fh)
+                    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, _, _ = read_header(fh)
                     return shape[0] if shape else 1
     except Exception:
         return None

@@ -22,6 +22,9 @@ class Histogram:
     bound: float
     lo: float
     hi: float
+    # Exact zeros (ReLU, padding) are tracked apart: zero is always exactly representable, so
+    # their spike must not sway range choices that compare distributions.
+    zeros: int = 0
 
     @staticmethod
     def empty(bins: int) -> "Histogram":
@@ -50,6 +53,7 @@ class Histogram:
             if x.size == 0:
                 return
         lo, hi = float(x.min()), float(x.max())
+        self.zeros += x.size - int(np.count_nonzero(x))
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         peak = max(abs(lo), abs(hi))
         if self.bound == 0.0:
@@ -71,11 +75,19 @@ class Histogram:
         self.bound *= 2.0
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"counts": self.counts, "meta": np.array([self.bound, self.lo, self.hi], dtype=np.float64)}
+        meta = np.array([self.bound, self.lo, self.hi, self.zeros], dtype=np.float64)
+        return {"counts": self.counts, "meta": meta}
 
     @staticmethod
     def from_arrays(counts: np.ndarray, meta: np.ndarray) -> "Histogram":
-        return Histogram(len(counts), counts.astype(np.int64), float(meta[0]), float(meta[1]), float(meta[2]))
+        return Histogram(len(counts), counts.astype(np.int64), float(meta[0]), float(meta[1]), float(meta[2]),
+                         int(meta[3]))
+
+    def nonzero_counts(self) -> np.ndarray:
+        """Counts with the exact zeros taken out of the bin that holds zero."""
+        counts = self.counts.copy()
+        counts[self.bins // 2] -= self.zeros
+        return counts
 
 
 def _initial_bound(peak: float) -> float:
@@ -155,29 +167,36 @@ def entropy_range(h: Histogram, levels: int, symmetric: bool) -> tuple[float, fl
     if h.total == 0 or h.hi <= h.lo:
         return minmax_range(h)
     edges = h.edges
+    counts = h.nonzero_counts()
     best, best_kl = None, np.inf
     for lo, hi in _candidates(h, symmetric):
         i0 = int(np.clip(np.searchsorted(edges, lo, side="right") - 1, 0, h.bins - 1))
         i1 = int(np.clip(np.searchsorted(edges, hi, side="left"), i0 + 1, h.bins))
         if i1 - i0 < levels:
             break  # fewer bins than levels: the quantized distribution equals P, the KL is meaningless
-        kl = _clipped_kl(h.counts, i0, i1, levels)
+        kl = _clipped_kl(counts, i0, i1, levels)
         if kl < best_kl:
             best, best_kl = (lo, hi), kl
     return best if best is not None else minmax_range(h)
 
 
 def _clipped_kl(counts: np.ndarray, i0: int, i1: int, levels: int) -> float:
-    p = counts[i0:i1].astype(np.float64).copy()
+    """KL(P || Q): P is the range with outliers folded into its edge bins, Q the quantized range.
+
+    Q is built from the in-range counts *without* the folded outliers: that is what makes a
+    range that clips much mass pay for it.
+    """
+    inside = counts[i0:i1].astype(np.float64)
+    p = inside.copy()
     p[0] += counts[:i0].sum()
     p[-1] += counts[i1:].sum()
-    nonzero = p > 0
+    nonzero = inside > 0
     groups = np.minimum((np.arange(p.size) * levels) // p.size, levels - 1)
-    mass = np.bincount(groups, weights=p, minlength=levels)
+    mass = np.bincount(groups, weights=inside, minlength=levels)
     support = np.bincount(groups, weights=nonzero, minlength=levels)
     q = np.where(nonzero, mass[groups] / np.maximum(support[groups], 1), 0.0)
     p /= p.sum()
-    q /= q.sum()
+    q /= max(q.sum(), 1e-300)
     mask = p > 0
     return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 

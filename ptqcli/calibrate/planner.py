@@ -6,7 +6,7 @@ import numpy as np
 
 from ..config import QuantConfig, to_jsonable
 from ..graph import Graph
-from ..ops import channel_axis
+from ..ops import channel_axis, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
 from ..spec import QuantSpec
@@ -45,6 +45,21 @@ def quantize_activation(name: str, stats: Stats, cfg: QuantConfig) -> TensorQuan
     return TensorQuant("activation", spec, scale, zp, source)
 
 
+def scale_source(g: Graph, name: str, acts: dict[str, TensorQuant]) -> str | None:
+    """The already-quantized tensor whose scale `name` must reuse, through reshapes and max-pools."""
+    node = g.producer.get(name)
+    while node is not None and preserves_scale(node) and node.input:
+        upstream = node.input[0]
+        if upstream in acts:
+            return upstream
+        node = g.producer.get(upstream)
+    return None
+
+
+def shared(tq: TensorQuant, source: str) -> TensorQuant:
+    return TensorQuant("activation", tq.spec, tq.scale, tq.zero_point, {"method": "shared", "from": source})
+
+
 def bias_quant(layer: Layer, acts: dict[str, TensorQuant], weights: dict[str, TensorQuant]) -> TensorQuant | None:
     """int32 bias with scale = activation scale x weight scale, so integer kernels can add it directly."""
     if layer.bias is None or layer.activation not in acts or layer.weight not in weights:
@@ -78,7 +93,10 @@ def widen_for_bias(wq: TensorQuant, w: np.ndarray, b: np.ndarray, act: TensorQua
 
 
 def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_config: dict | None = None) -> Plan:
-    acts = {name: quantize_activation(name, stats, cfg) for name in sel.activations}
+    acts: dict[str, TensorQuant] = {}
+    for name in sel.activations:
+        source = scale_source(g, name, acts)
+        acts[name] = shared(acts[source], source) if source else quantize_activation(name, stats, cfg)
     weights: dict[str, TensorQuant] = {}
     for layer in sel.layers:
         if layer.weight in weights:

@@ -45,6 +45,9 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
         if cfg.acts.value == "none":
             continue
         out = node.output[0]
+        # Graph outputs stay float: users get the most exact value the last op can give.
+        if out in outputs:
+            continue
         if info.quantize_output and g.is_float(out) and not _feeds_only_fusable(g, out, outputs):
             acts[out] = None
     if cfg.acts.value == "none":

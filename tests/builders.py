@@ -1,0 +1,90 @@
+"""Tiny ONNX graphs built with onnx.helper, for tests that need exact control of the model."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+
+def conv_bn_relu_model(seed: int = 0, channels: int = 8, classes: int = 4, batch: int | str = "N",
+                       opset: int = 13) -> ModelProto:
+    """input[N,3,8,8] -> Conv -> BatchNorm -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (c, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, c).astype(np.float32), "bn_scale"),
+        numpy_helper.from_array(rng.normal(0, 0.2, c).astype(np.float32), "bn_bias"),
+        numpy_helper.from_array(rng.normal(0, 0.3, c).astype(np.float32), "bn_mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, c).astype(np.float32), "bn_var"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (c, c, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b2"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (classes, c)).astype(np.float32), "w3"),
+        numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "b3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn1"], name="bn1"),
+        helper.make_node("Relu", ["bn1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def encoder_model(seed: int = 0, seq: int = 16, hidden: int = 32, heads: int = 4, ffn: int = 64) -> ModelProto:
+    """One transformer encoder block: self-attention, LayerNormalization, Gelu MLP (opset 20)."""
+    rng = np.random.default_rng(seed)
+    head = hidden // heads
+
+    def w(name, *shape, std=0.08):
+        return numpy_helper.from_array(rng.normal(0, std, shape).astype(np.float32), name)
+
+    inits = [
+        w("wq", hidden, hidden), w("wk", hidden, hidden), w("wv", hidden, hidden), w("wo", hidden, hidden),
+        w("bq", hidden, std=0.02), w("bo", hidden, std=0.02),
+        w("w_in", hidden, ffn), w("b_in", ffn, std=0.02), w("w_out", ffn, hidden), w("b_out", hidden, std=0.02),
+        numpy_helper.from_array(np.ones(hidden, np.float32), "ln_g"),
+        numpy_helper.from_array(np.zeros(hidden, np.float32), "ln_b"),
+        numpy_helper.from_array(np.array([0, 0, heads, head], np.int64), "split_heads"),
+        numpy_helper.from_array(np.array([0, 0, hidden], np.int64), "merge_heads"),
+        numpy_helper.from_array(np.array(1.0 / np.sqrt(head), np.float32), "inv_sqrt_d"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("MatMul", ["x", "wq"], ["q0"], name="q_proj"), n("Add", ["q0", "bq"], ["q1"], name="q_bias"),
+        n("MatMul", ["x", "wk"], ["k0"], name="k_proj"),
+        n("MatMul", ["x", "wv"], ["v0"], name="v_proj"),
+        n("Reshape", ["q1", "split_heads"], ["q2"], name="q_split"), n("Transpose", ["q2"], ["q"], name="q_t", perm=[0, 2, 1, 3]),
+        n("Reshape", ["k0", "split_heads"], ["k2"], name="k_split"), n("Transpose", ["k2"], ["kt"], name="k_t", perm=[0, 2, 3, 1]),
+        n("Reshape", ["v0", "split_heads"], ["v2"], name="v_split"), n("Transpose", ["v2"], ["v"], name="v_t", perm=[0, 2, 1, 3]),
+        n("MatMul", ["q", "kt"], ["scores0"], name="scores"), n("Mul", ["scores0", "inv_sqrt_d"], ["scores1"], name="scale"),
+        n("Softmax", ["scores1"], ["probs"], name="softmax", axis=-1),
+        n("MatMul", ["probs", "v"], ["ctx0"], name="context"), n("Transpose", ["ctx0"], ["ctx1"], name="ctx_t", perm=[0, 2, 1, 3]),
+        n("Reshape", ["ctx1", "merge_heads"], ["ctx"], name="ctx_merge"),
+        n("MatMul", ["ctx", "wo"], ["o0"], name="o_proj"), n("Add", ["o0", "bo"], ["o1"], name="o_bias"),
+        n("Add", ["o1", "x"], ["res1"], name="residual1"),
+        n("LayerNormalization", ["res1", "ln_g", "ln_b"], ["h1"], name="ln1", axis=-1),
+        n("MatMul", ["h1", "w_in"], ["f0"], name="ffn_in"), n("Add", ["f0", "b_in"], ["f1"], name="ffn_in_bias"),
+        n("Gelu", ["f1"], ["f2"], name="gelu"),
+        n("MatMul", ["f2", "w_out"], ["f3"], name="ffn_out"), n("Add", ["f3", "b_out"], ["f4"], name="ffn_out_bias"),
+        n("Add", ["f4", "h1"], ["res2"], name="residual2"),
+        n("LayerNormalization", ["res2", "ln_g", "ln_b"], ["y"], name="ln2", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_encoder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", seq, hidden])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])

@@ -1,0 +1,124 @@
+"""Streaming histograms and range choosers against brute-force numpy on the raw values."""
+
+import numpy as np
+import pytest
+
+from ptqcli.calibrate.observers import (
+    Histogram, choose_range, entropy_range, minmax_range, mse_range, percentile_range,
+)
+
+
+def _stream(chunks, bins=2048):
+    h = Histogram.empty(bins)
+    for c in chunks:
+        h.update(c)
+    return h
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    # Growing scale across batches forces several range doublings mid-stream.
+    return [rng.standard_normal(5000).astype(np.float32) * s for s in (0.3, 1.0, 2.5, 7.0)]
+
+
+def test_counts_match_numpy_histogram_on_the_final_edges():
+    chunks = _data()
+    h = _stream(chunks)
+    everything = np.concatenate(chunks)
+    reference, _ = np.histogram(everything, bins=h.edges)
+    # Values on an edge may fall either side in float32 vs float64 arithmetic: allow a handful.
+    assert h.total == everything.size
+    assert np.abs(h.counts - reference).sum() <= 10
+    assert h.lo == everything.min() and h.hi == everything.max()
+
+
+def test_doubling_merges_exactly():
+    rng = np.random.default_rng(3)
+    small = rng.uniform(-0.9, 0.9, 10000).astype(np.float32)
+    big = rng.uniform(-3.5, 3.5, 10000).astype(np.float32)
+    streamed = _stream([small, big], bins=1024)
+    # The same values, but the range known from the start: the histograms must be identical.
+    upfront = Histogram.empty(1024)
+    upfront.bound = streamed.bound
+    upfront.update(small)
+    upfront.update(big)
+    np.testing.assert_array_equal(streamed.counts, upfront.counts)
+
+
+def test_batching_does_not_change_the_result():
+    x = np.concatenate(_data(1))
+    a = _stream([x[:1000], x[1000:]])
+    b = _stream([x[:1000], x[1000:7000], x[7000:]])
+    np.testing.assert_array_equal(a.counts, b.counts)
+
+
+def test_non_finite_values_are_ignored():
+    h = _stream([np.array([1.0, np.nan, -np.inf, 2.0], np.float32)])
+    assert h.total == 2 and h.hi == 2.0
+
+
+def test_minmax_is_exact():
+    chunks = _data()
+    lo, hi = minmax_range(_stream(chunks))
+    everything = np.concatenate(chunks)
+    assert (lo, hi) == (everything.min(), everything.max())
+
+
+@pytest.mark.parametrize("pct", [99.0, 99.9, 99.99])
+def test_percentile_clips_the_stated_mass_to_within_one_bin(pct):
+    chunks = _data()
+    h = _stream(chunks, bins=4096)
+    x = np.concatenate(chunks).astype(np.float64)
+    width = 2 * h.bound / h.bins
+    tail = (100 - pct) / 100
+    lo, hi = percentile_range(h, pct, symmetric=False)
+    # The CDF definition: at most `tail` of the mass lies beyond each end, and one bin
+    # further in, at least that much does.
+    assert np.mean(x < lo) <= tail + 1e-9 and np.mean(x < lo + width) >= tail - 1e-9
+    assert np.mean(x > hi) <= tail + 1e-9 and np.mean(x > hi - width) >= tail - 1e-9
+    _, t = percentile_range(h, pct, symmetric=True)
+    assert np.mean(np.abs(x) > t) <= tail + 1e-9 and np.mean(np.abs(x) > t - width) >= tail - 1e-9
+
+
+def _brute_force_mse(x, lo, hi, levels):
+    step = (hi - lo) / (levels - 1)
+    q = np.clip(np.round((x - lo) / step), 0, levels - 1) * step + lo
+    return float(np.sum((x - q) ** 2))
+
+
+def test_mse_choice_is_near_optimal_on_raw_values():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_normal(50000), rng.standard_normal(20) * 40]).astype(np.float32)
+    h = _stream([x], bins=4096)
+    levels = 16  # a coarse grid makes clipping clearly worthwhile
+    lo, hi = mse_range(h, levels, symmetric=True)
+    chosen = _brute_force_mse(x, lo, hi, levels)
+    m = np.abs(x).max()
+    brute = min(_brute_force_mse(x, -t, t, levels) for t in np.linspace(m / 40, m, 400))
+    full = _brute_force_mse(x, -m, m, levels)
+    assert hi < m / 2  # the outliers are clipped
+    assert chosen <= brute * 1.05
+    assert chosen < full / 5
+
+
+def test_entropy_clips_outliers_of_a_heavy_tailed_tensor():
+    rng = np.random.default_rng(6)
+    x = np.abs(np.concatenate([rng.standard_normal(100000), rng.standard_normal(10) * 60])).astype(np.float32)
+    h = _stream([x], bins=4096)
+    lo, hi = entropy_range(h, 256, symmetric=False)
+    assert lo == 0.0
+    assert np.percentile(x, 99.9) < hi < x.max() / 2
+
+
+def test_choose_range_dispatches_every_method():
+    h = _stream(_data())
+    for method in ("minmax", "percentile", "mse", "entropy"):
+        lo, hi = choose_range(h, method, 256, False, 99.99)
+        assert lo < 0 < hi
+
+
+def test_round_trip_through_arrays():
+    h = _stream(_data())
+    back = Histogram.from_arrays(**h.to_arrays())
+    np.testing.assert_array_equal(back.counts, h.counts)
+    assert (back.bound, back.lo, back.hi) == (h.bound, h.lo, h.hi)
