@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -101,6 +102,11 @@ class Graph:
         return self.value_types.get(name) == TensorProto.FLOAT
 
 
+def is_huge(model: ModelProto) -> bool:
+    """Too big for one protobuf message: must be saved with external data, checked on disk."""
+    return model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+
+
 def default_opset(model: ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -134,7 +140,7 @@ def load_model(path: str | os.PathLike) -> ModelProto:
 
 def check_model(model: ModelProto, what: str) -> None:
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if not is_huge(model):
             onnx.checker.check_model(model)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -150,12 +156,13 @@ def save_model(model: ModelProto, path: str | os.PathLike) -> None:
     fd, tmp = _temp_beside(target)
     os.close(fd)
     try:
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            _save_with_external_data(model, target, Path(tmp))
+        if is_huge(model):
+            Path(tmp).unlink()
+            _save_with_external_data(model, target)
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
-        os.replace(tmp, target)
+            os.replace(tmp, target)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise PtqError(f"cannot write {target}: {exc.strerror}") from None
@@ -183,26 +190,24 @@ def check_writable(target: str | os.PathLike) -> None:
     os.unlink(tmp)
 
 
-def _save_with_external_data(model: ModelProto, target: Path, tmp: Path) -> None:
+def _save_with_external_data(model: ModelProto, target: Path) -> None:
+    """Tensors to `<name>.data`: both files are staged, the data moved first, the model last."""
     data_name = target.name + ".data"
-    data_tmp = target.parent / f".{data_name}.tmp"
-    big = onnx.ModelProto()
-    big.CopyFrom(model)
-    onnx.external_data_helper.convert_model_to_external_data(
-        big, all_tensors_to_one_file=True, location=data_tmp.name, size_threshold=1024
-    )
-    onnx.save_model(big, str(tmp))
-    for t in onnx.external_data_helper._get_all_tensors(big):
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = data_name
-    onnx.save_model(big, str(tmp))
-    os.replace(data_tmp, target.parent / data_name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        # save_model moves tensors out of the proto it is given: hand it a copy.
+        onnx.save_model(clone(model), str(staging / target.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        if (staging / data_name).exists():  # absent when every tensor was under the size threshold
+            os.replace(staging / data_name, target.parent / data_name)
+        os.replace(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def model_bytes_or_path(model: ModelProto, scratch: Path) -> bytes | str:
     """What onnxruntime.InferenceSession accepts: bytes when small, a saved file when huge."""
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if not is_huge(model):
         return model.SerializeToString()
     path = scratch / "model.onnx"
     save_model(model, path)

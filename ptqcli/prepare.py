@@ -6,11 +6,14 @@ them. What a transform changed is recorded as a note for the quantization card.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import ModelProto, helper, numpy_helper
 
-from .graph import EXTERNAL_DATA_THRESHOLD, MIN_OPSET, Graph, check_model, clone, default_opset, set_opset
+from .graph import MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, save_model, set_opset
 from .ops import op_info
 
 # Ops whose value differs between runs: folding them would freeze one draw.
@@ -64,13 +67,26 @@ def name_nodes(model: ModelProto) -> ModelProto:
 
 
 def infer_shapes(model: ModelProto) -> ModelProto:
-    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
-        return model  # in-memory inference cannot serialise it; types then come from ORT
     try:
+        if is_huge(model):
+            return _infer_shapes_on_disk(model)
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         # Unknown custom ops defeat inference; the quantizer then skips tensors of unknown type.
         return model
+
+
+def _infer_shapes_on_disk(model: ModelProto) -> ModelProto:
+    """Protobuf cannot hold > 2 GB in memory for inference: infer on a file, copy back the types."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "inferred.onnx"
+        save_model(model, src)
+        onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+        inferred = onnx.load(str(dst), load_external_data=False)
+    out = clone(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    return out
 
 
 def fold_constants(model: ModelProto) -> tuple[ModelProto, int]:

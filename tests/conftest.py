@@ -6,6 +6,7 @@ import onnx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "integration"))
 from builders import conv_bn_relu_model  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "ptqcli" / "assets"

@@ -107,3 +107,23 @@ def test_every_method_exports_a_working_model(tmp_path, tiny_cnn, tiny_data, met
     q, _, _ = _quantize(tmp_path, tiny_cnn, tiny_data, method=method)
     y = _run(q, np.zeros((2, 3, 8, 8), np.float32))
     assert np.all(np.isfinite(y))
+
+
+def test_models_too_big_for_one_protobuf_go_through_external_data(tmp_path, tiny_cnn, tiny_data, monkeypatch):
+    """The > 2 GB path, exercised by lowering the size at which it kicks in."""
+    import ptqcli.graph
+
+    monkeypatch.setattr(ptqcli.graph, "EXTERNAL_DATA_THRESHOLD", 500)
+    wide = tmp_path / "wide.onnx"
+    onnx.save(conv_bn_relu_model(channels=32), str(wide))
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    stages.calibrate(wide, QuantConfig(), DataConfig(path=str(tiny_data), num_samples=32), tmp_path / "run")
+    _, fidelity = stages.export(tmp_path / "run", out, eval_samples=16)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
+    assert (tmp_path / "run" / "model.float.onnx.data").is_file()
+    assert (out.parent / "q.onnx.data").stat().st_size > out.stat().st_size / 4  # tensors live in .data
+    assert fidelity.outputs["logits"]["cosine"] > 0.99
+    x = np.random.default_rng(2).normal(0, 1, (4, 3, 8, 8)).astype(np.float32)
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.all(np.isfinite(y))
