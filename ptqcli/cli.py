@@ -159,7 +159,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
     """Calibrate and export in one go."""
     from . import stages
-    from .graph import check_writable
+    from .files import check_writable
     from .report import plan_table
 
     quant, data_cfg = _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,

@@ -15,6 +15,7 @@ import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from .errors import PtqError
+from .files import check_writable, write_atomic
 
 MIN_OPSET = 13
 # Protobuf cannot serialise a single message over 2 GiB; leave headroom for the graph itself.
@@ -148,46 +149,16 @@ def check_model(model: ModelProto, what: str) -> None:
 
 
 def save_model(model: ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically: a temp file in the target folder, renamed into place when complete.
-
-    Models too large for one protobuf get their tensors in ``<name>.data`` beside them.
-    """
+    """Write atomically; models too large for one protobuf get their tensors in `<name>.data`."""
     target = Path(path)
-    fd, tmp = _temp_beside(target)
-    os.close(fd)
+    if not is_huge(model):
+        write_atomic(target, model.SerializeToString(deterministic=True))
+        return
+    check_writable(target)
     try:
-        if is_huge(model):
-            Path(tmp).unlink()
-            _save_with_external_data(model, target)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString(deterministic=True))
-            os.replace(tmp, target)
+        _save_with_external_data(model, target)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise PtqError(f"cannot write {target}: {exc.strerror}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _temp_beside(target: Path) -> tuple[int, str]:
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise PtqError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise PtqError(f"output folder is not writable: {folder}")
-    try:
-        return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise PtqError(f"cannot write to {folder}: {exc.strerror}") from None
-
-
-def check_writable(target: str | os.PathLike) -> None:
-    """Fail before hours of work, not after: create and remove a temp file where the output goes."""
-    fd, tmp = _temp_beside(Path(target))
-    os.close(fd)
-    os.unlink(tmp)
 
 
 def _save_with_external_data(model: ModelProto, target: Path) -> None:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from .config import QuantConfig
 from .export.fidelity import Fidelity
-from .graph import Graph, default_opset, load_model
+from .graph import default_opset, load_model
 from .ops import LAYOUT_OPS, WEIGHTED_OPS, op_info
 from .plan import Plan
 from .prepare import prepare

@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import PtqError
+from .files import write_atomic
 from .graph import load_model, save_model
 from .plan import Plan
 
@@ -41,25 +41,8 @@ def existing_run_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise PtqError(f"cannot write to {path.parent}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise PtqError(f"cannot write {path}: {exc.strerror}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, doc: dict) -> None:
-    write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
+    write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
 def read_json(path: Path) -> dict:
@@ -72,11 +55,11 @@ def read_json(path: Path) -> dict:
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    write_bytes(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def write_plan(run: Path, plan: Plan) -> None:
-    write_bytes(run / PLAN, (plan.to_json() + "\n").encode())
+    write_atomic(run / PLAN, (plan.to_json() + "\n").encode())
 
 
 def read_plan(run: Path) -> Plan:

@@ -15,7 +15,8 @@ from .config import DataConfig, QuantConfig, cpu_name, to_jsonable
 from .errors import PtqError
 from .export.fidelity import Fidelity, measure
 from .export.qdq import export_qdq
-from .graph import Graph, check_writable, file_sha256, load_model, save_model
+from .files import check_writable
+from .graph import Graph, file_sha256, load_model, save_model
 from .plan import Plan
 from .prepare import prepare
 from . import rundir

@@ -47,12 +47,12 @@ class Histogram:
         x = np.asarray(x, dtype=np.float32).ravel()
         if x.size == 0:
             return
-        finite = np.isfinite(x)
-        if not finite.all():
-            x = x[finite]
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or inf somewhere: drop those values
+            x = x[np.isfinite(x)]
             if x.size == 0:
                 return
-        lo, hi = float(x.min()), float(x.max())
+            lo, hi = float(x.min()), float(x.max())
         self.zeros += x.size - int(np.count_nonzero(x))
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         peak = max(abs(lo), abs(hi))
@@ -61,10 +61,13 @@ class Histogram:
         while peak > self.bound:
             self._double()
         half = self.bins // 2
-        idx = np.floor(x * np.float32(half / self.bound)).astype(np.int64)
-        idx += half
-        np.clip(idx, 0, self.bins - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        # Shifted to be non-negative, so truncation is floor; x == bound lands in an extra bin
+        # that is folded into the last one.
+        scaled = x * np.float32(half / self.bound)
+        scaled += np.float32(half)
+        counts = np.bincount(scaled.astype(np.intp), minlength=self.bins + 1)
+        counts[self.bins - 1] += counts[self.bins]
+        self.counts += counts[: self.bins]
 
     def _double(self) -> None:
         merged = self.counts.reshape(-1, 2).sum(axis=1)

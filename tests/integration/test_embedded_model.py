@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import onnx
 
 from conftest import ASSETS

@@ -1,7 +1,6 @@
 """Plan JSON round-trip, and the data sources' contract (shapes, dtypes, streaming, hold-out)."""
 
 import numpy as np
-import onnx
 import pytest
 from PIL import Image
 
