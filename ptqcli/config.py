@@ -20,6 +20,8 @@ else:  # pragma: no cover
 class WeightFormat(str, Enum):
     int8 = "int8"
     int4 = "int4"
+    int3 = "int3"  # stored in int4 containers
+    int2 = "int2"
 
 
 class ActFormat(str, Enum):
@@ -46,7 +48,7 @@ class ReduceRange(str, Enum):
     off = "off"
 
 
-WEIGHT_BITS = {WeightFormat.int8: 8, WeightFormat.int4: 4}
+WEIGHT_BITS = {WeightFormat.int8: 8, WeightFormat.int4: 4, WeightFormat.int3: 3, WeightFormat.int2: 2}
 
 
 @dataclass(frozen=True)

@@ -127,3 +127,14 @@ def test_models_too_big_for_one_protobuf_go_through_external_data(tmp_path, tiny
     x = np.random.default_rng(2).normal(0, 1, (4, 3, 8, 8)).astype(np.float32)
     y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert np.all(np.isfinite(y))
+
+
+@pytest.mark.parametrize("weights,qmax", [("int3", 3), ("int2", 1)])
+def test_sub_4_bit_weights_live_on_their_grid_in_int4_containers(tmp_path, tiny_cnn, tiny_data, weights, qmax):
+    q, _, plan = _quantize(tmp_path, tiny_cnn, tiny_data, weights=weights)
+    onnx.checker.check_model(q)
+    w = onnx.numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == "w2_quantized"))
+    assert next(t for t in q.graph.initializer if t.name == "w2_quantized").data_type == TensorProto.INT4
+    assert set(np.unique(w)) <= set(range(-qmax, qmax + 1))
+    assert w.min() == -qmax or w.max() == qmax  # the grid's ends are used
+    assert np.all(np.isfinite(_run(q, np.ones((2, 3, 8, 8), np.float32))))
