@@ -173,6 +173,65 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     out.print(f"wrote [bold]{output}[/bold] (run directory {run})")
 
 
+@app.command()
+@user_errors
+def gate(card: Annotated[Path, typer.Argument(help="Quantization card (JSON) written by `ptq export`.")],
+         max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Largest accuracy drop vs float, in points.")] = None,
+         min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Smallest top-1 agreement with float, in %.")] = None,
+         min_compression: Annotated[Optional[float], typer.Option("--min-compression", help="Smallest weight compression ratio.")] = None,
+         max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Largest batch-1 latency of the quantized model.")] = None,
+         baseline: Annotated[Optional[Path], typer.Option("--baseline", help="An older card to compare against.")] = None,
+         max_regression: Annotated[Optional[float], typer.Option("--max-regression", help="Largest quality loss vs --baseline, in points [default: 0].")] = None,
+         limits: Annotated[Optional[Path], typer.Option("--limits", help="TOML file with a [gate] table of these limits.")] = None):
+    """Pass or fail a quantization card against limits; exit 0 on pass, 1 on failure."""
+    from rich.table import Table
+
+    from .export.card import read_card
+    from .export.gate import limits_from, run_gate
+    from .config import load_toml_table
+
+    doc = read_card(card)
+    base = read_card(baseline) if baseline else None
+    given = dict(max_drop=max_drop, min_agreement=min_agreement, min_compression=min_compression,
+                 max_latency_ms=max_latency_ms, max_regression=max_regression)
+    table_values = {k.replace("-", "_"): v for k, v in load_toml_table(str(limits), "gate").items()} if limits else {}
+    checks = run_gate(doc, limits_from({**table_values, **{k: v for k, v in given.items() if v is not None}}), base)
+    table = Table(title=f"gate: {card}")
+    for col in ("check", "limit", "actual", "result"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.name, c.limit, c.actual, "[green]pass[/green]" if c.passed else "[red]FAIL[/red]")
+    out.print(table)
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        raise PtqError("gate failed: " + "; ".join(f"{c.name}: {c.actual} (limit {c.limit})" for c in failed))
+
+
+card_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Work with quantization cards.")
+app.add_typer(card_app, name="card")
+
+
+@card_app.command("diff")
+@user_errors
+def card_diff(a: Annotated[Path, typer.Argument(help="Older card.")], b: Annotated[Path, typer.Argument(help="Newer card.")]):
+    """Show every field that differs between two cards."""
+    from rich.table import Table
+
+    from .export.card import read_card
+    from .export.gate import diff_cards
+
+    rows = diff_cards(read_card(a), read_card(b))
+    if not rows:
+        out.print("the cards are identical (paths aside)")
+        return
+    table = Table(title=f"{a} -> {b}")
+    for col in ("field", str(a), str(b)):
+        table.add_column(col, overflow="fold")
+    for key, va, vb in rows:
+        table.add_row(key, str(va), str(vb))
+    out.print(table)
+
+
 def _print_fidelity(fidelity) -> None:
     from .report import fidelity_tables
 

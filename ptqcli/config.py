@@ -120,14 +120,10 @@ class QuantConfig:
 
 
 def cpu_needs_reduce_range() -> bool:
-    """True on x86 CPUs without VNNI, where ORT's u8s8 int8 kernels (vpmaddubsw) saturate."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    """True where ORT's int8 kernels saturate with full-range weights (x86 without VNNI)."""
+    from .runtime import int8_kernels_saturate
+
+    return int8_kernels_saturate()
 
 
 def cpu_name() -> str:
@@ -165,12 +161,17 @@ def from_mapping(cls, mapping: dict, where: str):
 
 
 def load_recipe(path: str | None) -> dict[str, dict]:
-    """A TOML recipe: [quant] and [data] tables with the same names as the CLI options."""
+    """A TOML recipe with [quant] and [data] tables named like the CLI options, or a quantization
+    card (JSON), whose recipe replays the run that made it."""
     if path is None:
         return {}
     p = Path(path)
     if not p.is_file():
         raise PtqError(f"recipe file not found: {p}")
+    if p.suffix.lower() == ".json":
+        from .export.card import read_card
+
+        return {k: dict(v) for k, v in read_card(p)["recipe"].items()}
     try:
         doc = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -179,6 +180,17 @@ def load_recipe(path: str | None) -> dict[str, dict]:
     if unknown:
         raise PtqError(f"recipe {p}: unknown table(s) {', '.join(unknown)} (known: quant, data)")
     return {k: dict(v) for k, v in doc.items()}
+
+
+def load_toml_table(path: str, table: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise PtqError(f"file not found: {p}")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PtqError(f"{p} is not valid TOML: {exc}") from None
+    return dict(doc.get(table, {}))
 
 
 def merge(cls, recipe_section: dict, overrides: dict, where: str):

@@ -34,6 +34,7 @@ class Graph:
     model: ModelProto
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)  # what preparation changed, as numbers for the card
 
     @property
     def graph(self) -> onnx.GraphProto:

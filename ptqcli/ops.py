@@ -37,6 +37,8 @@ class OpInfo:
     # Output values are a subset of the input values (max, reshape): the output reuses the
     # input's scale, which lets ORT run the op on integers without requantizing.
     preserves_scale: bool = False
+    # Multiply-accumulates are counted per input element (ConvTranspose) rather than per output.
+    macs_per_input: bool = False
 
 
 def _gemm_axis(node: NodeProto) -> int:
@@ -45,7 +47,7 @@ def _gemm_axis(node: NodeProto) -> int:
 
 _COMPUTE = {
     "Conv": OpInfo(weight_input=1, bias_input=2, folds_batchnorm=True),
-    "ConvTranspose": OpInfo(weight_input=1, bias_input=2, channel_axis=lambda node: 1),
+    "ConvTranspose": OpInfo(weight_input=1, bias_input=2, channel_axis=lambda node: 1, macs_per_input=True),
     "Gemm": OpInfo(weight_input=1, bias_input=2, channel_axis=_gemm_axis, folds_batchnorm=True),
     # MatMul's weight is input 1 when it is a constant [K, N]; two activations otherwise.
     "MatMul": OpInfo(act_inputs=(0, 1), weight_input=1, channel_axis=lambda node: -1),

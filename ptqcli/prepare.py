@@ -24,6 +24,7 @@ _MAX_FOLDED_ELEMENTS = 64_000_000
 def prepare(model: ModelProto, source: str = "") -> Graph:
     """Upgrade, validate, fold constants and BatchNorm, infer shapes."""
     notes: list[str] = []
+    facts = {"source_opset": default_opset(model)}
     if default_opset(model) < MIN_OPSET:
         notes.append(f"converted from opset {default_opset(model)} to {MIN_OPSET}")
         model = set_opset(model, MIN_OPSET)
@@ -36,8 +37,9 @@ def prepare(model: ModelProto, source: str = "") -> Graph:
     model, bn = fold_batchnorm(model)
     if bn:
         notes.append(f"folded {bn} BatchNormalization nodes into the preceding Conv/Gemm")
+    facts.update(constants_folded=folded, batchnorm_folded=bn)
     model = infer_shapes(model)
-    return Graph(model, source=source, notes=notes)
+    return Graph(model, source=source, notes=notes, facts=facts)
 
 
 def drop_initializer_inputs(model: ModelProto) -> ModelProto:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import tempfile
+from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 import onnx
 import onnxruntime as ort
-from onnx import ModelProto, TensorProto, helper
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from .errors import PtqError
 from .graph import clone, model_bytes_or_path
@@ -50,3 +53,37 @@ def optimized_op_counts(model: ModelProto) -> dict[str, int]:
     for node in optimized.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
+
+
+@lru_cache(maxsize=1)
+def int8_kernels_saturate() -> bool:
+    """Does this ORT build, on this CPU, saturate u8s8 products in its fused int8 Conv?
+
+    Without VNNI, x86 kernels add pairs of u8 x s8 products in 16 bits (vpmaddubsw), which
+    overflows with full-range weights. Asking the kernel beats reading CPU flags: hypervisors
+    and ORT builds differ in what they use. A 1x1 conv over 64 channels of 255 x 127 has an exact
+    sum of 2,072,640; saturated pairs give at most 32 x 32,767.
+    """
+    channels = 64
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "one", "zp_u8"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "one", "zp_u8"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "one", "zp_s8"], ["wd"]),
+        helper.make_node("Conv", ["xd", "wd"], ["y"]),
+        helper.make_node("QuantizeLinear", ["y", "out_scale", "zp_u8"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "out_scale", "zp_u8"], ["out"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(10_000.0, np.float32), "out_scale"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zp_u8"),
+        numpy_helper.from_array(np.array(0, np.int8), "zp_s8"),
+        numpy_helper.from_array(np.full((1, channels, 1, 1), 127, np.int8), "wq"),
+    ]
+    graph = helper.make_graph(nodes, "saturation_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 2, 2])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 1, 2, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    out = session(model).run(None, {"x": np.full((1, channels, 2, 2), 255.0, np.float32)})[0]
+    exact = channels * 255 * 127
+    return bool(np.any(np.abs(out - round(exact / 10_000) * 10_000) > 10_000))

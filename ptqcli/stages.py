@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, ContextManager
+
+import numpy as np
 
 from . import __version__
 from .calibrate.collect import collect, save_stats
 from .calibrate.data import count_samples, iter_batches, model_inputs
 from .calibrate.planner import build_plan
 from .calibrate.select import select
-from .config import DataConfig, QuantConfig, cpu_name, to_jsonable
+from .config import DataConfig, QuantConfig, ReduceRange, cpu_name, to_jsonable
 from .errors import PtqError
+from .export.card import CardInputs, build_card, write_card
 from .export.fidelity import Fidelity, measure
+from .export.measures import bops, latency_ms, weight_storage
 from .export.qdq import export_qdq
 from .files import check_writable
 from .graph import Graph, file_sha256, load_model, save_model
 from .plan import Plan
 from .prepare import prepare
 from . import rundir
+from .runtime import optimized_op_counts
 
 # A progress reporter: given a description and a total (None if unknown), a context that yields
 # an `advance(n)` callable. The CLI passes a rich one; library callers get silence by default.
@@ -42,6 +48,9 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         raise PtqError("calibration needs data: pass --data PATH")
     g = load_prepared(model_path)
     run = rundir.ensure_run_dir(run_dir)
+    # The plan and card record what `auto` resolved to, so a recipe replays identically.
+    chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
+    quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
     inputs = model_inputs(g)
     sel = select(g, quant)
     available = count_samples(data.path)
@@ -51,7 +60,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         stats, seen = collect(g, sel.activations, batches, quant.bins, advance)
     if seen == 0:
         raise PtqError(f"no calibration samples could be read from {data.path}")
-    extra = {"data": to_jsonable(data), "samples_seen": seen}
+    extra = {"data": to_jsonable(data), "samples_seen": seen, "reduce_range_choice": chose}
     plan = build_plan(g, sel, stats, quant, extra)
     rundir.write_float_model(run, g.model)
     rundir.write_npz(run / rundir.STATS, save_stats(stats))
@@ -67,33 +76,66 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
 
 def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = None, eval_samples: int = 1000,
            progress: Progress = silent) -> tuple[Plan, Fidelity | None]:
-    """Write the QDQ model, then measure it against the float model on held-out data."""
+    """Write the QDQ model, measure it against the float model on held-out data, write its card."""
     run = rundir.existing_run_dir(run_dir)
     check_writable(out_path)
     plan = rundir.read_plan(run)
     g = Graph(rundir.read_float_model(run))
     quantized = export_qdq(g, plan)
     save_model(quantized, out_path)
-    fidelity = evaluate(g, quantized, plan, eval_data, eval_samples, progress)
+    source, skip, held_out = eval_source(plan, eval_data)
+    fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
     if fidelity is not None:
         rundir.write_json(run / rundir.FIDELITY, fidelity.to_dict())
+    write_card(build_card(card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source)), out_path)
     return plan, fidelity
 
 
-def evaluate(g: Graph, quantized, plan: Plan, eval_data: str | None, eval_samples: int,
-             progress: Progress = silent) -> Fidelity | None:
+def card_inputs(run: Path, g: Graph, plan: Plan, quantized, out_path: Path, fidelity: Fidelity | None,
+                eval_from: str | None) -> CardInputs:
+    info = rundir.read_json(run / rundir.RUN_INFO)
+    feeds = example_feeds(g, plan, eval_from)
+    latency = {"cpu": cpu_name(), "batch": 1,
+               "float_ms": latency_ms(g.model, feeds), "quantized_ms": latency_ms(quantized, feeds)}
+    return CardInputs(
+        source_model=Path(info["model"]["path"]), output_model=out_path, graph=g, plan=plan, fidelity=fidelity,
+        eval_source=eval_from, size=weight_storage(g, plan), bops=bops(g, plan, fidelity.layers if fidelity else []),
+        latency=latency, kernel_ops=fidelity.kernel_ops if fidelity else optimized_op_counts(quantized),
+    )
+
+
+def example_feeds(g: Graph, plan: Plan, source: str | None) -> dict[str, np.ndarray]:
+    """One real sample when there is data, else zeros of the input shapes (dynamic dims as 1)."""
+    inputs = model_inputs(g)
+    if source is not None:
+        batch = next(iter_batches(source, inputs, _data_config(plan), limit=1), None)
+        if batch is not None:
+            return batch.feeds
+    return {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=s.dtype) for s in inputs}
+
+
+def _data_config(plan: Plan) -> DataConfig:
+    return DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.config["data"].items()})
+
+
+def eval_source(plan: Plan, eval_data: str | None) -> tuple[str | None, int, bool]:
     """Held-out samples: --eval-data if given, else the calibration data past what calibration read."""
-    data_cfg = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.config["data"].items()})
-    seen = int(plan.config.get("samples_seen", 0))
     if eval_data is not None:
-        source, skip, held_out = eval_data, 0, True
-    else:
-        available = count_samples(data_cfg.path) if data_cfg.path and Path(data_cfg.path).exists() else None
-        if available is None:
-            return None
-        held_out = available > seen
-        source, skip = data_cfg.path, seen if held_out else 0
+        return eval_data, 0, True
+    path = plan.config["data"].get("path")
+    available = count_samples(path) if path and Path(path).exists() else None
+    if available is None:
+        return None, 0, False
+    seen = int(plan.config.get("samples_seen", 0))
+    held_out = available > seen
+    return path, (seen if held_out else 0), held_out
+
+
+def evaluate(g: Graph, quantized, plan: Plan, source: str | None, skip: int, held_out: bool, eval_samples: int,
+             progress: Progress = silent) -> Fidelity | None:
+    if source is None:
+        return None
     inputs = model_inputs(g)
     with progress("measuring fidelity", eval_samples) as advance:
-        batches = iter_batches(source, inputs, data_cfg, limit=eval_samples, skip=skip)
+        batches = iter_batches(source, inputs, _data_config(plan), limit=eval_samples, skip=skip)
         return measure(g.model, quantized, plan, batches, held_out, advance)

@@ -114,7 +114,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
         bq = bias_quant(layer, acts, weights)
         if bq is not None and _bias_fits(b, bq):
             biases[layer.bias] = bq
-    config = {"quant": to_jsonable(cfg), **(extra_config or {})}
+    config = {"quant": to_jsonable(cfg), "prepare": dict(g.facts), **(extra_config or {})}
     return Plan({**acts, **weights, **biases}, sel.layers, sel.float_nodes, config, list(g.notes))
 
 

@@ -105,8 +105,10 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     layer_stats = {name: _Running() for name in layer_outputs}
     correct = {"float": 0, "quantized": 0}
     labelled = 0
+    shapes: dict[str, list[int]] = {}
     for batch in batches:
         fv = dict(zip(outputs + layer_outputs, float_sess.run(outputs + layer_outputs, batch.feeds)))
+        shapes = shapes or {name: list(value.shape[1:]) for name, value in fv.items()}
         qv = dict(zip(outputs, quant_sess.run(outputs, batch.feeds)))
         if quant_probe is not None:
             qv.update(zip(layer_outputs, quant_probe.run(layer_outputs, batch.feeds)))
@@ -120,11 +122,11 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
             correct["float"] += int(np.sum(_top1(fv[outputs[0]]) == labels))
             correct["quantized"] += int(np.sum(_top1(qv[outputs[0]]) == labels))
         advance(len(next(iter(batch.feeds.values()))))
-    by_output = {layer.output: layer for layer in plan.layers}
     layers = [
-        {"node": by_output[name].node, "op_type": by_output[name].op_type, "output": name,
-         "sqnr_db": layer_stats[name].sqnr_db()}
-        for name in layer_outputs
+        {"node": layer.node, "op_type": layer.op_type, "output": layer.output,
+         "output_shape": shapes.get(layer.output),
+         "sqnr_db": (layer_stats.get(layer.output) or out_stats[layer.output]).sqnr_db()}
+        for layer in plan.layers
     ]
     accuracy = {k: v / labelled for k, v in correct.items()} if labelled else {}
     samples = next(iter(out_stats.values())).count if out_stats else 0

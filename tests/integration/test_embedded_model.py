@@ -31,7 +31,8 @@ def test_w8a8_top1_within_half_a_point_of_float(tmp_path):
     assert fidelity.integer_kernels.get("QLinearConv") == 3
     saved = json.loads((run / "fidelity.json").read_text())
     assert saved["accuracy"]["quantized"] == quant_acc
-    assert len(saved["layers"]) == 4
+    assert [layer["node"] for layer in saved["layers"]] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert saved["layers"][-1]["sqnr_db"] == fidelity.outputs["logits"]["sqnr_db"]  # fc2 makes the logits
 
 
 def test_w4a8_runs_and_reports_its_kernel_path(tmp_path):

@@ -1,0 +1,181 @@
+"""Quantization cards: what was done to a model, the trade-offs chosen, and what was measured.
+
+A card is JSON validated against a versioned schema shipped with the package (on write and on
+read), plus a Markdown rendering and a PNG plot of bits and SQNR per layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .. import __version__
+from ..errors import PtqError
+from ..files import write_atomic
+from ..graph import Graph, default_opset, file_sha256
+from ..plan import Plan
+from .fidelity import Fidelity
+
+CARD_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("card.schema.json")
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    """Everything a card is made of, gathered by the export stage."""
+
+    source_model: Path
+    output_model: Path
+    graph: Graph
+    plan: Plan
+    fidelity: Fidelity | None
+    eval_source: str | None
+    size: dict
+    bops: dict
+    latency: dict
+    kernel_ops: dict
+
+
+def card_paths(model_path: str | Path) -> dict[str, Path]:
+    p = Path(model_path)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return {ext: p.with_name(f"{stem}.card.{ext}") for ext in ("json", "md", "png")}
+
+
+def _file(path: Path) -> dict:
+    return {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def _layer_rows(c: CardInputs) -> list[dict]:
+    measured = {row["node"]: row for row in (c.fidelity.layers if c.fidelity else [])}
+    rows = []
+    for layer in c.plan.layers:
+        w = c.plan.tensors.get(layer.weight)
+        params = c.graph.initializers[layer.weight].dims
+        rows.append({
+            "node": layer.node,
+            "op_type": layer.op_type,
+            "params": int(_prod(params)),
+            "format": f"int{w.spec.bits}" if w else "float32",
+            "bits": w.spec.bits if w else 32,
+            "granularity": "per-channel" if w and w.spec.axis is not None else "per-tensor",
+            "symmetric": bool(w.spec.symmetric) if w else True,
+            "scheme": w.spec.scheme if w else "float",
+            "sparsity": None,
+            "rounding": "nearest",
+            "weight_sqnr_db": (w.source.get("sqnr_db") if w else None),
+            "output_sqnr_db": measured.get(layer.node, {}).get("sqnr_db"),
+        })
+    return rows
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
+
+
+def _tradeoffs(c: CardInputs, layers: list[dict]) -> dict:
+    q = c.plan.config["quant"]
+    weights = c.plan.of_role("weight")
+    acts = c.plan.of_role("activation")
+    some_act = next(iter(acts.values()), None)
+    bn = int(c.plan.config.get("prepare", {}).get("batchnorm_folded", 0))
+    reduce = any(t.spec.reduce_range for t in weights.values())
+    integer = [k for k in c.kernel_ops if k.startswith("QLinear") or k in ("QGemm", "MatMulNBits", "MatMulInteger")]
+    return {
+        "weight_granularity": "per-channel" if q["granularity"] == "channel" else "per-tensor",
+        "weight_symmetric": True,
+        "weight_bits": max((t.spec.bits for t in weights.values()), default=32),
+        "activation_bits": some_act.spec.bits if some_act else None,
+        "activation_symmetric": bool(some_act.spec.symmetric) if some_act else False,
+        "activation_granularity": "per-tensor",
+        "reduce_range": reduce,
+        "batchnorm_folded": bn,
+        "float_nodes": dict(c.plan.float_nodes),
+        "first_layer": _layer_brief(layers[0]) if layers else None,
+        "last_layer": _layer_brief(layers[-1]) if layers else None,
+        "bias_bits": 32,
+        "accumulator_bits": 32,
+        "graph_outputs": "float32 (not quantized)",
+        "target_kernels": "ONNX Runtime CPU, QDQ; integer kernels used: " + (", ".join(integer) or "none (emulated)"),
+    }
+
+
+def _layer_brief(row: dict) -> dict:
+    return {"node": row["node"], "bits": row["bits"]}
+
+
+def build_card(c: CardInputs) -> dict:
+    layers = _layer_rows(c)
+    f = c.fidelity
+    data = c.plan.config.get("data", {})
+    accuracy = None
+    if f is not None and f.accuracy:
+        accuracy = {"float": f.accuracy["float"], "quantized": f.accuracy["quantized"],
+                    "drop_points": 100 * (f.accuracy["float"] - f.accuracy["quantized"])}
+    card = {
+        "card_version": CARD_VERSION,
+        "tool": {"name": "ptqcli", "version": __version__},
+        "model": {"input": _file(c.source_model), "output": _file(c.output_model), "format": "qdq",
+                  "opset": default_opset(c.graph.model)},
+        "recipe": {"quant": c.plan.config["quant"], "data": data},
+        "tradeoffs": _tradeoffs(c, layers),
+        "layers": layers,
+        "calibration": {"kind": "real", "source": data.get("path"), "samples": int(c.plan.config.get("samples_seen", 0)),
+                        "method": c.plan.config["quant"]["method"]},
+        "results": {
+            "evaluation": None if f is None else {"source": c.eval_source, "samples": f.samples, "held_out": f.held_out},
+            "accuracy": accuracy,
+            "outputs": {} if f is None else f.outputs,
+            "size": c.size,
+            "bops": {k: c.bops[k] for k in ("float", "quantized", "reduction")},
+            "latency": c.latency,
+            "kernel_ops": c.kernel_ops,
+        },
+    }
+    validate_card(card)
+    return card
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+
+
+def validate_card(doc: dict, where: str = "card") -> None:
+    """Raise a one-line PtqError naming the first field that breaks the schema."""
+    errors = sorted(_validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        field = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise PtqError(f"{where} is not a valid quantization card: at {field}: {e.message}")
+
+
+def read_card(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise PtqError(f"card not found: {p}")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PtqError(f"{p} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise PtqError(f"{p} is not a quantization card (not a JSON object)")
+    validate_card(doc, str(p))
+    return doc
+
+
+def write_card(card: dict, model_path: str | Path) -> dict[str, Path]:
+    from .card_render import render_markdown, render_plot
+
+    paths = card_paths(model_path)
+    write_atomic(paths["json"], (json.dumps(card, indent=1) + "\n").encode())
+    write_atomic(paths["png"], render_plot(card))
+    write_atomic(paths["md"], render_markdown(card, paths["png"].name).encode())
+    return paths

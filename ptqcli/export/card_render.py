@@ -1,0 +1,141 @@
+"""Human-readable renderings of a quantization card: Markdown and a PNG of bits and SQNR per layer."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _num(x, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def render_markdown(card: dict, plot_name: str) -> str:
+    m, t, r = card["model"], card["tradeoffs"], card["results"]
+    cal, lat, size, bops = card["calibration"], r["latency"], r["size"], r["bops"]
+    lines = [
+        f"# Quantization card: {m['output']['path']}",
+        "",
+        f"ptqcli {card['tool']['version']}, card version {card['card_version']}.",
+        "",
+        "## Model",
+        f"- input: `{m['input']['path']}` (sha256 `{m['input']['sha256'][:16]}...`, {m['input']['bytes']:,} bytes)",
+        f"- output: `{m['output']['path']}` (sha256 `{m['output']['sha256'][:16]}...`, {m['output']['bytes']:,} bytes),"
+        f" {m['format'].upper()}, opset {m['opset']}",
+        "",
+        "## Trade-offs",
+        "| choice | value |",
+        "|---|---|",
+    ]
+    for key, value in t.items():
+        if key == "float_nodes":
+            value = ", ".join(f"{k} ({v})" for k, v in value.items()) or "none"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        lines.append(f"| {key.replace('_', ' ')} | {value} |")
+    lines += [
+        "",
+        "## Calibration",
+        f"{cal['kind']} data from `{cal['source']}`, {cal['samples']} samples, range method {cal['method']}.",
+        "",
+        "## Results",
+    ]
+    ev = r["evaluation"]
+    if ev:
+        where = "held-out" if ev["held_out"] else "calibration (no held-out data)"
+        lines.append(f"Measured on {ev['samples']} {where} samples from `{ev['source']}`, ORT default session (kernel path).")
+        lines.append("")
+    if r["accuracy"]:
+        a = r["accuracy"]
+        lines.append(f"- top-1 accuracy: float {_pct(a['float'])}, quantized {_pct(a['quantized'])}"
+                     f" (drop {a['drop_points']:+.2f} points)")
+    for name, o in r["outputs"].items():
+        agreement = f"top-1 agreement {_pct(o['top1_agreement'])}, KL {o['kl']:.5f}, " if "top1_agreement" in o else ""
+        lines.append(f"- output `{name}`: {agreement}cosine {o['cosine']:.5f}, SQNR {_num(o['sqnr_db'])} dB")
+    lines += [
+        f"- weights: {size['float_bytes']:,} bytes float -> {size['quantized_bytes']:,} bytes"
+        f" ({_num(size['compression'], '{:.2f}')}x)",
+        f"- bit-operations per sample: {bops['float']:.3e} float -> {bops['quantized']:.3e}"
+        f" ({_num(bops['reduction'], '{:.1f}')}x)",
+        f"- latency (batch {lat['batch']}, {lat['cpu']}): float {_num(lat['float_ms'], '{:.3f}')} ms,"
+        f" quantized {_num(lat['quantized_ms'], '{:.3f}')} ms",
+        f"- ORT kernels: {', '.join(f'{k} x{v}' for k, v in r['kernel_ops'].items())}",
+        "",
+        "## Layers",
+        f"![bits and SQNR per layer]({plot_name})",
+        "",
+        "| # | node | op | params | format | granularity | rounding | weight SQNR dB | output SQNR dB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(card["layers"]):
+        lines.append(f"| {i} | {row['node']} | {row['op_type']} | {row['params']:,} | {row['format']} |"
+                     f" {row['granularity']} | {row['rounding']} | {_num(row['weight_sqnr_db'], '{:.1f}')} |"
+                     f" {_num(row['output_sqnr_db'], '{:.1f}')} |")
+    lines += ["", "## Recipe", "```json", _json(card["recipe"]), "```", ""]
+    return "\n".join(lines)
+
+
+def _json(doc) -> str:
+    import json
+
+    return json.dumps(doc, indent=1)
+
+
+# ---- plot ---------------------------------------------------------------------------------------
+
+_W_MIN, _H = 640, 360
+_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 56, 36, 40
+_BITS_AXIS = 8
+_BAR, _BAR_FLOAT, _LINE, _GRID, _TEXT = (70, 120, 200), (190, 190, 190), (220, 90, 40), (225, 225, 225), (30, 30, 30)
+
+
+def render_plot(card: dict) -> bytes:
+    """Bars: weight bits per layer (left axis); dots and line: output SQNR in dB (right axis)."""
+    layers = card["layers"]
+    n = max(len(layers), 1)
+    width = min(max(_W_MIN, _LEFT + _RIGHT + 14 * n), 4000)
+    img = Image.new("RGB", (width, _H), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    plot_w, plot_h = width - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+    sqnrs = [row["output_sqnr_db"] for row in layers if row["output_sqnr_db"] is not None]
+    sqnr_top = max(10.0, 10 * (int(max(sqnrs, default=0) // 10) + 1))
+
+    def y_bits(b: float) -> float:
+        return _TOP + plot_h * (1 - min(b, _BITS_AXIS) / _BITS_AXIS)
+
+    def y_sqnr(s: float) -> float:
+        return _TOP + plot_h * (1 - max(min(s, sqnr_top), 0) / sqnr_top)
+
+    for b in range(0, _BITS_AXIS + 1, 2):
+        draw.line([(_LEFT, y_bits(b)), (width - _RIGHT, y_bits(b))], fill=_GRID)
+        draw.text((_LEFT - 24, y_bits(b) - 6), str(b), fill=_BAR, font=font)
+    for k in range(0, 5):
+        s = sqnr_top * k / 4
+        draw.text((width - _RIGHT + 6, y_sqnr(s) - 6), f"{s:.0f}", fill=_LINE, font=font)
+    step = plot_w / n
+    points = []
+    for i, row in enumerate(layers):
+        x0 = _LEFT + i * step + step * 0.15
+        x1 = _LEFT + (i + 1) * step - step * 0.15
+        color = _BAR if row["bits"] <= _BITS_AXIS else _BAR_FLOAT
+        draw.rectangle([x0, y_bits(row["bits"]), x1, y_bits(0)], fill=color)
+        if row["output_sqnr_db"] is not None:
+            points.append(((x0 + x1) / 2, y_sqnr(row["output_sqnr_db"])))
+        if n <= 40 or i % max(1, n // 40) == 0:
+            draw.text(((x0 + x1) / 2 - 4, _H - _BOTTOM + 4), str(i), fill=_TEXT, font=font)
+    if len(points) > 1:
+        draw.line(points, fill=_LINE, width=2)
+    for x, y in points:
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=_LINE)
+    draw.rectangle([_LEFT, _TOP, width - _RIGHT, _H - _BOTTOM], outline=_TEXT)
+    draw.text((_LEFT, 10), "weight bits per layer (bars, left)  |  output SQNR dB (line, right)", fill=_TEXT, font=font)
+    draw.text((_LEFT, _H - 16), "layer index (see the card's layer table)", fill=_TEXT, font=font)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
