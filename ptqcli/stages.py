@@ -57,7 +57,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     total = min(data.num_samples, available) if available is not None else data.num_samples
     with progress("calibrating", total) as advance:
         batches = iter_batches(data.path, inputs, data, limit=data.num_samples)
-        stats, seen = collect(g, sel.activations, batches, quant.bins, advance)
+        stats, seen = collect(g, sel.activations, batches, quant.bins, advance,
+                              histograms=quant.method.value != "minmax")
     if seen == 0:
         raise PtqError(f"no calibration samples could be read from {data.path}")
     extra = {"data": to_jsonable(data), "samples_seen": seen, "reduce_range_choice": chose}

@@ -17,11 +17,12 @@ Stats = dict[str, Histogram]
 
 
 def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
-            advance: Callable[[int], None] = lambda n: None) -> tuple[Stats, int]:
+            advance: Callable[[int], None] = lambda n: None, histograms: bool = True) -> tuple[Stats, int]:
     """Histograms for `tensors` over all batches; returns them and the number of samples seen.
 
     The augmented session emits every requested tensor per run; each is folded into its
     histogram and dropped, so memory holds the activations of two batches at most.
+    `histograms=False` keeps only min/max, for methods that need nothing more.
     """
     stats = {name: Histogram.empty(bins) for name in tensors}
     sess = session(with_outputs(g.model, tensors)) if tensors else None
@@ -47,7 +48,7 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
             following = next(source, None)
             future = pool.submit(run, following) if following is not None else None
             for name, value in zip(tensors, values):
-                stats[name].update(value)
+                stats[name].update(value, counts=histograms)
             del values
             n = _batch_len(batch)
             seen += n

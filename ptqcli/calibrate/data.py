@@ -103,9 +103,9 @@ def _open_arrays(path: Path, inputs: list[InputSpec]) -> tuple[dict[str, np.ndar
             if len(inputs) != 1:
                 names = ", ".join(s.name for s in inputs)
                 raise PtqError(f"{path.name}: a .npy feeds a single-input model; this one has inputs {names} (use .npz)")
-            return {inputs[0].name: _as_samples(np.load(path, mmap_mode="r"), inputs[0], path)}, None
-        npz = np.load(path)
-        keys = list(npz.files)
+            return {inputs[0].name: _as_samples(open_npy(path), inputs[0], path)}, None
+        npz = open_npz(path)
+        keys = list(npz)
     except PtqError:
         raise
     except Exception as exc:
@@ -120,14 +120,134 @@ def _open_arrays(path: Path, inputs: list[InputSpec]) -> tuple[dict[str, np.ndar
             raise PtqError(f"{path.name} has no array for input(s) {', '.join(missing)} (keys: {', '.join(keys)})")
         mapping = {s.name: s.name for s in inputs}
     arrays = {s.name: _as_samples(npz[mapping[s.name]], s, path) for s in inputs}
-    return arrays, (npz[label_key] if label_key else None)
+    return arrays, (npz[label_key][:] if label_key else None)
 
 
-def _as_samples(a: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
+def _as_samples(a, spec: InputSpec, path: Path):
     """A lone sample (rank one less than the input) becomes a batch of one."""
     if a.ndim == len(spec.shape) - 1:
-        return a[None]
+        return np.asarray(a[...])[None]
     return a
+
+
+def open_npy(path: Path):
+    with open(path, "rb") as fh:
+        shape, fortran, dtype = _npy_header(fh)
+        offset = fh.tell()
+    if fortran or dtype == object:
+        return np.load(path)
+    return _FileArray(path, offset, shape, dtype)
+
+
+class _FileArray:
+    """An uncompressed array on disk whose sample slices are read when asked for.
+
+    Plain reads rather than a memory map: mapped pages would count as the process's memory
+    and grow with every sample read.
+    """
+
+    def __init__(self, path: Path, offset: int, shape: tuple, dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+        self.ndim = len(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or not self.shape:
+            return np.fromfile(self.path, dtype=self.dtype, count=int(np.prod(self.shape)),
+                               offset=self.offset).reshape(self.shape)[index]
+        start, stop, _ = index.indices(len(self))
+        row = int(np.prod(self.shape[1:], dtype=np.int64))
+        values = np.fromfile(self.path, dtype=self.dtype, count=(stop - start) * row,
+                             offset=self.offset + start * row * self.dtype.itemsize)
+        return values.reshape((stop - start, *self.shape[1:]))
+
+
+def open_npz(path: Path) -> dict:
+    """The arrays of an .npz without reading them: stored members are read by offset,
+    compressed ones forward as slices are asked for."""
+    arrays = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with z.open(info) as fh:
+                shape, fortran, dtype = _npy_header(fh)
+                header_len = fh.tell()
+            key = info.filename[:-4]
+            if info.compress_type == zipfile.ZIP_STORED and not fortran and dtype != object:
+                arrays[key] = _FileArray(path, _member_data_offset(path, info) + header_len, shape, dtype)
+            else:
+                arrays[key] = _ForwardNpy(path, info.filename, shape, dtype, header_len, fortran)
+    return arrays
+
+
+def _npy_header(fh) -> tuple[tuple, bool, np.dtype]:
+    major, _ = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fh)
+    return tuple(shape), bool(fortran), np.dtype(dtype)
+
+
+def _member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where a stored member's bytes start: after its local header, name and extra field."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+    return info.header_offset + 30 + name_len + extra_len
+
+
+class _ForwardNpy:
+    """A compressed .npy member read sequentially: slices must move forward through the samples."""
+
+    def __init__(self, path: Path, member: str, shape: tuple, dtype: np.dtype, header_len: int, fortran: bool):
+        self.path, self.member, self.shape, self.dtype = path, member, shape, dtype
+        self.header_len, self.fortran = header_len, fortran
+        self.ndim = len(shape)
+        self._zip = self._fh = None
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def _whole(self) -> np.ndarray:
+        with zipfile.ZipFile(self.path) as z, z.open(self.member) as fh:
+            return np.lib.format.read_array(fh, allow_pickle=False)
+
+    def __getitem__(self, index):
+        if self.fortran or not isinstance(index, slice) or not self.shape:
+            return self._whole()[index]
+        start, stop, _ = index.indices(len(self))
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if self._fh is None or start < self._pos:
+            self._open()
+        if start > self._pos:
+            self._read((start - self._pos) * row)
+        data = self._read((stop - start) * row)
+        self._pos = stop
+        if self._pos >= len(self):
+            self._fh.close()
+            self._zip.close()
+            self._fh = self._zip = None
+        return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:]))
+
+    def _open(self) -> None:
+        self._zip = zipfile.ZipFile(self.path)
+        self._fh = self._zip.open(self.member)
+        self._fh.read(self.header_len)
+        self._pos = 0
+
+    def _read(self, n: int) -> bytes:
+        chunks, left = [], n
+        while left > 0:
+            chunk = self._fh.read(left)
+            if not chunk:
+                raise PtqError(f"{self.path.name}: array '{self.member[:-4]}' is truncated")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
 
 
 def _conform(a: np.ndarray, spec: InputSpec, where: Path | str) -> np.ndarray:
@@ -220,7 +340,7 @@ def count_samples(path: str | Path) -> int | None:
         if suffix in IMAGE_SUFFIXES:
             total += 1
         elif suffix == ".npy":
-            total += np.load(f, mmap_mode="r").shape[0]
+            total += len(open_npy(f))
         else:
             n = _npz_first_dim(f)
             if n is None:
@@ -231,17 +351,12 @@ def count_samples(path: str | Path) -> int | None:
 
 def _npz_first_dim(path: Path) -> int | None:
     try:
-        with zipfile.ZipFile(path) as z:
-            for member in z.namelist():
-                if member[:-4] in LABEL_KEYS:
-                    continue
-                with z.open(member) as fh:
-                    major, _ = np.lib.format.read_magic(fh)
-                    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                    shape, _, _ = read_header(fh)
-                    return shape[0] if shape else 1
+        arrays = open_npz(path)
     except Exception:
         return None
+    for key, a in arrays.items():
+        if key not in LABEL_KEYS:
+            return a.shape[0] if a.shape else 1
     return None
 
 

@@ -122,3 +122,21 @@ def test_round_trip_through_arrays():
     back = Histogram.from_arrays(**h.to_arrays())
     np.testing.assert_array_equal(back.counts, h.counts)
     assert (back.bound, back.lo, back.hi) == (h.bound, h.lo, h.hi)
+
+
+def test_large_tensors_are_binned_from_a_strided_subset_with_exact_extremes():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(3_000_000).astype(np.float32)
+    x[1] = 50.0  # an extreme the stride skips
+    h = _stream([x], bins=4096)
+    assert h.hi == 50.0 and h.lo == x.min()
+    assert h.total < x.size
+    lo, hi = percentile_range(h, 99.0, symmetric=False)
+    assert abs(hi - np.percentile(x, 99.0)) < 0.02 and abs(lo - np.percentile(x, 1.0)) < 0.02
+
+
+def test_minmax_only_tracking_skips_the_histogram():
+    h = Histogram.empty(1024)
+    h.update(np.array([-2.0, 3.0], np.float32), counts=False)
+    assert (h.lo, h.hi, h.total) == (-2.0, 3.0, 0)
+    assert minmax_range(h) == (-2.0, 3.0)

@@ -119,23 +119,33 @@ def test_image_folder_resize_crop_and_normalise(tmp_path):
     np.testing.assert_allclose(x[0, 1:], -127 / 128)
 
 
-def test_npy_is_memory_mapped_not_loaded(tmp_path, monkeypatch):
-    """Streaming: only the chunks that are fed are ever read into memory."""
-    np.save(tmp_path / "big.npy", np.zeros((1000, 3, 8, 8), np.float32))
-    loads = []
-    real_load = np.load
+def test_npy_is_read_chunk_by_chunk(tmp_path, monkeypatch):
+    """Streaming: only the samples that are fed are ever read into memory."""
+    x = np.random.default_rng(4).normal(size=(1000, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "big.npy", x)
+    reads = []
+    real_fromfile = np.fromfile
 
-    def spy(path, *args, **kwargs):
-        loads.append(kwargs.get("mmap_mode"))
-        return real_load(path, *args, **kwargs)
+    def spy(*args, **kwargs):
+        reads.append(kwargs["count"])
+        return real_fromfile(*args, **kwargs)
 
-    monkeypatch.setattr(np, "load", spy)
-    next(iter_batches(tmp_path / "big.npy", _inputs(), DataConfig(batch_size=4), limit=4))
-    assert loads == ["r"]
+    monkeypatch.setattr(np, "fromfile", spy)
+    batch = next(iter_batches(tmp_path / "big.npy", _inputs(), DataConfig(batch_size=4), limit=4))
+    np.testing.assert_array_equal(batch.feeds["input"], x[:4])
+    assert reads == [256 * 3 * 8 * 8]  # one chunk of 256 samples, not 1000
 
 
-def test_reshaped_tensors_share_their_source_scale_and_outputs_stay_float():
-    plan, _ = _plan()
-    assert plan.tensors["flat"].source == {"method": "shared", "from": "gap"}
-    np.testing.assert_array_equal(plan.tensors["flat"].scale, plan.tensors["gap"].scale)
-    assert "logits" not in plan.tensors
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
+def test_npz_is_streamed_not_loaded(tmp_path, save, monkeypatch):
+    """Both kinds of .npz give exactly the saved samples, read chunk by chunk."""
+    x = np.random.default_rng(3).normal(size=(700, 3, 8, 8)).astype(np.float32)
+    save(tmp_path / "d.npz", input=x, labels=np.arange(700))
+    monkeypatch.setattr("ptqcli.calibrate.data._CHUNK", 64)
+    from ptqcli.calibrate.data import open_npz
+
+    assert not isinstance(open_npz(tmp_path / "d.npz")["input"], np.ndarray)
+    batches = list(iter_batches(tmp_path / "d.npz", _inputs(), DataConfig(batch_size=50), limit=600, skip=30))
+    np.testing.assert_array_equal(np.concatenate([b.feeds["input"] for b in batches]), x[30:630])
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), np.arange(30, 630))
+    assert count_samples(tmp_path / "d.npz") == 700
