@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/ptq inspect $(ASSETS)/fashion_cnn.onnx
 	$(BIN)/ptq calibrate $(ASSETS)/fashion_cnn.onnx --data $(ASSETS)/fashion_calib.npz -o demo-run
 	$(BIN)/ptq export demo-run -o demo-run/fashion_cnn.w8a8.onnx --eval-data $(ASSETS)/fashion_test.npz --eval-samples 2000
+	$(BIN)/ptq gate demo-run/fashion_cnn.w8a8.card.json --max-drop 0.5 --min-compression 3.5
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -120,7 +120,7 @@ def test_models_too_big_for_one_protobuf_go_through_external_data(tmp_path, tiny
     out.parent.mkdir()
     stages.calibrate(wide, QuantConfig(), DataConfig(path=str(tiny_data), num_samples=32), tmp_path / "run")
     _, fidelity = stages.export(tmp_path / "run", out, eval_samples=16)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
+    assert {"q.onnx", "q.onnx.data"} <= {p.name for p in out.parent.iterdir()}
     assert (tmp_path / "run" / "model.float.onnx.data").is_file()
     assert (out.parent / "q.onnx.data").stat().st_size > out.stat().st_size / 4  # tensors live in .data
     assert fidelity.outputs["logits"]["cosine"] > 0.99
