@@ -37,6 +37,11 @@ class Method(str, Enum):
     entropy = "entropy"
 
 
+class WeightMethod(str, Enum):
+    minmax = "minmax"
+    mse = "mse"
+
+
 class Granularity(str, Enum):
     channel = "channel"
     tensor = "tensor"
@@ -88,6 +93,7 @@ class QuantConfig:
     granularity: Granularity = Granularity.channel
     act_symmetric: bool = False
     method: Method = Method.minmax
+    weight_method: WeightMethod = WeightMethod.minmax
     percentile: float = 99.999
     reduce_range: ReduceRange = ReduceRange.auto
     exclude_nodes: tuple[str, ...] = ()
@@ -97,6 +103,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         for name, enum in (("weights", WeightFormat), ("acts", ActFormat), ("method", Method),
+                           ("weight_method", WeightMethod),
                            ("granularity", Granularity), ("reduce_range", ReduceRange)):
             value = getattr(self, name)
             try:

@@ -92,3 +92,18 @@ def test_sqnr_matches_definition():
     y = x + np.array([0.1, -0.1, 0.0])
     assert sqnr_db(x, y) == pytest.approx(10 * np.log10(14 / 0.02))
     assert sqnr_db(x, x) == float("inf")
+
+
+def test_mse_weight_clipping_never_worse_than_minmax_and_matches_brute_force():
+    from ptqcli.calibrate.planner import CLIP_RATIOS, clip_ratio, quantize_weight
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(3, size=(6, 40)).astype(np.float32)  # heavy tails: clipping pays
+    spec = QuantSpec(3, signed=True, symmetric=True, axis=0)
+    mse, mm = quantize_weight(w, spec, "mse"), quantize_weight(w, spec, "minmax")
+    assert mse.source["sqnr_db"] > mm.source["sqnr_db"]
+    ratios = clip_ratio(w, spec)
+    for c in range(6):
+        peak = np.abs(w[c]).max()
+        errs = [np.sum((w[c] - np.clip(np.rint(w[c] / (peak * r / 3)), -3, 3) * (peak * r / 3)) ** 2) for r in CLIP_RATIOS]
+        assert ratios[c] == CLIP_RATIOS[int(np.argmin(errs))]
