@@ -179,6 +179,75 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
 
 @app.command()
 @user_errors
+def allocate(run: RunArg,
+             budget: Annotated[Optional[str], typer.Option("--budget", help="Weight size budget, e.g. 3.5MB, 700KiB.")] = None,
+             budget_bits: Annotated[Optional[float], typer.Option("--budget-bits", help="Average weight bits over the layers.")] = None,
+             budget_bops: Annotated[Optional[float], typer.Option("--budget-bops", help="Bit-operations per sample.")] = None,
+             max_damage: Annotated[Optional[float], typer.Option("--max-damage", help="Least size whose summed damage stays under this.")] = None,
+             weight_candidates: Annotated[str, typer.Option("--weight-candidates", help="Weight bit-widths to choose from.")] = "8,4,3,2",
+             act_candidates: Annotated[str, typer.Option("--act-candidates", help="Activation bit-widths to choose from (8, 4).")] = "8",
+             keep: Annotated[Optional[str], typer.Option("--keep", help="Pinned layers: first, last, node names, each =BITS (default 8).")] = None,
+             samples: Annotated[int, typer.Option("--samples", help="Calibration samples for the sensitivity runs.")] = 64,
+             time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Seconds the solver may take.")] = None,
+             pareto: Annotated[bool, typer.Option("--pareto", help="Sweep budgets; export and evaluate every plan; write a CSV and PNG.")] = False,
+             eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
+    """Choose per-layer bit-widths under a budget by integer programming."""
+    from rich.table import Table
+
+    from .allocate.costs import parse_size
+    from .allocate.stage import AllocationConfig, Budget, allocate as run_allocation, load_context
+
+    cfg = AllocationConfig(weight_bits=_ints(weight_candidates, "--weight-candidates"),
+                           act_bits=_ints(act_candidates, "--act-candidates"),
+                           keep=_names(keep) or (), samples=samples, time_limit=time_limit)
+    if pareto:
+        _pareto(load_context(run), cfg, eval_data, eval_samples)
+        return
+    given = [(k, v) for k, v in (("size", budget), ("bits", budget_bits), ("bops", budget_bops), ("damage", max_damage))
+             if v is not None]
+    if len(given) != 1:
+        raise PtqError("give exactly one of --budget, --budget-bits, --budget-bops, --max-damage (or --pareto)")
+    kind, value = given[0]
+    target = Budget(kind, parse_size(value) if kind == "size" else float(value))
+    plan, solution, rows = run_allocation(run, target, cfg, rich_progress)
+    table = Table(title=f"allocation ({solution.solver}: {solution.status})")
+    for col in ("node", "format", "params", "damage", "cost"):
+        table.add_column(col, justify="left" if col in ("node", "format") else "right")
+    for row in rows:
+        table.add_row(row["node"], row["option"], f"{row['params']:,}", f"{row['damage']:.5f}", f"{row['cost']:,.0f}")
+    table.caption = f"objective (summed damage) {solution.damage:.5f}; total {kind} {solution.cost:,.0f}"
+    out.print(table)
+    out.print(f"plan written to [bold]{run}[/bold]; `ptq export {run} -o OUT.onnx` builds the mixed-precision model")
+
+
+def _pareto(ctx, cfg, eval_data, eval_samples) -> None:
+    from rich.table import Table
+
+    from .allocate.pareto import sweep, sweep_size, to_csv, to_png
+    from .rundir import write_atomic
+
+    with rich_progress("exporting and evaluating plans", sweep_size(cfg, 6)) as advance:
+        points = sweep(ctx, cfg, eval_data, eval_samples, advance=advance)
+    write_atomic(ctx.run / "pareto.csv", to_csv(points).encode())
+    write_atomic(ctx.run / "pareto.png", to_png(points, f"{ctx.run}: measured quality vs weight size"))
+    table = Table(title=f"Pareto sweep ({points[0].metric})")
+    for col in ("method", "budget", "size bytes", "damage proxy", "quality"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for p in sorted(points, key=lambda p: (p.size_bytes, p.method)):
+        table.add_row(p.method, p.label, f"{p.size_bytes:,}", f"{p.damage:.4f}", f"{p.quality:.2f}")
+    out.print(table)
+    out.print(f"wrote {ctx.run / 'pareto.csv'} and {ctx.run / 'pareto.png'}")
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise PtqError(f"{flag} takes comma-separated whole numbers (got {text!r})") from None
+
+
+@app.command()
+@user_errors
 def gate(card: Annotated[Path, typer.Argument(help="Quantization card (JSON) written by `ptq export`.")],
          max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Largest accuracy drop vs float, in points.")] = None,
          min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Smallest top-1 agreement with float, in %.")] = None,

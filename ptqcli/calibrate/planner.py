@@ -22,9 +22,9 @@ def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None) -> 
     return QuantSpec(bits=bits, signed=True, symmetric=True, axis=axis, reduce_range=reduce)
 
 
-def activation_spec(cfg: QuantConfig) -> QuantSpec:
+def activation_spec(cfg: QuantConfig, bits: int = 8) -> QuantSpec:
     signed = cfg.acts.value == "int8"
-    return QuantSpec(bits=8, signed=signed, symmetric=cfg.act_symmetric and signed)
+    return QuantSpec(bits=bits, signed=signed, symmetric=cfg.act_symmetric and signed)
 
 
 CLIP_RATIOS = np.linspace(0.2, 1.0, 81)
@@ -59,8 +59,8 @@ def clip_ratio(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
     return best if spec.axis is not None else best.reshape(())
 
 
-def quantize_activation(name: str, stats: Stats, cfg: QuantConfig) -> TensorQuant:
-    spec = activation_spec(cfg)
+def quantize_activation(name: str, stats: Stats, cfg: QuantConfig, bits: int = 8) -> TensorQuant:
+    spec = activation_spec(cfg, bits)
     h = stats[name]
     levels = spec.qmax - spec.qmin + 1
     lo, hi = choose_range(h, cfg.method.value, levels, spec.symmetric, cfg.percentile)
@@ -116,11 +116,15 @@ def widen_for_bias(wq: TensorQuant, w: np.ndarray, b: np.ndarray, act: TensorQua
                        {**wq.source, "sqnr_db": _finite(damage), "widened_for_bias": True})
 
 
-def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_config: dict | None = None) -> Plan:
+def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_config: dict | None = None,
+               weight_bits: dict[str, int] | None = None, act_bits: dict[str, int] | None = None) -> Plan:
+    """`weight_bits` / `act_bits` override the config's width per tensor (mixed precision)."""
+    weight_bits, act_bits = weight_bits or {}, act_bits or {}
     acts: dict[str, TensorQuant] = {}
     for name in sel.activations:
         source = scale_source(g, name, acts)
-        acts[name] = shared(acts[source], source) if source else quantize_activation(name, stats, cfg)
+        acts[name] = (shared(acts[source], source) if source
+                      else quantize_activation(name, stats, cfg, act_bits.get(name, 8)))
     weights: dict[str, TensorQuant] = {}
     for layer in sel.layers:
         if layer.weight in weights:
@@ -128,7 +132,8 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
         node = g.node_by_name[layer.node]
         w = g.constant(layer.weight)
         axis = channel_axis(node) % w.ndim if cfg.granularity.value == "channel" else None
-        weights[layer.weight] = quantize_weight(w, weight_spec(cfg, axis), cfg.weight_method.value)
+        spec = weight_spec(cfg, axis, weight_bits.get(layer.weight))
+        weights[layer.weight] = quantize_weight(w, spec, cfg.weight_method.value)
     biases = {}
     for layer in sel.layers:
         if layer.bias is None or layer.activation not in acts or layer.weight not in weights:

@@ -1,0 +1,57 @@
+"""What each candidate format costs per layer, in the units budgets are given in."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..errors import PtqError
+from ..graph import Graph
+from ..plan import Plan
+from ..runtime import session, with_outputs
+from ..calibrate.data import Batch
+from ..export.measures import layer_macs
+from .sensitivity import Candidate
+
+BUDGET_KINDS = ("size", "bits", "bops")
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> float:
+    """'3.5MB', '700KiB', '120000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise PtqError(f"cannot read size {text!r}: use a number with B, KB, MB, GB, KiB, MiB or GiB")
+    return float(match.group(1)) * _UNITS[unit]
+
+
+def layer_output_shapes(g: Graph, plan: Plan, batch: Batch) -> dict[str, list[int]]:
+    names = [layer.output for layer in plan.layers]
+    values = session(with_outputs(g.model, names)).run(names, batch.feeds)
+    return {layer.node: list(v.shape[1:]) for layer, v in zip(plan.layers, values)}
+
+
+def cost_table(g: Graph, plan: Plan, options: dict[str, list[Candidate]], kind: str,
+               shapes: dict[str, list[int]]) -> tuple[dict[str, dict[str, float]], float]:
+    """Per layer and option, the cost; plus the fixed cost of everything no option changes.
+
+    size: bytes of weights; bits: weight bits (divided by the layers' parameters for an
+    average); bops: multiply-accumulates x weight bits x activation bits, per sample.
+    """
+    if kind not in BUDGET_KINDS:
+        raise PtqError(f"unknown budget kind {kind!r}")
+    table: dict[str, dict[str, float]] = {}
+    for layer in plan.layers:
+        params = int(np.prod(g.initializers[layer.weight].dims))
+        macs = layer_macs(g, layer.node, layer.weight, shapes.get(layer.node)) or 0
+        table[layer.node] = {
+            c.label: {"size": params * c.w_bits / 8, "bits": params * c.w_bits, "bops": macs * c.w_bits * c.a_bits}[kind]
+            for c in options[layer.node]
+        }
+    fixed = 0.0
+    if kind == "size":
+        layer_weights = {layer.weight for layer in plan.layers}
+        fixed = sum(4.0 * int(np.prod(t.dims)) for t in g.graph.initializer if t.name not in layer_weights)
+    return table, fixed

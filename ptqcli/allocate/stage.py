@@ -1,0 +1,186 @@
+"""`ptq allocate`: per-layer bit-widths for a run directory, under a budget.
+
+The first allocation keeps the calibrated plan as `plan.base.json`; every allocation starts from
+it, so allocations can be redone with other budgets. Damage tables are cached in
+`sensitivity.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import rundir
+from ..calibrate.collect import load_stats
+from ..calibrate.data import iter_batches, model_inputs
+from ..calibrate.planner import build_plan
+from ..calibrate.select import Selection
+from ..config import DataConfig, QuantConfig, from_mapping
+from ..errors import PtqError
+from ..graph import Graph
+from ..plan import Plan
+from ..stages import Progress, silent
+from . import ilp
+from .costs import cost_table, layer_output_shapes
+from .sensitivity import Candidate, candidates, measure_damage
+
+BASE_PLAN = "plan.base.json"
+SENSITIVITY = "sensitivity.json"
+ALLOCATION = "allocation.json"
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # size | bits | bops | damage
+    value: float
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    weight_bits: tuple[int, ...] = (8, 4, 3, 2)
+    act_bits: tuple[int, ...] = (8,)
+    keep: tuple[str, ...] = ()
+    samples: int = 64
+    time_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.weight_bits if not 2 <= b <= 8]
+        if bad or not self.weight_bits:
+            raise PtqError(f"weight candidates must be bit-widths from 2 to 8 (got {list(self.weight_bits)})")
+        if any(b not in (4, 8) for b in self.act_bits) or not self.act_bits:
+            raise PtqError(f"activation candidates must be 8 and/or 4 (got {list(self.act_bits)})")
+        if self.samples < 1:
+            raise PtqError("--samples must be at least 1")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an allocation needs from the run directory, loaded once."""
+
+    run: Path
+    graph: Graph
+    base: Plan
+    stats: dict
+    quant: QuantConfig
+    data: DataConfig
+
+
+def load_context(run_dir: str | Path) -> Context:
+    run = rundir.existing_run_dir(run_dir)
+    base_path = run / BASE_PLAN
+    if not base_path.is_file():
+        rundir.write_atomic(base_path, (run / rundir.PLAN).read_bytes())
+    base = Plan.from_json(base_path.read_text())
+    with np.load(run / rundir.STATS) as arrays:
+        stats = load_stats(arrays)
+    quant = from_mapping(QuantConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in base.config["quant"].items()},
+                         "plan quant config")
+    data = from_mapping(DataConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in base.config["data"].items()},
+                        "plan data config")
+    return Context(run, Graph(rundir.read_float_model(run)), base, stats, quant, data)
+
+
+def parse_keep(entries: tuple[str, ...], layers: list[str]) -> dict[str, int]:
+    """`first`, `last`, or node names, each optionally `=BITS` (default 8)."""
+    pins: dict[str, int] = {}
+    for entry in entries:
+        name, _, bits = entry.partition("=")
+        node = {"first": layers[0] if layers else None, "last": layers[-1] if layers else None}.get(name, name)
+        if node not in layers:
+            raise PtqError(f"--keep names '{name}', which is not a quantized layer (layers: {', '.join(layers[:6])}...)")
+        try:
+            pins[node] = int(bits) if bits else 8
+        except ValueError:
+            raise PtqError(f"--keep {entry}: bits must be a whole number") from None
+    return pins
+
+
+def layer_options(ctx: Context, cfg: AllocationConfig) -> dict[str, list[Candidate]]:
+    pins = parse_keep(cfg.keep, [layer.node for layer in ctx.base.layers])
+    every = candidates(list(cfg.weight_bits), list(cfg.act_bits))
+    options = {}
+    for layer in ctx.base.layers:
+        if layer.node in pins:
+            options[layer.node] = [Candidate(pins[layer.node], 8)]
+        else:
+            options[layer.node] = every
+    return options
+
+
+def damage_table(ctx: Context, options: dict[str, list[Candidate]], cfg: AllocationConfig,
+                 progress: Progress = silent) -> dict[str, dict[str, float]]:
+    """Measured damage per (layer, option), read from the cache when it already holds them."""
+    wanted = sorted({c for opts in options.values() for c in opts}, reverse=True)
+    key = {"candidates": [c.label for c in wanted], "samples": cfg.samples}
+    cache = ctx.run / SENSITIVITY
+    if cache.is_file():
+        doc = json.loads(cache.read_text())
+        if doc.get("key") == key:
+            return doc["damage"]
+    batches = list(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=cfg.samples))
+    if not batches:
+        raise PtqError(f"no calibration samples could be read from {ctx.data.path}")
+    with progress("measuring layer sensitivity", len(ctx.base.layers) * len(wanted)) as advance:
+        table = measure_damage(ctx.graph, ctx.base, ctx.stats, ctx.quant, batches, wanted, advance)
+    rundir.write_json(cache, {"key": key, "damage": table})
+    return table
+
+
+def solve(ctx: Context, budget: Budget, cfg: AllocationConfig, progress: Progress = silent,
+          method: str = "ilp") -> tuple[ilp.Solution, dict, dict]:
+    """The chosen option per layer, with the damage and cost tables it was chosen from."""
+    options = layer_options(ctx, cfg)
+    measured = damage_table(ctx, options, cfg, progress)
+    damage = {node: {c.label: measured[node][c.label] for c in opts} for node, opts in options.items()}
+    kind = "size" if budget.kind == "damage" else budget.kind
+    first = next(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=1), None)
+    shapes = layer_output_shapes(ctx.graph, ctx.base, first) if first is not None else {}
+    cost, fixed = cost_table(ctx.graph, ctx.base, options, kind, shapes)
+    if budget.kind == "damage":
+        return ilp.min_cost(damage, cost, budget.value, fixed, cfg.time_limit), damage, cost
+    limit = budget.value
+    unit = " bytes" if kind == "size" else ""
+    if kind == "bits":  # an average over the layers' parameters
+        limit, unit = budget.value * sum(_params(ctx, node) for node in cost), " weight bits"
+    if method == "greedy":
+        return ilp.greedy(damage, cost, limit, fixed), damage, cost
+    return ilp.min_damage(damage, cost, limit, fixed, cfg.time_limit, unit), damage, cost
+
+
+def plan_for(ctx: Context, choice: dict[str, str], extra: dict | None = None) -> Plan:
+    """The base plan re-derived with each layer's chosen weight and activation widths."""
+    by_node = {layer.node: layer for layer in ctx.base.layers}
+    weight_bits = {by_node[node].weight: Candidate.parse(label).w_bits for node, label in choice.items()}
+    act_bits: dict[str, int] = {}
+    for node, label in choice.items():
+        tensor = by_node[node].activation
+        if tensor:  # a tensor read by several layers keeps the widest width any of them chose
+            act_bits[tensor] = max(act_bits.get(tensor, 0), Candidate.parse(label).a_bits)
+    activations = [name for name, t in ctx.base.tensors.items() if t.role == "activation"]
+    sel = Selection(ctx.base.layers, activations, ctx.base.float_nodes)
+    config = {k: v for k, v in ctx.base.config.items() if k not in ("quant", "allocation")}
+    plan = build_plan(ctx.graph, sel, ctx.stats, ctx.quant, {**config, **(extra or {})}, weight_bits, act_bits)
+    return plan
+
+
+def allocate(run_dir: str | Path, budget: Budget, cfg: AllocationConfig, progress: Progress = silent
+             ) -> tuple[Plan, ilp.Solution, list[dict]]:
+    ctx = load_context(run_dir)
+    solution, damage, cost = solve(ctx, budget, cfg, progress)
+    allocation = {"budget": {"kind": budget.kind, "value": budget.value}, "status": solution.status,
+                  "solver": solution.solver, "damage": solution.damage, "cost": solution.cost,
+                  "choice": solution.choice}
+    plan = plan_for(ctx, solution.choice, {"allocation": allocation})
+    rows = [{"node": node, "option": label, "damage": damage[node][label], "cost": cost[node][label],
+             "params": int(_params(ctx, node))} for node, label in solution.choice.items()]
+    rundir.write_plan(ctx.run, plan)
+    rundir.write_json(ctx.run / ALLOCATION, {**allocation, "layers": rows})
+    return plan, solution, rows
+
+
+def _params(ctx: Context, node: str) -> int:
+    weight = next(layer.weight for layer in ctx.base.layers if layer.node == node)
+    return int(np.prod(ctx.graph.initializers[weight].dims))

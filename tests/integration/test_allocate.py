@@ -1,0 +1,83 @@
+"""`ptq allocate` on the embedded model: mixed precision chosen by the ILP, measured after export."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from conftest import ASSETS
+from ptqcli import stages
+from ptqcli.allocate.pareto import best_at, sweep
+from ptqcli.allocate.stage import AllocationConfig, load_context
+from ptqcli.config import DataConfig, QuantConfig
+from test_cli import assert_user_error, ptq
+
+TEST = ASSETS / "fashion_test.npz"
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    run = tmp_path_factory.mktemp("alloc") / "run"
+    stages.calibrate(ASSETS / "fashion_cnn.onnx", QuantConfig(),
+                     DataConfig(path=str(ASSETS / "fashion_calib.npz"), num_samples=256), run)
+    return run
+
+
+@pytest.fixture
+def run(calibrated, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(calibrated, copy)
+    return copy
+
+
+def test_budget_bits_with_pinned_first_and_last(run, tmp_path):
+    r = ptq("allocate", run, "--budget-bits", 4, "--keep", "first,last")
+    assert r.returncode == 0, r.stderr
+    assert "optimal" in r.stdout
+    allocation = json.loads((run / "allocation.json").read_text())
+    bits = {row["node"]: int(row["option"][1]) for row in allocation["layers"]}
+    assert bits["conv1"] == 8 and bits["fc2"] == 8
+    params = {row["node"]: row["params"] for row in allocation["layers"]}
+    assert sum(bits[n] * params[n] for n in bits) <= 4 * sum(params.values())
+    assert len(set(bits.values())) > 1  # a real mix
+    out = tmp_path / "mix.onnx"
+    assert ptq("export", run, "-o", out, "--eval-data", TEST, "--eval-samples", 200).returncode == 0
+    card = json.loads((tmp_path / "mix.card.json").read_text())
+    assert {row["node"]: row["bits"] for row in card["layers"]} == bits
+
+
+def test_size_budget_and_reallocation_start_from_the_base_plan(run):
+    assert ptq("allocate", run, "--budget", "20kB").returncode == 0
+    first = json.loads((run / "allocation.json").read_text())
+    assert first["cost"] <= 20_000
+    assert ptq("allocate", run, "--budget", "40kB").returncode == 0
+    second = json.loads((run / "allocation.json").read_text())
+    assert all(row["option"] == "W8A8" for row in second["layers"])  # everything fits at 8 bits
+
+
+def test_infeasible_budget_names_the_smallest_feasible(run):
+    r = ptq("allocate", run, "--budget", "1kB")
+    assert_user_error(r, "budget 1,000 bytes is infeasible: the smallest possible is")
+
+
+def test_exactly_one_budget(run):
+    assert_user_error(ptq("allocate", run), "give exactly one of")
+    assert_user_error(ptq("allocate", run, "--keep", "nosuchlayer", "--budget-bits", 4), "nosuchlayer")
+
+
+def test_ilp_beats_uniform_w4_and_greedy_at_the_w4_size(run):
+    """Measured after export on the labelled test slice, not on the proxy."""
+    points = sweep(load_context(run), AllocationConfig(), str(TEST), 2000, points=4)
+    w4 = next(p for p in points if p.method == "uniform" and p.label == "W4")
+    ilp, greedy = best_at(points, w4.size_bytes, "ilp"), best_at(points, w4.size_bytes, "greedy")
+    assert ilp.quality > w4.quality + 1.0
+    assert ilp.quality >= greedy.quality
+
+
+def test_pareto_writes_csv_and_png(run):
+    r = ptq("allocate", run, "--pareto", "--eval-data", TEST, "--eval-samples", 300, "--weight-candidates", "8,4")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader((run / "pareto.csv").open()))
+    assert {row["method"] for row in rows} == {"ilp", "greedy", "uniform"}
+    assert (run / "pareto.png").stat().st_size > 3000
