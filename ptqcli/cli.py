@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .config import (ActFormat, DataConfig, Granularity, Method, QuantConfig, ReduceRange, WeightFormat, WeightMethod,
+from .config import (ActFormat, DataConfig, Granularity, Method, QuantConfig, ReduceRange, WeightMethod,
                      load_recipe, merge)
 from .errors import PtqError
 
@@ -32,7 +32,7 @@ MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Images: per-chan
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Images: per-channel std on 0..255, comma-separated [default: 255].")]
 LayoutOpt = Annotated[Optional[str], typer.Option("--layout", help="Images: auto, NCHW or NHWC.")]
 ColorOpt = Annotated[Optional[str], typer.Option("--color", help="Images: auto, rgb, bgr or gray.")]
-WeightsOpt = Annotated[Optional[WeightFormat], typer.Option("--weights", help="Weight format [default: int8].")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Weight format: int8, int4, int3, int2, binary, ternary, pow2:B, exp:B [default: int8].")]
 ActsOpt = Annotated[Optional[ActFormat], typer.Option("--acts", help="Activation format [default: uint8].")]
 GranularityOpt = Annotated[Optional[Granularity], typer.Option("--granularity", help="Weight scales per channel or per tensor [default: channel].")]
 ActSymOpt = Annotated[Optional[bool], typer.Option("--act-symmetric/--act-asymmetric", help="Symmetric int8 activations.")]

@@ -17,11 +17,24 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class WeightFormat(str, Enum):
-    int8 = "int8"
-    int4 = "int4"
-    int3 = "int3"  # stored in int4 containers
-    int2 = "int2"
+WEIGHT_FORMATS = "int8, int4, int3, int2, binary, ternary, pow2:B, exp:B (B = 2..5)"
+
+
+def parse_weight_format(text: str) -> tuple[str, int]:
+    """'int4' -> ('int', 4); 'pow2:4' -> ('pow2', 4); 'binary' -> ('binary', 1)."""
+    t = str(text).strip().lower()
+    fixed = {"binary": ("binary", 1), "ternary": ("ternary", 2)}
+    if t in fixed:
+        return fixed[t]
+    try:
+        if t.startswith("int") and t[3:].isdigit() and 2 <= int(t[3:]) <= 8:
+            return "int", int(t[3:])
+        scheme, _, bits = t.partition(":")
+        if scheme in ("pow2", "exp") and bits.isdigit() and 2 <= int(bits) <= 5:
+            return scheme, int(bits)
+    except ValueError:
+        pass
+    raise PtqError(f"unknown weight format {text!r} (known: {WEIGHT_FORMATS})")
 
 
 class ActFormat(str, Enum):
@@ -53,7 +66,6 @@ class ReduceRange(str, Enum):
     off = "off"
 
 
-WEIGHT_BITS = {WeightFormat.int8: 8, WeightFormat.int4: 4, WeightFormat.int3: 3, WeightFormat.int2: 2}
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,10 @@ class DataConfig:
 class QuantConfig:
     """What to quantize and how."""
 
-    weights: WeightFormat = WeightFormat.int8
+    weights: str = "int8"
+    # Binary/ternary networks keep their first and last layers at int8 (the usual practice);
+    # None means: do so for binary and ternary weights only.
+    first_last_int8: bool | None = None
     acts: ActFormat = ActFormat.uint8
     granularity: Granularity = Granularity.channel
     act_symmetric: bool = False
@@ -102,7 +117,8 @@ class QuantConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, enum in (("weights", WeightFormat), ("acts", ActFormat), ("method", Method),
+        parse_weight_format(self.weights)
+        for name, enum in (("acts", ActFormat), ("method", Method),
                            ("weight_method", WeightMethod),
                            ("granularity", Granularity), ("reduce_range", ReduceRange)):
             value = getattr(self, name)
@@ -118,7 +134,17 @@ class QuantConfig:
 
     @property
     def weight_bits(self) -> int:
-        return WEIGHT_BITS[self.weights]
+        return parse_weight_format(self.weights)[1]
+
+    @property
+    def weight_scheme(self) -> str:
+        return parse_weight_format(self.weights)[0]
+
+    @property
+    def keeps_first_last_int8(self) -> bool:
+        if self.first_last_int8 is None:
+            return self.weight_scheme in ("binary", "ternary")
+        return self.first_last_int8
 
     def resolved_reduce_range(self) -> bool:
         if self.reduce_range is ReduceRange.auto:

@@ -44,7 +44,13 @@ def _broadcast(values: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 
 
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), as integers (int64)."""
+    """QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), as integers (int64).
+
+    Level-set schemes (binary, pow2, ...) snap to their nearest level's code instead."""
+    if spec.scheme != "int":
+        from .schemes import encode
+
+        return encode(np.asarray(x, dtype=np.float32), scale, spec)
     s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, spec.axis)
     z = _broadcast(np.asarray(zero_point, dtype=np.int64), x.ndim, spec.axis)
     q = np.rint(x.astype(np.float32) / s).astype(np.int64) + z

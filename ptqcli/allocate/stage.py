@@ -153,7 +153,7 @@ def solve(ctx: Context, budget: Budget, cfg: AllocationConfig, progress: Progres
 def plan_for(ctx: Context, choice: dict[str, str], extra: dict | None = None) -> Plan:
     """The base plan re-derived with each layer's chosen weight and activation widths."""
     by_node = {layer.node: layer for layer in ctx.base.layers}
-    weight_bits = {by_node[node].weight: Candidate.parse(label).w_bits for node, label in choice.items()}
+    weight_formats = {by_node[node].weight: f"int{Candidate.parse(label).w_bits}" for node, label in choice.items()}
     act_bits: dict[str, int] = {}
     for node, label in choice.items():
         tensor = by_node[node].activation
@@ -162,7 +162,7 @@ def plan_for(ctx: Context, choice: dict[str, str], extra: dict | None = None) ->
     activations = [name for name, t in ctx.base.tensors.items() if t.role == "activation"]
     sel = Selection(ctx.base.layers, activations, ctx.base.float_nodes)
     config = {k: v for k, v in ctx.base.config.items() if k not in ("quant", "allocation")}
-    plan = build_plan(ctx.graph, sel, ctx.stats, ctx.quant, {**config, **(extra or {})}, weight_bits, act_bits)
+    plan = build_plan(ctx.graph, sel, ctx.stats, ctx.quant, {**config, **(extra or {})}, weight_formats, act_bits)
     return plan
 
 

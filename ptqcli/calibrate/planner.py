@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import QuantConfig, to_jsonable
+from ..config import QuantConfig, parse_weight_format, to_jsonable
 from ..graph import Graph
 from ..ops import channel_axis, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
+from .. import schemes
 from ..spec import QuantSpec
 from .collect import Stats
 from .observers import choose_range
 from .select import Selection
 
 
-def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None) -> QuantSpec:
-    bits = bits or cfg.weight_bits
-    # Only 8-bit weights meet ORT's u8s8 integer kernels; 4-bit ones run through DequantizeLinear.
-    reduce = cfg.resolved_reduce_range() and bits == 8
-    return QuantSpec(bits=bits, signed=True, symmetric=True, axis=axis, reduce_range=reduce)
+def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None, scheme: str | None = None) -> QuantSpec:
+    """The config's weight format, or the given one; `bits` alone means uniform integers."""
+    if bits is None and scheme is None:
+        scheme, bits = cfg.weight_scheme, cfg.weight_bits
+    scheme = scheme or "int"
+    # Only 8-bit integer weights meet ORT's u8s8 kernels; narrower ones run through DequantizeLinear.
+    reduce = cfg.resolved_reduce_range() and bits == 8 and scheme == "int"
+    return QuantSpec(bits=bits, signed=True, symmetric=True, axis=axis, reduce_range=reduce, scheme=scheme)
 
 
 def activation_spec(cfg: QuantConfig, bits: int = 8) -> QuantSpec:
@@ -33,7 +37,13 @@ CLIP_RATIOS = np.linspace(0.2, 1.0, 81)
 def quantize_weight(w: np.ndarray, spec: QuantSpec, method: str = "minmax") -> TensorQuant:
     """`mse` clips each channel's grid to the least squared weight error. It lowers weight error
     at 4 bits and below, but the clipping shrinks outputs, which can cost top-1 without bias
-    correction, so minmax stays the default."""
+    correction, so minmax stays the default. Level-set schemes always fit their scales (and
+    exp its base) to the least squared error."""
+    if spec.scheme != "int":
+        fitted, scale = schemes.fit(w, spec)
+        zp = np.zeros(np.shape(scale), dtype=np.int64)
+        damage = sqnr_db(w, dequantize(quantize(w, scale, zp, fitted), scale, zp, fitted))
+        return TensorQuant("weight", fitted, scale, zp, {"method": "mse-fit", "sqnr_db": _finite(damage)})
     lo, hi = channel_ranges(w, spec.axis)
     if method == "mse":
         ratio = clip_ratio(w, spec)
@@ -117,9 +127,11 @@ def widen_for_bias(wq: TensorQuant, w: np.ndarray, b: np.ndarray, act: TensorQua
 
 
 def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_config: dict | None = None,
-               weight_bits: dict[str, int] | None = None, act_bits: dict[str, int] | None = None) -> Plan:
-    """`weight_bits` / `act_bits` override the config's width per tensor (mixed precision)."""
-    weight_bits, act_bits = weight_bits or {}, act_bits or {}
+               weight_formats: dict[str, str] | None = None, act_bits: dict[str, int] | None = None) -> Plan:
+    """`weight_formats` ({weight: 'int4' | 'pow2:4' ...}) and `act_bits` override the config per
+    tensor (mixed precision)."""
+    weight_formats = {**_first_last_formats(sel, cfg), **(weight_formats or {})}
+    act_bits = act_bits or {}
     acts: dict[str, TensorQuant] = {}
     for name in sel.activations:
         source = scale_source(g, name, acts)
@@ -132,7 +144,8 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
         node = g.node_by_name[layer.node]
         w = g.constant(layer.weight)
         axis = channel_axis(node) % w.ndim if cfg.granularity.value == "channel" else None
-        spec = weight_spec(cfg, axis, weight_bits.get(layer.weight))
+        scheme, bits = parse_weight_format(weight_formats[layer.weight]) if layer.weight in weight_formats else (None, None)
+        spec = weight_spec(cfg, axis, bits, scheme)
         weights[layer.weight] = quantize_weight(w, spec, cfg.weight_method.value)
     biases = {}
     for layer in sel.layers:
@@ -145,6 +158,12 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             biases[layer.bias] = bq
     config = {"quant": to_jsonable(cfg), "prepare": dict(g.facts), **(extra_config or {})}
     return Plan({**acts, **weights, **biases}, sel.layers, sel.float_nodes, config, list(g.notes))
+
+
+def _first_last_formats(sel: Selection, cfg: QuantConfig) -> dict[str, str]:
+    if not cfg.keeps_first_last_int8 or not sel.layers:
+        return {}
+    return {sel.layers[0].weight: "int8", sel.layers[-1].weight: "int8"}
 
 
 def _bias_fits(b: np.ndarray, bq: TensorQuant) -> bool:

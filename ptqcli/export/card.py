@@ -58,7 +58,7 @@ def _layer_rows(c: CardInputs) -> list[dict]:
             "node": layer.node,
             "op_type": layer.op_type,
             "params": int(_prod(params)),
-            "format": f"int{w.spec.bits}" if w else "float32",
+            "format": w.spec.label if w else "float32",
             "bits": w.spec.bits if w else 32,
             "granularity": "per-channel" if w and w.spec.axis is not None else "per-tensor",
             "symmetric": bool(w.spec.symmetric) if w else True,

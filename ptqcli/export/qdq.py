@@ -27,13 +27,14 @@ def onnx_int_type(spec: QuantSpec) -> int:
         (4, False): TensorProto.UINT4,
         (8, True): TensorProto.INT8,
         (8, False): TensorProto.UINT8,
+        (16, True): TensorProto.INT16,
         (32, True): TensorProto.INT32,
     }
     return table[(spec.storage_bits, spec.signed)]
 
 
 def _numpy_int_type(spec: QuantSpec):
-    return {4: np.int8, 8: np.int8, 32: np.int32}[spec.storage_bits] if spec.signed else np.uint8
+    return {4: np.int8, 8: np.int8, 16: np.int16, 32: np.int32}[spec.storage_bits] if spec.signed else np.uint8
 
 
 def _int_tensor(name: str, values: np.ndarray, spec: QuantSpec) -> TensorProto:
@@ -73,8 +74,9 @@ def _activation_qdq(name: str, tq: TensorQuant) -> tuple[list[TensorProto], list
 
 
 def required_opset(model: ModelProto, plan: Plan) -> int:
-    needs_int4 = any(t.spec.storage_bits == 4 for t in plan.tensors.values())
-    return max(default_opset(model), INT4_OPSET if needs_int4 else 13)
+    """int4 and int16 DequantizeLinear arrived in opset 21."""
+    needs_21 = any(t.spec.storage_bits in (4, 16) for t in plan.tensors.values())
+    return max(default_opset(model), INT4_OPSET if needs_21 else 13)
 
 
 def export_qdq(g: Graph, plan: Plan) -> ModelProto:

@@ -138,3 +138,18 @@ def test_sub_4_bit_weights_live_on_their_grid_in_int4_containers(tmp_path, tiny_
     assert set(np.unique(w)) <= set(range(-qmax, qmax + 1))
     assert w.min() == -qmax or w.max() == qmax  # the grid's ends are used
     assert np.all(np.isfinite(_run(q, np.ones((2, 3, 8, 8), np.float32))))
+
+
+@pytest.mark.parametrize("weights", ["binary", "ternary", "pow2:4", "exp:3"])
+def test_level_set_weights_export_and_run(tmp_path, tiny_cnn, tiny_data, weights):
+    q, _, plan = _quantize(tmp_path, tiny_cnn, tiny_data, weights=weights)
+    onnx.checker.check_model(q, full_check=True)
+    scheme = weights.split(":")[0]
+    # binary/ternary keep the first and last layer at int8 by default
+    expected = {"w1": "int", "w2": scheme, "w3": "int"} if scheme in ("binary", "ternary") else \
+        {"w1": scheme, "w2": scheme, "w3": scheme}
+    assert {w: plan.tensors[w].spec.scheme for w in ("w1", "w2", "w3")} == expected
+    codes = onnx.numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == "w2_quantized"))
+    assert len(np.unique(codes)) <= 2 ** plan.tensors["w2"].spec.bits
+    x = np.random.default_rng(9).normal(0, 1, (8, 3, 8, 8)).astype(np.float32)
+    assert np.all(np.isfinite(_run(q, x)))
