@@ -184,7 +184,7 @@ def allocate(run: RunArg,
              budget_bits: Annotated[Optional[float], typer.Option("--budget-bits", help="Average weight bits over the layers.")] = None,
              budget_bops: Annotated[Optional[float], typer.Option("--budget-bops", help="Bit-operations per sample.")] = None,
              max_damage: Annotated[Optional[float], typer.Option("--max-damage", help="Least size whose summed damage stays under this.")] = None,
-             weight_candidates: Annotated[str, typer.Option("--weight-candidates", help="Weight bit-widths to choose from.")] = "8,4,3,2",
+             weight_candidates: Annotated[str, typer.Option("--weight-candidates", help="Weight formats to choose from: bit-widths (8,4,3,2) or formats (int4, pow2:4, exp:3, ternary, binary).")] = "8,4,3,2",
              act_candidates: Annotated[str, typer.Option("--act-candidates", help="Activation bit-widths to choose from (8, 4).")] = "8",
              keep: Annotated[Optional[str], typer.Option("--keep", help="Pinned layers: first, last, node names, each =BITS (default 8).")] = None,
              samples: Annotated[int, typer.Option("--samples", help="Calibration samples for the sensitivity runs.")] = 64,
@@ -197,7 +197,8 @@ def allocate(run: RunArg,
     from .allocate.costs import parse_size
     from .allocate.stage import AllocationConfig, Budget, allocate as run_allocation, load_context
 
-    cfg = AllocationConfig(weight_bits=_ints(weight_candidates, "--weight-candidates"),
+    cfg = AllocationConfig(weight_formats=tuple(f"int{v}" if v.strip().isdigit() else v.strip()
+                                                for v in weight_candidates.split(",") if v.strip()),
                            act_bits=_ints(act_candidates, "--act-candidates"),
                            keep=_names(keep) or (), samples=samples, time_limit=time_limit)
     if pareto:

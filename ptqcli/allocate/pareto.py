@@ -54,14 +54,14 @@ def _measure(ctx: Context, choice: dict[str, str], eval_data: str | None, eval_s
 def sweep(ctx: Context, cfg: AllocationConfig, eval_data: str | None, eval_samples: int, points: int = 6,
           advance: Callable[[int], None] = lambda n: None) -> list[Point]:
     options = layer_options(ctx, cfg)
-    uniform_bits = [b for b in (8, 4, 3) if b in cfg.weight_bits]
+    uniform = [f for f in ("int8", "int4", "int3") if f in cfg.weight_formats]
     results: list[Point] = []
     budgets: list[float] = []
-    for bits in uniform_bits:
-        choice = {node: (opts[0].label if len(opts) == 1 else Candidate(bits, 8).label) for node, opts in options.items()}
+    for fmt in uniform:
+        choice = {node: (opts[0].label if len(opts) == 1 else Candidate(fmt, 8).label) for node, opts in options.items()}
         size, quality, metric = _measure(ctx, choice, eval_data, eval_samples)
         damage = _damage(ctx, cfg, choice)
-        results.append(Point("uniform", f"W{bits}", None, size, damage, quality, metric))
+        results.append(Point("uniform", fmt, None, size, damage, quality, metric))
         budgets.append(float(size))
         advance(1)
     low = min(budgets) * 0.8
@@ -87,7 +87,7 @@ def _damage(ctx: Context, cfg: AllocationConfig, choice: dict[str, str]) -> floa
 
 def sweep_size(cfg: AllocationConfig, points: int) -> int:
     """Evaluations a sweep makes, for the progress bar."""
-    uniform = len([b for b in (8, 4, 3) if b in cfg.weight_bits])
+    uniform = len([f for f in ("int8", "int4", "int3") if f in cfg.weight_formats])
     return uniform + 2 * (points + uniform)
 
 

@@ -18,8 +18,8 @@ from onnx import TensorProto, helper
 from ..calibrate.collect import Stats
 from ..calibrate.data import Batch
 from ..calibrate.observers import choose_range
-from ..calibrate.planner import activation_spec, weight_spec
-from ..config import QuantConfig
+from ..calibrate.planner import activation_spec, quantize_weight, weight_spec
+from ..config import QuantConfig, parse_weight_format
 from ..graph import Graph, clone
 from ..ops import channel_axis
 from ..plan import Plan
@@ -29,23 +29,31 @@ from ..runtime import session
 FAKE_QUANT_INPUTS = ("scale", "zero", "qmin", "qmax", "gate")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Candidate:
-    w_bits: int
+    """A weight format (int4, pow2:4, binary, ...) with an activation width."""
+
+    weights: str
     a_bits: int = 8
 
     @property
+    def w_bits(self) -> int:
+        return parse_weight_format(self.weights)[1]
+
+    @property
     def label(self) -> str:
-        return f"W{self.w_bits}A{self.a_bits}"
+        return f"{self.weights}/A{self.a_bits}"
 
     @staticmethod
     def parse(label: str) -> "Candidate":
-        w, a = label[1:].split("A")
-        return Candidate(int(w), int(a))
+        weights, _, a = label.rpartition("/A")
+        return Candidate(weights, int(a))
 
 
-def candidates(weight_bits: list[int], act_bits: list[int]) -> list[Candidate]:
-    return sorted({Candidate(w, a) for w in weight_bits for a in act_bits}, reverse=True)
+def candidates(weight_formats: list[str], act_bits: list[int]) -> list[Candidate]:
+    """Every combination, widest first."""
+    every = {Candidate(w, a) for w in weight_formats for a in act_bits}
+    return sorted(every, key=lambda c: (-c.w_bits, -c.a_bits, c.weights))
 
 
 def _fq_name(tensor: str, part: str) -> str:
@@ -102,14 +110,12 @@ def _gate_feeds(tensor: str, on: bool, scale=1.0, zero=0.0, qmin=0.0, qmax=255.0
     return {_fq_name(tensor, p): np.asarray(v, dtype=np.float32) for p, v in zip(FAKE_QUANT_INPUTS, values)}
 
 
-def fake_quant_weight(g: Graph, node_name: str, weight: str, bits: int, cfg: QuantConfig) -> np.ndarray:
+def fake_quant_weight(g: Graph, node_name: str, weight: str, fmt: str, cfg: QuantConfig) -> np.ndarray:
     w = g.constant(weight)
     axis = channel_axis(g.node_by_name[node_name]) % w.ndim if cfg.granularity.value == "channel" else None
-    spec = weight_spec(cfg, axis, bits)
-    from ..calibrate.planner import quantize_weight
-
-    tq = quantize_weight(w, spec, cfg.weight_method.value)
-    return dequantize(quantize(w, tq.scale, tq.zero_point, spec), tq.scale, tq.zero_point, spec)
+    scheme, bits = parse_weight_format(fmt)
+    tq = quantize_weight(w, weight_spec(cfg, axis, bits, scheme), cfg.weight_method.value)
+    return dequantize(quantize(w, tq.scale, tq.zero_point, tq.spec), tq.scale, tq.zero_point, tq.spec)
 
 
 def _act_gate(tensor: str, bits: int, stats: Stats, cfg: QuantConfig) -> dict[str, np.ndarray]:
@@ -146,7 +152,7 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
         row = {}
         for option in options:
             feeds = {**float_weights, **closed,
-                     layer.weight: fake_quant_weight(g, layer.node, layer.weight, option.w_bits, cfg)}
+                     layer.weight: fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg)}
             if option.a_bits != 8 and layer.activation in gated:
                 feeds.update(_act_gate(layer.activation, option.a_bits, stats, cfg))
             total = sum(output_damage(ref, sess.run([output], {**b.feeds, **feeds})[0])

@@ -18,7 +18,7 @@ from ..calibrate.collect import load_stats
 from ..calibrate.data import iter_batches, model_inputs
 from ..calibrate.planner import build_plan
 from ..calibrate.select import Selection
-from ..config import DataConfig, QuantConfig, from_mapping
+from ..config import DataConfig, QuantConfig, from_mapping, parse_weight_format
 from ..errors import PtqError
 from ..graph import Graph
 from ..plan import Plan
@@ -40,16 +40,17 @@ class Budget:
 
 @dataclass(frozen=True)
 class AllocationConfig:
-    weight_bits: tuple[int, ...] = (8, 4, 3, 2)
+    weight_formats: tuple[str, ...] = ("int8", "int4", "int3", "int2")
     act_bits: tuple[int, ...] = (8,)
     keep: tuple[str, ...] = ()
     samples: int = 64
     time_limit: float | None = None
 
     def __post_init__(self) -> None:
-        bad = [b for b in self.weight_bits if not 2 <= b <= 8]
-        if bad or not self.weight_bits:
-            raise PtqError(f"weight candidates must be bit-widths from 2 to 8 (got {list(self.weight_bits)})")
+        if not self.weight_formats:
+            raise PtqError("give at least one weight candidate")
+        for fmt in self.weight_formats:
+            parse_weight_format(fmt)
         if any(b not in (4, 8) for b in self.act_bits) or not self.act_bits:
             raise PtqError(f"activation candidates must be 8 and/or 4 (got {list(self.act_bits)})")
         if self.samples < 1:
@@ -100,11 +101,11 @@ def parse_keep(entries: tuple[str, ...], layers: list[str]) -> dict[str, int]:
 
 def layer_options(ctx: Context, cfg: AllocationConfig) -> dict[str, list[Candidate]]:
     pins = parse_keep(cfg.keep, [layer.node for layer in ctx.base.layers])
-    every = candidates(list(cfg.weight_bits), list(cfg.act_bits))
+    every = candidates(list(cfg.weight_formats), list(cfg.act_bits))
     options = {}
     for layer in ctx.base.layers:
         if layer.node in pins:
-            options[layer.node] = [Candidate(pins[layer.node], 8)]
+            options[layer.node] = [Candidate(f"int{pins[layer.node]}", 8)]
         else:
             options[layer.node] = every
     return options
@@ -113,7 +114,7 @@ def layer_options(ctx: Context, cfg: AllocationConfig) -> dict[str, list[Candida
 def damage_table(ctx: Context, options: dict[str, list[Candidate]], cfg: AllocationConfig,
                  progress: Progress = silent) -> dict[str, dict[str, float]]:
     """Measured damage per (layer, option), read from the cache when it already holds them."""
-    wanted = sorted({c for opts in options.values() for c in opts}, reverse=True)
+    wanted = sorted({c for opts in options.values() for c in opts}, key=lambda c: (-c.w_bits, -c.a_bits, c.weights))
     key = {"candidates": [c.label for c in wanted], "samples": cfg.samples}
     cache = ctx.run / SENSITIVITY
     if cache.is_file():
@@ -153,7 +154,7 @@ def solve(ctx: Context, budget: Budget, cfg: AllocationConfig, progress: Progres
 def plan_for(ctx: Context, choice: dict[str, str], extra: dict | None = None) -> Plan:
     """The base plan re-derived with each layer's chosen weight and activation widths."""
     by_node = {layer.node: layer for layer in ctx.base.layers}
-    weight_formats = {by_node[node].weight: f"int{Candidate.parse(label).w_bits}" for node, label in choice.items()}
+    weight_formats = {by_node[node].weight: Candidate.parse(label).weights for node, label in choice.items()}
     act_bits: dict[str, int] = {}
     for node, label in choice.items():
         tensor = by_node[node].activation

@@ -36,7 +36,7 @@ def test_budget_bits_with_pinned_first_and_last(run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "optimal" in r.stdout
     allocation = json.loads((run / "allocation.json").read_text())
-    bits = {row["node"]: int(row["option"][1]) for row in allocation["layers"]}
+    bits = {row["node"]: int(row["option"].split("/")[0][3:]) for row in allocation["layers"]}
     assert bits["conv1"] == 8 and bits["fc2"] == 8
     params = {row["node"]: row["params"] for row in allocation["layers"]}
     assert sum(bits[n] * params[n] for n in bits) <= 4 * sum(params.values())
@@ -53,7 +53,7 @@ def test_size_budget_and_reallocation_start_from_the_base_plan(run):
     assert first["cost"] <= 20_000
     assert ptq("allocate", run, "--budget", "40kB").returncode == 0
     second = json.loads((run / "allocation.json").read_text())
-    assert all(row["option"] == "W8A8" for row in second["layers"])  # everything fits at 8 bits
+    assert all(row["option"] == "int8/A8" for row in second["layers"])  # everything fits at 8 bits
 
 
 def test_infeasible_budget_names_the_smallest_feasible(run):
@@ -69,7 +69,7 @@ def test_exactly_one_budget(run):
 def test_ilp_beats_uniform_w4_and_greedy_at_the_w4_size(run):
     """Measured after export on the labelled test slice, not on the proxy."""
     points = sweep(load_context(run), AllocationConfig(), str(TEST), 2000, points=4)
-    w4 = next(p for p in points if p.method == "uniform" and p.label == "W4")
+    w4 = next(p for p in points if p.method == "uniform" and p.label == "int4")
     ilp, greedy = best_at(points, w4.size_bytes, "ilp"), best_at(points, w4.size_bytes, "greedy")
     assert ilp.quality > w4.quality + 1.0
     assert ilp.quality >= greedy.quality
@@ -81,3 +81,11 @@ def test_pareto_writes_csv_and_png(run):
     rows = list(csv.DictReader((run / "pareto.csv").open()))
     assert {row["method"] for row in rows} == {"ilp", "greedy", "uniform"}
     assert (run / "pareto.png").stat().st_size > 3000
+
+
+def test_level_set_formats_join_the_candidates(run):
+    r = ptq("allocate", run, "--budget-bits", 4, "--weight-candidates", "int8,int4,pow2:4,exp:3,ternary")
+    assert r.returncode == 0, r.stderr
+    damage = json.loads((run / "sensitivity.json").read_text())["damage"]
+    assert set(damage["conv2"]) == {"int8/A8", "int4/A8", "pow2:4/A8", "exp:3/A8", "ternary/A8"}
+    assert damage["conv2"]["int8/A8"] < damage["conv2"]["ternary/A8"]

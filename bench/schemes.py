@@ -1,0 +1,88 @@
+"""Weight formats side by side: accuracy or fidelity against weight size, on the embedded model
+(labelled Fashion-MNIST test slice) and EfficientNet-Lite0 (held-out ImageNet crops).
+
+Activations stay uint8 (A8); binary and ternary keep their first and last layers at int8.
+
+    python bench/schemes.py [--models embedded,efficientnet] [--eval-samples 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ptqcli import stages  # noqa: E402
+from ptqcli.config import DataConfig, QuantConfig  # noqa: E402
+
+FORMATS = ["int8", "int4", "int3", "pow2:4", "exp:3", "ternary", "binary"]
+ASSETS = Path(__file__).resolve().parents[1] / "ptqcli" / "assets"
+
+
+def model_sets(names: list[str]) -> dict[str, tuple[Path, Path, Path]]:
+    sets = {}
+    if "embedded" in names:
+        sets["embedded"] = (ASSETS / "fashion_cnn.onnx", ASSETS / "fashion_calib.npz", ASSETS / "fashion_test.npz")
+    if "efficientnet" in names:
+        from models import DEFAULT_CACHE_DIR, export_efficientnet_lite0, write_npz_sets
+
+        export_efficientnet_lite0(DEFAULT_CACHE_DIR)
+        data = write_npz_sets(DEFAULT_CACHE_DIR)
+        sets["efficientnet"] = (DEFAULT_CACHE_DIR / "efficientnet_lite0.onnx", data["calib_256"], data["eval_500"])
+    return sets
+
+
+def run(model: Path, calib: Path, evaluation: Path, weights: str, samples: int, eval_samples: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        stages.calibrate(model, QuantConfig(weights=weights), DataConfig(path=str(calib), num_samples=samples),
+                         Path(tmp) / "run")
+        _, fidelity = stages.export(Path(tmp) / "run", Path(tmp) / "q.onnx", str(evaluation), eval_samples)
+        elapsed = time.perf_counter() - start
+        import json
+
+        card = json.loads((Path(tmp) / "q.card.json").read_text())
+    out = next(iter(fidelity.outputs.values()))
+    return {"acc": fidelity.accuracy.get("quantized"), "float": fidelity.accuracy.get("float"),
+            "agree": out.get("top1_agreement"), "kl": out.get("kl"), "bytes": card["results"]["size"]["quantized_bytes"],
+            "kernels": ", ".join(fidelity.integer_kernels) or "DequantizeLinear + float", "s": elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="embedded,efficientnet")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--eval-samples", type=int, default=500)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "schemes.md")
+    args = parser.parse_args()
+    lines = [f"# Weight formats (A8 activations), nearest rounding", ""]
+    for name, (model, calib, evaluation) in model_sets(args.models.split(",")).items():
+        table = Table(title=f"{name}: {model.name}")
+        cols = ("weights", "top-1 %", "top-1 agreement %", "KL", "weight bytes", "ORT integer kernels")
+        for col in cols:
+            table.add_column(col, justify="left" if col in ("weights", "ORT integer kernels") else "right")
+        rows = []
+        for weights in FORMATS:
+            r = run(model, calib, evaluation, weights, args.samples, args.eval_samples)
+            row = (weights, f"{100 * r['acc']:.2f}" if r["acc"] is not None else "-", f"{100 * r['agree']:.2f}",
+                   f"{r['kl']:.4f}", f"{r['bytes']:,}", r["kernels"])
+            rows.append(row)
+            table.add_row(*row)
+        table.caption = f"float top-1 {100 * r['float']:.2f}%" if r["float"] is not None else None
+        Console().print(table)
+        lines += [f"## {name} ({model.name}); {table.caption or ''}", "", "| " + " | ".join(cols) + " |",
+                  "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
