@@ -393,9 +393,14 @@ def provenance() -> str:
     import importlib.util
 
     origin = Path(importlib.util.find_spec("ptqcli").origin).parent
-    commit = subprocess.run(["git", "-C", str(origin), "log", "-1", "--format=%h", "--", "."],
-                            capture_output=True, text=True).stdout.strip()
-    ptq = f"ptqcli {importlib.metadata.version('ptqcli')} from {origin}" + (f" (commit {commit})" if commit else "")
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(origin), *cmd], capture_output=True, text=True).stdout.strip()
+
+    ptq = f"ptqcli {importlib.metadata.version('ptqcli')} from {origin}"
+    commit = git("log", "-1", "--format=%h", "--", ".")
+    if commit:
+        # Timings belong to a code state; an edited checkout is not the commit.
+        ptq += f" (commit {commit}{', with uncommitted changes' if git('status', '--porcelain', '--', '.') else ''})"
     return f"{ptq}; onnxruntime {importlib.metadata.version('onnxruntime')}"
 
 
