@@ -104,6 +104,8 @@ class QuantConfig:
     # Binary/ternary networks keep their first and last layers at int8 (the usual practice);
     # None means: do so for binary and ternary weights only.
     first_last_int8: bool | None = None
+    # Remove the output mean shift weight quantization causes; None: on below 8-bit integers.
+    bias_correction: bool | None = None
     acts: ActFormat = ActFormat.uint8
     granularity: Granularity = Granularity.channel
     act_symmetric: bool = False
@@ -139,6 +141,12 @@ class QuantConfig:
     @property
     def weight_scheme(self) -> str:
         return parse_weight_format(self.weights)[0]
+
+    @property
+    def corrects_bias(self) -> bool:
+        if self.bias_correction is None:
+            return self.weight_scheme != "int" or self.weight_bits < 8
+        return self.bias_correction
 
     @property
     def keeps_first_last_int8(self) -> bool:

@@ -39,6 +39,10 @@ class OpInfo:
     preserves_scale: bool = False
     # Multiply-accumulates are counted per input element (ConvTranspose) rather than per output.
     macs_per_input: bool = False
+    # Which weight axis runs over input channels, and which axis of the activation input holds
+    # them: together they turn a weight error into the output mean shift bias correction removes.
+    weight_in_axis: Callable[[NodeProto], int] | None = None
+    act_channel_axis: Callable[[NodeProto], int] | None = None
 
 
 def _gemm_axis(node: NodeProto) -> int:
@@ -46,11 +50,15 @@ def _gemm_axis(node: NodeProto) -> int:
 
 
 _COMPUTE = {
-    "Conv": OpInfo(weight_input=1, bias_input=2, folds_batchnorm=True),
+    "Conv": OpInfo(weight_input=1, bias_input=2, folds_batchnorm=True,
+                   weight_in_axis=lambda node: 1, act_channel_axis=lambda node: 1),
     "ConvTranspose": OpInfo(weight_input=1, bias_input=2, channel_axis=lambda node: 1, macs_per_input=True),
-    "Gemm": OpInfo(weight_input=1, bias_input=2, channel_axis=_gemm_axis, folds_batchnorm=True),
+    "Gemm": OpInfo(weight_input=1, bias_input=2, channel_axis=_gemm_axis, folds_batchnorm=True,
+                   weight_in_axis=lambda node: 1 - _gemm_axis(node),
+                   act_channel_axis=lambda node: 0 if _attr(node, "transA", 0) else 1),
     # MatMul's weight is input 1 when it is a constant [K, N]; two activations otherwise.
-    "MatMul": OpInfo(act_inputs=(0, 1), weight_input=1, channel_axis=lambda node: -1),
+    "MatMul": OpInfo(act_inputs=(0, 1), weight_input=1, channel_axis=lambda node: -1,
+                     weight_in_axis=lambda node: 0, act_channel_axis=lambda node: -1),
 }
 
 _ELEMENTWISE = {
@@ -131,6 +139,10 @@ def preserves_scale(node: NodeProto) -> bool:
         return True
     info = op_info(node.op_type, node.domain)
     return info is not None and info.preserves_scale
+
+
+def groups(node: NodeProto) -> int:
+    return _attr(node, "group", 1)
 
 
 def is_fusable_activation(node: NodeProto) -> bool:

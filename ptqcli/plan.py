@@ -30,6 +30,8 @@ class TensorQuant:
     zero_point: np.ndarray
     # Where the range came from (observer name and the float range it chose), for the card.
     source: dict = field(default_factory=dict)
+    # The float values to quantize instead of the model's own (a bias after bias correction).
+    value: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -44,17 +46,20 @@ class TensorQuant:
             "scale_shape": list(np.shape(self.scale)),
             "zero_point": np.asarray(self.zero_point).ravel().astype(int).tolist(),
             "source": self.source,
+            **({} if self.value is None else {"value": np.asarray(self.value, dtype=np.float32).astype(float).tolist()}),
         }
 
     @staticmethod
     def from_dict(d: dict) -> "TensorQuant":
         shape = tuple(d.get("scale_shape", []))
+        value = None if d.get("value") is None else np.asarray(d["value"], dtype=np.float32)
         return TensorQuant(
             role=d["role"],
             spec=QuantSpec.from_dict(d["spec"]),
             scale=np.asarray(d["scale"], dtype=np.float32).reshape(shape),
             zero_point=np.asarray(d["zero_point"], dtype=np.int64).reshape(shape),
             source=dict(d.get("source", {})),
+            value=value,
         )
 
 

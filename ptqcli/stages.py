@@ -25,6 +25,7 @@ from .graph import Graph, file_sha256, load_model, save_model
 from .plan import Plan
 from .prepare import prepare
 from . import rundir
+from .ops import op_info
 from .runtime import optimized_op_counts
 
 # A progress reporter: given a description and a total (None if unknown), a context that yields
@@ -58,7 +59,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     with progress("calibrating", total) as advance:
         batches = iter_batches(data.path, inputs, data, limit=data.num_samples)
         stats, seen = collect(g, sel.activations, batches, quant.bins, advance,
-                              histograms=quant.method.value != "minmax")
+                              histograms=quant.method.value != "minmax", channel_axes=layer_input_axes(g, sel))
     if seen == 0:
         raise PtqError(f"no calibration samples could be read from {data.path}")
     extra = {"data": to_jsonable(data), "samples_seen": seen, "reduce_range_choice": chose}
@@ -73,6 +74,17 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         "samples_seen": seen,
     })
     return plan
+
+
+def layer_input_axes(g: Graph, sel) -> dict[str, int]:
+    """The channel axis of each quantized layer's input, whose per-channel means bias correction uses."""
+    axes = {}
+    for layer in sel.layers:
+        node = g.node_by_name[layer.node]
+        info = op_info(node.op_type, node.domain)
+        if layer.activation and info is not None and info.act_channel_axis is not None:
+            axes[layer.activation] = info.act_channel_axis(node)
+    return axes
 
 
 def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = None, eval_samples: int = 1000,

@@ -17,13 +17,18 @@ Stats = dict[str, Histogram]
 
 
 def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
-            advance: Callable[[int], None] = lambda n: None, histograms: bool = True) -> tuple[Stats, int]:
+            advance: Callable[[int], None] = lambda n: None, histograms: bool = True,
+            channel_axes: dict[str, int] | None = None) -> tuple[Stats, int]:
     """Histograms for `tensors` over all batches; returns them and the number of samples seen.
 
     The augmented session emits every requested tensor per run; each is folded into its
     histogram and dropped, so memory holds the activations of two batches at most.
     `histograms=False` keeps only min/max, for methods that need nothing more.
+    `channel_axes` asks for per-channel means too ({tensor: channel axis}); such tensors are
+    observed even when they are not in `tensors`.
     """
+    channel_axes = channel_axes or {}
+    tensors = list(tensors) + [t for t in channel_axes if t not in tensors]
     stats = {name: Histogram.empty(bins) for name in tensors}
     sess = session(with_outputs(g.model, tensors)) if tensors else None
 
@@ -49,6 +54,8 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
             future = pool.submit(run, following) if following is not None else None
             for name, value in zip(tensors, values):
                 stats[name].update(value, counts=histograms)
+                if name in channel_axes:
+                    stats[name].update_channels(value, channel_axes[name])
             del values
             n = _batch_len(batch)
             seen += n
@@ -74,4 +81,7 @@ def save_stats(stats: Stats) -> dict[str, np.ndarray]:
 
 def load_stats(arrays) -> Stats:
     names = [str(n) for n in arrays["names"]]
-    return {name: Histogram.from_arrays(arrays[f"{i}_counts"], arrays[f"{i}_meta"]) for i, name in enumerate(names)}
+    files = set(arrays.files) if hasattr(arrays, "files") else set(arrays)
+    return {name: Histogram.from_arrays(arrays[f"{i}_counts"], arrays[f"{i}_meta"],
+                                        arrays[f"{i}_chsum"] if f"{i}_chsum" in files else None)
+            for i, name in enumerate(names)}

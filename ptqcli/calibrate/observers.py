@@ -25,6 +25,21 @@ class Histogram:
     # Exact zeros (ReLU, padding) are tracked apart: zero is always exactly representable, so
     # their spike must not sway range choices that compare distributions.
     zeros: int = 0
+    # Per-channel sums of the values (bias correction needs each layer input's channel means).
+    channel_sum: np.ndarray | None = None
+    channel_n: int = 0
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        return None if self.channel_sum is None or self.channel_n == 0 else self.channel_sum / self.channel_n
+
+    def update_channels(self, x: np.ndarray, axis: int) -> None:
+        x = np.asarray(x)
+        axis = axis % x.ndim
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        sums = x.sum(axis=others, dtype=np.float64)
+        self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
+        self.channel_n += x.size // x.shape[axis]
 
     @staticmethod
     def empty(bins: int) -> "Histogram":
@@ -82,13 +97,17 @@ class Histogram:
         self.bound *= 2.0
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        meta = np.array([self.bound, self.lo, self.hi, self.zeros], dtype=np.float64)
-        return {"counts": self.counts, "meta": meta}
+        meta = np.array([self.bound, self.lo, self.hi, self.zeros, self.channel_n], dtype=np.float64)
+        arrays = {"counts": self.counts, "meta": meta}
+        if self.channel_sum is not None:
+            arrays["chsum"] = self.channel_sum
+        return arrays
 
     @staticmethod
-    def from_arrays(counts: np.ndarray, meta: np.ndarray) -> "Histogram":
+    def from_arrays(counts: np.ndarray, meta: np.ndarray, chsum: np.ndarray | None = None) -> "Histogram":
+        channel_n = int(meta[4]) if len(meta) > 4 else 0
         return Histogram(len(counts), counts.astype(np.int64), float(meta[0]), float(meta[1]), float(meta[2]),
-                         int(meta[3]))
+                         int(meta[3]), chsum, channel_n)
 
     def nonzero_counts(self) -> np.ndarray:
         """Counts with the exact zeros taken out of the bin that holds zero."""

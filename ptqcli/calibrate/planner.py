@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
+from .. import schemes
 from ..config import QuantConfig, parse_weight_format, to_jsonable
 from ..graph import Graph
 from ..ops import channel_axis, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
-from .. import schemes
 from ..spec import QuantSpec
+from .bias_correction import output_shift
 from .collect import Stats
 from .observers import choose_range
 from .select import Selection
@@ -154,10 +157,31 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
         b = g.constant(layer.bias)
         weights[layer.weight] = widen_for_bias(weights[layer.weight], g.constant(layer.weight), b, acts[layer.activation])
         bq = bias_quant(layer, acts, weights)
-        if bq is not None and _bias_fits(b, bq):
+        if bq is None:
+            continue
+        if cfg.corrects_bias:
+            bq = corrected_bias(g, layer, weights[layer.weight], stats, bq, b)
+        if _bias_fits(b if bq.value is None else bq.value, bq):
             biases[layer.bias] = bq
     config = {"quant": to_jsonable(cfg), "prepare": dict(g.facts), **(extra_config or {})}
     return Plan({**acts, **weights, **biases}, sel.layers, sel.float_nodes, config, list(g.notes))
+
+
+def corrected_bias(g: Graph, layer: Layer, wq: TensorQuant, stats: Stats, bq: TensorQuant,
+                   b: np.ndarray) -> TensorQuant:
+    """The bias quantizer, carrying b + (W - Q(W)) E[x] when the input's channel means are known."""
+    h = stats.get(layer.activation) if layer.activation else None
+    mean = h.channel_mean if h is not None else None
+    if mean is None:
+        return bq
+    w = g.constant(layer.weight)
+    shift = output_shift(g.node_by_name[layer.node], w,
+                         dequantize(quantize(w, wq.scale, wq.zero_point, wq.spec), wq.scale, wq.zero_point, wq.spec),
+                         mean)
+    if shift is None or shift.shape != b.shape:
+        return bq
+    return replace(bq, value=(b.astype(np.float64) + shift).astype(np.float32),
+                   source={**bq.source, "bias_correction": True})
 
 
 def _first_last_formats(sel: Selection, cfg: QuantConfig) -> dict[str, str]:

@@ -92,7 +92,8 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
         if tq.role in ("weight", "bias"):
             if name not in initializers:
                 raise PtqError(f"plan names weight '{name}', which the model does not have")
-            inits, dq = _constant_qdq(name, tq, numpy_helper.to_array(initializers.pop(name)))
+            original = numpy_helper.to_array(initializers.pop(name))
+            inits, dq = _constant_qdq(name, tq, original if tq.value is None else tq.value.reshape(original.shape))
             new_inits += inits
             head.append(dq)
         else:

@@ -44,3 +44,17 @@ def test_w4a8_runs_and_reports_its_kernel_path(tmp_path):
     # int4 weights have no integer conv kernel in ORT: they run dequantized, and the report says so.
     assert "QLinearConv" not in fidelity.integer_kernels
     assert fidelity.accuracy["quantized"] > 0.80
+
+
+def test_bias_correction_recovers_low_bit_accuracy(tmp_path):
+    """W3A8 on the labelled slice: bias correction (on by default below 8 bits) must help a lot."""
+    results = {}
+    for corrected in (False, True):
+        run = tmp_path / f"run{corrected}"
+        stages.calibrate(ASSETS / "fashion_cnn.onnx", QuantConfig(weights="int3", bias_correction=corrected),
+                         DataConfig(path=str(ASSETS / "fashion_calib.npz"), num_samples=256), run)
+        _, f = stages.export(run, tmp_path / f"q{corrected}.onnx", eval_data=str(ASSETS / "fashion_test.npz"),
+                             eval_samples=2000)
+        results[corrected] = f.accuracy["quantized"]
+    assert results[True] > results[False] + 0.05
+    assert QuantConfig(weights="int3").corrects_bias and not QuantConfig(weights="int8").corrects_bias
