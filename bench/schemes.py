@@ -39,11 +39,12 @@ def model_sets(names: list[str]) -> dict[str, tuple[Path, Path, Path]]:
     return sets
 
 
-def run(model: Path, calib: Path, evaluation: Path, weights: str, samples: int, eval_samples: int) -> dict:
+def run(model: Path, calib: Path, evaluation: Path, weights: str, samples: int, eval_samples: int,
+        bias_correction: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        stages.calibrate(model, QuantConfig(weights=weights), DataConfig(path=str(calib), num_samples=samples),
-                         Path(tmp) / "run")
+        stages.calibrate(model, QuantConfig(weights=weights, bias_correction=bias_correction),
+                         DataConfig(path=str(calib), num_samples=samples), Path(tmp) / "run")
         _, fidelity = stages.export(Path(tmp) / "run", Path(tmp) / "q.onnx", str(evaluation), eval_samples)
         elapsed = time.perf_counter() - start
         import json
@@ -62,19 +63,21 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "schemes.md")
     args = parser.parse_args()
-    lines = [f"# Weight formats (A8 activations), nearest rounding", ""]
+    lines = ["# Weight formats (A8 activations): nearest rounding, with and without bias correction", ""]
     for name, (model, calib, evaluation) in model_sets(args.models.split(",")).items():
         table = Table(title=f"{name}: {model.name}")
-        cols = ("weights", "top-1 %", "top-1 agreement %", "KL", "weight bytes", "ORT integer kernels")
+        cols = ("weights", "rounding", "top-1 %", "top-1 agreement %", "KL", "weight bytes", "ORT integer kernels")
         for col in cols:
-            table.add_column(col, justify="left" if col in ("weights", "ORT integer kernels") else "right")
+            table.add_column(col, justify="left" if col in ("weights", "rounding", "ORT integer kernels") else "right")
         rows = []
         for weights in FORMATS:
-            r = run(model, calib, evaluation, weights, args.samples, args.eval_samples)
-            row = (weights, f"{100 * r['acc']:.2f}" if r["acc"] is not None else "-", f"{100 * r['agree']:.2f}",
-                   f"{r['kl']:.4f}", f"{r['bytes']:,}", r["kernels"])
-            rows.append(row)
-            table.add_row(*row)
+            for corrected in (False, True):
+                r = run(model, calib, evaluation, weights, args.samples, args.eval_samples, corrected)
+                row = (weights, "nearest + bias corr." if corrected else "nearest",
+                       f"{100 * r['acc']:.2f}" if r["acc"] is not None else "-", f"{100 * r['agree']:.2f}",
+                       f"{r['kl']:.4f}", f"{r['bytes']:,}", r["kernels"])
+                rows.append(row)
+                table.add_row(*row)
         table.caption = f"float top-1 {100 * r['float']:.2f}%" if r["float"] is not None else None
         Console().print(table)
         lines += [f"## {name} ({model.name}); {table.caption or ''}", "", "| " + " | ".join(cols) + " |",
