@@ -213,25 +213,24 @@ def load_recipe(path: str | None) -> dict[str, dict]:
         from .export.card import read_card
 
         return {k: dict(v) for k, v in read_card(p)["recipe"].items()}
-    try:
-        doc = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise PtqError(f"recipe {p} is not valid TOML: {exc}") from None
+    doc = read_toml(p, "recipe")
     unknown = sorted(set(doc) - {"quant", "data"})
     if unknown:
         raise PtqError(f"recipe {p}: unknown table(s) {', '.join(unknown)} (known: quant, data)")
     return {k: dict(v) for k, v in doc.items()}
 
 
-def load_toml_table(path: str, table: str) -> dict:
-    p = Path(path)
+def read_toml(p: Path, what: str) -> dict:
     if not p.is_file():
-        raise PtqError(f"file not found: {p}")
+        raise PtqError(f"{what} file not found: {p}")
     try:
-        doc = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise PtqError(f"{p} is not valid TOML: {exc}") from None
-    return dict(doc.get(table, {}))
+        raise PtqError(f"{what} {p} is not valid TOML: {exc}") from None
+
+
+def load_toml_table(path: str, table: str) -> dict:
+    return dict(read_toml(Path(path), "limits").get(table, {}))
 
 
 def merge(cls, recipe_section: dict, overrides: dict, where: str):

@@ -53,7 +53,9 @@ def _identity_forward(inputs, attrs, wants):
 
 def _dropout_forward(inputs, attrs, wants):
     # Inference: every element kept. The mask is a broadcast view, free unless someone reads it.
-    x = inputs[0]
+    x, training = inputs[0], slot(inputs, 2)
+    if training is not None and bool(np.ravel(training)[0]):
+        raise unsupported("Dropout", "training_mode=true")
     return (x, np.broadcast_to(np.True_, x.shape)), x.shape
 
 
