@@ -1,8 +1,8 @@
 """Conv and ConvTranspose over any number of spatial axes, as grouped matrix products.
 
-Both ops reduce to one layout: ``patches`` of shape (groups, N * windows, channels_per_group *
-taps), built by im2col, multiplied by the weight as a (groups, ...) batch of matrices so BLAS does
-the work. ConvTranspose is the adjoint of a Conv, so its forward is Conv's data cotangent and its
+Both ops reduce to one layout: ``patches`` of shape (groups, channels_per_group * taps,
+N * windows), built by im2col and multiplied by the weight as a (groups, ...) batch of matrices,
+so BLAS does the work. ConvTranspose is the adjoint of a Conv, so its forward is Conv's data cotangent and its
 data cotangent is Conv's forward, both sharing :func:`_patches` and :func:`_patches_adjoint`.
 """
 
@@ -28,29 +28,30 @@ class _ConvCtx:
 
 
 def _grouped(t: np.ndarray, groups: int) -> np.ndarray:
-    """(N, C, *spatial) -> (groups, N * positions, C / groups): channels last, per group."""
+    """(N, C, *spatial) -> (groups, C / groups, N * positions)."""
     n, c = t.shape[:2]
     positions = math.prod(t.shape[2:])
-    return t.reshape(n, groups, c // groups, positions).transpose(1, 0, 3, 2).reshape(groups, n * positions, -1)
+    return t.reshape(n, groups, c // groups, positions).transpose(1, 2, 0, 3).reshape(groups, c // groups, -1)
 
 
 def _ungrouped(m: np.ndarray, n: int, spatial: tuple[int, ...]) -> np.ndarray:
-    """Inverse of :func:`_grouped`: (groups, N * positions, C / groups) -> (N, C, *spatial)."""
-    groups, _, per_group = m.shape
-    positions = math.prod(spatial)
-    y = m.reshape(groups, n, positions, per_group).transpose(1, 0, 3, 2)
+    """Inverse of :func:`_grouped`: (groups, C / groups, N * positions) -> (N, C, *spatial)."""
+    groups, per_group, _ = m.shape
+    y = m.reshape(groups, per_group, n, -1).transpose(2, 0, 1, 3)
     return y.reshape((n, groups * per_group) + tuple(spatial))
 
 
 def _patches(xp: np.ndarray, win: Window, groups: int) -> np.ndarray:
-    """im2col of the padded input as (groups, N * windows, C / groups * taps), one copy."""
+    """im2col of the padded input as (groups, C / groups * taps, N * windows), one copy.
+
+    Windows run along the last axis so the copy reads the input's rows contiguously.
+    """
     nd = len(win.kernel)
     n, c = xp.shape[:2]
     cols = im2col(xp, win)  # (N, C, *out, *kernel), a view
     cols = cols.reshape((n, groups, c // groups) + cols.shape[2:])
-    # Group first, then one row per (sample, window), then the (channel, tap) reduction axis.
-    order = (1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
-    return cols.transpose(order).reshape(groups, n * math.prod(win.out), -1)
+    order = (1, 2, *range(3 + nd, 3 + 2 * nd), 0, *range(3, 3 + nd))
+    return cols.transpose(order).reshape(groups, -1, n * math.prod(win.out))
 
 
 def _patches_adjoint(patches: np.ndarray, shape: tuple[int, ...], win: Window, groups: int) -> np.ndarray:
@@ -58,8 +59,8 @@ def _patches_adjoint(patches: np.ndarray, shape: tuple[int, ...], win: Window, g
     tensor of ``shape`` (N, C, *spatial)."""
     nd = len(win.kernel)
     n, c = shape[:2]
-    cols = patches.reshape((groups, n) + win.out + (c // groups,) + win.kernel)
-    order = (1, 0, 2 + nd, *range(2, 2 + nd), *range(3 + nd, 3 + 2 * nd))
+    cols = patches.reshape((groups, c // groups) + win.kernel + (n,) + win.out)
+    order = (2 + nd, 0, 1, *range(3 + nd, 3 + 2 * nd), *range(2, 2 + nd))
     full = col2im(cols.transpose(order), win.padded(shape[2:]), win)  # (N, G, C/G, *padded)
     return crop_spatial(full.reshape((n, c) + full.shape[3:]), win.begin, win.end)
 
@@ -79,7 +80,7 @@ def _conv_forward(inputs, attrs, wants):
     groups = int(attrs.get("group", 1))
     win = conv_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w.shape[2:])
     patches = _patches(pad_spatial(x, win.begin, win.end), win, groups)
-    y = _ungrouped(patches @ _weight_rows(w, groups).transpose(0, 2, 1), x.shape[0], win.out)
+    y = _ungrouped(_weight_rows(w, groups) @ patches, x.shape[0], win.out)
     if b is not None:
         y += channel_view(b, y.ndim)
     ctx = _ConvCtx(x if wanted(wants, 1) else None, w if wanted(wants, 0) else None,
@@ -88,13 +89,14 @@ def _conv_forward(inputs, attrs, wants):
 
 
 def _conv_vjp(ctx: _ConvCtx, g, wants):
-    gm = _grouped(g, ctx.groups)  # (G, N * windows, M / G)
+    gm = _grouped(g, ctx.groups)  # (G, M / G, N * windows)
     dx = dw = db = None
     if wanted(wants, 0):
-        dx = _patches_adjoint(gm @ _weight_rows(ctx.w, ctx.groups), ctx.x_shape, ctx.win, ctx.groups)
+        rows = _weight_rows(ctx.w, ctx.groups)
+        dx = _patches_adjoint(rows.transpose(0, 2, 1) @ gm, ctx.x_shape, ctx.win, ctx.groups)
     if wanted(wants, 1):
         patches = _patches(pad_spatial(ctx.x, ctx.win.begin, ctx.win.end), ctx.win, ctx.groups)
-        dw = (gm.transpose(0, 2, 1) @ patches).reshape(ctx.w_shape)
+        dw = (gm @ patches.transpose(0, 2, 1)).reshape(ctx.w_shape)
     if wanted(wants, 2):
         db = _bias_cotangent(g)
     return dx, dw, db
@@ -128,26 +130,24 @@ def _transpose_pads(attrs, full: list[int], sizes, strides) -> tuple[tuple[int, 
     return tuple(begin), tuple(t - b for t, b in zip(total, begin))
 
 
-def _transpose_window(attrs, sizes, kernel) -> Window:
-    """ConvTranspose as the adjoint of a Conv whose windows are the input positions."""
+def _transpose_window(attrs, sizes, kernel) -> tuple[Window, tuple[int, ...]]:
+    """ConvTranspose as the adjoint of a Conv whose windows are the input positions; and the
+    output's spatial sizes (the full result, extended by output_padding, minus the cut pads)."""
     nd = len(sizes)
     kernel = tuple(kernel)
     strides, dilations = spatial_attrs(attrs, nd)
     extra = tuple(attrs.get("output_padding") or (0,) * nd)
     full = [s * (n - 1) + e + (k - 1) * d + 1 for n, s, e, k, d in zip(sizes, strides, extra, kernel, dilations)]
     begin, end = _transpose_pads(attrs, full, sizes, strides)
-    return Window(kernel, strides, dilations, begin, end, tuple(sizes))
+    out = tuple(f - b - e for f, b, e in zip(full, begin, end))
+    return Window(kernel, strides, dilations, begin, end, tuple(sizes)), out
 
 
 def _conv_transpose_forward(inputs, attrs, wants):
     x, w, b = inputs[0], inputs[1], slot(inputs, 2)
     groups = int(attrs.get("group", 1))
-    sizes = x.shape[2:]
-    win = _transpose_window(attrs, sizes, attrs.get("kernel_shape") or w.shape[2:])
-    extra = tuple(attrs.get("output_padding") or (0,) * len(sizes))
-    full = [s * (n - 1) + e + sp for n, s, e, sp in zip(sizes, win.strides, extra, win.span)]
-    out = tuple(f - bb - ee for f, bb, ee in zip(full, win.begin, win.end))
-    cols = _grouped(x, groups) @ _weight_rows(w, groups)  # (G, N * positions, M / G * taps)
+    win, out = _transpose_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w.shape[2:])
+    cols = _weight_rows(w, groups).transpose(0, 2, 1) @ _grouped(x, groups)  # (G, M / G * taps, N * positions)
     y = np.ascontiguousarray(_patches_adjoint(cols, (x.shape[0], w.shape[1] * groups) + out, win, groups))
     if b is not None:
         y += channel_view(b, y.ndim)
@@ -160,10 +160,9 @@ def _conv_transpose_vjp(ctx: _ConvCtx, g, wants):
     patches = _patches(pad_spatial(g, ctx.win.begin, ctx.win.end), ctx.win, ctx.groups)
     dx = dw = db = None
     if wanted(wants, 0):
-        dx = _ungrouped(patches @ _weight_rows(ctx.w, ctx.groups).transpose(0, 2, 1), ctx.x_shape[0],
-                        ctx.x_shape[2:])
+        dx = _ungrouped(_weight_rows(ctx.w, ctx.groups) @ patches, ctx.x_shape[0], ctx.x_shape[2:])
     if wanted(wants, 1):
-        dw = (_grouped(ctx.x, ctx.groups).transpose(0, 2, 1) @ patches).reshape(ctx.w_shape)
+        dw = (_grouped(ctx.x, ctx.groups) @ patches.transpose(0, 2, 1)).reshape(ctx.w_shape)
     if wanted(wants, 2):
         db = _bias_cotangent(g)
     return dx, dw, db

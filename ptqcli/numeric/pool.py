@@ -47,13 +47,7 @@ def _pool_window(op_type: str, attrs, sizes) -> tuple[Window, tuple[int, ...]]:
     return Window(kernel, strides, dilations, begin, total_end, tuple(out)), end
 
 
-def _check_outputs(op_type: str, attrs) -> None:
-    if attrs.get("storage_order", 0):
-        raise unsupported(op_type, "storage_order=1")
-
-
 def _max_pool_forward(inputs, attrs, wants):
-    _check_outputs("MaxPool", attrs)
     x = inputs[0]
     win, _ = _pool_window("MaxPool", attrs, x.shape[2:])
     xp = pad_spatial(x, win.begin, win.end, -np.inf)
