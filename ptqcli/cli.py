@@ -38,6 +38,9 @@ GranularityOpt = Annotated[Optional[Granularity], typer.Option("--granularity", 
 ActSymOpt = Annotated[Optional[bool], typer.Option("--act-symmetric/--act-asymmetric", help="Symmetric int8 activations.")]
 MethodOpt = Annotated[Optional[Method], typer.Option("--method", help="Activation range method [default: minmax].")]
 WeightMethodOpt = Annotated[Optional[WeightMethod], typer.Option("--weight-method", help="Weight range: minmax, or mse (per-channel clipping) [default: minmax].")]
+RoundingOpt = Annotated[Optional[str], typer.Option("--rounding", help="Weight rounding: nearest, adaround, adaquant [default: nearest].")]
+RoundingItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Optimisation steps per layer for adaround/adaquant [default: 1000].")]
+BiasCorrOpt = Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Remove the output mean shift of weight quantization [default: on below 8 bits].")]
 PercentileOpt = Annotated[Optional[float], typer.Option("--percentile", help="Percentile for --method percentile [default: 99.999].")]
 ReduceOpt = Annotated[Optional[ReduceRange], typer.Option("--reduce-range", help="7-bit weights for ORT's int8 kernels; auto = on for x86 without VNNI.")]
 ExcludeNodesOpt = Annotated[Optional[str], typer.Option("--exclude-nodes", help="Comma-separated node names to keep in float.")]
@@ -94,11 +97,12 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 
 def _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
-             act_symmetric, method, weight_method, percentile, reduce_range, exclude_nodes, exclude_ops, seed):
+             act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed):
     doc = load_recipe(str(recipe) if recipe else None)
     quant = merge(QuantConfig, doc.get("quant", {}), dict(
         weights=weights, acts=acts, granularity=granularity, act_symmetric=act_symmetric, method=method,
-        weight_method=weight_method, percentile=percentile, reduce_range=reduce_range, exclude_nodes=_names(exclude_nodes),
+        weight_method=weight_method, rounding=rounding, rounding_iters=iters, bias_correction=bias_correction,
+        percentile=percentile, reduce_range=reduce_range, exclude_nodes=_names(exclude_nodes),
         exclude_ops=_names(exclude_ops), seed=seed), "quant options")
     data_cfg = merge(DataConfig, doc.get("data", {}), dict(
         path=data, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
@@ -123,14 +127,16 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
               resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
               color: ColorOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
               granularity: GranularityOpt = None, act_symmetric: ActSymOpt = None, method: MethodOpt = None,
-              weight_method: WeightMethodOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
+              weight_method: WeightMethodOpt = None, rounding: RoundingOpt = None, iters: RoundingItersOpt = None,
+              bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
               exclude_ops: ExcludeOpsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None):
     """Observe activations on calibration data; write statistics and a plan to a run directory."""
     from . import stages
     from .report import plan_table
 
     quant, data_cfg = _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
-                               granularity, act_symmetric, method, weight_method, percentile, reduce_range, exclude_nodes,
+                               granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
+                               reduce_range, exclude_nodes,
                                exclude_ops, seed)
     plan = stages.calibrate(model, quant, data_cfg, output, rich_progress)
     out.print(plan_table(plan))
@@ -157,7 +163,8 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
              color: ColorOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
              granularity: GranularityOpt = None, act_symmetric: ActSymOpt = None, method: MethodOpt = None,
-             weight_method: WeightMethodOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
+             weight_method: WeightMethodOpt = None, rounding: RoundingOpt = None, iters: RoundingItersOpt = None,
+              bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
              exclude_ops: ExcludeOpsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
     """Calibrate and export in one go."""
@@ -166,7 +173,8 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     from .report import plan_table
 
     quant, data_cfg = _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
-                               granularity, act_symmetric, method, weight_method, percentile, reduce_range, exclude_nodes,
+                               granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
+                               reduce_range, exclude_nodes,
                                exclude_ops, seed)
     run = run_dir or output.with_name(output.name + ".run")
     check_writable(output)

@@ -55,6 +55,12 @@ class WeightMethod(str, Enum):
     mse = "mse"
 
 
+class Rounding(str, Enum):
+    nearest = "nearest"
+    adaround = "adaround"
+    adaquant = "adaquant"
+
+
 class Granularity(str, Enum):
     channel = "channel"
     tensor = "tensor"
@@ -106,6 +112,9 @@ class QuantConfig:
     first_last_int8: bool | None = None
     # Remove the output mean shift weight quantization causes; None: on below 8-bit integers.
     bias_correction: bool | None = None
+    rounding: Rounding = Rounding.nearest
+    rounding_iters: int = 1000
+    rounding_samples: int = 256
     acts: ActFormat = ActFormat.uint8
     granularity: Granularity = Granularity.channel
     act_symmetric: bool = False
@@ -121,7 +130,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         parse_weight_format(self.weights)
         for name, enum in (("acts", ActFormat), ("method", Method),
-                           ("weight_method", WeightMethod),
+                           ("weight_method", WeightMethod), ("rounding", Rounding),
                            ("granularity", Granularity), ("reduce_range", ReduceRange)):
             value = getattr(self, name)
             try:
@@ -131,6 +140,8 @@ class QuantConfig:
                 raise PtqError(f"{name} must be one of {choices} (got {value!r})") from None
         if not 50.0 < self.percentile <= 100.0:
             raise PtqError(f"percentile must be in (50, 100] (got {self.percentile})")
+        if self.rounding_iters < 1 or self.rounding_samples < 1:
+            raise PtqError("rounding_iters and rounding_samples must be at least 1")
         if self.bins < 256 or self.bins % 4:
             raise PtqError(f"bins must be a multiple of 4 and at least 256 (got {self.bins})")
 

@@ -37,7 +37,7 @@ class TensorQuant:
         if self.role not in ROLES:
             raise PtqError(f"unknown tensor role '{self.role}'")
 
-    def to_dict(self) -> dict:
+    def to_dict(self, include_value: bool = True) -> dict:
         return {
             "role": self.role,
             "spec": self.spec.to_dict(),
@@ -46,7 +46,8 @@ class TensorQuant:
             "scale_shape": list(np.shape(self.scale)),
             "zero_point": np.asarray(self.zero_point).ravel().astype(int).tolist(),
             "source": self.source,
-            **({} if self.value is None else {"value": np.asarray(self.value, dtype=np.float32).astype(float).tolist()}),
+            **({} if self.value is None or not include_value
+               else {"value": np.asarray(self.value, dtype=np.float32).ravel().astype(float).tolist()}),
         }
 
     @staticmethod
@@ -97,16 +98,25 @@ class Plan:
     def of_role(self, role: str) -> dict[str, TensorQuant]:
         return {k: v for k, v in self.tensors.items() if v.role == role}
 
-    def to_json(self) -> str:
+    def values(self) -> dict[str, np.ndarray]:
+        """Tensors whose values the plan replaces (corrected biases, learned weights)."""
+        return {k: v.value for k, v in self.tensors.items() if v.value is not None}
+
+    def to_json(self, include_values: bool = True) -> str:
+        """`include_values=False` leaves replaced values out (they go to an .npz beside the JSON)."""
         doc = {
             "version": self.version,
             "config": self.config,
             "notes": self.notes,
             "layers": [layer.to_dict() for layer in self.layers],
             "float_nodes": self.float_nodes,
-            "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
+            "tensors": {k: v.to_dict(include_values) for k, v in self.tensors.items()},
         }
         return json.dumps(doc, indent=1, sort_keys=False)
+
+    def with_values(self, values: dict[str, np.ndarray]) -> "Plan":
+        tensors = {k: replace(v, value=values[k]) if k in values else v for k, v in self.tensors.items()}
+        return replace(self, tensors=tensors)
 
     @staticmethod
     def from_json(text: str) -> "Plan":

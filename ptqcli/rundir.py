@@ -19,6 +19,7 @@ PLAN = "plan.json"
 STATS = "stats.npz"
 RUN_INFO = "run.json"
 FIDELITY = "fidelity.json"
+PARAMS = "params.npz"
 
 
 def ensure_run_dir(path: str | os.PathLike) -> Path:
@@ -59,11 +60,21 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def write_plan(run: Path, plan: Plan) -> None:
-    write_atomic(run / PLAN, (plan.to_json() + "\n").encode())
+    """plan.json, plus params.npz for the values it replaces (learned weights can be large)."""
+    values = plan.values()
+    if values:
+        write_npz(run / PARAMS, values)
+    else:
+        (run / PARAMS).unlink(missing_ok=True)
+    write_atomic(run / PLAN, (plan.to_json(include_values=False) + "\n").encode())
 
 
 def read_plan(run: Path) -> Plan:
-    return Plan.from_json((run / PLAN).read_text())
+    plan = Plan.from_json((run / PLAN).read_text())
+    if (run / PARAMS).is_file():
+        with np.load(run / PARAMS) as params:
+            plan = plan.with_values({k: params[k] for k in params.files})
+    return plan
 
 
 def write_float_model(run: Path, model) -> None:

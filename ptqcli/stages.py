@@ -12,7 +12,7 @@ import numpy as np
 from . import __version__
 from .calibrate.collect import collect, save_stats
 from .calibrate.data import count_samples, iter_batches, model_inputs
-from .calibrate.planner import build_plan
+from .calibrate.planner import build_plan, requantize_biases
 from .calibrate.select import select
 from .config import DataConfig, QuantConfig, ReduceRange, cpu_name, to_jsonable
 from .errors import PtqError
@@ -64,6 +64,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         raise PtqError(f"no calibration samples could be read from {data.path}")
     extra = {"data": to_jsonable(data), "samples_seen": seen, "reduce_range_choice": chose}
     plan = build_plan(g, sel, stats, quant, extra)
+    if quant.rounding.value != "nearest":
+        plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
     rundir.write_float_model(run, g.model)
     rundir.write_npz(run / rundir.STATS, save_stats(stats))
     rundir.write_plan(run, plan)
@@ -74,6 +76,19 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         "samples_seen": seen,
     })
     return plan
+
+
+def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
+                      progress: Progress = silent) -> Plan:
+    """AdaRound / AdaQuant over the plan's layers, then biases re-derived for the new weights."""
+    from .calibrate.layerwise import RoundingConfig, optimise
+
+    batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.rounding_samples)))
+    cfg = RoundingConfig(method=quant.rounding.value, iters=quant.rounding_iters, seed=quant.seed)
+    with progress(f"{quant.rounding.value}: layers", len(plan.layers)) as advance:
+        plan, report = optimise(g, plan, stats, quant, batches, cfg, lambda node, done: advance(1))
+    rundir.write_json(run / "rounding.json", {"method": cfg.method, "iters": cfg.iters, "layers": report})
+    return requantize_biases(g, plan, stats, quant)
 
 
 def layer_input_axes(g: Graph, sel) -> dict[str, int]:

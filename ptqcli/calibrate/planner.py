@@ -156,15 +156,35 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             continue
         b = g.constant(layer.bias)
         weights[layer.weight] = widen_for_bias(weights[layer.weight], g.constant(layer.weight), b, acts[layer.activation])
-        bq = bias_quant(layer, acts, weights)
-        if bq is None:
-            continue
-        if cfg.corrects_bias:
-            bq = corrected_bias(g, layer, weights[layer.weight], stats, bq, b)
-        if _bias_fits(b if bq.value is None else bq.value, bq):
+        bq = quantize_bias(g, layer, acts, weights, stats, cfg)
+        if bq is not None:
             biases[layer.bias] = bq
     config = {"quant": to_jsonable(cfg), "prepare": dict(g.facts), **(extra_config or {})}
     return Plan({**acts, **weights, **biases}, sel.layers, sel.float_nodes, config, list(g.notes))
+
+
+def quantize_bias(g: Graph, layer: Layer, acts: dict[str, TensorQuant], weights: dict[str, TensorQuant],
+                  stats: Stats, cfg: QuantConfig) -> TensorQuant | None:
+    """The layer's int32 bias quantizer (bias-corrected when configured), or None if it must stay float."""
+    bq = bias_quant(layer, acts, weights)
+    if bq is None:
+        return None
+    b = g.constant(layer.bias)
+    if cfg.corrects_bias:
+        bq = corrected_bias(g, layer, weights[layer.weight], stats, bq, b)
+    return bq if _bias_fits(b if bq.value is None else bq.value, bq) else None
+
+
+def requantize_biases(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig) -> Plan:
+    """Biases re-derived after weights changed (learned rounding, moved scales)."""
+    acts, weights = plan.of_role("activation"), plan.of_role("weight")
+    tensors = {k: v for k, v in plan.tensors.items() if v.role != "bias"}
+    for layer in plan.layers:
+        if layer.bias is not None and layer.activation in acts and layer.weight in weights:
+            bq = quantize_bias(g, layer, acts, weights, stats, cfg)
+            if bq is not None:
+                tensors[layer.bias] = bq
+    return replace(plan, tensors=tensors)
 
 
 def corrected_bias(g: Graph, layer: Layer, wq: TensorQuant, stats: Stats, bq: TensorQuant,
@@ -175,9 +195,9 @@ def corrected_bias(g: Graph, layer: Layer, wq: TensorQuant, stats: Stats, bq: Te
     if mean is None:
         return bq
     w = g.constant(layer.weight)
-    shift = output_shift(g.node_by_name[layer.node], w,
-                         dequantize(quantize(w, wq.scale, wq.zero_point, wq.spec), wq.scale, wq.zero_point, wq.spec),
-                         mean)
+    source = w if wq.value is None else wq.value
+    on_grid = dequantize(quantize(source, wq.scale, wq.zero_point, wq.spec), wq.scale, wq.zero_point, wq.spec)
+    shift = output_shift(g.node_by_name[layer.node], w, on_grid, mean)
     if shift is None or shift.shape != b.shape:
         return bq
     return replace(bq, value=(b.astype(np.float64) + shift).astype(np.float32),

@@ -172,3 +172,12 @@ OPS = {
     "Conv": OpImpl(_conv_forward, _conv_vjp, grad_inputs=(0, 1, 2)),
     "ConvTranspose": OpImpl(_conv_transpose_forward, _conv_transpose_vjp, grad_inputs=(0, 1, 2)),
 }
+
+
+def conv_patches(x: np.ndarray, attrs: dict, w_shape: tuple[int, ...]) -> np.ndarray:
+    """The columns a Conv multiplies its weight rows with: (groups, C / groups * taps, N * windows).
+
+    Layer-wise optimisation solves for the weight rows against these directly."""
+    groups = int(attrs.get("group", 1))
+    win = conv_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w_shape[2:])
+    return _patches(pad_spatial(x, win.begin, win.end), win, groups)

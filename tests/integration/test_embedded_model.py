@@ -58,3 +58,19 @@ def test_bias_correction_recovers_low_bit_accuracy(tmp_path):
         results[corrected] = f.accuracy["quantized"]
     assert results[True] > results[False] + 0.05
     assert QuantConfig(weights="int3").corrects_bias and not QuantConfig(weights="int8").corrects_bias
+
+
+def test_adaround_w4a8_close_to_float_and_deterministic(tmp_path):
+    """AdaRound W4A8 on the labelled slice: within 1.5 points of float; same seed, same model."""
+    outputs = []
+    for i in range(2):
+        run = tmp_path / f"run{i}"
+        stages.calibrate(ASSETS / "fashion_cnn.onnx", QuantConfig(weights="int4", rounding="adaround", rounding_iters=300),
+                         DataConfig(path=str(ASSETS / "fashion_calib.npz"), num_samples=256), run)
+        _, f = stages.export(run, tmp_path / f"q{i}.onnx", eval_data=str(ASSETS / "fashion_test.npz"), eval_samples=2000)
+        outputs.append((tmp_path / f"q{i}.onnx").read_bytes())
+    assert outputs[0] == outputs[1]
+    assert f.accuracy["float"] - f.accuracy["quantized"] <= 0.015
+    report = json.loads((run / "rounding.json").read_text())
+    assert all(layer["loss_after"] <= layer["loss_nearest"] for layer in report["layers"])
+    assert (run / "params.npz").is_file()  # learned weights live beside plan.json

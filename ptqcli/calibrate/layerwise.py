@@ -1,0 +1,264 @@
+"""Layer-wise rounding optimisation: AdaRound (Nagel et al., "Up or Down? Adaptive Rounding for
+Post-Training Quantization", 2020) and AdaQuant (Hubara et al., "Improving post training neural
+quantization: layer-wise calibration and integer programming", 2021), in numpy.
+
+Layers are visited in graph order. Each layer's inputs come from the already-quantized prefix
+of the model and its target from the float model, both at the same sampled output positions:
+    minimise  || W x_float - W~ x_quantized ||^2
+One ORT session serves every layer (weights are graph inputs; see allocate/sensitivity.py).
+Only sampled patch columns are kept, so memory does not grow with the feature-map size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from ..allocate.sensitivity import _act_gate, _gate_feeds, probe_model
+from ..calibrate.collect import Stats
+from ..calibrate.data import Batch
+from ..config import QuantConfig
+from ..graph import Graph
+from ..numeric import node_attrs
+from ..numeric.conv import conv_patches
+from ..plan import Plan, TensorQuant
+from ..quant import dequantize, quantize
+from ..runtime import session, with_outputs
+
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound, eq. 23)
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    method: str = "adaround"  # adaround | adaquant
+    iters: int = 1000
+    positions: int = 32  # sampled output positions per sample
+    batch_columns: int = 2048
+    lr: float = 1e-2
+    reg_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    seed: int = 0
+
+
+# ---- weights as row matrices against their input columns ------------------------------------
+
+
+def weight_rows(node, w: np.ndarray) -> np.ndarray:
+    """(groups, out per group, K): rows that multiply the columns of `layer_columns`."""
+    if node.op_type == "Conv":
+        groups = int(node_attrs(node).get("group", 1))
+        return w.reshape(groups, w.shape[0] // groups, -1)
+    transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not node_attrs(node).get("transB", 0))
+    return (w.T if transposed else w)[None]
+
+
+def rows_to_weight(node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if node.op_type == "Conv":
+        return rows.reshape(shape)
+    transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not node_attrs(node).get("transB", 0))
+    return rows[0].T.reshape(shape) if transposed else rows[0].reshape(shape)
+
+
+def layer_columns(node, x: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
+    """(groups, K, columns): the inputs each weight row sees, one column per output position."""
+    if node.op_type == "Conv":
+        return conv_patches(x, node_attrs(node), w_shape)
+    attrs = node_attrs(node)
+    if node.op_type == "Gemm" and attrs.get("transA", 0):
+        x = x.T
+    return x.reshape(-1, x.shape[-1]).T[None]
+
+
+def supported(node) -> bool:
+    return node.op_type in ("Conv", "Gemm", "MatMul")
+
+
+def _sample(columns: np.ndarray, per_sample: int, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """`per_sample` random columns from each sample's block of columns."""
+    total = columns.shape[2]
+    block = total // samples
+    if block <= per_sample:
+        return columns
+    picks = np.concatenate([i * block + rng.choice(block, per_sample, replace=False) for i in range(samples)])
+    return columns[:, :, np.sort(picks)]
+
+
+# ---- AdaRound -------------------------------------------------------------------------------
+
+
+def _h(v: np.ndarray) -> np.ndarray:
+    return np.clip(1 / (1 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _dh(v: np.ndarray) -> np.ndarray:
+    s = 1 / (1 + np.exp(-v))
+    raw = s * (ZETA - GAMMA) + GAMMA
+    return s * (1 - s) * (ZETA - GAMMA) * ((raw > 0) & (raw < 1))
+
+
+def _init_v(rest: np.ndarray) -> np.ndarray:
+    """V with h(V) equal to the fractional part, so optimisation starts from the float weight."""
+    p = np.clip((rest - GAMMA) / (ZETA - GAMMA), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def adaround_rows(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, x_q: np.ndarray, target: np.ndarray,
+                  cfg: RoundingConfig, rng: np.random.Generator,
+                  report: Callable[[int, float], None] = lambda i, loss: None) -> np.ndarray:
+    """Integer rows (same shape as `rows`) chosen by AdaRound.
+
+    rows (G, M, K) float weights; scale (G, M, 1) per output row; x_q (G, K, S) quantized-input
+    columns; target (G, M, S) float outputs. Loss: mean squared output error + lambda * sum of
+    (1 - |2h(V) - 1|^beta), beta annealed from beta[0] to beta[1] after a warm-up without it.
+    """
+    floor = np.floor(rows / scale)
+    v = _init_v(rows / scale - floor)
+    m, s_ = np.zeros_like(v), np.zeros_like(v)
+    columns = x_q.shape[2]
+    warm = int(cfg.warmup * cfg.iters)
+    for it in range(cfg.iters):
+        pick = rng.choice(columns, min(cfg.batch_columns, columns), replace=False)
+        beta = None
+        if it >= warm:
+            beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * (it - warm) / max(cfg.iters - warm, 1)
+        loss, grad_v = adaround_loss_grad(v, floor, scale, qmin, qmax, x_q[:, :, pick], target[:, :, pick],
+                                          cfg.reg_weight, beta)
+        v = _adam(v, grad_v, m, s_, it, cfg.lr)
+        if it % 50 == 0 or it == cfg.iters - 1:
+            report(it, loss)
+    return np.clip(floor + (_h(v) >= 0.5), qmin, qmax)
+
+
+def adaround_loss_grad(v, floor, scale, qmin, qmax, xb, tb, reg_weight: float, beta: float | None):
+    """Reconstruction loss (+ the rounding regulariser when beta is given) and its gradient in V."""
+    h = _h(v)
+    soft = floor + h
+    inside = (soft >= qmin) & (soft <= qmax)
+    err = (np.clip(soft, qmin, qmax) * scale) @ xb - tb  # (G, M, B)
+    loss = float(np.mean(err**2))
+    grad_w = 2 * err @ xb.transpose(0, 2, 1) / err.size  # d loss / d W~
+    grad_v = grad_w * scale * inside * _dh(v)
+    if beta is not None:
+        d = 2 * h - 1
+        loss += reg_weight * float(np.sum(1 - np.abs(d) ** beta))
+        grad_v = grad_v - reg_weight * beta * np.abs(d) ** (beta - 1) * np.sign(d) * 2 * _dh(v)
+    return loss, grad_v
+
+
+def _adam(p, g, m, s, it, lr, b1=0.9, b2=0.999, eps=1e-8):
+    m *= b1
+    m += (1 - b1) * g
+    s *= b2
+    s += (1 - b2) * g * g
+    return p - lr * (m / (1 - b1 ** (it + 1))) / (np.sqrt(s / (1 - b2 ** (it + 1))) + eps)
+
+
+def adaquant_rows(rows, scale, qmin, qmax, x_q, target, cfg: RoundingConfig, rng, report=lambda i, loss: None):
+    """AdaQuant: the weights themselves (and their scales) move, through a straight-through
+    estimator of rounding; the result is rounded onto the (moved) grid. Returns (integers, scale)."""
+    w, sc = rows.copy(), scale.copy()
+    mw, vw, ms, vs = (np.zeros_like(w), np.zeros_like(w), np.zeros_like(sc), np.zeros_like(sc))
+    columns = x_q.shape[2]
+    for it in range(cfg.iters):
+        pick = rng.choice(columns, min(cfg.batch_columns, columns), replace=False)
+        xb, tb = x_q[:, :, pick], target[:, :, pick]
+        q = np.clip(np.rint(w / sc), qmin, qmax)
+        err = (q * sc) @ xb - tb
+        loss = float(np.mean(err**2))
+        grad_wq = 2 * err @ xb.transpose(0, 2, 1) / err.size
+        inside = (w / sc >= qmin) & (w / sc <= qmax)
+        grad_w = grad_wq * inside  # straight through the rounding
+        # d(q * s)/ds with q held (straight-through): q; clipped entries move with the scale.
+        grad_s = (grad_wq * np.where(inside, q - w / sc, q)).sum(axis=2, keepdims=True)
+        w = _adam(w, grad_w, mw, vw, it, cfg.lr * float(np.mean(np.abs(sc))))
+        sc = np.maximum(_adam(sc, grad_s, ms, vs, it, cfg.lr * 0.1 * float(np.mean(np.abs(sc)))), 1e-12)
+        if it % 50 == 0 or it == cfg.iters - 1:
+            report(it, loss)
+    return np.clip(np.rint(w / sc), qmin, qmax), sc
+
+
+# ---- the sequential loop --------------------------------------------------------------------
+
+
+def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: list[Batch], cfg: RoundingConfig,
+             progress: Callable[[str, int | None], object] | None = None) -> tuple[Plan, list[dict]]:
+    """The plan with every supported layer's weights re-rounded; per-layer losses before/after."""
+    gated = sorted({l.activation for l in plan.layers if l.activation})
+    probe = session(with_outputs(probe_model(g, plan, gated), [t + "__fq" for t in gated]))
+    float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
+    gates = {}
+    for tensor in gated:
+        gates.update(_act_gate(tensor, plan.tensors[tensor].spec.bits, stats, quant) if tensor in plan.tensors
+                     else _gate_feeds(tensor, False))
+    float_session = session(with_outputs(g.model, gated))
+    float_inputs = [dict(zip(gated, float_session.run(gated, b.feeds))) for b in batches]
+    rng = np.random.default_rng(cfg.seed)
+    current = dict(float_weights)  # the prefix's weights become quantized as layers are done
+    report: list[dict] = []
+    out_plan = plan
+    for layer in plan.layers:
+        node = g.node_by_name[layer.node]
+        wq = plan.tensors.get(layer.weight)
+        if wq is None or not supported(node) or layer.activation is None or wq.spec.scheme != "int":
+            continue
+        w = float_weights[layer.weight]
+        x_q_cols, x_f_cols = [], []
+        for batch, floats in zip(batches, float_inputs):
+            x_q = probe.run([layer.activation + "__fq"], {**batch.feeds, **current, **gates})[0]
+            n = len(x_q)
+            state = rng.bit_generator.state
+            x_q_cols.append(_sample(layer_columns(node, x_q, w.shape), cfg.positions, n, rng))
+            rng.bit_generator.state = state  # the same positions for the float columns
+            x_f_cols.append(_sample(layer_columns(node, floats[layer.activation], w.shape), cfg.positions, n, rng))
+        xq, xf = np.concatenate(x_q_cols, axis=2), np.concatenate(x_f_cols, axis=2)
+        rows = weight_rows(node, w).astype(np.float64)
+        target = rows @ xf
+        scale = _row_scale(wq, rows.shape, node, w.shape)
+        nearest = np.clip(np.rint(rows / scale), wq.spec.qmin, wq.spec.qmax)
+        before = float(np.mean(((nearest * scale) @ xq - target) ** 2))
+        if cfg.method == "adaquant":
+            ints, new_scale = adaquant_rows(rows, scale, wq.spec.qmin, wq.spec.qmax, xq, target, cfg, rng)
+        else:
+            ints, new_scale = adaround_rows(rows, scale, wq.spec.qmin, wq.spec.qmax, xq, target, cfg, rng), scale
+        after = float(np.mean(((ints * new_scale) @ xq - target) ** 2))
+        if after > before:  # never worse than nearest on the data it was fitted to
+            ints, new_scale, after = nearest, scale, before
+        values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
+        tq = _with_values(wq, values, new_scale, node, w.shape)
+        out_plan = out_plan.with_tensor(layer.weight, tq)
+        current[layer.weight] = dequantize(quantize(values, tq.scale, tq.zero_point, tq.spec), tq.scale,
+                                           tq.zero_point, tq.spec)
+        report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after})
+        if progress is not None:
+            progress(layer.node, len(report))
+    return out_plan, report
+
+
+def _row_scale(wq: TensorQuant, rows_shape, node, w_shape) -> np.ndarray:
+    """The plan's per-channel (or per-tensor) scale laid out like the weight rows."""
+    scale = np.asarray(wq.scale, dtype=np.float64)
+    if scale.ndim == 0:
+        return np.full(rows_shape[:2] + (1,), float(scale))
+    return weight_rows(node, _channel_broadcast(scale, wq.spec.axis, w_shape))[:, :, :1]
+
+
+def _channel_broadcast(scale: np.ndarray, axis: int, shape) -> np.ndarray:
+    view = [1] * len(shape)
+    view[axis] = -1
+    return np.broadcast_to(scale.reshape(view), shape)
+
+
+def _with_values(wq: TensorQuant, values: np.ndarray, row_scale: np.ndarray, node, w_shape) -> TensorQuant:
+    """The weight quantizer carrying its learned grid values (and, for AdaQuant, moved scales)."""
+    scale = wq.scale
+    if np.asarray(wq.scale).ndim and row_scale is not None:
+        full = rows_to_weight(node, np.broadcast_to(row_scale, row_scale.shape[:2] + (values.size // (
+            row_scale.shape[0] * row_scale.shape[1]),)), w_shape)
+        axis = wq.spec.axis % len(w_shape)
+        scale = np.moveaxis(full, axis, 0).reshape(full.shape[axis], -1)[:, 0].astype(np.float32)
+    return replace(wq, scale=np.asarray(scale, dtype=np.float32), value=values,
+                   source={**wq.source, "rounding": "learned"})
+
