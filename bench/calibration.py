@@ -124,7 +124,7 @@ class NpzBatches:
 
 
 def _ort_quantize(method: str, samples: int, reduce_range: bool, out_model: Path, run_dir: Path):
-    """quantize_static with the settings that match ptqcli's defaults; all else ORT's defaults."""
+    """quantize_static with the settings matched to ptqcli's; everything else at ORT's defaults."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static
 
@@ -380,10 +380,10 @@ def rss_flatness(results: list[RunResult], tool: str = "ptq", tolerance: float =
         if len(runs) < 2:
             continue
         lo, hi = min(r.peak_rss_mb for r in runs), max(r.peak_rss_mb for r in runs)
-        verdict = "flat" if hi - lo <= tolerance * lo else "grows"
+        verdict = f"flat (within {tolerance:.0%})" if hi - lo <= tolerance * lo else f"not flat (spread > {tolerance:.0%})"
         series = ", ".join(f"{r.samples}: {r.peak_rss_mb:.0f}" for r in runs)
-        lines.append(f"{TOOL_NAMES[tool]} {method} peak RSS: {verdict} within {tolerance:.0%} "
-                     f"(MB by sample count {series}; spread {hi - lo:.0f} MB)")
+        lines.append(f"{TOOL_NAMES[tool]} {method} peak RSS: {verdict}; MB by sample count {series}; "
+                     f"spread {hi - lo:.0f} MB")
     return lines
 
 
@@ -393,8 +393,12 @@ def provenance() -> str:
     import importlib.util
 
     origin = Path(importlib.util.find_spec("ptqcli").origin).parent
+
     def git(*cmd: str) -> str:
-        return subprocess.run(["git", "-C", str(origin), *cmd], capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", "-C", str(origin), *cmd], capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git: provenance is a nicety, not a reason to fail
+            return ""
 
     ptq = f"ptqcli {importlib.metadata.version('ptqcli')} from {origin}"
     commit = git("log", "-1", "--format=%h", "--", ".")
@@ -443,7 +447,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # One value for both tools: ptqcli's "auto" depends on the CPU while ORT has no
     # such mode, so leaving each at its default could compare 7-bit with 8-bit weights.
     parser.add_argument("--reduce-range", choices=("on", "off", "auto"), default="on",
-                        help="7-bit weights for both tools; auto = on for x86 CPUs without VNNI")
+                        help="7-bit weights for both tools; auto = whatever ptqcli's own rule picks on this CPU")
     args = parser.parse_args(argv)
     args.samples = [int(s) for s in args.samples.split(",") if s]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
