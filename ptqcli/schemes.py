@@ -92,18 +92,22 @@ def _row_error(rows: np.ndarray, scale: np.ndarray, mags: np.ndarray) -> np.ndar
     return np.square(rows - approx).sum(axis=1)
 
 
-RATIOS = np.geomspace(0.05, 1.5, 160)
+RATIOS = np.geomspace(0.05, 1.5, 96)
+# The scale search scores each candidate on at most this many weights per row (a strided subset);
+# the error surface of a level set needs the fine grid far more than it needs every weight.
+FIT_COLUMNS = 256
 
 
 def fit_scales(rows: np.ndarray, mags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the scale with the least squared error: a geometric grid of scales around
     max|w| / largest level, refined between the best one's neighbours. Returns (scales, errors)."""
     peak = np.maximum(np.abs(rows).max(axis=1), 1e-12) / mags.max()
+    rows = rows[:, :: max(1, -(-rows.shape[1] // FIT_COLUMNS))]
     errors = np.stack([_row_error(rows, peak * r, mags) for r in RATIOS])
     best = np.argmin(errors, axis=0)
     lo = RATIOS[np.maximum(best - 1, 0)]
     hi = RATIOS[np.minimum(best + 1, len(RATIOS) - 1)]
-    fine = [lo + (hi - lo) * t for t in np.linspace(0, 1, 41)]
+    fine = [lo + (hi - lo) * t for t in np.linspace(0, 1, 25)]
     fine_errors = np.stack([_row_error(rows, peak * r, mags) for r in fine])
     pick = np.argmin(fine_errors, axis=0)
     ratio = np.take_along_axis(np.stack(fine), pick[None], axis=0)[0]
@@ -119,17 +123,22 @@ def _fit_fixed_levels(rows: np.ndarray, spec: QuantSpec) -> tuple[QuantSpec, np.
     return spec, fit_scales(rows, magnitudes(spec))[0]
 
 
-EXP_BASES = np.geomspace(1.15, 4.0, 28)
+EXP_BASES = np.geomspace(1.15, 4.0, 6)
 
 
 def _fit_exp(rows: np.ndarray, spec: QuantSpec) -> tuple[QuantSpec, np.ndarray]:
-    """One base per layer (the levels are shared), scales per channel, least total squared error."""
-    best = None
-    for base in EXP_BASES:
+    """One base per layer (the levels are shared), scales per channel, least total squared error:
+    a coarse grid of bases, then a finer one between the best one's neighbours."""
+    def trial(base: float):
         candidate = replace(spec, base=float(base))
         scales, errors = fit_scales(rows, magnitudes(candidate))
-        if best is None or errors.sum() < best[0]:
-            best = (errors.sum(), candidate, scales)
+        return float(errors.sum()), candidate, scales
+
+    coarse = [trial(b) for b in EXP_BASES]
+    i = int(np.argmin([t[0] for t in coarse]))
+    lo, hi = EXP_BASES[max(i - 1, 0)], EXP_BASES[min(i + 1, len(EXP_BASES) - 1)]
+    fine = [trial(b) for b in np.geomspace(lo, hi, 5)]
+    best = min(coarse + fine, key=lambda t: t[0])
     return best[1], best[2]
 
 
