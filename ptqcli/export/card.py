@@ -64,7 +64,8 @@ def _layer_rows(c: CardInputs) -> list[dict]:
             "symmetric": bool(w.spec.symmetric) if w else True,
             "scheme": w.spec.scheme if w else "float",
             "sparsity": None,
-            "rounding": "nearest",
+            "rounding": (c.plan.config["quant"].get("rounding", "nearest")
+                         if w and w.source.get("rounding") == "learned" else "nearest"),
             "weight_sqnr_db": (w.source.get("sqnr_db") if w else None),
             "output_sqnr_db": measured.get(layer.node, {}).get("sqnr_db"),
         })
@@ -99,6 +100,7 @@ def _tradeoffs(c: CardInputs, layers: list[dict]) -> dict:
         "first_layer": _layer_brief(layers[0]) if layers else None,
         "last_layer": _layer_brief(layers[-1]) if layers else None,
         "bias_bits": 32,
+        "bias_correction": any(t.source.get("bias_correction") for t in c.plan.of_role("bias").values()),
         "accumulator_bits": 32,
         "graph_outputs": "float32 (not quantized)",
         "target_kernels": "ONNX Runtime CPU, QDQ; integer kernels used: " + (", ".join(integer) or "none (emulated)"),
