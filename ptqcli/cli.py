@@ -257,6 +257,52 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 @app.command()
 @user_errors
+def mask(target: Annotated[Path, typer.Argument(help="An ONNX model, or a run directory from `ptq calibrate`.")],
+         nm: Annotated[str, typer.Option("--nm", help="N:M sparsity, e.g. 2:4.")],
+         output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Run directory to write (a model input needs one; a run directory is updated in place).")] = None,
+         transposable: Annotated[bool, typer.Option("--transposable", help="Masks whose transpose is N:M too (min-cost flow per block).")] = False,
+         method: Annotated[str, typer.Option("--method", help="Transposable masks: exact or approx.")] = "exact",
+         layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated node names [default: every weighted layer].")] = None,
+         refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Least-squares re-fit of the kept weights on calibration data.")] = True,
+         data: DataOpt = None,
+         samples: Annotated[int, typer.Option("--samples", help="Calibration samples for the re-fit.")] = 256):
+    """N:M sparsity masks (optionally transposable), applied to the weights before quantization."""
+    from rich.table import Table
+
+    from .masks.stage import MaskConfig, mask_model, mask_run, parse_nm
+
+    n, m = parse_nm(nm)
+    cfg = MaskConfig(n, m, transposable, method, _names(layers) or (), refit, samples)
+    if target.is_dir():
+        if output is not None and output.resolve() != target.resolve():
+            raise PtqError("a run directory is masked in place: drop -o or give the same directory")
+        _, report = mask_run(target, cfg)
+        where = target
+    else:
+        if output is None:
+            raise PtqError("masking a model needs -o RUN_DIR")
+        from .stages import load_prepared
+        from .calibrate.select import select
+        from .config import QuantConfig
+
+        g = load_prepared(target)
+        if refit and data is None:
+            raise PtqError("--refit needs calibration data: pass --data, or --no-refit")
+        report = mask_model(g, select(g, QuantConfig()).layers, cfg, DataConfig(path=data) if data else None, output)
+        where = output
+    table = Table(title=f"{nm}{' transposable' if transposable else ''} masks ({method})")
+    for col in ("node", "density", "output MSE masked", "output MSE re-fit", "log10 diversity / weight"):
+        table.add_column(col, justify="left" if col == "node" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+    for row in report:
+        table.add_row(row["node"], f"{row['density']:.3f}", fmt(row["output_mse_masked"]), fmt(row["output_mse_refit"]),
+                      fmt(row["log10_diversity_per_weight"]))
+    out.print(table)
+    out.print(f"masks written to [bold]{where}[/bold]")
+
+
+@app.command()
+@user_errors
 def gate(card: Annotated[Path, typer.Argument(help="Quantization card (JSON) written by `ptq export`.")],
          max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Largest accuracy drop vs float, in points.")] = None,
          min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Smallest top-1 agreement with float, in %.")] = None,

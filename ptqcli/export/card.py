@@ -63,7 +63,7 @@ def _layer_rows(c: CardInputs) -> list[dict]:
             "granularity": "per-channel" if w and w.spec.axis is not None else "per-tensor",
             "symmetric": bool(w.spec.symmetric) if w else True,
             "scheme": w.spec.scheme if w else "float",
-            "sparsity": None,
+            "sparsity": w.source.get("sparsity") if w else None,
             "rounding": (c.plan.config["quant"].get("rounding", "nearest")
                          if w and w.source.get("rounding") == "learned" else "nearest"),
             "weight_sqnr_db": (w.source.get("sqnr_db") if w else None),

@@ -1,0 +1,193 @@
+"""`ptq mask`: N:M masks for a model's weighted layers, with an optional least-squares re-fit.
+
+On a model file, the masked (and re-fitted) float model is written to the run directory as
+`model.float.onnx`, ready for `ptq calibrate`. On a calibrated run directory, the plan's weights
+are replaced by the masked ones (their scales re-fitted) and exported as such. Either way the
+masks are kept in `masks.npz`. Symmetric weight grids map zero to zero, so masked weights stay
+exactly zero after quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import rundir
+from ..calibrate.data import Batch, iter_batches, model_inputs
+from ..calibrate.layerwise import layer_columns, rows_to_weight, supported, weight_rows, _sample
+from ..calibrate.planner import quantize_weight, requantize_biases
+from ..calibrate.collect import load_stats
+from ..config import DataConfig, QuantConfig, from_mapping
+from ..errors import PtqError
+from ..graph import Graph, clone, make_initializer
+from ..ops import channel_axis
+from ..plan import Layer, Plan
+from ..runtime import session, with_outputs
+from .nm import mask_diversity, nm_mask, matrix_to_weight, weight_to_matrix
+from .transposable import transposable_mask
+
+MASKS = "masks.npz"
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    n: int
+    m: int
+    transposable: bool = False
+    method: str = "exact"
+    layers: tuple[str, ...] = ()  # node names; empty: every weighted layer
+    refit: bool = True
+    samples: int = 256
+    positions: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.n <= self.m):
+            raise PtqError(f"--nm {self.n}:{self.m}: need 0 < N <= M")
+        if self.method not in ("exact", "approx"):
+            raise PtqError(f"--method must be exact or approx (got {self.method})")
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise PtqError(f"--nm takes N:M, e.g. 2:4 (got {text!r})") from None
+    return n, m
+
+
+def layer_mask(node, w: np.ndarray, cfg: MaskConfig) -> np.ndarray:
+    """Boolean mask in the weight's own shape; groups of M run along the input channels."""
+    axis = channel_axis(node) % w.ndim
+    matrix = weight_to_matrix(np.abs(w), node.op_type, axis)
+    if cfg.transposable:
+        mask = transposable_mask(matrix, cfg.n, cfg.m, cfg.method)
+    else:
+        mask = nm_mask(matrix, cfg.n, cfg.m)
+    return matrix_to_weight(mask, w.shape, node.op_type, axis).astype(bool)
+
+
+def refit_rows(rows: np.ndarray, keep: np.ndarray, x: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """Per output row, the kept weights that best reproduce the dense row's outputs (least
+    squares, AdaPrune-style): min || w_kept . x_kept - w . x ||^2, masked entries stay zero."""
+    out = np.zeros_like(rows)
+    target = rows @ x  # (G, M, S)
+    for g in range(rows.shape[0]):
+        gram_full = x[g] @ x[g].T
+        reg = ridge * np.trace(gram_full) / max(len(gram_full), 1)
+        for r in range(rows.shape[1]):
+            kept = np.flatnonzero(keep[g, r])
+            if kept.size == 0:
+                continue
+            gram = gram_full[np.ix_(kept, kept)] + reg * np.eye(kept.size)
+            rhs = x[g][kept] @ target[g, r]
+            out[g, r, kept] = np.linalg.solve(gram, rhs)
+    return out
+
+
+def _layer_inputs(g: Graph, layers: list[Layer], batches: list[Batch], cfg: MaskConfig) -> dict[str, np.ndarray]:
+    """Sampled input columns of each layer, from the float model."""
+    names = sorted({layer.activation for layer in layers if layer.activation})
+    sess = session(with_outputs(g.model, names))
+    rng = np.random.default_rng(cfg.seed)
+    columns: dict[str, list[np.ndarray]] = {layer.node: [] for layer in layers}
+    for batch in batches:
+        values = dict(zip(names, sess.run(names, batch.feeds)))
+        for layer in layers:
+            node, w = g.node_by_name[layer.node], g.initializers[layer.weight]
+            x = values[layer.activation]
+            columns[layer.node].append(_sample(layer_columns(node, x, tuple(w.dims)), cfg.positions, len(x), rng))
+    return {node: np.concatenate(parts, axis=2) for node, parts in columns.items() if parts}
+
+
+def mask_layers(g: Graph, layers: list[Layer], cfg: MaskConfig, batches: list[Batch] | None
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[dict]]:
+    """Masks and masked (re-fitted) weights per weight tensor, plus a report row per layer."""
+    chosen = [l for l in layers if (not cfg.layers or l.node in cfg.layers) and supported(g.node_by_name[l.node])]
+    unknown = set(cfg.layers) - {l.node for l in layers}
+    if unknown:
+        raise PtqError(f"--layers names {', '.join(sorted(unknown))}, which are not weighted layers")
+    inputs = _layer_inputs(g, chosen, batches, cfg) if cfg.refit and batches else {}
+    masks, weights, report = {}, {}, []
+    for layer in chosen:
+        node = g.node_by_name[layer.node]
+        w = g.constant(layer.weight).astype(np.float64)
+        mask = layer_mask(node, w, cfg)
+        masked = w * mask
+        error_before = error_after = None
+        if layer.node in inputs:
+            x = inputs[layer.node]
+            rows, keep = weight_rows(node, w), weight_rows(node, mask)
+            fitted = refit_rows(rows, keep, x)
+            target = rows @ x
+            error_before = float(np.mean((weight_rows(node, masked) @ x - target) ** 2))
+            error_after = float(np.mean((fitted @ x - target) ** 2))
+            masked = rows_to_weight(node, fitted, w.shape)
+        masks[layer.weight] = mask
+        weights[layer.weight] = masked.astype(np.float32)
+        report.append({
+            "node": layer.node, "density": float(mask.mean()),
+            "output_mse_masked": error_before, "output_mse_refit": error_after,
+            "log10_diversity_per_weight": _diversity(node, w, cfg),
+        })
+    return masks, weights, report
+
+
+def _diversity(node, w: np.ndarray, cfg: MaskConfig) -> float | None:
+    """log10 of the masks the family allows, per weight; None when rows are shorter than M."""
+    k = weight_to_matrix(w, node.op_type, channel_axis(node) % w.ndim).shape[1]
+    if k < cfg.m or k % cfg.m:
+        return None
+    d = mask_diversity(cfg.n, cfg.m, k)
+    return d.transposable_log10_per_weight if cfg.transposable else d.plain_log10_per_weight
+
+
+def _batches(g: Graph, data: DataConfig | None, samples: int) -> list[Batch] | None:
+    if data is None or data.path is None:
+        return None
+    return list(iter_batches(data.path, model_inputs(g), data, limit=samples))
+
+
+def mask_model(g: Graph, layers: list[Layer], cfg: MaskConfig, data: DataConfig | None, run_dir: Path) -> list[dict]:
+    """Mask a float model; write it (and the masks) into a run directory."""
+    run = rundir.ensure_run_dir(run_dir)
+    masks, weights, report = mask_layers(g, layers, cfg, _batches(g, data, cfg.samples) if cfg.refit else None)
+    model = clone(g.model)
+    for t in model.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(make_initializer(t.name, weights[t.name]))
+    rundir.write_float_model(run, model)
+    rundir.write_npz(run / MASKS, masks)
+    rundir.write_json(run / "masks.json", {"nm": f"{cfg.n}:{cfg.m}", "transposable": cfg.transposable,
+                                           "method": cfg.method, "layers": report})
+    return report
+
+
+def mask_run(run_dir: str | Path, cfg: MaskConfig) -> tuple[Plan, list[dict]]:
+    """Mask a calibrated run's layers; the plan then quantizes the masked weights."""
+    run = rundir.existing_run_dir(run_dir)
+    plan = rundir.read_plan(run)
+    g = Graph(rundir.read_float_model(run))
+    data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.config["data"].items()})
+    masks, weights, report = mask_layers(g, plan.layers, cfg, _batches(g, data, cfg.samples) if cfg.refit else None)
+    label = f"{cfg.n}:{cfg.m}" + (" transposable" if cfg.transposable else "")
+    for name, w in weights.items():
+        tq = plan.tensors.get(name)
+        if tq is None:
+            continue
+        method = tq.source.get("method", "minmax")
+        fitted = quantize_weight(w, tq.spec, "mse" if method == "mse" else "minmax")
+        plan = plan.with_tensor(name, replace(fitted, value=w, source={**fitted.source, "sparsity": label}))
+    quant = from_mapping(QuantConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in plan.config["quant"].items()},
+                         "plan quant config")
+    with np.load(run / rundir.STATS) as arrays:
+        stats = load_stats(arrays)
+    plan = requantize_biases(g, replace(plan, config={**plan.config, "masks": {"nm": label, "method": cfg.method}}),
+                             stats, quant)
+    rundir.write_plan(run, plan)
+    rundir.write_npz(run / MASKS, masks)
+    rundir.write_json(run / "masks.json", {"nm": f"{cfg.n}:{cfg.m}", "transposable": cfg.transposable,
+                                           "method": cfg.method, "layers": report})
+    return plan, report
