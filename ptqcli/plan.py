@@ -17,7 +17,8 @@ from .errors import PtqError
 from .spec import QuantSpec
 
 PLAN_VERSION = 1
-ROLES = ("activation", "weight", "bias")
+# "value": a float tensor the plan replaces without quantizing (a corrected bias that int32 cannot hold).
+ROLES = ("activation", "weight", "bias", "value")
 
 
 @dataclass(frozen=True)

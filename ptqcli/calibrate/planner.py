@@ -115,8 +115,8 @@ def widen_for_bias(wq: TensorQuant, w: np.ndarray, b: np.ndarray, act: TensorQua
     That happens on near-dead channels (weights ~0 after BN folding, bias large): a coarser grid
     costs those weights nothing, while a bias left in float breaks ORT's integer kernels.
     """
-    if np.size(act.scale) != 1 or b.shape != np.shape(wq.scale) and np.size(wq.scale) != 1:
-        return wq
+    if wq.spec.scheme != "int" or np.size(act.scale) != 1 or b.shape != np.shape(wq.scale) and np.size(wq.scale) != 1:
+        return wq  # a level-set grid moves with its scale: never widen it for the bias's sake
     limit = float(2**31 - 1) / 2  # headroom for the accumulator
     needed = (np.abs(b.astype(np.float64)) / (float(act.scale) * limit)).astype(np.float32)
     if np.size(wq.scale) == 1:
@@ -172,13 +172,16 @@ def quantize_bias(g: Graph, layer: Layer, acts: dict[str, TensorQuant], weights:
     b = g.constant(layer.bias)
     if cfg.corrects_bias:
         bq = corrected_bias(g, layer, weights[layer.weight], stats, bq, b)
-    return bq if _bias_fits(b if bq.value is None else bq.value, bq) else None
+    if _bias_fits(b if bq.value is None else bq.value, bq):
+        return bq
+    # Too large for int32 at this scale: the bias stays float, corrected if it was.
+    return None if bq.value is None else replace(bq, role="value")
 
 
 def requantize_biases(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig) -> Plan:
     """Biases re-derived after weights changed (learned rounding, moved scales)."""
     acts, weights = plan.of_role("activation"), plan.of_role("weight")
-    tensors = {k: v for k, v in plan.tensors.items() if v.role != "bias"}
+    tensors = {k: v for k, v in plan.tensors.items() if v.role not in ("bias", "value")}
     for layer in plan.layers:
         if layer.bias is not None and layer.activation in acts and layer.weight in weights:
             bq = quantize_bias(g, layer, acts, weights, stats, cfg)

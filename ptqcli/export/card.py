@@ -100,7 +100,8 @@ def _tradeoffs(c: CardInputs, layers: list[dict]) -> dict:
         "first_layer": _layer_brief(layers[0]) if layers else None,
         "last_layer": _layer_brief(layers[-1]) if layers else None,
         "bias_bits": 32,
-        "bias_correction": any(t.source.get("bias_correction") for t in c.plan.of_role("bias").values()),
+        "bias_correction": any(t.source.get("bias_correction") for t in c.plan.tensors.values()
+                               if t.role in ("bias", "value")),
         "accumulator_bits": 32,
         "graph_outputs": "float32 (not quantized)",
         "target_kernels": "ONNX Runtime CPU, QDQ; integer kernels used: " + (", ".join(integer) or "none (emulated)"),

@@ -89,6 +89,11 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
     rewire: dict[str, str] = {}
     producers = {out for n in model.graph.node for out in n.output}
     for name, tq in plan.tensors.items():
+        if tq.role == "value":
+            if name in initializers:
+                shape = tuple(initializers[name].dims)
+                initializers[name] = numpy_helper.from_array(tq.value.reshape(shape).astype(np.float32), name)
+            continue
         if tq.role in ("weight", "bias"):
             if name not in initializers:
                 raise PtqError(f"plan names weight '{name}', which the model does not have")
