@@ -11,6 +11,7 @@ Only sampled patch columns are kept, so memory does not grow with the feature-ma
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -204,6 +205,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
         wq = plan.tensors.get(layer.weight)
         if wq is None or not supported(node) or layer.activation is None or wq.spec.scheme != "int":
             continue
+        started = time.perf_counter()
         w = float_weights[layer.weight]
         x_q_cols, x_f_cols = [], []
         for batch, floats in zip(batches, float_inputs):
@@ -231,7 +233,8 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
         out_plan = out_plan.with_tensor(layer.weight, tq)
         current[layer.weight] = dequantize(quantize(values, tq.scale, tq.zero_point, tq.spec), tq.scale,
                                            tq.zero_point, tq.spec)
-        report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after})
+        report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
+                       "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2])})
         if progress is not None:
             progress(layer.node, len(report))
     return out_plan, report
