@@ -21,6 +21,12 @@ def _temp_beside(target: Path) -> tuple[int, str]:
         raise PtqError(f"cannot write to {folder}: {exc.strerror}") from None
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def check_writable(target: str | os.PathLike) -> None:
     """Fail before hours of work, not after: create and remove a temp file where the output goes."""
     fd, tmp = _temp_beside(Path(target))
@@ -35,6 +41,7 @@ def write_atomic(target: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -149,3 +149,14 @@ def test_npz_is_streamed_not_loaded(tmp_path, save, monkeypatch):
     np.testing.assert_array_equal(np.concatenate([b.feeds["input"] for b in batches]), x[30:630])
     np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), np.arange(30, 630))
     assert count_samples(tmp_path / "d.npz") == 700
+
+
+def test_outputs_get_the_usual_file_permissions(tmp_path):
+    import os
+
+    from ptqcli.files import write_atomic
+
+    write_atomic(tmp_path / "out.bin", b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o666 & ~umask
