@@ -25,6 +25,7 @@ err = Console(stderr=True)
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
 RunArg = Annotated[Path, typer.Argument(help="Run directory written by `ptq calibrate`.", show_default=False)]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Calibration data: .npy, .npz, image folder, or folder of arrays.")]
+SyntheticOpt = Annotated[Optional[str], typer.Option("--synthetic", help="No data: bn (fitted to the model's BatchNorm statistics), gaussian or uniform.")]
 NumSamplesOpt = Annotated[Optional[int], typer.Option("--num-samples", help="Calibration samples to read [default: 256].")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Samples per ORT run (models with a fixed batch use theirs) [default: 16].")]
 ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="Images: resize the shorter side to this, then centre-crop.")]
@@ -39,7 +40,7 @@ ActSymOpt = Annotated[Optional[bool], typer.Option("--act-symmetric/--act-asymme
 MethodOpt = Annotated[Optional[Method], typer.Option("--method", help="Activation range method [default: minmax].")]
 WeightMethodOpt = Annotated[Optional[WeightMethod], typer.Option("--weight-method", help="Weight range: minmax, or mse (per-channel clipping) [default: minmax].")]
 RoundingOpt = Annotated[Optional[str], typer.Option("--rounding", help="Weight rounding: nearest, adaround, adaquant [default: nearest].")]
-RoundingItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Optimisation steps per layer for adaround/adaquant [default: 1000].")]
+RoundingItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Optimisation steps: per layer for adaround/adaquant [default: 1000], per batch for --synthetic bn [default: 500].")]
 BiasCorrOpt = Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Remove the output mean shift of weight quantization [default: on below 8 bits].")]
 PercentileOpt = Annotated[Optional[float], typer.Option("--percentile", help="Percentile for --method percentile [default: 99.999].")]
 ReduceOpt = Annotated[Optional[ReduceRange], typer.Option("--reduce-range", help="7-bit weights for ORT's int8 kernels; auto = on for x86 without VNNI.")]
@@ -96,7 +97,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
+def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
              act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed):
     doc = load_recipe(str(recipe) if recipe else None)
     quant = merge(QuantConfig, doc.get("quant", {}), dict(
@@ -105,7 +106,7 @@ def _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, c
         percentile=percentile, reduce_range=reduce_range, exclude_nodes=_names(exclude_nodes),
         exclude_ops=_names(exclude_ops), seed=seed), "quant options")
     data_cfg = merge(DataConfig, doc.get("data", {}), dict(
-        path=data, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
+        path=data, synthetic=synthetic, synthetic_iters=iters if synthetic else None, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), layout=layout, color=color), "data options")
     return quant, data_cfg
 
@@ -123,7 +124,8 @@ def inspect(model: ModelArg):
 @app.command()
 @user_errors
 def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--output", help="Run directory.")],
-              data: DataOpt = None, num_samples: NumSamplesOpt = None, batch_size: BatchOpt = None,
+              data: DataOpt = None, synthetic: SyntheticOpt = None, num_samples: NumSamplesOpt = None,
+              batch_size: BatchOpt = None,
               resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
               color: ColorOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
               granularity: GranularityOpt = None, act_symmetric: ActSymOpt = None, method: MethodOpt = None,
@@ -134,7 +136,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
     from . import stages
     from .report import plan_table
 
-    quant, data_cfg = _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
+    quant, data_cfg = _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
                                exclude_ops, seed)
@@ -159,7 +161,8 @@ def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", h
 @user_errors
 def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--output", help="Quantized model to write.")],
              run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory [default: OUTPUT.run/].")] = None,
-             data: DataOpt = None, num_samples: NumSamplesOpt = None, batch_size: BatchOpt = None,
+             data: DataOpt = None, synthetic: SyntheticOpt = None, num_samples: NumSamplesOpt = None,
+             batch_size: BatchOpt = None,
              resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
              color: ColorOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
              granularity: GranularityOpt = None, act_symmetric: ActSymOpt = None, method: MethodOpt = None,
@@ -172,7 +175,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     from .files import check_writable
     from .report import plan_table
 
-    quant, data_cfg = _configs(recipe, data, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
+    quant, data_cfg = _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
                                exclude_ops, seed)

@@ -88,6 +88,9 @@ class DataConfig:
     std: tuple[float, ...] = (255.0,)
     layout: str = "auto"  # auto | NCHW | NHWC
     color: str = "auto"  # auto | rgb | bgr | gray
+    # Data-free calibration: bn (fitted to the model's BatchNorm statistics), gaussian, uniform.
+    synthetic: str | None = None
+    synthetic_iters: int = 500
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -100,6 +103,8 @@ class DataConfig:
             raise PtqError(f"--color must be auto, rgb, bgr or gray (got {self.color})")
         if any(s == 0 for s in self.std):
             raise PtqError("--std values must be non-zero")
+        if self.synthetic not in (None, "bn", "gaussian", "uniform"):
+            raise PtqError(f"--synthetic must be bn, gaussian or uniform (got {self.synthetic})")
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,15 @@ def load_prepared(model_path: str | Path) -> Graph:
 def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_dir: str | Path,
               progress: Progress = silent) -> Plan:
     """Prepare the model, observe activations on the data in one pass, write the plan."""
-    if data.path is None:
-        raise PtqError("calibration needs data: pass --data PATH")
-    g = load_prepared(model_path)
+    if data.path is None and data.synthetic is None:
+        raise PtqError("calibration needs data: pass --data PATH or --synthetic bn|gaussian|uniform")
+    if data.path is not None and data.synthetic is not None:
+        raise PtqError("give --data or --synthetic, not both")
     run = rundir.ensure_run_dir(run_dir)
+    recorded = data  # a synthetic run records how its data was made, not where it was put
+    if data.synthetic is not None:
+        data = replace(data, path=str(synthesize(model_path, data, quant.seed, run, progress)))
+    g = load_prepared(model_path)
     # The plan and card record what `auto` resolved to, so a recipe replays identically.
     chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
     quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
@@ -62,7 +67,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
                               histograms=quant.method.value != "minmax", channel_axes=layer_input_axes(g, sel))
     if seen == 0:
         raise PtqError(f"no calibration samples could be read from {data.path}")
-    extra = {"data": to_jsonable(data), "samples_seen": seen, "reduce_range_choice": chose}
+    extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose}
     plan = build_plan(g, sel, stats, quant, extra)
     if quant.rounding.value != "nearest":
         plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
@@ -76,6 +81,27 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         "samples_seen": seen,
     })
     return plan
+
+
+def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, progress: Progress = silent) -> Path:
+    """Data-free calibration samples in run/synthetic.npz (resumed if a run was interrupted)."""
+    from .calibrate.synthetic import batch_sizes, iter_generate
+
+    out = run / "synthetic.npz"
+    iters = data.synthetic_iters if data.synthetic == "bn" else 1
+    batches = len(batch_sizes(data.num_samples, 32))
+    with progress(f"synthetic data ({data.synthetic})", batches * iters) as advance:
+        done = {"steps": 0}
+
+        def report(batch: int, iteration: int, loss: float) -> None:
+            steps = batch * iters + iteration
+            advance(max(0, steps - done["steps"]))
+            done["steps"] = max(done["steps"], steps)
+
+        for _ in iter_generate(load_model(model_path), data.synthetic, data.num_samples, 32, data.synthetic_iters,
+                               seed=seed, out_path=out, progress=report):
+            pass
+    return out
 
 
 def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,

@@ -128,7 +128,8 @@ def build_card(c: CardInputs) -> dict:
         "recipe": {"quant": c.plan.config["quant"], "data": data},
         "tradeoffs": _tradeoffs(c, layers),
         "layers": layers,
-        "calibration": {"kind": "real", "source": data.get("path"), "samples": int(c.plan.config.get("samples_seen", 0)),
+        "calibration": {"kind": "synthetic" if data.get("synthetic") else "real",
+                        "source": f"synthetic ({data['synthetic']})" if data.get("synthetic") else data.get("path"), "samples": int(c.plan.config.get("samples_seen", 0)),
                         "method": c.plan.config["quant"]["method"]},
         "results": {
             "evaluation": None if f is None else {"source": c.eval_source, "samples": f.samples, "held_out": f.held_out},
