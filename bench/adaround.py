@@ -21,21 +21,13 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-ASSETS = Path(__file__).resolve().parents[1] / "ptqcli" / "assets"
 VARIANTS = [("nearest", False), ("nearest", True), ("adaround", True), ("adaquant", True)]
 
 
 def model_sets(names):
-    sets = {}
-    if "embedded" in names:
-        sets["embedded"] = (ASSETS / "fashion_cnn.onnx", ASSETS / "fashion_calib.npz", ASSETS / "fashion_test.npz")
-    if "efficientnet" in names:
-        from models import DEFAULT_CACHE_DIR, export_efficientnet_lite0, write_npz_sets
+    from models import model_sets as shared
 
-        export_efficientnet_lite0(DEFAULT_CACHE_DIR)
-        data = write_npz_sets(DEFAULT_CACHE_DIR)
-        sets["efficientnet"] = (DEFAULT_CACHE_DIR / "efficientnet_lite0.onnx", data["calib_1024"], data["eval_500"])
-    return sets
+    return shared(names, "calib_1024")
 
 
 def child(args) -> None:

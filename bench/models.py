@@ -130,7 +130,6 @@ def _prune_dead_nodes(graph) -> None:
 
 def _evaluate_constants(model, names: list[str]) -> list[np.ndarray]:
     """Values of tensors that do not depend on any graph input."""
-    import onnx
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
@@ -440,3 +439,20 @@ def main(cache_dir: Path = DEFAULT_CACHE_DIR) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_CACHE_DIR)
+
+
+EMBEDDED_ASSETS = Path(__file__).resolve().parents[1] / "ptqcli" / "assets"
+
+
+def model_sets(names: list[str], calib: str = "calib_256") -> dict[str, tuple[Path, Path, Path]]:
+    """{name: (model, calibration .npz, labelled evaluation .npz)} for the embedded model and/or
+    EfficientNet-Lite0 (BN folded), building the latter's material on first use."""
+    sets = {}
+    if "embedded" in names:
+        sets["embedded"] = (EMBEDDED_ASSETS / "fashion_cnn.onnx", EMBEDDED_ASSETS / "fashion_calib.npz",
+                            EMBEDDED_ASSETS / "fashion_test.npz")
+    if "efficientnet" in names:
+        export_efficientnet_lite0(DEFAULT_CACHE_DIR)
+        data = write_npz_sets(DEFAULT_CACHE_DIR)
+        sets["efficientnet"] = (DEFAULT_CACHE_DIR / "efficientnet_lite0.onnx", data[calib], data["eval_500"])
+    return sets

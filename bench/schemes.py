@@ -23,20 +23,12 @@ from ptqcli import stages  # noqa: E402
 from ptqcli.config import DataConfig, QuantConfig  # noqa: E402
 
 FORMATS = ["int8", "int4", "int3", "pow2:4", "exp:3", "ternary", "binary"]
-ASSETS = Path(__file__).resolve().parents[1] / "ptqcli" / "assets"
 
 
-def model_sets(names: list[str]) -> dict[str, tuple[Path, Path, Path]]:
-    sets = {}
-    if "embedded" in names:
-        sets["embedded"] = (ASSETS / "fashion_cnn.onnx", ASSETS / "fashion_calib.npz", ASSETS / "fashion_test.npz")
-    if "efficientnet" in names:
-        from models import DEFAULT_CACHE_DIR, export_efficientnet_lite0, write_npz_sets
+def model_sets(names):
+    from models import model_sets as shared
 
-        export_efficientnet_lite0(DEFAULT_CACHE_DIR)
-        data = write_npz_sets(DEFAULT_CACHE_DIR)
-        sets["efficientnet"] = (DEFAULT_CACHE_DIR / "efficientnet_lite0.onnx", data["calib_256"], data["eval_500"])
-    return sets
+    return shared(names, "calib_256")
 
 
 def run(model: Path, calib: Path, evaluation: Path, weights: str, samples: int, eval_samples: int,
