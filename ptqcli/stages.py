@@ -85,10 +85,10 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
 
 def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, progress: Progress = silent) -> Path:
     """Data-free calibration samples in run/synthetic.npz (resumed if a run was interrupted)."""
-    from .calibrate.synthetic import batch_sizes, iter_generate
+    from .calibrate.synthetic import batch_sizes, iter_generate, steps_per_batch
 
     out = run / "synthetic.npz"
-    iters = data.synthetic_iters if data.synthetic == "bn" else 1
+    iters = steps_per_batch(data.synthetic, data.synthetic_iters)
     batches = len(batch_sizes(data.num_samples, 32))
     with progress(f"synthetic data ({data.synthetic})", batches * iters) as advance:
         done = {"steps": 0}

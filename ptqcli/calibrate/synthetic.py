@@ -43,8 +43,9 @@ NO_BATCHNORM = (
     "(PyTorch: torch.onnx.export(..., training=torch.onnx.TrainingMode.PRESERVE)) or pass --data"
 )
 
-# Called after every Adam step with (batch index, iteration 1..iters, BatchNorm loss before the step);
-# a batch read back from the output file reports once, with iteration = iters and its final loss.
+# Called with (batch index, step within the batch, loss): for bn after every Adam step (steps 1..iters,
+# the BatchNorm loss before the step); for the noise baselines once per batch (step 1, loss NaN).
+# A batch read back from the output file reports once, at its last step, with its final loss.
 ProgressFn = Callable[[int, int, float], None]
 
 
@@ -317,6 +318,11 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
     return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
 
 
+def steps_per_batch(kind: str, iters: int) -> int:
+    """How many progress steps each batch reports: a progress bar's total is this times the batches."""
+    return iters if kind == "bn" else 1
+
+
 # --------------------------------------------------------------------------- #
 # The resumable output file
 # --------------------------------------------------------------------------- #
@@ -416,14 +422,17 @@ def iter_generate(model: ModelProto | str | Path, kind: str = "bn", num_samples:
     if path is not None:
         check_writable(path)
     finished = [] if path is None else load_finished(path, made, planned)
+    last_step = steps_per_batch(kind, iters)
     for batch in finished:
         if progress is not None:
-            progress(batch.index, iters, batch.final_loss if batch.final_loss is not None else math.nan)
+            progress(batch.index, last_step, batch.final_loss if batch.final_loss is not None else math.nan)
         yield batch
     for index in range(len(finished), len(planned)):
         x = initial_batch(kind, seed, index, (planned[index], *spec.sample_shape()), spec.dtype)
         if fit is None:
             batch = SyntheticBatch(index, x, None, None)
+            if progress is not None:
+                progress(index, last_step, math.nan)
         else:
             program, targets, name = fit
             report = None if progress is None else (lambda it, loss, i=index: progress(i, it, loss))
