@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ASSETS := ptqcli/assets
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-sanitize install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache
+
+# The native operator tests again against an AddressSanitizer + UndefinedBehaviorSanitizer build.
+test-sanitize: $(STAMP)
+	$(BIN)/python setup.py native-sanitize
+	PTQ_NATIVE_LIB=build/native/cmake-sanitize/libptqcli_ops.so \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_native_kernels.py

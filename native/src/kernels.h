@@ -1,0 +1,110 @@
+// Integer GEMM kernels behind the ptqcli custom operators; no ONNX Runtime types here, so they can
+// be tested and benchmarked on their own. Packed formats are described in native/README.md and
+// mirrored by ptqcli/export/native_ref.py (the numpy references the tests compare against).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+
+namespace ptq {
+
+// Runs task(i) for i in [0, count), possibly on several threads.
+using ParallelFor = std::function<void(size_t count, const std::function<void(size_t)>& task)>;
+void serial_for(size_t count, const std::function<void(size_t)>& task);
+
+constexpr int64_t kNibbleBlock = 32;  // K elements per 16-byte block of packed 4-bit codes
+constexpr int64_t kBinaryWord = 64;   // K elements per 64-bit word of sign bits
+
+inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Where output element (m, n) goes: y[m * row_stride + n * col_stride].
+struct OutputView {
+  float* y;
+  int64_t row_stride;
+  int64_t col_stride;
+};
+
+// ---- 4-bit codes (Int4 and Shift operators) --------------------------------------------------
+// Codes are packed per output row n over K in blocks of 32: byte j of a block holds the code of
+// k = 32b + j in its low nibble and of k = 32b + 16 + j in its high nibble. A code c decodes to the
+// unsigned byte lut[c] (identity for int4); the weight is (decoded - zero_point[n, g]) * scale[n, g].
+struct NibbleWeights {
+  const uint8_t* packed;   // [N, Kp / 2]
+  int64_t n;               // output channels
+  int64_t k;               // reduction length
+  int64_t kp;              // k rounded up to a multiple of 32 (and of the group)
+  int64_t group;           // elements per scale group (multiple of 32), kp when per-channel
+  int64_t groups;          // kp / group
+  const float* scale;      // [N, groups]
+  const int32_t* zero;     // [N, groups], decoded units
+  const int32_t* colsum;   // [N, groups], sum of decoded codes over each group (padding included)
+  const uint8_t* lut;      // 16 entries, or nullptr for identity
+};
+
+// Rows of int8 activations padded to kp with their zero point; x = (q - zero) * scale.
+struct QuantRows {
+  const int8_t* q;        // [M, kp]
+  int64_t m;
+  const float* scale;     // [M]
+  const int32_t* zero;    // [M]
+  const int32_t* rowsum;  // [M, groups], sum of q over each group
+};
+
+// Sums the weights' decoded codes per group: the colsum field of NibbleWeights.
+void nibble_colsums(const uint8_t* packed, int64_t n, int64_t kp, int64_t group, const uint8_t* lut,
+                    int32_t* colsum);
+void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum);
+
+// y[m, n] = x_scale[m] * sum_g(float(acc[m, n, g]) * scale[n, g]) + bias[n], acc the exact int32
+// sum over group g of (q - x_zero) * (decoded - w_zero). Float steps are taken in this order.
+void gemm_nibble(const QuantRows& x, const NibbleWeights& w, const float* bias, OutputView out,
+                 const ParallelFor& parallel);
+
+// Symmetric int8 per row: scale = max|x| / 127 (1 when the row is all zeros), q = round-half-even(x / scale).
+void quantize_rows_symmetric(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, float* scale,
+                             int32_t* zero);
+
+// ---- sign bits (Binary operators) --------------------------------------------------------------
+// Bit k % 64 of word k / 64 is 1 where the value is negative; bits past k are 0.
+struct BinaryRows {
+  const uint64_t* bits;   // [M, words]
+  const uint64_t* valid;  // [M, words] 1 where the element is real (not conv padding), or nullptr
+  const int32_t* count;   // [M] number of real elements
+  const float* scale;     // [M] mean |x| over the real elements
+  int64_t m;
+};
+
+struct BinaryWeights {
+  const uint64_t* bits;  // [N, words]
+  const float* scale;    // [N]
+  int64_t n;
+  int64_t words;
+};
+
+// y[m, n] = (float(dot) * x_scale[m]) * w_scale[n] + bias[n], dot = count - 2 * popcount((x ^ w) & valid).
+void gemm_binary(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out,
+                 const ParallelFor& parallel);
+
+// Sign bits and mean |x| of float rows; valid (optional, [M, K] bytes) marks real elements.
+void binarize_rows(const float* x, const uint8_t* valid, int64_t m, int64_t k, int64_t words, uint64_t* bits,
+                   uint64_t* valid_bits, int32_t* count, float* scale);
+
+// ---- convolution lowering ---------------------------------------------------------------------
+struct ConvShape {
+  int64_t channels, height, width;  // one image, input
+  int64_t kernel_h, kernel_w;
+  int64_t stride_h, stride_w;
+  int64_t pad_top, pad_left, pad_bottom, pad_right;
+  int64_t dilation_h, dilation_w;
+  int64_t out_h() const { return (height + pad_top + pad_bottom - dilation_h * (kernel_h - 1) - 1) / stride_h + 1; }
+  int64_t out_w() const { return (width + pad_left + pad_right - dilation_w * (kernel_w - 1) - 1) / stride_w + 1; }
+};
+
+// Patches of channels [c0, c0 + cg) as rows [out_h * out_w, ld] ordered (c, kh, kw); padding gets
+// pad_value and, if valid is given, a 0 in valid.
+template <typename T>
+void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t ld, T pad_value, T* rows,
+            uint8_t* valid);
+
+}  // namespace ptq

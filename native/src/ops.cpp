@@ -1,0 +1,478 @@
+// ONNX Runtime custom operators (domain "ptqcli") over the kernels in kernels.h. One table, kOps,
+// lists every operator: its weight format (family) and how its input is laid out (layout).
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+enum class Family { Int4, Shift, Binary };
+enum class Layout { MatMul, Gemm, Conv };
+
+struct OpEntry {
+  const char* name;
+  Family family;
+  Layout layout;
+};
+
+constexpr OpEntry kOps[] = {
+    {"Int4MatMul", Family::Int4, Layout::MatMul},   {"Int4Gemm", Family::Int4, Layout::Gemm},
+    {"Int4Conv", Family::Int4, Layout::Conv},       {"ShiftMatMul", Family::Shift, Layout::MatMul},
+    {"ShiftGemm", Family::Shift, Layout::Gemm},     {"ShiftConv", Family::Shift, Layout::Conv},
+    {"BinaryMatMul", Family::Binary, Layout::MatMul}, {"BinaryGemm", Family::Binary, Layout::Gemm},
+    {"BinaryConv", Family::Binary, Layout::Conv},
+};
+
+// Shift codes: bit 3 the sign, bits 0-2 the exponent e (2^e for e < 7; e = 7 is zero), decoded
+// with +64 so every value is an unsigned byte, and 64 taken back out as the zero point.
+constexpr int32_t kShiftOffset = 64;
+const uint8_t kShiftLut[16] = {65, 66, 68, 72, 80, 96, 128, 64, 63, 62, 60, 56, 48, 32, 0, 64};
+
+// Nibble inputs: X, W, W_scale, W_zero, X_scale, X_zero, Bias. Binary inputs: X, W, W_scale, Bias.
+constexpr size_t kNibbleInputs = 7;
+constexpr size_t kBinaryInputs = 4;
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+void require(bool ok, const std::string& node, const std::string& message) {
+  if (!ok) throw Error(node + ": " + message);
+}
+
+template <typename T>
+std::vector<int64_t> attribute_list(const Ort::ConstKernelInfo& info, const char* name, std::vector<int64_t> fallback) {
+  try {
+    return info.GetAttributes<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
+int64_t attribute(const Ort::ConstKernelInfo& info, const char* name, int64_t fallback) {
+  try {
+    return info.GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
+void run_task(void* data, size_t index) { (*static_cast<const std::function<void(size_t)>*>(data))(index); }
+
+ptq::ParallelFor session_threads(const Ort::KernelContext& ctx) {
+  return [&ctx](size_t count, const std::function<void(size_t)>& task) {
+    if (count <= 1) return ptq::serial_for(count, task);
+    ctx.ParallelFor(run_task, count, 0, const_cast<void*>(static_cast<const void*>(&task)));
+  };
+}
+
+struct Conv {
+  std::vector<int64_t> kernel, strides, pads, dilations;
+  int64_t group = 1;
+};
+
+// Activations as int8 rows padded to kp: quantized per row on the fly (float input) or taken as
+// given with the tensor's scale and zero point (int8/uint8 input, uint8 shifted by -128).
+struct Activations {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> zero;
+  std::vector<int32_t> rowsum;
+};
+
+class Kernel {
+ public:
+  Kernel(const OpEntry& entry, const OrtKernelInfo* raw_info) : entry_(entry) {
+    Ort::ConstKernelInfo info(raw_info);
+    node_ = info.GetNodeName();
+    k_ = attribute(info, "K", -1);
+    n_ = attribute(info, "N", -1);
+    group_size_ = attribute(info, "group_size", 0);
+    require(k_ > 0 && n_ > 0, node_, "attributes K and N must be positive");
+    if (entry.family == Family::Binary) {
+      words_ = (k_ + ptq::kBinaryWord - 1) / ptq::kBinaryWord;
+    } else {
+      require(group_size_ >= 0 && group_size_ % ptq::kNibbleBlock == 0, node_,
+              "group_size must be 0 (per channel) or a multiple of 32");
+      kp_ = ptq::round_up(k_, group_size_ > 0 ? group_size_ : ptq::kNibbleBlock);
+      group_ = group_size_ > 0 ? group_size_ : kp_;
+      groups_ = kp_ / group_;
+      cache_weight_sums(info);
+    }
+    if (entry.layout == Layout::Conv) {
+      conv_.kernel = attribute_list<int64_t>(info, "kernel_shape", {});
+      require(conv_.kernel.size() == 2, node_, "kernel_shape must have 2 values (2-D convolution)");
+      conv_.strides = attribute_list<int64_t>(info, "strides", {1, 1});
+      conv_.pads = attribute_list<int64_t>(info, "pads", {0, 0, 0, 0});
+      conv_.dilations = attribute_list<int64_t>(info, "dilations", {1, 1});
+      conv_.group = attribute(info, "group", 1);
+      require(conv_.strides.size() == 2 && conv_.pads.size() == 4 && conv_.dilations.size() == 2, node_,
+              "strides, pads and dilations must describe a 2-D convolution");
+      require(conv_.group > 0 && n_ % conv_.group == 0, node_, "N must be a multiple of group");
+    }
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
+    try {
+      Ort::KernelContext ctx(raw);
+      if (entry_.layout == Layout::Conv)
+        compute_conv(ctx);
+      else
+        compute_rows(ctx);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
+    }
+  }
+
+ private:
+  // Weight code sums per group, once, when the weights are initializers (they are in exported models).
+  void cache_weight_sums(const Ort::ConstKernelInfo& info) {
+    const bool zero_given = info.GetInputCount() > 3 && !info.GetInputName(3).empty();
+    if (!zero_given) {
+      zero_ = weight_zeros(nullptr, 0);
+      zero_cached_ = true;
+    } else {
+      int zero_constant = 0;
+      Ort::ConstValue z = info.GetTensorConstantInput(3, &zero_constant);
+      if (zero_constant) {
+        zero_ = weight_zeros(z.GetTensorData<uint8_t>(), z.GetTensorTypeAndShapeInfo().GetElementCount());
+        zero_cached_ = true;
+      }
+    }
+    int is_constant = 0;
+    Ort::ConstValue w = info.GetTensorConstantInput(1, &is_constant);
+    if (is_constant) {
+      check_count(w, n_ * kp_ / 2, "W (packed 4-bit codes, N x Kp/2)");
+      colsum_ = weight_colsums(w.GetTensorData<uint8_t>(), n_);
+    }
+  }
+
+  std::vector<int32_t> weight_colsums(const uint8_t* packed, int64_t rows) const {
+    std::vector<int32_t> sums(static_cast<size_t>(rows * groups_));
+    ptq::nibble_colsums(packed, rows, kp_, group_, lut(), sums.data());
+    return sums;
+  }
+
+  std::vector<int32_t> weight_zeros(const uint8_t* given, size_t count) const {
+    const size_t expected = static_cast<size_t>(n_ * groups_);
+    if (entry_.family == Family::Shift) {
+      require(given == nullptr, node_, "shift weights take no zero point");
+      return std::vector<int32_t>(expected, kShiftOffset);
+    }
+    if (given == nullptr) return std::vector<int32_t>(expected, 8);  // signed int4 stored as code + 8
+    require(count == expected, node_, "W_zero_point must have N x groups elements");
+    std::vector<int32_t> zeros(expected);
+    for (size_t i = 0; i < expected; ++i) {
+      require(given[i] < 16, node_, "W_zero_point values must be 4-bit");
+      zeros[i] = given[i];
+    }
+    return zeros;
+  }
+
+  const uint8_t* lut() const { return entry_.family == Family::Shift ? kShiftLut : nullptr; }
+
+  static std::vector<int64_t> shape_of(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
+
+  static int64_t element_count(const std::vector<int64_t>& shape) {
+    int64_t count = 1;
+    for (int64_t d : shape) count *= d;
+    return count;
+  }
+
+  void check_count(const Ort::ConstValue& v, int64_t expected, const char* what) const {
+    require(v != nullptr && static_cast<int64_t>(v.GetTensorTypeAndShapeInfo().GetElementCount()) == expected, node_,
+            std::string(what) + " must have " + std::to_string(expected) + " elements");
+  }
+
+  static Ort::ConstValue optional_input(const Ort::KernelContext& ctx, size_t index) {
+    return index < ctx.GetInputCount() ? ctx.GetInput(index) : Ort::ConstValue(nullptr);
+  }
+
+  ptq::NibbleWeights nibble_weights(const Ort::KernelContext& ctx, std::vector<int32_t>& colsum_storage,
+                                    std::vector<int32_t>& zero_storage) const {
+    Ort::ConstValue w = ctx.GetInput(1), scale = ctx.GetInput(2);
+    check_count(w, n_ * kp_ / 2, "W (packed 4-bit codes, N x Kp/2)");
+    check_count(scale, n_ * groups_, "W_scale");
+    const uint8_t* packed = w.GetTensorData<uint8_t>();
+    const std::vector<int32_t>* colsum = &colsum_;
+    const std::vector<int32_t>* zero = &zero_;
+    if (colsum_.empty()) {
+      colsum_storage = weight_colsums(packed, n_);
+      colsum = &colsum_storage;
+    }
+    if (!zero_cached_) {
+      Ort::ConstValue z = optional_input(ctx, 3);
+      zero_storage = z == nullptr ? weight_zeros(nullptr, 0)
+                                  : weight_zeros(z.GetTensorData<uint8_t>(), z.GetTensorTypeAndShapeInfo().GetElementCount());
+      zero = &zero_storage;
+    }
+    return {packed, n_, k_, kp_, group_, groups_, scale.GetTensorData<float>(), zero->data(), colsum->data(), lut()};
+  }
+
+  // Scale and zero point of an integer input, the zero point shifted into int8 like the values.
+  std::pair<float, int32_t> input_quantization(const Ort::KernelContext& ctx, ONNXTensorElementDataType type) const {
+    Ort::ConstValue scale = optional_input(ctx, 4), zero = optional_input(ctx, 5);
+    require(scale != nullptr, node_, "an integer X needs X_scale");
+    check_count(scale, 1, "X_scale");
+    int32_t z = 0;
+    if (zero != nullptr) {
+      check_count(zero, 1, "X_zero_point");
+      require(zero.GetTensorTypeAndShapeInfo().GetElementType() == type, node_, "X_zero_point must have X's type");
+      z = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? int32_t(zero.GetTensorData<uint8_t>()[0]) - 128
+                                                       : int32_t(zero.GetTensorData<int8_t>()[0]);
+    } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+      z = -128;
+    }
+    return {scale.GetTensorData<float>()[0], z};
+  }
+
+  // An integer tensor as int8 (uint8 shifted by -128), so one kernel serves both.
+  static std::vector<int8_t> as_int8(const Ort::ConstValue& x, ONNXTensorElementDataType type, int64_t count) {
+    std::vector<int8_t> out(static_cast<size_t>(count));
+    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+      const uint8_t* src = x.GetTensorData<uint8_t>();
+      for (int64_t i = 0; i < count; ++i) out[i] = static_cast<int8_t>(int32_t(src[i]) - 128);
+    } else {
+      const int8_t* src = x.GetTensorData<int8_t>();
+      std::copy(src, src + count, out.begin());
+    }
+    return out;
+  }
+
+  void finish_rows(Activations& a, int64_t m) const {
+    a.rowsum.resize(static_cast<size_t>(m * groups_));
+    ptq::quant_rowsums(a.q.data(), m, kp_, group_, a.rowsum.data());
+  }
+
+  const float* bias_input(const Ort::KernelContext& ctx) const {
+    Ort::ConstValue bias = optional_input(ctx, entry_.family == Family::Binary ? kBinaryInputs - 1 : kNibbleInputs - 1);
+    if (bias == nullptr) return nullptr;
+    check_count(bias, n_, "Bias");
+    return bias.GetTensorData<float>();
+  }
+
+  ONNXTensorElementDataType checked_type(const Ort::ConstValue& x) const {
+    const auto type = x.GetTensorTypeAndShapeInfo().GetElementType();
+    const bool ok = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+                    (entry_.family != Family::Binary &&
+                     (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 || type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8));
+    require(ok, node_, entry_.family == Family::Binary ? "X must be float" : "X must be float, int8 or uint8");
+    return type;
+  }
+
+  void compute_rows(Ort::KernelContext& ctx) {
+    Ort::ConstValue x = ctx.GetInput(0);
+    const auto type = checked_type(x);
+    std::vector<int64_t> shape = shape_of(x);
+    require(!shape.empty() && shape.back() == k_, node_, "the last dimension of X must be K=" + std::to_string(k_));
+    require(entry_.layout != Layout::Gemm || shape.size() == 2, node_, "Gemm takes a 2-D X");
+    const int64_t m = element_count(shape) / k_;
+    shape.back() = n_;
+    Ort::UnownedValue y = ctx.GetOutput(0, shape);
+    const ptq::OutputView out{y.GetTensorMutableData<float>(), n_, 1};
+    const float* bias = bias_input(ctx);
+    const auto parallel = session_threads(ctx);
+    if (entry_.family == Family::Binary) {
+      run_binary(ctx, x.GetTensorData<float>(), nullptr, m, bias, out, parallel);
+      return;
+    }
+    Activations a;
+    a.q.assign(static_cast<size_t>(m * kp_), 0);
+    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      a.scale.resize(m);
+      a.zero.resize(m);
+      ptq::quantize_rows_symmetric(x.GetTensorData<float>(), m, k_, kp_, a.q.data(), a.scale.data(), a.zero.data());
+    } else {
+      const auto [scale, zero] = input_quantization(ctx, type);
+      const std::vector<int8_t> values = as_int8(x, type, m * k_);
+      for (int64_t r = 0; r < m; ++r) {
+        std::copy(values.begin() + r * k_, values.begin() + (r + 1) * k_, a.q.begin() + r * kp_);
+        std::fill(a.q.begin() + r * kp_ + k_, a.q.begin() + (r + 1) * kp_, static_cast<int8_t>(zero));
+      }
+      a.scale.assign(m, scale);
+      a.zero.assign(m, zero);
+    }
+    finish_rows(a, m);
+    std::vector<int32_t> colsum, zeros;
+    const ptq::NibbleWeights w = nibble_weights(ctx, colsum, zeros);
+    ptq::gemm_nibble({a.q.data(), m, a.scale.data(), a.zero.data(), a.rowsum.data()}, w, bias, out, parallel);
+  }
+
+  void run_binary(const Ort::KernelContext& ctx, const float* rows, const uint8_t* valid, int64_t m, const float* bias,
+                  ptq::OutputView out, const ptq::ParallelFor& parallel, int64_t n0 = 0, int64_t n = -1) const {
+    Ort::ConstValue w = ctx.GetInput(1), scale = ctx.GetInput(2);
+    check_count(w, n_ * words_, "W (sign bits, N x ceil(K/64) words)");
+    check_count(scale, n_, "W_scale");
+    if (n < 0) n = n_;
+    std::vector<uint64_t> bits(static_cast<size_t>(m * words_)), valid_bits(valid ? bits.size() : 0);
+    std::vector<int32_t> count(m);
+    std::vector<float> x_scale(m);
+    ptq::binarize_rows(rows, valid, m, k_, words_, bits.data(), valid ? valid_bits.data() : nullptr, count.data(),
+                       x_scale.data());
+    const ptq::BinaryRows xr{bits.data(), valid ? valid_bits.data() : nullptr, count.data(), x_scale.data(), m};
+    const ptq::BinaryWeights wr{w.GetTensorData<uint64_t>() + n0 * words_, scale.GetTensorData<float>() + n0, n, words_};
+    ptq::gemm_binary(xr, wr, bias ? bias + n0 : nullptr, out, parallel);
+  }
+
+  void compute_conv(Ort::KernelContext& ctx) {
+    Ort::ConstValue x = ctx.GetInput(0);
+    const auto type = checked_type(x);
+    const std::vector<int64_t> shape = shape_of(x);
+    require(shape.size() == 4, node_, "Conv takes X as N x C x H x W");
+    const int64_t batch = shape[0], channels = shape[1];
+    require(channels % conv_.group == 0, node_, "C must be a multiple of group");
+    const int64_t cg = channels / conv_.group, ng = n_ / conv_.group;
+    require(cg * conv_.kernel[0] * conv_.kernel[1] == k_, node_, "K must equal C/group x kernel_h x kernel_w");
+    const ptq::ConvShape s{channels, shape[2], shape[3], conv_.kernel[0], conv_.kernel[1],
+                           conv_.strides[0], conv_.strides[1], conv_.pads[0], conv_.pads[1],
+                           conv_.pads[2], conv_.pads[3], conv_.dilations[0], conv_.dilations[1]};
+    const int64_t oh = s.out_h(), ow = s.out_w(), pixels = oh * ow;
+    require(oh > 0 && ow > 0, node_, "the kernel does not fit the padded input");
+    Ort::UnownedValue y = ctx.GetOutput(0, std::vector<int64_t>{batch, n_, oh, ow});
+    float* out = y.GetTensorMutableData<float>();
+    const float* bias = bias_input(ctx);
+    const auto parallel = session_threads(ctx);
+    const int64_t image_size = channels * s.height * s.width;
+
+    if (entry_.family == Family::Binary) {
+      std::vector<float> rows(static_cast<size_t>(pixels * k_));
+      std::vector<uint8_t> valid(rows.size());
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t g = 0; g < conv_.group; ++g) {
+          ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows.data(), valid.data());
+          const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
+          run_binary(ctx, rows.data(), valid.data(), pixels, bias, view, parallel, g * ng, ng);
+        }
+      return;
+    }
+
+    std::vector<int32_t> colsum, zeros;
+    const ptq::NibbleWeights all = nibble_weights(ctx, colsum, zeros);
+    float input_scale = 0.0f;
+    int32_t input_zero = 0;
+    std::vector<int8_t> image_q;
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      std::tie(input_scale, input_zero) = input_quantization(ctx, type);
+      image_q = as_int8(x, type, batch * image_size);
+    }
+    std::vector<float> rows_f(type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<size_t>(pixels * k_) : 0);
+    Activations a;
+    a.q.resize(static_cast<size_t>(pixels * kp_));
+    a.scale.resize(pixels);
+    a.zero.resize(pixels);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t g = 0; g < conv_.group; ++g) {
+        if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+          ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows_f.data(), nullptr);
+          ptq::quantize_rows_symmetric(rows_f.data(), pixels, k_, kp_, a.q.data(), a.scale.data(), a.zero.data());
+        } else {
+          ptq::im2col<int8_t>(image_q.data() + b * image_size, s, g * cg, cg, kp_, static_cast<int8_t>(input_zero),
+                              a.q.data(), nullptr);
+          std::fill(a.scale.begin(), a.scale.end(), input_scale);
+          std::fill(a.zero.begin(), a.zero.end(), input_zero);
+        }
+        finish_rows(a, pixels);
+        ptq::NibbleWeights w = all;
+        w.n = ng;
+        w.packed += g * ng * (kp_ / 2);
+        w.scale += g * ng * groups_;
+        w.zero += g * ng * groups_;
+        w.colsum += g * ng * groups_;
+        const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
+        ptq::gemm_nibble({a.q.data(), pixels, a.scale.data(), a.zero.data(), a.rowsum.data()}, w,
+                         bias ? bias + g * ng : nullptr, view, parallel);
+      }
+  }
+
+  OpEntry entry_;
+  std::string node_;
+  int64_t k_ = 0, n_ = 0, group_size_ = 0;
+  int64_t kp_ = 0, group_ = 0, groups_ = 0, words_ = 0;
+  Conv conv_;
+  std::vector<int32_t> colsum_, zero_;
+  bool zero_cached_ = false;
+};
+
+struct Op : Ort::CustomOpBase<Op, Kernel, true> {
+  explicit Op(const OpEntry& entry) : entry_(entry) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new Kernel(entry_, info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+  }
+
+  const char* GetName() const { return entry_.name; }
+  size_t GetInputTypeCount() const { return binary() ? kBinaryInputs : kNibbleInputs; }
+
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    if (binary()) {
+      return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+    switch (index) {
+      case 0:  // float, int8 or uint8, checked at run time
+      case 5:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+      case 1:
+      case 3:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      default:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    const size_t required = 3;  // X, W, W_scale
+    return index < required ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+ private:
+  bool binary() const { return entry_.family == Family::Binary; }
+  OpEntry entry_;
+};
+
+std::once_flag ops_made;
+std::vector<std::unique_ptr<Op>>* all_ops = nullptr;
+Ort::CustomOpDomain* domain = nullptr;
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;  // the runtime is older than the headers; nothing can be registered
+  Ort::InitApi(api);
+  try {
+    std::call_once(ops_made, [] {
+      // Kept for the life of the process: sessions hold pointers to the domain and its ops.
+      all_ops = new std::vector<std::unique_ptr<Op>>();
+      domain = new Ort::CustomOpDomain("ptqcli");
+      for (const OpEntry& entry : kOps) {
+        all_ops->push_back(std::make_unique<Op>(entry));
+        domain->Add(all_ops->back().get());
+      }
+    });
+    Ort::UnownedSessionOptions(options).Add(*domain);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+extern "C" __attribute__((visibility("default"))) const char* PtqNativeVersion() { return "1"; }

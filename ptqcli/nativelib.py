@@ -1,0 +1,51 @@
+"""The compiled custom-operator library (native/): where it is, and sessions that have it registered."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import PtqError
+
+DOMAIN = "ptqcli"
+LIBRARY = "libptqcli_ops.so"
+UNAVAILABLE = ("native operators are not built (no C++ compiler, CMake or ONNX Runtime headers at install "
+               "time); reinstall with them, or set ORT_INCLUDE_DIR to headers you have")
+
+
+def library_path() -> Path | None:
+    """PTQ_NATIVE_LIB overrides (e.g. a sanitizer build); else the library installed beside the package."""
+    override = os.environ.get("PTQ_NATIVE_LIB")
+    if override:
+        return Path(override) if Path(override).exists() else None
+    path = Path(__file__).resolve().parent / LIBRARY
+    return path if path.exists() else None
+
+
+def available() -> bool:
+    return library_path() is not None
+
+
+def require_library() -> Path:
+    path = library_path()
+    if path is None:
+        raise PtqError(UNAVAILABLE)
+    return path
+
+
+def session_options(threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(require_library()))
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def session(model, threads: int = 0):
+    """An ONNX Runtime CPU session with the ptqcli operators registered; model is a path or bytes."""
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])

@@ -1,0 +1,237 @@
+"""Every native operator equals its numpy reference bit for bit, run through real ONNX Runtime sessions."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ptqcli import nativelib
+from ptqcli.export import native_ref as R
+
+pytestmark = pytest.mark.skipif(
+    not nativelib.available(), reason="native library not built")  # test_native_library_is_built says why
+
+
+def test_native_library_is_built():
+    # The package install builds native/; a missing library is a broken install, not a skip.
+    assert nativelib.available(), nativelib.UNAVAILABLE
+
+
+def run(model, x):
+    return nativelib.session(model.SerializeToString(), threads=2).run(None, {"X": x})[0]
+
+
+def int4_case(rng, n, k, group_size, asymmetric):
+    kp = R.padded_k(k, group_size)
+    groups = kp // (group_size or kp)
+    if asymmetric:
+        zero = rng.integers(0, 16, (n, groups)).astype(np.uint8)
+        codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    else:
+        zero = None
+        codes = R.int4_codes(rng.integers(-8, 8, (n, k)))
+    pad = zero[:, -1] if zero is not None else R.INT4_ZERO
+    scale = (rng.random((n, groups)) + 0.05).astype(np.float32)
+    return codes, R.pack_nibbles(codes, kp, pad), scale, zero
+
+
+def activations(rng, shape, dtype):
+    if dtype == np.float32:
+        x = rng.standard_normal(shape).astype(np.float32)
+        x.reshape(-1, shape[-1])[0] = 0  # an all-zero row takes the scale-1 path
+        return x, None, 0
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, info.max + 1, shape).astype(dtype)
+    return x, np.float32(rng.random() * 0.1 + 0.01), int(rng.integers(info.min, info.max + 1))
+
+
+def int4_matmul(rng, op, x_shape, n, group_size, asymmetric, dtype, with_bias):
+    k = x_shape[-1]
+    codes, packed, scale, zero = int4_case(rng, n, k, group_size, asymmetric)
+    x, x_scale, x_zero = activations(rng, x_shape, dtype)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    constants = {"W": packed, "W_scale": scale}
+    if zero is not None:
+        constants["W_zero_point"] = zero
+    if x_scale is not None:
+        constants["X_scale"] = np.array(x_scale, dtype=np.float32)
+        constants["X_zero_point"] = np.array(x_zero, dtype=dtype)
+    if bias is not None:
+        constants["Bias"] = bias
+    model = R.single_op_model(op, x.shape, dtype, constants, K=k, N=n, group_size=group_size)
+    got = run(model, x)
+    rows = x.reshape(-1, k)
+    want = R.int4_matmul_reference(rows, codes, scale, group_size, zero, bias, x_scale, x_zero)
+    return got.reshape(-1, n), want
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 70, 9), (3, 33, 5), (17, 130, 7), (4, 64, 2), (64, 257, 33)])
+@pytest.mark.parametrize("group_size", [0, 32, 64])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_int4_matmul_float_input_is_exact(m, k, n, group_size, asymmetric):
+    rng = np.random.default_rng(m * 1000 + k * 10 + n + group_size)
+    got, want = int4_matmul(rng, "Int4MatMul", (m, k), n, group_size, asymmetric, np.float32, with_bias=True)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+@pytest.mark.parametrize("op", ["Int4MatMul", "Int4Gemm"])
+def test_int4_quantized_input_is_exact(dtype, op):
+    rng = np.random.default_rng(3)
+    got, want = int4_matmul(rng, op, (9, 77), 13, 32, True, dtype, with_bias=op == "Int4Gemm")
+    np.testing.assert_array_equal(got, want)
+
+
+def test_int4_matmul_keeps_leading_dimensions():
+    rng = np.random.default_rng(4)
+    k, n = 40, 6
+    codes, packed, scale, _ = int4_case(rng, n, k, 0, False)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    model = R.single_op_model("Int4MatMul", x.shape, np.float32, {"W": packed, "W_scale": scale}, K=k, N=n)
+    got = run(model, x)
+    assert got.shape == (2, 3, n)
+    np.testing.assert_array_equal(got.reshape(-1, n), R.int4_matmul_reference(x.reshape(-1, k), codes, scale))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 5, 3), (6, 64, 4), (19, 200, 11)])
+@pytest.mark.parametrize("op", ["ShiftMatMul", "ShiftGemm"])
+def test_shift_is_exact(m, k, n, op):
+    rng = np.random.default_rng(m + k + n)
+    values = R.shift_values()[rng.integers(0, 16, (n, k))]
+    codes = R.shift_codes(values)
+    packed = R.pack_nibbles(codes, R.padded_k(k), R.SHIFT_ZERO_CODE)
+    scale = (rng.random((n, 1)) * 0.01).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    model = R.single_op_model(op, x.shape, np.float32, {"W": packed, "W_scale": scale, "Bias": bias}, K=k, N=n)
+    np.testing.assert_array_equal(run(model, x), R.shift_matmul_reference(x, codes, scale, bias))
+
+
+def test_shift_codes_round_trip_every_level():
+    values = R.shift_values()
+    assert sorted(set(values.tolist())) == sorted({0} | {s * 2 ** e for s in (1, -1) for e in range(7)})
+    np.testing.assert_array_equal(R.shift_values()[R.shift_codes(values)], values)
+    with pytest.raises(ValueError):
+        R.shift_codes(np.array([3]))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (2, 63, 3), (5, 64, 4), (7, 65, 9), (3, 300, 5), (16, 2050, 6)])
+@pytest.mark.parametrize("op", ["BinaryGemm", "BinaryMatMul"])
+def test_binary_is_exact(m, k, n, op):
+    rng = np.random.default_rng(m * k + n)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    scale = np.abs(w).mean(axis=1).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    model = R.single_op_model(op, x.shape, np.float32, {"W": R.pack_signs(w), "W_scale": scale, "Bias": bias}, K=k, N=n)
+    np.testing.assert_array_equal(run(model, x), R.binary_gemm_reference(x, w, scale, bias))
+
+
+def test_sign_packing_puts_element_k_at_bit_k():
+    w = np.ones((1, 130), dtype=np.float32)
+    w[0, [0, 63, 64, 129]] = -1
+    words = R.pack_signs(w)
+    assert words.shape == (1, 3)
+    assert words[0, 0] == (1 | (1 << 63)) and words[0, 1] == 1 and words[0, 2] == 2
+
+
+CONV_CASES = [
+    # channels, size, out, kernel, strides, pads, dilations, group
+    (3, 9, 8, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),
+    (8, 7, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8),  # depthwise
+    (6, 8, 4, (3, 2), (1, 2), (2, 0, 1, 1), (2, 1), 2),  # grouped, asymmetric pads, dilated
+    (5, 6, 7, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # pointwise
+]
+
+
+def conv_attributes(kernel, strides, pads, dilations, group):
+    return dict(kernel_shape=list(kernel), strides=list(strides), pads=list(pads), dilations=list(dilations), group=group)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int8])
+def test_int4_conv_is_exact(case, dtype):
+    c, size, n, kernel, strides, pads, dilations, group = case
+    rng = np.random.default_rng(c * size + n)
+    k = (c // group) * kernel[0] * kernel[1]
+    codes, packed, scale, zero = int4_case(rng, n, k, 0, asymmetric=dtype == np.int8)
+    x, x_scale, x_zero = activations(rng, (2, c, size, size + 1), dtype)
+    bias = rng.standard_normal(n).astype(np.float32)
+    constants = {"W": packed, "W_scale": scale, "Bias": bias}
+    if zero is not None:
+        constants["W_zero_point"] = zero
+    if x_scale is not None:
+        constants.update(X_scale=np.array(x_scale, np.float32), X_zero_point=np.array(x_zero, dtype=dtype))
+    attrs = conv_attributes(kernel, strides, pads, dilations, group)
+    model = R.single_op_model("Int4Conv", x.shape, dtype, constants, K=k, N=n, **attrs)
+
+    def gemm(rows, _valid, cols):
+        return R.int4_matmul_reference(rows, codes[cols], scale[cols], 0, None if zero is None else zero[cols],
+                                       bias[cols], x_scale, x_zero)
+
+    want = R.conv_reference(x, gemm, n, kernel, strides, pads, dilations, group,
+                            pad_value=0 if x_scale is None else x_zero)
+    np.testing.assert_array_equal(run(model, x), want)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_binary_conv_ignores_padding(case):
+    c, size, n, kernel, strides, pads, dilations, group = case
+    rng = np.random.default_rng(7 + c)
+    k = (c // group) * kernel[0] * kernel[1]
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    scale = np.abs(w).mean(axis=1).astype(np.float32)
+    x = rng.standard_normal((2, c, size, size)).astype(np.float32)
+    model = R.single_op_model("BinaryConv", x.shape, np.float32, {"W": R.pack_signs(w), "W_scale": scale}, K=k, N=n,
+                              **conv_attributes(kernel, strides, pads, dilations, group))
+    want = R.conv_reference(x, lambda rows, valid, cols: R.binary_gemm_reference(rows, w[cols], scale[cols], None, valid),
+                            n, kernel, strides, pads, dilations, group, masked=True)
+    np.testing.assert_array_equal(run(model, x), want)
+
+
+def test_shift_conv_is_exact():
+    rng = np.random.default_rng(11)
+    c, n, kernel = 4, 6, (3, 3)
+    k = c * 9
+    codes = R.shift_codes(R.shift_values()[rng.integers(0, 16, (n, k))])
+    scale = (rng.random((n, 1)) * 0.01).astype(np.float32)
+    x = rng.integers(0, 256, (1, c, 5, 5)).astype(np.uint8)
+    constants = {"W": R.pack_nibbles(codes, R.padded_k(k), R.SHIFT_ZERO_CODE), "W_scale": scale,
+                 "X_scale": np.array(0.02, np.float32), "X_zero_point": np.array(120, np.uint8)}
+    attrs = conv_attributes(kernel, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    model = R.single_op_model("ShiftConv", x.shape, np.uint8, constants, K=k, N=n, **attrs)
+    want = R.conv_reference(x, lambda rows, _v, cols: R.shift_matmul_reference(rows, codes[cols], scale[cols], None,
+                                                                                np.float32(0.02), 120),
+                            n, kernel, (1, 1), (1, 1, 1, 1), (1, 1), 1, pad_value=120)
+    np.testing.assert_array_equal(run(model, x), want)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40), group=st.sampled_from([0, 32, 96]),
+       asymmetric=st.booleans(), dtype=st.sampled_from([np.float32, np.uint8, np.int8]), seed=st.integers(0, 2**31))
+def test_int4_fuzz(m, k, n, group, asymmetric, dtype, seed):
+    got, want = int4_matmul(np.random.default_rng(seed), "Int4MatMul", (m, k), n, group, asymmetric, dtype, True)
+    np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 20), k=st.integers(1, 700), n=st.integers(1, 20), seed=st.integers(0, 2**31))
+def test_binary_fuzz(m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    scale = np.abs(w).mean(axis=1).astype(np.float32)
+    model = R.single_op_model("BinaryGemm", x.shape, np.float32, {"W": R.pack_signs(w), "W_scale": scale}, K=k, N=n)
+    np.testing.assert_array_equal(run(model, x), R.binary_gemm_reference(x, w, scale))
+
+
+def test_bad_operator_input_is_a_clear_error():
+    rng = np.random.default_rng(0)
+    codes, packed, scale, _ = int4_case(rng, 4, 40, 0, False)
+    model = R.single_op_model("Int4MatMul", (2, "k"), np.float32, {"W": packed, "W_scale": scale}, K=40, N=4)
+    with pytest.raises(Exception, match="last dimension of X must be K=40"):
+        nativelib.session(model.SerializeToString()).run(None, {"X": np.zeros((2, 41), np.float32)})
+    bad_group = R.single_op_model("Int4MatMul", (2, 40), np.float32, {"W": packed, "W_scale": scale}, K=40, N=4,
+                                  group_size=20)
+    with pytest.raises(Exception, match="group_size must be 0"):
+        nativelib.session(bad_group.SerializeToString())
