@@ -50,6 +50,9 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [def
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file with [quant] and [data] tables holding any of these options.")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data for fidelity (an .npz may carry `labels`).")]
 EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to measure fidelity on.")]
+FormatOpt = Annotated[str, typer.Option(
+    "--format", help="qdq: QuantizeLinear/DequantizeLinear pairs any ONNX Runtime runs; native: int4 and pow2:4 "
+                     "layers as ptqcli custom operators (packed weights, integer kernels; needs the library).")]
 
 
 def user_errors(fn):
@@ -148,11 +151,11 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
 @app.command()
 @user_errors
 def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", help="Quantized model to write.")],
-           eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
-    """Write the QDQ model from a run directory and measure its fidelity against the float model."""
+           eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq"):
+    """Write the quantized model from a run directory and measure its fidelity against the float model."""
     from . import stages
 
-    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress)
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt)
     _print_fidelity(fidelity)
     out.print(f"wrote [bold]{output}[/bold]")
 
@@ -169,7 +172,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              weight_method: WeightMethodOpt = None, rounding: RoundingOpt = None, iters: RoundingItersOpt = None,
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
              exclude_ops: ExcludeOpsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
-             eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
+             eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq"):
     """Calibrate and export in one go."""
     from . import stages
     from .files import check_writable
@@ -183,7 +186,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     check_writable(output)
     plan = stages.calibrate(model, quant, data_cfg, run, rich_progress)
     out.print(plan_table(plan))
-    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress)
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt)
     _print_fidelity(fidelity)
     out.print(f"wrote [bold]{output}[/bold] (run directory {run})")
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from .errors import PtqError
 
 DOMAIN = "ptqcli"
+# The operators the library registers (native/src/ops.cpp, kOps): weight format x layout.
+OPERATORS = tuple(f"{family}{layout}" for family in ("Int4", "Shift", "Binary") for layout in ("MatMul", "Gemm", "Conv"))
 LIBRARY = "libptqcli_ops.so"
 UNAVAILABLE = ("native operators are not built (no C++ compiler, CMake or ONNX Runtime headers at install "
                "time); reinstall with them, or set ORT_INCLUDE_DIR to headers you have")

@@ -16,10 +16,26 @@ from .errors import PtqError
 from .graph import clone, model_bytes_or_path
 
 
-def session(model: ModelProto, optimize: bool = True, scratch: Path | None = None) -> ort.InferenceSession:
-    """A CPU session; `optimize=False` runs every node as written (emulated QDQ, no fusion)."""
+def uses_native_ops(model: ModelProto) -> bool:
+    from .nativelib import DOMAIN
+
+    return any(o.domain == DOMAIN for o in model.opset_import)
+
+
+def session_options(model: ModelProto) -> ort.SessionOptions:
+    """Quiet options, with the ptqcli operator library registered when the model uses it."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if uses_native_ops(model):
+        from .nativelib import require_library
+
+        options.register_custom_ops_library(str(require_library()))
+    return options
+
+
+def session(model: ModelProto, optimize: bool = True, scratch: Path | None = None) -> ort.InferenceSession:
+    """A CPU session; `optimize=False` runs every node as written (emulated QDQ, no fusion)."""
+    options = session_options(model)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,8 +60,7 @@ def with_outputs(model: ModelProto, names: list[str]) -> ModelProto:
 def optimized_op_counts(model: ModelProto) -> dict[str, int]:
     """Op types of the graph ORT actually runs after its optimizations (the kernel path)."""
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options(model)
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(model_bytes_or_path(model, Path(tmp)), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)

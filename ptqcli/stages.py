@@ -128,20 +128,38 @@ def layer_input_axes(g: Graph, sel) -> dict[str, int]:
     return axes
 
 
+EXPORT_FORMATS = ("qdq", "native")
+
+
 def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = None, eval_samples: int = 1000,
-           progress: Progress = silent) -> tuple[Plan, Fidelity | None]:
-    """Write the QDQ model, measure it against the float model on held-out data, write its card."""
+           progress: Progress = silent, fmt: str = "qdq") -> tuple[Plan, Fidelity | None]:
+    """Write the quantized model (QDQ, or with ptqcli's native operators), measure it against the float
+    model on held-out data, write its card."""
+    if fmt not in EXPORT_FORMATS:
+        raise PtqError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
     run = rundir.existing_run_dir(run_dir)
     check_writable(out_path)
     plan = rundir.read_plan(run)
     g = Graph(rundir.read_float_model(run))
     quantized = export_qdq(g, plan)
+    native = None
+    if fmt == "native":
+        from .export.native import export_native
+        from .nativelib import require_library
+
+        require_library()
+        quantized, report = export_native(quantized, g, plan)
+        if not report.replaced:
+            raise PtqError("no layer has a native kernel (native export runs int4 and pow2:4 weights); "
+                           "use --format qdq")
+        native = {"replaced": report.replaced, "kept": report.kept}
     save_model(quantized, out_path)
     source, skip, held_out = eval_source(plan, eval_data)
     fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
     if fidelity is not None:
         rundir.write_json(run / rundir.FIDELITY, fidelity.to_dict())
-    write_card(build_card(card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source)), out_path)
+    inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source)
+    write_card(build_card(replace(inputs, native=native)), out_path)
     return plan, fidelity
 
 

@@ -16,7 +16,7 @@ from ..errors import PtqError
 from ..files import write_atomic
 from ..graph import Graph, default_opset, file_sha256
 from ..plan import Plan
-from .fidelity import Fidelity
+from .fidelity import INTEGER_KERNELS, Fidelity
 
 CARD_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("card.schema.json")
@@ -36,6 +36,8 @@ class CardInputs:
     bops: dict
     latency: dict
     kernel_ops: dict
+    # Native export: {"replaced": {node: custom op}, "kept": {node: why not}}; None for QDQ.
+    native: dict | None = None
 
 
 def card_paths(model_path: str | Path) -> dict[str, Path]:
@@ -86,7 +88,8 @@ def _tradeoffs(c: CardInputs, layers: list[dict]) -> dict:
     some_act = next(iter(acts.values()), None)
     bn = int(c.plan.config.get("prepare", {}).get("batchnorm_folded", 0))
     reduce = any(t.spec.reduce_range for t in weights.values())
-    integer = [k for k in c.kernel_ops if k.startswith("QLinear") or k in ("QGemm", "MatMulNBits", "MatMulInteger")]
+    integer = [k for k in c.kernel_ops if k in INTEGER_KERNELS]
+    runtime = "ONNX Runtime CPU with the ptqcli operator library" if c.native is not None else "ONNX Runtime CPU, QDQ"
     return {
         "weight_granularity": "per-channel" if q["granularity"] == "channel" else "per-tensor",
         "weight_symmetric": True,
@@ -104,7 +107,7 @@ def _tradeoffs(c: CardInputs, layers: list[dict]) -> dict:
                                if t.role in ("bias", "value")),
         "accumulator_bits": 32,
         "graph_outputs": "float32 (not quantized)",
-        "target_kernels": "ONNX Runtime CPU, QDQ; integer kernels used: " + (", ".join(integer) or "none (emulated)"),
+        "target_kernels": f"{runtime}; integer kernels used: " + (", ".join(integer) or "none (emulated)"),
     }
 
 
@@ -123,8 +126,8 @@ def build_card(c: CardInputs) -> dict:
     card = {
         "card_version": CARD_VERSION,
         "tool": {"name": "ptqcli", "version": __version__},
-        "model": {"input": _file(c.source_model), "output": _file(c.output_model), "format": "qdq",
-                  "opset": default_opset(c.graph.model)},
+        "model": {"input": _file(c.source_model), "output": _file(c.output_model), "format": "qdq" if c.native is None else "native",
+                  "opset": default_opset(c.graph.model), **({} if c.native is None else {"native": c.native})},
         "recipe": {"quant": c.plan.config["quant"], "data": data},
         "tradeoffs": _tradeoffs(c, layers),
         "layers": layers,

@@ -15,10 +15,11 @@ import numpy as np
 from onnx import ModelProto
 
 from ..calibrate.data import Batch
+from ..nativelib import OPERATORS
 from ..plan import Plan
 from ..runtime import optimized_op_counts, session, with_outputs
 
-_INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
+INTEGER_KERNELS = OPERATORS + ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
                     "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QLinearAdd",
                     "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
                     "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax")
@@ -88,7 +89,7 @@ class Fidelity:
 
     @property
     def integer_kernels(self) -> dict[str, int]:
-        return {k: v for k, v in self.kernel_ops.items() if k in _INTEGER_KERNELS}
+        return {k: v for k, v in self.kernel_ops.items() if k in INTEGER_KERNELS}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,254 @@
+"""Native export: quantized layers of a QDQ model become ptqcli custom operators that run the
+low-bit arithmetic (see native/), with their weights packed; everything else stays as it was.
+
+A layer is replaced when its weights are int4 (Int4*) or pow2:4 (Shift*) and its input is either
+float (then quantized per row by the operator) or an 8-bit per-tensor QuantizeLinear output (then
+consumed as integers with that scale and zero point, exactly like the QDQ pair it replaces).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from onnx import ModelProto, NodeProto, helper, numpy_helper
+
+from ..graph import Graph, clone
+from ..numeric.registry import node_attrs
+from ..nativelib import DOMAIN
+from ..plan import Plan, TensorQuant
+from ..quant import quantize
+from . import native_ref as ref
+
+
+def get_attr(node: NodeProto, name: str, default):
+    return node_attrs(node).get(name, default)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A weight format the kernels run: how plan codes become 4-bit codes."""
+
+    prefix: str
+    encode: Callable[[np.ndarray, TensorQuant], tuple[np.ndarray, np.ndarray | None, int]]
+
+
+def _int4_codes(q: np.ndarray, tq: TensorQuant) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Codes, per-channel zero points (None when all are the signed default) and the padding code."""
+    offset = ref.INT4_ZERO if tq.spec.signed else 0
+    zero = np.broadcast_to(np.asarray(tq.zero_point, dtype=np.int64).reshape(-1, 1), (q.shape[0], 1)) + offset
+    codes = (q + offset).astype(np.uint8)
+    if np.all(zero == ref.INT4_ZERO):
+        return codes, None, ref.INT4_ZERO
+    return codes, zero.astype(np.uint8), zero[:, 0].astype(np.uint8)
+
+
+def _shift_codes(q: np.ndarray, tq: TensorQuant) -> tuple[np.ndarray, np.ndarray | None, int]:
+    return ref.shift_codes(q), None, ref.SHIFT_ZERO_CODE
+
+
+def _family(tq: TensorQuant) -> Family | None:
+    spec = tq.spec
+    if spec.bits != 4:
+        return None
+    if spec.scheme == "int":
+        return Family("Int4", _int4_codes)
+    if spec.scheme == "pow2":
+        return Family("Shift", _shift_codes)
+    return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a float op's weight becomes [N, K] and which custom-op suffix runs it."""
+
+    suffix: str
+    to_rows: Callable[[np.ndarray, NodeProto], np.ndarray]
+    supported: Callable[[NodeProto, np.ndarray], str | None]  # None when supported, else why not
+    attributes: Callable[[NodeProto, np.ndarray], dict]
+
+
+def _conv_rows(w: np.ndarray, node: NodeProto) -> np.ndarray:
+    return w.reshape(w.shape[0], -1)
+
+
+def _conv_supported(node: NodeProto, w: np.ndarray) -> str | None:
+    if w.ndim != 4:
+        return "only 2-D convolutions have native kernels"
+    if get_attr(node, "auto_pad", "NOTSET") != "NOTSET":
+        return "auto_pad is not supported natively"
+    return None
+
+
+def _conv_attributes(node: NodeProto, w: np.ndarray) -> dict:
+    return {
+        "kernel_shape": list(w.shape[2:]),
+        "strides": list(get_attr(node, "strides", [1, 1])),
+        "pads": list(get_attr(node, "pads", [0, 0, 0, 0])),
+        "dilations": list(get_attr(node, "dilations", [1, 1])),
+        "group": int(get_attr(node, "group", 1)),
+    }
+
+
+def _gemm_rows(w: np.ndarray, node: NodeProto) -> np.ndarray:
+    return w if get_attr(node, "transB", 0) else w.T
+
+
+def _gemm_supported(node: NodeProto, w: np.ndarray) -> str | None:
+    plain = (get_attr(node, "transA", 0) == 0 and get_attr(node, "alpha", 1.0) == 1.0
+             and get_attr(node, "beta", 1.0) == 1.0)
+    return None if plain and w.ndim == 2 else "only Gemm with transA=0, alpha=beta=1 has a native kernel"
+
+
+def _matmul_supported(node: NodeProto, w: np.ndarray) -> str | None:
+    return None if w.ndim == 2 else "only MatMul by a 2-D weight has a native kernel"
+
+
+LAYOUTS: dict[str, Layout] = {
+    "Conv": Layout("Conv", _conv_rows, _conv_supported, _conv_attributes),
+    "Gemm": Layout("Gemm", _gemm_rows, _gemm_supported, lambda node, w: {}),
+    "MatMul": Layout("MatMul", lambda w, node: w.T, _matmul_supported, lambda node, w: {}),
+}
+
+
+@dataclass
+class NativeReport:
+    replaced: dict[str, str]     # float node -> custom op type
+    kept: dict[str, str]         # quantized node left as QDQ/float -> why
+
+
+def _dequantized_source(name: str, producers: dict[str, NodeProto]) -> NodeProto | None:
+    node = producers.get(name)
+    return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+
+def _activation_inputs(x_name: str, plan: Plan, producers: dict[str, NodeProto],
+                       inits: dict[str, np.ndarray]) -> tuple[list[str], str | None]:
+    """[X, X_scale, X_zero_point] for the custom op, or a reason the input cannot be fed to it."""
+    dq = _dequantized_source(x_name, producers)
+    if dq is None:
+        return [x_name, "", ""], None  # float input: the operator quantizes it per row
+    source = next((t for t, tq in plan.tensors.items() if f"{t}_dequantized" == x_name), None)
+    tq = plan.tensors.get(source) if source else None
+    if tq is None or tq.spec.bits != 8 or tq.spec.axis is not None or tq.spec.scheme != "int":
+        return [], "its input is not 8-bit per-tensor"
+    scale, zero = dq.input[1], dq.input[2] if len(dq.input) > 2 else ""
+    if scale not in inits or (zero and zero not in inits):
+        return [], "its input scale is not a constant"
+    return [dq.input[0], scale, zero], None
+
+
+def _float_bias(node: NodeProto, op: str, producers: dict[str, NodeProto], inits: dict[str, np.ndarray],
+                n: int) -> tuple[np.ndarray | None, str | None]:
+    """The bias as float32, dequantized exactly as ORT would (q - zero) * scale."""
+    index = 2
+    if len(node.input) <= index or not node.input[index]:
+        return None, None
+    name = node.input[index]
+    dq = _dequantized_source(name, producers)
+    if dq is None:
+        value = inits.get(name)
+    else:
+        q, scale = inits.get(dq.input[0]), inits.get(dq.input[1])
+        zero = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        value = None if q is None or scale is None else (
+            (q.astype(np.int64) - (0 if zero is None else zero.astype(np.int64))).astype(np.float32)
+            * scale.astype(np.float32))
+    if value is None or value.size != n:
+        return None, f"its {op} bias is not a constant of {n} values"
+    return value.astype(np.float32).reshape(n), None
+
+
+def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, NativeReport]:
+    """A copy of the QDQ model with every supported layer replaced by its ptqcli operator."""
+    model = clone(qdq)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    report = NativeReport({}, {})
+    new_inits: list = []
+    nodes: list[NodeProto] = []
+    for node in model.graph.node:
+        replacement = _replace(node, g, plan, producers, inits, new_inits, report)
+        nodes.append(replacement or node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(new_inits)
+    _drop_unused(model)
+    if report.replaced:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return model, report
+
+
+def _replace(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits, report) -> NodeProto | None:
+    layout = LAYOUTS.get(node.op_type)
+    if layout is None or len(node.input) < 2:
+        return None
+    weight_dq = _dequantized_source(node.input[1], producers)
+    weight_name = node.input[1].removesuffix("_dequantized")
+    tq = plan.tensors.get(weight_name)
+    if weight_dq is None or tq is None or tq.role != "weight":
+        return None
+    family = _family(tq)
+    if family is None:
+        report.kept[node.name] = f"{tq.spec.label} weights have no native kernel"
+        return None
+    float_w = numpy_helper.to_array(g.initializers[weight_name]) if tq.value is None else None
+    w = tq.value if float_w is None else float_w
+    w = np.asarray(w, dtype=np.float32).reshape(numpy_helper.to_array(g.initializers[weight_name]).shape)
+    why = layout.supported(node, w)
+    x_inputs, why_x = _activation_inputs(node.input[0], plan, producers, inits)
+    if why or why_x:
+        report.kept[node.name] = why or why_x
+        return None
+    q = quantize(w, tq.scale, tq.zero_point, tq.spec)
+    axis = tq.spec.axis
+    rows_q = layout.to_rows(q, node)
+    n, k = rows_q.shape
+    scale = np.asarray(tq.scale, dtype=np.float32)
+    per_row_axis = {"Conv": 0, "Gemm": 0 if get_attr(node, "transB", 0) else 1, "MatMul": 1}[node.op_type]
+    if scale.size == 1:
+        w_scale = np.full((n, 1), scale.ravel()[0], dtype=np.float32)
+    elif axis is not None and axis % w.ndim == per_row_axis:
+        w_scale = scale.reshape(n, 1)
+    else:
+        report.kept[node.name] = "its weight scales are not per output channel"
+        return None
+    codes, zero, pad = family.encode(rows_q, tq)
+    bias, why_b = _float_bias(node, node.op_type, producers, inits, n)
+    if why_b:
+        report.kept[node.name] = why_b
+        return None
+    prefix = f"{node.name}_native"
+    kp = ref.padded_k(k)
+    constants = {"W": ref.pack_nibbles(codes, kp, pad), "W_scale": w_scale}
+    if zero is not None:
+        constants["W_zero_point"] = zero
+    if bias is not None:
+        constants["Bias"] = bias
+    named = {key: f"{prefix}_{key}" for key in constants}
+    new_inits.extend(numpy_helper.from_array(np.ascontiguousarray(v), named[key]) for key, v in constants.items())
+    inputs = [x_inputs[0], named["W"], named["W_scale"], named.get("W_zero_point", ""), x_inputs[1], x_inputs[2],
+              named.get("Bias", "")]
+    while inputs[-1] == "":
+        inputs.pop()
+    op_type = family.prefix + layout.suffix
+    report.replaced[node.name] = op_type
+    return helper.make_node(op_type, inputs, list(node.output), name=node.name, domain=DOMAIN, K=k, N=n,
+                            group_size=0, **layout.attributes(node, w))
+
+
+def _drop_unused(model: ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads, then initializers nothing reads (repeat until stable)."""
+    graph_outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | graph_outputs
+        live = [n for n in model.graph.node if any(o in used for o in n.output)]
+        if len(live) == len(model.graph.node):
+            break
+        del model.graph.node[:]
+        model.graph.node.extend(live)
+    used = {i for n in model.graph.node for i in n.input} | graph_outputs
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)

@@ -1,0 +1,83 @@
+"""Native export: quantized layers become ptqcli operators that ORT runs, with the QDQ export's accuracy."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ASSETS
+from ptqcli import nativelib, rundir, stages
+from ptqcli.cli import app
+from ptqcli.config import DataConfig, QuantConfig
+from ptqcli.export.native import export_native
+from ptqcli.export.qdq import export_qdq
+from ptqcli.graph import Graph
+
+pytestmark = pytest.mark.skipif(not nativelib.available(), reason="native library not built")
+
+FASHION = ASSETS / "fashion_cnn.onnx"
+CALIB = ASSETS / "fashion_calib.npz"
+TEST = ASSETS / "fashion_test.npz"
+
+
+def _top1(model_path, x):
+    sess = nativelib.session(model_path)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + 250]})[0].argmax(1) for i in range(0, len(x), 250)])
+
+
+@pytest.mark.parametrize("weights,ops", [("int4", {"Int4Conv", "Int4Gemm"}), ("pow2:4", {"ShiftConv", "ShiftGemm"})])
+def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, ops):
+    run = tmp_path / "run"
+    stages.calibrate(FASHION, QuantConfig(weights=weights), DataConfig(path=str(CALIB), num_samples=256), run)
+    qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
+    stages.export(run, qdq, str(TEST), 1000)
+    stages.export(run, native, str(TEST), 1000, fmt="native")
+
+    data = np.load(TEST)
+    x, labels = data["input"][:1000].astype(np.float32), data["labels"][:1000]
+    q_pred, n_pred = _top1(qdq, x), _top1(native, x)
+    assert (q_pred == labels).mean() == pytest.approx((n_pred == labels).mean(), abs=0.002)
+    assert (q_pred == n_pred).mean() >= 0.995
+
+    model = onnx.load(native)
+    used = {n.op_type for n in model.graph.node if n.domain == "ptqcli"}
+    assert used == ops
+    assert not any(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+    float_bytes = FASHION.stat().st_size
+    assert native.stat().st_size < qdq.stat().st_size < float_bytes
+    assert native.stat().st_size < float_bytes / 5
+
+    card = json.loads((tmp_path / "n.card.json").read_text())
+    assert card["model"]["format"] == "native"
+    assert set(card["model"]["native"]["replaced"].values()) == ops
+    assert card["results"]["accuracy"]["quantized"] == pytest.approx(
+        json.loads((tmp_path / "q.card.json").read_text())["results"]["accuracy"]["quantized"], abs=0.002)
+
+
+def test_layers_without_a_kernel_stay_qdq_and_say_why(tmp_path, tiny_cnn, tiny_data):
+    run = tmp_path / "run"
+    plan = stages.calibrate(tiny_cnn, QuantConfig(weights="int4", first_last_int8=True),
+                            DataConfig(path=str(tiny_data), num_samples=32), run)
+    g = Graph(rundir.read_float_model(run))
+    model, report = export_native(export_qdq(g, plan), g, plan)
+    assert report.replaced == {"conv2": "Int4Conv"}
+    assert set(report.kept) == {"conv1", "fc"} and all("int8" in why for why in report.kept.values())
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 8, 8)).astype(np.float32)
+    qdq_out = nativelib.session(export_qdq(g, plan).SerializeToString()).run(None, {"input": x})[0]
+    native_out = nativelib.session(model.SerializeToString()).run(None, {"input": x})[0]
+    np.testing.assert_allclose(native_out, qdq_out, rtol=1e-4, atol=1e-4)
+
+
+def test_native_export_of_an_int8_plan_is_a_one_line_error(tmp_path, tiny_cnn, tiny_data):
+    run = tmp_path / "run"
+    stages.calibrate(tiny_cnn, QuantConfig(), DataConfig(path=str(tiny_data), num_samples=32), run)
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(app, ["export", str(run), "-o", str(out), "--format", "native"])
+    assert result.exit_code == 1
+    assert "no layer has a native kernel" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    bad = CliRunner().invoke(app, ["export", str(run), "-o", str(out), "--format", "tflite"])
+    assert bad.exit_code == 1 and "unknown export format 'tflite'" in bad.output
