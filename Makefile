@@ -7,7 +7,9 @@ ASSETS := ptqcli/assets
 
 .PHONY: demo test test-sanitize install bench clean
 
-$(STAMP): pyproject.toml
+NATIVE_SOURCES := setup.py native/CMakeLists.txt native/ort_headers.py $(wildcard native/src/*)
+
+$(STAMP): pyproject.toml $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -28,10 +28,14 @@ def _top1(model_path, x):
     return np.concatenate([sess.run(None, {name: x[i : i + 250]})[0].argmax(1) for i in range(0, len(x), 250)])
 
 
-@pytest.mark.parametrize("weights,ops", [("int4", {"Int4Conv", "Int4Gemm"}), ("pow2:4", {"ShiftConv", "ShiftGemm"})])
-def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, ops):
+@pytest.mark.parametrize("weights,acts,ops", [
+    ("int4", "uint8", {"Int4Conv", "Int4Gemm"}),
+    ("pow2:4", "uint8", {"ShiftConv", "ShiftGemm"}),
+    ("int4", "none", {"Int4Conv", "Int4Gemm"}),  # weight-only: the operators quantize activations per row
+])
+def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, acts, ops):
     run = tmp_path / "run"
-    stages.calibrate(FASHION, QuantConfig(weights=weights), DataConfig(path=str(CALIB), num_samples=256), run)
+    stages.calibrate(FASHION, QuantConfig(weights=weights, acts=acts), DataConfig(path=str(CALIB), num_samples=256), run)
     qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
     stages.export(run, qdq, str(TEST), 1000)
     stages.export(run, native, str(TEST), 1000, fmt="native")
