@@ -35,6 +35,15 @@ def require_library() -> Path:
     return path
 
 
+def instruction_set() -> str:
+    """The kernel path the library takes on this CPU: avx512-vnni, avx2 or scalar."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(require_library()))
+    lib.PtqNativeIsa.restype = ctypes.c_char_p
+    return lib.PtqNativeIsa().decode()
+
+
 def session_options(threads: int = 0):
     import onnxruntime as ort
 

@@ -36,9 +36,11 @@ struct NibbleWeights {
   int64_t kp;              // k rounded up to a multiple of 32 (and of the group)
   int64_t group;           // elements per scale group (multiple of 32), kp when per-channel
   int64_t groups;          // kp / group
-  const float* scale;      // [N, groups]
-  const int32_t* zero;     // [N, groups], decoded units
-  const int32_t* colsum;   // [N, groups], sum of decoded codes over each group (padding included)
+  int64_t ld;              // distance between groups in the per-group arrays (N of the full weight)
+  // Per-group arrays are group-major, [groups, N], so a tile's columns are adjacent.
+  const float* scale;      // [groups, ld]
+  const int32_t* zero;     // [groups, ld], decoded units
+  const int32_t* colsum;   // [groups, ld], sum of decoded codes over each group (padding included)
   const uint8_t* lut;      // 16 entries, or nullptr for identity
 };
 
@@ -51,7 +53,7 @@ struct QuantRows {
   const int32_t* rowsum;  // [M, groups], sum of q over each group
 };
 
-// Sums the weights' decoded codes per group: the colsum field of NibbleWeights.
+// Sums the weights' decoded codes per group: the colsum field of NibbleWeights ([groups, N]).
 void nibble_colsums(const uint8_t* packed, int64_t n, int64_t kp, int64_t group, const uint8_t* lut,
                     int32_t* colsum);
 void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum);
@@ -62,8 +64,11 @@ void gemm_nibble(const QuantRows& x, const NibbleWeights& w, const float* bias, 
                  const ParallelFor& parallel);
 
 // Symmetric int8 per row: scale = max|x| / 127 (1 when the row is all zeros), q = round-half-even(x / scale).
+// Which tiles run: "avx512-vnni", "avx2" or "scalar" (PTQ_NATIVE_ISA=avx2|scalar caps it).
+const char* active_isa();
+
 void quantize_rows_symmetric(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, float* scale,
-                             int32_t* zero);
+                             int32_t* zero, const ParallelFor& parallel);
 
 // ---- sign bits (Binary operators) --------------------------------------------------------------
 // Bit k % 64 of word k / 64 is 1 where the value is negative; bits past k are 0.
@@ -86,9 +91,10 @@ struct BinaryWeights {
 void gemm_binary(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out,
                  const ParallelFor& parallel);
 
-// Sign bits and mean |x| of float rows; valid (optional, [M, K] bytes) marks real elements.
+// Sign bits and mean |x| of float rows; valid (optional, [M, K] bytes) marks real elements. The
+// |x| sum runs in 8 lanes (element i into lane i % 8), then over the lanes in order.
 void binarize_rows(const float* x, const uint8_t* valid, int64_t m, int64_t k, int64_t words, uint64_t* bits,
-                   uint64_t* valid_bits, int32_t* count, float* scale);
+                   uint64_t* valid_bits, int32_t* count, float* scale, const ParallelFor& parallel);
 
 // ---- convolution lowering ---------------------------------------------------------------------
 struct ConvShape {

@@ -149,12 +149,26 @@ class Kernel {
         zero_cached_ = true;
       }
     }
+    int scale_constant = 0;
+    Ort::ConstValue scale = info.GetTensorConstantInput(2, &scale_constant);
+    if (scale_constant) {
+      check_count(scale, n_ * groups_, "W_scale");
+      scale_ = group_major(scale.GetTensorData<float>());
+    }
     int is_constant = 0;
     Ort::ConstValue w = info.GetTensorConstantInput(1, &is_constant);
     if (is_constant) {
       check_count(w, n_ * kp_ / 2, "W (packed 4-bit codes, N x Kp/2)");
       colsum_ = weight_colsums(w.GetTensorData<uint8_t>(), n_);
     }
+  }
+
+  // [N, groups] as given -> [groups, N] as the kernels read it.
+  std::vector<float> group_major(const float* scale) const {
+    std::vector<float> out(static_cast<size_t>(n_ * groups_));
+    for (int64_t n = 0; n < n_; ++n)
+      for (int64_t g = 0; g < groups_; ++g) out[g * n_ + n] = scale[n * groups_ + g];
+    return out;
   }
 
   std::vector<int32_t> weight_colsums(const uint8_t* packed, int64_t rows) const {
@@ -172,10 +186,12 @@ class Kernel {
     if (given == nullptr) return std::vector<int32_t>(expected, 8);  // signed int4 stored as code + 8
     require(count == expected, node_, "W_zero_point must have N x groups elements");
     std::vector<int32_t> zeros(expected);
-    for (size_t i = 0; i < expected; ++i) {
-      require(given[i] < 16, node_, "W_zero_point values must be 4-bit");
-      zeros[i] = given[i];
-    }
+    for (int64_t n = 0; n < n_; ++n)
+      for (int64_t g = 0; g < groups_; ++g) {
+        const uint8_t z = given[n * groups_ + g];
+        require(z < 16, node_, "W_zero_point values must be 4-bit");
+        zeros[g * n_ + n] = z;
+      }
     return zeros;
   }
 
@@ -199,7 +215,7 @@ class Kernel {
   }
 
   ptq::NibbleWeights nibble_weights(const Ort::KernelContext& ctx, std::vector<int32_t>& colsum_storage,
-                                    std::vector<int32_t>& zero_storage) const {
+                                    std::vector<int32_t>& zero_storage, std::vector<float>& scale_storage) const {
     Ort::ConstValue w = ctx.GetInput(1), scale = ctx.GetInput(2);
     check_count(w, n_ * kp_ / 2, "W (packed 4-bit codes, N x Kp/2)");
     check_count(scale, n_ * groups_, "W_scale");
@@ -216,7 +232,12 @@ class Kernel {
                                   : weight_zeros(z.GetTensorData<uint8_t>(), z.GetTensorTypeAndShapeInfo().GetElementCount());
       zero = &zero_storage;
     }
-    return {packed, n_, k_, kp_, group_, groups_, scale.GetTensorData<float>(), zero->data(), colsum->data(), lut()};
+    const std::vector<float>* scales = &scale_;
+    if (scale_.empty()) {
+      scale_storage = group_major(scale.GetTensorData<float>());
+      scales = &scale_storage;
+    }
+    return {packed, n_, k_, kp_, group_, groups_, n_, scales->data(), zero->data(), colsum->data(), lut()};
   }
 
   // Scale and zero point of an integer input, the zero point shifted into int8 like the values.
@@ -291,7 +312,8 @@ class Kernel {
     if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       a.scale.resize(m);
       a.zero.resize(m);
-      ptq::quantize_rows_symmetric(x.GetTensorData<float>(), m, k_, kp_, a.q.data(), a.scale.data(), a.zero.data());
+      ptq::quantize_rows_symmetric(x.GetTensorData<float>(), m, k_, kp_, a.q.data(), a.scale.data(), a.zero.data(),
+                                   parallel);
     } else {
       const auto [scale, zero] = input_quantization(ctx, type);
       const std::vector<int8_t> values = as_int8(x, type, m * k_);
@@ -304,7 +326,8 @@ class Kernel {
     }
     finish_rows(a, m);
     std::vector<int32_t> colsum, zeros;
-    const ptq::NibbleWeights w = nibble_weights(ctx, colsum, zeros);
+    std::vector<float> scales;
+    const ptq::NibbleWeights w = nibble_weights(ctx, colsum, zeros, scales);
     ptq::gemm_nibble({a.q.data(), m, a.scale.data(), a.zero.data(), a.rowsum.data()}, w, bias, out, parallel);
   }
 
@@ -318,7 +341,7 @@ class Kernel {
     std::vector<int32_t> count(m);
     std::vector<float> x_scale(m);
     ptq::binarize_rows(rows, valid, m, k_, words_, bits.data(), valid ? valid_bits.data() : nullptr, count.data(),
-                       x_scale.data());
+                       x_scale.data(), parallel);
     const ptq::BinaryRows xr{bits.data(), valid ? valid_bits.data() : nullptr, count.data(), x_scale.data(), m};
     const ptq::BinaryWeights wr{w.GetTensorData<uint64_t>() + n0 * words_, scale.GetTensorData<float>() + n0, n, words_};
     ptq::gemm_binary(xr, wr, bias ? bias + n0 : nullptr, out, parallel);
@@ -357,7 +380,8 @@ class Kernel {
     }
 
     std::vector<int32_t> colsum, zeros;
-    const ptq::NibbleWeights all = nibble_weights(ctx, colsum, zeros);
+    std::vector<float> scales;
+    const ptq::NibbleWeights all = nibble_weights(ctx, colsum, zeros, scales);
     float input_scale = 0.0f;
     int32_t input_zero = 0;
     std::vector<int8_t> image_q;
@@ -374,7 +398,8 @@ class Kernel {
       for (int64_t g = 0; g < conv_.group; ++g) {
         if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
           ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows_f.data(), nullptr);
-          ptq::quantize_rows_symmetric(rows_f.data(), pixels, k_, kp_, a.q.data(), a.scale.data(), a.zero.data());
+          ptq::quantize_rows_symmetric(rows_f.data(), pixels, k_, kp_, a.q.data(), a.scale.data(), a.zero.data(),
+                                       parallel);
         } else {
           ptq::im2col<int8_t>(image_q.data() + b * image_size, s, g * cg, cg, kp_, static_cast<int8_t>(input_zero),
                               a.q.data(), nullptr);
@@ -385,9 +410,9 @@ class Kernel {
         ptq::NibbleWeights w = all;
         w.n = ng;
         w.packed += g * ng * (kp_ / 2);
-        w.scale += g * ng * groups_;
-        w.zero += g * ng * groups_;
-        w.colsum += g * ng * groups_;
+        w.scale += g * ng;  // group-major arrays: the slice's columns, same stride
+        w.zero += g * ng;
+        w.colsum += g * ng;
         const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
         ptq::gemm_nibble({a.q.data(), pixels, a.scale.data(), a.zero.data(), a.rowsum.data()}, w,
                          bias ? bias + g * ng : nullptr, view, parallel);
@@ -400,6 +425,7 @@ class Kernel {
   int64_t kp_ = 0, group_ = 0, groups_ = 0, words_ = 0;
   Conv conv_;
   std::vector<int32_t> colsum_, zero_;
+  std::vector<float> scale_;
   bool zero_cached_ = false;
 };
 
@@ -475,4 +501,5 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   }
 }
 
-extern "C" __attribute__((visibility("default"))) const char* PtqNativeVersion() { return "1"; }
+// The instruction set the kernels use on this CPU ("avx512-vnni", "avx2" or "scalar").
+extern "C" __attribute__((visibility("default"))) const char* PtqNativeIsa() { return ptq::active_isa(); }

@@ -149,11 +149,16 @@ def _nibble_reference(x, codes, w_scale, group_size, w_zero, bias, x_scale, x_ze
 
 
 def binary_rows(x: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Signs (+1/-1, 0 where padded), real-element counts and mean |x| (summed in order, float32)."""
+    """Signs (+1/-1, 0 where padded), real-element counts and mean |x|: |x| summed in 8 lanes
+    (element i into lane i % 8, each lane in order), then the lanes in order, all in float32."""
     valid = np.ones(x.shape, dtype=bool) if valid is None else valid.astype(bool)
     signs = np.where(x < 0, -1, 1) * valid
     count = valid.sum(axis=1).astype(np.int32)
-    total = np.cumsum(np.where(valid, np.abs(x), 0).astype(np.float32), axis=1, dtype=np.float32)[:, -1]
+    rows, k = x.shape
+    padded = np.zeros((rows, -(-k // 8) * 8), dtype=np.float32)
+    padded[:, :k] = np.where(valid, np.abs(x), 0)
+    lanes = np.cumsum(padded.reshape(rows, -1, 8), axis=1, dtype=np.float32)[:, -1, :]
+    total = np.cumsum(lanes, axis=1, dtype=np.float32)[:, -1]
     scale = np.where(count > 0, total / np.maximum(count, 1).astype(np.float32), np.float32(0)).astype(np.float32)
     return signs, count, scale
 

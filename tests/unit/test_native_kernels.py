@@ -12,6 +12,23 @@ pytestmark = pytest.mark.skipif(
     not nativelib.available(), reason="native library not built")  # test_native_library_is_built says why
 
 
+@pytest.fixture(autouse=True, params=["best", "avx2", "scalar"])
+def instruction_set(request, monkeypatch):
+    """Every test runs on each kernel path this CPU has: results must be identical on all of them."""
+    if request.param == "best":
+        monkeypatch.delenv("PTQ_NATIVE_ISA", raising=False)
+    else:
+        monkeypatch.setenv("PTQ_NATIVE_ISA", request.param)
+    return request.param
+
+
+def test_the_requested_kernel_path_runs(instruction_set):
+    chosen = nativelib.instruction_set()
+    assert chosen in ("avx512-vnni", "avx2", "scalar")
+    if instruction_set != "best":
+        assert chosen in (instruction_set, "scalar")
+
+
 def test_native_library_is_built():
     # The package install builds native/; a missing library is a broken install, not a skip.
     assert nativelib.available(), nativelib.UNAVAILABLE

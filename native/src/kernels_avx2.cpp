@@ -1,0 +1,124 @@
+// AVX2 tiles: bytes multiplied with vpmaddubsw (u8 x s8 pairs into int16; decoded codes <= 128 and
+// |q| <= 128 keep every pair sum inside int16, so nothing saturates), bits counted with a nibble
+// lookup table.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "isa.h"
+
+namespace {
+
+struct Isa {
+  static __m256i dot(__m256i acc, __m256i u8, __m256i s8) {
+    const __m256i pairs = _mm256_maddubs_epi16(u8, s8);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+
+  static constexpr int64_t kWords = 4;
+  using Bits = __m256i;
+  using Counter = __m256i;  // four 64-bit totals
+  static Bits load(const uint64_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); }
+  static Counter zero_counter() { return _mm256_setzero_si256(); }
+  static Counter count_differ(Counter total, Bits x, Bits w, Bits mask, bool masked) {
+    __m256i d = _mm256_xor_si256(x, w);
+    if (masked) d = _mm256_and_si256(d, mask);
+    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                           0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low_mask = _mm256_set1_epi8(0x0F);
+    const __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(table, _mm256_and_si256(d, low_mask)),
+                                          _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(d, 4), low_mask)));
+    return _mm256_add_epi64(total, _mm256_sad_epu8(bytes, _mm256_setzero_si256()));
+  }
+  static int32_t total(Counter c) {
+    const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    return static_cast<int32_t>(_mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1));
+  }
+};
+
+#include "tiles.h"
+
+}  // namespace
+
+namespace ptq::isa {
+
+void nibble_avx2(const QuantRows& x, const NibbleWeights& w, const int32_t* row_term, const float* bias, OutputView out,
+                 int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  nibble_gemm_tiles(x, w, row_term, bias, out, m0, m1, n0, n1);
+}
+
+void binary_avx2(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out, int64_t m0,
+                 int64_t m1, int64_t n0, int64_t n1) {
+  if (x.valid)
+    binary_range<true>(x, w, bias, out, m0, m1, n0, n1);
+  else
+    binary_range<false>(x, w, bias, out, m0, m1, n0, n1);
+}
+
+}  // namespace ptq::isa
+
+namespace ptq::isa {
+
+void quantize_row_avx2(const float* x, int64_t k, int64_t kp, int8_t* q, float* scale) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), magnitude));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.0f;
+  for (float v : lanes) amax = std::max(amax, v);
+  for (; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+  const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  for (i = 0; i + 8 <= k; i += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(words, words));
+  }
+  for (; i < k; ++i) q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(x[i] / s))));
+  std::fill(q + k, q + kp, int8_t{0});
+  *scale = s;
+}
+
+void binarize_row_avx2(const float* x, const uint8_t* valid, int64_t k, int64_t words, uint64_t* bits,
+                       uint64_t* valid_bits, int32_t* count, float* scale) {
+  std::fill(bits, bits + words, uint64_t{0});
+  if (valid_bits) std::fill(valid_bits, valid_bits + words, uint64_t{0});
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 sums = _mm256_setzero_ps();
+  int32_t real = 0;
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    __m256 keep = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    if (valid) {
+      const __m256i flags = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(valid + i)));
+      keep = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(flags, _mm256_setzero_si256()), _mm256_set1_epi32(-1)));
+    }
+    const uint64_t negative = static_cast<uint64_t>(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ), keep)));
+    const uint64_t kept = static_cast<uint64_t>(_mm256_movemask_ps(keep));
+    bits[i / 64] |= negative << (i % 64);
+    if (valid_bits) valid_bits[i / 64] |= kept << (i % 64);
+    real += __builtin_popcount(static_cast<unsigned>(kept));
+    sums = _mm256_add_ps(sums, _mm256_and_ps(_mm256_and_ps(v, magnitude), keep));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sums);
+  for (; i < k; ++i) {
+    if (valid && !valid[i]) continue;
+    if (x[i] < 0.0f) bits[i / 64] |= uint64_t{1} << (i % 64);
+    if (valid_bits) valid_bits[i / 64] |= uint64_t{1} << (i % 64);
+    lanes[i % 8] += std::fabs(x[i]);
+    ++real;
+  }
+  float total = 0.0f;
+  for (float lane : lanes) total += lane;
+  *count = real;
+  *scale = real > 0 ? total / static_cast<float>(real) : 0.0f;
+}
+
+}  // namespace ptq::isa
