@@ -84,10 +84,14 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t n) {
   const ptq::NibbleWeights& w = *c.w;
   const ptq::QuantRows& x = *c.x;
   constexpr int kOut = MR * NR;
-  constexpr bool kVector = kOut == 8;
+  // Vector epilogue over chunks of 8 outputs: 4 rows x 2 columns, or 1 row x 8 columns.
+  constexpr bool kVector = (NR == 2 && MR % 4 == 0) || (MR == 1 && NR == 8);
+  constexpr int kChunkRows = NR == 2 ? 4 : 1;
+  constexpr int kChunks = kVector ? kOut / 8 : 1;
   const int64_t row_bytes = w.kp / 2;
   const int64_t blocks_per_group = w.group / ptq::kNibbleBlock;
-  __m256 acc_v = _mm256_setzero_ps();
+  __m256 acc_v[kChunks];
+  for (int ch = 0; ch < kChunks; ++ch) acc_v[ch] = _mm256_setzero_ps();
   float acc_s[kOut] = {};
   for (int64_t g = 0; g < w.groups; ++g) {
     __m256i sums[kOut];
@@ -102,12 +106,16 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t n) {
     }
     if constexpr (kVector) {
       const int64_t gn = g * w.ld + n;
-      const __m256i raw = reduce8(sums);
-      const __m256i x_zero = lane_rows<MR, NR>(x.zero + m);
-      const __m256i fixed = _mm256_sub_epi32(
-          _mm256_sub_epi32(raw, _mm256_mullo_epi32(lane_cols<MR, NR>(w.zero + gn), lane_rows<MR, NR>(c.row_term + g * x.m + m))),
-          _mm256_mullo_epi32(x_zero, lane_cols<MR, NR>(w.colsum + gn)));
-      acc_v = _mm256_add_ps(acc_v, _mm256_mul_ps(_mm256_cvtepi32_ps(fixed), lane_cols<MR, NR>(w.scale + gn)));
+      for (int ch = 0; ch < kChunks; ++ch) {
+        const int64_t mc = m + ch * kChunkRows;
+        const __m256i raw = reduce8(sums + ch * 8);
+        const __m256i x_zero = lane_rows<kChunkRows, NR>(x.zero + mc);
+        const __m256i fixed = _mm256_sub_epi32(
+            _mm256_sub_epi32(raw, _mm256_mullo_epi32(lane_cols<kChunkRows, NR>(w.zero + gn),
+                                                     lane_rows<kChunkRows, NR>(c.row_term + g * x.m + mc))),
+            _mm256_mullo_epi32(x_zero, lane_cols<kChunkRows, NR>(w.colsum + gn)));
+        acc_v[ch] = _mm256_add_ps(acc_v[ch], _mm256_mul_ps(_mm256_cvtepi32_ps(fixed), lane_cols<kChunkRows, NR>(w.scale + gn)));
+      }
     } else {
       for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) {
@@ -116,7 +124,8 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t n) {
         }
     }
   }
-  if constexpr (kVector) _mm256_storeu_ps(acc_s, acc_v);
+  if constexpr (kVector)
+    for (int ch = 0; ch < kChunks; ++ch) _mm256_storeu_ps(acc_s + ch * 8, acc_v[ch]);
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
       const float scaled = acc_s[i * NR + j] * x.scale[m + i];
@@ -125,6 +134,7 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t n) {
 }
 
 // One output tile range: 4x2 tiles over full row quads, 1x8 tiles over the rows left, then singles.
+// (Taller tiles spill their sums to the stack with GCC and run slower, even with 32 registers.)
 template <bool Lut>
 inline void nibble_range(const NibbleCtx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   int64_t m = m0;
