@@ -230,10 +230,11 @@ const char* active_isa() {
 
 template <typename T>
 void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t ld, T pad_value, T* rows,
-            uint8_t* valid) {
+            uint8_t* valid, const ParallelFor& parallel) {
   const int64_t oh = s.out_h(), ow = s.out_w();
   const int64_t k = cg * s.kernel_h * s.kernel_w;
-  for (int64_t y = 0; y < oh; ++y)
+  parallel(static_cast<size_t>(oh), [&](size_t task) {
+    const int64_t y = static_cast<int64_t>(task);
     for (int64_t x = 0; x < ow; ++x) {
       const int64_t row = y * ow + x;
       T* out = rows + row * ld;
@@ -242,18 +243,57 @@ void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t 
       for (int64_t c = c0; c < c0 + cg; ++c)
         for (int64_t i = 0; i < s.kernel_h; ++i) {
           const int64_t iy = y * s.stride_h - s.pad_top + i * s.dilation_h;
+          const bool row_inside = iy >= 0 && iy < s.height;
+          const T* line = image + (c * s.height + (row_inside ? iy : 0)) * s.width;
           for (int64_t j = 0; j < s.kernel_w; ++j, ++col) {
             const int64_t ix = x * s.stride_w - s.pad_left + j * s.dilation_w;
-            const bool inside = iy >= 0 && iy < s.height && ix >= 0 && ix < s.width;
-            out[col] = inside ? image[(c * s.height + iy) * s.width + ix] : pad_value;
+            const bool inside = row_inside && ix >= 0 && ix < s.width;
+            out[col] = inside ? line[ix] : pad_value;
             if (out_valid) out_valid[col] = inside ? 1 : 0;
           }
         }
       std::fill(out + k, out + ld, pad_value);
     }
+  });
 }
 
-template void im2col<float>(const float*, const ConvShape&, int64_t, int64_t, int64_t, float, float*, uint8_t*);
-template void im2col<int8_t>(const int8_t*, const ConvShape&, int64_t, int64_t, int64_t, int8_t, int8_t*, uint8_t*);
+void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, int32_t x_zero, const NibbleWeights& w,
+                      const float* bias, float* out, const ParallelFor& parallel) {
+  const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_h * s.kernel_w;
+  parallel(static_cast<size_t>(w.n), [&](size_t task) {
+    const int64_t c = static_cast<int64_t>(task);
+    const uint8_t* codes = w.packed + c * (w.kp / 2);
+    std::vector<int32_t> weight(static_cast<size_t>(taps)), acc(static_cast<size_t>(oh * ow), 0);
+    for (int64_t t = 0; t < taps; ++t) weight[t] = (w.lut ? w.lut[code_at(codes, t)] : code_at(codes, t)) - w.zero[c];
+    const int8_t* plane = image + c * s.height * s.width;
+    for (int64_t i = 0; i < s.kernel_h; ++i)
+      for (int64_t j = 0; j < s.kernel_w; ++j) {
+        const int32_t wt = weight[i * s.kernel_w + j];
+        if (wt == 0) continue;
+        // Output columns whose tap lands inside the image: the rest read padding, which adds 0.
+        const int64_t shift = j * s.dilation_w - s.pad_left;
+        const int64_t x0 = std::max<int64_t>(0, (-shift + s.stride_w - 1) / s.stride_w);
+        const int64_t x1 = std::min<int64_t>(ow, shift >= s.width ? 0 : (s.width - 1 - shift) / s.stride_w + 1);
+        for (int64_t y = 0; y < oh; ++y) {
+          const int64_t iy = y * s.stride_h - s.pad_top + i * s.dilation_h;
+          if (iy < 0 || iy >= s.height) continue;
+          const int8_t* line = plane + iy * s.width + shift;
+          int32_t* acc_row = acc.data() + y * ow;
+          for (int64_t x = x0; x < x1; ++x) acc_row[x] += (int32_t(line[x * s.stride_w]) - x_zero) * wt;
+        }
+      }
+    float* dst = out + c * oh * ow;
+    const float scale = w.scale[c];
+    for (int64_t p = 0; p < oh * ow; ++p) {
+      const float scaled = (static_cast<float>(acc[p]) * scale) * x_scale;
+      dst[p] = bias ? scaled + bias[c] : scaled;
+    }
+  });
+}
+
+template void im2col<float>(const float*, const ConvShape&, int64_t, int64_t, int64_t, float, float*, uint8_t*,
+                            const ParallelFor&);
+template void im2col<int8_t>(const int8_t*, const ConvShape&, int64_t, int64_t, int64_t, int8_t, int8_t*, uint8_t*,
+                             const ParallelFor&);
 
 }  // namespace ptq

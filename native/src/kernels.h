@@ -107,10 +107,16 @@ struct ConvShape {
   int64_t out_w() const { return (width + pad_left + pad_right - dilation_w * (kernel_w - 1) - 1) / stride_w + 1; }
 };
 
+// Depthwise convolution (one input channel per output channel) of int8 images, straight from the
+// image without patches: out[c, p] equals gemm_nibble over the patch rows bit for bit (padding
+// holds x_zero, so it adds exactly 0). Needs one scale group (w.groups == 1); w.n = channels.
+void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, int32_t x_zero, const NibbleWeights& w,
+                      const float* bias, float* out, const ParallelFor& parallel);
+
 // Patches of channels [c0, c0 + cg) as rows [out_h * out_w, ld] ordered (c, kh, kw); padding gets
 // pad_value and, if valid is given, a 0 in valid.
 template <typename T>
 void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t ld, T pad_value, T* rows,
-            uint8_t* valid);
+            uint8_t* valid, const ParallelFor& parallel);
 
 }  // namespace ptq

@@ -372,7 +372,8 @@ class Kernel {
       std::vector<uint8_t> valid(rows.size());
       for (int64_t b = 0; b < batch; ++b)
         for (int64_t g = 0; g < conv_.group; ++g) {
-          ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows.data(), valid.data());
+          ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows.data(), valid.data(),
+                             parallel);
           const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
           run_binary(ctx, rows.data(), valid.data(), pixels, bias, view, parallel, g * ng, ng);
         }
@@ -389,6 +390,12 @@ class Kernel {
       std::tie(input_scale, input_zero) = input_quantization(ctx, type);
       image_q = as_int8(x, type, batch * image_size);
     }
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && cg == 1 && ng == 1 && groups_ == 1) {
+      for (int64_t b = 0; b < batch; ++b)
+        ptq::depthwise_nibble(image_q.data() + b * image_size, s, input_scale, input_zero, all, bias,
+                              out + b * n_ * pixels, parallel);
+      return;
+    }
     std::vector<float> rows_f(type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<size_t>(pixels * k_) : 0);
     Activations a;
     a.q.resize(static_cast<size_t>(pixels * kp_));
@@ -397,12 +404,13 @@ class Kernel {
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t g = 0; g < conv_.group; ++g) {
         if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-          ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows_f.data(), nullptr);
+          ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows_f.data(), nullptr,
+                             parallel);
           ptq::quantize_rows_symmetric(rows_f.data(), pixels, k_, kp_, a.q.data(), a.scale.data(), a.zero.data(),
                                        parallel);
         } else {
           ptq::im2col<int8_t>(image_q.data() + b * image_size, s, g * cg, cg, kp_, static_cast<int8_t>(input_zero),
-                              a.q.data(), nullptr);
+                              a.q.data(), nullptr, parallel);
           std::fill(a.scale.begin(), a.scale.end(), input_scale);
           std::fill(a.zero.begin(), a.zero.end(), input_zero);
         }

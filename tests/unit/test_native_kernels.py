@@ -158,6 +158,8 @@ CONV_CASES = [
     (8, 7, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8),  # depthwise
     (6, 8, 4, (3, 2), (1, 2), (2, 0, 1, 1), (2, 1), 2),  # grouped, asymmetric pads, dilated
     (5, 6, 7, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # pointwise
+    (6, 11, 6, (5, 3), (2, 3), (2, 0, 1, 2), (1, 2), 6),  # depthwise, strided, dilated, uneven pads
+    (4, 5, 4, (3, 3), (1, 1), (3, 3, 3, 3), (1, 1), 4),  # depthwise, pads wider than the kernel reach
 ]
 
 
