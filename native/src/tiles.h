@@ -167,27 +167,31 @@ inline void nibble_gemm_tiles(const ptq::QuantRows& x, const ptq::NibbleWeights&
 // ---- binary: MR rows x NR weight rows, counting differing sign bits over Isa::kWords-word chunks.
 template <int MR, int NR, bool Masked>
 inline void binary_tile(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, int64_t m, int64_t n, int32_t* differ) {
+  // Totals live in registers only when every index is a constant: hence the unrolled loops.
   typename Isa::Counter totals[MR * NR];
+#pragma GCC unroll 16
   for (int o = 0; o < MR * NR; ++o) totals[o] = Isa::zero_counter();
   int64_t t = 0;
   for (; t + Isa::kWords <= w.words; t += Isa::kWords) {
     typename Isa::Bits wv[NR];
+#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) wv[j] = Isa::load(w.bits + (n + j) * w.words + t);
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const typename Isa::Bits xv = Isa::load(x.bits + (m + i) * w.words + t);
       const typename Isa::Bits mask = Masked ? Isa::load(x.valid + (m + i) * w.words + t) : xv;
+#pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) totals[i * NR + j] = Isa::count_differ(totals[i * NR + j], xv, wv[j], mask, Masked);
     }
   }
+#pragma GCC unroll 16
+  for (int o = 0; o < MR * NR; ++o) differ[o] = Isa::total(totals[o]);
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      int32_t d = Isa::total(totals[i * NR + j]);
+    for (int j = 0; j < NR; ++j)
       for (int64_t r = t; r < w.words; ++r) {
         const uint64_t bits = x.bits[(m + i) * w.words + r] ^ w.bits[(n + j) * w.words + r];
-        d += static_cast<int32_t>(_mm_popcnt_u64(Masked ? (bits & x.valid[(m + i) * w.words + r]) : bits));
+        differ[i * NR + j] += static_cast<int32_t>(_mm_popcnt_u64(Masked ? (bits & x.valid[(m + i) * w.words + r]) : bits));
       }
-      differ[i * NR + j] = d;
-    }
 }
 
 template <int MR, int NR, bool Masked>
