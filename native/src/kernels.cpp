@@ -58,27 +58,27 @@ void for_each_tile(int64_t m, int64_t n, const ParallelFor& parallel, Body body)
   });
 }
 
-inline uint8_t code_at(const uint8_t* row, int64_t k) {
-  const uint8_t byte = row[(k / kNibbleBlock) * (kNibbleBlock / 2) + (k % (kNibbleBlock / 2))];
-  return (k % kNibbleBlock) < kNibbleBlock / 2 ? (byte & 0x0F) : (byte >> 4);
-}
-
 inline void store(OutputView out, int64_t m, int64_t n, float value) {
   out.y[m * out.row_stride + n * out.col_stride] = value;
 }
 
+// The code of channel j of a panel at element k (see NibbleWeights).
+inline uint8_t panel_code(const uint8_t* panel, int64_t j, int64_t k) {
+  const uint8_t byte = panel[(k / 4) * 32 + (j % 8) * 4 + k % 4];
+  return j < 8 ? (byte & 0x0F) : (byte >> 4);
+}
+
 void nibble_scalar(const QuantRows& x, const NibbleWeights& w, const int32_t* row_term, const float* bias,
                    OutputView out, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  const int64_t row_bytes = w.kp / 2;
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* xr = x.q + m * w.kp;
     for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wr = w.packed + n * row_bytes;
+      const uint8_t* panel = w.panels + (n / kPanel) * w.kp * 8;
       float acc = 0.0f;
       for (int64_t g = 0; g < w.groups; ++g) {
         int32_t raw = 0;
         for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) {
-          const uint8_t code = code_at(wr, k);
+          const uint8_t code = panel_code(panel, n % kPanel, k);
           raw += int32_t(xr[k]) * (w.lut ? w.lut[code] : code);
         }
         const int64_t gn = g * w.ld + n;
@@ -107,20 +107,35 @@ void binary_scalar(const BinaryRows& x, const BinaryWeights& w, const float* bia
 
 }  // namespace
 
-void nibble_colsums(const uint8_t* packed, int64_t n, int64_t kp, int64_t group, const uint8_t* lut,
-                    int32_t* colsum) {
-  const int64_t groups = kp / group;
-  for (int64_t r = 0; r < n; ++r) {
-    const uint8_t* row = packed + r * (kp / 2);
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t sum = 0;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-        const uint8_t code = code_at(row, k);
-        sum += lut ? lut[code] : code;
-      }
-      colsum[g * n + r] = sum;
+PreparedNibbles prepare_nibbles(const uint8_t* rows, const float* scale, const int32_t* zero, int64_t n0, int64_t n,
+                                int64_t kp, int64_t group, const uint8_t* lut) {
+  PreparedNibbles p;
+  p.n = n;
+  p.kp = kp;
+  p.group = group;
+  p.groups = kp / group;
+  p.ld = round_up(n, kPanel);
+  p.lut = lut;
+  p.panels.assign(static_cast<size_t>(p.ld / kPanel * kp * 8), 0);
+  p.scale.assign(static_cast<size_t>(p.groups * p.ld), 0.0f);
+  p.zero.assign(p.scale.size(), 0);
+  p.colsum.assign(p.scale.size(), 0);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* row = rows + (n0 + j) * (kp / 2);
+    uint8_t* panel = p.panels.data() + (j / kPanel) * kp * 8;
+    const int64_t lane = j % kPanel;
+    for (int64_t k = 0; k < kp; ++k) {
+      const uint8_t code = code_at(row, k);
+      uint8_t& byte = panel[(k / 4) * 32 + (lane % 8) * 4 + k % 4];
+      byte = static_cast<uint8_t>(lane < 8 ? (byte & 0xF0) | code : (byte & 0x0F) | (code << 4));
+      p.colsum[(k / group) * p.ld + j] += lut ? lut[code] : code;
+    }
+    for (int64_t g = 0; g < p.groups; ++g) {
+      p.scale[g * p.ld + j] = scale[(n0 + j) * p.groups + g];
+      p.zero[g * p.ld + j] = zero[(n0 + j) * p.groups + g];
     }
   }
+  return p;
 }
 
 void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum) {
@@ -257,14 +272,15 @@ void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t 
   });
 }
 
-void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, int32_t x_zero, const NibbleWeights& w,
+void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
+                      int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
                       const float* bias, float* out, const ParallelFor& parallel) {
   const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_h * s.kernel_w;
-  parallel(static_cast<size_t>(w.n), [&](size_t task) {
+  parallel(static_cast<size_t>(channels), [&](size_t task) {
     const int64_t c = static_cast<int64_t>(task);
-    const uint8_t* codes = w.packed + c * (w.kp / 2);
+    const uint8_t* codes = rows + c * (kp / 2);
     std::vector<int32_t> weight(static_cast<size_t>(taps)), acc(static_cast<size_t>(oh * ow), 0);
-    for (int64_t t = 0; t < taps; ++t) weight[t] = (w.lut ? w.lut[code_at(codes, t)] : code_at(codes, t)) - w.zero[c];
+    for (int64_t t = 0; t < taps; ++t) weight[t] = (lut ? lut[code_at(codes, t)] : code_at(codes, t)) - zero[c];
     const int8_t* plane = image + c * s.height * s.width;
     for (int64_t i = 0; i < s.kernel_h; ++i)
       for (int64_t j = 0; j < s.kernel_w; ++j) {
@@ -283,9 +299,8 @@ void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, in
         }
       }
     float* dst = out + c * oh * ow;
-    const float scale = w.scale[c];
     for (int64_t p = 0; p < oh * ow; ++p) {
-      const float scaled = (static_cast<float>(acc[p]) * scale) * x_scale;
+      const float scaled = (static_cast<float>(acc[p]) * scale[c]) * x_scale;
       dst[p] = bias ? scaled + bias[c] : scaled;
     }
   });

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace ptq {
 
@@ -26,23 +27,53 @@ struct OutputView {
 };
 
 // ---- 4-bit codes (Int4 and Shift operators) --------------------------------------------------
-// Codes are packed per output row n over K in blocks of 32: byte j of a block holds the code of
-// k = 32b + j in its low nibble and of k = 32b + 16 + j in its high nibble. A code c decodes to the
-// unsigned byte lut[c] (identity for int4); the weight is (decoded - zero_point[n, g]) * scale[n, g].
+// In the model, codes are packed per output row n over K in blocks of 32: byte j of a block holds
+// the code of k = 32b + j in its low nibble and of k = 32b + 16 + j in its high nibble. A code c
+// decodes to the unsigned byte lut[c] (identity for int4); the weight is
+// (decoded - zero_point[n, g]) * scale[n, g].
+//
+// The GEMM reads them re-laid into panels of 16 output channels (done once per model load): per
+// panel and per 4 consecutive k, 32 bytes; byte t holds channel t / 4 (low nibble) and channel
+// 8 + t / 4 (high nibble) at k offset t % 4. One 32-byte load then gives 4 k of 8 channels per
+// nibble half, and a broadcast of 4 activation bytes multiplies all 8 channels at once: the int32
+// sums come out one channel per lane, with no horizontal reduction.
+constexpr int64_t kPanel = 16;
+
 struct NibbleWeights {
-  const uint8_t* packed;   // [N, Kp / 2]
+  const uint8_t* panels;   // [ceil(N / 16), kp * 8]
   int64_t n;               // output channels
-  int64_t k;               // reduction length
-  int64_t kp;              // k rounded up to a multiple of 32 (and of the group)
+  int64_t kp;              // reduction length rounded up to a multiple of 32 (and of the group)
   int64_t group;           // elements per scale group (multiple of 32), kp when per-channel
   int64_t groups;          // kp / group
-  int64_t ld;              // distance between groups in the per-group arrays (N of the full weight)
-  // Per-group arrays are group-major, [groups, N], so a tile's columns are adjacent.
-  const float* scale;      // [groups, ld]
-  const int32_t* zero;     // [groups, ld], decoded units
-  const int32_t* colsum;   // [groups, ld], sum of decoded codes over each group (padding included)
+  int64_t ld;              // N rounded up to 16: the row length of the per-group arrays
+  // Per-group arrays are group-major, [groups, ld] (padding columns 0), so 8 channels load as one vector.
+  const float* scale;
+  const int32_t* zero;     // decoded units
+  const int32_t* colsum;   // sum of decoded codes over each group (padding included)
   const uint8_t* lut;      // 16 entries, or nullptr for identity
 };
+
+// Owns what NibbleWeights points at, for output channels [n0, n0 + n) of a model's weight.
+struct PreparedNibbles {
+  std::vector<uint8_t> panels;
+  std::vector<float> scale;
+  std::vector<int32_t> zero, colsum;
+  int64_t n = 0, kp = 0, group = 0, groups = 0, ld = 0;
+  const uint8_t* lut = nullptr;
+  NibbleWeights view() const {
+    return {panels.data(), n, kp, group, groups, ld, scale.data(), zero.data(), colsum.data(), lut};
+  }
+};
+
+// rows: the model's packed codes [N, kp/2]; scale [N, groups]; zero [N, groups] decoded units.
+PreparedNibbles prepare_nibbles(const uint8_t* rows, const float* scale, const int32_t* zero, int64_t n0, int64_t n,
+                                int64_t kp, int64_t group, const uint8_t* lut);
+
+// The code of element k in one packed model row.
+inline uint8_t code_at(const uint8_t* row, int64_t k) {
+  const uint8_t byte = row[(k / kNibbleBlock) * (kNibbleBlock / 2) + (k % (kNibbleBlock / 2))];
+  return (k % kNibbleBlock) < kNibbleBlock / 2 ? (byte & 0x0F) : (byte >> 4);
+}
 
 // Rows of int8 activations padded to kp with their zero point; x = (q - zero) * scale.
 struct QuantRows {
@@ -53,9 +84,6 @@ struct QuantRows {
   const int32_t* rowsum;  // [M, groups], sum of q over each group
 };
 
-// Sums the weights' decoded codes per group: the colsum field of NibbleWeights ([groups, N]).
-void nibble_colsums(const uint8_t* packed, int64_t n, int64_t kp, int64_t group, const uint8_t* lut,
-                    int32_t* colsum);
 void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum);
 
 // y[m, n] = x_scale[m] * sum_g(float(acc[m, n, g]) * scale[n, g]) + bias[n], acc the exact int32
@@ -109,8 +137,9 @@ struct ConvShape {
 
 // Depthwise convolution (one input channel per output channel) of int8 images, straight from the
 // image without patches: out[c, p] equals gemm_nibble over the patch rows bit for bit (padding
-// holds x_zero, so it adds exactly 0). Needs one scale group (w.groups == 1); w.n = channels.
-void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, int32_t x_zero, const NibbleWeights& w,
+// holds x_zero, so it adds exactly 0). One scale group: scale and zero are per channel.
+void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
+                      int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
                       const float* bias, float* out, const ParallelFor& parallel);
 
 // Patches of channels [c0, c0 + cg) as rows [out_h * out_w, ld] ordered (c, kh, kw); padding gets

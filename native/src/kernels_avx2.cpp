@@ -12,6 +12,7 @@
 namespace {
 
 struct Isa {
+  static constexpr int kTileRows = 2;  // 16 registers: 4 sums, 4 float totals, weights, row
   static __m256i dot(__m256i acc, __m256i u8, __m256i s8) {
     const __m256i pairs = _mm256_maddubs_epi16(u8, s8);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));

@@ -3,6 +3,7 @@
 // same float epilogue as the AVX2 tiles.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "isa.h"
@@ -10,6 +11,7 @@
 namespace {
 
 struct Isa {
+  static constexpr int kTileRows = 4;  // 32 registers: 8 sums, 8 float totals, weights, row
   static __m256i dot(__m256i acc, __m256i u8, __m256i s8) { return _mm256_dpbusd_epi32(acc, u8, s8); }
 
   static constexpr int64_t kWords = 8;

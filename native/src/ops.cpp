@@ -98,16 +98,6 @@ class Kernel {
     n_ = attribute(info, "N", -1);
     group_size_ = attribute(info, "group_size", 0);
     require(k_ > 0 && n_ > 0, node_, "attributes K and N must be positive");
-    if (entry.family == Family::Binary) {
-      words_ = (k_ + ptq::kBinaryWord - 1) / ptq::kBinaryWord;
-    } else {
-      require(group_size_ >= 0 && group_size_ % ptq::kNibbleBlock == 0, node_,
-              "group_size must be 0 (per channel) or a multiple of 32");
-      kp_ = ptq::round_up(k_, group_size_ > 0 ? group_size_ : ptq::kNibbleBlock);
-      group_ = group_size_ > 0 ? group_size_ : kp_;
-      groups_ = kp_ / group_;
-      cache_weight_sums(info);
-    }
     if (entry.layout == Layout::Conv) {
       conv_.kernel = attribute_list<int64_t>(info, "kernel_shape", {});
       require(conv_.kernel.size() == 2, node_, "kernel_shape must have 2 values (2-D convolution)");
@@ -118,6 +108,16 @@ class Kernel {
       require(conv_.strides.size() == 2 && conv_.pads.size() == 4 && conv_.dilations.size() == 2, node_,
               "strides, pads and dilations must describe a 2-D convolution");
       require(conv_.group > 0 && n_ % conv_.group == 0, node_, "N must be a multiple of group");
+    }
+    if (entry.family == Family::Binary) {
+      words_ = (k_ + ptq::kBinaryWord - 1) / ptq::kBinaryWord;
+    } else {
+      require(group_size_ >= 0 && group_size_ % ptq::kNibbleBlock == 0, node_,
+              "group_size must be 0 (per channel) or a multiple of 32");
+      kp_ = ptq::round_up(k_, group_size_ > 0 ? group_size_ : ptq::kNibbleBlock);
+      group_ = group_size_ > 0 ? group_size_ : kp_;
+      groups_ = kp_ / group_;
+      cache_prepared_weights(info);
     }
   }
 
@@ -135,48 +135,37 @@ class Kernel {
   }
 
  private:
-  // Weight code sums per group, once, when the weights are initializers (they are in exported models).
-  void cache_weight_sums(const Ort::ConstKernelInfo& info) {
+  // Weights re-laid into panels once, when they are initializers (they are in exported models).
+  void cache_prepared_weights(const Ort::ConstKernelInfo& info) {
     const bool zero_given = info.GetInputCount() > 3 && !info.GetInputName(3).empty();
-    if (!zero_given) {
-      zero_ = weight_zeros(nullptr, 0);
-      zero_cached_ = true;
-    } else {
-      int zero_constant = 0;
+    int zero_constant = 1;
+    if (zero_given) {
       Ort::ConstValue z = info.GetTensorConstantInput(3, &zero_constant);
-      if (zero_constant) {
-        zero_ = weight_zeros(z.GetTensorData<uint8_t>(), z.GetTensorTypeAndShapeInfo().GetElementCount());
-        zero_cached_ = true;
-      }
+      if (zero_constant) zero_ = weight_zeros(z.GetTensorData<uint8_t>(), z.GetTensorTypeAndShapeInfo().GetElementCount());
+    } else {
+      zero_ = weight_zeros(nullptr, 0);
     }
-    int scale_constant = 0;
+    int w_constant = 0, scale_constant = 0;
+    Ort::ConstValue w = info.GetTensorConstantInput(1, &w_constant);
     Ort::ConstValue scale = info.GetTensorConstantInput(2, &scale_constant);
-    if (scale_constant) {
-      check_count(scale, n_ * groups_, "W_scale");
-      scale_ = group_major(scale.GetTensorData<float>());
-    }
-    int is_constant = 0;
-    Ort::ConstValue w = info.GetTensorConstantInput(1, &is_constant);
-    if (is_constant) {
+    if (w_constant && scale_constant && zero_constant) {
       check_count(w, n_ * kp_ / 2, "W (packed 4-bit codes, N x Kp/2)");
-      colsum_ = weight_colsums(w.GetTensorData<uint8_t>(), n_);
+      check_count(scale, n_ * groups_, "W_scale");
+      slices_ = prepare(w.GetTensorData<uint8_t>(), scale.GetTensorData<float>(), zero_);
     }
   }
 
-  // [N, groups] as given -> [groups, N] as the kernels read it.
-  std::vector<float> group_major(const float* scale) const {
-    std::vector<float> out(static_cast<size_t>(n_ * groups_));
-    for (int64_t n = 0; n < n_; ++n)
-      for (int64_t g = 0; g < groups_; ++g) out[g * n_ + n] = scale[n * groups_ + g];
+  // One prepared slice per convolution group (one in all for MatMul and Gemm).
+  std::vector<ptq::PreparedNibbles> prepare(const uint8_t* rows, const float* scale, const std::vector<int32_t>& zero) const {
+    const int64_t slices = entry_.layout == Layout::Conv ? conv_.group : 1;
+    const int64_t per_slice = n_ / slices;
+    std::vector<ptq::PreparedNibbles> out;
+    for (int64_t i = 0; i < slices; ++i)
+      out.push_back(ptq::prepare_nibbles(rows, scale, zero.data(), i * per_slice, per_slice, kp_, group_, lut()));
     return out;
   }
 
-  std::vector<int32_t> weight_colsums(const uint8_t* packed, int64_t rows) const {
-    std::vector<int32_t> sums(static_cast<size_t>(rows * groups_));
-    ptq::nibble_colsums(packed, rows, kp_, group_, lut(), sums.data());
-    return sums;
-  }
-
+  // [N, groups] decoded zero points.
   std::vector<int32_t> weight_zeros(const uint8_t* given, size_t count) const {
     const size_t expected = static_cast<size_t>(n_ * groups_);
     if (entry_.family == Family::Shift) {
@@ -186,13 +175,38 @@ class Kernel {
     if (given == nullptr) return std::vector<int32_t>(expected, 8);  // signed int4 stored as code + 8
     require(count == expected, node_, "W_zero_point must have N x groups elements");
     std::vector<int32_t> zeros(expected);
-    for (int64_t n = 0; n < n_; ++n)
-      for (int64_t g = 0; g < groups_; ++g) {
-        const uint8_t z = given[n * groups_ + g];
-        require(z < 16, node_, "W_zero_point values must be 4-bit");
-        zeros[g * n_ + n] = z;
-      }
+    for (size_t i = 0; i < expected; ++i) {
+      require(given[i] < 16, node_, "W_zero_point values must be 4-bit");
+      zeros[i] = given[i];
+    }
     return zeros;
+  }
+
+  // The weights as the kernels read them: cached, or prepared for this call into storage.
+  struct WeightsNow {
+    const std::vector<ptq::PreparedNibbles>* slices;
+    const uint8_t* rows;
+    const float* scale;
+    const int32_t* zero;
+  };
+
+  WeightsNow weights_now(const Ort::KernelContext& ctx, std::vector<ptq::PreparedNibbles>& slice_storage,
+                         std::vector<int32_t>& zero_storage) const {
+    Ort::ConstValue w = ctx.GetInput(1), scale = ctx.GetInput(2);
+    check_count(w, n_ * kp_ / 2, "W (packed 4-bit codes, N x Kp/2)");
+    check_count(scale, n_ * groups_, "W_scale");
+    const std::vector<int32_t>* zero = &zero_;
+    if (zero_.empty()) {
+      Ort::ConstValue z = optional_input(ctx, 3);
+      zero_storage = weight_zeros(z.GetTensorData<uint8_t>(), z.GetTensorTypeAndShapeInfo().GetElementCount());
+      zero = &zero_storage;
+    }
+    const std::vector<ptq::PreparedNibbles>* slices = &slices_;
+    if (slices_.empty()) {
+      slice_storage = prepare(w.GetTensorData<uint8_t>(), scale.GetTensorData<float>(), *zero);
+      slices = &slice_storage;
+    }
+    return {slices, w.GetTensorData<uint8_t>(), scale.GetTensorData<float>(), zero->data()};
   }
 
   const uint8_t* lut() const { return entry_.family == Family::Shift ? kShiftLut : nullptr; }
@@ -212,32 +226,6 @@ class Kernel {
 
   static Ort::ConstValue optional_input(const Ort::KernelContext& ctx, size_t index) {
     return index < ctx.GetInputCount() ? ctx.GetInput(index) : Ort::ConstValue(nullptr);
-  }
-
-  ptq::NibbleWeights nibble_weights(const Ort::KernelContext& ctx, std::vector<int32_t>& colsum_storage,
-                                    std::vector<int32_t>& zero_storage, std::vector<float>& scale_storage) const {
-    Ort::ConstValue w = ctx.GetInput(1), scale = ctx.GetInput(2);
-    check_count(w, n_ * kp_ / 2, "W (packed 4-bit codes, N x Kp/2)");
-    check_count(scale, n_ * groups_, "W_scale");
-    const uint8_t* packed = w.GetTensorData<uint8_t>();
-    const std::vector<int32_t>* colsum = &colsum_;
-    const std::vector<int32_t>* zero = &zero_;
-    if (colsum_.empty()) {
-      colsum_storage = weight_colsums(packed, n_);
-      colsum = &colsum_storage;
-    }
-    if (!zero_cached_) {
-      Ort::ConstValue z = optional_input(ctx, 3);
-      zero_storage = z == nullptr ? weight_zeros(nullptr, 0)
-                                  : weight_zeros(z.GetTensorData<uint8_t>(), z.GetTensorTypeAndShapeInfo().GetElementCount());
-      zero = &zero_storage;
-    }
-    const std::vector<float>* scales = &scale_;
-    if (scale_.empty()) {
-      scale_storage = group_major(scale.GetTensorData<float>());
-      scales = &scale_storage;
-    }
-    return {packed, n_, k_, kp_, group_, groups_, n_, scales->data(), zero->data(), colsum->data(), lut()};
   }
 
   // Scale and zero point of an integer input, the zero point shifted into int8 like the values.
@@ -325,10 +313,11 @@ class Kernel {
       a.zero.assign(m, zero);
     }
     finish_rows(a, m);
-    std::vector<int32_t> colsum, zeros;
-    std::vector<float> scales;
-    const ptq::NibbleWeights w = nibble_weights(ctx, colsum, zeros, scales);
-    ptq::gemm_nibble({a.q.data(), m, a.scale.data(), a.zero.data(), a.rowsum.data()}, w, bias, out, parallel);
+    std::vector<ptq::PreparedNibbles> slice_storage;
+    std::vector<int32_t> zero_storage;
+    const WeightsNow now = weights_now(ctx, slice_storage, zero_storage);
+    ptq::gemm_nibble({a.q.data(), m, a.scale.data(), a.zero.data(), a.rowsum.data()}, now.slices->front().view(), bias,
+                     out, parallel);
   }
 
   void run_binary(const Ort::KernelContext& ctx, const float* rows, const uint8_t* valid, int64_t m, const float* bias,
@@ -380,9 +369,9 @@ class Kernel {
       return;
     }
 
-    std::vector<int32_t> colsum, zeros;
-    std::vector<float> scales;
-    const ptq::NibbleWeights all = nibble_weights(ctx, colsum, zeros, scales);
+    std::vector<ptq::PreparedNibbles> slice_storage;
+    std::vector<int32_t> zero_storage;
+    const WeightsNow now = weights_now(ctx, slice_storage, zero_storage);
     float input_scale = 0.0f;
     int32_t input_zero = 0;
     std::vector<int8_t> image_q;
@@ -392,8 +381,8 @@ class Kernel {
     }
     if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && cg == 1 && ng == 1 && groups_ == 1) {
       for (int64_t b = 0; b < batch; ++b)
-        ptq::depthwise_nibble(image_q.data() + b * image_size, s, input_scale, input_zero, all, bias,
-                              out + b * n_ * pixels, parallel);
+        ptq::depthwise_nibble(image_q.data() + b * image_size, s, input_scale, input_zero, now.rows, n_, kp_, now.scale,
+                              now.zero, lut(), bias, out + b * n_ * pixels, parallel);
       return;
     }
     std::vector<float> rows_f(type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<size_t>(pixels * k_) : 0);
@@ -415,12 +404,7 @@ class Kernel {
           std::fill(a.zero.begin(), a.zero.end(), input_zero);
         }
         finish_rows(a, pixels);
-        ptq::NibbleWeights w = all;
-        w.n = ng;
-        w.packed += g * ng * (kp_ / 2);
-        w.scale += g * ng;  // group-major arrays: the slice's columns, same stride
-        w.zero += g * ng;
-        w.colsum += g * ng;
+        const ptq::NibbleWeights w = (*now.slices)[g].view();
         const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
         ptq::gemm_nibble({a.q.data(), pixels, a.scale.data(), a.zero.data(), a.rowsum.data()}, w,
                          bias ? bias + g * ng : nullptr, view, parallel);
@@ -432,9 +416,8 @@ class Kernel {
   int64_t k_ = 0, n_ = 0, group_size_ = 0;
   int64_t kp_ = 0, group_ = 0, groups_ = 0, words_ = 0;
   Conv conv_;
-  std::vector<int32_t> colsum_, zero_;
-  std::vector<float> scale_;
-  bool zero_cached_ = false;
+  std::vector<int32_t> zero_;                     // [N, groups], when constant
+  std::vector<ptq::PreparedNibbles> slices_;      // when W, W_scale and W_zero_point are constant
 };
 
 struct Op : Ort::CustomOpBase<Op, Kernel, true> {

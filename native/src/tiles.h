@@ -1,152 +1,95 @@
 // SIMD tile kernels, compiled once per instruction set: a translation unit defines `Isa` (how
-// bytes are multiplied into int32 sums, how bits are counted) and then includes this header inside
-// an anonymous namespace, so each copy has internal linkage and its own target flags.
+// bytes are multiplied into int32 sums, how bits are counted, how many rows a nibble tile has)
+// and then includes this header inside an anonymous namespace, so each copy has internal linkage
+// and its own target flags.
 //
-// Nibble tiles hold MR rows x NR columns of int32 sums in 256-bit vectors (one per output, 8
-// lanes over k). Tiles of 8 outputs reduce all 8 sums with one hadd tree and apply zero points,
-// scales and the float accumulation to the 8 outputs as one vector: the same IEEE operations, in
-// the same order, as the scalar path, so results stay bit-identical.
+// A nibble tile is MR rows x one 16-channel panel: per row two vectors of 8 int32 sums, one lane
+// per channel (see NibbleWeights). Zero points, scales and the float accumulation are applied per
+// lane: the same IEEE operations, in the same order, as the scalar path, so results are identical.
 
-inline __m256i unpack_codes(const uint8_t* block) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, low_mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
-  return _mm256_set_m128i(hi, lo);
-}
-
-template <bool Lut>
-inline __m256i decoded_block(const uint8_t* block, __m256i lut) {
-  const __m256i codes = unpack_codes(block);
-  return Lut ? _mm256_shuffle_epi8(lut, codes) : codes;
-}
-
-inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
-}
-
-// Eight vectors of partial sums -> one vector of their eight totals, in order.
-inline __m256i reduce8(const __m256i* s) {
-  const __m256i ab = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-  const __m256i cd = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31));
-}
-
-// Per-lane values of a tile of 8 outputs, lane = i * NR + j: a column quantity (one per j) and a
-// row quantity (one per i). Column arrays are group-major [G, N], row arrays [G, M] or [M].
-template <int MR, int NR>
-inline __m256i lane_cols(const int32_t* at) {
-  if constexpr (NR == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
-  static_assert(NR == 2 || NR == 8, "8-output tiles are 4x2 or 1x8");
-  int64_t pair;
-  std::memcpy(&pair, at, sizeof(pair));
-  return _mm256_set1_epi64x(pair);
-}
-
-template <int MR, int NR>
-inline __m256 lane_cols(const float* at) {
-  return _mm256_castsi256_ps(lane_cols<MR, NR>(reinterpret_cast<const int32_t*>(at)));
-}
-
-template <int MR, int NR>
-inline __m256i lane_rows(const int32_t* at) {
-  if constexpr (MR == 1) return _mm256_set1_epi32(at[0]);
-  const __m256i four = _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
-  return _mm256_permutevar8x32_epi32(four, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-}
-
-template <int MR, int NR>
-inline __m256 lane_rows(const float* at) {
-  return _mm256_castsi256_ps(lane_rows<MR, NR>(reinterpret_cast<const int32_t*>(at)));
-}
-
-// Everything a nibble tile reads, with the per-group arrays group-major.
 struct NibbleCtx {
   const ptq::QuantRows* x;
   const ptq::NibbleWeights* w;
-  const int32_t* row_term;  // [G, M]: rowsum - group * x_zero, so corrected = raw - w_zero * row_term - x_zero * colsum
+  const int32_t* row_term;  // [G, M]: rowsum - group * x_zero; corrected = raw - w_zero * row_term - x_zero * colsum
   const float* bias;
   ptq::OutputView out;
   __m256i lut;
 };
 
-inline int32_t corrected_scalar(int32_t raw, const NibbleCtx& c, int64_t m, int64_t n, int64_t g) {
-  const ptq::NibbleWeights& w = *c.w;
-  const int64_t gn = g * w.ld + n;
-  return raw - w.zero[gn] * c.row_term[g * c.x->m + m] - c.x->zero[m] * w.colsum[gn];
+template <bool Lut>
+inline void decode_quad(const uint8_t* at, __m256i lut, __m256i& low, __m256i& high) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  low = _mm256_and_si256(bytes, mask);
+  high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  if (Lut) {
+    low = _mm256_shuffle_epi8(lut, low);
+    high = _mm256_shuffle_epi8(lut, high);
+  }
 }
 
-template <int MR, int NR, bool Lut>
-inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t n) {
+template <int MR, bool Lut>
+inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel, int64_t cols) {
   const ptq::NibbleWeights& w = *c.w;
   const ptq::QuantRows& x = *c.x;
-  constexpr int kOut = MR * NR;
-  // Vector epilogue over chunks of 8 outputs: 4 rows x 2 columns, or 1 row x 8 columns.
-  constexpr bool kVector = (NR == 2 && MR % 4 == 0) || (MR == 1 && NR == 8);
-  constexpr int kChunkRows = NR == 2 ? 4 : 1;
-  constexpr int kChunks = kVector ? kOut / 8 : 1;
-  const int64_t row_bytes = w.kp / 2;
-  const int64_t blocks_per_group = w.group / ptq::kNibbleBlock;
-  __m256 acc_v[kChunks];
-  for (int ch = 0; ch < kChunks; ++ch) acc_v[ch] = _mm256_setzero_ps();
-  float acc_s[kOut] = {};
+  const uint8_t* base = w.panels + panel * w.kp * 8;
+  const int64_t n0 = panel * ptq::kPanel;
+  const int64_t quads_per_group = w.group / 4;
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < w.groups; ++g) {
-    __m256i sums[kOut];
-    for (int o = 0; o < kOut; ++o) sums[o] = _mm256_setzero_si256();
-    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
-      __m256i codes[NR];
-      for (int j = 0; j < NR; ++j) codes[j] = decoded_block<Lut>(w.packed + (n + j) * row_bytes + b * 16, c.lut);
+    __m256i sums[MR][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) sums[i][0] = sums[i][1] = _mm256_setzero_si256();
+    for (int64_t q = g * quads_per_group; q < (g + 1) * quads_per_group; ++q) {
+      __m256i low, high;
+      decode_quad<Lut>(base + q * 32, c.lut, low, high);
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (m + i) * w.kp + b * ptq::kNibbleBlock));
-        for (int j = 0; j < NR; ++j) sums[i * NR + j] = Isa::dot(sums[i * NR + j], codes[j], xv);
+        int32_t quad;
+        std::memcpy(&quad, x.q + (m + i) * w.kp + q * 4, sizeof(quad));
+        const __m256i xv = _mm256_set1_epi32(quad);
+        sums[i][0] = Isa::dot(sums[i][0], low, xv);
+        sums[i][1] = Isa::dot(sums[i][1], high, xv);
       }
     }
-    if constexpr (kVector) {
-      const int64_t gn = g * w.ld + n;
-      for (int ch = 0; ch < kChunks; ++ch) {
-        const int64_t mc = m + ch * kChunkRows;
-        const __m256i raw = reduce8(sums + ch * 8);
-        const __m256i x_zero = lane_rows<kChunkRows, NR>(x.zero + mc);
-        const __m256i fixed = _mm256_sub_epi32(
-            _mm256_sub_epi32(raw, _mm256_mullo_epi32(lane_cols<kChunkRows, NR>(w.zero + gn),
-                                                     lane_rows<kChunkRows, NR>(c.row_term + g * x.m + mc))),
-            _mm256_mullo_epi32(x_zero, lane_cols<kChunkRows, NR>(w.colsum + gn)));
-        acc_v[ch] = _mm256_add_ps(acc_v[ch], _mm256_mul_ps(_mm256_cvtepi32_ps(fixed), lane_cols<kChunkRows, NR>(w.scale + gn)));
-      }
-    } else {
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) {
-          const int32_t fixed = corrected_scalar(hsum(sums[i * NR + j]), c, m + i, n + j, g);
-          acc_s[i * NR + j] += static_cast<float>(fixed) * w.scale[g * w.ld + n + j];
+    const int64_t gn = g * w.ld + n0;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256i row_term = _mm256_set1_epi32(c.row_term[g * x.m + m + i]);
+      const int32_t x_zero = x.zero[m + i];  // 0 for activations quantized on the fly: skip that term
+      for (int h = 0; h < 2; ++h) {
+        const __m256i zero = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.zero + gn + 8 * h));
+        __m256i fixed = _mm256_sub_epi32(sums[i][h], _mm256_mullo_epi32(zero, row_term));
+        if (x_zero != 0) {
+          const __m256i colsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.colsum + gn + 8 * h));
+          fixed = _mm256_sub_epi32(fixed, _mm256_mullo_epi32(_mm256_set1_epi32(x_zero), colsum));
         }
+        const __m256 scale = _mm256_loadu_ps(w.scale + gn + 8 * h);
+        acc[i][h] = _mm256_add_ps(acc[i][h], _mm256_mul_ps(_mm256_cvtepi32_ps(fixed), scale));
+      }
     }
   }
-  if constexpr (kVector)
-    for (int ch = 0; ch < kChunks; ++ch) _mm256_storeu_ps(acc_s + ch * 8, acc_v[ch]);
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      const float scaled = acc_s[i * NR + j] * x.scale[m + i];
-      c.out.y[(m + i) * c.out.row_stride + (n + j) * c.out.col_stride] = c.bias ? scaled + c.bias[n + j] : scaled;
+  for (int i = 0; i < MR; ++i) {
+    alignas(32) float lanes[ptq::kPanel];
+    _mm256_store_ps(lanes, acc[i][0]);
+    _mm256_store_ps(lanes + 8, acc[i][1]);
+    float* y = c.out.y + (m + i) * c.out.row_stride;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float scaled = lanes[j] * x.scale[m + i];
+      y[(n0 + j) * c.out.col_stride] = c.bias ? scaled + c.bias[n0 + j] : scaled;
     }
+  }
 }
 
-// One output tile range: 4x2 tiles over full row quads, 1x8 tiles over the rows left, then singles.
-// (Taller tiles spill their sums to the stack with GCC and run slower, even with 32 registers.)
 template <bool Lut>
 inline void nibble_range(const NibbleCtx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) {
-    int64_t n = n0;
-    for (; n + 2 <= n1; n += 2) nibble_tile<4, 2, Lut>(c, m, n);
-    for (; n < n1; ++n) nibble_tile<4, 1, Lut>(c, m, n);
-  }
-  for (; m < m1; ++m) {
-    int64_t n = n0;
-    for (; n + 8 <= n1; n += 8) nibble_tile<1, 8, Lut>(c, m, n);
-    for (; n < n1; ++n) nibble_tile<1, 1, Lut>(c, m, n);
+  for (int64_t panel = n0 / ptq::kPanel; panel * ptq::kPanel < n1; ++panel) {
+    const int64_t cols = std::min<int64_t>(ptq::kPanel, c.w->n - panel * ptq::kPanel);
+    int64_t m = m0;
+    for (; m + Isa::kTileRows <= m1; m += Isa::kTileRows) nibble_tile<Isa::kTileRows, Lut>(c, m, panel, cols);
+    for (; m < m1; ++m) nibble_tile<1, Lut>(c, m, panel, cols);
   }
 }
 
