@@ -356,16 +356,26 @@ class Kernel {
     const auto parallel = session_threads(ctx);
     const int64_t image_size = channels * s.height * s.width;
 
+    // Many small groups (depthwise-like) run one group per task; one big group spreads inside it.
+    const auto for_each_group = [&](const std::function<void(int64_t, int64_t, const ptq::ParallelFor&)>& run) {
+      if (conv_.group == 1) {
+        for (int64_t b = 0; b < batch; ++b) run(b, 0, parallel);
+        return;
+      }
+      parallel(static_cast<size_t>(batch * conv_.group), [&](size_t task) {
+        run(static_cast<int64_t>(task) / conv_.group, static_cast<int64_t>(task) % conv_.group, ptq::serial_for);
+      });
+    };
+
     if (entry_.family == Family::Binary) {
-      std::vector<float> rows(static_cast<size_t>(pixels * k_));
-      std::vector<uint8_t> valid(rows.size());
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t g = 0; g < conv_.group; ++g) {
-          ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows.data(), valid.data(),
-                             parallel);
-          const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
-          run_binary(ctx, rows.data(), valid.data(), pixels, bias, view, parallel, g * ng, ng);
-        }
+      for_each_group([&](int64_t b, int64_t g, const ptq::ParallelFor& inner) {
+        std::vector<float> rows(static_cast<size_t>(pixels * k_));
+        std::vector<uint8_t> valid(rows.size());
+        ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows.data(), valid.data(),
+                           inner);
+        const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
+        run_binary(ctx, rows.data(), valid.data(), pixels, bias, view, inner, g * ng, ng);
+      });
       return;
     }
 
@@ -385,30 +395,27 @@ class Kernel {
                               now.zero, lut(), bias, out + b * n_ * pixels, parallel);
       return;
     }
-    std::vector<float> rows_f(type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<size_t>(pixels * k_) : 0);
-    Activations a;
-    a.q.resize(static_cast<size_t>(pixels * kp_));
-    a.scale.resize(pixels);
-    a.zero.resize(pixels);
-    for (int64_t b = 0; b < batch; ++b)
-      for (int64_t g = 0; g < conv_.group; ++g) {
-        if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-          ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows_f.data(), nullptr,
-                             parallel);
-          ptq::quantize_rows_symmetric(rows_f.data(), pixels, k_, kp_, a.q.data(), a.scale.data(), a.zero.data(),
-                                       parallel);
-        } else {
-          ptq::im2col<int8_t>(image_q.data() + b * image_size, s, g * cg, cg, kp_, static_cast<int8_t>(input_zero),
-                              a.q.data(), nullptr, parallel);
-          std::fill(a.scale.begin(), a.scale.end(), input_scale);
-          std::fill(a.zero.begin(), a.zero.end(), input_zero);
-        }
-        finish_rows(a, pixels);
-        const ptq::NibbleWeights w = (*now.slices)[g].view();
-        const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
-        ptq::gemm_nibble({a.q.data(), pixels, a.scale.data(), a.zero.data(), a.rowsum.data()}, w,
-                         bias ? bias + g * ng : nullptr, view, parallel);
+    for_each_group([&](int64_t b, int64_t g, const ptq::ParallelFor& inner) {
+      Activations a;
+      a.q.resize(static_cast<size_t>(pixels * kp_));
+      a.scale.resize(pixels);
+      a.zero.resize(pixels);
+      if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        std::vector<float> rows(static_cast<size_t>(pixels * k_));
+        ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows.data(), nullptr,
+                           inner);
+        ptq::quantize_rows_symmetric(rows.data(), pixels, k_, kp_, a.q.data(), a.scale.data(), a.zero.data(), inner);
+      } else {
+        ptq::im2col<int8_t>(image_q.data() + b * image_size, s, g * cg, cg, kp_, static_cast<int8_t>(input_zero),
+                            a.q.data(), nullptr, inner);
+        std::fill(a.scale.begin(), a.scale.end(), input_scale);
+        std::fill(a.zero.begin(), a.zero.end(), input_zero);
       }
+      finish_rows(a, pixels);
+      const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
+      ptq::gemm_nibble({a.q.data(), pixels, a.scale.data(), a.zero.data(), a.rowsum.data()}, (*now.slices)[g].view(),
+                       bias ? bias + g * ng : nullptr, view, inner);
+    });
   }
 
   OpEntry entry_;
