@@ -51,8 +51,8 @@ RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file w
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data for fidelity (an .npz may carry `labels`).")]
 EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to measure fidelity on.")]
 FormatOpt = Annotated[str, typer.Option(
-    "--format", help="qdq: QuantizeLinear/DequantizeLinear pairs any ONNX Runtime runs; native: int4 and pow2:4 "
-                     "layers as ptqcli custom operators (packed weights, integer kernels; needs the library).")]
+    "--format", help="qdq: QuantizeLinear/DequantizeLinear pairs any ONNX Runtime runs; native: int2-int4, "
+                     "binary, ternary and pow2 layers as ptqcli custom operators (packed weights, integer kernels).")]
 
 
 def user_errors(fn):

@@ -150,7 +150,8 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
         require_library()
         quantized, report = export_native(quantized, g, plan)
         if not report.replaced:
-            raise PtqError("no layer has a native kernel (native export runs int4 and pow2:4 weights); "
+            raise PtqError("no layer has a native kernel (native export runs int2-int4, binary, ternary and pow2 up to "
+                           "4 bits); "
                            "use --format qdq")
         native = {"replaced": report.replaced, "kept": report.kept}
     save_model(quantized, out_path)

@@ -1,7 +1,8 @@
 """Native export: quantized layers of a QDQ model become ptqcli custom operators that run the
 low-bit arithmetic (see native/), with their weights packed; everything else stays as it was.
 
-A layer is replaced when its weights are int4 (Int4*) or pow2:4 (Shift*) and its input is either
+A layer is replaced when its weights fit a kernel's 4-bit codes (int2-int4, binary and ternary:
+Int4*; pow2 up to 4 bits: Shift*) and its input is either
 float (then quantized per row by the operator) or an 8-bit per-tensor QuantizeLinear output (then
 consumed as integers with that scale and zero point, exactly like the QDQ pair it replaces).
 """
@@ -19,6 +20,7 @@ from ..numeric.registry import node_attrs
 from ..nativelib import DOMAIN
 from ..plan import Plan, TensorQuant
 from ..quant import quantize
+from ..spec import QuantSpec
 from . import native_ref as ref
 
 
@@ -35,8 +37,11 @@ class Family:
 
 
 def _int4_codes(q: np.ndarray, tq: TensorQuant) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Codes, per-channel zero points (None when all are the signed default) and the padding code."""
-    offset = ref.INT4_ZERO if tq.spec.signed else 0
+    """Codes, per-channel zero points (None when all are the signed default) and the padding code.
+
+    Signed integers (and the -1/0/+1 of binary and ternary) are stored as q + 8; unsigned ones as q
+    with their zero point."""
+    offset = 0 if tq.spec.scheme == "int" and not tq.spec.signed else ref.INT4_ZERO
     zero = np.broadcast_to(np.asarray(tq.zero_point, dtype=np.int64).reshape(-1, 1), (q.shape[0], 1)) + offset
     codes = (q + offset).astype(np.uint8)
     if np.all(zero == ref.INT4_ZERO):
@@ -48,15 +53,19 @@ def _shift_codes(q: np.ndarray, tq: TensorQuant) -> tuple[np.ndarray, np.ndarray
     return ref.shift_codes(q), None, ref.SHIFT_ZERO_CODE
 
 
+INT4 = Family("Int4", _int4_codes)
+SHIFT = Family("Shift", _shift_codes)
+
+# Which kernels run which weight formats: every grid that fits in the kernel's 4-bit codes exactly.
+FAMILIES: tuple[tuple[Callable[[QuantSpec], bool], Family], ...] = (
+    (lambda spec: spec.scheme == "int" and spec.bits <= 4, INT4),
+    (lambda spec: spec.scheme in ("binary", "ternary"), INT4),
+    (lambda spec: spec.scheme == "pow2" and spec.bits <= 4, SHIFT),
+)
+
+
 def _family(tq: TensorQuant) -> Family | None:
-    spec = tq.spec
-    if spec.bits != 4:
-        return None
-    if spec.scheme == "int":
-        return Family("Int4", _int4_codes)
-    if spec.scheme == "pow2":
-        return Family("Shift", _shift_codes)
-    return None
+    return next((family for fits, family in FAMILIES if fits(tq.spec)), None)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ def _top1(model_path, x):
     ("int4", "uint8", {"Int4Conv", "Int4Gemm"}),
     ("pow2:4", "uint8", {"ShiftConv", "ShiftGemm"}),
     ("int4", "none", {"Int4Conv", "Int4Gemm"}),  # weight-only: the operators quantize activations per row
+    ("ternary", "uint8", {"Int4Conv", "Int4Gemm"}),  # -1/0/+1 are 4-bit codes too
+    ("int3", "uint8", {"Int4Conv", "Int4Gemm"}),
 ])
 def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, acts, ops):
     run = tmp_path / "run"
@@ -49,13 +51,15 @@ def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, acts, o
     model = onnx.load(native)
     used = {n.op_type for n in model.graph.node if n.domain == "ptqcli"}
     assert used == ops
-    assert not any(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+    still_float_ops = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
     float_bytes = FASHION.stat().st_size
     assert native.stat().st_size < qdq.stat().st_size < float_bytes
     assert native.stat().st_size < float_bytes / 5
 
     card = json.loads((tmp_path / "n.card.json").read_text())
     assert card["model"]["format"] == "native"
+    assert still_float_ops == set(card["model"]["native"]["kept"])  # only layers the card says were kept
+    assert len(still_float_ops) <= 2  # at most the first and last layers, kept at 8 bits
     assert set(card["model"]["native"]["replaced"].values()) == ops
     assert card["results"]["accuracy"]["quantized"] == pytest.approx(
         json.loads((tmp_path / "q.card.json").read_text())["results"]["accuracy"]["quantized"], abs=0.002)
