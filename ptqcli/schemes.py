@@ -51,6 +51,14 @@ def max_code(spec: QuantSpec) -> int:
     return int(round(magnitudes(spec).max() * code_multiplier(spec)))
 
 
+def code_levels(spec: QuantSpec) -> np.ndarray:
+    """Every integer code the grid can take, sorted (uniform integers: qmin..qmax)."""
+    if spec.scheme == "int":
+        return np.arange(spec.qmin, spec.qmax + 1, dtype=np.float64)
+    codes = np.round(magnitudes(spec) * code_multiplier(spec))
+    return np.unique(np.concatenate([-codes, codes])).astype(np.float64)
+
+
 def snap(w: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """w on the grid, in float: sign x scale x nearest magnitude."""
     s = _per_channel(scale, w.ndim, spec.axis)

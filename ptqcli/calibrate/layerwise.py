@@ -27,6 +27,7 @@ from ..numeric.conv import conv_patches
 from ..plan import Plan, TensorQuant
 from ..quant import dequantize, quantize
 from ..runtime import session, with_outputs
+from ..schemes import code_levels
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound, eq. 23)
 
@@ -106,17 +107,32 @@ def _init_v(rest: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def adaround_rows(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, x_q: np.ndarray, target: np.ndarray,
+def bracket(r: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The grid level at or below r (the lowest two levels' lower one below the grid) and the gap to
+    the next level up: AdaRound chooses between lo and lo + gap."""
+    index = np.clip(np.searchsorted(levels, r, side="right") - 1, 0, len(levels) - 2)
+    lo = levels[index]
+    return lo, levels[index + 1] - lo
+
+
+def nearest_level(r: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    index = np.clip(np.searchsorted((levels[1:] + levels[:-1]) / 2, r, side="left"), 0, len(levels) - 1)
+    return levels[index]
+
+
+def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: np.ndarray, target: np.ndarray,
                   cfg: RoundingConfig, rng: np.random.Generator,
                   report: Callable[[int, float], None] = lambda i, loss: None) -> np.ndarray:
-    """Integer rows (same shape as `rows`) chosen by AdaRound.
+    """Grid values (in units of `scale`, same shape as `rows`) chosen by AdaRound.
 
-    rows (G, M, K) float weights; scale (G, M, 1) per output row; x_q (G, K, S) quantized-input
-    columns; target (G, M, S) float outputs. Loss: mean squared output error + lambda * sum of
-    (1 - |2h(V) - 1|^beta), beta annealed from beta[0] to beta[1] after a warm-up without it.
+    rows (G, M, K) float weights; scale (G, M, 1) per output row; levels the sorted grid (integers
+    for int formats, the scheme's levels for binary/ternary/pow2/exp); x_q (G, K, S) quantized-input
+    columns; target (G, M, S) float outputs. Each weight chooses between the two levels around it.
+    Loss: mean squared output error + lambda * sum of (1 - |2h(V) - 1|^beta), beta annealed from
+    beta[0] to beta[1] after a warm-up without it.
     """
-    floor = np.floor(rows / scale)
-    v = _init_v(rows / scale - floor)
+    lo, gap = bracket(rows / scale, levels)
+    v = _init_v((rows / scale - lo) / gap)
     m, s_ = np.zeros_like(v), np.zeros_like(v)
     columns = x_q.shape[2]
     warm = int(cfg.warmup * cfg.iters)
@@ -125,23 +141,21 @@ def adaround_rows(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, x_q
         beta = None
         if it >= warm:
             beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * (it - warm) / max(cfg.iters - warm, 1)
-        loss, grad_v = adaround_loss_grad(v, floor, scale, qmin, qmax, x_q[:, :, pick], target[:, :, pick],
+        loss, grad_v = adaround_loss_grad(v, lo, gap, scale, x_q[:, :, pick], target[:, :, pick],
                                           cfg.reg_weight, beta)
         v = _adam(v, grad_v, m, s_, it, cfg.lr)
         if it % 50 == 0 or it == cfg.iters - 1:
             report(it, loss)
-    return np.clip(floor + (_h(v) >= 0.5), qmin, qmax)
+    return lo + gap * (_h(v) >= 0.5)
 
 
-def adaround_loss_grad(v, floor, scale, qmin, qmax, xb, tb, reg_weight: float, beta: float | None):
+def adaround_loss_grad(v, lo, gap, scale, xb, tb, reg_weight: float, beta: float | None):
     """Reconstruction loss (+ the rounding regulariser when beta is given) and its gradient in V."""
     h = _h(v)
-    soft = floor + h
-    inside = (soft >= qmin) & (soft <= qmax)
-    err = (np.clip(soft, qmin, qmax) * scale) @ xb - tb  # (G, M, B)
+    err = ((lo + gap * h) * scale) @ xb - tb  # (G, M, B)
     loss = float(np.mean(err**2))
     grad_w = 2 * err @ xb.transpose(0, 2, 1) / err.size  # d loss / d W~
-    grad_v = grad_w * scale * inside * _dh(v)
+    grad_v = grad_w * scale * gap * _dh(v)
     if beta is not None:
         d = 2 * h - 1
         loss += reg_weight * float(np.sum(1 - np.abs(d) ** beta))
@@ -157,20 +171,21 @@ def _adam(p, g, m, s, it, lr, b1=0.9, b2=0.999, eps=1e-8):
     return p - lr * (m / (1 - b1 ** (it + 1))) / (np.sqrt(s / (1 - b2 ** (it + 1))) + eps)
 
 
-def adaquant_rows(rows, scale, qmin, qmax, x_q, target, cfg: RoundingConfig, rng, report=lambda i, loss: None):
+def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, report=lambda i, loss: None):
     """AdaQuant: the weights themselves (and their scales) move, through a straight-through
-    estimator of rounding; the result is rounded onto the (moved) grid. Returns (integers, scale)."""
+    estimator of rounding; the result is rounded onto the (moved) grid. Returns (grid values, scale)."""
     w, sc = rows.copy(), scale.copy()
     mw, vw, ms, vs = (np.zeros_like(w), np.zeros_like(w), np.zeros_like(sc), np.zeros_like(sc))
     columns = x_q.shape[2]
+    low, high = levels[0], levels[-1]
     for it in range(cfg.iters):
         pick = rng.choice(columns, min(cfg.batch_columns, columns), replace=False)
         xb, tb = x_q[:, :, pick], target[:, :, pick]
-        q = np.clip(np.rint(w / sc), qmin, qmax)
+        q = nearest_level(w / sc, levels)
         err = (q * sc) @ xb - tb
         loss = float(np.mean(err**2))
         grad_wq = 2 * err @ xb.transpose(0, 2, 1) / err.size
-        inside = (w / sc >= qmin) & (w / sc <= qmax)
+        inside = (w / sc >= low) & (w / sc <= high)
         grad_w = grad_wq * inside  # straight through the rounding
         # d(q * s)/ds with q held (straight-through): q; clipped entries move with the scale.
         grad_s = (grad_wq * np.where(inside, q - w / sc, q)).sum(axis=2, keepdims=True)
@@ -178,7 +193,7 @@ def adaquant_rows(rows, scale, qmin, qmax, x_q, target, cfg: RoundingConfig, rng
         sc = np.maximum(_adam(sc, grad_s, ms, vs, it, cfg.lr * 0.1 * float(np.mean(np.abs(sc)))), 1e-12)
         if it % 50 == 0 or it == cfg.iters - 1:
             report(it, loss)
-    return np.clip(np.rint(w / sc), qmin, qmax), sc
+    return nearest_level(w / sc, levels), sc
 
 
 # ---- the sequential loop --------------------------------------------------------------------
@@ -203,7 +218,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
     for layer in plan.layers:
         node = g.node_by_name[layer.node]
         wq = plan.tensors.get(layer.weight)
-        if wq is None or not supported(node) or layer.activation is None or wq.spec.scheme != "int":
+        if wq is None or not supported(node) or layer.activation is None:
             continue
         started = time.perf_counter()
         w = float_weights[layer.weight]
@@ -219,12 +234,13 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
         rows = weight_rows(node, w).astype(np.float64)
         target = rows @ xf
         scale = _row_scale(wq, rows.shape, node, w.shape)
-        nearest = np.clip(np.rint(rows / scale), wq.spec.qmin, wq.spec.qmax)
+        levels = code_levels(wq.spec)
+        nearest = nearest_level(rows / scale, levels)
         before = float(np.mean(((nearest * scale) @ xq - target) ** 2))
         if cfg.method == "adaquant":
-            ints, new_scale = adaquant_rows(rows, scale, wq.spec.qmin, wq.spec.qmax, xq, target, cfg, rng)
+            ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng)
         else:
-            ints, new_scale = adaround_rows(rows, scale, wq.spec.qmin, wq.spec.qmax, xq, target, cfg, rng), scale
+            ints, new_scale = adaround_rows(rows, scale, levels, xq, target, cfg, rng), scale
         after = float(np.mean(((ints * new_scale) @ xq - target) ** 2))
         if after > before:  # never worse than nearest on the data it was fitted to
             ints, new_scale, after = nearest, scale, before

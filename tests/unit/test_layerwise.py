@@ -5,10 +5,13 @@ import pytest
 from onnx import helper
 
 from ptqcli.calibrate.layerwise import (
-    RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, layer_columns, rows_to_weight, weight_rows, _h,
+    RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, bracket, layer_columns, nearest_level,
+    rows_to_weight, weight_rows, _h,
 )
 from ptqcli.numeric import forward
 
+
+INT4 = np.arange(-7, 8, dtype=np.float64)  # the symmetric int4 grid as a level set
 
 def _mixing(seed, k):
     """Correlated inputs, as real activations are: that is where rounding choices interact."""
@@ -30,18 +33,18 @@ def test_gradient_matches_finite_differences(beta):
     rng = np.random.default_rng(1)
     floor = np.floor(rows / scale)
     v = rng.normal(0, 1, rows.shape)
-    _, grad = adaround_loss_grad(v, floor, scale, -7, 7, x_q, target, 0.01, beta)
+    _, grad = adaround_loss_grad(v, floor, 1.0, scale, x_q, target, 0.01, beta)
     direction = rng.normal(size=v.shape)
     eps = 1e-6
-    up, _ = adaround_loss_grad(v + eps * direction, floor, scale, -7, 7, x_q, target, 0.01, beta)
-    down, _ = adaround_loss_grad(v - eps * direction, floor, scale, -7, 7, x_q, target, 0.01, beta)
+    up, _ = adaround_loss_grad(v + eps * direction, floor, 1.0, scale, x_q, target, 0.01, beta)
+    down, _ = adaround_loss_grad(v - eps * direction, floor, 1.0, scale, x_q, target, 0.01, beta)
     assert (up - down) / (2 * eps) == pytest.approx(np.sum(grad * direction), rel=1e-4)
 
 
 def test_adaround_beats_nearest_on_held_out_inputs_and_ends_hard():
     rows, scale, x_q, target = _problem()
     cfg = RoundingConfig(iters=800)
-    ints = adaround_rows(rows, scale, -7, 7, x_q, target, cfg, np.random.default_rng(0))
+    ints = adaround_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(0))
     floor = np.floor(rows / scale)
     assert set(np.unique(ints - floor)) <= {0.0, 1.0}  # every weight rounded up or down
     k = rows.shape[2]
@@ -56,7 +59,7 @@ def test_regulariser_drives_h_to_zero_or_one():
     cfg = RoundingConfig(iters=600)
     floor = np.floor(rows / scale)
     # Re-run the loop and inspect V at the end through the deterministic result.
-    ints = adaround_rows(rows, scale, -7, 7, x_q, target, cfg, np.random.default_rng(3))
+    ints = adaround_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(3))
     assert np.all((ints == floor) | (ints == floor + 1) | (ints == -7) | (ints == 7))
     assert _h(np.array([-10.0, 10.0])).tolist() == [0.0, 1.0]
 
@@ -64,18 +67,18 @@ def test_regulariser_drives_h_to_zero_or_one():
 def test_same_seed_same_weights():
     rows, scale, x_q, target = _problem(cols=400)
     cfg = RoundingConfig(iters=100)
-    a = adaround_rows(rows, scale, -7, 7, x_q, target, cfg, np.random.default_rng(7))
-    b = adaround_rows(rows, scale, -7, 7, x_q, target, cfg, np.random.default_rng(7))
+    a = adaround_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(7))
+    b = adaround_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(7))
     np.testing.assert_array_equal(a, b)
-    qa, sa = adaquant_rows(rows, scale, -7, 7, x_q, target, cfg, np.random.default_rng(7))
-    qb, sb = adaquant_rows(rows, scale, -7, 7, x_q, target, cfg, np.random.default_rng(7))
+    qa, sa = adaquant_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(7))
+    qb, sb = adaquant_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(7))
     np.testing.assert_array_equal(qa, qb)
     np.testing.assert_array_equal(sa, sb)
 
 
 def test_adaquant_lowers_the_reconstruction_error():
     rows, scale, x_q, target = _problem()
-    q, s = adaquant_rows(rows, scale, -7, 7, x_q, target, RoundingConfig(iters=400, method="adaquant"),
+    q, s = adaquant_rows(rows, scale, INT4, x_q, target, RoundingConfig(iters=400, method="adaquant"),
                          np.random.default_rng(0))
     nearest = np.clip(np.rint(rows / scale), -7, 7)
     assert np.mean(((q * s) @ x_q - target) ** 2) < np.mean(((nearest * scale) @ x_q - target) ** 2)
@@ -104,3 +107,46 @@ def test_rows_times_columns_is_the_gemm():
         y = x @ (w.T if trans_b else w)
         np.testing.assert_allclose((weight_rows(node, w) @ layer_columns(node, x, w.shape))[0].T, y)
         np.testing.assert_array_equal(rows_to_weight(node, weight_rows(node, w), w.shape), w)
+
+
+def _pow2_problem(cols=2000):
+    from ptqcli.schemes import code_levels
+    from ptqcli.spec import QuantSpec
+
+    rows, _, x_q, target = _problem(cols=cols)
+    levels = code_levels(QuantSpec(bits=4, signed=True, symmetric=True, axis=0, scheme="pow2"))
+    scale = np.abs(rows).max(axis=2, keepdims=True) / levels.max()
+    return rows, scale, levels, x_q, target
+
+
+def test_level_grids_bracket_and_snap():
+    levels = np.array([-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0])
+    lo, gap = bracket(np.array([-5.0, -1.5, 0.0, 0.3, 3.0, 9.0]), levels)
+    np.testing.assert_array_equal(lo, [-4, -2, 0, 0, 2, 2])
+    np.testing.assert_array_equal(lo + gap, [-2, -1, 1, 1, 4, 4])
+    np.testing.assert_array_equal(nearest_level(np.array([-5.0, -1.4, 0.4, 2.9, 3.1, 9.0]), levels),
+                                  [-4, -1, 0, 2, 4, 4])
+
+
+def test_gradient_matches_finite_differences_on_a_level_grid():
+    rows, scale, levels, x_q, target = _pow2_problem(cols=64)
+    lo, gap = bracket(rows / scale, levels)
+    rng = np.random.default_rng(2)
+    v = rng.normal(0, 1, rows.shape)
+    _, grad = adaround_loss_grad(v, lo, gap, scale, x_q, target, 0.01, 3.0)
+    direction, eps = rng.normal(size=v.shape), 1e-6
+    up, _ = adaround_loss_grad(v + eps * direction, lo, gap, scale, x_q, target, 0.01, 3.0)
+    down, _ = adaround_loss_grad(v - eps * direction, lo, gap, scale, x_q, target, 0.01, 3.0)
+    assert (up - down) / (2 * eps) == pytest.approx(np.sum(grad * direction), rel=1e-4)
+
+
+def test_adaround_on_power_of_two_levels_beats_nearest_level():
+    rows, scale, levels, x_q, target = _pow2_problem()
+    values = adaround_rows(rows, scale, levels, x_q, target, RoundingConfig(iters=800), np.random.default_rng(0))
+    lo, gap = bracket(rows / scale, levels)
+    assert np.all((values == lo) | (values == lo + gap))  # one of the two levels around each weight
+    assert set(np.unique(values)) <= set(levels)
+    k = rows.shape[2]
+    held_out = (_mixing(0, k) @ np.random.default_rng(99).normal(size=(k, 3000)))[None]
+    err = lambda q: np.mean(((q * scale) @ held_out - rows @ held_out) ** 2)  # noqa: E731
+    assert err(values) < 0.8 * err(nearest_level(rows / scale, levels))
