@@ -160,6 +160,43 @@ def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", h
     out.print(f"wrote [bold]{output}[/bold]")
 
 
+@app.command("run")
+@user_errors
+def run_command(model: ModelArg,
+                data: Annotated[str, typer.Option("--data", help="Samples: .npy, .npz (with labels for top-1), image folder.")],
+                num_samples: Annotated[int, typer.Option("--num-samples", help="Samples to run.")] = 1000,
+                batch_size: BatchOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+                layout: LayoutOpt = None, color: ColorOpt = None,
+                save: Annotated[Optional[Path], typer.Option("--save-outputs", help="Write the outputs to this .npz.")] = None):
+    """Run a model (float, QDQ, or with ptqcli's native operators) on data: top-1 and latency."""
+    from rich.table import Table
+
+    import numpy as np
+
+    from . import stages
+    from .files import check_writable, write_atomic
+
+    if save is not None:
+        check_writable(save)
+    cfg = merge(DataConfig, {}, dict(path=data, num_samples=num_samples, batch_size=batch_size, resize=resize,
+                                     mean=_floats(mean, "--mean"), std=_floats(std, "--std"), layout=layout,
+                                     color=color), "data options")
+    result = stages.run_model(model, cfg, rich_progress)
+    table = Table(title=f"{model.name} on {result.samples} samples")
+    for column in ("top-1", "ms per batch", "batch"):
+        table.add_column(column, justify="right")
+    table.add_row("-" if result.top1 is None else f"{100 * result.top1:.2f}%", f"{result.ms_per_batch:.3f}",
+                  str(result.batch_size))
+    out.print(table)
+    if save is not None:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **result.outputs)
+        write_atomic(save, buffer.getvalue())
+        out.print(f"wrote [bold]{save}[/bold]")
+
+
 @app.command()
 @user_errors
 def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--output", help="Quantized model to write.")],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -26,7 +26,7 @@ from .plan import Plan
 from .prepare import prepare
 from . import rundir
 from .ops import op_info
-from .runtime import optimized_op_counts
+from .runtime import optimized_op_counts, session
 
 # A progress reporter: given a description and a total (None if unknown), a context that yields
 # an `advance(n)` callable. The CLI passes a rich one; library callers get silence by default.
@@ -162,6 +162,46 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source)
     write_card(build_card(replace(inputs, native=native)), out_path)
     return plan, fidelity
+
+
+@dataclass(frozen=True)
+class RunResult:
+    samples: int
+    top1: float | None        # against the data's labels, when it has them
+    ms_per_batch: float       # median wall time of one session.run
+    batch_size: int
+    outputs: dict[str, np.ndarray]
+
+
+def run_model(model_path: str | Path, data: DataConfig, progress: Progress = silent) -> RunResult:
+    """Run any model ptqcli wrote (float, QDQ or native operators) on data: outputs, top-1, latency."""
+    import time
+
+    g = Graph(load_model(model_path))
+    sess = session(g.model)
+    inputs = model_inputs(g)
+    names = [o.name for o in sess.get_outputs()]
+    collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    correct, labelled, seen, times, batch_size = 0, True, 0, [], 1
+    with progress("running", data.num_samples) as advance:
+        for batch in iter_batches(data.path, inputs, data, limit=data.num_samples):
+            started = time.perf_counter()
+            outs = sess.run(names, batch.feeds)
+            times.append(time.perf_counter() - started)
+            n = len(next(iter(batch.feeds.values())))
+            batch_size = max(batch_size, n)
+            for name, value in zip(names, outs):
+                collected[name].append(value)
+            if batch.labels is None:
+                labelled = False
+            else:
+                correct += int(np.sum(np.asarray(outs[0]).reshape(n, -1).argmax(axis=1) == batch.labels))
+            seen += n
+            advance(n)
+    if seen == 0:
+        raise PtqError(f"{data.path}: no samples to run")
+    return RunResult(seen, correct / seen if labelled else None, 1000 * float(np.median(times)), batch_size,
+                     {n: np.concatenate(v) for n, v in collected.items()})
 
 
 def card_inputs(run: Path, g: Graph, plan: Plan, quantized, out_path: Path, fidelity: Fidelity | None,

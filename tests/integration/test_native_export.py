@@ -89,3 +89,23 @@ def test_native_export_of_an_int8_plan_is_a_one_line_error(tmp_path, tiny_cnn, t
     assert not out.exists()
     bad = CliRunner().invoke(app, ["export", str(run), "-o", str(out), "--format", "tflite"])
     assert bad.exit_code == 1 and "unknown export format 'tflite'" in bad.output
+
+
+def test_ptq_run_opens_native_models_and_reports_top1(tmp_path, tiny_cnn, tiny_data):
+    run = tmp_path / "run"
+    stages.calibrate(FASHION, QuantConfig(weights="int4"), DataConfig(path=str(CALIB), num_samples=64), run)
+    native = tmp_path / "n.onnx"
+    stages.export(run, native, None, 0, fmt="native")
+    saved = tmp_path / "outs.npz"
+    result = CliRunner().invoke(app, ["run", str(native), "--data", str(TEST), "--num-samples", "300",
+                                      "--save-outputs", str(saved)])
+    assert result.exit_code == 0, result.output
+    data = np.load(TEST)
+    outputs = np.load(saved)["logits"]
+    assert outputs.shape == (300, 10)
+    top1 = (outputs.argmax(1) == data["labels"][:300]).mean()
+    assert f"{100 * top1:.2f}%" in result.output
+    np.testing.assert_allclose(outputs, nativelib.session(native).run(None, {"input": data["input"][:300]})[0],
+                               rtol=1e-5, atol=1e-5)
+    missing = CliRunner().invoke(app, ["run", str(tmp_path / "none.onnx"), "--data", str(TEST)])
+    assert missing.exit_code == 1 and "not found" in missing.output
