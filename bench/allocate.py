@@ -61,7 +61,17 @@ def main() -> None:
     header = "| " + " | ".join(c.header for c in table.columns) + " |"
     lines = [f"# {table.title}", "", header, "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    args.out.write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines + [""] + _later_sections(args.out)) + "\n")
+
+
+def _later_sections(path: Path) -> list[str]:
+    """What follows the solver table in an earlier results file (the EfficientNet-Lite0 Pareto
+    section, written from bench/allocate_effnet.py and ptq allocate --pareto), kept as it was."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("# ")]
+    return lines[starts[1]:] if len(starts) > 1 else []
 
 
 if __name__ == "__main__":
