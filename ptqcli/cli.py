@@ -157,7 +157,24 @@ def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", h
 
     _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt)
     _print_fidelity(fidelity)
+    _print_native(output)
     out.print(f"wrote [bold]{output}[/bold]")
+
+
+def _print_native(output: Path) -> None:
+    """Which layers a native export turned into ptqcli operators, and why the others stayed QDQ."""
+    import json
+    from collections import Counter
+
+    from .export.card import card_paths
+
+    native = json.loads(card_paths(output)["json"].read_text())["model"].get("native")
+    if not native:
+        return
+    ops = Counter(native["replaced"].values())
+    out.print("native operators: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
+    for node, why in native["kept"].items():
+        out.print(f"  kept as QDQ: {node} ({why})")
 
 
 @app.command("run")
@@ -225,6 +242,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     out.print(plan_table(plan))
     _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt)
     _print_fidelity(fidelity)
+    _print_native(output)
     out.print(f"wrote [bold]{output}[/bold] (run directory {run})")
 
 

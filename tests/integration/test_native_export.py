@@ -95,7 +95,9 @@ def test_ptq_run_opens_native_models_and_reports_top1(tmp_path, tiny_cnn, tiny_d
     run = tmp_path / "run"
     stages.calibrate(FASHION, QuantConfig(weights="int4"), DataConfig(path=str(CALIB), num_samples=64), run)
     native = tmp_path / "n.onnx"
-    stages.export(run, native, None, 0, fmt="native")
+    exported = CliRunner().invoke(app, ["export", str(run), "-o", str(native), "--format", "native"])
+    assert exported.exit_code == 0, exported.output
+    assert "native operators: Int4Conv x3, Int4Gemm x2" in exported.output
     saved = tmp_path / "outs.npz"
     result = CliRunner().invoke(app, ["run", str(native), "--data", str(TEST), "--num-samples", "300",
                                       "--save-outputs", str(saved)])
