@@ -5,6 +5,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -49,7 +50,6 @@ void require(bool ok, const std::string& node, const std::string& message) {
   if (!ok) throw Error(node + ": " + message);
 }
 
-template <typename T>
 std::vector<int64_t> attribute_list(const Ort::ConstKernelInfo& info, const char* name, std::vector<int64_t> fallback) {
   try {
     return info.GetAttributes<int64_t>(name);
@@ -99,11 +99,11 @@ class Kernel {
     group_size_ = attribute(info, "group_size", 0);
     require(k_ > 0 && n_ > 0, node_, "attributes K and N must be positive");
     if (entry.layout == Layout::Conv) {
-      conv_.kernel = attribute_list<int64_t>(info, "kernel_shape", {});
+      conv_.kernel = attribute_list(info, "kernel_shape", {});
       require(conv_.kernel.size() == 2, node_, "kernel_shape must have 2 values (2-D convolution)");
-      conv_.strides = attribute_list<int64_t>(info, "strides", {1, 1});
-      conv_.pads = attribute_list<int64_t>(info, "pads", {0, 0, 0, 0});
-      conv_.dilations = attribute_list<int64_t>(info, "dilations", {1, 1});
+      conv_.strides = attribute_list(info, "strides", {1, 1});
+      conv_.pads = attribute_list(info, "pads", {0, 0, 0, 0});
+      conv_.dilations = attribute_list(info, "dilations", {1, 1});
       conv_.group = attribute(info, "group", 1);
       require(conv_.strides.size() == 2 && conv_.pads.size() == 4 && conv_.dilations.size() == 2, node_,
               "strides, pads and dilations must describe a 2-D convolution");
