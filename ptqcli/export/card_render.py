@@ -27,6 +27,7 @@ def render_markdown(card: dict, plot_name: str) -> str:
         f"- input: `{m['input']['path']}` (sha256 `{m['input']['sha256'][:16]}...`, {m['input']['bytes']:,} bytes)",
         f"- output: `{m['output']['path']}` (sha256 `{m['output']['sha256'][:16]}...`, {m['output']['bytes']:,} bytes),"
         f" {m['format'].upper()}, opset {m['opset']}",
+        *_native_lines(m.get("native")),
         "",
         "## Trade-offs",
         "| choice | value |",
@@ -139,3 +140,11 @@ def render_plot(card: dict) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+def _native_lines(native: dict | None) -> list[str]:
+    if not native:
+        return []
+    lines = ["- ptqcli operators: " + ", ".join(f"{node} -> {op}" for node, op in native["replaced"].items())]
+    lines += [f"- kept as QDQ: {node} ({why})" for node, why in native["kept"].items()]
+    return lines

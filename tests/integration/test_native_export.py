@@ -60,6 +60,8 @@ def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, acts, o
     assert card["model"]["format"] == "native"
     assert still_float_ops == set(card["model"]["native"]["kept"])  # only layers the card says were kept
     assert len(still_float_ops) <= 2  # at most the first and last layers, kept at 8 bits
+    card_md = (tmp_path / "n.card.md").read_text()
+    assert "NATIVE" in card_md and all(f"{node} -> {op}" in card_md for node, op in card["model"]["native"]["replaced"].items())
     assert set(card["model"]["native"]["replaced"].values()) == ops
     assert card["results"]["accuracy"]["quantized"] == pytest.approx(
         json.loads((tmp_path / "q.card.json").read_text())["results"]["accuracy"]["quantized"], abs=0.002)
