@@ -161,6 +161,10 @@ class QuantConfig:
     @property
     def corrects_bias(self) -> bool:
         if self.bias_correction is None:
+            # AdaRound/AdaQuant fit each layer to inputs from the already-quantized prefix, which
+            # removes the mean shift too: correcting it again measurably hurts (bench/results/aimet_adaround.md).
+            if self.rounding != Rounding.nearest:
+                return False
             return self.weight_scheme != "int" or self.weight_bits < 8
         return self.bias_correction
 

@@ -52,3 +52,13 @@ def test_gemm_and_matmul_shift_is_exact():
 def test_unsupported_shapes_give_none():
     node = helper.make_node("Conv", ["x", "w"], ["y"])
     assert output_shift(node, np.ones((4, 3, 1, 1)), np.zeros((4, 3, 1, 1)), np.ones(5)) is None
+
+
+def test_layerwise_rounding_turns_default_bias_correction_off():
+    from ptqcli.config import QuantConfig
+
+    assert QuantConfig(weights="int4").corrects_bias
+    assert not QuantConfig(weights="int4", rounding="adaround").corrects_bias
+    assert not QuantConfig(weights="pow2:4", rounding="adaquant").corrects_bias
+    assert QuantConfig(weights="int4", rounding="adaround", bias_correction=True).corrects_bias
+    assert not QuantConfig(weights="int8").corrects_bias
