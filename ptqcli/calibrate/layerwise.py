@@ -209,8 +209,9 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
     for tensor in gated:
         gates.update(_act_gate(tensor, plan.tensors[tensor].spec.bits, stats, quant) if tensor in plan.tensors
                      else _gate_feeds(tensor, False))
+    # Float layer inputs are computed per layer, not kept for every layer at once: holding all of
+    # them for a whole network at hundreds of samples takes gigabytes.
     float_session = session(with_outputs(g.model, gated))
-    float_inputs = [dict(zip(gated, float_session.run(gated, b.feeds))) for b in batches]
     rng = np.random.default_rng(cfg.seed)
     current = dict(float_weights)  # the prefix's weights become quantized as layers are done
     report: list[dict] = []
@@ -223,13 +224,14 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
         started = time.perf_counter()
         w = float_weights[layer.weight]
         x_q_cols, x_f_cols = [], []
-        for batch, floats in zip(batches, float_inputs):
+        for batch in batches:
+            float_input = float_session.run([layer.activation], batch.feeds)[0]
             x_q = probe.run([layer.activation + "__fq"], {**batch.feeds, **current, **gates})[0]
             n = len(x_q)
             state = rng.bit_generator.state
             x_q_cols.append(_sample(layer_columns(node, x_q, w.shape), cfg.positions, n, rng))
             rng.bit_generator.state = state  # the same positions for the float columns
-            x_f_cols.append(_sample(layer_columns(node, floats[layer.activation], w.shape), cfg.positions, n, rng))
+            x_f_cols.append(_sample(layer_columns(node, float_input, w.shape), cfg.positions, n, rng))
         xq, xf = np.concatenate(x_q_cols, axis=2), np.concatenate(x_f_cols, axis=2)
         rows = weight_rows(node, w).astype(np.float64)
         target = rows @ xf
