@@ -40,10 +40,7 @@ void nibble_avx512(const QuantRows& x, const NibbleWeights& w, const int32_t* ro
 
 void binary_avx512(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out, int64_t m0,
                    int64_t m1, int64_t n0, int64_t n1) {
-  if (x.valid)
-    binary_range<true>(x, w, bias, out, m0, m1, n0, n1);
-  else
-    binary_range<false>(x, w, bias, out, m0, m1, n0, n1);
+  binary_gemm_tiles(x, w, bias, out, m0, m1, n0, n1);
 }
 
 }  // namespace ptq::isa

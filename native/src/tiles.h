@@ -164,3 +164,11 @@ inline void binary_range(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, 
     for (; n < n1; ++n) binary_store<1, 1, Masked>(x, w, bias, out, m, n);
   }
 }
+
+inline void binary_gemm_tiles(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, const float* bias,
+                              ptq::OutputView out, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (x.valid)
+    binary_range<true>(x, w, bias, out, m0, m1, n0, n1);
+  else
+    binary_range<false>(x, w, bias, out, m0, m1, n0, n1);
+}
