@@ -44,11 +44,16 @@ def instruction_set() -> str:
     return lib.PtqNativeIsa().decode()
 
 
+def register(options) -> None:
+    """Make an onnxruntime.SessionOptions able to run the ptqcli operators."""
+    options.register_custom_ops_library(str(require_library()))
+
+
 def session_options(threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.register_custom_ops_library(str(require_library()))
+    register(options)
     if threads:
         options.intra_op_num_threads = threads
     return options

@@ -27,9 +27,9 @@ def session_options(model: ModelProto) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if uses_native_ops(model):
-        from .nativelib import require_library
+        from .nativelib import register
 
-        options.register_custom_ops_library(str(require_library()))
+        register(options)
     return options
 
 
@@ -45,6 +45,18 @@ def session(model: ModelProto, optimize: bool = True, scratch: Path | None = Non
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PtqError(f"ONNX Runtime cannot load the model: {first}") from None
+
+
+def run_session(sess: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """session.run, with a failing node reported as one line (ORT's own log of it silenced)."""
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
+    try:
+        return sess.run(names, feeds, quiet)
+    except Exception as exc:  # ORT raises its own exception types, one per status code
+        text = str(exc)
+        detail = text.split("Status Message: ", 1)[1] if "Status Message: " in text else text.splitlines()[0]
+        raise PtqError(f"ONNX Runtime failed running the model: {detail.strip()}") from None
 
 
 def with_outputs(model: ModelProto, names: list[str]) -> ModelProto:

@@ -26,7 +26,7 @@ from .plan import Plan
 from .prepare import prepare
 from . import rundir
 from .ops import op_info
-from .runtime import optimized_op_counts, session
+from .runtime import optimized_op_counts, run_session, session
 
 # A progress reporter: given a description and a total (None if unknown), a context that yields
 # an `advance(n)` callable. The CLI passes a rich one; library callers get silence by default.
@@ -186,7 +186,7 @@ def run_model(model_path: str | Path, data: DataConfig, progress: Progress = sil
     with progress("running", data.num_samples) as advance:
         for batch in iter_batches(data.path, inputs, data, limit=data.num_samples):
             started = time.perf_counter()
-            outs = sess.run(names, batch.feeds)
+            outs = run_session(sess, names, batch.feeds)
             times.append(time.perf_counter() - started)
             n = len(next(iter(batch.feeds.values())))
             batch_size = max(batch_size, n)

@@ -113,3 +113,19 @@ def test_ptq_run_opens_native_models_and_reports_top1(tmp_path, tiny_cnn, tiny_d
                                rtol=1e-5, atol=1e-5)
     missing = CliRunner().invoke(app, ["run", str(tmp_path / "none.onnx"), "--data", str(TEST)])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_ptq_run_reports_a_failing_operator_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    stages.calibrate(FASHION, QuantConfig(weights="int4"), DataConfig(path=str(CALIB), num_samples=32), run)
+    native = tmp_path / "n.onnx"
+    stages.export(run, native, None, 0, fmt="native")
+    model = onnx.load(native)
+    conv = next(n for n in model.graph.node if n.op_type == "Int4Conv")
+    next(a for a in conv.attribute if a.name == "K").i = 7  # no longer matches the input channels
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, broken)
+    result = CliRunner().invoke(app, ["run", str(broken), "--data", str(TEST), "--num-samples", "8"])
+    assert result.exit_code == 1
+    assert f"ONNX Runtime failed running the model: {conv.name}: K must equal" in result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output
