@@ -88,6 +88,22 @@ def _sample(columns: np.ndarray, per_sample: int, samples: int, rng: np.random.G
     return columns[:, :, np.sort(picks)]
 
 
+def _minibatches(x_q: np.ndarray, target: np.ndarray, cfg: RoundingConfig, rng: np.random.Generator):
+    """(inputs, targets) of `cfg.batch_columns` random columns, one pair per iteration, in float32.
+
+    Columns are gathered from sample-major copies: a random gather along the last axis of a
+    (G, K, S) array reads one scattered element at a time, which dominated depthwise layers (G in
+    the hundreds). When the caller's arrays are already views of sample-major storage nothing is
+    copied.
+    """
+    xs = np.ascontiguousarray(np.moveaxis(x_q, 2, 0), dtype=np.float32)
+    ts = np.ascontiguousarray(np.moveaxis(target, 2, 0), dtype=np.float32)
+    columns = xs.shape[0]
+    for _ in range(cfg.iters):
+        pick = rng.choice(columns, min(cfg.batch_columns, columns), replace=False)
+        yield np.moveaxis(xs[pick], 0, 2), np.moveaxis(ts[pick], 0, 2)
+
+
 # ---- AdaRound -------------------------------------------------------------------------------
 
 
@@ -131,22 +147,20 @@ def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: 
     Loss: mean squared output error + lambda * sum of (1 - |2h(V) - 1|^beta), beta annealed from
     beta[0] to beta[1] after a warm-up without it.
     """
-    lo, gap = bracket(rows / scale, levels)
-    v = _init_v((rows / scale - lo) / gap)
+    lo, gap = (a.astype(np.float32) for a in bracket(rows / scale, levels))
+    v = _init_v((rows / scale - lo) / gap).astype(np.float32)
+    scale32 = scale.astype(np.float32)
     m, s_ = np.zeros_like(v), np.zeros_like(v)
-    columns = x_q.shape[2]
     warm = int(cfg.warmup * cfg.iters)
-    for it in range(cfg.iters):
-        pick = rng.choice(columns, min(cfg.batch_columns, columns), replace=False)
+    for it, (xb, tb) in enumerate(_minibatches(x_q, target, cfg, rng)):
         beta = None
         if it >= warm:
             beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * (it - warm) / max(cfg.iters - warm, 1)
-        loss, grad_v = adaround_loss_grad(v, lo, gap, scale, x_q[:, :, pick], target[:, :, pick],
-                                          cfg.reg_weight, beta)
+        loss, grad_v = adaround_loss_grad(v, lo, gap, scale32, xb, tb, cfg.reg_weight, beta)
         v = _adam(v, grad_v, m, s_, it, cfg.lr)
         if it % 50 == 0 or it == cfg.iters - 1:
             report(it, loss)
-    return lo + gap * (_h(v) >= 0.5)
+    return (lo + gap * (_h(v) >= 0.5)).astype(rows.dtype)
 
 
 def adaround_loss_grad(v, lo, gap, scale, xb, tb, reg_weight: float, beta: float | None):
@@ -173,15 +187,20 @@ def _adam(p, g, m, s, it, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, report=lambda i, loss: None):
     """AdaQuant: the weights themselves (and their scales) move, through a straight-through
-    estimator of rounding; the result is rounded onto the (moved) grid. Returns (grid values, scale)."""
-    w, sc = rows.copy(), scale.copy()
+    estimator of rounding; the result is rounded onto the (moved) grid. Returns (grid values, scale).
+
+    The straight-through gradient is not the gradient of the rounded loss, so the rounded loss can
+    rise while the surrogate falls. Every output row's error depends on that row alone, so each row
+    keeps the iterate whose rounded error on all the layer's columns was lowest.
+    """
+    w, sc = rows.astype(np.float32), scale.astype(np.float32)
+    levels32 = levels.astype(np.float32)
     mw, vw, ms, vs = (np.zeros_like(w), np.zeros_like(w), np.zeros_like(sc), np.zeros_like(sc))
-    columns = x_q.shape[2]
     low, high = levels[0], levels[-1]
-    for it in range(cfg.iters):
-        pick = rng.choice(columns, min(cfg.batch_columns, columns), replace=False)
-        xb, tb = x_q[:, :, pick], target[:, :, pick]
-        q = nearest_level(w / sc, levels)
+    best_q = nearest_level(w / sc, levels32)
+    best_sc, best_err = sc.copy(), _row_error(best_q * sc, x_q, target)
+    for it, (xb, tb) in enumerate(_minibatches(x_q, target, cfg, rng)):
+        q = nearest_level(w / sc, levels32)
         err = (q * sc) @ xb - tb
         loss = float(np.mean(err**2))
         grad_wq = 2 * err @ xb.transpose(0, 2, 1) / err.size
@@ -191,9 +210,20 @@ def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, re
         grad_s = (grad_wq * np.where(inside, q - w / sc, q)).sum(axis=2, keepdims=True)
         w = _adam(w, grad_w, mw, vw, it, cfg.lr * float(np.mean(np.abs(sc))))
         sc = np.maximum(_adam(sc, grad_s, ms, vs, it, cfg.lr * 0.1 * float(np.mean(np.abs(sc)))), 1e-12)
+        if (it + 1) % 25 == 0 or it == cfg.iters - 1:
+            q = nearest_level(w / sc, levels32)
+            row_err = _row_error(q * sc, x_q, target)
+            better = row_err < best_err
+            best_q, best_sc, best_err = (np.where(better, q, best_q), np.where(better, sc, best_sc),
+                                         np.minimum(row_err, best_err))
         if it % 50 == 0 or it == cfg.iters - 1:
             report(it, loss)
-    return nearest_level(w / sc, levels), sc
+    return best_q.astype(rows.dtype), best_sc.astype(scale.dtype)
+
+
+def _row_error(weights: np.ndarray, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Mean squared output error of each row (G, M, 1) over all columns."""
+    return np.mean((weights @ x - target) ** 2, axis=2, keepdims=True)
 
 
 # ---- the sequential loop --------------------------------------------------------------------
@@ -229,12 +259,17 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
             x_q = probe.run([layer.activation + "__fq"], {**batch.feeds, **current, **gates})[0]
             n = len(x_q)
             state = rng.bit_generator.state
-            x_q_cols.append(_sample(layer_columns(node, x_q, w.shape), cfg.positions, n, rng))
+            x_q_cols.append(np.moveaxis(_sample(layer_columns(node, x_q, w.shape), cfg.positions, n, rng), 2, 0))
             rng.bit_generator.state = state  # the same positions for the float columns
-            x_f_cols.append(_sample(layer_columns(node, float_input, w.shape), cfg.positions, n, rng))
-        xq, xf = np.concatenate(x_q_cols, axis=2), np.concatenate(x_f_cols, axis=2)
+            x_f_cols.append(np.moveaxis(_sample(layer_columns(node, float_input, w.shape), cfg.positions, n, rng),
+                                        2, 0))
+        # Sample-major storage (see _minibatches), seen as (G, K, S).
+        xq = np.moveaxis(np.concatenate(x_q_cols, axis=0, dtype=np.float32), 0, 2)
+        xf = np.moveaxis(np.concatenate(x_f_cols, axis=0, dtype=np.float32), 0, 2)
+        del x_q_cols, x_f_cols
         rows = weight_rows(node, w).astype(np.float64)
-        target = rows @ xf
+        target = np.moveaxis(np.ascontiguousarray(np.moveaxis(rows @ xf, 2, 0), dtype=np.float32), 0, 2)
+        del xf
         scale = _row_scale(wq, rows.shape, node, w.shape)
         levels = code_levels(wq.spec)
         nearest = nearest_level(rows / scale, levels)
