@@ -69,6 +69,40 @@ def with_outputs(model: ModelProto, names: list[str]) -> ModelProto:
     return out
 
 
+def truncated(model: ModelProto, outputs: list[str]) -> ModelProto:
+    """A copy that computes only `outputs`: the nodes they depend on and the inputs those read.
+
+    ONNX Runtime runs every node of a session whatever outputs are asked for, so a pass that
+    needs an early tensor should not pay for the rest of the network."""
+    out = clone(model)
+    needed, kept = set(outputs), []
+    for node in reversed(out.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_reads(node))
+    del out.graph.node[:]
+    out.graph.node.extend(reversed(kept))
+    for field in (out.graph.input, out.graph.initializer):
+        keep = [t for t in field if t.name in needed]
+        del field[:]
+        field.extend(keep)
+    del out.graph.output[:]
+    out.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs)
+    return out
+
+
+def _subgraph_reads(node) -> set[str]:
+    """Names a control-flow node's subgraphs read from the enclosing graph (and their own)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            for inner in sub.node:
+                names.update(inner.input)
+                names.update(_subgraph_reads(inner))
+    return names
+
+
 def optimized_op_counts(model: ModelProto) -> dict[str, int]:
     """Op types of the graph ORT actually runs after its optimizations (the kernel path)."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,8 +11,11 @@ Only sampled patch columns are kept, so memory does not grow with the feature-ma
 
 from __future__ import annotations
 
+import math
+import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,10 +26,11 @@ from ..calibrate.data import Batch
 from ..config import QuantConfig
 from ..graph import Graph
 from ..numeric import node_attrs
-from ..numeric.conv import conv_patches
+from ..numeric.conv import conv_patches, conv_patches_at
+from ..numeric.window import conv_window
 from ..plan import Plan, TensorQuant
 from ..quant import dequantize, quantize
-from ..runtime import session, with_outputs
+from ..runtime import session, truncated
 from ..schemes import code_levels
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound, eq. 23)
@@ -78,14 +82,26 @@ def supported(node) -> bool:
     return node.op_type in ("Conv", "Gemm", "MatMul")
 
 
-def _sample(columns: np.ndarray, per_sample: int, samples: int, rng: np.random.Generator) -> np.ndarray:
-    """`per_sample` random columns from each sample's block of columns."""
-    total = columns.shape[2]
-    block = total // samples
+def sampled_columns(node, x: np.ndarray, w_shape: tuple[int, ...], per_sample: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """`per_sample` random columns of `layer_columns` from each sample (all of them when a sample
+    has no more), sample-major: (S, G, K). Conv patches are built only at the chosen windows."""
+    samples = len(x)
+    if node.op_type == "Conv":
+        attrs = node_attrs(node)
+        win = conv_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w_shape[2:])
+        block = math.prod(win.out)
+    else:
+        columns = np.moveaxis(layer_columns(node, x, w_shape), 2, 0)
+        block = len(columns) // samples
     if block <= per_sample:
-        return columns
-    picks = np.concatenate([i * block + rng.choice(block, per_sample, replace=False) for i in range(samples)])
-    return columns[:, :, np.sort(picks)]
+        picks = np.arange(samples * block)
+    else:
+        picks = np.concatenate([i * block + np.sort(rng.choice(block, per_sample, replace=False))
+                                for i in range(samples)])
+    if node.op_type == "Conv":
+        return conv_patches_at(x, attrs, w_shape, picks // block, picks % block)
+    return columns[picks]
 
 
 def _minibatches(x_q: np.ndarray, target: np.ndarray, cfg: RoundingConfig, rng: np.random.Generator):
@@ -232,65 +248,103 @@ def _row_error(weights: np.ndarray, x: np.ndarray, target: np.ndarray) -> np.nda
 def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: list[Batch], cfg: RoundingConfig,
              progress: Callable[[str, int | None], object] | None = None) -> tuple[Plan, list[dict]]:
     """The plan with every supported layer's weights re-rounded; per-layer losses before/after."""
+    todo = [l for l in plan.layers if l.weight in plan.tensors and l.activation is not None
+            and supported(g.node_by_name[l.node])]
     gated = sorted({l.activation for l in plan.layers if l.activation})
-    probe = session(with_outputs(probe_model(g, plan, gated), [t + "__fq" for t in gated]))
+    probe = probe_model(g, plan, gated)
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
     gates = {}
     for tensor in gated:
         gates.update(_act_gate(tensor, plan.tensors[tensor].spec.bits, stats, quant) if tensor in plan.tensors
                      else _gate_feeds(tensor, False))
-    # Float layer inputs are computed per layer, not kept for every layer at once: holding all of
-    # them for a whole network at hundreds of samples takes gigabytes.
-    float_session = session(with_outputs(g.model, gated))
-    rng = np.random.default_rng(cfg.seed)
     current = dict(float_weights)  # the prefix's weights become quantized as layers are done
     report: list[dict] = []
     out_plan = plan
-    for layer in plan.layers:
-        node = g.node_by_name[layer.node]
-        wq = plan.tensors.get(layer.weight)
-        if wq is None or not supported(node) or layer.activation is None:
-            continue
-        started = time.perf_counter()
-        w = float_weights[layer.weight]
-        x_q_cols, x_f_cols = [], []
-        for batch in batches:
-            float_input = float_session.run([layer.activation], batch.feeds)[0]
-            x_q = probe.run([layer.activation + "__fq"], {**batch.feeds, **current, **gates})[0]
-            n = len(x_q)
-            state = rng.bit_generator.state
-            x_q_cols.append(np.moveaxis(_sample(layer_columns(node, x_q, w.shape), cfg.positions, n, rng), 2, 0))
-            rng.bit_generator.state = state  # the same positions for the float columns
-            x_f_cols.append(np.moveaxis(_sample(layer_columns(node, float_input, w.shape), cfg.positions, n, rng),
-                                        2, 0))
-        # Sample-major storage (see _minibatches), seen as (G, K, S).
-        xq = np.moveaxis(np.concatenate(x_q_cols, axis=0, dtype=np.float32), 0, 2)
-        xf = np.moveaxis(np.concatenate(x_f_cols, axis=0, dtype=np.float32), 0, 2)
-        del x_q_cols, x_f_cols
-        rows = weight_rows(node, w).astype(np.float64)
-        target = np.moveaxis(np.ascontiguousarray(np.moveaxis(rows @ xf, 2, 0), dtype=np.float32), 0, 2)
-        del xf
-        scale = _row_scale(wq, rows.shape, node, w.shape)
-        levels = code_levels(wq.spec)
-        nearest = nearest_level(rows / scale, levels)
-        before = float(np.mean(((nearest * scale) @ xq - target) ** 2))
-        if cfg.method == "adaquant":
-            ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng)
-        else:
-            ints, new_scale = adaround_rows(rows, scale, levels, xq, target, cfg, rng), scale
-        after = float(np.mean(((ints * new_scale) @ xq - target) ** 2))
-        if after > before:  # never worse than nearest on the data it was fitted to
-            ints, new_scale, after = nearest, scale, before
-        values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
-        tq = _with_values(wq, values, new_scale, node, w.shape)
-        out_plan = out_plan.with_tensor(layer.weight, tq)
-        current[layer.weight] = dequantize(quantize(values, tq.scale, tq.zero_point, tq.spec), tq.scale,
-                                           tq.zero_point, tq.spec)
-        report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
-                       "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2])})
-        if progress is not None:
-            progress(layer.node, len(report))
+    with tempfile.TemporaryDirectory(prefix="ptq-columns-") as scratch:
+        float_columns = _float_columns(g, todo, float_weights, batches, cfg, Path(scratch))
+        for index, layer in enumerate(todo):
+            started = time.perf_counter()
+            node, wq, w = g.node_by_name[layer.node], plan.tensors[layer.weight], float_weights[layer.weight]
+            xq = _quantized_columns(probe, layer, node, w.shape, index, {**current, **gates}, batches, cfg)
+            rows = weight_rows(node, w).astype(np.float64)
+            target = _targets(rows, float_columns[index])
+            scale = _row_scale(wq, rows.shape, node, w.shape)
+            levels = code_levels(wq.spec)
+            nearest = nearest_level(rows / scale, levels)
+            before = float(np.mean(((nearest * scale) @ xq - target) ** 2))
+            rng = np.random.default_rng([cfg.seed, index])
+            if cfg.method == "adaquant":
+                ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng)
+            else:
+                ints, new_scale = adaround_rows(rows, scale, levels, xq, target, cfg, rng), scale
+            after = float(np.mean(((ints * new_scale) @ xq - target) ** 2))
+            if after > before:  # never worse than nearest on the data it was fitted to
+                ints, new_scale, after = nearest, scale, before
+            values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
+            tq = _with_values(wq, values, new_scale, node, w.shape)
+            out_plan = out_plan.with_tensor(layer.weight, tq)
+            current[layer.weight] = dequantize(quantize(values, tq.scale, tq.zero_point, tq.spec), tq.scale,
+                                               tq.zero_point, tq.spec)
+            report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
+                           "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2])})
+            if progress is not None:
+                progress(layer.node, len(report))
     return out_plan, report
+
+
+def _positions(cfg: RoundingConfig, layer_index: int, batch_index: int) -> np.random.Generator:
+    """The generator that picks a layer's sampled positions in one batch: the float pass and the
+    quantized pass pick the same ones."""
+    return np.random.default_rng([cfg.seed, layer_index, batch_index, 1])
+
+
+def _float_columns(g: Graph, layers, weights, batches: list[Batch], cfg: RoundingConfig,
+                   scratch: Path) -> list[np.ndarray]:
+    """Every layer's sampled float input columns, from one pass of the float model, written to
+    disk and memory-mapped sample-major (S, G, K)."""
+    activations = sorted({l.activation for l in layers})
+    sess = session(truncated(g.model, activations))
+    wanted = {i.name for i in sess.get_inputs()}
+    files = [open(scratch / f"{i}.f32", "wb") for i in range(len(layers))]
+    shapes: list[tuple[int, ...]] = [()] * len(layers)
+    try:
+        for b, batch in enumerate(batches):
+            values = dict(zip(activations, sess.run(activations, {k: v for k, v in batch.feeds.items()
+                                                                  if k in wanted})))
+            for i, layer in enumerate(layers):
+                node, shape = g.node_by_name[layer.node], weights[layer.weight].shape
+                block = sampled_columns(node, values[layer.activation], shape, cfg.positions, _positions(cfg, i, b))
+                block = np.ascontiguousarray(block, dtype=np.float32)
+                files[i].write(block.tobytes())
+                shapes[i] = (shapes[i][0] + block.shape[0],) + block.shape[1:] if shapes[i] else block.shape
+    finally:
+        for f in files:
+            f.close()
+    return [np.memmap(scratch / f"{i}.f32", dtype=np.float32, mode="r", shape=shapes[i]) for i in range(len(layers))]
+
+
+def _quantized_columns(probe, layer, node, w_shape, index: int, feeds: dict, batches: list[Batch],
+                       cfg: RoundingConfig) -> np.ndarray:
+    """The layer's input columns with the already-rounded prefix, (G, K, S) over sample-major
+    storage, at the same positions as its float columns. Only the prefix the layer needs runs."""
+    output = layer.activation + "__fq"
+    sess = session(truncated(probe, [output]))
+    wanted = {i.name for i in sess.get_inputs()}
+    blocks = []
+    for b, batch in enumerate(batches):
+        x = sess.run([output], {k: v for k, v in {**batch.feeds, **feeds}.items() if k in wanted})[0]
+        blocks.append(sampled_columns(node, x, w_shape, cfg.positions, _positions(cfg, index, b)))
+    return np.moveaxis(np.concatenate(blocks, axis=0, dtype=np.float32), 0, 2)
+
+
+def _targets(rows: np.ndarray, float_columns: np.ndarray) -> np.ndarray:
+    """The float layer's outputs rows @ x_float, (G, M, S) over sample-major float32 storage."""
+    out = np.empty((float_columns.shape[0],) + rows.shape[:2], dtype=np.float32)
+    step = 4096  # bounded working memory however many columns there are
+    for start in range(0, len(out), step):
+        chunk = np.moveaxis(np.asarray(float_columns[start:start + step]), 0, 2)
+        out[start:start + step] = np.moveaxis(rows @ chunk, 2, 0)
+    return np.moveaxis(out, 0, 2)
 
 
 def _row_scale(wq: TensorQuant, rows_shape, node, w_shape) -> np.ndarray:

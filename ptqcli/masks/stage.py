@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import rundir
 from ..calibrate.data import Batch, iter_batches, model_inputs
-from ..calibrate.layerwise import layer_columns, rows_to_weight, supported, weight_rows, _sample
+from ..calibrate.layerwise import rows_to_weight, sampled_columns, supported, weight_rows
 from ..calibrate.planner import quantize_weight, requantize_biases
 from ..calibrate.collect import load_stats
 from ..config import DataConfig, QuantConfig, from_mapping
@@ -98,8 +98,8 @@ def _layer_inputs(g: Graph, layers: list[Layer], batches: list[Batch], cfg: Mask
         for layer in layers:
             node, w = g.node_by_name[layer.node], g.initializers[layer.weight]
             x = values[layer.activation]
-            columns[layer.node].append(_sample(layer_columns(node, x, tuple(w.dims)), cfg.positions, len(x), rng))
-    return {node: np.concatenate(parts, axis=2) for node, parts in columns.items() if parts}
+            columns[layer.node].append(sampled_columns(node, x, tuple(w.dims), cfg.positions, rng))
+    return {node: np.moveaxis(np.concatenate(parts, axis=0), 0, 2) for node, parts in columns.items() if parts}
 
 
 def mask_layers(g: Graph, layers: list[Layer], cfg: MaskConfig, batches: list[Batch] | None

@@ -181,3 +181,15 @@ def conv_patches(x: np.ndarray, attrs: dict, w_shape: tuple[int, ...]) -> np.nda
     groups = int(attrs.get("group", 1))
     win = conv_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w_shape[2:])
     return _patches(pad_spatial(x, win.begin, win.end), win, groups)
+
+
+def conv_patches_at(x: np.ndarray, attrs: dict, w_shape: tuple[int, ...], samples: np.ndarray,
+                    windows: np.ndarray) -> np.ndarray:
+    """The columns of :func:`conv_patches` at chosen (sample, flat window index) pairs only,
+    sample-major: (len(samples), groups, C / groups * taps). Nothing but those windows is copied."""
+    groups = int(attrs.get("group", 1))
+    win = conv_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w_shape[2:])
+    cols = im2col(pad_spatial(x, win.begin, win.end), win)  # (N, C, *out, *kernel), a view
+    picked = cols[(samples, slice(None)) + np.unravel_index(windows, win.out)]  # (S, C, *kernel)
+    return picked.reshape(len(samples), groups, -1)
+

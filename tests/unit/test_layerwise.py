@@ -5,7 +5,7 @@ import pytest
 from onnx import helper
 
 from ptqcli.calibrate.layerwise import (
-    RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, bracket, layer_columns, nearest_level,
+    RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, bracket, layer_columns, nearest_level, sampled_columns,
     rows_to_weight, weight_rows, _h,
 )
 from ptqcli.numeric import forward
@@ -107,6 +107,28 @@ def test_rows_times_columns_is_the_gemm():
         y = x @ (w.T if trans_b else w)
         np.testing.assert_allclose((weight_rows(node, w) @ layer_columns(node, x, w.shape))[0].T, y)
         np.testing.assert_array_equal(rows_to_weight(node, weight_rows(node, w), w.shape), w)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"group": 1, "pads": [1, 1, 1, 1], "strides": [2, 2]},
+    {"group": 2, "pads": [0, 1, 2, 0], "dilations": [2, 1]},
+    {"group": 4, "pads": [1, 1, 1, 1]},  # depthwise
+])
+def test_sampled_columns_are_the_layer_columns_at_the_picked_windows(attrs):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 4, 9, 8)).astype(np.float32)
+    w_shape = (8, 4 // attrs["group"], 3, 3)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+    full = np.moveaxis(layer_columns(node, x, w_shape), 2, 0)  # (S, G, K)
+    np.testing.assert_array_equal(sampled_columns(node, x, w_shape, 10_000, rng), full)
+    picked = sampled_columns(node, x, w_shape, 5, np.random.default_rng(0))
+    per_sample = len(full) // 3
+    assert picked.shape == (15,) + full.shape[1:]
+    for s in range(3):  # each sample's 5 columns are 5 distinct windows of that sample
+        block = full[s * per_sample:(s + 1) * per_sample].reshape(per_sample, -1)
+        hits = [np.flatnonzero((block == c.reshape(-1)).all(axis=1)) for c in picked[s * 5:(s + 1) * 5]]
+        assert all(len(h) >= 1 for h in hits)
+        assert len({int(h[0]) for h in hits}) == 5
 
 
 def _pow2_problem(cols=2000):
