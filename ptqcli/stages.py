@@ -76,7 +76,9 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     rundir.write_plan(run, plan)
     rundir.write_json(run / rundir.RUN_INFO, {
         "tool_version": __version__,
-        "model": {"path": str(model_path), "sha256": file_sha256(model_path)},
+        # Recorded here so that exports still describe their source after the file moves.
+        "model": {"path": str(Path(model_path).resolve()), "sha256": file_sha256(model_path),
+                  "bytes": Path(model_path).stat().st_size},
         "cpu": cpu_name(),
         "samples_seen": seen,
     })
@@ -164,6 +166,13 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     return plan, fidelity
 
 
+def _recorded_source(model: dict) -> dict:
+    """The source model as calibration recorded it (runs from before sizes were recorded: sized now)."""
+    path = Path(model["path"])
+    size = model.get("bytes", path.stat().st_size if path.is_file() else 0)
+    return {"path": model["path"], "sha256": model["sha256"], "bytes": int(size)}
+
+
 @dataclass(frozen=True)
 class RunResult:
     samples: int
@@ -211,7 +220,7 @@ def card_inputs(run: Path, g: Graph, plan: Plan, quantized, out_path: Path, fide
     latency = {"cpu": cpu_name(), "batch": 1,
                "float_ms": latency_ms(g.model, feeds), "quantized_ms": latency_ms(quantized, feeds)}
     return CardInputs(
-        source_model=Path(info["model"]["path"]), output_model=out_path, graph=g, plan=plan, fidelity=fidelity,
+        source_model=_recorded_source(info["model"]), output_model=out_path, graph=g, plan=plan, fidelity=fidelity,
         eval_source=eval_from, size=weight_storage(g, plan), bops=bops(g, plan, fidelity.layers if fidelity else []),
         latency=latency, kernel_ops=fidelity.kernel_ops if fidelity else optimized_op_counts(quantized),
     )

@@ -26,7 +26,7 @@ SCHEMA_PATH = Path(__file__).with_name("card.schema.json")
 class CardInputs:
     """Everything a card is made of, gathered by the export stage."""
 
-    source_model: Path
+    source_model: dict  # path, sha256 and bytes, as recorded at calibration
     output_model: Path
     graph: Graph
     plan: Plan
@@ -126,7 +126,7 @@ def build_card(c: CardInputs) -> dict:
     card = {
         "card_version": CARD_VERSION,
         "tool": {"name": "ptqcli", "version": __version__},
-        "model": {"input": _file(c.source_model), "output": _file(c.output_model), "format": "qdq" if c.native is None else "native",
+        "model": {"input": dict(c.source_model), "output": _file(c.output_model), "format": "qdq" if c.native is None else "native",
                   "opset": default_opset(c.graph.model), **({} if c.native is None else {"native": c.native})},
         "recipe": {"quant": c.plan.config["quant"], "data": data},
         "tradeoffs": _tradeoffs(c, layers),
