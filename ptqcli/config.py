@@ -129,6 +129,11 @@ class QuantConfig:
     reduce_range: ReduceRange = ReduceRange.auto
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
+    # Per-layer weight formats ({node name: format}, a recipe's [quant.layer_weights] table).
+    layer_weights: dict = field(default_factory=dict)
+    # Layers whose inputs are binarized too (fully binary layers): node names, or "all" for every
+    # layer with binary weights except the first and last.
+    binary_acts: tuple[str, ...] = ()
     bins: int = 4096
     seed: int = 0
 
@@ -147,6 +152,16 @@ class QuantConfig:
             raise PtqError(f"percentile must be in (50, 100] (got {self.percentile})")
         if self.rounding_iters < 1 or self.rounding_samples < 1:
             raise PtqError("rounding_iters and rounding_samples must be at least 1")
+        if isinstance(self.layer_weights, (list, tuple)):  # a card's recipe stores pairs
+            object.__setattr__(self, "layer_weights", {str(k): str(v) for k, v in self.layer_weights})
+        if not isinstance(self.layer_weights, dict):
+            raise PtqError("layer_weights must be a table of node name = weight format")
+        for fmt in self.layer_weights.values():
+            parse_weight_format(fmt)
+        if isinstance(self.binary_acts, str):
+            object.__setattr__(self, "binary_acts", tuple(n.strip() for n in self.binary_acts.split(",") if n.strip()))
+        if "all" in self.binary_acts and len(self.binary_acts) > 1:
+            raise PtqError("binary_acts is either 'all' or a list of node names, not both")
         if self.bins < 256 or self.bins % 4:
             raise PtqError(f"bins must be a multiple of 4 and at least 256 (got {self.bins})")
 

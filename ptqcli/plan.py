@@ -92,6 +92,9 @@ class Plan:
     config: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
+    # Layers whose inputs are binarized: node name -> the per-channel mean subtracted first
+    # (signs of a post-ReLU tensor would all be +1 without it).
+    binary_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def with_tensor(self, name: str, tq: TensorQuant) -> "Plan":
         return replace(self, tensors={**self.tensors, name: tq})
@@ -112,6 +115,8 @@ class Plan:
             "layers": [layer.to_dict() for layer in self.layers],
             "float_nodes": self.float_nodes,
             "tensors": {k: v.to_dict(include_values) for k, v in self.tensors.items()},
+            "binary_inputs": {k: np.asarray(v, dtype=np.float32).astype(float).tolist()
+                              for k, v in self.binary_inputs.items()},
         }
         return json.dumps(doc, indent=1, sort_keys=False)
 
@@ -135,6 +140,7 @@ class Plan:
                 float_nodes=dict(doc["float_nodes"]),
                 config=dict(doc["config"]),
                 notes=list(doc.get("notes", [])),
+                binary_inputs={k: np.asarray(v, dtype=np.float32) for k, v in doc.get("binary_inputs", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PtqError(f"plan.json is malformed: {type(exc).__name__}: {exc}") from None

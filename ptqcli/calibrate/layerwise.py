@@ -249,7 +249,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
              progress: Callable[[str, int | None], object] | None = None) -> tuple[Plan, list[dict]]:
     """The plan with every supported layer's weights re-rounded; per-layer losses before/after."""
     todo = [l for l in plan.layers if l.weight in plan.tensors and l.activation is not None
-            and supported(g.node_by_name[l.node])]
+            and supported(g.node_by_name[l.node]) and l.node not in plan.binary_inputs]
     gated = sorted({l.activation for l in plan.layers if l.activation})
     probe = probe_model(g, plan, gated)
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}

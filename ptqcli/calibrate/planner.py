@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import schemes
 from ..config import QuantConfig, parse_weight_format, to_jsonable
+from ..errors import PtqError
 from ..graph import Graph
 from ..ops import channel_axis, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
@@ -133,7 +134,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
                weight_formats: dict[str, str] | None = None, act_bits: dict[str, int] | None = None) -> Plan:
     """`weight_formats` ({weight: 'int4' | 'pow2:4' ...}) and `act_bits` override the config per
     tensor (mixed precision)."""
-    weight_formats = {**_first_last_formats(sel, cfg), **(weight_formats or {})}
+    weight_formats = {**_first_last_formats(sel, cfg), **_recipe_formats(sel, cfg), **(weight_formats or {})}
     act_bits = act_bits or {}
     acts: dict[str, TensorQuant] = {}
     for name in sel.activations:
@@ -150,17 +151,57 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
         scheme, bits = parse_weight_format(weight_formats[layer.weight]) if layer.weight in weight_formats else (None, None)
         spec = weight_spec(cfg, axis, bits, scheme)
         weights[layer.weight] = quantize_weight(w, spec, cfg.weight_method.value)
+    binarized = binary_inputs(sel, weights, stats, cfg)
     biases = {}
     for layer in sel.layers:
         if layer.bias is None or layer.activation not in acts or layer.weight not in weights:
             continue
+        if layer.node in binarized:
+            continue  # its bias absorbs the input mean at export, in float
         b = g.constant(layer.bias)
         weights[layer.weight] = widen_for_bias(weights[layer.weight], g.constant(layer.weight), b, acts[layer.activation])
         bq = quantize_bias(g, layer, acts, weights, stats, cfg)
         if bq is not None:
             biases[layer.bias] = bq
     config = {"quant": to_jsonable(cfg), "prepare": dict(g.facts), **(extra_config or {})}
-    return Plan({**acts, **weights, **biases}, sel.layers, sel.float_nodes, config, list(g.notes))
+    return Plan({**acts, **weights, **biases}, sel.layers, sel.float_nodes, config, list(g.notes),
+                binary_inputs=binarized)
+
+
+def binary_inputs(sel: Selection, weights: dict[str, TensorQuant], stats: Stats,
+                  cfg: QuantConfig) -> dict[str, np.ndarray]:
+    """{node: its input's per-channel mean} for the layers whose inputs are binarized."""
+    if not cfg.binary_acts:
+        return {}
+    by_node = {layer.node: layer for layer in sel.layers}
+    if cfg.binary_acts == ("all",):
+        ends = {sel.layers[0].node, sel.layers[-1].node}
+        names = [l.node for l in sel.layers if l.node not in ends and weights[l.weight].spec.scheme == "binary"]
+    else:
+        names = list(cfg.binary_acts)
+        unknown = [n for n in names if n not in by_node]
+        if unknown:
+            raise PtqError(f"--binary-acts names {', '.join(unknown)}, which are not quantized layers")
+        for n in names:
+            spec = weights[by_node[n].weight].spec
+            if spec.scheme != "binary":
+                raise PtqError(f"--binary-acts: layer {n} has {spec.label} weights; binary inputs need binary weights")
+    means = {}
+    for n in names:
+        h = stats.get(by_node[n].activation) if by_node[n].activation else None
+        if h is None or h.channel_mean is None:
+            raise PtqError(f"--binary-acts: no per-channel statistics were observed for the input of {n}")
+        means[n] = np.asarray(h.channel_mean, dtype=np.float32)
+    return means
+
+
+def _recipe_formats(sel: Selection, cfg: QuantConfig) -> dict[str, str]:
+    """The recipe's per-layer weight formats, keyed by weight tensor."""
+    by_node = {layer.node: layer for layer in sel.layers}
+    unknown = sorted(set(cfg.layer_weights) - set(by_node))
+    if unknown:
+        raise PtqError(f"layer_weights names {', '.join(unknown)}, which are not quantized layers")
+    return {by_node[node].weight: fmt for node, fmt in cfg.layer_weights.items()}
 
 
 def quantize_bias(g: Graph, layer: Layer, acts: dict[str, TensorQuant], weights: dict[str, TensorQuant],
@@ -183,6 +224,8 @@ def requantize_biases(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig) -> P
     acts, weights = plan.of_role("activation"), plan.of_role("weight")
     tensors = {k: v for k, v in plan.tensors.items() if v.role not in ("bias", "value")}
     for layer in plan.layers:
+        if layer.node in plan.binary_inputs:
+            continue
         if layer.bias is not None and layer.activation in acts and layer.weight in weights:
             bq = quantize_bias(g, layer, acts, weights, stats, cfg)
             if bq is not None:

@@ -68,6 +68,7 @@ def _layer_rows(c: CardInputs) -> list[dict]:
             "sparsity": w.source.get("sparsity") if w else None,
             "rounding": (c.plan.config["quant"].get("rounding", "nearest")
                          if w and w.source.get("rounding") == "learned" else "nearest"),
+            "binary_input": layer.node in c.plan.binary_inputs,
             "weight_sqnr_db": (w.source.get("sqnr_db") if w else None),
             "output_sqnr_db": measured.get(layer.node, {}).get("sqnr_db"),
         })

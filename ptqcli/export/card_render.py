@@ -74,7 +74,7 @@ def render_markdown(card: dict, plot_name: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, row in enumerate(card["layers"]):
-        lines.append(f"| {i} | {row['node']} | {row['op_type']} | {row['params']:,} | {row['format']} |"
+        lines.append(f"| {i} | {row['node']} | {row['op_type']} | {row['params']:,} | {row['format']}{' (binary input)' if row.get('binary_input') else ''} |"
                      f" {row['granularity']} | {row['rounding']} | {_num(row['weight_sqnr_db'], '{:.1f}')} |"
                      f" {_num(row['output_sqnr_db'], '{:.1f}')} |")
     lines += ["", "## Recipe", "```json", _json(card["recipe"]), "```", ""]

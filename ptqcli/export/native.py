@@ -22,6 +22,7 @@ from ..plan import Plan, TensorQuant
 from ..quant import quantize
 from ..spec import QuantSpec
 from . import native_ref as ref
+from .binarize import BinaryNames
 
 
 def get_attr(node: NodeProto, name: str, default):
@@ -177,8 +178,16 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
     report = NativeReport({}, {})
     new_inits: list = []
     nodes: list[NodeProto] = []
+    dropped: set[str] = set()
     for node in model.graph.node:
-        replacement = _replace(node, g, plan, producers, inits, new_inits, report)
+        if node.name in dropped:
+            continue
+        if node.name in plan.binary_inputs:
+            replacement = _replace_binarized(node, g, plan, producers, inits, new_inits, report)
+            if replacement is not None:
+                dropped.update(BinaryNames(node.name).output_nodes)
+        else:
+            replacement = _replace(node, g, plan, producers, inits, new_inits, report)
         nodes.append(replacement or node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -210,19 +219,11 @@ def _replace(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits,
     if why or why_x:
         report.kept[node.name] = why or why_x
         return None
-    q = quantize(w, tq.scale, tq.zero_point, tq.spec)
-    axis = tq.spec.axis
-    rows_q = layout.to_rows(q, node)
-    n, k = rows_q.shape
-    scale = np.asarray(tq.scale, dtype=np.float32)
-    per_row_axis = {"Conv": 0, "Gemm": 0 if get_attr(node, "transB", 0) else 1, "MatMul": 1}[node.op_type]
-    if scale.size == 1:
-        w_scale = np.full((n, 1), scale.ravel()[0], dtype=np.float32)
-    elif axis is not None and axis % w.ndim == per_row_axis:
-        w_scale = scale.reshape(n, 1)
-    else:
+    rows_q, w_scale = _code_rows(node, layout, tq, w)
+    if w_scale is None:
         report.kept[node.name] = "its weight scales are not per output channel"
         return None
+    n, k = rows_q.shape
     codes, zero, pad = family.encode(rows_q, tq)
     bias, why_b = _float_bias(node, node.op_type, producers, inits, n)
     if why_b:
@@ -245,6 +246,52 @@ def _replace(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits,
     report.replaced[node.name] = op_type
     return helper.make_node(op_type, inputs, list(node.output), name=node.name, domain=DOMAIN, K=k, N=n,
                             group_size=0, **layout.attributes(node, w))
+
+
+def _code_rows(node: NodeProto, layout: Layout, tq: TensorQuant, w: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The weight's integer codes as [N, K] rows and its scales as [N, 1] (None unless they are
+    per tensor or per output channel)."""
+    rows_q = layout.to_rows(quantize(w, tq.scale, tq.zero_point, tq.spec), node)
+    n = rows_q.shape[0]
+    scale = np.asarray(tq.scale, dtype=np.float32)
+    per_row_axis = {"Conv": 0, "Gemm": 0 if get_attr(node, "transB", 0) else 1, "MatMul": 1}[node.op_type]
+    if scale.size == 1:
+        return rows_q, np.full((n, 1), scale.ravel()[0], dtype=np.float32)
+    if tq.spec.axis is not None and tq.spec.axis % w.ndim == per_row_axis:
+        return rows_q, scale.reshape(n, 1)
+    return rows_q, None
+
+
+def _replace_binarized(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits,
+                       report) -> NodeProto | None:
+    """A binary-input layer's emulation (see binarize.py) becomes one Binary* operator reading
+    x - mu and writing the layer's output."""
+    names = BinaryNames(node.name)
+    layout = LAYOUTS[node.op_type]
+    weight_name = node.input[1].removesuffix("_dequantized")
+    tq = plan.tensors[weight_name]
+    shape = numpy_helper.to_array(g.initializers[weight_name]).shape
+    w = np.asarray(g.constant(weight_name) if tq.value is None else tq.value, dtype=np.float32).reshape(shape)
+    why = layout.supported(node, w)
+    rows_q, w_scale = _code_rows(node, layout, tq, w)
+    if why or w_scale is None:
+        report.kept[node.name] = why or "its weight scales are not per output channel"
+        return None
+    n, k = rows_q.shape
+    prefix = f"{node.name}_native"
+    constants = {"W": ref.pack_signs(rows_q.astype(np.float32)), "W_scale": w_scale.reshape(n),
+                 "Bias": inits[names.folded_bias].astype(np.float32).reshape(n)}
+    new_inits.extend(numpy_helper.from_array(np.ascontiguousarray(v), f"{prefix}_{key}") for key, v in constants.items())
+    output = _output_of(producers, names.output_nodes[1])
+    op_type = "Binary" + layout.suffix
+    report.replaced[node.name] = op_type
+    return helper.make_node(op_type, [names.centered] + [f"{prefix}_{key}" for key in ref.BINARY_INPUTS[1:]],
+                            [output], name=node.name, domain=DOMAIN, K=k, N=n, **layout.attributes(node, w))
+
+
+def _output_of(producers: dict[str, NodeProto], node_name: str) -> str:
+    return next(out for out, node in producers.items() if node.name == node_name)
 
 
 def _drop_unused(model: ModelProto) -> None:

@@ -15,6 +15,7 @@ from ..errors import PtqError
 from ..graph import Graph, check_model, clone, default_opset, make_initializer, set_opset
 from ..plan import Plan, TensorQuant
 from ..quant import quantize
+from . import binarize
 from ..spec import QuantSpec
 
 # DequantizeLinear of int4/uint4 needs opset 21.
@@ -112,8 +113,14 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
             for i, name in enumerate(node.input):
                 if name in rewire:
                     node.input[i] = rewire[name]
-        nodes.append(node)
-        for out in node.output:
+        outputs = list(node.output)
+        if node.name in plan.binary_inputs:
+            before, behind, inits = _binarized(g, plan, node)
+            nodes += before + [node] + behind
+            new_inits += inits
+        else:
+            nodes.append(node)
+        for out in outputs:
             nodes.extend(after.get(out, []))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -122,3 +129,17 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
     model.graph.initializer.extend(kept + new_inits)
     check_model(model, "the exported model")
     return model
+
+
+def _binarized(g: Graph, plan: Plan, node: NodeProto) -> tuple[list[NodeProto], list[NodeProto], list[TensorProto]]:
+    """The emulation of a binary-input layer around `node` (see binarize.py)."""
+    why = binarize.supported(node)
+    if why:
+        raise PtqError(f"layer {node.name}: {why}")
+    original = g.node_by_name[node.name]
+    bias_name = original.input[2] if len(original.input) > 2 and original.input[2] else None
+    if bias_name is not None and bias_name not in g.initializers:
+        raise PtqError(f"layer {node.name}: a binary-input layer needs a constant bias")
+    bias = g.constant(bias_name) if bias_name else None
+    return binarize.binarize_layer(node, plan.binary_inputs[node.name], g.constant(original.input[1]), bias)
+

@@ -1,5 +1,6 @@
 """The `ptq` command as users run it: exit codes, one-line errors, nothing half-written, determinism."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,38 @@ def test_bad_recipe_key(tmp_path, tiny_cnn, tiny_data):
 
 def test_usage_error_exit_code_is_2(tiny_cnn):
     assert ptq("calibrate", tiny_cnn, "--method", "magic", "-o", "x").returncode == 2
+
+
+def test_recipe_sets_one_layers_format_and_binarizes_its_input(tmp_path, tiny_cnn, tiny_data):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[quant]\nbinary_acts = ["conv2"]\n[quant.layer_weights]\nconv2 = "binary"\n'
+                      '[data]\nnum_samples = 32\n')
+    out = tmp_path / "q.onnx"
+    r = ptq("quantize", tiny_cnn, "--data", tiny_data, "--recipe", recipe, "-o", out)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "q.onnx.run" / "plan.json").read_text())
+    assert plan["tensors"]["w2"]["spec"]["scheme"] == "binary" and plan["tensors"]["w1"]["spec"]["scheme"] == "int"
+    assert list(plan["binary_inputs"]) == ["conv2"] and len(plan["binary_inputs"]["conv2"]) == 8
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "Where" in ops and "Less" in ops  # sign(x - mean) feeds conv2
+    card = json.loads((tmp_path / "q.card.json").read_text())
+    assert [row["node"] for row in card["layers"] if row["binary_input"]] == ["conv2"]
+    assert "binary (binary input)" in (tmp_path / "q.card.md").read_text()
+
+
+def test_binary_inputs_need_binary_weights(tmp_path, tiny_cnn, tiny_data):
+    assert_user_error(ptq("calibrate", tiny_cnn, "--data", tiny_data, "--weights", "int4", "--binary-acts", "conv2",
+                          "-o", tmp_path / "run"), "conv2 has int4 weights")
+    assert_user_error(ptq("calibrate", tiny_cnn, "--data", tiny_data, "--weights", "binary", "--binary-acts", "nope",
+                          "-o", tmp_path / "run"), "--binary-acts names nope")
+    assert not (tmp_path / "run" / "plan.json").exists()
+
+
+def test_export_after_the_source_model_moved(tmp_path, tiny_cnn, tiny_data):
+    run = tmp_path / "run"
+    assert ptq("calibrate", tiny_cnn, "--data", tiny_data, "-o", run).returncode == 0
+    tiny_cnn.rename(tmp_path / "moved.onnx")
+    r = ptq("export", run, "-o", tmp_path / "q.onnx")
+    assert r.returncode == 0, r.stderr
+    card = json.loads((tmp_path / "q.card.json").read_text())
+    assert card["model"]["input"]["path"] == str(tiny_cnn.resolve()) and card["model"]["input"]["bytes"] > 0

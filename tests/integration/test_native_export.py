@@ -28,16 +28,18 @@ def _top1(model_path, x):
     return np.concatenate([sess.run(None, {name: x[i : i + 250]})[0].argmax(1) for i in range(0, len(x), 250)])
 
 
-@pytest.mark.parametrize("weights,acts,ops", [
-    ("int4", "uint8", {"Int4Conv", "Int4Gemm"}),
-    ("pow2:4", "uint8", {"ShiftConv", "ShiftGemm"}),
-    ("int4", "none", {"Int4Conv", "Int4Gemm"}),  # weight-only: the operators quantize activations per row
-    ("ternary", "uint8", {"Int4Conv", "Int4Gemm"}),  # -1/0/+1 are 4-bit codes too
-    ("int3", "uint8", {"Int4Conv", "Int4Gemm"}),
+@pytest.mark.parametrize("weights,acts,ops,binary_acts", [
+    ("int4", "uint8", {"Int4Conv", "Int4Gemm"}, ()),
+    ("pow2:4", "uint8", {"ShiftConv", "ShiftGemm"}, ()),
+    ("int4", "none", {"Int4Conv", "Int4Gemm"}, ()),  # weight-only: the operators quantize activations per row
+    ("ternary", "uint8", {"Int4Conv", "Int4Gemm"}, ()),  # -1/0/+1 are 4-bit codes too
+    ("int3", "uint8", {"Int4Conv", "Int4Gemm"}, ()),
+    ("binary", "uint8", {"BinaryConv", "BinaryGemm"}, ("all",)),  # fully binary middle layers: XNOR-popcount
 ])
-def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, acts, ops):
+def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, acts, ops, binary_acts):
     run = tmp_path / "run"
-    stages.calibrate(FASHION, QuantConfig(weights=weights, acts=acts), DataConfig(path=str(CALIB), num_samples=256), run)
+    quant = QuantConfig(weights=weights, acts=acts, binary_acts=binary_acts)
+    stages.calibrate(FASHION, quant, DataConfig(path=str(CALIB), num_samples=256), run)
     qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
     stages.export(run, qdq, str(TEST), 1000)
     stages.export(run, native, str(TEST), 1000, fmt="native")
