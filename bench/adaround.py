@@ -56,13 +56,14 @@ def _progress(description: str, total: int | None):
     state = {"done": 0, "shown": 0}
     _log(f"{description}: start (total {total})")
 
-    def advance(n: int) -> None:
+    def advance(n: int, note: str | None = None) -> None:
         nonlocal last
         state["done"] += n
         now = time.perf_counter()
         every = 1 if description.endswith("layers") or not total else max(1, total // 10)
         if state["done"] - state["shown"] >= every or state["done"] == total:
-            _log(f"{description}: {state['done']}/{total} (+{now - last:.1f}s, {now - started:.1f}s total)")
+            _log(f"{description}: {state['done']}/{total} (+{now - last:.1f}s, {now - started:.1f}s total)"
+                 + (f" {note}" if note else ""))
             state["shown"], last = state["done"], now
 
     yield advance

@@ -85,7 +85,11 @@ def rich_progress(description: str, total: int | None):
                TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and "PTQ_PROGRESS" not in os.environ) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+
+        def advance(n: int, note: str | None = None) -> None:
+            bar.update(task, advance=n, description=f"{description}: {note}" if note else description)
+
+        yield advance
 
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:

@@ -30,12 +30,14 @@ from .runtime import optimized_op_counts, run_session, session
 
 # A progress reporter: given a description and a total (None if unknown), a context that yields
 # an `advance(n)` callable. The CLI passes a rich one; library callers get silence by default.
-Progress = Callable[[str, "int | None"], ContextManager[Callable[[int], None]]]
+# A context manager per stage; what it yields is called with the steps done (and, optionally, a
+# short note on the latest one).
+Progress = Callable[[str, "int | None"], ContextManager[Callable[..., None]]]
 
 
 @contextlib.contextmanager
 def silent(description: str, total: int | None):
-    yield lambda n: None
+    yield lambda n, note=None: None
 
 
 def load_prepared(model_path: str | Path) -> Graph:
@@ -109,12 +111,14 @@ def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, p
 def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
                       progress: Progress = silent) -> Plan:
     """AdaRound / AdaQuant over the plan's layers, then biases re-derived for the new weights."""
-    from .calibrate.layerwise import RoundingConfig, optimise
+    from .calibrate.layerwise import RoundingConfig, optimise, rounded_layers
 
     batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.rounding_samples)))
     cfg = RoundingConfig(method=quant.rounding.value, iters=quant.rounding_iters, seed=quant.seed)
-    with progress(f"{quant.rounding.value}: layers", len(plan.layers)) as advance:
-        plan, report = optimise(g, plan, stats, quant, batches, cfg, lambda node, done: advance(1))
+    with progress(f"{quant.rounding.value}: layers", len(rounded_layers(g, plan))) as advance:
+        plan, report = optimise(g, plan, stats, quant, batches, cfg,
+                                lambda row: advance(1, f"{row['node']} loss {row['loss_nearest']:.3g} -> "
+                                                       f"{row['loss_after']:.3g}"))
     rundir.write_json(run / "rounding.json", {"method": cfg.method, "iters": cfg.iters, "layers": report})
     return requantize_biases(g, plan, stats, quant)
 

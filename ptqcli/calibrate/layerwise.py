@@ -246,10 +246,10 @@ def _row_error(weights: np.ndarray, x: np.ndarray, target: np.ndarray) -> np.nda
 
 
 def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: list[Batch], cfg: RoundingConfig,
-             progress: Callable[[str, int | None], object] | None = None) -> tuple[Plan, list[dict]]:
-    """The plan with every supported layer's weights re-rounded; per-layer losses before/after."""
-    todo = [l for l in plan.layers if l.weight in plan.tensors and l.activation is not None
-            and supported(g.node_by_name[l.node]) and l.node not in plan.binary_inputs]
+             progress: Callable[[dict], object] | None = None) -> tuple[Plan, list[dict]]:
+    """The plan with every supported layer's weights re-rounded; per-layer losses before/after
+    (each layer's row also goes to `progress` as it is done)."""
+    todo = rounded_layers(g, plan)
     gated = sorted({l.activation for l in plan.layers if l.activation})
     probe = probe_model(g, plan, gated)
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
@@ -288,8 +288,15 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
             report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
                            "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2])})
             if progress is not None:
-                progress(layer.node, len(report))
+                progress(report[-1])
     return out_plan, report
+
+
+def rounded_layers(g: Graph, plan: Plan) -> list:
+    """The layers layer-wise rounding visits: quantized weights, a known input, a supported op and
+    no binarized input."""
+    return [l for l in plan.layers if l.weight in plan.tensors and l.activation is not None
+            and supported(g.node_by_name[l.node]) and l.node not in plan.binary_inputs]
 
 
 def _positions(cfg: RoundingConfig, layer_index: int, batch_index: int) -> np.random.Generator:
