@@ -19,6 +19,12 @@ void nibble_avx512(const QuantRows&, const NibbleWeights&, const int32_t*, const
 void binary_avx512(const BinaryRows&, const BinaryWeights&, const float*, OutputView, int64_t, int64_t, int64_t,
                    int64_t);
 
+// One depthwise channel's integer sums (depthwise.h), compiled per instruction set.
+using DepthwiseAccumulate = void (*)(const int8_t* plane, const ConvShape&, int32_t x_zero, const int32_t* weight,
+                                     int32_t* acc);
+void depthwise_avx2(const int8_t*, const ConvShape&, int32_t, const int32_t*, int32_t*);
+void depthwise_avx512(const int8_t*, const ConvShape&, int32_t, const int32_t*, int32_t*);
+
 // One row each; the AVX2 versions serve every level above scalar (see kernels.cpp for the scalar ones).
 void quantize_row_avx2(const float* x, int64_t k, int64_t kp, int8_t* q, float* scale);
 void binarize_row_avx2(const float* x, const uint8_t* valid, int64_t k, int64_t words, uint64_t* bits,

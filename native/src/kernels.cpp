@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "depthwise.h"
 #include "isa.h"
 
 namespace ptq {
@@ -276,28 +277,16 @@ void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, in
                       int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
                       const float* bias, float* out, const ParallelFor& parallel) {
   const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_h * s.kernel_w;
+  const Level level = active_level();
+  const isa::DepthwiseAccumulate accumulate = level == Level::Avx512 ? isa::depthwise_avx512
+                                              : level == Level::Avx2 ? isa::depthwise_avx2
+                                                                     : depthwise_accumulate;
   parallel(static_cast<size_t>(channels), [&](size_t task) {
     const int64_t c = static_cast<int64_t>(task);
     const uint8_t* codes = rows + c * (kp / 2);
     std::vector<int32_t> weight(static_cast<size_t>(taps)), acc(static_cast<size_t>(oh * ow), 0);
     for (int64_t t = 0; t < taps; ++t) weight[t] = (lut ? lut[code_at(codes, t)] : code_at(codes, t)) - zero[c];
-    const int8_t* plane = image + c * s.height * s.width;
-    for (int64_t i = 0; i < s.kernel_h; ++i)
-      for (int64_t j = 0; j < s.kernel_w; ++j) {
-        const int32_t wt = weight[i * s.kernel_w + j];
-        if (wt == 0) continue;
-        // Output columns whose tap lands inside the image: the rest read padding, which adds 0.
-        const int64_t shift = j * s.dilation_w - s.pad_left;
-        const int64_t x0 = std::max<int64_t>(0, (-shift + s.stride_w - 1) / s.stride_w);
-        const int64_t x1 = std::min<int64_t>(ow, shift >= s.width ? 0 : (s.width - 1 - shift) / s.stride_w + 1);
-        for (int64_t y = 0; y < oh; ++y) {
-          const int64_t iy = y * s.stride_h - s.pad_top + i * s.dilation_h;
-          if (iy < 0 || iy >= s.height) continue;
-          const int8_t* line = plane + iy * s.width + shift;
-          int32_t* acc_row = acc.data() + y * ow;
-          for (int64_t x = x0; x < x1; ++x) acc_row[x] += (int32_t(line[x * s.stride_w]) - x_zero) * wt;
-        }
-      }
+    accumulate(image + c * s.height * s.width, s, x_zero, weight.data(), acc.data());
     float* dst = out + c * oh * ow;
     for (int64_t p = 0; p < oh * ow; ++p) {
       const float scaled = (static_cast<float>(acc[p]) * scale[c]) * x_scale;

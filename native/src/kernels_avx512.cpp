@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "depthwise.h"
 #include "isa.h"
 
 namespace {
@@ -36,6 +37,10 @@ namespace ptq::isa {
 void nibble_avx512(const QuantRows& x, const NibbleWeights& w, const int32_t* row_term, const float* bias,
                    OutputView out, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   nibble_gemm_tiles(x, w, row_term, bias, out, m0, m1, n0, n1);
+}
+
+void depthwise_avx512(const int8_t* plane, const ConvShape& s, int32_t x_zero, const int32_t* weight, int32_t* acc) {
+  depthwise_accumulate(plane, s, x_zero, weight, acc);
 }
 
 void binary_avx512(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out, int64_t m0,
