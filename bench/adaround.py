@@ -121,10 +121,12 @@ def _layer_lines(label: str, layers: list[dict]) -> list[str]:
     lines = [f"#### {label}: per-layer rounding time", "",
              f"{len(layers)} layers, {sum(seconds):.1f} s in total, median {statistics.median(seconds):.1f} s; "
              "5 slowest: " + ", ".join(f"{l['node']} {l['seconds']:.1f} s" for l in slowest) + ".", "",
-             "| # | node | seconds | columns | loss nearest | loss after | after / nearest |", "|---|---|---|---|---|---|---|"]
+             "| # | node | seconds | peak RSS so far MB | columns | loss nearest | loss after | after / nearest |",
+             "|---|---|---|---|---|---|---|---|"]
     for i, l in enumerate(layers):
         ratio = l["loss_after"] / l["loss_nearest"] if l["loss_nearest"] else float("nan")
-        lines.append(f"| {i} | {l['node']} | {l['seconds']:.1f} | {l['columns']} | {l['loss_nearest']:.3g} | "
+        peak = f"{l['peak_rss_mb']:.0f}" if l.get("peak_rss_mb") is not None else "-"
+        lines.append(f"| {i} | {l['node']} | {l['seconds']:.1f} | {peak} | {l['columns']} | {l['loss_nearest']:.3g} | "
                      f"{l['loss_after']:.3g} | {ratio:.3f} |")
     return lines + [""]
 

@@ -286,10 +286,20 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
             current[layer.weight] = dequantize(quantize(values, tq.scale, tq.zero_point, tq.spec), tq.scale,
                                                tq.zero_point, tq.spec)
             report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
-                           "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2])})
+                           "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2]),
+                           "peak_rss_mb": _peak_rss_mb()})
             if progress is not None:
                 progress(report[-1])
     return out_plan, report
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (None where the OS does not report it)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def rounded_layers(g: Graph, plan: Plan) -> list:
