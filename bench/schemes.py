@@ -4,6 +4,7 @@
 Activations stay uint8 (A8); binary and ternary keep their first and last layers at int8.
 
     python bench/schemes.py [--models embedded,efficientnet] [--eval-samples 500]
+                            [--variants nearest,bc,adaround] [--formats int4,binary,...]
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ptqcli import stages  # noqa: E402
 from ptqcli.config import DataConfig, QuantConfig  # noqa: E402
 
-FORMATS = ["int8", "int4", "int3", "pow2:4", "exp:3", "ternary", "binary"]
+# Row label -> QuantConfig fields. "binary + binary inputs" also binarizes the inputs of the
+# binary layers (--binary-acts all): fully binary middle layers.
+FORMATS = {f: {"weights": f} for f in ("int8", "int4", "int3", "pow2:4", "exp:3", "ternary", "binary")}
+FORMATS["binary + binary inputs"] = {"weights": "binary", "binary_acts": ("all",)}
 
 
 def model_sets(names):
@@ -32,19 +36,20 @@ def model_sets(names):
 
 
 # Rounding variants: label -> QuantConfig fields.
+# AdaRound runs without bias correction, as `ptq calibrate` does by default.
 VARIANTS = {
     "nearest": {"bias_correction": False},
     "bc": {"bias_correction": True},
-    "adaround": {"bias_correction": True, "rounding": "adaround"},
+    "adaround": {"rounding": "adaround"},
 }
-LABELS = {"nearest": "nearest", "bc": "nearest + bias corr.", "adaround": "AdaRound + bias corr."}
+LABELS = {"nearest": "nearest", "bc": "nearest + bias corr.", "adaround": "AdaRound"}
 
 
-def run(model: Path, calib: Path, evaluation: Path, weights: str, samples: int, eval_samples: int,
-        variant: str) -> dict:
+def run(model: Path, calib: Path, evaluation: Path, fmt: str, samples: int, eval_samples: int,
+        variant: str, iters: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        stages.calibrate(model, QuantConfig(weights=weights, **VARIANTS[variant]),
+        stages.calibrate(model, QuantConfig(**FORMATS[fmt], **VARIANTS[variant], rounding_iters=iters),
                          DataConfig(path=str(calib), num_samples=samples), Path(tmp) / "run")
         _, fidelity = stages.export(Path(tmp) / "run", Path(tmp) / "q.onnx", str(evaluation), eval_samples)
         elapsed = time.perf_counter() - start
@@ -64,32 +69,59 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--variants", default="nearest,bc",
                         help=f"rounding variants, comma-separated from {', '.join(VARIANTS)}")
+    parser.add_argument("--iters", type=int, default=1000, help="AdaRound steps per layer")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="rows to (re)measure, comma-separated; the section's other rows are kept")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "schemes.md")
     args = parser.parse_args()
     variants = args.variants.split(",")
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = [f for f in formats if f not in FORMATS] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown formats/variants {unknown}")
     sections = _sections(args.out)
     for name, (model, calib, evaluation) in model_sets(args.models.split(",")).items():
         table = Table(title=f"{name}: {model.name}")
         cols = ("weights", "rounding", "top-1 %", "top-1 agreement %", "KL", "weight bytes", "ORT integer kernels")
         for col in cols:
             table.add_column(col, justify="left" if col in ("weights", "rounding", "ORT integer kernels") else "right")
-        rows = []
-        for weights in FORMATS:
+        kept = {key: row for key, row in _rows(sections.get(name, [])).items() if key[1] in LABELS.values()}
+        heading = next((line for line in sections.get(name, []) if line.startswith("## ")), None)
+        for fmt in formats:
             for variant in variants:
-                r = run(model, calib, evaluation, weights, args.samples, args.eval_samples, variant)
-                row = (weights, LABELS[variant],
+                r = run(model, calib, evaluation, fmt, args.samples, args.eval_samples, variant, args.iters)
+                row = (fmt, LABELS[variant],
                        f"{100 * r['acc']:.2f}" if r["acc"] is not None else "-", f"{100 * r['agree']:.2f}",
                        f"{r['kl']:.4f}", f"{r['bytes']:,}", r["kernels"])
-                rows.append(row)
+                kept[(fmt, LABELS[variant])] = row
                 table.add_row(*row)
-        table.caption = f"float top-1 {100 * r['float']:.2f}%" if r["float"] is not None else None
+                if r["float"] is not None:
+                    heading = f"## {name} ({model.name}); float top-1 {100 * r['float']:.2f}%"
         Console().print(table)
-        body = [f"## {name} ({model.name}); {table.caption or ''}", "", "| " + " | ".join(cols) + " |",
-                "|" + "---|" * len(cols)]
+        order = {(f, label): (i, j) for i, f in enumerate(FORMATS) for j, label in enumerate(LABELS.values())}
+        rows = sorted(kept.values(), key=lambda row: order.get((row[0], row[1]), (len(order), 0)))
+        settings = next((line for line in sections.get(name, []) if line.startswith("Settings")), None)
+        if "adaround" in variants:
+            settings = (f"Settings: {args.samples} calibration samples; AdaRound {args.iters} steps per layer, "
+                        "without bias correction; "
+                        f"fidelity on {args.eval_samples} held-out samples.")
+        body = [heading or f"## {name} ({model.name})", ""] + ([settings, ""] if settings else [])
+        body += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         sections[name] = body + ["| " + " | ".join(row) + " |" for row in rows] + [""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     title = ["# Weight formats (A8 activations): rounding variants (nearest, bias correction, AdaRound)", ""]
     args.out.write_text("\n".join(title + [line for body in sections.values() for line in body]))
+
+
+def _rows(section: list[str]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """The table rows of an earlier section, keyed by (format, rounding); rows measured with bias
+    correction after AdaRound carry their old label, so they stay distinguishable."""
+    rows = {}
+    for line in section:
+        cells = tuple(c.strip() for c in line.strip().strip("|").split("|"))
+        if line.startswith("| ") and len(cells) == 7 and cells[0] not in ("weights",) and not cells[0].startswith("-"):
+            rows[(cells[0], cells[1])] = cells
+    return rows
 
 
 def _sections(path: Path) -> dict[str, list[str]]:
