@@ -46,6 +46,7 @@ Level active_level() {
 // Output tiles handed to threads: rows x columns. Sized so a tile's packed weights stay in L2.
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 32;
+static_assert(kTileCols % kBinaryPanel == 0, "binary tiles start on a panel boundary");
 
 template <typename Body>
 void for_each_tile(int64_t m, int64_t n, const ParallelFor& parallel, Body body) {
@@ -237,6 +238,15 @@ void gemm_binary(const BinaryRows& x, const BinaryWeights& w, const float* bias,
   for_each_tile(x.m, w.n, parallel, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     tiles(x, w, bias, out, m0, m1, n0, n1);
   });
+}
+
+std::vector<uint64_t> binary_panels(const uint64_t* bits, int64_t n, int64_t words) {
+  const int64_t panels = (n + kBinaryPanel - 1) / kBinaryPanel;
+  std::vector<uint64_t> out(static_cast<size_t>(panels * words * kBinaryPanel), 0);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t t = 0; t < words; ++t)
+      out[((r / kBinaryPanel) * words + t) * kBinaryPanel + r % kBinaryPanel] = bits[r * words + t];
+  return out;
 }
 
 const char* active_isa() {

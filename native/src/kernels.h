@@ -108,12 +108,18 @@ struct BinaryRows {
   int64_t m;
 };
 
+constexpr int64_t kBinaryPanel = 8;  // weight rows side by side in a panel, one 64-bit lane each
+
 struct BinaryWeights {
-  const uint64_t* bits;  // [N, words]
-  const float* scale;    // [N]
+  const uint64_t* bits;    // [N, words]
+  const uint64_t* panels;  // [ceil(N / 8), words, 8] (binary_panels): what the vector paths read
+  const float* scale;      // [N]
   int64_t n;
   int64_t words;
 };
+
+// bits [N, words] re-laid as panels: word t of rows 8p..8p+7 side by side (rows past N are 0).
+std::vector<uint64_t> binary_panels(const uint64_t* bits, int64_t n, int64_t words);
 
 // y[m, n] = (float(dot) * x_scale[m]) * w_scale[n] + bias[n], dot = count - 2 * popcount((x ^ w) & valid).
 void gemm_binary(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out,

@@ -23,6 +23,9 @@ struct Isa {
   using Bits = __m256i;
   using Counter = __m256i;  // four 64-bit totals
   static Bits load(const uint64_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); }
+  static Bits broadcast(uint64_t word) { return _mm256_set1_epi64x(static_cast<long long>(word)); }
+  static void store_lanes(Counter c, int64_t* to) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), c); }
+  static constexpr int kBinaryRows = 4;  // 8 totals (two per row), 2 panel vectors, row word, mask, 2 lookup tables
   static Counter zero_counter() { return _mm256_setzero_si256(); }
   static Counter count_differ(Counter total, Bits x, Bits w, Bits mask, bool masked) {
     __m256i d = _mm256_xor_si256(x, w);

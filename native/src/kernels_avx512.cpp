@@ -19,6 +19,9 @@ struct Isa {
   using Bits = __m512i;
   using Counter = __m512i;
   static Bits load(const uint64_t* at) { return _mm512_loadu_si512(at); }
+  static Bits broadcast(uint64_t word) { return _mm512_set1_epi64(static_cast<long long>(word)); }
+  static void store_lanes(Counter c, int64_t* to) { _mm512_storeu_si512(to, c); }
+  static constexpr int kBinaryRows = 8;  // 8 totals, the panel word, a row word and its mask
   static Counter zero_counter() { return _mm512_setzero_si512(); }
   static Counter count_differ(Counter total, Bits x, Bits w, Bits mask, bool masked) {
     __m512i d = _mm512_xor_si512(x, w);

@@ -1,6 +1,7 @@
 // ONNX Runtime custom operators (domain "ptqcli") over the kernels in kernels.h. One table, kOps,
 // lists every operator: its weight format (family) and how its input is laid out (layout).
 #define ORT_API_MANUAL_INIT
+#include <cstdlib>
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
@@ -111,6 +112,12 @@ class Kernel {
     }
     if (entry.family == Family::Binary) {
       words_ = (k_ + ptq::kBinaryWord - 1) / ptq::kBinaryWord;
+      int w_constant = 0;
+      Ort::ConstValue w = info.GetTensorConstantInput(1, &w_constant);
+      if (w_constant) {
+        check_count(w, n_ * words_, "W (sign bits, N x ceil(K/64) words)");
+        binary_panels_ = binary_slices(w.GetTensorData<uint64_t>());
+      }
     } else {
       require(group_size_ >= 0 && group_size_ % ptq::kNibbleBlock == 0, node_,
               "group_size must be 0 (per channel) or a multiple of 32");
@@ -153,6 +160,14 @@ class Kernel {
       check_count(scale, n_ * groups_, "W_scale");
       slices_ = prepare(w.GetTensorData<uint8_t>(), scale.GetTensorData<float>(), zero_);
     }
+  }
+
+  // Sign-bit panels per convolution group (one in all for MatMul and Gemm).
+  std::vector<std::vector<uint64_t>> binary_slices(const uint64_t* bits) const {
+    const int64_t slices = entry_.layout == Layout::Conv ? conv_.group : 1, per_slice = n_ / slices;
+    std::vector<std::vector<uint64_t>> out;
+    for (int64_t i = 0; i < slices; ++i) out.push_back(ptq::binary_panels(bits + i * per_slice * words_, per_slice, words_));
+    return out;
   }
 
   // One prepared slice per convolution group (one in all for MatMul and Gemm).
@@ -332,7 +347,11 @@ class Kernel {
     ptq::binarize_rows(rows, valid, m, k_, words_, bits.data(), valid ? valid_bits.data() : nullptr, count.data(),
                        x_scale.data(), parallel);
     const ptq::BinaryRows xr{bits.data(), valid ? valid_bits.data() : nullptr, count.data(), x_scale.data(), m};
-    const ptq::BinaryWeights wr{w.GetTensorData<uint64_t>() + n0 * words_, scale.GetTensorData<float>() + n0, n, words_};
+    const uint64_t* w_bits = w.GetTensorData<uint64_t>() + n0 * words_;
+    std::vector<uint64_t> prepared;  // only when W is not a constant
+    if (binary_panels_.empty()) prepared = ptq::binary_panels(w_bits, n, words_);
+    const uint64_t* panels = binary_panels_.empty() ? prepared.data() : binary_panels_[n0 / n].data();
+    const ptq::BinaryWeights wr{w_bits, panels, scale.GetTensorData<float>() + n0, n, words_};
     ptq::gemm_binary(xr, wr, bias ? bias + n0 : nullptr, out, parallel);
   }
 
@@ -425,6 +444,7 @@ class Kernel {
   Conv conv_;
   std::vector<int32_t> zero_;                     // [N, groups], when constant
   std::vector<ptq::PreparedNibbles> slices_;      // when W, W_scale and W_zero_point are constant
+  std::vector<std::vector<uint64_t>> binary_panels_;  // per conv group, when W is a constant
 };
 
 struct Op : Ort::CustomOpBase<Op, Kernel, true> {

@@ -107,62 +107,57 @@ inline void nibble_gemm_tiles(const ptq::QuantRows& x, const ptq::NibbleWeights&
     nibble_range<false>(c, m0, m1, n0, n1);
 }
 
-// ---- binary: MR rows x NR weight rows, counting differing sign bits over Isa::kWords-word chunks.
-template <int MR, int NR, bool Masked>
-inline void binary_tile(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, int64_t m, int64_t n, int32_t* differ) {
-  // Totals live in registers only when every index is a constant: hence the unrolled loops.
-  typename Isa::Counter totals[MR * NR];
+// ---- binary over panels: word t of 8 weight rows sits side by side, one 64-bit lane each, so a
+// row's word is broadcast, XORed with the panel and counted per lane: 8 outputs accumulate in one
+// register and no horizontal sums are needed.
+template <int MR, bool Masked>
+inline void binary_panel_tile(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, int64_t m, int64_t panel,
+                              int64_t* differ) {
+  constexpr int V = ptq::kBinaryPanel / Isa::kWords;  // vectors per panel word
+  typename Isa::Counter totals[MR * V];
 #pragma GCC unroll 16
-  for (int o = 0; o < MR * NR; ++o) totals[o] = Isa::zero_counter();
-  int64_t t = 0;
-  for (; t + Isa::kWords <= w.words; t += Isa::kWords) {
-    typename Isa::Bits wv[NR];
-#pragma GCC unroll 16
-    for (int j = 0; j < NR; ++j) wv[j] = Isa::load(w.bits + (n + j) * w.words + t);
+  for (int o = 0; o < MR * V; ++o) totals[o] = Isa::zero_counter();
+  const uint64_t* pw = w.panels + panel * w.words * ptq::kBinaryPanel;
+  for (int64_t t = 0; t < w.words; ++t) {
+    typename Isa::Bits wv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) wv[v] = Isa::load(pw + t * ptq::kBinaryPanel + v * Isa::kWords);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const typename Isa::Bits xv = Isa::load(x.bits + (m + i) * w.words + t);
-      const typename Isa::Bits mask = Masked ? Isa::load(x.valid + (m + i) * w.words + t) : xv;
-#pragma GCC unroll 16
-      for (int j = 0; j < NR; ++j) totals[i * NR + j] = Isa::count_differ(totals[i * NR + j], xv, wv[j], mask, Masked);
+      const typename Isa::Bits xv = Isa::broadcast(x.bits[(m + i) * w.words + t]);
+      const typename Isa::Bits mask = Masked ? Isa::broadcast(x.valid[(m + i) * w.words + t]) : xv;
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) totals[i * V + v] = Isa::count_differ(totals[i * V + v], xv, wv[v], mask, Masked);
     }
   }
 #pragma GCC unroll 16
-  for (int o = 0; o < MR * NR; ++o) differ[o] = Isa::total(totals[o]);
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j)
-      for (int64_t r = t; r < w.words; ++r) {
-        const uint64_t bits = x.bits[(m + i) * w.words + r] ^ w.bits[(n + j) * w.words + r];
-        differ[i * NR + j] += static_cast<int32_t>(_mm_popcnt_u64(Masked ? (bits & x.valid[(m + i) * w.words + r]) : bits));
-      }
+  for (int o = 0; o < MR * V; ++o) Isa::store_lanes(totals[o], differ + o * Isa::kWords);
 }
 
-template <int MR, int NR, bool Masked>
-inline void binary_store(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, const float* bias, ptq::OutputView out,
-                         int64_t m, int64_t n) {
-  int32_t differ[MR * NR];
-  binary_tile<MR, NR, Masked>(x, w, m, n, differ);
+template <int MR, bool Masked>
+inline void binary_panel_store(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, const float* bias,
+                               ptq::OutputView out, int64_t m, int64_t panel, int64_t n1) {
+  int64_t differ[MR * ptq::kBinaryPanel];
+  binary_panel_tile<MR, Masked>(x, w, m, panel, differ);
+  const int64_t n0 = panel * ptq::kBinaryPanel, cols = std::min<int64_t>(ptq::kBinaryPanel, n1 - n0);
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      const float y = (static_cast<float>(x.count[m + i] - 2 * differ[i * NR + j]) * x.scale[m + i]) * w.scale[n + j];
-      out.y[(m + i) * out.row_stride + (n + j) * out.col_stride] = bias ? y + bias[n + j] : y;
+    for (int64_t j = 0; j < cols; ++j) {
+      const int32_t d = static_cast<int32_t>(differ[i * ptq::kBinaryPanel + j]);
+      const float y = (static_cast<float>(x.count[m + i] - 2 * d) * x.scale[m + i]) * w.scale[n0 + j];
+      out.y[(m + i) * out.row_stride + (n0 + j) * out.col_stride] = bias ? y + bias[n0 + j] : y;
     }
 }
 
+// Columns [n0, n1) with n0 on a panel boundary (output tiles are whole panels wide).
 template <bool Masked>
 inline void binary_range(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, const float* bias, ptq::OutputView out,
                          int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t p0 = n0 / ptq::kBinaryPanel, p1 = (n1 + ptq::kBinaryPanel - 1) / ptq::kBinaryPanel;
   int64_t m = m0;
-  for (; m + 2 <= m1; m += 2) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) binary_store<2, 4, Masked>(x, w, bias, out, m, n);
-    for (; n < n1; ++n) binary_store<2, 1, Masked>(x, w, bias, out, m, n);
-  }
-  for (; m < m1; ++m) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) binary_store<1, 4, Masked>(x, w, bias, out, m, n);
-    for (; n < n1; ++n) binary_store<1, 1, Masked>(x, w, bias, out, m, n);
-  }
+  for (; m + Isa::kBinaryRows <= m1; m += Isa::kBinaryRows)
+    for (int64_t p = p0; p < p1; ++p) binary_panel_store<Isa::kBinaryRows, Masked>(x, w, bias, out, m, p, n1);
+  for (; m < m1; ++m)
+    for (int64_t p = p0; p < p1; ++p) binary_panel_store<1, Masked>(x, w, bias, out, m, p, n1);
 }
 
 inline void binary_gemm_tiles(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, const float* bias,
