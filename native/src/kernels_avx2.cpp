@@ -25,21 +25,25 @@ struct Isa {
   static Bits load(const uint64_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); }
   static Bits broadcast(uint64_t word) { return _mm256_set1_epi64x(static_cast<long long>(word)); }
   static void store_lanes(Counter c, int64_t* to) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), c); }
-  static constexpr int kBinaryRows = 4;  // 8 totals (two per row), 2 panel vectors, row word, mask, 2 lookup tables
+  static constexpr int kBinaryRows = 2;  // 4 totals and 4 partials (two each per row), 2 panel vectors, row word, mask, 2 constants
   static Counter zero_counter() { return _mm256_setzero_si256(); }
-  static Counter count_differ(Counter total, Bits x, Bits w, Bits mask, bool masked) {
+  // Partials are per-byte counts from a nibble lookup table: each word adds at most 8 to a byte,
+  // so 31 words fit before the bytes are summed into the 64-bit lanes.
+  using Partial = __m256i;
+  static constexpr int64_t kPartialWords = 31;
+  static Partial zero_partial() { return _mm256_setzero_si256(); }
+  static Partial count_partial(Partial bytes, Bits x, Bits w, Bits mask, bool masked) {
     __m256i d = _mm256_xor_si256(x, w);
     if (masked) d = _mm256_and_si256(d, mask);
     const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low_mask = _mm256_set1_epi8(0x0F);
-    const __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(table, _mm256_and_si256(d, low_mask)),
-                                          _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(d, 4), low_mask)));
-    return _mm256_add_epi64(total, _mm256_sad_epu8(bytes, _mm256_setzero_si256()));
+    const __m256i counts = _mm256_add_epi8(_mm256_shuffle_epi8(table, _mm256_and_si256(d, low_mask)),
+                                           _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(d, 4), low_mask)));
+    return _mm256_add_epi8(bytes, counts);
   }
-  static int32_t total(Counter c) {
-    const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-    return static_cast<int32_t>(_mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1));
+  static Counter widen(Counter total, Partial bytes) {
+    return _mm256_add_epi64(total, _mm256_sad_epu8(bytes, _mm256_setzero_si256()));
   }
 };
 

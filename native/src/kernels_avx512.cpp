@@ -23,12 +23,16 @@ struct Isa {
   static void store_lanes(Counter c, int64_t* to) { _mm512_storeu_si512(to, c); }
   static constexpr int kBinaryRows = 8;  // 8 totals, the panel word, a row word and its mask
   static Counter zero_counter() { return _mm512_setzero_si512(); }
-  static Counter count_differ(Counter total, Bits x, Bits w, Bits mask, bool masked) {
+  // Partials are the 64-bit totals themselves: vpopcntq counts each lane directly.
+  using Partial = __m512i;
+  static constexpr int64_t kPartialWords = int64_t{1} << 40;
+  static Partial zero_partial() { return _mm512_setzero_si512(); }
+  static Partial count_partial(Partial total, Bits x, Bits w, Bits mask, bool masked) {
     __m512i d = _mm512_xor_si512(x, w);
     if (masked) d = _mm512_and_si512(d, mask);
     return _mm512_add_epi64(total, _mm512_popcnt_epi64(d));
   }
-  static int32_t total(Counter c) { return static_cast<int32_t>(_mm512_reduce_add_epi64(c)); }
+  static Counter widen(Counter total, Partial p) { return _mm512_add_epi64(total, p); }
 };
 
 #include "tiles.h"

@@ -118,17 +118,28 @@ inline void binary_panel_tile(const ptq::BinaryRows& x, const ptq::BinaryWeights
 #pragma GCC unroll 16
   for (int o = 0; o < MR * V; ++o) totals[o] = Isa::zero_counter();
   const uint64_t* pw = w.panels + panel * w.words * ptq::kBinaryPanel;
-  for (int64_t t = 0; t < w.words; ++t) {
-    typename Isa::Bits wv[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) wv[v] = Isa::load(pw + t * ptq::kBinaryPanel + v * Isa::kWords);
+  // Counts build up in narrow partials (bytes on AVX2) for as many words as cannot overflow them,
+  // then widen into the totals once per block.
+  for (int64_t t0 = 0; t0 < w.words; t0 += Isa::kPartialWords) {
+    const int64_t t1 = std::min<int64_t>(w.words, t0 + Isa::kPartialWords);
+    typename Isa::Partial partial[MR * V];
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const typename Isa::Bits xv = Isa::broadcast(x.bits[(m + i) * w.words + t]);
-      const typename Isa::Bits mask = Masked ? Isa::broadcast(x.valid[(m + i) * w.words + t]) : xv;
+    for (int o = 0; o < MR * V; ++o) partial[o] = Isa::zero_partial();
+    for (int64_t t = t0; t < t1; ++t) {
+      typename Isa::Bits wv[V];
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) totals[i * V + v] = Isa::count_differ(totals[i * V + v], xv, wv[v], mask, Masked);
+      for (int v = 0; v < V; ++v) wv[v] = Isa::load(pw + t * ptq::kBinaryPanel + v * Isa::kWords);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const typename Isa::Bits xv = Isa::broadcast(x.bits[(m + i) * w.words + t]);
+        const typename Isa::Bits mask = Masked ? Isa::broadcast(x.valid[(m + i) * w.words + t]) : xv;
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v)
+          partial[i * V + v] = Isa::count_partial(partial[i * V + v], xv, wv[v], mask, Masked);
+      }
     }
+#pragma GCC unroll 16
+    for (int o = 0; o < MR * V; ++o) totals[o] = Isa::widen(totals[o], partial[o]);
   }
 #pragma GCC unroll 16
   for (int o = 0; o < MR * V; ++o) Isa::store_lanes(totals[o], differ + o * Isa::kWords);
