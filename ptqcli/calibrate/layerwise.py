@@ -238,8 +238,13 @@ def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, re
 
 
 def _row_error(weights: np.ndarray, x: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Mean squared output error of each row (G, M, 1) over all columns."""
-    return np.mean((weights @ x - target) ** 2, axis=2, keepdims=True)
+    """Mean squared output error of each row (G, M, 1) over all columns, in x's precision (float64
+    weights would make numpy copy all of x to float64)."""
+    return np.mean((weights.astype(x.dtype) @ x - target) ** 2, axis=2, keepdims=True)
+
+
+def _mean_error(weights: np.ndarray, x: np.ndarray, target: np.ndarray) -> float:
+    return float(np.mean(_row_error(weights, x, target), dtype=np.float64))
 
 
 # ---- the sequential loop --------------------------------------------------------------------
@@ -268,16 +273,17 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
             xq = _quantized_columns(probe, layer, node, w.shape, index, {**current, **gates}, batches, cfg)
             rows = weight_rows(node, w).astype(np.float64)
             target = _targets(rows, float_columns[index])
+            float_columns[index] = None  # unmapped: read pages of every layer would otherwise count as resident
             scale = _row_scale(wq, rows.shape, node, w.shape)
             levels = code_levels(wq.spec)
             nearest = nearest_level(rows / scale, levels)
-            before = float(np.mean(((nearest * scale) @ xq - target) ** 2))
+            before = _mean_error(nearest * scale, xq, target)
             rng = np.random.default_rng([cfg.seed, index])
             if cfg.method == "adaquant":
                 ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng)
             else:
                 ints, new_scale = adaround_rows(rows, scale, levels, xq, target, cfg, rng), scale
-            after = float(np.mean(((ints * new_scale) @ xq - target) ** 2))
+            after = _mean_error(ints * new_scale, xq, target)
             if after > before:  # never worse than nearest on the data it was fitted to
                 ints, new_scale, after = nearest, scale, before
             values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
