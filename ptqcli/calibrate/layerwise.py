@@ -270,7 +270,8 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
         for index, layer in enumerate(todo):
             started = time.perf_counter()
             node, wq, w = g.node_by_name[layer.node], plan.tensors[layer.weight], float_weights[layer.weight]
-            xq = _quantized_columns(probe, layer, node, w.shape, index, {**current, **gates}, batches, cfg)
+            xq = _quantized_columns(probe, layer, node, w.shape, index, {**current, **gates}, batches, cfg,
+                                    float_columns[index].shape)
             rows = weight_rows(node, w).astype(np.float64)
             target = _targets(rows, float_columns[index])
             float_columns[index] = None  # unmapped: read pages of every layer would otherwise count as resident
@@ -347,26 +348,31 @@ def _float_columns(g: Graph, layers, weights, batches: list[Batch], cfg: Roundin
 
 
 def _quantized_columns(probe, layer, node, w_shape, index: int, feeds: dict, batches: list[Batch],
-                       cfg: RoundingConfig) -> np.ndarray:
+                       cfg: RoundingConfig, shape: tuple[int, ...]) -> np.ndarray:
     """The layer's input columns with the already-rounded prefix, (G, K, S) over sample-major
-    storage, at the same positions as its float columns. Only the prefix the layer needs runs."""
+    storage of `shape` (its float columns' shape: the same positions). Only the prefix the layer
+    needs runs; each batch's columns go straight into place."""
     output = layer.activation + "__fq"
     sess = session(truncated(probe, [output]))
     wanted = {i.name for i in sess.get_inputs()}
-    blocks = []
+    columns = np.empty(shape, dtype=np.float32)
+    start = 0
     for b, batch in enumerate(batches):
         x = sess.run([output], {k: v for k, v in {**batch.feeds, **feeds}.items() if k in wanted})[0]
-        blocks.append(sampled_columns(node, x, w_shape, cfg.positions, _positions(cfg, index, b)))
-    return np.moveaxis(np.concatenate(blocks, axis=0, dtype=np.float32), 0, 2)
+        block = sampled_columns(node, x, w_shape, cfg.positions, _positions(cfg, index, b))
+        columns[start:start + len(block)] = block
+        start += len(block)
+    return np.moveaxis(columns, 0, 2)
 
 
 def _targets(rows: np.ndarray, float_columns: np.ndarray) -> np.ndarray:
     """The float layer's outputs rows @ x_float, (G, M, S) over sample-major float32 storage."""
     out = np.empty((float_columns.shape[0],) + rows.shape[:2], dtype=np.float32)
-    step = 4096  # bounded working memory however many columns there are
+    rows32 = rows.astype(np.float32)  # float64 rows would make numpy copy each chunk to float64
+    step = 1024  # bounded working memory however many columns there are
     for start in range(0, len(out), step):
         chunk = np.moveaxis(np.asarray(float_columns[start:start + step]), 0, 2)
-        out[start:start + step] = np.moveaxis(rows @ chunk, 2, 0)
+        out[start:start + step] = np.moveaxis(rows32 @ chunk, 2, 0)
     return np.moveaxis(out, 0, 2)
 
 
