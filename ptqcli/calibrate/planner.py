@@ -9,6 +9,7 @@ import numpy as np
 from .. import schemes
 from ..config import QuantConfig, parse_weight_format, to_jsonable
 from ..errors import PtqError
+from ..export import binarize
 from ..graph import Graph
 from ..ops import channel_axis, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
@@ -151,7 +152,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
         scheme, bits = parse_weight_format(weight_formats[layer.weight]) if layer.weight in weight_formats else (None, None)
         spec = weight_spec(cfg, axis, bits, scheme)
         weights[layer.weight] = quantize_weight(w, spec, cfg.weight_method.value)
-    binarized = binary_inputs(sel, weights, stats, cfg)
+    binarized = binary_inputs(g, sel, weights, stats, cfg)
     biases = {}
     for layer in sel.layers:
         if layer.bias is None or layer.activation not in acts or layer.weight not in weights:
@@ -168,24 +169,33 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
                 binary_inputs=binarized)
 
 
-def binary_inputs(sel: Selection, weights: dict[str, TensorQuant], stats: Stats,
+def binary_inputs(g: Graph, sel: Selection, weights: dict[str, TensorQuant], stats: Stats,
                   cfg: QuantConfig) -> dict[str, np.ndarray]:
-    """{node: its input's per-channel mean} for the layers whose inputs are binarized."""
+    """{node: its input's per-channel mean} for the layers whose inputs are binarized: with "all",
+    every binary-weight layer but the first and last that can take them; named layers must."""
     if not cfg.binary_acts:
         return {}
     by_node = {layer.node: layer for layer in sel.layers}
+
+    def why_not(layer) -> str | None:
+        spec = weights[layer.weight].spec
+        if spec.scheme != "binary":
+            return f"layer {layer.node} has {spec.label} weights; binary inputs need binary weights"
+        why = binarize.supported(g.node_by_name[layer.node], g.constant(layer.weight))
+        return f"layer {layer.node}: {why}" if why else None
+
     if cfg.binary_acts == ("all",):
         ends = {sel.layers[0].node, sel.layers[-1].node}
-        names = [l.node for l in sel.layers if l.node not in ends and weights[l.weight].spec.scheme == "binary"]
+        names = [l.node for l in sel.layers if l.node not in ends and why_not(l) is None]
     else:
         names = list(cfg.binary_acts)
         unknown = [n for n in names if n not in by_node]
         if unknown:
             raise PtqError(f"--binary-acts names {', '.join(unknown)}, which are not quantized layers")
         for n in names:
-            spec = weights[by_node[n].weight].spec
-            if spec.scheme != "binary":
-                raise PtqError(f"--binary-acts: layer {n} has {spec.label} weights; binary inputs need binary weights")
+            why = why_not(by_node[n])
+            if why:
+                raise PtqError(f"--binary-acts: {why}")
     means = {}
     for n in names:
         h = stats.get(by_node[n].activation) if by_node[n].activation else None

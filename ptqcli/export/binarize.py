@@ -17,6 +17,7 @@ import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from ..numeric.registry import node_attrs
+from .layouts import LAYOUTS as WEIGHT_LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,7 @@ def _row_window_mean(names: BinaryNames, magnitude: str, w: np.ndarray, node: No
 
 
 def _rows(w: np.ndarray, node: NodeProto) -> np.ndarray:
-    """The weight as [outputs, inputs]."""
-    if node.op_type == "Conv":
-        return w.reshape(w.shape[0], -1)
-    if node.op_type == "Gemm" and node_attrs(node).get("transB", 0):
-        return w
-    return w.T
+    return WEIGHT_LAYOUTS[node.op_type].to_rows(w, node)
 
 
 def _conv_mean_term(w: np.ndarray, mean: np.ndarray, node: NodeProto) -> np.ndarray:
@@ -109,17 +105,11 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def supported(node: NodeProto) -> str | None:
-    """None when the layer's input can be binarized, else why not."""
+def supported(node: NodeProto, w: np.ndarray) -> str | None:
+    """None when the layer's input can be binarized (the Binary* kernels take the layer), else why not."""
     if node.op_type not in LAYOUTS:
         return f"{node.op_type} layers cannot take binary inputs"
-    attrs = node_attrs(node)
-    if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
-                                   or attrs.get("beta", 1.0) != 1.0):
-        return "only Gemm with transA=0, alpha=beta=1 can take binary inputs"
-    if node.op_type == "Conv" and attrs.get("auto_pad", "NOTSET") != "NOTSET":
-        return "Conv with auto_pad cannot take binary inputs"
-    return None
+    return WEIGHT_LAYOUTS[node.op_type].supported(node, w)
 
 
 def binarize_layer(node: NodeProto, mean: np.ndarray, w_float: np.ndarray,

@@ -132,10 +132,8 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
 
 
 def _binarized(g: Graph, plan: Plan, node: NodeProto) -> tuple[list[NodeProto], list[NodeProto], list[TensorProto]]:
-    """The emulation of a binary-input layer around `node` (see binarize.py)."""
-    why = binarize.supported(node)
-    if why:
-        raise PtqError(f"layer {node.name}: {why}")
+    """The emulation of a binary-input layer around `node` (see binarize.py; the planner chose
+    only layers it supports)."""
     original = g.node_by_name[node.name]
     bias_name = original.input[2] if len(original.input) > 2 and original.input[2] else None
     if bias_name is not None and bias_name not in g.initializers:
