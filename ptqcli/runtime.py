@@ -59,6 +59,12 @@ def run_session(sess: ort.InferenceSession, names: list[str], feeds: dict[str, n
         raise PtqError(f"ONNX Runtime failed running the model: {detail.strip()}") from None
 
 
+def feeds_for(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feeds the session takes (ORT refuses names it does not know, e.g. after `truncated`)."""
+    wanted = {i.name for i in sess.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in wanted}
+
+
 def with_outputs(model: ModelProto, names: list[str]) -> ModelProto:
     """A copy of the model that also returns the given intermediate tensors."""
     out = clone(model)

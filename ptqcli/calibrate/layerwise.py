@@ -30,7 +30,7 @@ from ..numeric.conv import conv_patches, conv_patches_at
 from ..numeric.window import conv_window
 from ..plan import Plan, TensorQuant
 from ..quant import dequantize, quantize
-from ..runtime import session, truncated
+from ..runtime import feeds_for, session, truncated
 from ..schemes import code_levels
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound, eq. 23)
@@ -328,23 +328,21 @@ def _float_columns(g: Graph, layers, weights, batches: list[Batch], cfg: Roundin
     disk and memory-mapped sample-major (S, G, K)."""
     activations = sorted({l.activation for l in layers})
     sess = session(truncated(g.model, activations))
-    wanted = {i.name for i in sess.get_inputs()}
     files = [open(scratch / f"{i}.f32", "wb") for i in range(len(layers))]
-    shapes: list[tuple[int, ...]] = [()] * len(layers)
+    counts, inner = [0] * len(layers), [()] * len(layers)  # columns written; each column's (G, K)
     try:
         for b, batch in enumerate(batches):
-            values = dict(zip(activations, sess.run(activations, {k: v for k, v in batch.feeds.items()
-                                                                  if k in wanted})))
+            values = dict(zip(activations, sess.run(activations, feeds_for(sess, batch.feeds))))
             for i, layer in enumerate(layers):
                 node, shape = g.node_by_name[layer.node], weights[layer.weight].shape
                 block = sampled_columns(node, values[layer.activation], shape, cfg.positions, _positions(cfg, i, b))
-                block = np.ascontiguousarray(block, dtype=np.float32)
-                files[i].write(block.tobytes())
-                shapes[i] = (shapes[i][0] + block.shape[0],) + block.shape[1:] if shapes[i] else block.shape
+                files[i].write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+                counts[i], inner[i] = counts[i] + len(block), block.shape[1:]
     finally:
         for f in files:
             f.close()
-    return [np.memmap(scratch / f"{i}.f32", dtype=np.float32, mode="r", shape=shapes[i]) for i in range(len(layers))]
+    return [np.memmap(scratch / f"{i}.f32", dtype=np.float32, mode="r", shape=(counts[i],) + inner[i])
+            for i in range(len(layers))]
 
 
 def _quantized_columns(probe, layer, node, w_shape, index: int, feeds: dict, batches: list[Batch],
@@ -354,11 +352,10 @@ def _quantized_columns(probe, layer, node, w_shape, index: int, feeds: dict, bat
     needs runs; each batch's columns go straight into place."""
     output = layer.activation + "__fq"
     sess = session(truncated(probe, [output]))
-    wanted = {i.name for i in sess.get_inputs()}
     columns = np.empty(shape, dtype=np.float32)
     start = 0
     for b, batch in enumerate(batches):
-        x = sess.run([output], {k: v for k, v in {**batch.feeds, **feeds}.items() if k in wanted})[0]
+        x = sess.run([output], feeds_for(sess, {**batch.feeds, **feeds}))[0]
         block = sampled_columns(node, x, w_shape, cfg.positions, _positions(cfg, index, b))
         columns[start:start + len(block)] = block
         start += len(block)
