@@ -1,7 +1,6 @@
 // ONNX Runtime custom operators (domain "ptqcli") over the kernels in kernels.h. One table, kOps,
 // lists every operator: its weight format (family) and how its input is laid out (layout).
 #define ORT_API_MANUAL_INIT
-#include <cstdlib>
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
