@@ -83,7 +83,7 @@ void nibble_scalar(const QuantRows& x, const NibbleWeights& w, const int32_t* ro
           const uint8_t code = panel_code(panel, n % kPanel, k);
           raw += int32_t(xr[k]) * (w.lut ? w.lut[code] : code);
         }
-        const int64_t gn = g * w.ld + n;
+        const int64_t gn = group_index(w.groups, n, g);
         const int32_t fixed = raw - w.zero[gn] * row_term[g * x.m + m] - x.zero[m] * w.colsum[gn];
         acc += static_cast<float>(fixed) * w.scale[gn];
       }
@@ -130,13 +130,16 @@ PreparedNibbles prepare_nibbles(const uint8_t* rows, const float* scale, const i
       const uint8_t code = code_at(row, k);
       uint8_t& byte = panel[(k / 4) * 32 + (lane % 8) * 4 + k % 4];
       byte = static_cast<uint8_t>(lane < 8 ? (byte & 0xF0) | code : (byte & 0x0F) | (code << 4));
-      p.colsum[(k / group) * p.ld + j] += lut ? lut[code] : code;
+      p.colsum[group_index(p.groups, j, k / group)] += lut ? lut[code] : code;
     }
     for (int64_t g = 0; g < p.groups; ++g) {
-      p.scale[g * p.ld + j] = scale[(n0 + j) * p.groups + g];
-      p.zero[g * p.ld + j] = zero[(n0 + j) * p.groups + g];
+      p.scale[group_index(p.groups, j, g)] = scale[(n0 + j) * p.groups + g];
+      p.zero[group_index(p.groups, j, g)] = zero[(n0 + j) * p.groups + g];
     }
   }
+  const int32_t* zeros = zero + n0 * p.groups;
+  const bool shared = n > 0 && std::all_of(zeros, zeros + n * p.groups, [&](int32_t z) { return z == zeros[0]; });
+  p.shared_zero = shared ? zeros[0] : -1;
   return p;
 }
 

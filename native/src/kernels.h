@@ -45,13 +45,18 @@ struct NibbleWeights {
   int64_t kp;              // reduction length rounded up to a multiple of 32 (and of the group)
   int64_t group;           // elements per scale group (multiple of 32), kp when per-channel
   int64_t groups;          // kp / group
-  int64_t ld;              // N rounded up to 16: the row length of the per-group arrays
-  // Per-group arrays are group-major, [groups, ld] (padding columns 0), so 8 channels load as one vector.
+  int64_t ld;              // N rounded up to 16
+  // Per-group arrays are panel-major, [ceil(N / 16), groups, 16] (padding channels 0): 8 channels
+  // load as one vector, and a panel's groups follow one another in memory (group_index).
   const float* scale;
   const int32_t* zero;     // decoded units
   const int32_t* colsum;   // sum of decoded codes over each group (padding included)
   const uint8_t* lut;      // 16 entries, or nullptr for identity
+  int32_t shared_zero;     // the zero point of every channel and group when they are all equal, else -1
 };
+
+// Where the per-group values of channel n, group g sit in NibbleWeights' per-group arrays.
+inline int64_t group_index(int64_t groups, int64_t n, int64_t g) { return ((n / kPanel) * groups + g) * kPanel + n % kPanel; }
 
 // Owns what NibbleWeights points at, for output channels [n0, n0 + n) of a model's weight.
 struct PreparedNibbles {
@@ -60,8 +65,9 @@ struct PreparedNibbles {
   std::vector<int32_t> zero, colsum;
   int64_t n = 0, kp = 0, group = 0, groups = 0, ld = 0;
   const uint8_t* lut = nullptr;
+  int32_t shared_zero = -1;
   NibbleWeights view() const {
-    return {panels.data(), n, kp, group, groups, ld, scale.data(), zero.data(), colsum.data(), lut};
+    return {panels.data(), n, kp, group, groups, ld, scale.data(), zero.data(), colsum.data(), lut, shared_zero};
   }
 };
 

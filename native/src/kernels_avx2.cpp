@@ -1,6 +1,6 @@
-// AVX2 tiles: bytes multiplied with vpmaddubsw (u8 x s8 pairs into int16; decoded codes <= 128 and
-// |q| <= 128 keep every pair sum inside int16, so nothing saturates), bits counted with a nibble
-// lookup table.
+// AVX2 tiles: bytes multiplied with vpmaddubsw (u8 x s8 pairs into int16; decoded codes <= 128,
+// q >= -128 and q <= 127 keep every pair sum inside int16, so nothing saturates), bits counted with
+// a nibble lookup table.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -14,10 +14,18 @@ namespace {
 
 struct Isa {
   static constexpr int kTileRows = 2;  // 16 registers: 4 sums, 4 float totals, weights, row
-  static __m256i dot(__m256i acc, __m256i u8, __m256i s8) {
-    const __m256i pairs = _mm256_maddubs_epi16(u8, s8);
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  static constexpr int kSingleRowChains = 2;  // the chain runs through one vpaddd only
+  // Narrow sums are int16 pairs from vpmaddubsw. Int4 codes are <= 15, so a pair is at most
+  // 2 * 15 * 128 = 3840 in size and 8 quads of them (30720) still fit in int16; codes through a
+  // lookup table reach 128 (a pair up to 32768 in size), so they widen after every quad.
+  static constexpr bool kHighInPlace = false;  // 16 x code would overflow the int16 pairs
+  template <bool Lut>
+  static constexpr int64_t chunk_quads() { return Lut ? 1 : 8; }
+  static __m256i dot(__m256i narrow, __m256i u8, __m256i s8) {
+    return _mm256_add_epi16(narrow, _mm256_maddubs_epi16(u8, s8));
   }
+  static __m256i add_narrow(__m256i a, __m256i b) { return _mm256_add_epi16(a, b); }
+  static __m256i widen(__m256i narrow, bool) { return _mm256_madd_epi16(narrow, _mm256_set1_epi16(1)); }
 
   static constexpr int64_t kWords = 4;
   using Bits = __m256i;

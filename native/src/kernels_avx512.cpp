@@ -13,7 +13,16 @@ namespace {
 
 struct Isa {
   static constexpr int kTileRows = 4;  // 32 registers: 8 sums, 8 float totals, weights, row
+  static constexpr int kSingleRowChains = 4;  // vpdpbusd's latency over its throughput, about
+  // vpdpbusd adds into int32 directly: the narrow sums are int32 already. High nibbles stay in
+  // place (16 x code): a chunk of 1024 quads sums to at most 16 * 15 * 128 * 4096 < 2^31 in size,
+  // and its sums, multiples of 16, divide back exactly.
+  static constexpr bool kHighInPlace = true;
+  template <bool>
+  static constexpr int64_t chunk_quads() { return 1024; }
   static __m256i dot(__m256i acc, __m256i u8, __m256i s8) { return _mm256_dpbusd_epi32(acc, u8, s8); }
+  static __m256i add_narrow(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
+  static __m256i widen(__m256i narrow, bool high_in_place) { return high_in_place ? _mm256_srai_epi32(narrow, 4) : narrow; }
 
   static constexpr int64_t kWords = 8;
   using Bits = __m512i;

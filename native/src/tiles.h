@@ -16,11 +16,17 @@ struct NibbleCtx {
   __m256i lut;
 };
 
+// The high nibbles come out shifted down (0..15), or left in place (16 x code) where Isa takes
+// them so (Isa::kHighInPlace: one instruction fewer; their sums are divided by 16 when widened).
 template <bool Lut>
 inline void decode_quad(const uint8_t* at, __m256i lut, __m256i& low, __m256i& high) {
   const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
   const __m256i mask = _mm256_set1_epi8(0x0F);
   low = _mm256_and_si256(bytes, mask);
+  if (!Lut && Isa::kHighInPlace) {
+    high = _mm256_andnot_si256(mask, bytes);
+    return;
+  }
   high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
   if (Lut) {
     low = _mm256_shuffle_epi8(lut, low);
@@ -28,8 +34,15 @@ inline void decode_quad(const uint8_t* at, __m256i lut, __m256i& low, __m256i& h
   }
 }
 
-template <int MR, bool Lut>
+// Products of a chunk of quads add up in narrow sums (Isa::dot), widened into the int32 sums once
+// per chunk (Isa::widen); U independent narrow chains per sum (quad q feeds chain q % U) hide the
+// latency of the multiply-add when a tile has few rows. Integers add up exactly in any order.
+// Chunks (Isa::chunk_quads) are a multiple of U, and U divides 8: a group holds a multiple of 8
+// quads (32 elements).
+template <int MR, int U, bool Lut>
 inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel, int64_t cols) {
+  constexpr int64_t kChunk = Isa::template chunk_quads<Lut>();
+  static_assert(kChunk % U == 0 && 8 % U == 0, "chains tile a chunk and a group");
   const ptq::NibbleWeights& w = *c.w;
   const ptq::QuantRows& x = *c.x;
   const uint8_t* base = w.panels + panel * w.kp * 8;
@@ -40,28 +53,56 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel, int64_t co
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < w.groups; ++g) {
     __m256i sums[MR][2];
+    const int64_t group_end = (g + 1) * quads_per_group;
+    for (int64_t q0 = g * quads_per_group; q0 < group_end; q0 += kChunk) {
+      const int64_t q1 = std::min(group_end, q0 + kChunk);
+      __m256i narrow[U][MR][2];
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) sums[i][0] = sums[i][1] = _mm256_setzero_si256();
-    for (int64_t q = g * quads_per_group; q < (g + 1) * quads_per_group; ++q) {
-      __m256i low, high;
-      decode_quad<Lut>(base + q * 32, c.lut, low, high);
+      for (int u = 0; u < U; ++u)
 #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        int32_t quad;
-        std::memcpy(&quad, x.q + (m + i) * w.kp + q * 4, sizeof(quad));
-        const __m256i xv = _mm256_set1_epi32(quad);
-        sums[i][0] = Isa::dot(sums[i][0], low, xv);
-        sums[i][1] = Isa::dot(sums[i][1], high, xv);
+        for (int i = 0; i < MR; ++i) narrow[u][i][0] = narrow[u][i][1] = _mm256_setzero_si256();
+      for (int64_t q = q0; q < q1; q += U) {
+#pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) {
+          __m256i low, high;
+          decode_quad<Lut>(base + (q + u) * 32, c.lut, low, high);
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; ++i) {
+            int32_t quad;
+            std::memcpy(&quad, x.q + (m + i) * w.kp + (q + u) * 4, sizeof(quad));
+            const __m256i xv = _mm256_set1_epi32(quad);
+            narrow[u][i][0] = Isa::dot(narrow[u][i][0], low, xv);
+            narrow[u][i][1] = Isa::dot(narrow[u][i][1], high, xv);
+          }
+        }
       }
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          __m256i chunk = narrow[0][i][h];
+#pragma GCC unroll 8
+          for (int u = 1; u < U; ++u) chunk = Isa::add_narrow(chunk, narrow[u][i][h]);
+          const __m256i wide = Isa::widen(chunk, !Lut && h == 1);
+          sums[i][h] = q0 == g * quads_per_group ? wide : _mm256_add_epi32(sums[i][h], wide);
+        }
     }
-    const int64_t gn = g * w.ld + n0;
+    const int64_t gn = ptq::group_index(w.groups, n0, g);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m256i row_term = _mm256_set1_epi32(c.row_term[g * x.m + m + i]);
       const int32_t x_zero = x.zero[m + i];  // 0 for activations quantized on the fly: skip that term
+      // Symmetric weights (one zero point for all) take the product as a scalar: no vpmulld.
+      const int32_t shared_term = static_cast<int32_t>(static_cast<uint32_t>(w.shared_zero) *
+                                                       static_cast<uint32_t>(c.row_term[g * x.m + m + i]));
       for (int h = 0; h < 2; ++h) {
-        const __m256i zero = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.zero + gn + 8 * h));
-        __m256i fixed = _mm256_sub_epi32(sums[i][h], _mm256_mullo_epi32(zero, row_term));
+        __m256i fixed;
+        if (w.shared_zero >= 0) {
+          fixed = _mm256_sub_epi32(sums[i][h], _mm256_set1_epi32(shared_term));
+        } else {
+          const __m256i zero = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.zero + gn + 8 * h));
+          fixed = _mm256_sub_epi32(sums[i][h], _mm256_mullo_epi32(zero, row_term));
+        }
         if (x_zero != 0) {
           const __m256i colsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.colsum + gn + 8 * h));
           fixed = _mm256_sub_epi32(fixed, _mm256_mullo_epi32(_mm256_set1_epi32(x_zero), colsum));
@@ -88,8 +129,9 @@ inline void nibble_range(const NibbleCtx& c, int64_t m0, int64_t m1, int64_t n0,
   for (int64_t panel = n0 / ptq::kPanel; panel * ptq::kPanel < n1; ++panel) {
     const int64_t cols = std::min<int64_t>(ptq::kPanel, c.w->n - panel * ptq::kPanel);
     int64_t m = m0;
-    for (; m + Isa::kTileRows <= m1; m += Isa::kTileRows) nibble_tile<Isa::kTileRows, Lut>(c, m, panel, cols);
-    for (; m < m1; ++m) nibble_tile<1, Lut>(c, m, panel, cols);
+    for (; m + Isa::kTileRows <= m1; m += Isa::kTileRows) nibble_tile<Isa::kTileRows, 1, Lut>(c, m, panel, cols);
+    constexpr int kChains = std::min<int64_t>(Isa::kSingleRowChains, Isa::template chunk_quads<Lut>());
+    for (; m < m1; ++m) nibble_tile<1, kChains, Lut>(c, m, panel, cols);
   }
 }
 

@@ -99,6 +99,33 @@ def test_int4_quantized_input_is_exact(dtype, op):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("k", [31, 4100, 9000])
+@pytest.mark.parametrize("group_size", [0, 32])
+@pytest.mark.parametrize("x_value", [-128, 127])
+def test_int4_sums_at_their_largest_stay_exact(k, group_size, x_value):
+    # Every code 15 against every input at the int8 extremes: the largest sums the kernels' narrow
+    # accumulators ever hold (int16 pairs on AVX2, 16 x code chunks with VNNI), over long K too.
+    n, m = 19, 3
+    kp = R.padded_k(k, group_size)
+    groups = kp // (group_size or kp)
+    codes = np.full((n, k), 15, np.uint8)
+    zero = np.zeros((n, groups), np.uint8)
+    scale = np.full((n, groups), 0.001, np.float32)
+    x = np.full((m, k), x_value, np.int8)
+    constants = {"W": R.pack_nibbles(codes, kp, 0), "W_scale": scale, "W_zero_point": zero,
+                 "X_scale": np.array(0.5, np.float32), "X_zero_point": np.array(0, np.int8)}
+    model = R.single_op_model("Int4MatMul", x.shape, np.int8, constants, K=k, N=n, group_size=group_size)
+    want = R.int4_matmul_reference(x, codes, scale, group_size, zero, None, np.float32(0.5), 0)
+    np.testing.assert_array_equal(run(model, x), want)
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_int4_long_rows_are_exact(m):
+    rng = np.random.default_rng(m)
+    got, want = int4_matmul(rng, "Int4MatMul", (m, 8200), 21, 0, False, np.float32, with_bias=False)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_int4_matmul_keeps_leading_dimensions():
     rng = np.random.default_rng(4)
     k, n = 40, 6
