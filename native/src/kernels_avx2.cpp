@@ -14,7 +14,8 @@ namespace {
 
 struct Isa {
   static constexpr int kTileRows = 2;  // 16 registers: 4 sums, 4 float totals, weights, row
-  static constexpr int kSingleRowChains = 2;  // the chain runs through one vpaddd only
+  static constexpr int kSingleRowChains = 2;  // two loads in flight
+  static constexpr int kSingleRowPanels = 1;  // panels a single-row tile spans
   // Narrow sums are int16 pairs from vpmaddubsw. Int4 codes are <= 15, so a pair is at most
   // 2 * 15 * 128 = 3840 in size and 8 quads of them (30720) still fit in int16; codes through a
   // lookup table reach 128 (a pair up to 32768 in size), so they widen after every quad.

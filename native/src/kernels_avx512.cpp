@@ -13,7 +13,8 @@ namespace {
 
 struct Isa {
   static constexpr int kTileRows = 4;  // 32 registers: 8 sums, 8 float totals, weights, row
-  static constexpr int kSingleRowChains = 4;  // vpdpbusd's latency over its throughput, about
+  static constexpr int kSingleRowChains = 2;  // with 2 panels: 8 chains, about vpdpbusd's latency over its throughput
+  static constexpr int kSingleRowPanels = 2;  // panels a single-row tile spans
   // vpdpbusd adds into int32 directly: the narrow sums are int32 already. High nibbles stay in
   // place (16 x code): a chunk of 1024 quads sums to at most 16 * 15 * 128 * 4096 < 2^31 in size,
   // and its sums, multiples of 16, divide back exactly.

@@ -34,88 +34,98 @@ inline void decode_quad(const uint8_t* at, __m256i lut, __m256i& low, __m256i& h
   }
 }
 
-// Products of a chunk of quads add up in narrow sums (Isa::dot), widened into the int32 sums once
-// per chunk (Isa::widen); U independent narrow chains per sum (quad q feeds chain q % U) hide the
-// latency of the multiply-add when a tile has few rows. Integers add up exactly in any order.
-// Chunks (Isa::chunk_quads) are a multiple of U, and U divides 8: a group holds a multiple of 8
-// quads (32 elements).
-template <int MR, int U, bool Lut>
-inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel, int64_t cols) {
+// A tile is MR rows x NP panels: per row 2 * NP vectors of 8 int32 sums (vector v holds channels
+// 8v..8v+7 of the tile). Products of a chunk of quads add up in narrow sums (Isa::dot), widened
+// into the int32 sums once per chunk (Isa::widen); U independent narrow chains per sum (quad q
+// feeds chain q % U) hide the latency of the multiply-add when a tile has few rows. Integers add
+// up exactly in any order. Chunks (Isa::chunk_quads) are a multiple of U, and U divides 8: a group
+// holds a multiple of 8 quads (32 elements).
+template <int MR, int NP, int U, bool Lut>
+inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
   constexpr int64_t kChunk = Isa::template chunk_quads<Lut>();
   static_assert(kChunk % U == 0 && 8 % U == 0, "chains tile a chunk and a group");
+  constexpr int V = 2 * NP;
   const ptq::NibbleWeights& w = *c.w;
   const ptq::QuantRows& x = *c.x;
   const uint8_t* base = w.panels + panel * w.kp * 8;
-  const int64_t n0 = panel * ptq::kPanel;
+  const int64_t panel_bytes = w.kp * 8;
   const int64_t quads_per_group = w.group / 4;
-  __m256 acc[MR][2];
+  __m256 acc[MR][V];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
   for (int64_t g = 0; g < w.groups; ++g) {
-    __m256i sums[MR][2];
+    __m256i sums[MR][V];
     const int64_t group_end = (g + 1) * quads_per_group;
     for (int64_t q0 = g * quads_per_group; q0 < group_end; q0 += kChunk) {
       const int64_t q1 = std::min(group_end, q0 + kChunk);
-      __m256i narrow[U][MR][2];
+      __m256i narrow[U][MR][V];
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u)
 #pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) narrow[u][i][0] = narrow[u][i][1] = _mm256_setzero_si256();
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+          for (int v = 0; v < V; ++v) narrow[u][i][v] = _mm256_setzero_si256();
       for (int64_t q = q0; q < q1; q += U) {
 #pragma GCC unroll 8
         for (int u = 0; u < U; ++u) {
-          __m256i low, high;
-          decode_quad<Lut>(base + (q + u) * 32, c.lut, low, high);
+          __m256i codes[V];
+#pragma GCC unroll 4
+          for (int p = 0; p < NP; ++p)
+            decode_quad<Lut>(base + p * panel_bytes + (q + u) * 32, c.lut, codes[2 * p], codes[2 * p + 1]);
 #pragma GCC unroll 8
           for (int i = 0; i < MR; ++i) {
             int32_t quad;
             std::memcpy(&quad, x.q + (m + i) * w.kp + (q + u) * 4, sizeof(quad));
             const __m256i xv = _mm256_set1_epi32(quad);
-            narrow[u][i][0] = Isa::dot(narrow[u][i][0], low, xv);
-            narrow[u][i][1] = Isa::dot(narrow[u][i][1], high, xv);
+#pragma GCC unroll 8
+            for (int v = 0; v < V; ++v) narrow[u][i][v] = Isa::dot(narrow[u][i][v], codes[v], xv);
           }
         }
       }
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-          __m256i chunk = narrow[0][i][h];
 #pragma GCC unroll 8
-          for (int u = 1; u < U; ++u) chunk = Isa::add_narrow(chunk, narrow[u][i][h]);
-          const __m256i wide = Isa::widen(chunk, !Lut && h == 1);
-          sums[i][h] = q0 == g * quads_per_group ? wide : _mm256_add_epi32(sums[i][h], wide);
+        for (int v = 0; v < V; ++v) {
+          __m256i chunk = narrow[0][i][v];
+#pragma GCC unroll 8
+          for (int u = 1; u < U; ++u) chunk = Isa::add_narrow(chunk, narrow[u][i][v]);
+          const __m256i wide = Isa::widen(chunk, !Lut && v % 2 == 1);
+          sums[i][v] = q0 == g * quads_per_group ? wide : _mm256_add_epi32(sums[i][v], wide);
         }
     }
-    const int64_t gn = ptq::group_index(w.groups, n0, g);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m256i row_term = _mm256_set1_epi32(c.row_term[g * x.m + m + i]);
+      const int32_t term = c.row_term[g * x.m + m + i];
       const int32_t x_zero = x.zero[m + i];  // 0 for activations quantized on the fly: skip that term
       // Symmetric weights (one zero point for all) take the product as a scalar: no vpmulld.
-      const int32_t shared_term = static_cast<int32_t>(static_cast<uint32_t>(w.shared_zero) *
-                                                       static_cast<uint32_t>(c.row_term[g * x.m + m + i]));
-      for (int h = 0; h < 2; ++h) {
+      const __m256i shared_term =
+          _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(w.shared_zero) * static_cast<uint32_t>(term)));
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const int64_t at = ptq::group_index(w.groups, (panel + v / 2) * ptq::kPanel, g) + 8 * (v % 2);
         __m256i fixed;
         if (w.shared_zero >= 0) {
-          fixed = _mm256_sub_epi32(sums[i][h], _mm256_set1_epi32(shared_term));
+          fixed = _mm256_sub_epi32(sums[i][v], shared_term);
         } else {
-          const __m256i zero = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.zero + gn + 8 * h));
-          fixed = _mm256_sub_epi32(sums[i][h], _mm256_mullo_epi32(zero, row_term));
+          const __m256i zero = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.zero + at));
+          fixed = _mm256_sub_epi32(sums[i][v], _mm256_mullo_epi32(zero, _mm256_set1_epi32(term)));
         }
         if (x_zero != 0) {
-          const __m256i colsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.colsum + gn + 8 * h));
+          const __m256i colsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.colsum + at));
           fixed = _mm256_sub_epi32(fixed, _mm256_mullo_epi32(_mm256_set1_epi32(x_zero), colsum));
         }
-        const __m256 scale = _mm256_loadu_ps(w.scale + gn + 8 * h);
-        acc[i][h] = _mm256_add_ps(acc[i][h], _mm256_mul_ps(_mm256_cvtepi32_ps(fixed), scale));
+        const __m256 scale = _mm256_loadu_ps(w.scale + at);
+        acc[i][v] = _mm256_add_ps(acc[i][v], _mm256_mul_ps(_mm256_cvtepi32_ps(fixed), scale));
       }
     }
   }
+  const int64_t n0 = panel * ptq::kPanel, cols = std::min<int64_t>(NP * ptq::kPanel, w.n - n0);
   for (int i = 0; i < MR; ++i) {
-    alignas(32) float lanes[ptq::kPanel];
-    _mm256_store_ps(lanes, acc[i][0]);
-    _mm256_store_ps(lanes + 8, acc[i][1]);
+    alignas(32) float lanes[V * 8];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) _mm256_store_ps(lanes + 8 * v, acc[i][v]);
     float* y = c.out.y + (m + i) * c.out.row_stride;
     for (int64_t j = 0; j < cols; ++j) {
       const float scaled = lanes[j] * x.scale[m + i];
@@ -124,14 +134,21 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel, int64_t co
   }
 }
 
+// Rows [m0, m1) x the panels that hold columns [n0, n1); n0 on a panel boundary. Single rows take
+// Isa::kSingleRowPanels panels at once (their weights decoded once per row, more independent sums).
 template <bool Lut>
 inline void nibble_range(const NibbleCtx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  for (int64_t panel = n0 / ptq::kPanel; panel * ptq::kPanel < n1; ++panel) {
-    const int64_t cols = std::min<int64_t>(ptq::kPanel, c.w->n - panel * ptq::kPanel);
-    int64_t m = m0;
-    for (; m + Isa::kTileRows <= m1; m += Isa::kTileRows) nibble_tile<Isa::kTileRows, 1, Lut>(c, m, panel, cols);
-    constexpr int kChains = std::min<int64_t>(Isa::kSingleRowChains, Isa::template chunk_quads<Lut>());
-    for (; m < m1; ++m) nibble_tile<1, kChains, Lut>(c, m, panel, cols);
+  constexpr int64_t kChunk = Isa::template chunk_quads<Lut>();
+  constexpr int kChains = static_cast<int>(std::min<int64_t>(Isa::kSingleRowChains, kChunk));
+  constexpr int kWide = Isa::kSingleRowPanels;
+  const int64_t p0 = n0 / ptq::kPanel, p1 = (n1 + ptq::kPanel - 1) / ptq::kPanel;
+  const int64_t full = m0 + (m1 - m0) / Isa::kTileRows * Isa::kTileRows;  // rows in whole tiles end here
+  for (int64_t panel = p0; panel < p1; ++panel)
+    for (int64_t m = m0; m < full; m += Isa::kTileRows) nibble_tile<Isa::kTileRows, 1, 1, Lut>(c, m, panel);
+  for (int64_t m = full; m < m1; ++m) {
+    int64_t panel = p0;
+    for (; panel + kWide <= p1; panel += kWide) nibble_tile<1, kWide, kChains, Lut>(c, m, panel);
+    for (; panel < p1; ++panel) nibble_tile<1, 1, kChains, Lut>(c, m, panel);
   }
 }
 
