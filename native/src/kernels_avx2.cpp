@@ -35,6 +35,7 @@ struct Isa {
   static Bits broadcast(uint64_t word) { return _mm256_set1_epi64x(static_cast<long long>(word)); }
   static void store_lanes(Counter c, int64_t* to) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), c); }
   static constexpr int kBinaryRows = 2;  // 4 totals and 4 partials (two each per row), 2 panel vectors, row word, mask, 2 constants
+  static constexpr int kBinarySingleRowPanels = 2;  // a single row: 4 independent partials
   static Counter zero_counter() { return _mm256_setzero_si256(); }
   // Partials are per-byte counts from a nibble lookup table: each word adds at most 8 to a byte,
   // so 31 words fit before the bytes are summed into the 64-bit lanes.

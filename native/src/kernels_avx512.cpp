@@ -32,6 +32,7 @@ struct Isa {
   static Bits broadcast(uint64_t word) { return _mm512_set1_epi64(static_cast<long long>(word)); }
   static void store_lanes(Counter c, int64_t* to) { _mm512_storeu_si512(to, c); }
   static constexpr int kBinaryRows = 8;  // 8 totals, the panel word, a row word and its mask
+  static constexpr int kBinarySingleRowPanels = 4;  // a single row: 4 independent counts
   static Counter zero_counter() { return _mm512_setzero_si512(); }
   // Partials are the 64-bit totals themselves: vpopcntq counts each lane directly.
   using Partial = __m512i;

@@ -168,15 +168,17 @@ inline void nibble_gemm_tiles(const ptq::QuantRows& x, const ptq::NibbleWeights&
 
 // ---- binary over panels: word t of 8 weight rows sits side by side, one 64-bit lane each, so a
 // row's word is broadcast, XORed with the panel and counted per lane: 8 outputs accumulate in one
-// register and no horizontal sums are needed.
-template <int MR, bool Masked>
+// register and no horizontal sums are needed. A tile is MR rows x NP consecutive panels.
+template <int MR, int NP, bool Masked>
 inline void binary_panel_tile(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, int64_t m, int64_t panel,
                               int64_t* differ) {
-  constexpr int V = ptq::kBinaryPanel / Isa::kWords;  // vectors per panel word
+  constexpr int V = NP * ptq::kBinaryPanel / Isa::kWords;  // vectors per row of the tile
+  constexpr int kPanelVectors = ptq::kBinaryPanel / Isa::kWords;
   typename Isa::Counter totals[MR * V];
 #pragma GCC unroll 16
   for (int o = 0; o < MR * V; ++o) totals[o] = Isa::zero_counter();
-  const uint64_t* pw = w.panels + panel * w.words * ptq::kBinaryPanel;
+  const int64_t panel_words = w.words * ptq::kBinaryPanel;
+  const uint64_t* pw = w.panels + panel * panel_words;
   // Counts build up in narrow partials (bytes on AVX2) for as many words as cannot overflow them,
   // then widen into the totals once per block.
   for (int64_t t0 = 0; t0 < w.words; t0 += Isa::kPartialWords) {
@@ -186,13 +188,15 @@ inline void binary_panel_tile(const ptq::BinaryRows& x, const ptq::BinaryWeights
     for (int o = 0; o < MR * V; ++o) partial[o] = Isa::zero_partial();
     for (int64_t t = t0; t < t1; ++t) {
       typename Isa::Bits wv[V];
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) wv[v] = Isa::load(pw + t * ptq::kBinaryPanel + v * Isa::kWords);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v)
+        wv[v] = Isa::load(pw + (v / kPanelVectors) * panel_words + t * ptq::kBinaryPanel +
+                          (v % kPanelVectors) * Isa::kWords);
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         const typename Isa::Bits xv = Isa::broadcast(x.bits[(m + i) * w.words + t]);
         const typename Isa::Bits mask = Masked ? Isa::broadcast(x.valid[(m + i) * w.words + t]) : xv;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int v = 0; v < V; ++v)
           partial[i * V + v] = Isa::count_partial(partial[i * V + v], xv, wv[v], mask, Masked);
       }
@@ -204,30 +208,36 @@ inline void binary_panel_tile(const ptq::BinaryRows& x, const ptq::BinaryWeights
   for (int o = 0; o < MR * V; ++o) Isa::store_lanes(totals[o], differ + o * Isa::kWords);
 }
 
-template <int MR, bool Masked>
+template <int MR, int NP, bool Masked>
 inline void binary_panel_store(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, const float* bias,
                                ptq::OutputView out, int64_t m, int64_t panel, int64_t n1) {
-  int64_t differ[MR * ptq::kBinaryPanel];
-  binary_panel_tile<MR, Masked>(x, w, m, panel, differ);
-  const int64_t n0 = panel * ptq::kBinaryPanel, cols = std::min<int64_t>(ptq::kBinaryPanel, n1 - n0);
+  constexpr int64_t kCols = NP * ptq::kBinaryPanel;
+  int64_t differ[MR * kCols];
+  binary_panel_tile<MR, NP, Masked>(x, w, m, panel, differ);
+  const int64_t n0 = panel * ptq::kBinaryPanel, cols = std::min<int64_t>(kCols, n1 - n0);
   for (int i = 0; i < MR; ++i)
     for (int64_t j = 0; j < cols; ++j) {
-      const int32_t d = static_cast<int32_t>(differ[i * ptq::kBinaryPanel + j]);
+      const int32_t d = static_cast<int32_t>(differ[i * kCols + j]);
       const float y = (static_cast<float>(x.count[m + i] - 2 * d) * x.scale[m + i]) * w.scale[n0 + j];
       out.y[(m + i) * out.row_stride + (n0 + j) * out.col_stride] = bias ? y + bias[n0 + j] : y;
     }
 }
 
-// Columns [n0, n1) with n0 on a panel boundary (output tiles are whole panels wide).
+// Columns [n0, n1) with n0 on a panel boundary (output tiles are whole panels wide). Single rows
+// take Isa::kBinarySingleRowPanels panels at once: more independent counts in flight.
 template <bool Masked>
 inline void binary_range(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, const float* bias, ptq::OutputView out,
                          int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  constexpr int kWide = Isa::kBinarySingleRowPanels;
   const int64_t p0 = n0 / ptq::kBinaryPanel, p1 = (n1 + ptq::kBinaryPanel - 1) / ptq::kBinaryPanel;
   int64_t m = m0;
   for (; m + Isa::kBinaryRows <= m1; m += Isa::kBinaryRows)
-    for (int64_t p = p0; p < p1; ++p) binary_panel_store<Isa::kBinaryRows, Masked>(x, w, bias, out, m, p, n1);
-  for (; m < m1; ++m)
-    for (int64_t p = p0; p < p1; ++p) binary_panel_store<1, Masked>(x, w, bias, out, m, p, n1);
+    for (int64_t p = p0; p < p1; ++p) binary_panel_store<Isa::kBinaryRows, 1, Masked>(x, w, bias, out, m, p, n1);
+  for (; m < m1; ++m) {
+    int64_t p = p0;
+    for (; p + kWide <= p1; p += kWide) binary_panel_store<1, kWide, Masked>(x, w, bias, out, m, p, n1);
+    for (; p < p1; ++p) binary_panel_store<1, 1, Masked>(x, w, bias, out, m, p, n1);
+  }
 }
 
 inline void binary_gemm_tiles(const ptq::BinaryRows& x, const ptq::BinaryWeights& w, const float* bias,
