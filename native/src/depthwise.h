@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -38,6 +40,72 @@ inline void depthwise_accumulate(const int8_t* plane, const ptq::ConvShape& s, i
         }
       }
     }
+}
+
+// The same sums in float, for channels whose sums are exact in float: every partial sum an integer
+// of size below 2^24 (the caller checks 255 * sum|weight| < 2^24). Stride is taken out by splitting
+// the zero-padded plane (x - x_zero) into stride_h x stride_w phase planes of one row pitch; each
+// tap then adds one shifted, contiguous run of a phase plane to every output at once (the columns
+// past out_w in each row are computed and dropped).
+
+// weight: the integer weights as floats; out: [oh * ow]; scratch: planes_size + length floats, zeroed before the first channel: channels
+// write the same interior positions, so the padding stays zero from one channel to the next.
+// GCC vector types: each translation unit lowers them to its own registers (ymm, or pairs of xmm).
+// Runs add up in the widest registers the unit is compiled for.
+#ifdef __AVX512F__
+constexpr int kRunFloats = 16;
+#else
+constexpr int kRunFloats = 8;
+#endif
+typedef float Run __attribute__((vector_size(kRunFloats * 4)));
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef int32_t Ints8 __attribute__((vector_size(32)));
+typedef int8_t Bytes8 __attribute__((vector_size(8)));
+
+inline void depthwise_accumulate_float(const int8_t* __restrict__ plane, const ptq::ConvShape& s,
+                                       const ptq::DepthwisePhases& p, int32_t x_zero, const float* weight,
+                                       float* __restrict__ out, float* __restrict__ scratch) {
+  const int64_t oh = s.out_h(), ow = s.out_w();
+  float* planes = scratch;
+  float* sums = planes + p.planes_size;
+  for (int64_t iy = 0; iy < s.height; ++iy) {
+    const int8_t* line = plane + iy * s.width;
+    for (int64_t b = 0; b < s.stride_w; ++b) {
+      float* phase_row = planes + p.row[iy] + p.column[b];
+      if (s.stride_w == 1) {
+        int64_t ix = 0;
+        for (; ix + 8 <= s.width; ix += 8) {
+          Bytes8 bytes;
+          std::memcpy(&bytes, line + ix, sizeof(bytes));
+          const Floats8 values = __builtin_convertvector(__builtin_convertvector(bytes, Ints8) - x_zero, Floats8);
+          std::memcpy(phase_row + ix, &values, sizeof(values));
+        }
+        for (; ix < s.width; ++ix) phase_row[ix] = static_cast<float>(int32_t(line[ix]) - x_zero);
+        continue;
+      }
+      for (int64_t ix = p.first[b], col = 0; ix < s.width; ix += s.stride_w, ++col)
+        phase_row[col] = static_cast<float>(int32_t(line[ix]) - x_zero);
+    }
+  }
+  const int64_t taps = static_cast<int64_t>(p.offset.size());
+  constexpr int kVectors = 8;  // independent sums, enough to cover the latency of an add
+  constexpr int64_t kBlock = kVectors * kRunFloats;
+  static_assert(ptq::kDepthwiseBlock % kBlock == 0, "blocks tile the padded length");
+  for (int64_t f0 = 0; f0 < p.length; f0 += kBlock) {
+    Run block[kVectors] = {};
+    for (int64_t t = 0; t < taps; ++t) {
+      const Run wt = Run{} + weight[t];
+      const float* src = planes + p.offset[t] + f0;
+#pragma GCC unroll 8
+      for (int v = 0; v < kVectors; ++v) {
+        Run run;
+        std::memcpy(&run, src + kRunFloats * v, sizeof(run));
+        block[v] += wt * run;
+      }
+    }
+    std::memcpy(sums + f0, block, sizeof(block));
+  }
+  for (int64_t y = 0; y < oh; ++y) std::copy(sums + y * p.wq, sums + y * p.wq + ow, out + y * ow);
 }
 
 }  // namespace

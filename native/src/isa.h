@@ -24,6 +24,11 @@ using DepthwiseAccumulate = void (*)(const int8_t* plane, const ConvShape&, int3
                                      int32_t* acc);
 void depthwise_avx2(const int8_t*, const ConvShape&, int32_t, const int32_t*, int32_t*);
 void depthwise_avx512(const int8_t*, const ConvShape&, int32_t, const int32_t*, int32_t*);
+using DepthwiseAccumulateFloat = void (*)(const int8_t* plane, const ConvShape&, const DepthwisePhases&, int32_t x_zero,
+                                          const float* weight, float* out, float* scratch);
+void depthwise_float_avx2(const int8_t*, const ConvShape&, const DepthwisePhases&, int32_t, const float*, float*, float*);
+void depthwise_float_avx512(const int8_t*, const ConvShape&, const DepthwisePhases&, int32_t, const float*, float*,
+                            float*);
 
 // One row each; the AVX2 versions serve every level above scalar (see kernels.cpp for the scalar ones).
 void quantize_row_avx2(const float* x, int64_t k, int64_t kp, int8_t* q, float* scale);

@@ -286,6 +286,33 @@ void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t 
   });
 }
 
+DepthwisePhases depthwise_phases(const ConvShape& s) {
+  DepthwisePhases p;
+  const int64_t hp = s.height + s.pad_top + s.pad_bottom, wp = s.width + s.pad_left + s.pad_right;
+  const int64_t hq = (hp + s.stride_h - 1) / s.stride_h;
+  p.wq = (wp + s.stride_w - 1) / s.stride_w;
+  p.phase_size = hq * p.wq;
+  p.length = round_up(s.out_h() * p.wq, kDepthwiseBlock);
+  // A run starts within the last phase and reads at most a row and a block past its end.
+  p.planes_size = s.stride_h * s.stride_w * p.phase_size + p.wq + kDepthwiseBlock;
+  for (int64_t i = 0; i < s.kernel_h; ++i)
+    for (int64_t j = 0; j < s.kernel_w; ++j) {
+      const int64_t oy = i * s.dilation_h, ox = j * s.dilation_w;
+      const int64_t phase = (oy % s.stride_h) * s.stride_w + ox % s.stride_w;
+      p.offset.push_back(phase * p.phase_size + (oy / s.stride_h) * p.wq + ox / s.stride_w);
+    }
+  for (int64_t iy = 0; iy < s.height; ++iy) {
+    const int64_t py = iy + s.pad_top;
+    p.row.push_back((py % s.stride_h) * s.stride_w * p.phase_size + (py / s.stride_h) * p.wq);
+  }
+  for (int64_t b = 0; b < s.stride_w; ++b) {  // input columns ix with (ix + pad_left) % stride_w == b
+    const int64_t ix0 = ((b - s.pad_left) % s.stride_w + s.stride_w) % s.stride_w;
+    p.first.push_back(ix0);
+    p.column.push_back(b * p.phase_size + (ix0 + s.pad_left) / s.stride_w);
+  }
+  return p;
+}
+
 void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
                       int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
                       const float* bias, float* out, const ParallelFor& parallel) {
@@ -294,16 +321,40 @@ void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, in
   const isa::DepthwiseAccumulate accumulate = level == Level::Avx512 ? isa::depthwise_avx512
                                               : level == Level::Avx2 ? isa::depthwise_avx2
                                                                      : depthwise_accumulate;
-  parallel(static_cast<size_t>(channels), [&](size_t task) {
-    const int64_t c = static_cast<int64_t>(task);
-    const uint8_t* codes = rows + c * (kp / 2);
-    std::vector<int32_t> weight(static_cast<size_t>(taps)), acc(static_cast<size_t>(oh * ow), 0);
-    for (int64_t t = 0; t < taps; ++t) weight[t] = (lut ? lut[code_at(codes, t)] : code_at(codes, t)) - zero[c];
-    accumulate(image + c * s.height * s.width, s, x_zero, weight.data(), acc.data());
-    float* dst = out + c * oh * ow;
-    for (int64_t p = 0; p < oh * ow; ++p) {
-      const float scaled = (static_cast<float>(acc[p]) * scale[c]) * x_scale;
-      dst[p] = bias ? scaled + bias[c] : scaled;
+  const isa::DepthwiseAccumulateFloat accumulate_float = level == Level::Avx512 ? isa::depthwise_float_avx512
+                                                         : level == Level::Avx2 ? isa::depthwise_float_avx2
+                                                                                : depthwise_accumulate_float;
+  const DepthwisePhases phases = depthwise_phases(s);
+  constexpr int64_t kChannelsPerTask = 8;
+  parallel(static_cast<size_t>((channels + kChannelsPerTask - 1) / kChannelsPerTask), [&](size_t task) {
+    std::vector<int32_t> weight(static_cast<size_t>(taps)), acc(static_cast<size_t>(oh * ow));
+    std::vector<float> sums(static_cast<size_t>(oh * ow)), scratch(static_cast<size_t>(phases.planes_size + phases.length));
+    std::vector<float> float_weight(static_cast<size_t>(taps));
+    const int64_t c0 = static_cast<int64_t>(task) * kChannelsPerTask;
+    for (int64_t c = c0; c < std::min(channels, c0 + kChannelsPerTask); ++c) {
+      const uint8_t* codes = rows + c * (kp / 2);
+      int64_t magnitude = 0;
+      for (int64_t t = 0; t < taps; ++t) {
+        weight[t] = (lut ? lut[code_at(codes, t)] : code_at(codes, t)) - zero[c];
+        magnitude += std::abs(weight[t]);
+      }
+      const int8_t* plane = image + c * s.height * s.width;
+      // |x - x_zero| <= 255: below this bound every float partial sum is an exact integer.
+      if (255 * magnitude < (int64_t{1} << 24)) {
+        std::copy(weight.begin(), weight.end(), float_weight.begin());
+        accumulate_float(plane, s, phases, x_zero, float_weight.data(), sums.data(), scratch.data());
+      } else {
+        std::fill(acc.begin(), acc.end(), 0);
+        accumulate(plane, s, x_zero, weight.data(), acc.data());
+        for (int64_t p = 0; p < oh * ow; ++p) sums[p] = static_cast<float>(acc[p]);
+      }
+      float* dst = out + c * oh * ow;
+      const float b = bias ? bias[c] : 0.0f;
+      if (bias) {
+        for (int64_t p = 0; p < oh * ow; ++p) dst[p] = (sums[p] * scale[c]) * x_scale + b;
+      } else {
+        for (int64_t p = 0; p < oh * ow; ++p) dst[p] = (sums[p] * scale[c]) * x_scale;
+      }
     }
   });
 }

@@ -154,6 +154,23 @@ void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, in
                       int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
                       const float* bias, float* out, const ParallelFor& parallel);
 
+// Depthwise sums in float (exact when every partial sum is an integer below 2^24 in size) read the
+// zero-padded input split into stride_h x stride_w phase planes of one row pitch wq: each tap adds
+// one contiguous run of a phase plane to the outputs, laid out [out_h, wq] (columns past out_w dropped).
+constexpr int64_t kDepthwiseBlock = 128;  // the most outputs kept in registers while the taps go by
+
+struct DepthwisePhases {
+  int64_t wq = 0, phase_size = 0;
+  int64_t planes_size = 0;      // floats of the phase planes, with room for a run's overreach
+  int64_t length = 0;           // out_h * wq rounded up to kDepthwiseBlock
+  std::vector<int64_t> offset;  // per tap (kh, kw order): where its run starts in the planes
+  std::vector<int64_t> row;     // per input row: where it starts in its phase plane (column phase 0)
+  std::vector<int64_t> first;   // per column phase b: the first input column of that phase
+  std::vector<int64_t> column;  // per column phase b: where that first column lands, from row[iy]
+};
+
+DepthwisePhases depthwise_phases(const ConvShape& s);
+
 // Patches of channels [c0, c0 + cg) as rows [out_h * out_w, ld] ordered (c, kh, kw); padding gets
 // pad_value and, if valid is given, a 0 in valid.
 template <typename T>

@@ -61,6 +61,11 @@ void depthwise_avx512(const int8_t* plane, const ConvShape& s, int32_t x_zero, c
   depthwise_accumulate(plane, s, x_zero, weight, acc);
 }
 
+void depthwise_float_avx512(const int8_t* plane, const ConvShape& s, const DepthwisePhases& p, int32_t x_zero,
+                          const float* weight, float* out, float* scratch) {
+  depthwise_accumulate_float(plane, s, p, x_zero, weight, out, scratch);
+}
+
 void binary_avx512(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out, int64_t m0,
                    int64_t m1, int64_t n0, int64_t n1) {
   binary_gemm_tiles(x, w, bias, out, m0, m1, n0, n1);

@@ -187,6 +187,8 @@ CONV_CASES = [
     (5, 6, 7, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # pointwise
     (6, 11, 6, (5, 3), (2, 3), (2, 0, 1, 2), (1, 2), 6),  # depthwise, strided, dilated, uneven pads
     (4, 5, 4, (3, 3), (1, 1), (3, 3, 3, 3), (1, 1), 4),  # depthwise, pads wider than the kernel reach
+    (5, 20, 5, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 5),  # depthwise, rows wider than a vector
+    (4, 17, 4, (3, 3), (2, 2), (1, 0, 0, 1), (1, 1), 4),  # depthwise, stride 2 on odd sizes
 ]
 
 
@@ -249,6 +251,28 @@ def test_shift_conv_is_exact():
     want = R.conv_reference(x, lambda rows, _v, cols: R.shift_matmul_reference(rows, codes[cols], scale[cols], None,
                                                                                 np.float32(0.02), 120),
                             n, kernel, (1, 1), (1, 1, 1, 1), (1, 1), 1, pad_value=120)
+    np.testing.assert_array_equal(run(model, x), want)
+
+
+@pytest.mark.parametrize("size,pads", [(35, 0), (35, 17), (12, 10)])
+def test_shift_depthwise_with_sums_too_large_for_float_is_exact(size, pads):
+    # 35 x 35 taps of weight 64 (every seventh 1) against inputs 255 from the zero point: sums pass
+    # 2^24 with odd parts, so only the depthwise kernel's integer path gets them right; the smaller
+    # case stays on its float path.
+    c, kernel = 2, (size, size)
+    k = size * size
+    values = np.where(np.arange(k) % 7 == 0, 1, 64)[None, :].repeat(c, axis=0)
+    values[1] *= -1
+    codes = R.shift_codes(values)
+    scale = np.full((c, 1), 1e-6, np.float32)
+    x = np.full((1, c, size, size), 255, np.uint8)
+    constants = {"W": R.pack_nibbles(codes, R.padded_k(k), R.SHIFT_ZERO_CODE), "W_scale": scale,
+                 "X_scale": np.array(0.5, np.float32), "X_zero_point": np.array(0, np.uint8)}
+    attrs = conv_attributes(kernel, (1, 1), (pads,) * 4, (1, 1), c)
+    model = R.single_op_model("ShiftConv", x.shape, np.uint8, constants, K=k, N=c, **attrs)
+    want = R.conv_reference(x, lambda rows, _v, cols: R.shift_matmul_reference(rows, codes[cols], scale[cols], None,
+                                                                                np.float32(0.5), 0),
+                            c, kernel, (1, 1), (pads,) * 4, (1, 1), c, pad_value=0)
     np.testing.assert_array_equal(run(model, x), want)
 
 
