@@ -262,27 +262,40 @@ void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t 
             uint8_t* valid, const ParallelFor& parallel) {
   const int64_t oh = s.out_h(), ow = s.out_w();
   const int64_t k = cg * s.kernel_h * s.kernel_w;
+  // Per kernel column j, the output columns whose input column lies inside the image: [x0, x1).
+  std::vector<int64_t> x0(static_cast<size_t>(s.kernel_w)), x1(x0.size());
+  for (int64_t j = 0; j < s.kernel_w; ++j) {
+    const int64_t shift = j * s.dilation_w - s.pad_left;
+    x0[j] = std::min(ow, std::max<int64_t>(0, (-shift + s.stride_w - 1) / s.stride_w));
+    x1[j] = std::max(x0[j], std::min<int64_t>(ow, shift >= s.width ? 0 : (s.width - 1 - shift) / s.stride_w + 1));
+  }
+  // One output row per task; each patch column is filled for the whole row at once, so the inner
+  // loop reads the input line in order and has no bounds tests.
   parallel(static_cast<size_t>(oh), [&](size_t task) {
-    const int64_t y = static_cast<int64_t>(task);
-    for (int64_t x = 0; x < ow; ++x) {
-      const int64_t row = y * ow + x;
-      T* out = rows + row * ld;
-      uint8_t* out_valid = valid ? valid + row * k : nullptr;
-      int64_t col = 0;
-      for (int64_t c = c0; c < c0 + cg; ++c)
-        for (int64_t i = 0; i < s.kernel_h; ++i) {
-          const int64_t iy = y * s.stride_h - s.pad_top + i * s.dilation_h;
-          const bool row_inside = iy >= 0 && iy < s.height;
-          const T* line = image + (c * s.height + (row_inside ? iy : 0)) * s.width;
-          for (int64_t j = 0; j < s.kernel_w; ++j, ++col) {
-            const int64_t ix = x * s.stride_w - s.pad_left + j * s.dilation_w;
-            const bool inside = row_inside && ix >= 0 && ix < s.width;
-            out[col] = inside ? line[ix] : pad_value;
-            if (out_valid) out_valid[col] = inside ? 1 : 0;
+    // Local copies: stores through T (a char type for int8) could alias anything read by reference.
+    const int64_t y = static_cast<int64_t>(task), pitch = ld, step = s.stride_w, width = ow;
+    const T pad = pad_value;
+    T* __restrict__ out = rows + y * width * pitch;
+    uint8_t* out_valid = valid ? valid + y * width * k : nullptr;
+    int64_t col = 0;
+    for (int64_t c = c0; c < c0 + cg; ++c)
+      for (int64_t i = 0; i < s.kernel_h; ++i) {
+        const int64_t iy = y * s.stride_h - s.pad_top + i * s.dilation_h;
+        const bool row_inside = iy >= 0 && iy < s.height;
+        const T* line = image + (c * s.height + (row_inside ? iy : 0)) * s.width;
+        for (int64_t j = 0; j < s.kernel_w; ++j, ++col) {
+          const int64_t lo = row_inside ? x0[j] : width, hi = row_inside ? x1[j] : width;
+          const T* __restrict__ src = line + j * s.dilation_w - s.pad_left;
+          T* __restrict__ dst = out + col;
+          for (int64_t x = 0; x < lo; ++x) dst[x * pitch] = pad;
+          for (int64_t x = lo; x < hi; ++x) dst[x * pitch] = src[x * step];
+          for (int64_t x = std::max(lo, hi); x < width; ++x) dst[x * pitch] = pad;
+          if (out_valid) {
+            for (int64_t x = 0; x < width; ++x) out_valid[x * k + col] = x >= lo && x < hi ? 1 : 0;
           }
         }
-      std::fill(out + k, out + ld, pad_value);
-    }
+      }
+    for (int64_t x = 0; x < width; ++x) std::fill(out + x * pitch + k, out + (x + 1) * pitch, pad);
   });
 }
 

@@ -122,15 +122,29 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
     }
   }
   const int64_t n0 = panel * ptq::kPanel, cols = std::min<int64_t>(NP * ptq::kPanel, w.n - n0);
-  for (int i = 0; i < MR; ++i) {
-    alignas(32) float lanes[V * 8];
+  // y = acc * x_scale + bias, in vectors (bias read as vectors only where the tile is whole).
+  const bool whole = cols == V * 8;
+  alignas(32) float lanes[MR][V * 8];
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) _mm256_store_ps(lanes + 8 * v, acc[i][v]);
-    float* y = c.out.y + (m + i) * c.out.row_stride;
-    for (int64_t j = 0; j < cols; ++j) {
-      const float scaled = lanes[j] * x.scale[m + i];
-      y[(n0 + j) * c.out.col_stride] = c.bias ? scaled + c.bias[n0 + j] : scaled;
+  for (int i = 0; i < MR; ++i) {
+    const __m256 row_scale = _mm256_set1_ps(x.scale[m + i]);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      __m256 y = _mm256_mul_ps(acc[i][v], row_scale);
+      if (c.bias && whole) y = _mm256_add_ps(y, _mm256_loadu_ps(c.bias + n0 + 8 * v));
+      _mm256_store_ps(lanes[i] + 8 * v, y);
     }
+    if (c.bias && !whole)
+      for (int64_t j = 0; j < cols; ++j) lanes[i][j] += c.bias[n0 + j];
+  }
+  if (c.out.col_stride == 1) {
+    for (int i = 0; i < MR; ++i) std::memcpy(c.out.y + (m + i) * c.out.row_stride + n0, lanes[i], cols * sizeof(float));
+    return;
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    float* y = c.out.y + (n0 + j) * c.out.col_stride + m * c.out.row_stride;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) y[i * c.out.row_stride] = lanes[i][j];
   }
 }
 
