@@ -17,16 +17,22 @@ struct Isa {
   static constexpr int kSingleRowChains = 2;  // two loads in flight
   static constexpr int kSingleRowPanels = 1;  // panels a single-row tile spans
   // Narrow sums are int16 pairs from vpmaddubsw. Int4 codes are <= 15, so a pair is at most
-  // 2 * 15 * 128 = 3840 in size and 8 quads of them (30720) still fit in int16; codes through a
-  // lookup table reach 128 (a pair up to 32768 in size), so they widen after every quad.
+  // 2 * 15 * 128 = 3840 in size and 8 quads of them (30720) still fit in int16. Codes through a
+  // lookup table reach 128 (a pair up to 32768 in size): their pairs are widened to int32 at once,
+  // and the int32 narrow sums hold 1024 quads (at most 4 * 128 * 128 * 1024 = 2^26 in size).
   static constexpr bool kHighInPlace = false;  // 16 x code would overflow the int16 pairs
   template <bool Lut>
-  static constexpr int64_t chunk_quads() { return Lut ? 1 : 8; }
+  static constexpr int64_t chunk_quads() { return Lut ? 1024 : 8; }
+  template <bool Lut>
   static __m256i dot(__m256i narrow, __m256i u8, __m256i s8) {
-    return _mm256_add_epi16(narrow, _mm256_maddubs_epi16(u8, s8));
+    const __m256i pairs = _mm256_maddubs_epi16(u8, s8);
+    if (Lut) return _mm256_add_epi32(narrow, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return _mm256_add_epi16(narrow, pairs);
   }
-  static __m256i add_narrow(__m256i a, __m256i b) { return _mm256_add_epi16(a, b); }
-  static __m256i widen(__m256i narrow, bool) { return _mm256_madd_epi16(narrow, _mm256_set1_epi16(1)); }
+  template <bool Lut>
+  static __m256i add_narrow(__m256i a, __m256i b) { return Lut ? _mm256_add_epi32(a, b) : _mm256_add_epi16(a, b); }
+  template <bool Lut>
+  static __m256i widen(__m256i narrow, bool) { return Lut ? narrow : _mm256_madd_epi16(narrow, _mm256_set1_epi16(1)); }
 
   static constexpr int64_t kWords = 4;
   using Bits = __m256i;

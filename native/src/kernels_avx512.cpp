@@ -21,8 +21,11 @@ struct Isa {
   static constexpr bool kHighInPlace = true;
   template <bool>
   static constexpr int64_t chunk_quads() { return 1024; }
+  template <bool>
   static __m256i dot(__m256i acc, __m256i u8, __m256i s8) { return _mm256_dpbusd_epi32(acc, u8, s8); }
+  template <bool>
   static __m256i add_narrow(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
+  template <bool>
   static __m256i widen(__m256i narrow, bool high_in_place) { return high_in_place ? _mm256_srai_epi32(narrow, 4) : narrow; }
 
   static constexpr int64_t kWords = 8;

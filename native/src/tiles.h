@@ -80,7 +80,7 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
             std::memcpy(&quad, x.q + (m + i) * w.kp + (q + u) * 4, sizeof(quad));
             const __m256i xv = _mm256_set1_epi32(quad);
 #pragma GCC unroll 8
-            for (int v = 0; v < V; ++v) narrow[u][i][v] = Isa::dot(narrow[u][i][v], codes[v], xv);
+            for (int v = 0; v < V; ++v) narrow[u][i][v] = Isa::template dot<Lut>(narrow[u][i][v], codes[v], xv);
           }
         }
       }
@@ -90,8 +90,8 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
         for (int v = 0; v < V; ++v) {
           __m256i chunk = narrow[0][i][v];
 #pragma GCC unroll 8
-          for (int u = 1; u < U; ++u) chunk = Isa::add_narrow(chunk, narrow[u][i][v]);
-          const __m256i wide = Isa::widen(chunk, !Lut && v % 2 == 1);
+          for (int u = 1; u < U; ++u) chunk = Isa::template add_narrow<Lut>(chunk, narrow[u][i][v]);
+          const __m256i wide = Isa::template widen<Lut>(chunk, !Lut && v % 2 == 1);
           sums[i][v] = q0 == g * quads_per_group ? wide : _mm256_add_epi32(sums[i][v], wide);
         }
     }
@@ -141,7 +141,26 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
     for (int i = 0; i < MR; ++i) std::memcpy(c.out.y + (m + i) * c.out.row_stride + n0, lanes[i], cols * sizeof(float));
     return;
   }
-  for (int64_t j = 0; j < cols; ++j) {
+  int64_t j0 = 0;
+  if constexpr (MR % 4 == 0) {
+    // Outputs of consecutive rows adjacent in memory (a conv's pixels): 4 x 4 blocks transposed,
+    // so each channel gets four pixels in one store.
+    if (c.out.row_stride == 1) {
+      for (; j0 + 4 <= cols; j0 += 4)
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i += 4) {
+          __m128 r0 = _mm_load_ps(lanes[i] + j0), r1 = _mm_load_ps(lanes[i + 1] + j0);
+          __m128 r2 = _mm_load_ps(lanes[i + 2] + j0), r3 = _mm_load_ps(lanes[i + 3] + j0);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          float* y = c.out.y + (n0 + j0) * c.out.col_stride + m + i;
+          _mm_storeu_ps(y, r0);
+          _mm_storeu_ps(y + c.out.col_stride, r1);
+          _mm_storeu_ps(y + 2 * c.out.col_stride, r2);
+          _mm_storeu_ps(y + 3 * c.out.col_stride, r3);
+        }
+    }
+  }
+  for (int64_t j = j0; j < cols; ++j) {
     float* y = c.out.y + (n0 + j) * c.out.col_stride + m * c.out.row_stride;
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) y[i * c.out.row_stride] = lanes[i][j];
