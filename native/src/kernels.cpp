@@ -143,15 +143,6 @@ PreparedNibbles prepare_nibbles(const uint8_t* rows, const float* scale, const i
   return p;
 }
 
-void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum) {
-  const int64_t groups = kp / group;
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t sum = 0;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += q[r * kp + k];
-      rowsum[r * groups + g] = sum;
-    }
-}
 
 void gemm_nibble(const QuantRows& x, const NibbleWeights& w, const float* bias, OutputView out,
                  const ParallelFor& parallel) {
@@ -213,6 +204,17 @@ void for_each_row(int64_t m, const ParallelFor& parallel, Body body) {
 }
 
 }  // namespace
+
+void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum, const ParallelFor& parallel) {
+  const int64_t groups = kp / group;
+  for_each_row(m, parallel, [&](int64_t r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += q[r * kp + k];
+      rowsum[r * groups + g] = sum;
+    }
+  });
+}
 
 void quantize_rows_symmetric(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, float* scale,
                              int32_t* zero, const ParallelFor& parallel) {

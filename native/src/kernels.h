@@ -90,7 +90,7 @@ struct QuantRows {
   const int32_t* rowsum;  // [M, groups], sum of q over each group
 };
 
-void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum);
+void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum, const ParallelFor& parallel);
 
 // y[m, n] = x_scale[m] * sum_g(float(acc[m, n, g]) * scale[n, g]) + bias[n], acc the exact int32
 // sum over group g of (q - x_zero) * (decoded - w_zero). Float steps are taken in this order.

@@ -83,7 +83,7 @@ struct Conv {
 // Activations as int8 rows padded to kp: quantized per row on the fly (float input) or taken as
 // given with the tensor's scale and zero point (int8/uint8 input, uint8 shifted by -128).
 struct Activations {
-  std::vector<int8_t> q;
+  std::unique_ptr<int8_t[]> q;  // [M, kp], left uninitialized: every byte is written before it is read
   std::vector<float> scale;
   std::vector<int32_t> zero;
   std::vector<int32_t> rowsum;
@@ -272,9 +272,9 @@ class Kernel {
     return out;
   }
 
-  void finish_rows(Activations& a, int64_t m) const {
+  void finish_rows(Activations& a, int64_t m, const ptq::ParallelFor& parallel) const {
     a.rowsum.resize(static_cast<size_t>(m * groups_));
-    ptq::quant_rowsums(a.q.data(), m, kp_, group_, a.rowsum.data());
+    ptq::quant_rowsums(a.q.get(), m, kp_, group_, a.rowsum.data(), parallel);
   }
 
   const float* bias_input(const Ort::KernelContext& ctx) const {
@@ -310,27 +310,27 @@ class Kernel {
       return;
     }
     Activations a;
-    a.q.assign(static_cast<size_t>(m * kp_), 0);
+    a.q.reset(new int8_t[static_cast<size_t>(m * kp_)]);
     if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       a.scale.resize(m);
       a.zero.resize(m);
-      ptq::quantize_rows_symmetric(x.GetTensorData<float>(), m, k_, kp_, a.q.data(), a.scale.data(), a.zero.data(),
+      ptq::quantize_rows_symmetric(x.GetTensorData<float>(), m, k_, kp_, a.q.get(), a.scale.data(), a.zero.data(),
                                    parallel);
     } else {
       const auto [scale, zero] = input_quantization(ctx, type);
       const std::vector<int8_t> values = as_int8(x, type, m * k_);
       for (int64_t r = 0; r < m; ++r) {
-        std::copy(values.begin() + r * k_, values.begin() + (r + 1) * k_, a.q.begin() + r * kp_);
-        std::fill(a.q.begin() + r * kp_ + k_, a.q.begin() + (r + 1) * kp_, static_cast<int8_t>(zero));
+        std::copy(values.begin() + r * k_, values.begin() + (r + 1) * k_, a.q.get() + r * kp_);
+        std::fill(a.q.get() + r * kp_ + k_, a.q.get() + (r + 1) * kp_, static_cast<int8_t>(zero));
       }
       a.scale.assign(m, scale);
       a.zero.assign(m, zero);
     }
-    finish_rows(a, m);
+    finish_rows(a, m, parallel);
     std::vector<ptq::PreparedNibbles> slice_storage;
     std::vector<int32_t> zero_storage;
     const WeightsNow now = weights_now(ctx, slice_storage, zero_storage);
-    ptq::gemm_nibble({a.q.data(), m, a.scale.data(), a.zero.data(), a.rowsum.data()}, now.slices->front().view(), bias,
+    ptq::gemm_nibble({a.q.get(), m, a.scale.data(), a.zero.data(), a.rowsum.data()}, now.slices->front().view(), bias,
                      out, parallel);
   }
 
@@ -415,23 +415,23 @@ class Kernel {
     }
     for_each_group([&](int64_t b, int64_t g, const ptq::ParallelFor& inner) {
       Activations a;
-      a.q.resize(static_cast<size_t>(pixels * kp_));
+      a.q.reset(new int8_t[static_cast<size_t>(pixels * kp_)]);
       a.scale.resize(pixels);
       a.zero.resize(pixels);
       if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         std::vector<float> rows(static_cast<size_t>(pixels * k_));
         ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows.data(), nullptr,
                            inner);
-        ptq::quantize_rows_symmetric(rows.data(), pixels, k_, kp_, a.q.data(), a.scale.data(), a.zero.data(), inner);
+        ptq::quantize_rows_symmetric(rows.data(), pixels, k_, kp_, a.q.get(), a.scale.data(), a.zero.data(), inner);
       } else {
         ptq::im2col<int8_t>(image_q.data() + b * image_size, s, g * cg, cg, kp_, static_cast<int8_t>(input_zero),
-                            a.q.data(), nullptr, inner);
+                            a.q.get(), nullptr, inner);
         std::fill(a.scale.begin(), a.scale.end(), input_scale);
         std::fill(a.zero.begin(), a.zero.end(), input_zero);
       }
-      finish_rows(a, pixels);
+      finish_rows(a, pixels, inner);
       const ptq::OutputView view{out + (b * n_ + g * ng) * pixels, 1, pixels};
-      ptq::gemm_nibble({a.q.data(), pixels, a.scale.data(), a.zero.data(), a.rowsum.data()}, (*now.slices)[g].view(),
+      ptq::gemm_nibble({a.q.get(), pixels, a.scale.data(), a.zero.data(), a.rowsum.data()}, (*now.slices)[g].view(),
                        bias ? bias + g * ng : nullptr, view, inner);
     });
   }
