@@ -14,10 +14,10 @@
 // (one shared inline definition would let the linker hand the AVX-512 copy to every path).
 namespace {
 
-// acc[oh * ow] += sum over taps of (x - x_zero) * weight[tap]; taps whose input lies in the
-// padding add 0 and are skipped.
-inline void depthwise_accumulate(const int8_t* plane, const ptq::ConvShape& s, int32_t x_zero, const int32_t* weight,
-                                 int32_t* acc) {
+// acc[oh * ow] += sum over taps of (x - x_zero) * weight[tap] (x = image_value(byte, flip)); taps
+// whose input lies in the padding add 0 and are skipped. Larger sums only: the float path serves most.
+inline void depthwise_accumulate(const uint8_t* plane, uint8_t flip, const ptq::ConvShape& s, int32_t x_zero,
+                                 const int32_t* weight, int32_t* acc) {
   const int64_t oh = s.out_h(), ow = s.out_w();
   for (int64_t i = 0; i < s.kernel_h; ++i)
     for (int64_t j = 0; j < s.kernel_w; ++j) {
@@ -29,15 +29,9 @@ inline void depthwise_accumulate(const int8_t* plane, const ptq::ConvShape& s, i
       for (int64_t y = 0; y < oh; ++y) {
         const int64_t iy = y * s.stride_h - s.pad_top + i * s.dilation_h;
         if (iy < 0 || iy >= s.height) continue;
-        const int8_t* line = plane + iy * s.width + shift;
+        const uint8_t* line = plane + iy * s.width + shift;
         int32_t* row = acc + y * ow;
-        if (s.stride_w == 1) {  // contiguous: the loop the compiler vectorises
-          for (int64_t x = x0; x < x1; ++x) row[x] += (int32_t(line[x]) - x_zero) * wt;
-        } else if (s.stride_w == 2) {
-          for (int64_t x = x0; x < x1; ++x) row[x] += (int32_t(line[2 * x]) - x_zero) * wt;
-        } else {
-          for (int64_t x = x0; x < x1; ++x) row[x] += (int32_t(line[x * s.stride_w]) - x_zero) * wt;
-        }
+        for (int64_t x = x0; x < x1; ++x) row[x] += (ptq::image_value(line[x * s.stride_w], flip) - x_zero) * wt;
       }
     }
 }
@@ -62,14 +56,14 @@ typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
 typedef int8_t Bytes8 __attribute__((vector_size(8)));
 
-inline void depthwise_accumulate_float(const int8_t* __restrict__ plane, const ptq::ConvShape& s,
+inline void depthwise_accumulate_float(const uint8_t* __restrict__ plane, uint8_t flip, const ptq::ConvShape& s,
                                        const ptq::DepthwisePhases& p, int32_t x_zero, const float* weight,
                                        float* __restrict__ out, float* __restrict__ scratch) {
   const int64_t oh = s.out_h(), ow = s.out_w();
   float* planes = scratch;
   float* sums = planes + p.planes_size;
   for (int64_t iy = 0; iy < s.height; ++iy) {
-    const int8_t* line = plane + iy * s.width;
+    const uint8_t* line = plane + iy * s.width;
     for (int64_t b = 0; b < s.stride_w; ++b) {
       float* phase_row = planes + p.row[iy] + p.column[b];
       if (s.stride_w == 1) {
@@ -77,14 +71,15 @@ inline void depthwise_accumulate_float(const int8_t* __restrict__ plane, const p
         for (; ix + 8 <= s.width; ix += 8) {
           Bytes8 bytes;
           std::memcpy(&bytes, line + ix, sizeof(bytes));
+          bytes ^= static_cast<int8_t>(flip);
           const Floats8 values = __builtin_convertvector(__builtin_convertvector(bytes, Ints8) - x_zero, Floats8);
           std::memcpy(phase_row + ix, &values, sizeof(values));
         }
-        for (; ix < s.width; ++ix) phase_row[ix] = static_cast<float>(int32_t(line[ix]) - x_zero);
+        for (; ix < s.width; ++ix) phase_row[ix] = static_cast<float>(ptq::image_value(line[ix], flip) - x_zero);
         continue;
       }
       for (int64_t ix = p.first[b], col = 0; ix < s.width; ix += s.stride_w, ++col)
-        phase_row[col] = static_cast<float>(int32_t(line[ix]) - x_zero);
+        phase_row[col] = static_cast<float>(ptq::image_value(line[ix], flip) - x_zero);
     }
   }
   const int64_t taps = static_cast<int64_t>(p.offset.size());

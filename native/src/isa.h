@@ -20,15 +20,16 @@ void binary_avx512(const BinaryRows&, const BinaryWeights&, const float*, Output
                    int64_t);
 
 // One depthwise channel's integer sums (depthwise.h), compiled per instruction set.
-using DepthwiseAccumulate = void (*)(const int8_t* plane, const ConvShape&, int32_t x_zero, const int32_t* weight,
-                                     int32_t* acc);
-void depthwise_avx2(const int8_t*, const ConvShape&, int32_t, const int32_t*, int32_t*);
-void depthwise_avx512(const int8_t*, const ConvShape&, int32_t, const int32_t*, int32_t*);
-using DepthwiseAccumulateFloat = void (*)(const int8_t* plane, const ConvShape&, const DepthwisePhases&, int32_t x_zero,
-                                          const float* weight, float* out, float* scratch);
-void depthwise_float_avx2(const int8_t*, const ConvShape&, const DepthwisePhases&, int32_t, const float*, float*, float*);
-void depthwise_float_avx512(const int8_t*, const ConvShape&, const DepthwisePhases&, int32_t, const float*, float*,
-                            float*);
+using DepthwiseAccumulate = void (*)(const uint8_t* plane, uint8_t flip, const ConvShape&, int32_t x_zero,
+                                     const int32_t* weight, int32_t* acc);
+void depthwise_avx2(const uint8_t*, uint8_t, const ConvShape&, int32_t, const int32_t*, int32_t*);
+void depthwise_avx512(const uint8_t*, uint8_t, const ConvShape&, int32_t, const int32_t*, int32_t*);
+using DepthwiseAccumulateFloat = void (*)(const uint8_t* plane, uint8_t flip, const ConvShape&, const DepthwisePhases&,
+                                          int32_t x_zero, const float* weight, float* out, float* scratch);
+void depthwise_float_avx2(const uint8_t*, uint8_t, const ConvShape&, const DepthwisePhases&, int32_t, const float*,
+                          float*, float*);
+void depthwise_float_avx512(const uint8_t*, uint8_t, const ConvShape&, const DepthwisePhases&, int32_t, const float*,
+                            float*, float*);
 
 // One row each; the AVX2 versions serve every level above scalar (see kernels.cpp for the scalar ones).
 void quantize_row_avx2(const float* x, int64_t k, int64_t kp, int8_t* q, float* scale);

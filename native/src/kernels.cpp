@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "depthwise.h"
@@ -261,7 +262,7 @@ const char* active_isa() {
 
 template <typename T>
 void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t ld, T pad_value, T* rows,
-            uint8_t* valid, const ParallelFor& parallel) {
+            uint8_t* valid, const ParallelFor& parallel, uint8_t flip) {
   const int64_t oh = s.out_h(), ow = s.out_w();
   const int64_t k = cg * s.kernel_h * s.kernel_w;
   // Per kernel column j, the output columns whose input column lies inside the image: [x0, x1).
@@ -290,7 +291,11 @@ void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t 
           const T* __restrict__ src = line + j * s.dilation_w - s.pad_left;
           T* __restrict__ dst = out + col;
           for (int64_t x = 0; x < lo; ++x) dst[x * pitch] = pad;
-          for (int64_t x = lo; x < hi; ++x) dst[x * pitch] = src[x * step];
+          if constexpr (std::is_integral_v<T>) {
+            for (int64_t x = lo; x < hi; ++x) dst[x * pitch] = static_cast<T>(src[x * step] ^ flip);
+          } else {
+            for (int64_t x = lo; x < hi; ++x) dst[x * pitch] = src[x * step];
+          }
           for (int64_t x = std::max(lo, hi); x < width; ++x) dst[x * pitch] = pad;
           if (out_valid) {
             for (int64_t x = 0; x < width; ++x) out_valid[x * k + col] = x >= lo && x < hi ? 1 : 0;
@@ -328,7 +333,7 @@ DepthwisePhases depthwise_phases(const ConvShape& s) {
   return p;
 }
 
-void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
+void depthwise_nibble(const uint8_t* image, uint8_t flip, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
                       int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
                       const float* bias, float* out, const ParallelFor& parallel) {
   const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_h * s.kernel_w;
@@ -353,14 +358,14 @@ void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, in
         weight[t] = (lut ? lut[code_at(codes, t)] : code_at(codes, t)) - zero[c];
         magnitude += std::abs(weight[t]);
       }
-      const int8_t* plane = image + c * s.height * s.width;
+      const uint8_t* plane = image + c * s.height * s.width;
       // |x - x_zero| <= 255: below this bound every float partial sum is an exact integer.
       if (255 * magnitude < (int64_t{1} << 24)) {
         std::copy(weight.begin(), weight.end(), float_weight.begin());
-        accumulate_float(plane, s, phases, x_zero, float_weight.data(), sums.data(), scratch.data());
+        accumulate_float(plane, flip, s, phases, x_zero, float_weight.data(), sums.data(), scratch.data());
       } else {
         std::fill(acc.begin(), acc.end(), 0);
-        accumulate(plane, s, x_zero, weight.data(), acc.data());
+        accumulate(plane, flip, s, x_zero, weight.data(), acc.data());
         for (int64_t p = 0; p < oh * ow; ++p) sums[p] = static_cast<float>(acc[p]);
       }
       float* dst = out + c * oh * ow;
@@ -375,8 +380,8 @@ void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, in
 }
 
 template void im2col<float>(const float*, const ConvShape&, int64_t, int64_t, int64_t, float, float*, uint8_t*,
-                            const ParallelFor&);
+                            const ParallelFor&, uint8_t);
 template void im2col<int8_t>(const int8_t*, const ConvShape&, int64_t, int64_t, int64_t, int8_t, int8_t*, uint8_t*,
-                             const ParallelFor&);
+                             const ParallelFor&, uint8_t);
 
 }  // namespace ptq

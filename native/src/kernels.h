@@ -147,10 +147,14 @@ struct ConvShape {
   int64_t out_w() const { return (width + pad_left + pad_right - dilation_w * (kernel_w - 1) - 1) / stride_w + 1; }
 };
 
+// Integer images are read as bytes: int8 as they are (flip 0), uint8 shifted by -128 (flip 0x80:
+// the top bit flipped gives the same int8), so one kernel serves both without a converted copy.
+inline int32_t image_value(uint8_t byte, uint8_t flip) { return static_cast<int8_t>(byte ^ flip); }
+
 // Depthwise convolution (one input channel per output channel) of int8 images, straight from the
 // image without patches: out[c, p] equals gemm_nibble over the patch rows bit for bit (padding
 // holds x_zero, so it adds exactly 0). One scale group: scale and zero are per channel.
-void depthwise_nibble(const int8_t* image, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
+void depthwise_nibble(const uint8_t* image, uint8_t flip, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
                       int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
                       const float* bias, float* out, const ParallelFor& parallel);
 
@@ -172,9 +176,9 @@ struct DepthwisePhases {
 DepthwisePhases depthwise_phases(const ConvShape& s);
 
 // Patches of channels [c0, c0 + cg) as rows [out_h * out_w, ld] ordered (c, kh, kw); padding gets
-// pad_value and, if valid is given, a 0 in valid.
+// pad_value and, if valid is given, a 0 in valid. Integer images are XORed with flip on the way.
 template <typename T>
 void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t ld, T pad_value, T* rows,
-            uint8_t* valid, const ParallelFor& parallel);
+            uint8_t* valid, const ParallelFor& parallel, uint8_t flip = 0);
 
 }  // namespace ptq

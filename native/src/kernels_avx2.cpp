@@ -74,13 +74,14 @@ void nibble_avx2(const QuantRows& x, const NibbleWeights& w, const int32_t* row_
   nibble_gemm_tiles(x, w, row_term, bias, out, m0, m1, n0, n1);
 }
 
-void depthwise_avx2(const int8_t* plane, const ConvShape& s, int32_t x_zero, const int32_t* weight, int32_t* acc) {
-  depthwise_accumulate(plane, s, x_zero, weight, acc);
+void depthwise_avx2(const uint8_t* plane, uint8_t flip, const ConvShape& s, int32_t x_zero, const int32_t* weight,
+                    int32_t* acc) {
+  depthwise_accumulate(plane, flip, s, x_zero, weight, acc);
 }
 
-void depthwise_float_avx2(const int8_t* plane, const ConvShape& s, const DepthwisePhases& p, int32_t x_zero,
-                          const float* weight, float* out, float* scratch) {
-  depthwise_accumulate_float(plane, s, p, x_zero, weight, out, scratch);
+void depthwise_float_avx2(const uint8_t* plane, uint8_t flip, const ConvShape& s, const DepthwisePhases& p,
+                          int32_t x_zero, const float* weight, float* out, float* scratch) {
+  depthwise_accumulate_float(plane, flip, s, p, x_zero, weight, out, scratch);
 }
 
 void binary_avx2(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out, int64_t m0,

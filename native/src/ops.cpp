@@ -402,14 +402,17 @@ class Kernel {
     const WeightsNow now = weights_now(ctx, slice_storage, zero_storage);
     float input_scale = 0.0f;
     int32_t input_zero = 0;
-    std::vector<int8_t> image_q;
+    // Integer images are read in place: uint8 as int8 with the top bit flipped (see image_value).
+    const uint8_t* image = nullptr;
+    uint8_t flip = 0;
     if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       std::tie(input_scale, input_zero) = input_quantization(ctx, type);
-      image_q = as_int8(x, type, batch * image_size);
+      image = static_cast<const uint8_t*>(x.GetTensorRawData());
+      flip = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? 0x80 : 0;
     }
-    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && cg == 1 && ng == 1 && groups_ == 1) {
+    if (image != nullptr && cg == 1 && ng == 1 && groups_ == 1) {
       for (int64_t b = 0; b < batch; ++b)
-        ptq::depthwise_nibble(image_q.data() + b * image_size, s, input_scale, input_zero, now.rows, n_, kp_, now.scale,
+        ptq::depthwise_nibble(image + b * image_size, flip, s, input_scale, input_zero, now.rows, n_, kp_, now.scale,
                               now.zero, lut(), bias, out + b * n_ * pixels, parallel);
       return;
     }
@@ -424,8 +427,8 @@ class Kernel {
                            inner);
         ptq::quantize_rows_symmetric(rows.data(), pixels, k_, kp_, a.q.get(), a.scale.data(), a.zero.data(), inner);
       } else {
-        ptq::im2col<int8_t>(image_q.data() + b * image_size, s, g * cg, cg, kp_, static_cast<int8_t>(input_zero),
-                            a.q.get(), nullptr, inner);
+        ptq::im2col<int8_t>(reinterpret_cast<const int8_t*>(image) + b * image_size, s, g * cg, cg, kp_,
+                            static_cast<int8_t>(input_zero), a.q.get(), nullptr, inner, flip);
         std::fill(a.scale.begin(), a.scale.end(), input_scale);
         std::fill(a.zero.begin(), a.zero.end(), input_zero);
       }

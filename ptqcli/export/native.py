@@ -118,6 +118,10 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
     model = clone(qdq)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     producers = {out: n for n in model.graph.node for out in n.output}
+    consumers: dict[str, list[NodeProto]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
     report = NativeReport({}, {})
     new_inits: list = []
     nodes: list[NodeProto] = []
@@ -131,6 +135,8 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
                 dropped.update(BinaryNames(node.name).output_nodes)
         else:
             replacement = _replace(node, g, plan, producers, inits, new_inits, report)
+            if replacement is not None and replacement.op_type.endswith("Conv"):
+                _absorb_pad(replacement, producers, consumers, inits)
         nodes.append(replacement or node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -189,6 +195,36 @@ def _replace(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits,
     report.replaced[node.name] = op_type
     return helper.make_node(op_type, inputs, list(node.output), name=node.name, domain=DOMAIN, K=k, N=n,
                             group_size=0, **layout.attributes(node, w))
+
+
+def _absorb_pad(conv: NodeProto, producers, consumers, inits) -> None:
+    """A zero Pad in front of a native conv's integer input (QuantizeLinear(Pad(x))) joins the
+    conv's own pads: the QuantizeLinear then reads x, and the conv pads with X_zero_point, which
+    is what the quantized zero the Pad wrote was. Same values, one pass over the tensor fewer."""
+    quantize_node = producers.get(conv.input[0])
+    if quantize_node is None or quantize_node.op_type != "QuantizeLinear":
+        return
+    pad = producers.get(quantize_node.input[0])
+    if pad is None or pad.op_type != "Pad" or get_attr(pad, "mode", b"constant") not in (b"constant", "constant"):
+        return
+    if len(pad.input) < 2 or pad.input[1] not in inits or len(consumers.get(pad.output[0], [])) != 1:
+        return
+    if len(pad.input) > 2 and pad.input[2] and (pad.input[2] not in inits or np.any(inits[pad.input[2]] != 0)):
+        return
+    if len(pad.input) > 3 and pad.input[3]:
+        return  # explicit axes: not worth reading
+    amounts = np.asarray(inits[pad.input[1]]).astype(int).ravel()
+    if amounts.size != 8 or np.any(amounts < 0) or np.any(amounts[[0, 1, 4, 5]] != 0):
+        return
+    # The quantized padded tensor may feed nothing else (only DequantizeLinears that this layer alone read).
+    for reader in consumers.get(conv.input[0], []):
+        if reader.op_type != "DequantizeLinear" or any(c.name != conv.name for c in consumers.get(reader.output[0], [])):
+            return
+    quantize_node.input[0] = pad.input[0]
+    pads = next(a for a in conv.attribute if a.name == "pads")
+    top, left, bottom, right = list(pads.ints)
+    del pads.ints[:]
+    pads.ints.extend([top + int(amounts[2]), left + int(amounts[3]), bottom + int(amounts[6]), right + int(amounts[7])])
 
 
 def _code_rows(node: NodeProto, layout: Layout, tq: TensorQuant, w: np.ndarray

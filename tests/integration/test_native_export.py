@@ -131,3 +131,49 @@ def test_ptq_run_reports_a_failing_operator_in_one_line(tmp_path):
     assert result.exit_code == 1
     assert f"ONNX Runtime failed running the model: {conv.name}: K must equal" in result.output
     assert "Traceback" not in result.output and "internal error" not in result.output
+
+
+def _padded_convs_model(mode: str, value: float):
+    """Conv -> Relu -> Pad (uneven spatial pads, `mode`, constant `value`) -> depthwise stride-2 Conv,
+    and the same Pad -> a plain Conv, both summed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 1, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads"),
+             numpy_helper.from_array(np.array(value, np.float32), "pad_value")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Pad", ["r0", "pads", "pad_value"], ["p0"], name="pad0", mode=mode),
+             helper.make_node("Conv", ["p0", "w1"], ["c1"], name="depthwise", group=4, strides=[2, 2]),
+             helper.make_node("Pad", ["r0", "pads", "pad_value"], ["p1"], name="pad1", mode=mode),
+             helper.make_node("Conv", ["p1", "w2"], ["c2"], name="plain", strides=[2, 2]),
+             helper.make_node("Add", ["c1", "c2"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "padded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 11, 11])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("mode,value,absorbed", [("constant", 0.0, True), ("constant", 0.5, False),
+                                                 ("reflect", 0.0, False)])
+def test_zero_pads_in_front_of_native_convs_join_their_pads(tmp_path, mode, value, absorbed):
+    model_path, data_path = tmp_path / "padded.onnx", tmp_path / "calib.npy"
+    onnx.save(_padded_convs_model(mode, value), str(model_path))
+    x = np.random.default_rng(2).normal(0, 1, (32, 3, 11, 11)).astype(np.float32)
+    np.save(data_path, x)
+    run = tmp_path / "run"
+    stages.calibrate(model_path, QuantConfig(weights="int4"), DataConfig(path=str(data_path), num_samples=32), run)
+    qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
+    stages.export(run, qdq)
+    stages.export(run, native, fmt="native")
+
+    model = onnx.load(native)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Int4Conv") == 3
+    assert ("Pad" in ops) != absorbed
+    want = nativelib.session(qdq).run(None, {"x": x})[0]
+    got = nativelib.session(native).run(None, {"x": x})[0]
+    # The same integers either way: only the float sums of the QDQ convs are ordered differently.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
