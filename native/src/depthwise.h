@@ -42,7 +42,7 @@ inline void depthwise_accumulate(const uint8_t* plane, uint8_t flip, const ptq::
 // tap then adds one shifted, contiguous run of a phase plane to every output at once (the columns
 // past out_w in each row are computed and dropped).
 
-// weight: the integer weights as floats; out: [oh * ow]; scratch: planes_size + length floats, zeroed before the first channel: channels
+// weight: the integer weights as floats; out: [oh * ow]; scratch: scratch_size floats, zeroed before the first channel: channels
 // write the same interior positions, so the padding stays zero from one channel to the next.
 // GCC vector types: each translation unit lowers them to its own registers (ymm, or pairs of xmm).
 // Runs add up in the widest registers the unit is compiled for.
@@ -62,24 +62,47 @@ inline void depthwise_accumulate_float(const uint8_t* __restrict__ plane, uint8_
   const int64_t oh = s.out_h(), ow = s.out_w();
   float* planes = scratch;
   float* sums = planes + p.planes_size;
+  float* line_values = sums + p.length;  // one input row as floats, before it is dealt to the phases
   for (int64_t iy = 0; iy < s.height; ++iy) {
     const uint8_t* line = plane + iy * s.width;
+    // Strided rows are converted in vectors first, then dealt out: an element-wise conversion into
+    // a strided store runs one dependent scalar conversion after another.
+    if (s.stride_w == 2) {  // the common stride: converted and split into even and odd columns in vectors
+      const int b_even = p.first[0] == 0 ? 0 : 1;
+      float* even = planes + p.row[iy] + p.column[b_even];
+      float* odd = planes + p.row[iy] + p.column[1 - b_even];
+      int64_t ix = 0;
+      for (; ix + 16 <= s.width; ix += 16) {
+        Bytes8 low_bytes, high_bytes;
+        std::memcpy(&low_bytes, line + ix, sizeof(low_bytes));
+        std::memcpy(&high_bytes, line + ix + 8, sizeof(high_bytes));
+        low_bytes ^= static_cast<int8_t>(flip);
+        high_bytes ^= static_cast<int8_t>(flip);
+        const Floats8 low = __builtin_convertvector(__builtin_convertvector(low_bytes, Ints8) - x_zero, Floats8);
+        const Floats8 high = __builtin_convertvector(__builtin_convertvector(high_bytes, Ints8) - x_zero, Floats8);
+        const Floats8 evens = __builtin_shufflevector(low, high, 0, 2, 4, 6, 8, 10, 12, 14);
+        const Floats8 odds = __builtin_shufflevector(low, high, 1, 3, 5, 7, 9, 11, 13, 15);
+        std::memcpy(even + ix / 2, &evens, sizeof(evens));
+        std::memcpy(odd + ix / 2, &odds, sizeof(odds));
+      }
+      for (; ix < s.width; ++ix)
+        ((ix % 2 == 0) ? even : odd)[ix / 2] = static_cast<float>(ptq::image_value(line[ix], flip) - x_zero);
+      continue;
+    }
+    float* converted = s.stride_w == 1 ? planes + p.row[iy] + p.column[0] : line_values;
+    int64_t ix = 0;
+    for (; ix + 8 <= s.width; ix += 8) {
+      Bytes8 bytes;
+      std::memcpy(&bytes, line + ix, sizeof(bytes));
+      bytes ^= static_cast<int8_t>(flip);
+      const Floats8 values = __builtin_convertvector(__builtin_convertvector(bytes, Ints8) - x_zero, Floats8);
+      std::memcpy(converted + ix, &values, sizeof(values));
+    }
+    for (; ix < s.width; ++ix) converted[ix] = static_cast<float>(ptq::image_value(line[ix], flip) - x_zero);
+    if (s.stride_w == 1) continue;
     for (int64_t b = 0; b < s.stride_w; ++b) {
       float* phase_row = planes + p.row[iy] + p.column[b];
-      if (s.stride_w == 1) {
-        int64_t ix = 0;
-        for (; ix + 8 <= s.width; ix += 8) {
-          Bytes8 bytes;
-          std::memcpy(&bytes, line + ix, sizeof(bytes));
-          bytes ^= static_cast<int8_t>(flip);
-          const Floats8 values = __builtin_convertvector(__builtin_convertvector(bytes, Ints8) - x_zero, Floats8);
-          std::memcpy(phase_row + ix, &values, sizeof(values));
-        }
-        for (; ix < s.width; ++ix) phase_row[ix] = static_cast<float>(ptq::image_value(line[ix], flip) - x_zero);
-        continue;
-      }
-      for (int64_t ix = p.first[b], col = 0; ix < s.width; ix += s.stride_w, ++col)
-        phase_row[col] = static_cast<float>(ptq::image_value(line[ix], flip) - x_zero);
+      for (int64_t from = p.first[b], col = 0; from < s.width; from += s.stride_w, ++col) phase_row[col] = line_values[from];
     }
   }
   const int64_t taps = static_cast<int64_t>(p.offset.size());

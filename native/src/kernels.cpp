@@ -315,6 +315,7 @@ DepthwisePhases depthwise_phases(const ConvShape& s) {
   p.length = round_up(s.out_h() * p.wq, kDepthwiseBlock);
   // A run starts within the last phase and reads at most a row and a block past its end.
   p.planes_size = s.stride_h * s.stride_w * p.phase_size + p.wq + kDepthwiseBlock;
+  p.scratch_size = p.planes_size + p.length + s.width;
   for (int64_t i = 0; i < s.kernel_h; ++i)
     for (int64_t j = 0; j < s.kernel_w; ++j) {
       const int64_t oy = i * s.dilation_h, ox = j * s.dilation_w;
@@ -348,7 +349,7 @@ void depthwise_nibble(const uint8_t* image, uint8_t flip, const ConvShape& s, fl
   constexpr int64_t kChannelsPerTask = 8;
   parallel(static_cast<size_t>((channels + kChannelsPerTask - 1) / kChannelsPerTask), [&](size_t task) {
     std::vector<int32_t> weight(static_cast<size_t>(taps)), acc(static_cast<size_t>(oh * ow));
-    std::vector<float> sums(static_cast<size_t>(oh * ow)), scratch(static_cast<size_t>(phases.planes_size + phases.length));
+    std::vector<float> sums(static_cast<size_t>(oh * ow)), scratch(static_cast<size_t>(phases.scratch_size));
     std::vector<float> float_weight(static_cast<size_t>(taps));
     const int64_t c0 = static_cast<int64_t>(task) * kChannelsPerTask;
     for (int64_t c = c0; c < std::min(channels, c0 + kChannelsPerTask); ++c) {

@@ -167,6 +167,7 @@ struct DepthwisePhases {
   int64_t wq = 0, phase_size = 0;
   int64_t planes_size = 0;      // floats of the phase planes, with room for a run's overreach
   int64_t length = 0;           // out_h * wq rounded up to kDepthwiseBlock
+  int64_t scratch_size = 0;     // planes, sums (length) and one input row
   std::vector<int64_t> offset;  // per tap (kh, kw order): where its run starts in the planes
   std::vector<int64_t> row;     // per input row: where it starts in its phase plane (column phase 0)
   std::vector<int64_t> first;   // per column phase b: the first input column of that phase

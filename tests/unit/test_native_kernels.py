@@ -189,6 +189,8 @@ CONV_CASES = [
     (4, 5, 4, (3, 3), (1, 1), (3, 3, 3, 3), (1, 1), 4),  # depthwise, pads wider than the kernel reach
     (5, 20, 5, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 5),  # depthwise, rows wider than a vector
     (4, 17, 4, (3, 3), (2, 2), (1, 0, 0, 1), (1, 1), 4),  # depthwise, stride 2 on odd sizes
+    (3, 35, 3, (5, 5), (2, 2), (2, 1, 1, 2), (1, 1), 3),  # depthwise, stride 2, odd left pad, wide rows
+    (2, 19, 2, (3, 3), (3, 3), (1, 1, 1, 1), (2, 2), 2),  # depthwise, stride 3, dilated
 ]
 
 
