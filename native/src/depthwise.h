@@ -36,14 +36,6 @@ inline void depthwise_accumulate(const uint8_t* plane, uint8_t flip, const ptq::
     }
 }
 
-// The same sums in float, for channels whose sums are exact in float: every partial sum an integer
-// of size below 2^24 (the caller checks 255 * sum|weight| < 2^24). Stride is taken out by splitting
-// the zero-padded plane (x - x_zero) into stride_h x stride_w phase planes of one row pitch; each
-// tap then adds one shifted, contiguous run of a phase plane to every output at once (the columns
-// past out_w in each row are computed and dropped).
-
-// weight: the integer weights as floats; out: [oh * ow]; scratch: scratch_size floats, zeroed before the first channel: channels
-// write the same interior positions, so the padding stays zero from one channel to the next.
 // GCC vector types: each translation unit lowers them to its own registers (ymm, or pairs of xmm).
 // Runs add up in the widest registers the unit is compiled for.
 #ifdef __AVX512F__
@@ -55,6 +47,15 @@ typedef float Run __attribute__((vector_size(kRunFloats * 4)));
 typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
 typedef int8_t Bytes8 __attribute__((vector_size(8)));
+typedef int32_t RunInts __attribute__((vector_size(kRunFloats * 4)));
+
+// The same sums in float, for channels whose sums are exact in float: every partial sum an integer
+// of size below 2^24 (the caller checks 255 * sum|weight| < 2^24). Stride is taken out by splitting
+// the zero-padded plane (x - x_zero) into stride_h x stride_w phase planes of one row pitch; each
+// tap then adds one shifted, contiguous run of a phase plane to every output at once (the columns
+// past out_w in each row are computed and dropped).
+// weight: the integer weights as floats; out: [oh * ow]; scratch: scratch_size floats, zeroed before the first channel: channels
+// write the same interior positions, so the padding stays zero from one channel to the next.
 
 inline void depthwise_accumulate_float(const uint8_t* __restrict__ plane, uint8_t flip, const ptq::ConvShape& s,
                                        const ptq::DepthwisePhases& p, int32_t x_zero, const float* weight,
@@ -124,6 +125,55 @@ inline void depthwise_accumulate_float(const uint8_t* __restrict__ plane, uint8_
     std::memcpy(sums + f0, block, sizeof(block));
   }
   for (int64_t y = 0; y < oh; ++y) std::copy(sums + y * p.wq, sums + y * p.wq + ow, out + y * ow);
+}
+
+// Float images (weight-only layers): each output's patch is quantized on its own, as the GEMM path
+// quantizes patch rows (quantize_rows_symmetric: scale = max|patch| / 127, or 1 for an all-zero
+// patch; q = round-half-even(x / scale) clipped to +-127), and dotted with the integer weights, in
+// float: exact while 127 * sum|weight| < 2^24 (the caller checks). Padding is 0.0, as in a patch row.
+// sums, scales: [oh * ow]; scratch as above.
+inline void depthwise_quantized_patches(const float* __restrict__ plane, const ptq::ConvShape& s,
+                                        const ptq::DepthwisePhases& p, const float* weight, float* __restrict__ sums,
+                                        float* __restrict__ scales, float* __restrict__ scratch) {
+  const int64_t oh = s.out_h(), ow = s.out_w();
+  float* planes = scratch;
+  float* run_sums = planes + p.planes_size;
+  float* run_scales = run_sums + p.length;  // the input-row space of the integer path, and more
+  for (int64_t iy = 0; iy < s.height; ++iy) {
+    const float* line = plane + iy * s.width;
+    for (int64_t b = 0; b < s.stride_w; ++b) {
+      float* phase_row = planes + p.row[iy] + p.column[b];
+      for (int64_t from = p.first[b], col = 0; from < s.width; from += s.stride_w, ++col) phase_row[col] = line[from];
+    }
+  }
+  const int64_t taps = static_cast<int64_t>(p.offset.size());
+  const Run zero = Run{}, one = zero + 1.0f, limit = zero + 127.0f;
+  const Run magic = zero + 12582912.0f;  // 1.5 * 2^23: adding and taking it back rounds half to even
+  for (int64_t f = 0; f < p.length; f += kRunFloats) {
+    Run amax = zero;
+    for (int64_t t = 0; t < taps; ++t) {
+      Run v;
+      std::memcpy(&v, planes + p.offset[t] + f, sizeof(v));
+      const Run magnitude = reinterpret_cast<Run>(reinterpret_cast<RunInts>(v) & 0x7FFFFFFF);
+      amax = magnitude > amax ? magnitude : amax;
+    }
+    const Run scale = amax > zero ? amax / limit : one;
+    Run acc = zero;
+    for (int64_t t = 0; t < taps; ++t) {
+      Run v;
+      std::memcpy(&v, planes + p.offset[t] + f, sizeof(v));
+      Run q = (v / scale + magic) - magic;
+      q = q > limit ? limit : q;
+      q = q < -limit ? -limit : q;
+      acc += q * weight[t];
+    }
+    std::memcpy(run_sums + f, &acc, sizeof(acc));
+    std::memcpy(run_scales + f, &scale, sizeof(scale));
+  }
+  for (int64_t y = 0; y < oh; ++y) {
+    std::copy(run_sums + y * p.wq, run_sums + y * p.wq + ow, sums + y * ow);
+    std::copy(run_scales + y * p.wq, run_scales + y * p.wq + ow, scales + y * ow);
+  }
 }
 
 }  // namespace

@@ -28,6 +28,11 @@ using DepthwiseAccumulateFloat = void (*)(const uint8_t* plane, uint8_t flip, co
                                           int32_t x_zero, const float* weight, float* out, float* scratch);
 void depthwise_float_avx2(const uint8_t*, uint8_t, const ConvShape&, const DepthwisePhases&, int32_t, const float*,
                           float*, float*);
+using DepthwisePatches = void (*)(const float* plane, const ConvShape&, const DepthwisePhases&, const float* weight,
+                                  float* sums, float* scales, float* scratch);
+void depthwise_patches_avx2(const float*, const ConvShape&, const DepthwisePhases&, const float*, float*, float*, float*);
+void depthwise_patches_avx512(const float*, const ConvShape&, const DepthwisePhases&, const float*, float*, float*,
+                              float*);
 void depthwise_float_avx512(const uint8_t*, uint8_t, const ConvShape&, const DepthwisePhases&, int32_t, const float*,
                             float*, float*);
 

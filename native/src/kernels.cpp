@@ -315,7 +315,7 @@ DepthwisePhases depthwise_phases(const ConvShape& s) {
   p.length = round_up(s.out_h() * p.wq, kDepthwiseBlock);
   // A run starts within the last phase and reads at most a row and a block past its end.
   p.planes_size = s.stride_h * s.stride_w * p.phase_size + p.wq + kDepthwiseBlock;
-  p.scratch_size = p.planes_size + p.length + s.width;
+  p.scratch_size = p.planes_size + p.length + std::max(p.length, s.width);
   for (int64_t i = 0; i < s.kernel_h; ++i)
     for (int64_t j = 0; j < s.kernel_w; ++j) {
       const int64_t oy = i * s.dilation_h, ox = j * s.dilation_w;
@@ -332,6 +332,76 @@ DepthwisePhases depthwise_phases(const ConvShape& s) {
     p.column.push_back(b * p.phase_size + (ix0 + s.pad_left) / s.stride_w);
   }
   return p;
+}
+
+namespace {
+
+// One depthwise channel's integer weights (decoded - zero), and the sum of their sizes.
+int64_t channel_weights(const uint8_t* codes, int64_t taps, const uint8_t* lut, int32_t zero, int32_t* weight) {
+  int64_t magnitude = 0;
+  for (int64_t t = 0; t < taps; ++t) {
+    weight[t] = (lut ? lut[code_at(codes, t)] : code_at(codes, t)) - zero;
+    magnitude += std::abs(weight[t]);
+  }
+  return magnitude;
+}
+
+// depthwise_quantized_patches for sums too large for float: one patch at a time, in integers.
+void quantized_patches_exact(const float* plane, const ConvShape& s, const int32_t* weight, float* sums,
+                             float* scales) {
+  const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_h * s.kernel_w;
+  std::vector<float> patch(static_cast<size_t>(taps));
+  std::vector<int8_t> q(static_cast<size_t>(taps));
+  for (int64_t y = 0; y < oh; ++y)
+    for (int64_t x = 0; x < ow; ++x) {
+      for (int64_t i = 0; i < s.kernel_h; ++i)
+        for (int64_t j = 0; j < s.kernel_w; ++j) {
+          const int64_t iy = y * s.stride_h - s.pad_top + i * s.dilation_h;
+          const int64_t ix = x * s.stride_w - s.pad_left + j * s.dilation_w;
+          const bool inside = iy >= 0 && iy < s.height && ix >= 0 && ix < s.width;
+          patch[i * s.kernel_w + j] = inside ? plane[iy * s.width + ix] : 0.0f;
+        }
+      quantize_row_scalar(patch.data(), taps, taps, q.data(), &scales[y * ow + x]);
+      int64_t fixed = 0;
+      for (int64_t t = 0; t < taps; ++t) fixed += int64_t{q[t]} * weight[t];
+      sums[y * ow + x] = static_cast<float>(static_cast<int32_t>(fixed));
+    }
+}
+
+}  // namespace
+
+void depthwise_nibble_float_input(const float* image, const ConvShape& s, const uint8_t* rows, int64_t channels,
+                                  int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
+                                  const float* bias, float* out, const ParallelFor& parallel) {
+  const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_h * s.kernel_w;
+  const Level level = active_level();
+  const isa::DepthwisePatches patches = level == Level::Avx512 ? isa::depthwise_patches_avx512
+                                        : level == Level::Avx2 ? isa::depthwise_patches_avx2
+                                                               : depthwise_quantized_patches;
+  const DepthwisePhases phases = depthwise_phases(s);
+  constexpr int64_t kChannelsPerTask = 8;
+  parallel(static_cast<size_t>((channels + kChannelsPerTask - 1) / kChannelsPerTask), [&](size_t task) {
+    std::vector<int32_t> weight(static_cast<size_t>(taps));
+    std::vector<float> float_weight(static_cast<size_t>(taps)), sums(static_cast<size_t>(oh * ow));
+    std::vector<float> x_scale(sums.size()), scratch(static_cast<size_t>(phases.scratch_size));
+    const int64_t c0 = static_cast<int64_t>(task) * kChannelsPerTask;
+    for (int64_t c = c0; c < std::min(channels, c0 + kChannelsPerTask); ++c) {
+      const int64_t magnitude = channel_weights(rows + c * (kp / 2), taps, lut, zero[c], weight.data());
+      const float* plane = image + c * s.height * s.width;
+      // |q| <= 127: below this bound every float partial sum is an exact integer.
+      if (127 * magnitude < (int64_t{1} << 24)) {
+        std::copy(weight.begin(), weight.end(), float_weight.begin());
+        patches(plane, s, phases, float_weight.data(), sums.data(), x_scale.data(), scratch.data());
+      } else {
+        quantized_patches_exact(plane, s, weight.data(), sums.data(), x_scale.data());
+      }
+      float* dst = out + c * oh * ow;
+      for (int64_t p = 0; p < oh * ow; ++p) {
+        const float scaled = (sums[p] * scale[c]) * x_scale[p];
+        dst[p] = bias ? scaled + bias[c] : scaled;
+      }
+    }
+  });
 }
 
 void depthwise_nibble(const uint8_t* image, uint8_t flip, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
@@ -353,12 +423,7 @@ void depthwise_nibble(const uint8_t* image, uint8_t flip, const ConvShape& s, fl
     std::vector<float> float_weight(static_cast<size_t>(taps));
     const int64_t c0 = static_cast<int64_t>(task) * kChannelsPerTask;
     for (int64_t c = c0; c < std::min(channels, c0 + kChannelsPerTask); ++c) {
-      const uint8_t* codes = rows + c * (kp / 2);
-      int64_t magnitude = 0;
-      for (int64_t t = 0; t < taps; ++t) {
-        weight[t] = (lut ? lut[code_at(codes, t)] : code_at(codes, t)) - zero[c];
-        magnitude += std::abs(weight[t]);
-      }
+      const int64_t magnitude = channel_weights(rows + c * (kp / 2), taps, lut, zero[c], weight.data());
       const uint8_t* plane = image + c * s.height * s.width;
       // |x - x_zero| <= 255: below this bound every float partial sum is an exact integer.
       if (255 * magnitude < (int64_t{1} << 24)) {

@@ -158,6 +158,12 @@ void depthwise_nibble(const uint8_t* image, uint8_t flip, const ConvShape& s, fl
                       int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
                       const float* bias, float* out, const ParallelFor& parallel);
 
+// The same convolution of a float image (weight-only layers), each output's patch quantized on its
+// own exactly as im2col + quantize_rows_symmetric + gemm_nibble would: equal to that path bit for bit.
+void depthwise_nibble_float_input(const float* image, const ConvShape& s, const uint8_t* rows, int64_t channels,
+                                  int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
+                                  const float* bias, float* out, const ParallelFor& parallel);
+
 // Depthwise sums in float (exact when every partial sum is an integer below 2^24 in size) read the
 // zero-padded input split into stride_h x stride_w phase planes of one row pitch wq: each tap adds
 // one contiguous run of a phase plane to the outputs, laid out [out_h, wq] (columns past out_w dropped).
@@ -167,7 +173,7 @@ struct DepthwisePhases {
   int64_t wq = 0, phase_size = 0;
   int64_t planes_size = 0;      // floats of the phase planes, with room for a run's overreach
   int64_t length = 0;           // out_h * wq rounded up to kDepthwiseBlock
-  int64_t scratch_size = 0;     // planes, sums (length) and one input row
+  int64_t scratch_size = 0;     // planes, sums (length), then one input row or the patch scales (length)
   std::vector<int64_t> offset;  // per tap (kh, kw order): where its run starts in the planes
   std::vector<int64_t> row;     // per input row: where it starts in its phase plane (column phase 0)
   std::vector<int64_t> first;   // per column phase b: the first input column of that phase

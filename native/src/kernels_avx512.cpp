@@ -65,6 +65,11 @@ void depthwise_avx512(const uint8_t* plane, uint8_t flip, const ConvShape& s, in
   depthwise_accumulate(plane, flip, s, x_zero, weight, acc);
 }
 
+void depthwise_patches_avx512(const float* plane, const ConvShape& s, const DepthwisePhases& p, const float* weight,
+                            float* sums, float* scales, float* scratch) {
+  depthwise_quantized_patches(plane, s, p, weight, sums, scales, scratch);
+}
+
 void depthwise_float_avx512(const uint8_t* plane, uint8_t flip, const ConvShape& s, const DepthwisePhases& p,
                           int32_t x_zero, const float* weight, float* out, float* scratch) {
   depthwise_accumulate_float(plane, flip, s, p, x_zero, weight, out, scratch);

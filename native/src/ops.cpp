@@ -410,10 +410,16 @@ class Kernel {
       image = static_cast<const uint8_t*>(x.GetTensorRawData());
       flip = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? 0x80 : 0;
     }
-    if (image != nullptr && cg == 1 && ng == 1 && groups_ == 1) {
-      for (int64_t b = 0; b < batch; ++b)
-        ptq::depthwise_nibble(image + b * image_size, flip, s, input_scale, input_zero, now.rows, n_, kp_, now.scale,
-                              now.zero, lut(), bias, out + b * n_ * pixels, parallel);
+    if (cg == 1 && ng == 1 && groups_ == 1) {  // depthwise: straight from the image, no patches
+      for (int64_t b = 0; b < batch; ++b) {
+        float* dst = out + b * n_ * pixels;
+        if (image != nullptr)
+          ptq::depthwise_nibble(image + b * image_size, flip, s, input_scale, input_zero, now.rows, n_, kp_, now.scale,
+                                now.zero, lut(), bias, dst, parallel);
+        else
+          ptq::depthwise_nibble_float_input(x.GetTensorData<float>() + b * image_size, s, now.rows, n_, kp_, now.scale,
+                                            now.zero, lut(), bias, dst, parallel);
+      }
       return;
     }
     for_each_group([&](int64_t b, int64_t g, const ptq::ParallelFor& inner) {

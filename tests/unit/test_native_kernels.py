@@ -256,25 +256,31 @@ def test_shift_conv_is_exact():
     np.testing.assert_array_equal(run(model, x), want)
 
 
-@pytest.mark.parametrize("size,pads", [(35, 0), (35, 17), (12, 10)])
-def test_shift_depthwise_with_sums_too_large_for_float_is_exact(size, pads):
-    # 35 x 35 taps of weight 64 (every seventh 1) against inputs 255 from the zero point: sums pass
-    # 2^24 with odd parts, so only the depthwise kernel's integer path gets them right; the smaller
-    # case stays on its float path.
+@pytest.mark.parametrize("dtype,size,pads", [(np.uint8, 35, 0), (np.uint8, 35, 17), (np.uint8, 12, 10),
+                                              (np.float32, 50, 0), (np.float32, 50, 25), (np.float32, 12, 10)])
+def test_shift_depthwise_with_sums_too_large_for_float_is_exact(dtype, size, pads):
+    # Taps of weight 64 (every seventh 1) against inputs at the largest integer they can be (255 from
+    # the zero point, or 127 once a float patch is quantized): sums pass 2^24 with odd parts, so only
+    # the depthwise kernels' integer paths get them right; the small cases stay on the float paths.
     c, kernel = 2, (size, size)
     k = size * size
     values = np.where(np.arange(k) % 7 == 0, 1, 64)[None, :].repeat(c, axis=0)
     values[1] *= -1
     codes = R.shift_codes(values)
     scale = np.full((c, 1), 1e-6, np.float32)
-    x = np.full((1, c, size, size), 255, np.uint8)
-    constants = {"W": R.pack_nibbles(codes, R.padded_k(k), R.SHIFT_ZERO_CODE), "W_scale": scale,
-                 "X_scale": np.array(0.5, np.float32), "X_zero_point": np.array(0, np.uint8)}
+    constants = {"W": R.pack_nibbles(codes, R.padded_k(k), R.SHIFT_ZERO_CODE), "W_scale": scale}
+    if dtype == np.uint8:
+        x = np.full((1, c, size, size), 255, np.uint8)
+        constants.update({"X_scale": np.array(0.5, np.float32), "X_zero_point": np.array(0, np.uint8)})
+        quantization = dict(x_scale=np.float32(0.5), x_zero=0)
+    else:
+        x = np.full((1, c, size, size), 1.5, np.float32)
+        quantization = {}
     attrs = conv_attributes(kernel, (1, 1), (pads,) * 4, (1, 1), c)
-    model = R.single_op_model("ShiftConv", x.shape, np.uint8, constants, K=k, N=c, **attrs)
-    want = R.conv_reference(x, lambda rows, _v, cols: R.shift_matmul_reference(rows, codes[cols], scale[cols], None,
-                                                                                np.float32(0.5), 0),
-                            c, kernel, (1, 1), (pads,) * 4, (1, 1), c, pad_value=0)
+    model = R.single_op_model("ShiftConv", x.shape, dtype, constants, K=k, N=c, **attrs)
+    want = R.conv_reference(x, lambda rows, _v, cols: R.shift_matmul_reference(
+        rows, codes[cols], scale[cols], None, quantization.get("x_scale"), quantization.get("x_zero", 0)),
+        c, kernel, (1, 1), (pads,) * 4, (1, 1), c, pad_value=0)
     np.testing.assert_array_equal(run(model, x), want)
 
 
