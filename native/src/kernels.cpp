@@ -2,6 +2,8 @@
 // (AVX-512 VNNI, AVX2 or scalar; all bit-identical).
 #include "kernels.h"
 
+#include <emmintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -260,9 +262,63 @@ const char* active_isa() {
   return names[static_cast<int>(active_level())];
 }
 
+namespace {
+
+// A 1x1, stride-1, unpadded convolution's patches are a transpose of the image, [C, P] -> [P, ld]:
+// done in 16 x 16 byte blocks with SSE2 unpacks (every x86-64 CPU has them), the rest one by one.
+void transpose_bytes(const int8_t* image, int64_t pixels, int64_t c0, int64_t cg, int64_t ld, int8_t pad_value,
+                     int8_t* rows, uint8_t flip, const ParallelFor& parallel) {
+  constexpr int64_t kBlock = 16, kPixelsPerTask = 256;
+  const __m128i flip_bits = _mm_set1_epi8(static_cast<char>(flip));
+  parallel(static_cast<size_t>((pixels + kPixelsPerTask - 1) / kPixelsPerTask), [&](size_t task) {
+    const int64_t p0 = static_cast<int64_t>(task) * kPixelsPerTask, p1 = std::min(pixels, p0 + kPixelsPerTask);
+    int64_t p = p0;
+    for (; p + kBlock <= p1; p += kBlock) {
+      int64_t c = 0;
+      for (; c + kBlock <= cg; c += kBlock) {
+        // Register i holds channel bit_reversed(i): four rounds of interleaving register i with
+        // i + 8 (bytes, then pairs, quads and eights) then leave pixel i in register i, in channel order.
+        static constexpr int kBitReversed[kBlock] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+        __m128i r[kBlock];
+        for (int i = 0; i < kBlock; ++i)
+          r[i] = _mm_xor_si128(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(image + (c0 + c + kBitReversed[i]) * pixels + p)),
+              flip_bits);
+        for (int round = 0; round < 4; ++round) {
+          __m128i t[kBlock];
+          for (int i = 0; i < kBlock / 2; ++i) {
+            const __m128i a = r[i], b = r[i + kBlock / 2];
+            switch (round) {
+              case 0: t[2 * i] = _mm_unpacklo_epi8(a, b), t[2 * i + 1] = _mm_unpackhi_epi8(a, b); break;
+              case 1: t[2 * i] = _mm_unpacklo_epi16(a, b), t[2 * i + 1] = _mm_unpackhi_epi16(a, b); break;
+              case 2: t[2 * i] = _mm_unpacklo_epi32(a, b), t[2 * i + 1] = _mm_unpackhi_epi32(a, b); break;
+              default: t[2 * i] = _mm_unpacklo_epi64(a, b), t[2 * i + 1] = _mm_unpackhi_epi64(a, b); break;
+            }
+          }
+          std::copy(t, t + kBlock, r);
+        }
+        for (int i = 0; i < kBlock; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(rows + (p + i) * ld + c), r[i]);
+      }
+      for (; c < cg; ++c)
+        for (int64_t i = 0; i < kBlock; ++i) rows[(p + i) * ld + c] = static_cast<int8_t>(image[(c0 + c) * pixels + p + i] ^ flip);
+    }
+    for (; p < p1; ++p)
+      for (int64_t c = 0; c < cg; ++c) rows[p * ld + c] = static_cast<int8_t>(image[(c0 + c) * pixels + p] ^ flip);
+    for (p = p0; p < p1; ++p) std::fill(rows + p * ld + cg, rows + (p + 1) * ld, pad_value);
+  });
+}
+
+}  // namespace
+
 template <typename T>
 void im2col(const T* image, const ConvShape& s, int64_t c0, int64_t cg, int64_t ld, T pad_value, T* rows,
             uint8_t* valid, const ParallelFor& parallel, uint8_t flip) {
+  const bool pointwise = s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_top == 0 &&
+                         s.pad_left == 0 && s.pad_bottom == 0 && s.pad_right == 0;
+  if constexpr (std::is_same_v<T, int8_t>) {
+    if (pointwise && valid == nullptr) return transpose_bytes(image, s.height * s.width, c0, cg, ld, pad_value, rows, flip,
+                                                              parallel);
+  }
   const int64_t oh = s.out_h(), ow = s.out_w();
   const int64_t k = cg * s.kernel_h * s.kernel_w;
   // Per kernel column j, the output columns whose input column lies inside the image: [x0, x1).

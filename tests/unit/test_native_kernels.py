@@ -185,6 +185,8 @@ CONV_CASES = [
     (8, 7, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8),  # depthwise
     (6, 8, 4, (3, 2), (1, 2), (2, 0, 1, 1), (2, 1), 2),  # grouped, asymmetric pads, dilated
     (5, 6, 7, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # pointwise
+    (20, 9, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # pointwise, whole 16 x 16 blocks and remainders
+    (64, 5, 8, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 2),  # grouped pointwise
     (6, 11, 6, (5, 3), (2, 3), (2, 0, 1, 2), (1, 2), 6),  # depthwise, strided, dilated, uneven pads
     (4, 5, 4, (3, 3), (1, 1), (3, 3, 3, 3), (1, 1), 4),  # depthwise, pads wider than the kernel reach
     (5, 20, 5, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 5),  # depthwise, rows wider than a vector
