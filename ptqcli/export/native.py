@@ -4,7 +4,8 @@ low-bit arithmetic (see native/), with their weights packed; everything else sta
 A layer is replaced when its weights fit a kernel's 4-bit codes (int2-int4, binary and ternary:
 Int4*; pow2 up to 4 bits: Shift*) and its input is either
 float (then quantized per row by the operator) or an 8-bit per-tensor QuantizeLinear output (then
-consumed as integers with that scale and zero point, exactly like the QDQ pair it replaces).
+consumed as integers with that scale and zero point, exactly like the QDQ pair it replaces). A zero
+Pad between that QuantizeLinear and its float source joins the convolution's own pads.
 """
 
 from __future__ import annotations
