@@ -113,23 +113,23 @@ void binary_scalar(const BinaryRows& x, const BinaryWeights& w, const float* bia
 }  // namespace
 
 PreparedNibbles prepare_nibbles(const uint8_t* rows, const float* scale, const int32_t* zero, int64_t n0, int64_t n,
-                                int64_t kp, int64_t group, const uint8_t* lut) {
+                                int64_t kp, int64_t kr, int64_t group, const uint8_t* lut) {
   PreparedNibbles p;
   p.n = n;
-  p.kp = kp;
+  p.kp = kr;
   p.group = group;
-  p.groups = kp / group;
+  p.groups = kr / group;
   p.ld = round_up(n, kPanel);
   p.lut = lut;
-  p.panels.assign(static_cast<size_t>(p.ld / kPanel * kp * 8), 0);
+  p.panels.assign(static_cast<size_t>(p.ld / kPanel * kr * 8), 0);
   p.scale.assign(static_cast<size_t>(p.groups * p.ld), 0.0f);
   p.zero.assign(p.scale.size(), 0);
   p.colsum.assign(p.scale.size(), 0);
   for (int64_t j = 0; j < n; ++j) {
     const uint8_t* row = rows + (n0 + j) * (kp / 2);
-    uint8_t* panel = p.panels.data() + (j / kPanel) * kp * 8;
+    uint8_t* panel = p.panels.data() + (j / kPanel) * kr * 8;
     const int64_t lane = j % kPanel;
-    for (int64_t k = 0; k < kp; ++k) {
+    for (int64_t k = 0; k < kr; ++k) {
       const uint8_t code = code_at(row, k);
       uint8_t& byte = panel[(k / 4) * 32 + (lane % 8) * 4 + k % 4];
       byte = static_cast<uint8_t>(lane < 8 ? (byte & 0xF0) | code : (byte & 0x0F) | (code << 4));

@@ -15,6 +15,7 @@ using ParallelFor = std::function<void(size_t count, const std::function<void(si
 void serial_for(size_t count, const std::function<void(size_t)>& task);
 
 constexpr int64_t kNibbleBlock = 32;  // K elements per 16-byte block of packed 4-bit codes
+constexpr int64_t kNibbleStep = 16;   // the kernels' K step: groups hold whole multiples of 4 quads
 constexpr int64_t kBinaryWord = 64;   // K elements per 64-bit word of sign bits
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
@@ -42,7 +43,7 @@ constexpr int64_t kPanel = 16;
 struct NibbleWeights {
   const uint8_t* panels;   // [ceil(N / 16), kp * 8]
   int64_t n;               // output channels
-  int64_t kp;              // reduction length rounded up to a multiple of 32 (and of the group)
+  int64_t kp;              // reduction length as the kernels read it: a multiple of 16 and of the group
   int64_t group;           // elements per scale group (multiple of 32), kp when per-channel
   int64_t groups;          // kp / group
   int64_t ld;              // N rounded up to 16
@@ -71,9 +72,10 @@ struct PreparedNibbles {
   }
 };
 
-// rows: the model's packed codes [N, kp/2]; scale [N, groups]; zero [N, groups] decoded units.
+// rows: the model's packed codes [N, kp/2]; scale [N, groups]; zero [N, groups] decoded units. The
+// panels cover K up to kr <= kp (codes past kr are padding).
 PreparedNibbles prepare_nibbles(const uint8_t* rows, const float* scale, const int32_t* zero, int64_t n0, int64_t n,
-                                int64_t kp, int64_t group, const uint8_t* lut);
+                                int64_t kp, int64_t kr, int64_t group, const uint8_t* lut);
 
 // The code of element k in one packed model row.
 inline uint8_t code_at(const uint8_t* row, int64_t k) {

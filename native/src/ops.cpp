@@ -121,8 +121,11 @@ class Kernel {
       require(group_size_ >= 0 && group_size_ % ptq::kNibbleBlock == 0, node_,
               "group_size must be 0 (per channel) or a multiple of 32");
       kp_ = ptq::round_up(k_, group_size_ > 0 ? group_size_ : ptq::kNibbleBlock);
-      group_ = group_size_ > 0 ? group_size_ : kp_;
-      groups_ = kp_ / group_;
+      // Per channel, the kernels need K only in steps of 16, not of the file's 32-element blocks:
+      // a 16-channel 1x1 conv does half the work.
+      kr_ = group_size_ > 0 ? kp_ : ptq::round_up(k_, ptq::kNibbleStep);
+      group_ = group_size_ > 0 ? group_size_ : kr_;
+      groups_ = kr_ / group_;
       cache_prepared_weights(info);
     }
   }
@@ -175,7 +178,7 @@ class Kernel {
     const int64_t per_slice = n_ / slices;
     std::vector<ptq::PreparedNibbles> out;
     for (int64_t i = 0; i < slices; ++i)
-      out.push_back(ptq::prepare_nibbles(rows, scale, zero.data(), i * per_slice, per_slice, kp_, group_, lut()));
+      out.push_back(ptq::prepare_nibbles(rows, scale, zero.data(), i * per_slice, per_slice, kp_, kr_, group_, lut()));
     return out;
   }
 
@@ -274,7 +277,7 @@ class Kernel {
 
   void finish_rows(Activations& a, int64_t m, const ptq::ParallelFor& parallel) const {
     a.rowsum.resize(static_cast<size_t>(m * groups_));
-    ptq::quant_rowsums(a.q.get(), m, kp_, group_, a.rowsum.data(), parallel);
+    ptq::quant_rowsums(a.q.get(), m, kr_, group_, a.rowsum.data(), parallel);
   }
 
   const float* bias_input(const Ort::KernelContext& ctx) const {
@@ -310,18 +313,18 @@ class Kernel {
       return;
     }
     Activations a;
-    a.q.reset(new int8_t[static_cast<size_t>(m * kp_)]);
+    a.q.reset(new int8_t[static_cast<size_t>(m * kr_)]);
     if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       a.scale.resize(m);
       a.zero.resize(m);
-      ptq::quantize_rows_symmetric(x.GetTensorData<float>(), m, k_, kp_, a.q.get(), a.scale.data(), a.zero.data(),
+      ptq::quantize_rows_symmetric(x.GetTensorData<float>(), m, k_, kr_, a.q.get(), a.scale.data(), a.zero.data(),
                                    parallel);
     } else {
       const auto [scale, zero] = input_quantization(ctx, type);
       const std::vector<int8_t> values = as_int8(x, type, m * k_);
       for (int64_t r = 0; r < m; ++r) {
-        std::copy(values.begin() + r * k_, values.begin() + (r + 1) * k_, a.q.get() + r * kp_);
-        std::fill(a.q.get() + r * kp_ + k_, a.q.get() + (r + 1) * kp_, static_cast<int8_t>(zero));
+        std::copy(values.begin() + r * k_, values.begin() + (r + 1) * k_, a.q.get() + r * kr_);
+        std::fill(a.q.get() + r * kr_ + k_, a.q.get() + (r + 1) * kr_, static_cast<int8_t>(zero));
       }
       a.scale.assign(m, scale);
       a.zero.assign(m, zero);
@@ -424,16 +427,16 @@ class Kernel {
     }
     for_each_group([&](int64_t b, int64_t g, const ptq::ParallelFor& inner) {
       Activations a;
-      a.q.reset(new int8_t[static_cast<size_t>(pixels * kp_)]);
+      a.q.reset(new int8_t[static_cast<size_t>(pixels * kr_)]);
       a.scale.resize(pixels);
       a.zero.resize(pixels);
       if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         std::vector<float> rows(static_cast<size_t>(pixels * k_));
         ptq::im2col<float>(x.GetTensorData<float>() + b * image_size, s, g * cg, cg, k_, 0.0f, rows.data(), nullptr,
                            inner);
-        ptq::quantize_rows_symmetric(rows.data(), pixels, k_, kp_, a.q.get(), a.scale.data(), a.zero.data(), inner);
+        ptq::quantize_rows_symmetric(rows.data(), pixels, k_, kr_, a.q.get(), a.scale.data(), a.zero.data(), inner);
       } else {
-        ptq::im2col<int8_t>(reinterpret_cast<const int8_t*>(image) + b * image_size, s, g * cg, cg, kp_,
+        ptq::im2col<int8_t>(reinterpret_cast<const int8_t*>(image) + b * image_size, s, g * cg, cg, kr_,
                             static_cast<int8_t>(input_zero), a.q.get(), nullptr, inner, flip);
         std::fill(a.scale.begin(), a.scale.end(), input_scale);
         std::fill(a.zero.begin(), a.zero.end(), input_zero);
@@ -448,7 +451,9 @@ class Kernel {
   OpEntry entry_;
   std::string node_;
   int64_t k_ = 0, n_ = 0, group_size_ = 0;
-  int64_t kp_ = 0, group_ = 0, groups_ = 0, words_ = 0;
+  int64_t kp_ = 0;  // K rounded up as the model's packed rows are
+  int64_t kr_ = 0;  // K rounded up as the kernels read it (activation rows, weight panels)
+  int64_t group_ = 0, groups_ = 0, words_ = 0;
   Conv conv_;
   std::vector<int32_t> zero_;                     // [N, groups], when constant
   std::vector<ptq::PreparedNibbles> slices_;      // when W, W_scale and W_zero_point are constant

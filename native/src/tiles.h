@@ -38,12 +38,12 @@ inline void decode_quad(const uint8_t* at, __m256i lut, __m256i& low, __m256i& h
 // 8v..8v+7 of the tile). Products of a chunk of quads add up in narrow sums (Isa::dot), widened
 // into the int32 sums once per chunk (Isa::widen); U independent narrow chains per sum (quad q
 // feeds chain q % U) hide the latency of the multiply-add when a tile has few rows. Integers add
-// up exactly in any order. Chunks (Isa::chunk_quads) are a multiple of U, and U divides 8: a group
-// holds a multiple of 8 quads (32 elements).
+// up exactly in any order. Chunks (Isa::chunk_quads) are a multiple of U, and U divides 4: a group
+// holds a multiple of 4 quads (kNibbleStep elements).
 template <int MR, int NP, int U, bool Lut>
 inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
   constexpr int64_t kChunk = Isa::template chunk_quads<Lut>();
-  static_assert(kChunk % U == 0 && 8 % U == 0, "chains tile a chunk and a group");
+  static_assert(kChunk % U == 0 && (ptq::kNibbleStep / 4) % U == 0, "chains tile a chunk and a group");
   constexpr int V = 2 * NP;
   const ptq::NibbleWeights& w = *c.w;
   const ptq::QuantRows& x = *c.x;
