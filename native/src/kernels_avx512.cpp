@@ -13,6 +13,7 @@ namespace {
 
 struct Isa {
   static constexpr int kTileRows = 4;  // 32 registers: 8 sums, 8 float totals, weights, row
+  static constexpr int kTileRowsOneGroup = 8;  // 16 sums; the float totals only at the end
   static constexpr int kSingleRowChains = 2;  // with 2 panels: 8 chains, about vpdpbusd's latency over its throughput
   static constexpr int kSingleRowPanels = 2;  // panels a single-row tile spans
   // vpdpbusd adds into int32 directly: the narrow sums are int32 already. High nibbles stay in

@@ -40,7 +40,9 @@ inline void decode_quad(const uint8_t* at, __m256i lut, __m256i& low, __m256i& h
 // feeds chain q % U) hide the latency of the multiply-add when a tile has few rows. Integers add
 // up exactly in any order. Chunks (Isa::chunk_quads) are a multiple of U, and U divides 4: a group
 // holds a multiple of 4 quads (kNibbleStep elements).
-template <int MR, int NP, int U, bool Lut>
+// OneGroup: per-channel weights, known at compile time, so the float totals are formed once at the
+// end and a tile can have more rows (Isa::kTileRowsOneGroup).
+template <int MR, int NP, int U, bool Lut, bool OneGroup>
 inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
   constexpr int64_t kChunk = Isa::template chunk_quads<Lut>();
   static_assert(kChunk % U == 0 && (ptq::kNibbleStep / 4) % U == 0, "chains tile a chunk and a group");
@@ -55,7 +57,8 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < w.groups; ++g) {
+  const int64_t groups = OneGroup ? 1 : w.groups;
+  for (int64_t g = 0; g < groups; ++g) {
     __m256i sums[MR][V];
     const int64_t group_end = (g + 1) * quads_per_group;
     for (int64_t q0 = g * quads_per_group; q0 < group_end; q0 += kChunk) {
@@ -169,19 +172,25 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
 
 // Rows [m0, m1) x the panels that hold columns [n0, n1); n0 on a panel boundary. Single rows take
 // Isa::kSingleRowPanels panels at once (their weights decoded once per row, more independent sums).
-template <bool Lut>
+template <bool Lut, bool OneGroup>
 inline void nibble_range(const NibbleCtx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int64_t kChunk = Isa::template chunk_quads<Lut>();
   constexpr int kChains = static_cast<int>(std::min<int64_t>(Isa::kSingleRowChains, kChunk));
   constexpr int kWide = Isa::kSingleRowPanels;
+  constexpr int kBigRows = OneGroup ? Isa::kTileRowsOneGroup : Isa::kTileRows;
   const int64_t p0 = n0 / ptq::kPanel, p1 = (n1 + ptq::kPanel - 1) / ptq::kPanel;
-  const int64_t full = m0 + (m1 - m0) / Isa::kTileRows * Isa::kTileRows;  // rows in whole tiles end here
-  for (int64_t panel = p0; panel < p1; ++panel)
-    for (int64_t m = m0; m < full; m += Isa::kTileRows) nibble_tile<Isa::kTileRows, 1, 1, Lut>(c, m, panel);
+  const int64_t big = m0 + (m1 - m0) / kBigRows * kBigRows;  // rows in the largest tiles end here
+  const int64_t full = big + (m1 - big) / Isa::kTileRows * Isa::kTileRows;
+  for (int64_t panel = p0; panel < p1; ++panel) {
+    for (int64_t m = m0; m < big; m += kBigRows) nibble_tile<kBigRows, 1, 1, Lut, OneGroup>(c, m, panel);
+    if constexpr (kBigRows != Isa::kTileRows) {
+      for (int64_t m = big; m < full; m += Isa::kTileRows) nibble_tile<Isa::kTileRows, 1, 1, Lut, OneGroup>(c, m, panel);
+    }
+  }
   for (int64_t m = full; m < m1; ++m) {
     int64_t panel = p0;
-    for (; panel + kWide <= p1; panel += kWide) nibble_tile<1, kWide, kChains, Lut>(c, m, panel);
-    for (; panel < p1; ++panel) nibble_tile<1, 1, kChains, Lut>(c, m, panel);
+    for (; panel + kWide <= p1; panel += kWide) nibble_tile<1, kWide, kChains, Lut, OneGroup>(c, m, panel);
+    for (; panel < p1; ++panel) nibble_tile<1, 1, kChains, Lut, OneGroup>(c, m, panel);
   }
 }
 
@@ -193,10 +202,11 @@ inline void nibble_gemm_tiles(const ptq::QuantRows& x, const ptq::NibbleWeights&
     std::memcpy(table + 16, w.lut, 16);
   }
   const NibbleCtx c{&x, &w, row_term, bias, out, _mm256_load_si256(reinterpret_cast<const __m256i*>(table))};
+  const bool one_group = w.groups == 1;
   if (w.lut)
-    nibble_range<true>(c, m0, m1, n0, n1);
+    one_group ? nibble_range<true, true>(c, m0, m1, n0, n1) : nibble_range<true, false>(c, m0, m1, n0, n1);
   else
-    nibble_range<false>(c, m0, m1, n0, n1);
+    one_group ? nibble_range<false, true>(c, m0, m1, n0, n1) : nibble_range<false, false>(c, m0, m1, n0, n1);
 }
 
 // ---- binary over panels: word t of 8 weight rows sits side by side, one 64-bit lane each, so a
