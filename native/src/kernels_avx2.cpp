@@ -14,7 +14,7 @@ namespace {
 
 struct Isa {
   static constexpr int kTileRows = 2;  // 16 registers: 4 sums, 4 float totals, weights, row
-  static constexpr int kTileRowsOneGroup = kTileRows;  // no registers to spare
+  static constexpr int kTileRowsOneGroup = 3;  // 6 narrow and 6 wide sums, codes, a row: all 16 registers
   static constexpr int kSingleRowChains = 2;  // two loads in flight
   static constexpr int kSingleRowPanels = 1;  // panels a single-row tile spans
   // Narrow sums are int16 pairs from vpmaddubsw. Int4 codes are <= 15, so a pair is at most
