@@ -109,8 +109,9 @@ inline void depthwise_accumulate_float(const uint8_t* __restrict__ plane, uint8_
   const int64_t taps = static_cast<int64_t>(p.offset.size());
   constexpr int kVectors = 8;  // independent sums, enough to cover the latency of an add
   constexpr int64_t kBlock = kVectors * kRunFloats;
-  static_assert(ptq::kDepthwiseBlock % kBlock == 0, "blocks tile the padded length");
-  for (int64_t f0 = 0; f0 < p.length; f0 += kBlock) {
+  static_assert(ptq::kDepthwiseStep % kRunFloats == 0, "runs tile the padded length");
+  int64_t f0 = 0;
+  for (; f0 + kBlock <= p.length; f0 += kBlock) {
     Run block[kVectors] = {};
     for (int64_t t = 0; t < taps; ++t) {
       const Run wt = Run{} + weight[t];
@@ -123,6 +124,26 @@ inline void depthwise_accumulate_float(const uint8_t* __restrict__ plane, uint8_
       }
     }
     std::memcpy(sums + f0, block, sizeof(block));
+  }
+  // The rest one run at a time (small planes are all rest), the taps spread over 4 sums so that the
+  // adds do not wait on each other; the sums are exact integers, so their order does not matter.
+  for (; f0 < p.length; f0 += kRunFloats) {
+    const auto term = [&](int64_t t) {
+      Run run;
+      std::memcpy(&run, planes + p.offset[t] + f0, sizeof(run));
+      return (Run{} + weight[t]) * run;
+    };
+    Run a = Run{}, b = Run{}, c = Run{}, d = Run{};
+    int64_t t = 0;
+    for (; t + 4 <= taps; t += 4) {
+      a += term(t);
+      b += term(t + 1);
+      c += term(t + 2);
+      d += term(t + 3);
+    }
+    for (; t < taps; ++t) a += term(t);
+    const Run block = (a + b) + (c + d);
+    std::memcpy(sums + f0, &block, sizeof(block));
   }
   for (int64_t y = 0; y < oh; ++y) std::copy(sums + y * p.wq, sums + y * p.wq + ow, out + y * ow);
 }

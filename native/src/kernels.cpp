@@ -368,9 +368,9 @@ DepthwisePhases depthwise_phases(const ConvShape& s) {
   const int64_t hq = (hp + s.stride_h - 1) / s.stride_h;
   p.wq = (wp + s.stride_w - 1) / s.stride_w;
   p.phase_size = hq * p.wq;
-  p.length = round_up(s.out_h() * p.wq, kDepthwiseBlock);
+  p.length = round_up(s.out_h() * p.wq, kDepthwiseStep);
   // A run starts within the last phase and reads at most a row and a block past its end.
-  p.planes_size = s.stride_h * s.stride_w * p.phase_size + p.wq + kDepthwiseBlock;
+  p.planes_size = s.stride_h * s.stride_w * p.phase_size + p.wq + kDepthwiseStep;
   p.scratch_size = p.planes_size + p.length + std::max(p.length, s.width);
   for (int64_t i = 0; i < s.kernel_h; ++i)
     for (int64_t j = 0; j < s.kernel_w; ++j) {

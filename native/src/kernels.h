@@ -169,12 +169,12 @@ void depthwise_nibble_float_input(const float* image, const ConvShape& s, const 
 // Depthwise sums in float (exact when every partial sum is an integer below 2^24 in size) read the
 // zero-padded input split into stride_h x stride_w phase planes of one row pitch wq: each tap adds
 // one contiguous run of a phase plane to the outputs, laid out [out_h, wq] (columns past out_w dropped).
-constexpr int64_t kDepthwiseBlock = 128;  // the most outputs kept in registers while the taps go by
+constexpr int64_t kDepthwiseStep = 16;  // outputs are computed in runs of 16 (a zmm, or two ymm)
 
 struct DepthwisePhases {
   int64_t wq = 0, phase_size = 0;
   int64_t planes_size = 0;      // floats of the phase planes, with room for a run's overreach
-  int64_t length = 0;           // out_h * wq rounded up to kDepthwiseBlock
+  int64_t length = 0;           // out_h * wq rounded up to kDepthwiseStep
   int64_t scratch_size = 0;     // planes, sums (length), then one input row or the patch scales (length)
   std::vector<int64_t> offset;  // per tap (kh, kw order): where its run starts in the planes
   std::vector<int64_t> row;     // per input row: where it starts in its phase plane (column phase 0)
