@@ -390,19 +390,27 @@ DepthwisePhases depthwise_phases(const ConvShape& s) {
   return p;
 }
 
-namespace {
-
-// One depthwise channel's integer weights (decoded - zero), and the sum of their sizes.
-int64_t channel_weights(const uint8_t* codes, int64_t taps, const uint8_t* lut, int32_t zero, int32_t* weight) {
-  int64_t magnitude = 0;
-  for (int64_t t = 0; t < taps; ++t) {
-    weight[t] = (lut ? lut[code_at(codes, t)] : code_at(codes, t)) - zero;
-    magnitude += std::abs(weight[t]);
+DepthwiseWeights depthwise_weights(const uint8_t* rows, int64_t channels, int64_t kp, int64_t taps, const int32_t* zero,
+                                   const uint8_t* lut) {
+  DepthwiseWeights w;
+  w.taps = taps;
+  w.values.resize(static_cast<size_t>(channels * taps));
+  w.magnitude.assign(static_cast<size_t>(channels), 0);
+  for (int64_t c = 0; c < channels; ++c) {
+    const uint8_t* codes = rows + c * (kp / 2);
+    for (int64_t t = 0; t < taps; ++t) {
+      const int32_t value = (lut ? lut[code_at(codes, t)] : code_at(codes, t)) - zero[c];
+      w.values[c * taps + t] = value;
+      w.magnitude[c] += std::abs(value);
+    }
   }
-  return magnitude;
+  w.floats.assign(w.values.begin(), w.values.end());
+  return w;
 }
 
-// depthwise_quantized_patches for sums too large for float: one patch at a time, in integers.
+namespace {
+
+// One patch at a time, in integers: the float-input depthwise path for sums too large for float.
 void quantized_patches_exact(const float* plane, const ConvShape& s, const int32_t* weight, float* sums,
                              float* scales) {
   const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_h * s.kernel_w;
@@ -426,44 +434,10 @@ void quantized_patches_exact(const float* plane, const ConvShape& s, const int32
 
 }  // namespace
 
-void depthwise_nibble_float_input(const float* image, const ConvShape& s, const uint8_t* rows, int64_t channels,
-                                  int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
-                                  const float* bias, float* out, const ParallelFor& parallel) {
-  const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_h * s.kernel_w;
-  const Level level = active_level();
-  const isa::DepthwisePatches patches = level == Level::Avx512 ? isa::depthwise_patches_avx512
-                                        : level == Level::Avx2 ? isa::depthwise_patches_avx2
-                                                               : depthwise_quantized_patches;
-  const DepthwisePhases phases = depthwise_phases(s);
-  constexpr int64_t kChannelsPerTask = 8;
-  parallel(static_cast<size_t>((channels + kChannelsPerTask - 1) / kChannelsPerTask), [&](size_t task) {
-    std::vector<int32_t> weight(static_cast<size_t>(taps));
-    std::vector<float> float_weight(static_cast<size_t>(taps)), sums(static_cast<size_t>(oh * ow));
-    std::vector<float> x_scale(sums.size()), scratch(static_cast<size_t>(phases.scratch_size));
-    const int64_t c0 = static_cast<int64_t>(task) * kChannelsPerTask;
-    for (int64_t c = c0; c < std::min(channels, c0 + kChannelsPerTask); ++c) {
-      const int64_t magnitude = channel_weights(rows + c * (kp / 2), taps, lut, zero[c], weight.data());
-      const float* plane = image + c * s.height * s.width;
-      // |q| <= 127: below this bound every float partial sum is an exact integer.
-      if (127 * magnitude < (int64_t{1} << 24)) {
-        std::copy(weight.begin(), weight.end(), float_weight.begin());
-        patches(plane, s, phases, float_weight.data(), sums.data(), x_scale.data(), scratch.data());
-      } else {
-        quantized_patches_exact(plane, s, weight.data(), sums.data(), x_scale.data());
-      }
-      float* dst = out + c * oh * ow;
-      for (int64_t p = 0; p < oh * ow; ++p) {
-        const float scaled = (sums[p] * scale[c]) * x_scale[p];
-        dst[p] = bias ? scaled + bias[c] : scaled;
-      }
-    }
-  });
-}
-
-void depthwise_nibble(const uint8_t* image, uint8_t flip, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
-                      int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
-                      const float* bias, float* out, const ParallelFor& parallel) {
-  const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_h * s.kernel_w;
+void depthwise_conv(const DepthwiseImage& image, const ConvShape& s, const DepthwiseWeights& w, const float* scale,
+                    const float* bias, float* out, const ParallelFor& parallel) {
+  const int64_t pixels = s.out_h() * s.out_w(), plane_size = s.height * s.width, taps = w.taps;
+  const int64_t channels = static_cast<int64_t>(w.magnitude.size());
   const Level level = active_level();
   const isa::DepthwiseAccumulate accumulate = level == Level::Avx512 ? isa::depthwise_avx512
                                               : level == Level::Avx2 ? isa::depthwise_avx2
@@ -471,31 +445,44 @@ void depthwise_nibble(const uint8_t* image, uint8_t flip, const ConvShape& s, fl
   const isa::DepthwiseAccumulateFloat accumulate_float = level == Level::Avx512 ? isa::depthwise_float_avx512
                                                          : level == Level::Avx2 ? isa::depthwise_float_avx2
                                                                                 : depthwise_accumulate_float;
+  const isa::DepthwisePatches patches = level == Level::Avx512 ? isa::depthwise_patches_avx512
+                                        : level == Level::Avx2 ? isa::depthwise_patches_avx2
+                                                               : depthwise_quantized_patches;
   const DepthwisePhases phases = depthwise_phases(s);
+  // Every float partial sum is an exact integer while its size stays below 2^24: integer inputs are
+  // at most 255 from their zero point, quantized patches at most 127 in size.
+  const int64_t largest_input = image.floats ? 127 : 255;
   constexpr int64_t kChannelsPerTask = 8;
   parallel(static_cast<size_t>((channels + kChannelsPerTask - 1) / kChannelsPerTask), [&](size_t task) {
-    std::vector<int32_t> weight(static_cast<size_t>(taps)), acc(static_cast<size_t>(oh * ow));
-    std::vector<float> sums(static_cast<size_t>(oh * ow)), scratch(static_cast<size_t>(phases.scratch_size));
-    std::vector<float> float_weight(static_cast<size_t>(taps));
+    std::vector<float> sums(static_cast<size_t>(pixels)), x_scales(image.floats ? sums.size() : 0);
+    std::vector<float> scratch(static_cast<size_t>(phases.scratch_size));
+    std::vector<int32_t> acc;
     const int64_t c0 = static_cast<int64_t>(task) * kChannelsPerTask;
     for (int64_t c = c0; c < std::min(channels, c0 + kChannelsPerTask); ++c) {
-      const int64_t magnitude = channel_weights(rows + c * (kp / 2), taps, lut, zero[c], weight.data());
-      const uint8_t* plane = image + c * s.height * s.width;
-      // |x - x_zero| <= 255: below this bound every float partial sum is an exact integer.
-      if (255 * magnitude < (int64_t{1} << 24)) {
-        std::copy(weight.begin(), weight.end(), float_weight.begin());
-        accumulate_float(plane, flip, s, phases, x_zero, float_weight.data(), sums.data(), scratch.data());
+      const int32_t* weight = w.values.data() + c * taps;
+      const float* float_weight = w.floats.data() + c * taps;
+      const bool exact_in_float = largest_input * w.magnitude[c] < (int64_t{1} << 24);
+      if (image.floats) {
+        const float* plane = image.floats + c * plane_size;
+        if (exact_in_float)
+          patches(plane, s, phases, float_weight, sums.data(), x_scales.data(), scratch.data());
+        else
+          quantized_patches_exact(plane, s, weight, sums.data(), x_scales.data());
       } else {
-        std::fill(acc.begin(), acc.end(), 0);
-        accumulate(plane, flip, s, x_zero, weight.data(), acc.data());
-        for (int64_t p = 0; p < oh * ow; ++p) sums[p] = static_cast<float>(acc[p]);
+        const uint8_t* plane = image.bytes + c * plane_size;
+        if (exact_in_float) {
+          accumulate_float(plane, image.flip, s, phases, image.x_zero, float_weight, sums.data(), scratch.data());
+        } else {
+          acc.assign(static_cast<size_t>(pixels), 0);
+          accumulate(plane, image.flip, s, image.x_zero, weight, acc.data());
+          std::copy(acc.begin(), acc.end(), sums.begin());
+        }
       }
-      float* dst = out + c * oh * ow;
+      float* dst = out + c * pixels;
       const float b = bias ? bias[c] : 0.0f;
-      if (bias) {
-        for (int64_t p = 0; p < oh * ow; ++p) dst[p] = (sums[p] * scale[c]) * x_scale + b;
-      } else {
-        for (int64_t p = 0; p < oh * ow; ++p) dst[p] = (sums[p] * scale[c]) * x_scale;
+      for (int64_t p = 0; p < pixels; ++p) {
+        const float scaled = (sums[p] * scale[c]) * (image.floats ? x_scales[p] : image.x_scale);
+        dst[p] = bias ? scaled + b : scaled;
       }
     }
   });

@@ -153,18 +153,33 @@ struct ConvShape {
 // the top bit flipped gives the same int8), so one kernel serves both without a converted copy.
 inline int32_t image_value(uint8_t byte, uint8_t flip) { return static_cast<int8_t>(byte ^ flip); }
 
-// Depthwise convolution (one input channel per output channel) of int8 images, straight from the
-// image without patches: out[c, p] equals gemm_nibble over the patch rows bit for bit (padding
-// holds x_zero, so it adds exactly 0). One scale group: scale and zero are per channel.
-void depthwise_nibble(const uint8_t* image, uint8_t flip, const ConvShape& s, float x_scale, int32_t x_zero, const uint8_t* rows,
-                      int64_t channels, int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
-                      const float* bias, float* out, const ParallelFor& parallel);
+// A depthwise layer's weights (one input channel per output channel, one scale group): per channel
+// the integer weights (decoded - zero) over the taps, as ints and as floats, and the sum of their
+// sizes, which decides whether float sums are exact. Made once per model load when W is constant.
+struct DepthwiseWeights {
+  int64_t taps = 0;
+  std::vector<int32_t> values;  // [channels, taps]
+  std::vector<float> floats;    // the same values
+  std::vector<int64_t> magnitude;
+};
 
-// The same convolution of a float image (weight-only layers), each output's patch quantized on its
-// own exactly as im2col + quantize_rows_symmetric + gemm_nibble would: equal to that path bit for bit.
-void depthwise_nibble_float_input(const float* image, const ConvShape& s, const uint8_t* rows, int64_t channels,
-                                  int64_t kp, const float* scale, const int32_t* zero, const uint8_t* lut,
-                                  const float* bias, float* out, const ParallelFor& parallel);
+DepthwiseWeights depthwise_weights(const uint8_t* rows, int64_t channels, int64_t kp, int64_t taps, const int32_t* zero,
+                                   const uint8_t* lut);
+
+// A depthwise layer's input image: integers (bytes read through image_value, with a scale and zero
+// point) or floats (each output's patch then quantized on its own, as quantize_rows_symmetric does).
+struct DepthwiseImage {
+  const uint8_t* bytes = nullptr;
+  uint8_t flip = 0;
+  float x_scale = 1.0f;
+  int32_t x_zero = 0;
+  const float* floats = nullptr;
+};
+
+// Depthwise convolution straight from the image, without patches: out[c, p] equals the patch-row
+// path (im2col, quantize_rows_symmetric for float input, gemm_nibble) bit for bit.
+void depthwise_conv(const DepthwiseImage& image, const ConvShape& s, const DepthwiseWeights& w, const float* scale,
+                    const float* bias, float* out, const ParallelFor& parallel);
 
 // Depthwise sums in float (exact when every partial sum is an integer below 2^24 in size) read the
 // zero-padded input split into stride_h x stride_w phase planes of one row pitch wq: each tap adds

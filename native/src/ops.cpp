@@ -161,7 +161,17 @@ class Kernel {
       check_count(w, n_ * kp_ / 2, "W (packed 4-bit codes, N x Kp/2)");
       check_count(scale, n_ * groups_, "W_scale");
       slices_ = prepare(w.GetTensorData<uint8_t>(), scale.GetTensorData<float>(), zero_);
+      if (depthwise_shaped()) depthwise_ = depthwise_weights(w.GetTensorData<uint8_t>(), zero_.data());
     }
+  }
+
+  // One input channel per output channel, one scale group: run by ptq::depthwise_conv.
+  bool depthwise_shaped() const {
+    return entry_.layout == Layout::Conv && conv_.group == n_ && k_ == conv_.kernel[0] * conv_.kernel[1] && groups_ == 1;
+  }
+
+  ptq::DepthwiseWeights depthwise_weights(const uint8_t* rows, const int32_t* zero) const {
+    return ptq::depthwise_weights(rows, n_, kp_, k_, zero, lut());
   }
 
   // Sign-bit panels per convolution group (one in all for MatMul and Gemm).
@@ -413,15 +423,21 @@ class Kernel {
       image = static_cast<const uint8_t*>(x.GetTensorRawData());
       flip = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? 0x80 : 0;
     }
-    if (cg == 1 && ng == 1 && groups_ == 1) {  // depthwise: straight from the image, no patches
+    if (depthwise_shaped()) {  // straight from the image, no patches (cg == 1 follows from K)
+      ptq::DepthwiseWeights made;
+      if (depthwise_.taps == 0) made = depthwise_weights(now.rows, now.zero);
+      const ptq::DepthwiseWeights& weights = depthwise_.taps == 0 ? made : depthwise_;
       for (int64_t b = 0; b < batch; ++b) {
-        float* dst = out + b * n_ * pixels;
-        if (image != nullptr)
-          ptq::depthwise_nibble(image + b * image_size, flip, s, input_scale, input_zero, now.rows, n_, kp_, now.scale,
-                                now.zero, lut(), bias, dst, parallel);
-        else
-          ptq::depthwise_nibble_float_input(x.GetTensorData<float>() + b * image_size, s, now.rows, n_, kp_, now.scale,
-                                            now.zero, lut(), bias, dst, parallel);
+        ptq::DepthwiseImage in;
+        if (image != nullptr) {
+          in.bytes = image + b * image_size;
+          in.flip = flip;
+          in.x_scale = input_scale;
+          in.x_zero = input_zero;
+        } else {
+          in.floats = x.GetTensorData<float>() + b * image_size;
+        }
+        ptq::depthwise_conv(in, s, weights, now.scale, bias, out + b * n_ * pixels, parallel);
       }
       return;
     }
@@ -457,6 +473,7 @@ class Kernel {
   Conv conv_;
   std::vector<int32_t> zero_;                     // [N, groups], when constant
   std::vector<ptq::PreparedNibbles> slices_;      // when W, W_scale and W_zero_point are constant
+  ptq::DepthwiseWeights depthwise_;               // likewise, for depthwise layers
   std::vector<std::vector<uint64_t>> binary_panels_;  // per conv group, when W is a constant
 };
 

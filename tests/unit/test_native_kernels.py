@@ -286,6 +286,34 @@ def test_shift_depthwise_with_sums_too_large_for_float_is_exact(dtype, size, pad
     np.testing.assert_array_equal(run(model, x), want)
 
 
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3], CONV_CASES[6]])
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_int4_conv_with_weights_fed_at_run_time_is_exact(case, dtype):
+    # W as a graph input rather than an initializer: the weights are laid out on every call, not
+    # once per session, and must give the same bits.
+    from onnx import helper, numpy_helper
+
+    c, size, n, kernel, strides, pads, dilations, group = case
+    rng = np.random.default_rng(21 + c)
+    k = (c // group) * kernel[0] * kernel[1]
+    codes, packed, scale, _ = int4_case(rng, n, k, 0, False)
+    x, x_scale, x_zero = activations(rng, (1, c, size, size), dtype)
+    constants = {"W": packed, "W_scale": scale}
+    if x_scale is not None:
+        constants.update({"X_scale": np.array(x_scale, np.float32), "X_zero_point": np.array(x_zero, dtype)})
+    model = R.single_op_model("Int4Conv", x.shape, dtype, constants, K=k, N=n,
+                              **conv_attributes(kernel, strides, pads, dilations, group))
+    w_init = next(t for t in model.graph.initializer if t.name == "W")
+    model.graph.input.append(helper.make_tensor_value_info("W", w_init.data_type, list(w_init.dims)))
+    model.graph.initializer.remove(w_init)
+    got = nativelib.session(model.SerializeToString(), threads=2).run(None, {"X": x, "W": packed})[0]
+    pad_value = 0 if x_scale is None else int(x_zero)
+    want = R.conv_reference(x, lambda rows, _v, cols: R.int4_matmul_reference(
+        rows, codes[cols], scale[cols], 0, None, None, x_scale, x_zero if x_scale is not None else 0),
+        n, kernel, strides, pads, dilations, group, pad_value=pad_value)
+    np.testing.assert_array_equal(got, want)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40), group=st.sampled_from([0, 32, 96]),
        asymmetric=st.booleans(), dtype=st.sampled_from([np.float32, np.uint8, np.int8]), seed=st.integers(0, 2**31))
