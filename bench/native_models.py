@@ -1,6 +1,7 @@
 """Whole models, native export beside its anchors: the embedded model and EfficientNet-Lite0 (BN
 folded) quantized W4A8 by ptqcli and exported both as QDQ and with the native operators, next to
-fp32 ONNX Runtime and ONNX Runtime's own static int8 quantization (QDQ, per-channel weights).
+fp32 ONNX Runtime, ptqcli's W8A8 QDQ export and ONNX Runtime's own static int8 quantization (QDQ,
+per-channel weights).
 
     python bench/native_models.py [--models embedded,efficientnet] [--threads 2] [--calib-samples 64]
 
@@ -83,6 +84,12 @@ def bench_model(label: str, model: Path, calib_path: Path, eval_path: Path, args
     stages.export(run_dir, paths["ptqcli W4A8 QDQ"])
     paths["ptqcli W4A8 native"] = tmp / f"{label}.native.onnx"
     stages.export(run_dir, paths["ptqcli W4A8 native"], fmt="native")
+    console.log(f"{label}: ptq calibrate + export W8A8 (QDQ)")
+    int8_run = tmp / f"{label}_run_int8"
+    stages.calibrate(model, QuantConfig(weights="int8"), DataConfig(path=str(calib_path), num_samples=args.calib_samples),
+                     int8_run)
+    paths["ptqcli W8A8 QDQ"] = tmp / f"{label}.w8a8.onnx"
+    stages.export(int8_run, paths["ptqcli W8A8 QDQ"])
     console.log(f"{label}: ORT quantize_static (int8)")
     paths["ORT int8 QDQ (quantize_static)"] = ort_static_int8(model, calib, tmp / f"{label}.ort_int8.onnx")
 
@@ -124,7 +131,8 @@ def main() -> None:
              f"ptqcli at commit {info['commit']}, native kernel path `{nativelib.instruction_set()}`. "
              f"Sessions: CPUExecutionProvider, intra_op_num_threads={args.threads}.", "",
              f"ptqcli: `ptq calibrate --weights int4` (uint8 activations, per-channel weights, minmax, bias correction) "
-             f"on {args.calib_samples} calibration samples, exported as QDQ and as native. ORT int8: "
+             f"on {args.calib_samples} calibration samples, exported as QDQ and as native; W8A8 likewise "
+             "(`--weights int8`, QDQ). ORT int8: "
              "`quantize_static` on the same samples (QDQ, uint8 activations, int8 per-channel weights). Top-1 on up to "
              f"{args.eval_samples} labelled held-out samples; latency at batch 1, median of at least {args.reps} runs "
              f"and {args.min_time} s per model, models interleaved.", ""]
