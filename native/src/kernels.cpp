@@ -48,7 +48,7 @@ Level active_level() {
 
 // Output tiles handed to threads: rows x columns. Sized so a tile's packed weights stay in L2.
 constexpr int64_t kTileRows = 64;
-constexpr int64_t kTileCols = 32;
+constexpr int64_t kTileCols = 128;
 static_assert(kTileCols % kBinaryPanel == 0, "binary tiles start on a panel boundary");
 
 template <typename Body>
