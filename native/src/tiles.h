@@ -3,8 +3,8 @@
 // and then includes this header inside an anonymous namespace, so each copy has internal linkage
 // and its own target flags.
 //
-// A nibble tile is MR rows x one 16-channel panel: per row two vectors of 8 int32 sums, one lane
-// per channel (see NibbleWeights). Zero points, scales and the float accumulation are applied per
+// A nibble tile is MR rows x NP 16-channel panels: per row and panel two vectors of 8 int32 sums,
+// one lane per channel (see NibbleWeights). Zero points, scales and the float accumulation are applied per
 // lane: the same IEEE operations, in the same order, as the scalar path, so results are identical.
 
 struct NibbleCtx {
