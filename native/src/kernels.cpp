@@ -49,7 +49,7 @@ Level active_level() {
 // Output tiles handed to threads: rows x columns. Sized so a tile's packed weights stay in L2.
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 128;
-static_assert(kTileCols % kBinaryPanel == 0, "binary tiles start on a panel boundary");
+static_assert(kTileCols % kBinaryPanel == 0 && kTileCols % kPanel == 0, "tiles start on a panel boundary");
 
 template <typename Body>
 void for_each_tile(int64_t m, int64_t n, const ParallelFor& parallel, Body body) {
