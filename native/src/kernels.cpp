@@ -46,6 +46,9 @@ Level active_level() {
   return std::min(cpu_level(), limit);
 }
 
+// The kernel table of the active instruction set (defined below, after the scalar kernels).
+const isa::Kernels& kernels();
+
 // Output tiles handed to threads: rows x columns. Sized so a tile's packed weights stay in L2.
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 128;
@@ -153,10 +156,7 @@ void gemm_nibble(const QuantRows& x, const NibbleWeights& w, const float* bias, 
   for (int64_t m = 0; m < x.m; ++m)
     for (int64_t g = 0; g < w.groups; ++g)
       row_term[g * x.m + m] = x.rowsum[m * w.groups + g] - static_cast<int32_t>(w.group) * x.zero[m];
-  const Level level = active_level();
-  const isa::NibbleTiles tiles = level == Level::Avx512 ? isa::nibble_avx512
-                                 : level == Level::Avx2 ? isa::nibble_avx2
-                                                        : nibble_scalar;
+  const isa::NibbleTiles tiles = kernels().nibble;
   for_each_tile(x.m, w.n, parallel, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     tiles(x, w, row_term.data(), bias, out, m0, m1, n0, n1);
   });
@@ -206,6 +206,20 @@ void for_each_row(int64_t m, const ParallelFor& parallel, Body body) {
   });
 }
 
+const isa::Kernels& kernels() {
+  static const isa::Kernels scalar{nibble_scalar,        binary_scalar,       depthwise_accumulate,
+                                   depthwise_accumulate_float,  depthwise_quantized_patches,
+                                   quantize_row_scalar,  binarize_row_scalar};
+  switch (active_level()) {
+    case Level::Avx512:
+      return isa::avx512_kernels();
+    case Level::Avx2:
+      return isa::avx2_kernels();
+    default:
+      return scalar;
+  }
+}
+
 }  // namespace
 
 void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum, const ParallelFor& parallel) {
@@ -221,7 +235,7 @@ void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_
 
 void quantize_rows_symmetric(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, float* scale,
                              int32_t* zero, const ParallelFor& parallel) {
-  const auto row = active_level() >= Level::Avx2 ? isa::quantize_row_avx2 : quantize_row_scalar;
+  const isa::QuantizeRow row = kernels().quantize_row;
   for_each_row(m, parallel, [&](int64_t r) {
     row(x + r * k, k, kp, q + r * kp, scale + r);
     zero[r] = 0;
@@ -230,7 +244,7 @@ void quantize_rows_symmetric(const float* x, int64_t m, int64_t k, int64_t kp, i
 
 void binarize_rows(const float* x, const uint8_t* valid, int64_t m, int64_t k, int64_t words, uint64_t* bits,
                    uint64_t* valid_bits, int32_t* count, float* scale, const ParallelFor& parallel) {
-  const auto row = active_level() >= Level::Avx2 ? isa::binarize_row_avx2 : binarize_row_scalar;
+  const isa::BinarizeRow row = kernels().binarize_row;
   for_each_row(m, parallel, [&](int64_t r) {
     row(x + r * k, valid ? valid + r * k : nullptr, k, words, bits + r * words,
         valid_bits ? valid_bits + r * words : nullptr, count + r, scale + r);
@@ -239,10 +253,7 @@ void binarize_rows(const float* x, const uint8_t* valid, int64_t m, int64_t k, i
 
 void gemm_binary(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out,
                  const ParallelFor& parallel) {
-  const Level level = active_level();
-  const isa::BinaryTiles tiles = level == Level::Avx512 ? isa::binary_avx512
-                                 : level == Level::Avx2 ? isa::binary_avx2
-                                                        : binary_scalar;
+  const isa::BinaryTiles tiles = kernels().binary;
   for_each_tile(x.m, w.n, parallel, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     tiles(x, w, bias, out, m0, m1, n0, n1);
   });
@@ -438,16 +449,7 @@ void depthwise_conv(const DepthwiseImage& image, const ConvShape& s, const Depth
                     const float* bias, float* out, const ParallelFor& parallel) {
   const int64_t pixels = s.out_h() * s.out_w(), plane_size = s.height * s.width, taps = w.taps;
   const int64_t channels = static_cast<int64_t>(w.magnitude.size());
-  const Level level = active_level();
-  const isa::DepthwiseAccumulate accumulate = level == Level::Avx512 ? isa::depthwise_avx512
-                                              : level == Level::Avx2 ? isa::depthwise_avx2
-                                                                     : depthwise_accumulate;
-  const isa::DepthwiseAccumulateFloat accumulate_float = level == Level::Avx512 ? isa::depthwise_float_avx512
-                                                         : level == Level::Avx2 ? isa::depthwise_float_avx2
-                                                                                : depthwise_accumulate_float;
-  const isa::DepthwisePatches patches = level == Level::Avx512 ? isa::depthwise_patches_avx512
-                                        : level == Level::Avx2 ? isa::depthwise_patches_avx2
-                                                               : depthwise_quantized_patches;
+  const isa::Kernels& run = kernels();
   const DepthwisePhases phases = depthwise_phases(s);
   // Every float partial sum is an exact integer while its size stays below 2^24: integer inputs are
   // at most 255 from their zero point, quantized patches at most 127 in size.
@@ -465,16 +467,16 @@ void depthwise_conv(const DepthwiseImage& image, const ConvShape& s, const Depth
       if (image.floats) {
         const float* plane = image.floats + c * plane_size;
         if (exact_in_float)
-          patches(plane, s, phases, float_weight, sums.data(), x_scales.data(), scratch.data());
+          run.depthwise_patches(plane, s, phases, float_weight, sums.data(), x_scales.data(), scratch.data());
         else
           quantized_patches_exact(plane, s, weight, sums.data(), x_scales.data());
       } else {
         const uint8_t* plane = image.bytes + c * plane_size;
         if (exact_in_float) {
-          accumulate_float(plane, image.flip, s, phases, image.x_zero, float_weight, sums.data(), scratch.data());
+          run.depthwise_float(plane, image.flip, s, phases, image.x_zero, float_weight, sums.data(), scratch.data());
         } else {
           acc.assign(static_cast<size_t>(pixels), 0);
-          accumulate(plane, image.flip, s, image.x_zero, weight, acc.data());
+          run.depthwise(plane, image.flip, s, image.x_zero, weight, acc.data());
           std::copy(acc.begin(), acc.end(), sums.begin());
         }
       }

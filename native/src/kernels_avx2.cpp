@@ -70,34 +70,12 @@ struct Isa {
 
 namespace ptq::isa {
 
-void nibble_avx2(const QuantRows& x, const NibbleWeights& w, const int32_t* row_term, const float* bias, OutputView out,
-                 int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  nibble_gemm_tiles(x, w, row_term, bias, out, m0, m1, n0, n1);
+const Kernels& avx2_kernels() {
+  static const Kernels table{nibble_gemm_tiles,          binary_gemm_tiles,  depthwise_accumulate,
+                             depthwise_accumulate_float, depthwise_quantized_patches,
+                             quantize_row_avx2,          binarize_row_avx2};
+  return table;
 }
-
-void depthwise_avx2(const uint8_t* plane, uint8_t flip, const ConvShape& s, int32_t x_zero, const int32_t* weight,
-                    int32_t* acc) {
-  depthwise_accumulate(plane, flip, s, x_zero, weight, acc);
-}
-
-void depthwise_patches_avx2(const float* plane, const ConvShape& s, const DepthwisePhases& p, const float* weight,
-                            float* sums, float* scales, float* scratch) {
-  depthwise_quantized_patches(plane, s, p, weight, sums, scales, scratch);
-}
-
-void depthwise_float_avx2(const uint8_t* plane, uint8_t flip, const ConvShape& s, const DepthwisePhases& p,
-                          int32_t x_zero, const float* weight, float* out, float* scratch) {
-  depthwise_accumulate_float(plane, flip, s, p, x_zero, weight, out, scratch);
-}
-
-void binary_avx2(const BinaryRows& x, const BinaryWeights& w, const float* bias, OutputView out, int64_t m0,
-                 int64_t m1, int64_t n0, int64_t n1) {
-  binary_gemm_tiles(x, w, bias, out, m0, m1, n0, n1);
-}
-
-}  // namespace ptq::isa
-
-namespace ptq::isa {
 
 void quantize_row_avx2(const float* x, int64_t k, int64_t kp, int8_t* q, float* scale) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
