@@ -47,6 +47,14 @@ typedef float Run __attribute__((vector_size(kRunFloats * 4)));
 typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
 typedef int8_t Bytes8 __attribute__((vector_size(8)));
+
+// Eight image bytes from `at` as floats x - x_zero (x = image_value(byte, flip)).
+inline Floats8 centered8(const uint8_t* at, uint8_t flip, int32_t x_zero) {
+  Bytes8 bytes;
+  std::memcpy(&bytes, at, sizeof(bytes));
+  bytes ^= static_cast<int8_t>(flip);
+  return __builtin_convertvector(__builtin_convertvector(bytes, Ints8) - x_zero, Floats8);
+}
 typedef int32_t RunInts __attribute__((vector_size(kRunFloats * 4)));
 
 // The same sums in float, for channels whose sums are exact in float: every partial sum an integer
@@ -74,13 +82,7 @@ inline void depthwise_accumulate_float(const uint8_t* __restrict__ plane, uint8_
       float* odd = planes + p.row[iy] + p.column[1 - b_even];
       int64_t ix = 0;
       for (; ix + 16 <= s.width; ix += 16) {
-        Bytes8 low_bytes, high_bytes;
-        std::memcpy(&low_bytes, line + ix, sizeof(low_bytes));
-        std::memcpy(&high_bytes, line + ix + 8, sizeof(high_bytes));
-        low_bytes ^= static_cast<int8_t>(flip);
-        high_bytes ^= static_cast<int8_t>(flip);
-        const Floats8 low = __builtin_convertvector(__builtin_convertvector(low_bytes, Ints8) - x_zero, Floats8);
-        const Floats8 high = __builtin_convertvector(__builtin_convertvector(high_bytes, Ints8) - x_zero, Floats8);
+        const Floats8 low = centered8(line + ix, flip, x_zero), high = centered8(line + ix + 8, flip, x_zero);
         const Floats8 evens = __builtin_shufflevector(low, high, 0, 2, 4, 6, 8, 10, 12, 14);
         const Floats8 odds = __builtin_shufflevector(low, high, 1, 3, 5, 7, 9, 11, 13, 15);
         std::memcpy(even + ix / 2, &evens, sizeof(evens));
@@ -93,10 +95,7 @@ inline void depthwise_accumulate_float(const uint8_t* __restrict__ plane, uint8_
     float* converted = s.stride_w == 1 ? planes + p.row[iy] + p.column[0] : line_values;
     int64_t ix = 0;
     for (; ix + 8 <= s.width; ix += 8) {
-      Bytes8 bytes;
-      std::memcpy(&bytes, line + ix, sizeof(bytes));
-      bytes ^= static_cast<int8_t>(flip);
-      const Floats8 values = __builtin_convertvector(__builtin_convertvector(bytes, Ints8) - x_zero, Floats8);
+      const Floats8 values = centered8(line + ix, flip, x_zero);
       std::memcpy(converted + ix, &values, sizeof(values));
     }
     for (; ix < s.width; ++ix) converted[ix] = static_cast<float>(ptq::image_value(line[ix], flip) - x_zero);
