@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "native_models.md")
     args = parser.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - {"embedded", "efficientnet"})
+    if unknown or not names:
+        parser.error(f"--models takes embedded and/or efficientnet (got {', '.join(unknown) or 'nothing'})")
     sets = model_sets(names, "calib_64")
     info = machine()
     started = time.perf_counter()
