@@ -329,7 +329,7 @@ def mask(target: Annotated[Path, typer.Argument(help="An ONNX model, or a run di
          transposable: Annotated[bool, typer.Option("--transposable", help="Masks whose transpose is N:M too (min-cost flow per block).")] = False,
          method: Annotated[str, typer.Option("--method", help="Transposable masks: exact or approx.")] = "exact",
          layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated node names [default: every weighted layer].")] = None,
-         refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Least-squares re-fit of the kept weights on calibration data.")] = True,
+         refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Re-fit the kept weights on calibration data (--data, or a run's own), where it helps on held-out samples.")] = True,
          data: DataOpt = None,
          samples: Annotated[int, typer.Option("--samples", help="Calibration samples for the re-fit.")] = 256):
     """N:M sparsity masks (optionally transposable), applied to the weights before quantization."""
@@ -353,16 +353,19 @@ def mask(target: Annotated[Path, typer.Argument(help="An ONNX model, or a run di
 
         g = load_prepared(target)
         if refit and data is None:
-            raise PtqError("--refit needs calibration data: pass --data, or --no-refit")
+            out.print("no --data: masks without a re-fit")
         report = mask_model(g, select(g, QuantConfig()).layers, cfg, DataConfig(path=data) if data else None, output)
         where = output
     table = Table(title=f"{nm}{' transposable' if transposable else ''} masks ({method})")
-    for col in ("node", "density", "output MSE masked", "output MSE re-fit", "log10 diversity / weight"):
+    for col in ("node", "density", "held-out MSE masked", "held-out MSE re-fit", "re-fit strength",
+                "log10 diversity / weight"):
         table.add_column(col, justify="left" if col == "node" else "right")
     fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
     for row in report:
+        strength = row.get("refit_strength")
+        kept_plain = row["output_mse_masked"] is not None and strength is None
         table.add_row(row["node"], f"{row['density']:.3f}", fmt(row["output_mse_masked"]), fmt(row["output_mse_refit"]),
-                      fmt(row["log10_diversity_per_weight"]))
+                      "plain mask kept" if kept_plain else fmt(strength), fmt(row["log10_diversity_per_weight"]))
     out.print(table)
     out.print(f"masks written to [bold]{where}[/bold]")
 

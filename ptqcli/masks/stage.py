@@ -26,6 +26,7 @@ from ..ops import channel_axis
 from ..plan import Layer, Plan
 from ..runtime import session, with_outputs
 from .nm import mask_diversity, nm_mask, matrix_to_weight, weight_to_matrix
+from .refit import refit_layer
 from .transposable import transposable_mask
 
 MASKS = "masks.npz"
@@ -69,42 +70,35 @@ def layer_mask(node, w: np.ndarray, cfg: MaskConfig) -> np.ndarray:
     return matrix_to_weight(mask, w.shape, node.op_type, axis).astype(bool)
 
 
-def refit_rows(rows: np.ndarray, keep: np.ndarray, x: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
-    """Per output row, the kept weights that best reproduce the dense row's outputs (least
-    squares, AdaPrune-style): min || w_kept . x_kept - w . x ||^2, masked entries stay zero."""
-    out = np.zeros_like(rows)
-    target = rows @ x  # (G, M, S)
-    for g in range(rows.shape[0]):
-        gram_full = x[g] @ x[g].T
-        reg = ridge * np.trace(gram_full) / max(len(gram_full), 1)
-        for r in range(rows.shape[1]):
-            kept = np.flatnonzero(keep[g, r])
-            if kept.size == 0:
-                continue
-            gram = gram_full[np.ix_(kept, kept)] + reg * np.eye(kept.size)
-            rhs = x[g][kept] @ target[g, r]
-            out[g, r, kept] = np.linalg.solve(gram, rhs)
-    return out
-
-
-def _layer_inputs(g: Graph, layers: list[Layer], batches: list[Batch], cfg: MaskConfig) -> dict[str, np.ndarray]:
-    """Sampled input columns of each layer, from the float model."""
+def _layer_inputs(g: Graph, layers: list[Layer], batches: list[Batch], cfg: MaskConfig
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Sampled input columns of each layer from the float model, (G, K, S), with the sample each
+    column came from (S,)."""
     names = sorted({layer.activation for layer in layers if layer.activation})
     sess = session(with_outputs(g.model, names))
     rng = np.random.default_rng(cfg.seed)
     columns: dict[str, list[np.ndarray]] = {layer.node: [] for layer in layers}
+    owners: dict[str, list[np.ndarray]] = {layer.node: [] for layer in layers}
+    seen = 0
     for batch in batches:
         values = dict(zip(names, sess.run(names, batch.feeds)))
         for layer in layers:
             node, w = g.node_by_name[layer.node], g.initializers[layer.weight]
             x = values[layer.activation]
-            columns[layer.node].append(sampled_columns(node, x, tuple(w.dims), cfg.positions, rng))
-    return {node: np.moveaxis(np.concatenate(parts, axis=0), 0, 2) for node, parts in columns.items() if parts}
+            block = sampled_columns(node, x, tuple(w.dims), cfg.positions, rng)
+            columns[layer.node].append(block)
+            owners[layer.node].append(seen + np.repeat(np.arange(len(x)), len(block) // max(len(x), 1)))
+        seen += len(next(iter(batch.feeds.values())))
+    return {node: (np.moveaxis(np.concatenate(parts, axis=0), 0, 2), np.concatenate(owners[node]))
+            for node, parts in columns.items() if parts}
 
 
-def mask_layers(g: Graph, layers: list[Layer], cfg: MaskConfig, batches: list[Batch] | None
+def mask_layers(g: Graph, layers: list[Layer], cfg: MaskConfig, batches: list[Batch] | None,
+                start: dict[str, np.ndarray] | None = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[dict]]:
-    """Masks and masked (re-fitted) weights per weight tensor, plus a report row per layer."""
+    """Masks and masked (re-fitted where data is given and it helps on held-out samples) weights per
+    weight tensor, plus a report row per layer. `start` holds the weights to mask where they are
+    not the float model's own (a run's learned rounding)."""
     chosen = [l for l in layers if (not cfg.layers or l.node in cfg.layers) and supported(g.node_by_name[l.node])]
     unknown = set(cfg.layers) - {l.node for l in layers}
     if unknown:
@@ -113,25 +107,22 @@ def mask_layers(g: Graph, layers: list[Layer], cfg: MaskConfig, batches: list[Ba
     masks, weights, report = {}, {}, []
     for layer in chosen:
         node = g.node_by_name[layer.node]
-        w = g.constant(layer.weight).astype(np.float64)
+        w = np.asarray((start or {}).get(layer.weight, g.constant(layer.weight)), dtype=np.float64)
         mask = layer_mask(node, w, cfg)
         masked = w * mask
-        error_before = error_after = None
-        if layer.node in inputs:
-            x = inputs[layer.node]
-            rows, keep = weight_rows(node, w), weight_rows(node, mask)
-            fitted = refit_rows(rows, keep, x)
-            target = rows @ x
-            error_before = float(np.mean((weight_rows(node, masked) @ x - target) ** 2))
-            error_after = float(np.mean((fitted @ x - target) ** 2))
-            masked = rows_to_weight(node, fitted, w.shape)
+        row = {"node": layer.node, "density": float(mask.mean()), "output_mse_masked": None,
+               "output_mse_refit": None, "refit_strength": None,
+               "log10_diversity_per_weight": _diversity(node, w, cfg)}
+        if layer.node in inputs and not mask.all():
+            x, owners = inputs[layer.node]
+            fitted = refit_layer(weight_rows(node, w), weight_rows(node, mask), x, owners, cfg.seed)
+            row.update(output_mse_masked=fitted.heldout_mse_masked, output_mse_refit=fitted.heldout_mse_refit,
+                       refit_strength=fitted.strength)
+            if fitted.strength is not None:
+                masked = rows_to_weight(node, fitted.rows, w.shape)
         masks[layer.weight] = mask
         weights[layer.weight] = masked.astype(np.float32)
-        report.append({
-            "node": layer.node, "density": float(mask.mean()),
-            "output_mse_masked": error_before, "output_mse_refit": error_after,
-            "log10_diversity_per_weight": _diversity(node, w, cfg),
-        })
+        report.append(row)
     return masks, weights, report
 
 

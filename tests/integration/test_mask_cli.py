@@ -58,4 +58,12 @@ def test_bad_mask_requests(tmp_path):
     assert_user_error(ptq("mask", MODEL, "--nm", "5:4", "-o", tmp_path / "r"), "need 0 < N <= M")
     assert_user_error(ptq("mask", MODEL, "--nm", "2-4", "-o", tmp_path / "r"), "--nm takes N:M")
     assert_user_error(ptq("mask", MODEL, "--nm", "2:4", "--data", CALIB), "needs -o")
-    assert_user_error(ptq("mask", MODEL, "--nm", "2:4", "-o", tmp_path / "r"), "--refit needs calibration data")
+
+
+
+def test_mask_without_data_masks_without_refit(tmp_path):
+    r = ptq("mask", MODEL, "--nm", "2:4", "-o", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert "without a re-fit" in r.stdout
+    masks = np.load(tmp_path / "r" / "masks.npz")
+    assert masks["conv3.weight"].mean() == 0.5
