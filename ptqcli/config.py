@@ -10,31 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PtqError
+from .formats import parse_weight_format
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-WEIGHT_FORMATS = "int8, int4, int3, int2, binary, ternary, pow2:B, exp:B (B = 2..5)"
-
-
-def parse_weight_format(text: str) -> tuple[str, int]:
-    """'int4' -> ('int', 4); 'pow2:4' -> ('pow2', 4); 'binary' -> ('binary', 1)."""
-    t = str(text).strip().lower()
-    fixed = {"binary": ("binary", 1), "ternary": ("ternary", 2)}
-    if t in fixed:
-        return fixed[t]
-    try:
-        if t.startswith("int") and t[3:].isdigit() and 2 <= int(t[3:]) <= 8:
-            return "int", int(t[3:])
-        scheme, _, bits = t.partition(":")
-        if scheme in ("pow2", "exp") and bits.isdigit() and 2 <= int(bits) <= 5:
-            return scheme, int(bits)
-    except ValueError:
-        pass
-    raise PtqError(f"unknown weight format {text!r} (known: {WEIGHT_FORMATS})")
 
 
 class ActFormat(str, Enum):

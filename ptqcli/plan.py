@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PtqError
-from .spec import QuantSpec
+from .formats import QuantSpec
 
 PLAN_VERSION = 1
 # "value": a float tensor the plan replaces without quantizing (a corrected bias that int32 cannot hold).

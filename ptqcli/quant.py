@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .spec import QuantSpec
+from .formats import QuantSpec, encode
 
 # A scale of zero would divide by zero in QuantizeLinear; an all-zero tensor gets this instead.
 _MIN_SCALE = np.float32(1e-8)
@@ -48,8 +48,6 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: Qua
 
     Level-set schemes (binary, pow2, ...) snap to their nearest level's code instead."""
     if spec.scheme != "int":
-        from .schemes import encode
-
         return encode(np.asarray(x, dtype=np.float32), scale, spec)
     s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, spec.axis)
     z = _broadcast(np.asarray(zero_point, dtype=np.int64), x.ndim, spec.axis)

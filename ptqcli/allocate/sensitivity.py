@@ -19,7 +19,8 @@ from ..calibrate.collect import Stats
 from ..calibrate.data import Batch
 from ..calibrate.observers import choose_range
 from ..calibrate.planner import activation_spec, quantize_weight, weight_spec
-from ..config import QuantConfig, parse_weight_format
+from ..config import QuantConfig
+from ..formats import parse_weight_format
 from ..graph import Graph, clone
 from ..ops import channel_axis
 from ..plan import Plan

@@ -18,7 +18,8 @@ from ..calibrate.collect import load_stats
 from ..calibrate.data import iter_batches, model_inputs
 from ..calibrate.planner import build_plan
 from ..calibrate.select import Selection
-from ..config import DataConfig, QuantConfig, from_mapping, parse_weight_format
+from ..config import DataConfig, QuantConfig, from_mapping
+from ..formats import parse_weight_format
 from ..errors import PtqError
 from ..graph import Graph
 from ..plan import Plan

@@ -31,7 +31,7 @@ from ..numeric.window import conv_window
 from ..plan import Plan, TensorQuant
 from ..quant import dequantize, quantize
 from ..runtime import feeds_for, session, truncated
-from ..schemes import code_levels
+from ..formats import code_levels
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound, eq. 23)
 

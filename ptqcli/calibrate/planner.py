@@ -6,15 +6,16 @@ from dataclasses import replace
 
 import numpy as np
 
-from .. import schemes
-from ..config import QuantConfig, parse_weight_format, to_jsonable
+from .. import formats
+from ..config import QuantConfig, to_jsonable
+from ..formats import parse_weight_format
 from ..errors import PtqError
 from ..export import binarize
 from ..graph import Graph
 from ..ops import channel_axis, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
-from ..spec import QuantSpec
+from ..formats import QuantSpec
 from .bias_correction import output_shift
 from .collect import Stats
 from .observers import choose_range
@@ -45,7 +46,7 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec, method: str = "minmax") -> T
     correction, so minmax stays the default. Level-set schemes always fit their scales (and
     exp its base) to the least squared error."""
     if spec.scheme != "int":
-        fitted, scale = schemes.fit(w, spec)
+        fitted, scale = formats.fit(w, spec)
         zp = np.zeros(np.shape(scale), dtype=np.int64)
         damage = sqnr_db(w, dequantize(quantize(w, scale, zp, fitted), scale, zp, fitted))
         return TensorQuant("weight", fitted, scale, zp, {"method": "mse-fit", "sqnr_db": _finite(damage)})

@@ -20,7 +20,7 @@ from ..graph import Graph, clone
 from ..nativelib import DOMAIN
 from ..plan import Plan, TensorQuant
 from ..quant import quantize
-from ..spec import QuantSpec
+from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
 from .layouts import LAYOUTS, Layout, get_attr
@@ -51,19 +51,13 @@ def _shift_codes(q: np.ndarray, tq: TensorQuant) -> tuple[np.ndarray, np.ndarray
     return ref.shift_codes(q), None, ref.SHIFT_ZERO_CODE
 
 
-INT4 = Family("Int4", _int4_codes)
-SHIFT = Family("Shift", _shift_codes)
-
-# Which kernels run which weight formats: every grid that fits in the kernel's 4-bit codes exactly.
-FAMILIES: tuple[tuple[Callable[[QuantSpec], bool], Family], ...] = (
-    (lambda spec: spec.scheme == "int" and spec.bits <= 4, INT4),
-    (lambda spec: spec.scheme in ("binary", "ternary"), INT4),
-    (lambda spec: spec.scheme == "pow2" and spec.bits <= 4, SHIFT),
-)
+# Which kernels run which weight formats: the format table names the family (formats.native_family).
+FAMILIES = {"Int4": Family("Int4", _int4_codes), "Shift": Family("Shift", _shift_codes)}
 
 
 def _family(tq: TensorQuant) -> Family | None:
-    return next((family for fits, family in FAMILIES if fits(tq.spec)), None)
+    name = native_family(tq.spec)
+    return FAMILIES[name] if name else None
 
 
 @dataclass

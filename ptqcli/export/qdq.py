@@ -16,7 +16,7 @@ from ..graph import Graph, check_model, clone, default_opset, make_initializer, 
 from ..plan import Plan, TensorQuant
 from ..quant import quantize
 from . import binarize
-from ..spec import QuantSpec
+from ..formats import QuantSpec
 
 # DequantizeLinear of int4/uint4 needs opset 21.
 INT4_OPSET = 21

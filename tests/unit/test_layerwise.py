@@ -132,8 +132,8 @@ def test_sampled_columns_are_the_layer_columns_at_the_picked_windows(attrs):
 
 
 def _pow2_problem(cols=2000):
-    from ptqcli.schemes import code_levels
-    from ptqcli.spec import QuantSpec
+    from ptqcli.formats import code_levels
+    from ptqcli.formats import QuantSpec
 
     rows, _, x_q, target = _problem(cols=cols)
     levels = code_levels(QuantSpec(bits=4, signed=True, symmetric=True, axis=0, scheme="pow2"))

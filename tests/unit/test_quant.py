@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ptqcli.export.qdq import onnx_int_type
 from ptqcli.graph import make_initializer
 from ptqcli.quant import channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
-from ptqcli.spec import QuantSpec, quant_range
+from ptqcli.formats import QuantSpec, quant_range
 
 
 def _ort_quantize(x, scale, zp, spec):

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from ptqcli import schemes
+from ptqcli import formats as schemes
 from ptqcli.config import parse_weight_format
 from ptqcli.errors import PtqError
 from ptqcli.quant import dequantize, quantize
-from ptqcli.spec import QuantSpec
+from ptqcli.formats import QuantSpec
 
 
 def spec(scheme, bits, **kw):
