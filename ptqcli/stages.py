@@ -22,6 +22,7 @@ from .export.measures import bops, latency_ms, weight_storage
 from .export.qdq import export_qdq
 from .files import check_writable
 from .graph import Graph, file_sha256, load_model, save_model
+from .metrics import top1
 from .plan import Plan
 from .prepare import prepare
 from . import rundir
@@ -208,7 +209,7 @@ def run_model(model_path: str | Path, data: DataConfig, progress: Progress = sil
             if batch.labels is None:
                 labelled = False
             else:
-                correct += int(np.sum(np.asarray(outs[0]).reshape(n, -1).argmax(axis=1) == batch.labels))
+                correct += int(np.sum(top1(outs[0]) == batch.labels))
             seen += n
             advance(n)
     if seen == 0:

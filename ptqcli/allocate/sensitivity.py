@@ -23,6 +23,7 @@ from ..config import QuantConfig
 from ..formats import parse_weight_format
 from ..graph import Graph, clone
 from ..ops import channel_axis
+from ..metrics import as_probs, kl
 from ..plan import Plan
 from ..quant import dequantize, quantize, scale_zero_point
 from ..runtime import session
@@ -130,9 +131,7 @@ def output_damage(reference: np.ndarray, probe: np.ndarray) -> float:
     """Summed over the batch: KL for class scores, squared error over signal power otherwise."""
     f, q = reference.reshape(len(reference), -1).astype(np.float64), probe.reshape(len(probe), -1).astype(np.float64)
     if reference.ndim == 2 and f.shape[1] > 1:
-        from ..export.fidelity import _as_probs, _kl
-
-        return float(np.sum(_kl(_as_probs(f), _as_probs(q))))
+        return float(np.sum(kl(as_probs(f), as_probs(q))))
     power = np.maximum(np.sum(f**2, axis=1), 1e-30)
     return float(np.sum(np.sum((f - q) ** 2, axis=1) / power))
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import PtqError
 from ..graph import Graph
-from ..runtime import session, with_outputs
+from ..runtime import run_session, session, with_outputs
 from .data import Batch
 from .observers import Histogram
 
@@ -35,11 +35,7 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
     def run(batch: Batch) -> list[np.ndarray]:
         if sess is None:
             return []
-        try:
-            return sess.run(tensors, batch.feeds)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise PtqError(f"ONNX Runtime failed on the calibration data: {first}") from None
+        return run_session(sess, tensors, batch.feeds)
 
     seen = 0
     source = iter(batches)

@@ -27,6 +27,7 @@ from ..config import QuantConfig
 from ..graph import Graph
 from ..numeric import node_attrs
 from ..numeric.conv import conv_patches, conv_patches_at
+from ..numeric.optim import adam_init, adam_step
 from ..numeric.window import conv_window
 from ..plan import Plan, TensorQuant
 from ..quant import dequantize, quantize
@@ -166,14 +167,14 @@ def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: 
     lo, gap = (a.astype(np.float32) for a in bracket(rows / scale, levels))
     v = _init_v((rows / scale - lo) / gap).astype(np.float32)
     scale32 = scale.astype(np.float32)
-    m, s_ = np.zeros_like(v), np.zeros_like(v)
+    state = adam_init(v)
     warm = int(cfg.warmup * cfg.iters)
     for it, (xb, tb) in enumerate(_minibatches(x_q, target, cfg, rng)):
         beta = None
         if it >= warm:
             beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * (it - warm) / max(cfg.iters - warm, 1)
         loss, grad_v = adaround_loss_grad(v, lo, gap, scale32, xb, tb, cfg.reg_weight, beta)
-        v = _adam(v, grad_v, m, s_, it, cfg.lr)
+        v, state = adam_step(v, grad_v, state, cfg.lr)
         if it % 50 == 0 or it == cfg.iters - 1:
             report(it, loss)
     return (lo + gap * (_h(v) >= 0.5)).astype(rows.dtype)
@@ -193,14 +194,6 @@ def adaround_loss_grad(v, lo, gap, scale, xb, tb, reg_weight: float, beta: float
     return loss, grad_v
 
 
-def _adam(p, g, m, s, it, lr, b1=0.9, b2=0.999, eps=1e-8):
-    m *= b1
-    m += (1 - b1) * g
-    s *= b2
-    s += (1 - b2) * g * g
-    return p - lr * (m / (1 - b1 ** (it + 1))) / (np.sqrt(s / (1 - b2 ** (it + 1))) + eps)
-
-
 def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, report=lambda i, loss: None):
     """AdaQuant: the weights themselves (and their scales) move, through a straight-through
     estimator of rounding; the result is rounded onto the (moved) grid. Returns (grid values, scale).
@@ -211,7 +204,7 @@ def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, re
     """
     w, sc = rows.astype(np.float32), scale.astype(np.float32)
     levels32 = levels.astype(np.float32)
-    mw, vw, ms, vs = (np.zeros_like(w), np.zeros_like(w), np.zeros_like(sc), np.zeros_like(sc))
+    w_state, s_state = adam_init(w), adam_init(sc)
     low, high = levels[0], levels[-1]
     best_q = nearest_level(w / sc, levels32)
     best_sc, best_err = sc.copy(), _row_error(best_q * sc, x_q, target)
@@ -224,8 +217,10 @@ def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, re
         grad_w = grad_wq * inside  # straight through the rounding
         # d(q * s)/ds with q held (straight-through): q; clipped entries move with the scale.
         grad_s = (grad_wq * np.where(inside, q - w / sc, q)).sum(axis=2, keepdims=True)
-        w = _adam(w, grad_w, mw, vw, it, cfg.lr * float(np.mean(np.abs(sc))))
-        sc = np.maximum(_adam(sc, grad_s, ms, vs, it, cfg.lr * 0.1 * float(np.mean(np.abs(sc)))), 1e-12)
+        step = cfg.lr * float(np.mean(np.abs(sc)))
+        w, w_state = adam_step(w, grad_w, w_state, step)
+        sc, s_state = adam_step(sc, grad_s, s_state, 0.1 * step)
+        sc = np.maximum(sc, 1e-12)
         if (it + 1) % 25 == 0 or it == cfg.iters - 1:
             q = nearest_level(w / sc, levels32)
             row_err = _row_error(q * sc, x_q, target)

@@ -16,6 +16,7 @@ from onnx import ModelProto
 
 from ..calibrate.data import Batch
 from ..nativelib import OPERATORS
+from ..metrics import as_probs, kl, top1
 from ..plan import Plan
 from ..runtime import optimized_op_counts, session, with_outputs
 
@@ -49,7 +50,7 @@ class _Running:
         if ff.shape[1] > 1 and f.ndim == 2:
             self.classifier = True
             self.agree += int(np.sum(ff.argmax(1) == qq.argmax(1)))
-            self.kl_sum += float(np.sum(_kl(_as_probs(ff), _as_probs(qq))))
+            self.kl_sum += float(np.sum(kl(as_probs(ff), as_probs(qq))))
 
     def sqnr_db(self) -> float | None:
         if self.noise == 0:
@@ -63,19 +64,6 @@ class _Running:
             out["top1_agreement"] = self.agree / max(self.count, 1)
             out["kl"] = self.kl_sum / max(self.count, 1)
         return out
-
-
-def _as_probs(x: np.ndarray) -> np.ndarray:
-    """Rows that are already distributions are used as they are; logits go through softmax."""
-    if np.all(x >= 0) and np.allclose(x.sum(1), 1.0, atol=1e-3):
-        return x
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    p, q = np.clip(p, 1e-12, 1.0), np.clip(q, 1e-12, 1.0)
-    return np.sum(p * np.log(p / q), axis=1)
 
 
 @dataclass
@@ -120,8 +108,8 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
         if batch.labels is not None:
             labels = batch.labels.reshape(-1)
             labelled += len(labels)
-            correct["float"] += int(np.sum(_top1(fv[outputs[0]]) == labels))
-            correct["quantized"] += int(np.sum(_top1(qv[outputs[0]]) == labels))
+            correct["float"] += int(np.sum(top1(fv[outputs[0]]) == labels))
+            correct["quantized"] += int(np.sum(top1(qv[outputs[0]]) == labels))
         advance(len(next(iter(batch.feeds.values()))))
     layers = [
         {"node": layer.node, "op_type": layer.op_type, "output": layer.output,
@@ -133,7 +121,3 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     samples = next(iter(out_stats.values())).count if out_stats else 0
     return Fidelity(samples, held_out, {k: v.summary() for k, v in out_stats.items()}, layers, accuracy,
                     optimized_op_counts(quant_model))
-
-
-def _top1(x: np.ndarray) -> np.ndarray:
-    return x.reshape(x.shape[0], -1).argmax(1)
