@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import (ActFormat, DataConfig, Granularity, Method, QuantConfig, ReduceRange, WeightMethod,
-                     load_recipe, merge)
+                     merge)
 from .errors import PtqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization for ONNX models.")
@@ -107,6 +107,8 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
              act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed, binary_acts=None):
+    from .export.card import load_recipe
+
     doc = load_recipe(str(recipe) if recipe else None)
     quant = merge(QuantConfig, doc.get("quant", {}), dict(
         weights=weights, acts=acts, granularity=granularity, act_symmetric=act_symmetric, method=method,

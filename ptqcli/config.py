@@ -217,25 +217,6 @@ def from_mapping(cls, mapping: dict, where: str):
         raise PtqError(f"{where}: {exc}") from None
 
 
-def load_recipe(path: str | None) -> dict[str, dict]:
-    """A TOML recipe with [quant] and [data] tables named like the CLI options, or a quantization
-    card (JSON), whose recipe replays the run that made it."""
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise PtqError(f"recipe file not found: {p}")
-    if p.suffix.lower() == ".json":
-        from .export.card import read_card
-
-        return {k: dict(v) for k, v in read_card(p)["recipe"].items()}
-    doc = read_toml(p, "recipe")
-    unknown = sorted(set(doc) - {"quant", "data"})
-    if unknown:
-        raise PtqError(f"recipe {p}: unknown table(s) {', '.join(unknown)} (known: quant, data)")
-    return {k: dict(v) for k, v in doc.items()}
-
-
 def read_toml(p: Path, what: str) -> dict:
     if not p.is_file():
         raise PtqError(f"{what} file not found: {p}")

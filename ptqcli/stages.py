@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import numpy as np
 
@@ -25,21 +23,10 @@ from .graph import Graph, file_sha256, load_model, save_model
 from .metrics import top1
 from .plan import Plan
 from .prepare import prepare
+from .progress import Progress, silent
 from . import rundir
 from .ops import op_info
 from .runtime import optimized_op_counts, run_session, session
-
-# A progress reporter: given a description and a total (None if unknown), a context that yields
-# an `advance(n)` callable. The CLI passes a rich one; library callers get silence by default.
-# A context manager per stage; what it yields is called with the steps done (and, optionally, a
-# short note on the latest one).
-Progress = Callable[[str, "int | None"], ContextManager[Callable[..., None]]]
-
-
-@contextlib.contextmanager
-def silent(description: str, total: int | None):
-    yield lambda n, note=None: None
-
 
 def load_prepared(model_path: str | Path) -> Graph:
     return prepare(load_model(model_path), source=str(model_path))

@@ -23,7 +23,7 @@ from ..formats import parse_weight_format
 from ..errors import PtqError
 from ..graph import Graph
 from ..plan import Plan
-from ..stages import Progress, silent
+from ..progress import Progress, silent
 from . import ilp
 from .costs import cost_table, layer_output_shapes
 from .sensitivity import Candidate, candidates, measure_damage

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import PtqError
+from ..config import read_toml
 from ..files import write_atomic
 from ..graph import Graph, default_opset, file_sha256
 from ..plan import Plan
@@ -187,3 +188,20 @@ def write_card(card: dict, model_path: str | Path) -> dict[str, Path]:
     write_atomic(paths["png"], render_plot(card))
     write_atomic(paths["md"], render_markdown(card, paths["png"].name).encode())
     return paths
+
+
+def load_recipe(path: str | None) -> dict[str, dict]:
+    """A TOML recipe with [quant] and [data] tables named like the CLI options, or a quantization
+    card (JSON), whose recipe replays the run that made it."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise PtqError(f"recipe file not found: {p}")
+    if p.suffix.lower() == ".json":
+        return {k: dict(v) for k, v in read_card(p)["recipe"].items()}
+    doc = read_toml(p, "recipe")
+    unknown = sorted(set(doc) - {"quant", "data"})
+    if unknown:
+        raise PtqError(f"recipe {p}: unknown table(s) {', '.join(unknown)} (known: quant, data)")
+    return {k: dict(v) for k, v in doc.items()}
