@@ -10,16 +10,29 @@ the registry is left in float and reported, never an error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from onnx import NodeProto
+from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 
-def _attr(node: NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(a.i)
-    return default
+def _plain(value: Any) -> Any:
+    """An attribute value as numpy/Python data: strings decoded, tensors as arrays."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, list):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def node_attrs(node: NodeProto) -> dict[str, Any]:
+    """A node's attributes as a dict: the one way attributes are read."""
+    return {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
+
+
+def attr(node: NodeProto, name: str, default: Any = None) -> Any:
+    return node_attrs(node).get(name, default)
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,7 @@ class OpInfo:
 
 
 def _gemm_axis(node: NodeProto) -> int:
-    return 0 if _attr(node, "transB", 0) else 1
+    return 0 if attr(node, "transB", 0) else 1
 
 
 _COMPUTE = {
@@ -55,10 +68,10 @@ _COMPUTE = {
     "ConvTranspose": OpInfo(weight_input=1, bias_input=2, channel_axis=lambda node: 1, macs_per_input=True),
     "Gemm": OpInfo(weight_input=1, bias_input=2, channel_axis=_gemm_axis, folds_batchnorm=True,
                    weight_in_axis=lambda node: 1 - _gemm_axis(node),
-                   act_channel_axis=lambda node: 0 if _attr(node, "transA", 0) else 1),
+                   act_channel_axis=lambda node: 0 if attr(node, "transA", 0) else 1),
     # MatMul's weight is input 1 when it is a constant [K, N]; two activations otherwise.
     "MatMul": OpInfo(act_inputs=(0, 1), weight_input=1, channel_axis=lambda node: -1,
-                     weight_in_axis=lambda node: 0, act_channel_axis=lambda node: -1),
+                     weight_in_axis=lambda node: -2, act_channel_axis=lambda node: -1),
 }
 
 _ELEMENTWISE = {
@@ -142,7 +155,7 @@ def preserves_scale(node: NodeProto) -> bool:
 
 
 def groups(node: NodeProto) -> int:
-    return _attr(node, "group", 1)
+    return int(attr(node, "group", 1))
 
 
 def is_fusable_activation(node: NodeProto) -> bool:

@@ -11,7 +11,7 @@ from ..graph import Graph
 from ..plan import Plan
 from ..runtime import session, with_outputs
 from ..calibrate.data import Batch
-from ..export.measures import layer_macs
+from ..geometry import layer_macs
 from .sensitivity import Candidate
 
 BUDGET_KINDS = ("size", "bits", "bops")

@@ -11,7 +11,6 @@ Only sampled patch columns are kept, so memory does not grow with the feature-ma
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -24,11 +23,9 @@ from ..allocate.sensitivity import _act_gate, _gate_feeds, probe_model
 from ..calibrate.collect import Stats
 from ..calibrate.data import Batch
 from ..config import QuantConfig
+from ..geometry import per_row, rows_to_weight, sampled_columns, supported, weight_rows
 from ..graph import Graph
-from ..numeric import node_attrs
-from ..numeric.conv import conv_patches, conv_patches_at
 from ..numeric.optim import adam_init, adam_step
-from ..numeric.window import conv_window
 from ..plan import Plan, TensorQuant
 from ..quant import dequantize, quantize
 from ..runtime import feeds_for, session, truncated
@@ -48,61 +45,6 @@ class RoundingConfig:
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
     seed: int = 0
-
-
-# ---- weights as row matrices against their input columns ------------------------------------
-
-
-def weight_rows(node, w: np.ndarray) -> np.ndarray:
-    """(groups, out per group, K): rows that multiply the columns of `layer_columns`."""
-    if node.op_type == "Conv":
-        groups = int(node_attrs(node).get("group", 1))
-        return w.reshape(groups, w.shape[0] // groups, -1)
-    transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not node_attrs(node).get("transB", 0))
-    return (w.T if transposed else w)[None]
-
-
-def rows_to_weight(node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if node.op_type == "Conv":
-        return rows.reshape(shape)
-    transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not node_attrs(node).get("transB", 0))
-    return rows[0].T.reshape(shape) if transposed else rows[0].reshape(shape)
-
-
-def layer_columns(node, x: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
-    """(groups, K, columns): the inputs each weight row sees, one column per output position."""
-    if node.op_type == "Conv":
-        return conv_patches(x, node_attrs(node), w_shape)
-    attrs = node_attrs(node)
-    if node.op_type == "Gemm" and attrs.get("transA", 0):
-        x = x.T
-    return x.reshape(-1, x.shape[-1]).T[None]
-
-
-def supported(node) -> bool:
-    return node.op_type in ("Conv", "Gemm", "MatMul")
-
-
-def sampled_columns(node, x: np.ndarray, w_shape: tuple[int, ...], per_sample: int,
-                    rng: np.random.Generator) -> np.ndarray:
-    """`per_sample` random columns of `layer_columns` from each sample (all of them when a sample
-    has no more), sample-major: (S, G, K). Conv patches are built only at the chosen windows."""
-    samples = len(x)
-    if node.op_type == "Conv":
-        attrs = node_attrs(node)
-        win = conv_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w_shape[2:])
-        block = math.prod(win.out)
-    else:
-        columns = np.moveaxis(layer_columns(node, x, w_shape), 2, 0)
-        block = len(columns) // samples
-    if block <= per_sample:
-        picks = np.arange(samples * block)
-    else:
-        picks = np.concatenate([i * block + np.sort(rng.choice(block, per_sample, replace=False))
-                                for i in range(samples)])
-    if node.op_type == "Conv":
-        return conv_patches_at(x, attrs, w_shape, picks // block, picks % block)
-    return columns[picks]
 
 
 def _minibatches(x_q: np.ndarray, target: np.ndarray, cfg: RoundingConfig, rng: np.random.Generator):
@@ -270,7 +212,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
             rows = weight_rows(node, w).astype(np.float64)
             target = _targets(rows, float_columns[index])
             float_columns[index] = None  # unmapped: read pages of every layer would otherwise count as resident
-            scale = _row_scale(wq, rows.shape, node, w.shape)
+            scale = per_row(node, wq.scale, w.shape).astype(np.float64)
             levels = code_levels(wq.spec)
             nearest = nearest_level(rows / scale, levels)
             before = _mean_error(nearest * scale, xq, target)
@@ -366,20 +308,6 @@ def _targets(rows: np.ndarray, float_columns: np.ndarray) -> np.ndarray:
         chunk = np.moveaxis(np.asarray(float_columns[start:start + step]), 0, 2)
         out[start:start + step] = np.moveaxis(rows32 @ chunk, 2, 0)
     return np.moveaxis(out, 0, 2)
-
-
-def _row_scale(wq: TensorQuant, rows_shape, node, w_shape) -> np.ndarray:
-    """The plan's per-channel (or per-tensor) scale laid out like the weight rows."""
-    scale = np.asarray(wq.scale, dtype=np.float64)
-    if scale.ndim == 0:
-        return np.full(rows_shape[:2] + (1,), float(scale))
-    return weight_rows(node, _channel_broadcast(scale, wq.spec.axis, w_shape))[:, :, :1]
-
-
-def _channel_broadcast(scale: np.ndarray, axis: int, shape) -> np.ndarray:
-    view = [1] * len(shape)
-    view[axis] = -1
-    return np.broadcast_to(scale.reshape(view), shape)
 
 
 def _with_values(wq: TensorQuant, values: np.ndarray, row_scale: np.ndarray, node, w_shape) -> TensorQuant:

@@ -10,7 +10,7 @@ from .. import formats
 from ..config import QuantConfig, to_jsonable
 from ..formats import parse_weight_format
 from ..errors import PtqError
-from ..export import binarize
+from ..geometry import native_unsupported
 from ..graph import Graph
 from ..ops import channel_axis, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
@@ -182,7 +182,7 @@ def binary_inputs(g: Graph, sel: Selection, weights: dict[str, TensorQuant], sta
         spec = weights[layer.weight].spec
         if spec.scheme != "binary":
             return f"layer {layer.node} has {spec.label} weights; binary inputs need binary weights"
-        why = binarize.supported(g.node_by_name[layer.node], g.constant(layer.weight))
+        why = native_unsupported(g.node_by_name[layer.node], g.constant(layer.weight))
         return f"layer {layer.node}: {why}" if why else None
 
     if cfg.binary_acts == ("all",):

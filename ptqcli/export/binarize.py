@@ -11,13 +11,12 @@ emulation for the operator. W mu is folded per output channel, with the float we
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from ..numeric.registry import node_attrs
-from .layouts import LAYOUTS as WEIGHT_LAYOUTS
+from ..geometry import channel_shape, flat_rows, weight_rows
+from ..ops import node_attrs
 
 
 @dataclass(frozen=True)
@@ -42,16 +41,6 @@ class BinaryNames:
         return self.tensor("scale_node"), self.tensor("bias_node")
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Per op: the mean's broadcast shape, the window-mean |x - mu| nodes, and W mu per output."""
-
-    mean_shape: Callable[[np.ndarray, NodeProto], tuple[int, ...]]
-    window_mean: Callable[[BinaryNames, str, np.ndarray, NodeProto], tuple[list[NodeProto], list[TensorProto], str]]
-    mean_term: Callable[[np.ndarray, np.ndarray, NodeProto], np.ndarray]
-    output_shape: Callable[[int, NodeProto], tuple[int, ...]]
-
-
 def _conv_window_mean(names: BinaryNames, magnitude: str, w: np.ndarray, node: NodeProto):
     """Sum of |x - mu| over each window / number of real elements in it: two Convs with an all-ones
     kernel, one over |x - mu| and one over ones (which counts the unpadded taps)."""
@@ -74,42 +63,22 @@ def _conv_window_mean(names: BinaryNames, magnitude: str, w: np.ndarray, node: N
 
 def _row_window_mean(names: BinaryNames, magnitude: str, w: np.ndarray, node: NodeProto):
     """Mean |x - mu| over the last axis, as a MatMul by a column of 1/K (no opset-dependent Reduce)."""
-    k = _rows(w, node).shape[1]
+    k = flat_rows(node, w).shape[1]
     column, mean = names.tensor("mean_column"), names.tensor("window_mean")
     nodes = [helper.make_node("MatMul", [magnitude, column], [mean], name=mean + "_node")]
     return nodes, [numpy_helper.from_array(np.full((k, 1), 1.0 / k, dtype=np.float32), column)], mean
 
 
-def _rows(w: np.ndarray, node: NodeProto) -> np.ndarray:
-    return WEIGHT_LAYOUTS[node.op_type].to_rows(w, node)
+def _mean_term(node: NodeProto, w: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """W mu per output channel: each row against the means of the input channels it reads."""
+    rows = weight_rows(node, w.astype(np.float64))          # (G, M/G, K), K input-channel major
+    per_group = mean.astype(np.float64).reshape(len(rows), -1)  # (G, C/G)
+    taps = rows.shape[2] // per_group.shape[1]
+    return (rows @ np.repeat(per_group, taps, axis=1)[:, :, None]).reshape(-1)
 
 
-def _conv_mean_term(w: np.ndarray, mean: np.ndarray, node: NodeProto) -> np.ndarray:
-    groups = int(node_attrs(node).get("group", 1))
-    per_group = w.shape[1]
-    taps = int(np.prod(w.shape[2:]))
-    group_of = np.arange(w.shape[0]) // (w.shape[0] // groups)
-    means = mean.reshape(groups, per_group)[group_of]  # (M, C/g): each output's input channels
-    return np.einsum("mct,mc->m", w.reshape(w.shape[0], per_group, taps).astype(np.float64), means)
-
-
-def _row_mean_term(w: np.ndarray, mean: np.ndarray, node: NodeProto) -> np.ndarray:
-    return _rows(w, node).astype(np.float64) @ mean.astype(np.float64)
-
-
-LAYOUTS: dict[str, Layout] = {
-    "Conv": Layout(lambda mean, node: (1, mean.size, 1, 1), _conv_window_mean, _conv_mean_term,
-                   lambda n, node: (1, n, 1, 1)),
-    "Gemm": Layout(lambda mean, node: (mean.size,), _row_window_mean, _row_mean_term, lambda n, node: (n,)),
-    "MatMul": Layout(lambda mean, node: (mean.size,), _row_window_mean, _row_mean_term, lambda n, node: (n,)),
-}
-
-
-def supported(node: NodeProto, w: np.ndarray) -> str | None:
-    """None when the layer's input can be binarized (the Binary* kernels take the layer), else why not."""
-    if node.op_type not in LAYOUTS:
-        return f"{node.op_type} layers cannot take binary inputs"
-    return WEIGHT_LAYOUTS[node.op_type].supported(node, w)
+def _window_mean(names: BinaryNames, magnitude: str, w: np.ndarray, node: NodeProto):
+    return (_conv_window_mean if node.op_type == "Conv" else _row_window_mean)(names, magnitude, w, node)
 
 
 def binarize_layer(node: NodeProto, mean: np.ndarray, w_float: np.ndarray,
@@ -117,17 +86,16 @@ def binarize_layer(node: NodeProto, mean: np.ndarray, w_float: np.ndarray,
     """Rewires `node` (in place) to read sign(x - mu) and write its dot products; returns the nodes
     that go before it, the nodes that go after it (ending in its original output) and the new
     initializers."""
-    layout = LAYOUTS[node.op_type]
     names = BinaryNames(node.name)
     x, output = node.input[0], node.output[0]
-    n_out = _rows(w_float, node).shape[0]
-    folded = layout.mean_term(w_float, mean, node) + (0.0 if bias is None else bias.astype(np.float64).reshape(-1))
+    n_out = flat_rows(node, w_float).shape[0]
+    folded = _mean_term(node, w_float, mean) + (0.0 if bias is None else bias.astype(np.float64).reshape(-1))
     inits = [
-        numpy_helper.from_array(mean.astype(np.float32).reshape(layout.mean_shape(mean, node)), names.tensor("mean")),
+        numpy_helper.from_array(mean.astype(np.float32).reshape(channel_shape(node, mean.size)), names.tensor("mean")),
         numpy_helper.from_array(np.array(0.0, dtype=np.float32), names.tensor("zero")),
         numpy_helper.from_array(np.array(1.0, dtype=np.float32), names.tensor("plus_one")),
         numpy_helper.from_array(np.array(-1.0, dtype=np.float32), names.tensor("minus_one")),
-        numpy_helper.from_array(folded.astype(np.float32).reshape(layout.output_shape(n_out, node)), names.folded_bias),
+        numpy_helper.from_array(folded.astype(np.float32).reshape(channel_shape(node, n_out)), names.folded_bias),
     ]
     negative, signs, magnitude = names.tensor("negative"), names.tensor("signs"), names.tensor("magnitude")
     before = [
@@ -138,7 +106,7 @@ def binarize_layer(node: NodeProto, mean: np.ndarray, w_float: np.ndarray,
                          name=signs + "_node"),
         helper.make_node("Abs", [names.centered], [magnitude], name=magnitude + "_node"),
     ]
-    mean_nodes, mean_inits, window_mean = layout.window_mean(names, magnitude, w_float, node)
+    mean_nodes, mean_inits, window_mean = _window_mean(names, magnitude, w_float, node)
     dot, scaled = names.tensor("dot"), names.tensor("scaled")
     node.input[0] = signs
     del node.input[2:]  # the bias is folded with W mu

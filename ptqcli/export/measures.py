@@ -7,30 +7,12 @@ import time
 import numpy as np
 from onnx import ModelProto
 
+from ..geometry import layer_macs
 from ..graph import Graph
-from ..ops import op_info
 from ..plan import Plan
 from ..runtime import session
 
 FLOAT_BITS = 32
-
-
-def layer_macs(g: Graph, node_name: str, weight: str, output_shape: list[int] | None) -> int | None:
-    """Multiply-accumulates per sample: output elements x reduction length (weight size / channels)."""
-    node = g.node_by_name[node_name]
-    info = op_info(node.op_type, node.domain)
-    w_shape = list(g.initializers[weight].dims)
-    if info is None or not w_shape:
-        return None
-    if info.macs_per_input:
-        in_shape = g.value_shapes.get(node.input[0])
-        if not in_shape or not all(isinstance(d, int) for d in in_shape[1:]):
-            return None
-        return int(np.prod(in_shape[1:])) * int(np.prod(w_shape)) // w_shape[0]
-    if output_shape is None:
-        return None
-    channels = w_shape[info.channel_axis(node) % len(w_shape)]
-    return int(np.prod(output_shape)) * int(np.prod(w_shape)) // channels
 
 
 def weight_storage(g: Graph, plan: Plan) -> dict:

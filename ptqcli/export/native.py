@@ -16,14 +16,15 @@ from typing import Callable
 import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
+from ..geometry import MATRIX_OPS, flat_rows, geometry, kernel_attributes, native_unsupported
 from ..graph import Graph, clone
+from ..ops import attr
 from ..nativelib import DOMAIN
 from ..plan import Plan, TensorQuant
 from ..quant import quantize
 from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
-from .layouts import LAYOUTS, Layout, get_attr
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,7 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
 
 
 def _replace(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits, report) -> NodeProto | None:
-    layout = LAYOUTS.get(node.op_type)
-    if layout is None or len(node.input) < 2:
+    if node.op_type not in MATRIX_OPS or len(node.input) < 2:
         return None
     weight_dq = _dequantized_source(node.input[1], producers)
     weight_name = node.input[1].removesuffix("_dequantized")
@@ -158,12 +158,12 @@ def _replace(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits,
     float_w = numpy_helper.to_array(g.initializers[weight_name]) if tq.value is None else None
     w = tq.value if float_w is None else float_w
     w = np.asarray(w, dtype=np.float32).reshape(numpy_helper.to_array(g.initializers[weight_name]).shape)
-    why = layout.supported(node, w)
+    why = native_unsupported(node, w)
     x_inputs, why_x = _activation_inputs(node.input[0], plan, producers, inits)
     if why or why_x:
         report.kept[node.name] = why or why_x
         return None
-    rows_q, w_scale = _code_rows(node, layout, tq, w)
+    rows_q, w_scale = _code_rows(node, tq, w)
     if w_scale is None:
         report.kept[node.name] = "its weight scales are not per output channel"
         return None
@@ -186,10 +186,10 @@ def _replace(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits,
               named.get("Bias", "")]
     while inputs[-1] == "":
         inputs.pop()
-    op_type = family.prefix + layout.suffix
+    op_type = family.prefix + node.op_type
     report.replaced[node.name] = op_type
     return helper.make_node(op_type, inputs, list(node.output), name=node.name, domain=DOMAIN, K=k, N=n,
-                            group_size=0, **layout.attributes(node, w))
+                            group_size=0, **kernel_attributes(node, w))
 
 
 def _absorb_pad(conv: NodeProto, producers, consumers, inits) -> None:
@@ -200,7 +200,7 @@ def _absorb_pad(conv: NodeProto, producers, consumers, inits) -> None:
     if quantize_node is None or quantize_node.op_type != "QuantizeLinear":
         return
     pad = producers.get(quantize_node.input[0])
-    if pad is None or pad.op_type != "Pad" or get_attr(pad, "mode", b"constant") not in (b"constant", "constant"):
+    if pad is None or pad.op_type != "Pad" or attr(pad, "mode", "constant") != "constant":
         return
     if len(pad.input) < 2 or pad.input[1] not in inits or len(consumers.get(pad.output[0], [])) != 1:
         return
@@ -222,17 +222,15 @@ def _absorb_pad(conv: NodeProto, producers, consumers, inits) -> None:
     pads.ints.extend([top + int(amounts[2]), left + int(amounts[3]), bottom + int(amounts[6]), right + int(amounts[7])])
 
 
-def _code_rows(node: NodeProto, layout: Layout, tq: TensorQuant, w: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray | None]:
+def _code_rows(node: NodeProto, tq: TensorQuant, w: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """The weight's integer codes as [N, K] rows and its scales as [N, 1] (None unless they are
     per tensor or per output channel)."""
-    rows_q = layout.to_rows(quantize(w, tq.scale, tq.zero_point, tq.spec), node)
+    rows_q = flat_rows(node, quantize(w, tq.scale, tq.zero_point, tq.spec))
     n = rows_q.shape[0]
     scale = np.asarray(tq.scale, dtype=np.float32)
-    per_row_axis = {"Conv": 0, "Gemm": 0 if get_attr(node, "transB", 0) else 1, "MatMul": 1}[node.op_type]
     if scale.size == 1:
         return rows_q, np.full((n, 1), scale.ravel()[0], dtype=np.float32)
-    if tq.spec.axis is not None and tq.spec.axis % w.ndim == per_row_axis:
+    if tq.spec.axis is not None and tq.spec.axis % w.ndim == geometry(node, w.ndim).out_axis:
         return rows_q, scale.reshape(n, 1)
     return rows_q, None
 
@@ -242,13 +240,12 @@ def _replace_binarized(node: NodeProto, g: Graph, plan: Plan, producers, inits, 
     """A binary-input layer's emulation (see binarize.py) becomes one Binary* operator reading
     x - mu and writing the layer's output."""
     names = BinaryNames(node.name)
-    layout = LAYOUTS[node.op_type]
     weight_name = node.input[1].removesuffix("_dequantized")
     tq = plan.tensors[weight_name]
     shape = numpy_helper.to_array(g.initializers[weight_name]).shape
     w = np.asarray(g.constant(weight_name) if tq.value is None else tq.value, dtype=np.float32).reshape(shape)
-    why = layout.supported(node, w)
-    rows_q, w_scale = _code_rows(node, layout, tq, w)
+    why = native_unsupported(node, w)
+    rows_q, w_scale = _code_rows(node, tq, w)
     if why or w_scale is None:
         report.kept[node.name] = why or "its weight scales are not per output channel"
         return None
@@ -258,10 +255,10 @@ def _replace_binarized(node: NodeProto, g: Graph, plan: Plan, producers, inits, 
                  "Bias": inits[names.folded_bias].astype(np.float32).reshape(n)}
     new_inits.extend(numpy_helper.from_array(np.ascontiguousarray(v), f"{prefix}_{key}") for key, v in constants.items())
     output = _output_of(producers, names.output_nodes[1])
-    op_type = "Binary" + layout.suffix
+    op_type = "Binary" + node.op_type
     report.replaced[node.name] = op_type
     return helper.make_node(op_type, [names.centered] + [f"{prefix}_{key}" for key in ref.BINARY_INPUTS[1:]],
-                            [output], name=node.name, domain=DOMAIN, K=k, N=n, **layout.attributes(node, w))
+                            [output], name=node.name, domain=DOMAIN, K=k, N=n, **kernel_attributes(node, w))
 
 
 def _output_of(producers: dict[str, NodeProto], node_name: str) -> str:

@@ -14,9 +14,6 @@ from functools import cache
 
 import numpy as np
 
-MATRIX_OPS = ("Conv", "Gemm", "MatMul")
-
-
 def _check_nm(n: int, m: int) -> None:
     if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer)) and 0 <= n <= m and m >= 1):
         raise ValueError(f"N:M sparsity needs integers 0 <= n <= m, m >= 1; got {n}:{m}")
@@ -64,52 +61,6 @@ def nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
     mask[:, :full] = _top_n_along_last(scores[:, :full].reshape(rows, full // m, m), n).reshape(rows, full)
     mask[:, full:] = _top_n_along_last(scores[:, full:], tail_keep(n, m, k - full))
     return mask
-
-
-def _matrix_axes(shape: tuple[int, ...], op_type: str, channel_axis: int) -> tuple[int, int]:
-    """(output-channel axis, reduction axis) of a weight, both non-negative."""
-    if op_type not in MATRIX_OPS:
-        raise ValueError(f"N:M layout is defined for {', '.join(MATRIX_OPS)}, not {op_type}")
-    ndim = len(shape)
-    out = channel_axis % ndim if ndim else 0
-    if op_type == "Conv":
-        if ndim < 3 or out != 0:
-            raise ValueError(f"a Conv weight is [Cout, Cin/g, *kernel] with channel axis 0; "
-                             f"got {shape}, {channel_axis}")
-        return 0, 1
-    if ndim < 2 or out < ndim - 2:
-        raise ValueError(f"a {op_type} weight's output axis must be one of its last two; got {shape}, {channel_axis}")
-    return out, (2 * ndim - 3) - out  # the other one of the last two axes
-
-
-def weight_to_matrix(w: np.ndarray, op_type: str, channel_axis: int) -> np.ndarray:
-    """The weight as a 2-D matrix whose rows are contiguous along the reduction axis.
-
-    - Conv ``[Cout, Cin/g, *kernel]`` -> ``[Cout * prod(kernel), Cin/g]``: row ``(o, kh, kw)``
-      holds the input channels of output channel o at one kernel position, so groups of m run
-      along input channels, as sparse tensor cores lay out an implicit-GEMM convolution.
-    - Gemm/MatMul with output-channel axis ``channel_axis`` -> ``[N, K]`` (a MatMul weight with
-      leading batch axes gives ``[batch * N, K]``).
-
-    :func:`matrix_to_weight` inverts it.
-    """
-    w = np.asarray(w)
-    out, red = _matrix_axes(w.shape, op_type, channel_axis)
-    if op_type == "Conv":
-        return np.moveaxis(w, red, -1).reshape(-1, w.shape[red])
-    return np.moveaxis(w, (out, red), (-2, -1)).reshape(-1, w.shape[red])
-
-
-def matrix_to_weight(mat: np.ndarray, shape: tuple[int, ...], op_type: str, channel_axis: int) -> np.ndarray:
-    """Inverse of :func:`weight_to_matrix`: the ``[rows, K]`` matrix back in the weight's ``shape``."""
-    shape = tuple(int(s) for s in shape)
-    out, red = _matrix_axes(shape, op_type, channel_axis)
-    if op_type == "Conv":
-        moved = (shape[0], *shape[2:], shape[1])
-        return np.moveaxis(np.asarray(mat).reshape(moved), -1, red)
-    rest = [s for i, s in enumerate(shape) if i not in (out, red)]
-    moved = (*rest, shape[out], shape[red])
-    return np.moveaxis(np.asarray(mat).reshape(moved), (-2, -1), (out, red))
 
 
 @cache

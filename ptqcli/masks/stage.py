@@ -16,16 +16,16 @@ import numpy as np
 
 from .. import rundir
 from ..calibrate.data import Batch, iter_batches, model_inputs
-from ..calibrate.layerwise import rows_to_weight, sampled_columns, supported, weight_rows
 from ..calibrate.planner import quantize_weight, requantize_biases
 from ..calibrate.collect import load_stats
 from ..config import DataConfig, QuantConfig, from_mapping
 from ..errors import PtqError
+from ..geometry import matrix_to_weight, rows_to_weight, sampled_columns, supported, weight_rows, weight_to_matrix
 from ..graph import Graph, clone, make_initializer
 from ..ops import channel_axis
 from ..plan import Layer, Plan
 from ..runtime import session, with_outputs
-from .nm import mask_diversity, nm_mask, matrix_to_weight, weight_to_matrix
+from .nm import mask_diversity, nm_mask
 from .refit import refit_layer
 from .transposable import transposable_mask
 

@@ -65,7 +65,7 @@ def _patches_adjoint(patches: np.ndarray, shape: tuple[int, ...], win: Window, g
     return crop_spatial(full.reshape((n, c) + full.shape[3:]), win.begin, win.end)
 
 
-def _weight_rows(w: np.ndarray, groups: int) -> np.ndarray:
+def grouped_rows(w: np.ndarray, groups: int) -> np.ndarray:
     """(M, C/G, *kernel) -> (G, M/G, C/G * taps). ConvTranspose's (C, M/G, *kernel) weight gives
     (G, C/G, M/G * taps) the same way."""
     return w.reshape(groups, w.shape[0] // groups, -1)
@@ -80,7 +80,7 @@ def _conv_forward(inputs, attrs, wants):
     groups = int(attrs.get("group", 1))
     win = conv_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w.shape[2:])
     patches = _patches(pad_spatial(x, win.begin, win.end), win, groups)
-    y = _ungrouped(_weight_rows(w, groups) @ patches, x.shape[0], win.out)
+    y = _ungrouped(grouped_rows(w, groups) @ patches, x.shape[0], win.out)
     if b is not None:
         y += channel_view(b, y.ndim)
     ctx = _ConvCtx(x if wanted(wants, 1) else None, w if wanted(wants, 0) else None,
@@ -92,7 +92,7 @@ def _conv_vjp(ctx: _ConvCtx, g, wants):
     gm = _grouped(g, ctx.groups)  # (G, M / G, N * windows)
     dx = dw = db = None
     if wanted(wants, 0):
-        rows = _weight_rows(ctx.w, ctx.groups)
+        rows = grouped_rows(ctx.w, ctx.groups)
         dx = _patches_adjoint(rows.transpose(0, 2, 1) @ gm, ctx.x_shape, ctx.win, ctx.groups)
     if wanted(wants, 1):
         patches = _patches(pad_spatial(ctx.x, ctx.win.begin, ctx.win.end), ctx.win, ctx.groups)
@@ -147,7 +147,7 @@ def _conv_transpose_forward(inputs, attrs, wants):
     x, w, b = inputs[0], inputs[1], slot(inputs, 2)
     groups = int(attrs.get("group", 1))
     win, out = _transpose_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w.shape[2:])
-    cols = _weight_rows(w, groups).transpose(0, 2, 1) @ _grouped(x, groups)  # (G, M / G * taps, N * positions)
+    cols = grouped_rows(w, groups).transpose(0, 2, 1) @ _grouped(x, groups)  # (G, M / G * taps, N * positions)
     y = np.ascontiguousarray(_patches_adjoint(cols, (x.shape[0], w.shape[1] * groups) + out, win, groups))
     if b is not None:
         y += channel_view(b, y.ndim)
@@ -160,7 +160,7 @@ def _conv_transpose_vjp(ctx: _ConvCtx, g, wants):
     patches = _patches(pad_spatial(g, ctx.win.begin, ctx.win.end), ctx.win, ctx.groups)
     dx = dw = db = None
     if wanted(wants, 0):
-        dx = _ungrouped(_weight_rows(ctx.w, ctx.groups) @ patches, ctx.x_shape[0], ctx.x_shape[2:])
+        dx = _ungrouped(grouped_rows(ctx.w, ctx.groups) @ patches, ctx.x_shape[0], ctx.x_shape[2:])
     if wanted(wants, 1):
         dw = (_grouped(ctx.x, ctx.groups) @ patches.transpose(0, 2, 1)).reshape(ctx.w_shape)
     if wanted(wants, 2):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
+from ..ops import node_attrs  # noqa: F401  (re-exported: numeric callers read attributes here)
 from . import conv, layout, linear, pointwise, pool
 from .core import OpImpl
 
@@ -19,21 +19,6 @@ def op_impl(op_type: str, domain: str = "") -> OpImpl | None:
     if domain not in ("", "ai.onnx"):
         return None
     return REGISTRY.get(op_type)
-
-
-def _plain(value: Any) -> Any:
-    """An attribute value as numpy/Python data: strings decoded, tensors as arrays."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, TensorProto):
-        return numpy_helper.to_array(value)
-    if isinstance(value, list):
-        return tuple(_plain(v) for v in value)
-    return value
-
-
-def node_attrs(node: NodeProto) -> dict[str, Any]:
-    return {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
 
 
 def _impl(op_type: str) -> OpImpl:

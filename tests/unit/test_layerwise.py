@@ -5,9 +5,9 @@ import pytest
 from onnx import helper
 
 from ptqcli.calibrate.layerwise import (
-    RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, bracket, layer_columns, nearest_level, sampled_columns,
-    rows_to_weight, weight_rows, _h,
+    RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, bracket, nearest_level, _h,
 )
+from ptqcli.geometry import layer_columns, rows_to_weight, sampled_columns, weight_rows
 from ptqcli.numeric import forward
 
 
