@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..allocate.sensitivity import _act_gate, _gate_feeds, probe_model
-from ..calibrate.collect import Stats
-from ..calibrate.data import Batch
+from .collect import Stats
+from .probe import act_gate, gate_feeds, probe_model
+from .data import Batch
 from ..config import QuantConfig
 from ..geometry import per_row, rows_to_weight, sampled_columns, supported, weight_rows
 from ..graph import Graph
@@ -197,8 +197,8 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
     gates = {}
     for tensor in gated:
-        gates.update(_act_gate(tensor, plan.tensors[tensor].spec.bits, stats, quant) if tensor in plan.tensors
-                     else _gate_feeds(tensor, False))
+        gates.update(act_gate(tensor, plan.tensors[tensor].spec.bits, stats, quant) if tensor in plan.tensors
+                     else gate_feeds(tensor, False))
     current = dict(float_weights)  # the prefix's weights become quantized as layers are done
     report: list[dict] = []
     out_plan = plan
