@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import DataConfig, QuantConfig, from_mapping
 from .errors import PtqError
 from .formats import QuantSpec
 
@@ -95,6 +96,20 @@ class Plan:
     # Layers whose inputs are binarized: node name -> the per-channel mean subtracted first
     # (signs of a post-ReLU tensor would all be +1 without it).
     binary_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def quant(self) -> QuantConfig:
+        """The quantization config the plan was made with, typed (the JSON holds its record)."""
+        return from_mapping(QuantConfig, self.config["quant"], "plan.json quant config")
+
+    @property
+    def data(self) -> DataConfig:
+        """Where its calibration data came from, typed."""
+        return from_mapping(DataConfig, self.config["data"], "plan.json data config")
+
+    @property
+    def samples_seen(self) -> int:
+        return int(self.config.get("samples_seen", 0))
 
     def with_tensor(self, name: str, tq: TensorQuant) -> "Plan":
         return replace(self, tensors={**self.tensors, name: tq})

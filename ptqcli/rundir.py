@@ -1,17 +1,21 @@
-"""The run directory: what each stage leaves for the next, written atomically."""
+"""The run directory: what each stage leaves for the next, written atomically, and `Run`, the typed
+context every stage that works on a run directory loads once."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .calibrate.collect import Stats, load_stats
+from .config import DataConfig, QuantConfig
 from .errors import PtqError
 from .files import write_atomic
-from .graph import load_model, save_model
+from .graph import Graph, load_model, save_model
 from .plan import Plan
 
 FLOAT_MODEL = "model.float.onnx"
@@ -20,6 +24,9 @@ STATS = "stats.npz"
 RUN_INFO = "run.json"
 FIDELITY = "fidelity.json"
 PARAMS = "params.npz"
+MASKS = "masks.npz"
+# The calibrated plan that allocations start from (kept when `ptq allocate` first rewrites plan.json).
+BASE_PLAN = "plan.base.json"
 
 
 def ensure_run_dir(path: str | os.PathLike) -> Path:
@@ -59,20 +66,26 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def write_plan(run: Path, plan: Plan) -> None:
-    """plan.json, plus params.npz for the values it replaces (learned weights can be large)."""
+def _params_path(run: Path, name: str) -> Path:
+    """params.npz beside plan.json; params.base.npz beside plan.base.json."""
+    return run / (PARAMS if name == PLAN else PARAMS.replace(".npz", name.removeprefix("plan").replace(".json", ".npz")))
+
+
+def write_plan(run: Path, plan: Plan, name: str = PLAN) -> None:
+    """plan.json (or another plan file), plus its params .npz for the values it replaces (learned and
+    masked weights can be large)."""
     values = plan.values()
     if values:
-        write_npz(run / PARAMS, values)
+        write_npz(_params_path(run, name), values)
     else:
-        (run / PARAMS).unlink(missing_ok=True)
-    write_atomic(run / PLAN, (plan.to_json(include_values=False) + "\n").encode())
+        _params_path(run, name).unlink(missing_ok=True)
+    write_atomic(run / name, (plan.to_json(include_values=False) + "\n").encode())
 
 
-def read_plan(run: Path) -> Plan:
-    plan = Plan.from_json((run / PLAN).read_text())
-    if (run / PARAMS).is_file():
-        with np.load(run / PARAMS) as params:
+def read_plan(run: Path, name: str = PLAN) -> Plan:
+    plan = Plan.from_json((run / name).read_text())
+    if _params_path(run, name).is_file():
+        with np.load(_params_path(run, name)) as params:
             plan = plan.with_values({k: params[k] for k in params.files})
     return plan
 
@@ -83,3 +96,37 @@ def write_float_model(run: Path, model) -> None:
 
 def read_float_model(run: Path):
     return load_model(run / FLOAT_MODEL)
+
+
+def read_masks(run: Path) -> dict[str, np.ndarray]:
+    if not (run / MASKS).is_file():
+        return {}
+    with np.load(run / MASKS) as arrays:
+        return {k: arrays[k].astype(bool) for k in arrays.files}
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory as the stages see it: the prepared float model, the current plan with its
+    typed configs, the activation statistics and the N:M masks applied so far."""
+
+    path: Path
+    graph: Graph
+    plan: Plan
+    stats: Stats
+    masks: dict[str, np.ndarray]
+
+    @property
+    def quant(self) -> QuantConfig:
+        return self.plan.quant
+
+    @property
+    def data(self) -> DataConfig:
+        return self.plan.data
+
+
+def load_run(path: str | os.PathLike, plan_name: str = PLAN) -> Run:
+    run = existing_run_dir(path)
+    with np.load(run / STATS) as arrays:
+        stats = load_stats(arrays)
+    return Run(run, Graph(read_float_model(run)), read_plan(run, plan_name), stats, read_masks(run))

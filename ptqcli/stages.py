@@ -222,25 +222,21 @@ def example_feeds(g: Graph, plan: Plan, source: str | None) -> dict[str, np.ndar
     """One real sample when there is data, else zeros of the input shapes (dynamic dims as 1)."""
     inputs = model_inputs(g)
     if source is not None:
-        batch = next(iter_batches(source, inputs, _data_config(plan), limit=1), None)
+        batch = next(iter_batches(source, inputs, plan.data, limit=1), None)
         if batch is not None:
             return batch.feeds
     return {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=s.dtype) for s in inputs}
-
-
-def _data_config(plan: Plan) -> DataConfig:
-    return DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.config["data"].items()})
 
 
 def eval_source(plan: Plan, eval_data: str | None) -> tuple[str | None, int, bool]:
     """Held-out samples: --eval-data if given, else the calibration data past what calibration read."""
     if eval_data is not None:
         return eval_data, 0, True
-    path = plan.config["data"].get("path")
+    path = plan.data.path
     available = count_samples(path) if path and Path(path).exists() else None
     if available is None:
         return None, 0, False
-    seen = int(plan.config.get("samples_seen", 0))
+    seen = plan.samples_seen
     held_out = available > seen
     return path, (seen if held_out else 0), held_out
 
@@ -251,5 +247,5 @@ def evaluate(g: Graph, quantized, plan: Plan, source: str | None, skip: int, hel
         return None
     inputs = model_inputs(g)
     with progress("measuring fidelity", eval_samples) as advance:
-        batches = iter_batches(source, inputs, _data_config(plan), limit=eval_samples, skip=skip)
+        batches = iter_batches(source, inputs, plan.data, limit=eval_samples, skip=skip)
         return measure(g.model, quantized, plan, batches, held_out, advance)

@@ -56,8 +56,10 @@ def candidates(weight_formats: list[str], act_bits: list[int]) -> list[Candidate
     return sorted(every, key=lambda c: (-c.w_bits, -c.a_bits, c.weights))
 
 
-def fake_quant_weight(g: Graph, node_name: str, weight: str, fmt: str, cfg: QuantConfig) -> np.ndarray:
-    w = g.constant(weight)
+def fake_quant_weight(g: Graph, node_name: str, weight: str, fmt: str, cfg: QuantConfig,
+                      w: np.ndarray | None = None) -> np.ndarray:
+    """The weight (`w`, or the model's own) on the grid of `fmt`."""
+    w = g.constant(weight) if w is None else w
     axis = channel_axis(g.node_by_name[node_name]) % w.ndim if cfg.granularity.value == "channel" else None
     scheme, bits = parse_weight_format(fmt)
     tq = quantize_weight(w, weight_spec(cfg, axis, bits, scheme), cfg.weight_method.value)
@@ -74,8 +76,10 @@ def output_damage(reference: np.ndarray, probe: np.ndarray) -> float:
 
 
 def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches: list[Batch],
-                   options: list[Candidate], advance: Callable[[int], None] = lambda n: None) -> dict[str, dict[str, float]]:
-    """{layer node: {candidate label: mean damage}} for every layer of the plan."""
+                   options: list[Candidate], advance: Callable[[int], None] = lambda n: None,
+                   values: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """{layer node: {candidate label: mean damage}} for every layer of the plan, against the float
+    model; `values` are the float weights the layers are quantized from (masked ones)."""
     needs_gates = any(c.a_bits != 8 for c in options)
     gated = sorted({l.activation for l in plan.layers if l.activation}) if needs_gates else []
     sess = session(probe_model(g, plan, gated))
@@ -89,7 +93,8 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
         row = {}
         for option in options:
             feeds = {**float_weights, **closed,
-                     layer.weight: fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg)}
+                     layer.weight: fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg,
+                                                     (values or {}).get(layer.weight))}
             if option.a_bits != 8 and layer.activation in gated:
                 feeds.update(act_gate(layer.activation, option.a_bits, stats, cfg))
             total = sum(output_damage(ref, sess.run([output], {**b.feeds, **feeds})[0])

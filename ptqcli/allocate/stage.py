@@ -8,17 +8,17 @@ it, so allocations can be redone with other budgets. Damage tables are cached in
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import rundir
-from ..calibrate.collect import load_stats
+from ..rundir import BASE_PLAN
 from ..calibrate.data import iter_batches, model_inputs
-from ..calibrate.planner import build_plan
+from ..calibrate.planner import build_plan, requantize_biases
 from ..calibrate.select import Selection
-from ..config import DataConfig, QuantConfig, from_mapping
+from ..config import DataConfig, QuantConfig
 from ..formats import parse_weight_format
 from ..errors import PtqError
 from ..graph import Graph
@@ -28,7 +28,6 @@ from . import ilp
 from .costs import cost_table, layer_output_shapes
 from .sensitivity import Candidate, candidates, measure_damage
 
-BASE_PLAN = "plan.base.json"
 SENSITIVITY = "sensitivity.json"
 ALLOCATION = "allocation.json"
 
@@ -60,7 +59,8 @@ class AllocationConfig:
 
 @dataclass(frozen=True)
 class Context:
-    """What an allocation needs from the run directory, loaded once."""
+    """What an allocation needs from the run directory, loaded once: the run as calibrated (and
+    masked, rounded) before any allocation."""
 
     run: Path
     graph: Graph
@@ -68,21 +68,15 @@ class Context:
     stats: dict
     quant: QuantConfig
     data: DataConfig
+    masks: dict[str, np.ndarray]
 
 
 def load_context(run_dir: str | Path) -> Context:
-    run = rundir.existing_run_dir(run_dir)
-    base_path = run / BASE_PLAN
-    if not base_path.is_file():
-        rundir.write_atomic(base_path, (run / rundir.PLAN).read_bytes())
-    base = Plan.from_json(base_path.read_text())
-    with np.load(run / rundir.STATS) as arrays:
-        stats = load_stats(arrays)
-    quant = from_mapping(QuantConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in base.config["quant"].items()},
-                         "plan quant config")
-    data = from_mapping(DataConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in base.config["data"].items()},
-                        "plan data config")
-    return Context(run, Graph(rundir.read_float_model(run)), base, stats, quant, data)
+    path = rundir.existing_run_dir(run_dir)
+    if not (path / BASE_PLAN).is_file():
+        rundir.write_plan(path, rundir.read_plan(path), BASE_PLAN)
+    run = rundir.load_run(path, BASE_PLAN)
+    return Context(run.path, run.graph, run.plan, run.stats, run.quant, run.data, run.masks)
 
 
 def parse_keep(entries: tuple[str, ...], layers: list[str]) -> dict[str, int]:
@@ -126,7 +120,7 @@ def damage_table(ctx: Context, options: dict[str, list[Candidate]], cfg: Allocat
     if not batches:
         raise PtqError(f"no calibration samples could be read from {ctx.data.path}")
     with progress("measuring layer sensitivity", len(ctx.base.layers) * len(wanted)) as advance:
-        table = measure_damage(ctx.graph, ctx.base, ctx.stats, ctx.quant, batches, wanted, advance)
+        table = measure_damage(ctx.graph, ctx.base, ctx.stats, ctx.quant, batches, wanted, advance, float_values(ctx))
     rundir.write_json(cache, {"key": key, "damage": table})
     return table
 
@@ -153,7 +147,10 @@ def solve(ctx: Context, budget: Budget, cfg: AllocationConfig, progress: Progres
 
 
 def plan_for(ctx: Context, choice: dict[str, str], extra: dict | None = None) -> Plan:
-    """The base plan re-derived with each layer's chosen weight and activation widths."""
+    """The base plan re-derived with each layer's chosen weight and activation widths. A weight whose
+    format the choice keeps keeps its quantizer as it is (learned rounding, masks); one whose format
+    changes is quantized anew from its float values: the masked or re-fitted ones where the run has
+    them (learned grid values are not carried over to another grid)."""
     by_node = {layer.node: layer for layer in ctx.base.layers}
     weight_formats = {by_node[node].weight: Candidate.parse(label).weights for node, label in choice.items()}
     act_bits: dict[str, int] = {}
@@ -164,8 +161,25 @@ def plan_for(ctx: Context, choice: dict[str, str], extra: dict | None = None) ->
     activations = [name for name, t in ctx.base.tensors.items() if t.role == "activation"]
     sel = Selection(ctx.base.layers, activations, ctx.base.float_nodes)
     config = {k: v for k, v in ctx.base.config.items() if k not in ("quant", "allocation")}
-    plan = build_plan(ctx.graph, sel, ctx.stats, ctx.quant, {**config, **(extra or {})}, weight_formats, act_bits)
-    return plan
+    plan = build_plan(ctx.graph, sel, ctx.stats, ctx.quant, {**config, **(extra or {})}, weight_formats, act_bits,
+                      float_values(ctx))
+    kept = {name: tq for name, tq in ctx.base.of_role("weight").items()
+            if tq.source.get("rounding") == "learned" and name in plan.tensors and plan.tensors[name].spec == tq.spec}
+    if not kept:
+        return plan
+    return requantize_biases(ctx.graph, replace(plan, tensors={**plan.tensors, **kept}), ctx.stats, ctx.quant)
+
+
+def float_values(ctx: Context) -> dict[str, np.ndarray]:
+    """The float weights each layer is quantized from when its format changes: a masked or re-fitted
+    value of the base plan, the float weight under the run's mask, or (None) the model's own."""
+    values = {}
+    for name, tq in ctx.base.of_role("weight").items():
+        if tq.value is not None and tq.source.get("rounding") != "learned":
+            values[name] = np.asarray(tq.value, dtype=np.float32)
+        elif name in ctx.masks:
+            values[name] = (ctx.graph.constant(name) * ctx.masks[name]).astype(np.float32)
+    return values
 
 
 def allocate(run_dir: str | Path, budget: Budget, cfg: AllocationConfig, progress: Progress = silent

@@ -128,14 +128,16 @@ def widen_for_bias(wq: TensorQuant, w: np.ndarray, b: np.ndarray, act: TensorQua
         return wq
     scale = np.maximum(wq.scale, needed).astype(np.float32)
     damage = sqnr_db(w, dequantize(quantize(w, scale, wq.zero_point, wq.spec), scale, wq.zero_point, wq.spec))
-    return TensorQuant("weight", wq.spec, scale, wq.zero_point,
-                       {**wq.source, "sqnr_db": _finite(damage), "widened_for_bias": True})
+    return replace(wq, scale=scale, source={**wq.source, "sqnr_db": _finite(damage), "widened_for_bias": True})
 
 
 def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_config: dict | None = None,
-               weight_formats: dict[str, str] | None = None, act_bits: dict[str, int] | None = None) -> Plan:
+               weight_formats: dict[str, str] | None = None, act_bits: dict[str, int] | None = None,
+               weight_values: dict[str, np.ndarray] | None = None) -> Plan:
     """`weight_formats` ({weight: 'int4' | 'pow2:4' ...}) and `act_bits` override the config per
-    tensor (mixed precision)."""
+    tensor (mixed precision); `weight_values` are float weights to quantize instead of the model's
+    own (masked or re-fitted ones)."""
+    weight_values = weight_values or {}
     weight_formats = {**_first_last_formats(sel, cfg), **_recipe_formats(sel, cfg), **(weight_formats or {})}
     act_bits = act_bits or {}
     acts: dict[str, TensorQuant] = {}
@@ -148,11 +150,12 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
         if layer.weight in weights:
             continue  # a weight shared by several nodes is quantized once
         node = g.node_by_name[layer.node]
-        w = g.constant(layer.weight)
+        w = weight_values.get(layer.weight, g.constant(layer.weight))
         axis = channel_axis(node) % w.ndim if cfg.granularity.value == "channel" else None
         scheme, bits = parse_weight_format(weight_formats[layer.weight]) if layer.weight in weight_formats else (None, None)
         spec = weight_spec(cfg, axis, bits, scheme)
-        weights[layer.weight] = quantize_weight(w, spec, cfg.weight_method.value)
+        tq = quantize_weight(w, spec, cfg.weight_method.value)
+        weights[layer.weight] = replace(tq, value=w) if layer.weight in weight_values else tq
     binarized = binary_inputs(g, sel, weights, stats, cfg)
     biases = {}
     for layer in sel.layers:
@@ -161,7 +164,8 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
         if layer.node in binarized:
             continue  # its bias absorbs the input mean at export, in float
         b = g.constant(layer.bias)
-        weights[layer.weight] = widen_for_bias(weights[layer.weight], g.constant(layer.weight), b, acts[layer.activation])
+        w = weight_values.get(layer.weight, g.constant(layer.weight))
+        weights[layer.weight] = widen_for_bias(weights[layer.weight], w, b, acts[layer.activation])
         bq = quantize_bias(g, layer, acts, weights, stats, cfg)
         if bq is not None:
             biases[layer.bias] = bq

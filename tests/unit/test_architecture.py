@@ -9,10 +9,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ptqcli"
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
     ("base", ["errors", "files", "formats", "ops", "geometry", "graph", "quant", "plan", "config", "progress",
-              "metrics", "numeric", "runtime", "nativelib", "rundir", "prepare"]),
+              "metrics", "numeric", "runtime", "nativelib", "prepare"]),
     ("data", ["calibrate.data"]),
     ("observe", ["calibrate.collect", "calibrate.observers", "calibrate.select"]),
-    ("plan", ["calibrate.planner", "calibrate.bias_correction", "calibrate.probe"]),
+    ("plan", ["calibrate.planner", "calibrate.bias_correction", "calibrate.probe", "rundir"]),
     ("transform", ["calibrate.layerwise", "calibrate.synthetic", "masks", "allocate"]),
     ("export", ["export.qdq", "export.native", "export.native_ref", "export.binarize"]),
     ("measure", ["export.fidelity", "export.measures", "export.card", "export.card_render", "export.gate"]),
