@@ -25,6 +25,8 @@ RUN_INFO = "run.json"
 FIDELITY = "fidelity.json"
 PARAMS = "params.npz"
 MASKS = "masks.npz"
+# `ptq allocate`'s cache of measured per-layer damage.
+SENSITIVITY = "sensitivity.json"
 # The calibrated plan that allocations start from (kept when `ptq allocate` first rewrites plan.json).
 BASE_PLAN = "plan.base.json"
 

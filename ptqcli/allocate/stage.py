@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import rundir
-from ..rundir import BASE_PLAN
+from ..rundir import BASE_PLAN, SENSITIVITY
 from ..calibrate.data import iter_batches, model_inputs
 from ..calibrate.planner import build_plan, requantize_biases
 from ..calibrate.select import Selection
@@ -28,7 +28,6 @@ from . import ilp
 from .costs import cost_table, layer_output_shapes
 from .sensitivity import Candidate, candidates, measure_damage
 
-SENSITIVITY = "sensitivity.json"
 ALLOCATION = "allocation.json"
 
 

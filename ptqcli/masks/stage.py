@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import rundir
+from ..rundir import MASKS, SENSITIVITY
 from ..calibrate.data import Batch, iter_batches, model_inputs
 from ..calibrate.planner import quantize_weight, requantize_biases
-from ..calibrate.collect import load_stats
-from ..config import DataConfig, QuantConfig, from_mapping
+from ..config import DataConfig
 from ..errors import PtqError
 from ..geometry import matrix_to_weight, rows_to_weight, sampled_columns, supported, weight_rows, weight_to_matrix
 from ..graph import Graph, clone, make_initializer
@@ -29,7 +29,6 @@ from .nm import mask_diversity, nm_mask
 from .refit import refit_layer
 from .transposable import transposable_mask
 
-MASKS = "masks.npz"
 
 
 @dataclass(frozen=True)
@@ -96,9 +95,10 @@ def _layer_inputs(g: Graph, layers: list[Layer], batches: list[Batch], cfg: Mask
 def mask_layers(g: Graph, layers: list[Layer], cfg: MaskConfig, batches: list[Batch] | None,
                 start: dict[str, np.ndarray] | None = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[dict]]:
-    """Masks and masked (re-fitted where data is given and it helps on held-out samples) weights per
-    weight tensor, plus a report row per layer. `start` holds the weights to mask where they are
-    not the float model's own (a run's learned rounding)."""
+    """Masks, masked weights and a report row per layer. `start` holds the weights to mask where
+    they are not the float model's own (a run's learned rounding or earlier re-fit). Where data is
+    given, the kept weights are re-fitted against the dense float layer, and the re-fit replaces the
+    masked weights when it helps on held-out samples (the row's `refit_strength` is then set)."""
     chosen = [l for l in layers if (not cfg.layers or l.node in cfg.layers) and supported(g.node_by_name[l.node])]
     unknown = set(cfg.layers) - {l.node for l in layers}
     if unknown:
@@ -107,15 +107,16 @@ def mask_layers(g: Graph, layers: list[Layer], cfg: MaskConfig, batches: list[Ba
     masks, weights, report = {}, {}, []
     for layer in chosen:
         node = g.node_by_name[layer.node]
-        w = np.asarray((start or {}).get(layer.weight, g.constant(layer.weight)), dtype=np.float64)
+        dense = g.constant(layer.weight).astype(np.float64)
+        w = np.asarray((start or {}).get(layer.weight, dense), dtype=np.float64)
         mask = layer_mask(node, w, cfg)
         masked = w * mask
-        row = {"node": layer.node, "density": float(mask.mean()), "output_mse_masked": None,
+        row = {"node": layer.node, "weight": layer.weight, "density": float(mask.mean()), "output_mse_masked": None,
                "output_mse_refit": None, "refit_strength": None,
                "log10_diversity_per_weight": _diversity(node, w, cfg)}
         if layer.node in inputs and not mask.all():
             x, owners = inputs[layer.node]
-            fitted = refit_layer(weight_rows(node, w), weight_rows(node, mask), x, owners, cfg.seed)
+            fitted = refit_layer(weight_rows(node, dense), weight_rows(node, mask), x, owners, cfg.seed)
             row.update(output_mse_masked=fitted.heldout_mse_masked, output_mse_refit=fitted.heldout_mse_refit,
                        refit_strength=fitted.strength)
             if fitted.strength is not None:
@@ -157,28 +158,43 @@ def mask_model(g: Graph, layers: list[Layer], cfg: MaskConfig, data: DataConfig 
 
 
 def mask_run(run_dir: str | Path, cfg: MaskConfig) -> tuple[Plan, list[dict]]:
-    """Mask a calibrated run's layers; the plan then quantizes the masked weights."""
-    run = rundir.existing_run_dir(run_dir)
-    plan = rundir.read_plan(run)
-    g = Graph(rundir.read_float_model(run))
-    data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.config["data"].items()})
-    masks, weights, report = mask_layers(g, plan.layers, cfg, _batches(g, data, cfg.samples) if cfg.refit else None)
+    """Mask a calibrated run's layers in place; the plan then quantizes the masked weights. What
+    earlier stages left is kept: learned rounding stays on its grid with the masked weights at zero
+    (unless a re-fit replaces the layer), an allocation keeps its formats, and the calibrated plan
+    that later allocations start from is masked the same way."""
+    run = rundir.load_run(run_dir)
+    batches = _batches(run.graph, run.data, cfg.samples) if cfg.refit else None
+    masks, weights, report = mask_layers(run.graph, run.plan.layers, cfg, batches, start=run.plan.values())
+    refitted = {row["weight"]: weights[row["weight"]] for row in report if row["refit_strength"] is not None}
     label = f"{cfg.n}:{cfg.m}" + (" transposable" if cfg.transposable else "")
-    for name, w in weights.items():
-        tq = plan.tensors.get(name)
-        if tq is None:
-            continue
-        method = tq.source.get("method", "minmax")
-        fitted = quantize_weight(w, tq.spec, "mse" if method == "mse" else "minmax")
-        plan = plan.with_tensor(name, replace(fitted, value=w, source={**fitted.source, "sparsity": label}))
-    quant = from_mapping(QuantConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in plan.config["quant"].items()},
-                         "plan quant config")
-    with np.load(run / rundir.STATS) as arrays:
-        stats = load_stats(arrays)
-    plan = requantize_biases(g, replace(plan, config={**plan.config, "masks": {"nm": label, "method": cfg.method}}),
-                             stats, quant)
-    rundir.write_plan(run, plan)
-    rundir.write_npz(run / MASKS, masks)
-    rundir.write_json(run / "masks.json", {"nm": f"{cfg.n}:{cfg.m}", "transposable": cfg.transposable,
-                                           "method": cfg.method, "layers": report})
+    plan = apply_masks(run, run.plan, masks, refitted, label, cfg)
+    rundir.write_plan(run.path, plan)
+    if (run.path / rundir.BASE_PLAN).is_file():
+        base = rundir.read_plan(run.path, rundir.BASE_PLAN)
+        rundir.write_plan(run.path, apply_masks(run, base, masks, refitted, label, cfg), rundir.BASE_PLAN)
+        (run.path / SENSITIVITY).unlink(missing_ok=True)  # measured on the unmasked weights
+    rundir.write_npz(run.path / MASKS, {**run.masks, **masks})
+    rundir.write_json(run.path / "masks.json", {"nm": f"{cfg.n}:{cfg.m}", "transposable": cfg.transposable,
+                                                "method": cfg.method, "layers": report})
     return plan, report
+
+
+def apply_masks(run: rundir.Run, plan: Plan, masks: dict[str, np.ndarray], refitted: dict[str, np.ndarray],
+                label: str, cfg: MaskConfig) -> Plan:
+    """The plan with each masked weight's quantizer: re-fitted weights quantized afresh, learned
+    rounding masked on its own grid, anything else masked and its scales re-fitted."""
+    for name, mask in masks.items():
+        tq = plan.tensors.get(name)
+        if tq is None or tq.role != "weight":
+            continue
+        method = "mse" if tq.source.get("method") == "mse" else "minmax"
+        if name not in refitted and tq.source.get("rounding") == "learned":
+            new = replace(tq, value=(np.asarray(tq.value) * mask).astype(np.float32))
+        else:
+            w = refitted.get(name)
+            if w is None:
+                w = (np.asarray(tq.value if tq.value is not None else run.graph.constant(name)) * mask).astype(np.float32)
+            new = replace(quantize_weight(w, tq.spec, method), value=w)
+        plan = plan.with_tensor(name, replace(new, source={**new.source, "sparsity": label}))
+    plan = replace(plan, config={**plan.config, "masks": {"nm": label, "method": cfg.method}})
+    return requantize_biases(run.graph, plan, run.stats, run.quant)
