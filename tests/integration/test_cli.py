@@ -1,19 +1,18 @@
 """The `ptq` command as users run it: exit codes, one-line errors, nothing half-written, determinism."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-PTQ = [str(Path(sys.executable).parent / "ptq")]
+from cli_runner import run_in_process, run_installed
 
 
 def ptq(*args, cwd=None):
-    return subprocess.run(PTQ + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    """`ptq ARGS` run inside the test process: the stdout, stderr and exit code of the installed command
+    (tests/cli_runner.py; the entry-point tests below check that the two agree)."""
+    return run_in_process(*args, cwd=cwd)
 
 
 def assert_user_error(result, *fragments):
@@ -23,6 +22,32 @@ def assert_user_error(result, *fragments):
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def _same_as_in_process(result):
+    again = run_in_process(*result.args[1:])
+    assert (again.returncode, again.stdout, again.stderr) == (result.returncode, result.stdout, result.stderr)
+
+
+def test_installed_entry_point_inspects_a_model(tiny_cnn):
+    r = run_installed("inspect", tiny_cnn)
+    assert r.returncode == 0, r.stderr
+    assert "BatchNormalization" in r.stdout and "quantizable layers" in r.stdout
+    _same_as_in_process(r)
+
+
+def test_installed_entry_point_reports_bad_input_in_one_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("this is not a model")
+    r = run_installed("inspect", bad)
+    assert_user_error(r, "bad.onnx")
+    _same_as_in_process(r)
+
+
+def test_installed_entry_point_usage_error_exit_code_is_2(tiny_cnn):
+    r = run_installed("calibrate", tiny_cnn, "--method", "magic", "-o", "x")
+    assert r.returncode == 2 and "magic" in r.stderr
+    _same_as_in_process(r)
 
 
 def test_quantize_end_to_end_with_recipe(tmp_path, tiny_cnn, tiny_data):
