@@ -97,17 +97,20 @@ def nearest_level(r: np.ndarray, levels: np.ndarray) -> np.ndarray:
 
 def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: np.ndarray, target: np.ndarray,
                   cfg: RoundingConfig, rng: np.random.Generator,
-                  report: Callable[[int, float], None] = lambda i, loss: None) -> np.ndarray:
+                  report: Callable[[int, float], None] = lambda i, loss: None,
+                  frozen: np.ndarray | None = None) -> np.ndarray:
     """Grid values (in units of `scale`, same shape as `rows`) chosen by AdaRound.
 
     rows (G, M, K) float weights; scale (G, M, 1) per output row; levels the sorted grid (integers
     for int formats, the scheme's levels for binary/ternary/pow2/exp); x_q (G, K, S) quantized-input
     columns; target (G, M, S) float outputs. Each weight chooses between the two levels around it.
     Loss: mean squared output error + lambda * sum of (1 - |2h(V) - 1|^beta), beta annealed from
-    beta[0] to beta[1] after a warm-up without it.
+    beta[0] to beta[1] after a warm-up without it. `frozen` weights (masked zeros) stay at lo = 0.
     """
     lo, gap = (a.astype(np.float32) for a in bracket(rows / scale, levels))
     v = _init_v((rows / scale - lo) / gap).astype(np.float32)
+    if frozen is not None:
+        gap = np.where(frozen, np.float32(0), gap)  # lo is the zero level there: no choice left
     scale32 = scale.astype(np.float32)
     state = adam_init(v)
     warm = int(cfg.warmup * cfg.iters)
@@ -136,7 +139,8 @@ def adaround_loss_grad(v, lo, gap, scale, xb, tb, reg_weight: float, beta: float
     return loss, grad_v
 
 
-def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, report=lambda i, loss: None):
+def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, report=lambda i, loss: None,
+                  frozen: np.ndarray | None = None):
     """AdaQuant: the weights themselves (and their scales) move, through a straight-through
     estimator of rounding; the result is rounded onto the (moved) grid. Returns (grid values, scale).
 
@@ -157,6 +161,8 @@ def adaquant_rows(rows, scale, levels, x_q, target, cfg: RoundingConfig, rng, re
         grad_wq = 2 * err @ xb.transpose(0, 2, 1) / err.size
         inside = (w / sc >= low) & (w / sc <= high)
         grad_w = grad_wq * inside  # straight through the rounding
+        if frozen is not None:
+            grad_w = np.where(frozen, 0, grad_w)  # masked zeros never move
         # d(q * s)/ds with q held (straight-through): q; clipped entries move with the scale.
         grad_s = (grad_wq * np.where(inside, q - w / sc, q)).sum(axis=2, keepdims=True)
         step = cfg.lr * float(np.mean(np.abs(sc)))
@@ -195,6 +201,9 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
     gated = sorted({l.activation for l in plan.layers if l.activation})
     probe = probe_model(g, plan, gated)
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
+    # Where the plan replaces a weight (masked or re-fitted), rounding starts from that; its exact
+    # zeros stay zero, so N:M masks survive rounding.
+    start = {name: np.asarray(v, dtype=np.float32) for name, v in plan.values().items() if name in float_weights}
     gates = {}
     for tensor in gated:
         gates.update(act_gate(tensor, plan.tensors[tensor].spec.bits, stats, quant) if tensor in plan.tensors
@@ -209,8 +218,9 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
             node, wq, w = g.node_by_name[layer.node], plan.tensors[layer.weight], float_weights[layer.weight]
             xq = _quantized_columns(probe, layer, node, w.shape, index, {**current, **gates}, batches, cfg,
                                     float_columns[index].shape)
-            rows = weight_rows(node, w).astype(np.float64)
-            target = _targets(rows, float_columns[index])
+            target = _targets(weight_rows(node, w).astype(np.float64), float_columns[index])
+            rows = weight_rows(node, start.get(layer.weight, w)).astype(np.float64)
+            frozen = rows == 0
             float_columns[index] = None  # unmapped: read pages of every layer would otherwise count as resident
             scale = per_row(node, wq.scale, w.shape).astype(np.float64)
             levels = code_levels(wq.spec)
@@ -218,9 +228,9 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
             before = _mean_error(nearest * scale, xq, target)
             rng = np.random.default_rng([cfg.seed, index])
             if cfg.method == "adaquant":
-                ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng)
+                ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng, frozen=frozen)
             else:
-                ints, new_scale = adaround_rows(rows, scale, levels, xq, target, cfg, rng), scale
+                ints, new_scale = adaround_rows(rows, scale, levels, xq, target, cfg, rng, frozen=frozen), scale
             after = _mean_error(ints * new_scale, xq, target)
             if after > before:  # never worse than nearest on the data it was fitted to
                 ints, new_scale, after = nearest, scale, before

@@ -84,6 +84,24 @@ def test_adaquant_lowers_the_reconstruction_error():
     assert np.mean(((q * s) @ x_q - target) ** 2) < np.mean(((nearest * scale) @ x_q - target) ** 2)
 
 
+def test_masked_zeros_stay_zero_and_the_rest_compensates():
+    """A 2:4-masked layer rounded against the dense layer's outputs: every masked weight stays
+    exactly zero (AdaRound and AdaQuant), and the kept ones still beat nearest rounding."""
+    from ptqcli.masks import nm_mask
+
+    rows, scale, x_q, target = _problem()
+    keep = nm_mask(np.abs(rows[0]), 2, 4)[None]
+    masked = rows * keep
+    nearest = np.clip(np.rint(masked / scale), -7, 7)
+    err = lambda q, s=scale: np.mean(((q * s) @ x_q - target) ** 2)  # noqa: E731
+    ints = adaround_rows(masked, scale, INT4, x_q, target, RoundingConfig(iters=400), np.random.default_rng(0),
+                         frozen=~keep)
+    assert np.all(ints[~keep] == 0) and err(ints) < err(nearest)
+    q, s = adaquant_rows(masked, scale, INT4, x_q, target, RoundingConfig(iters=400, method="adaquant"),
+                         np.random.default_rng(0), frozen=~keep)
+    assert np.all(q[~keep] == 0) and err(q, s) < err(nearest)
+
+
 @pytest.mark.parametrize("group", [1, 2])
 def test_rows_times_columns_is_the_conv(group):
     """The layout AdaRound optimises in reproduces the layer exactly."""
