@@ -271,7 +271,8 @@ def allocate(run: RunArg,
     from rich.table import Table
 
     from .allocate.costs import parse_size
-    from .allocate.stage import AllocationConfig, Budget, allocate as run_allocation, load_context
+    from .allocate.stage import AllocationConfig, Budget, load_context
+    from .stages import allocate as run_allocation
 
     cfg = AllocationConfig(weight_formats=tuple(f"int{v}" if v.strip().isdigit() else v.strip()
                                                 for v in weight_candidates.split(",") if v.strip()),

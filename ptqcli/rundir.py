@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ PARAMS = "params.npz"
 MASKS = "masks.npz"
 # `ptq allocate`'s cache of measured per-layer damage.
 SENSITIVITY = "sensitivity.json"
+SYNTHETIC = "synthetic.npz"
 # The calibrated plan that allocations start from (kept when `ptq allocate` first rewrites plan.json).
 BASE_PLAN = "plan.base.json"
 
@@ -124,7 +125,11 @@ class Run:
 
     @property
     def data(self) -> DataConfig:
-        return self.plan.data
+        """The calibration data; a synthetic run's samples are the ones calibration made here."""
+        data = self.plan.data
+        if data.path is None and data.synthetic is not None:
+            return replace(data, path=str(self.path / SYNTHETIC))
+        return data
 
 
 def load_run(path: str | os.PathLike, plan_name: str = PLAN) -> Run:

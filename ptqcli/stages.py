@@ -79,7 +79,7 @@ def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, p
     """Data-free calibration samples in run/synthetic.npz (resumed if a run was interrupted)."""
     from .calibrate.synthetic import batch_sizes, iter_generate, steps_per_batch
 
-    out = run / "synthetic.npz"
+    out = run / rundir.SYNTHETIC
     iters = steps_per_batch(data.synthetic, data.synthetic_iters)
     batches = len(batch_sizes(data.num_samples, 32))
     with progress(f"synthetic data ({data.synthetic})", batches * iters) as advance:
@@ -97,18 +97,38 @@ def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, p
 
 
 def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
-                      progress: Progress = silent) -> Plan:
-    """AdaRound / AdaQuant over the plan's layers, then biases re-derived for the new weights."""
+                      progress: Progress = silent, only: set[str] | None = None) -> Plan:
+    """AdaRound / AdaQuant over the plan's layers (those of the weights in `only`, if given), then
+    biases re-derived for the new weights."""
     from .calibrate.layerwise import RoundingConfig, optimise, rounded_layers
 
     batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.rounding_samples)))
     cfg = RoundingConfig(method=quant.rounding.value, iters=quant.rounding_iters, seed=quant.seed)
-    with progress(f"{quant.rounding.value}: layers", len(rounded_layers(g, plan))) as advance:
+    with progress(f"{quant.rounding.value}: layers", len(rounded_layers(g, plan, only))) as advance:
         plan, report = optimise(g, plan, stats, quant, batches, cfg,
                                 lambda row: advance(1, f"{row['node']} loss {row['loss_nearest']:.3g} -> "
-                                                       f"{row['loss_after']:.3g}"))
-    rundir.write_json(run / "rounding.json", {"method": cfg.method, "iters": cfg.iters, "layers": report})
+                                                       f"{row['loss_after']:.3g}"), only)
+    name = "rounding.json" if only is None else "rounding.allocate.json"
+    rundir.write_json(run / name, {"method": cfg.method, "iters": cfg.iters, "layers": report})
     return requantize_biases(g, plan, stats, quant)
+
+
+def allocate(run_dir: str | Path, budget, cfg, progress: Progress = silent):
+    """`ptq allocate`: the integer program's formats; then, in a run whose weights were rounded layer
+    by layer, the layers whose format changed are rounded again the same way (the others keep their
+    learned rounding)."""
+    from .allocate.stage import allocate as allocate_formats
+
+    plan, solution, rows = allocate_formats(run_dir, budget, cfg, progress)
+    if plan.quant.rounding.value == "nearest":
+        return plan, solution, rows
+    run = rundir.load_run(run_dir)
+    changed = {name for name, tq in plan.of_role("weight").items() if tq.source.get("rounding") != "learned"}
+    if changed:
+        plan = optimise_rounding(run.graph, plan, run.stats, plan.quant, run.data, model_inputs(run.graph), run.path,
+                                 progress, changed)
+        rundir.write_plan(run.path, plan)
+    return plan, solution, rows
 
 
 def layer_input_axes(g: Graph, sel) -> dict[str, int]:

@@ -194,10 +194,12 @@ def _mean_error(weights: np.ndarray, x: np.ndarray, target: np.ndarray) -> float
 
 
 def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: list[Batch], cfg: RoundingConfig,
-             progress: Callable[[dict], object] | None = None) -> tuple[Plan, list[dict]]:
-    """The plan with every supported layer's weights re-rounded; per-layer losses before/after
-    (each layer's row also goes to `progress` as it is done)."""
-    todo = rounded_layers(g, plan)
+             progress: Callable[[dict], object] | None = None, only: set[str] | None = None
+             ) -> tuple[Plan, list[dict]]:
+    """The plan with every supported layer's weights re-rounded (or those of the weights in `only`,
+    the others then fed quantized as the plan has them); per-layer losses before/after (each
+    layer's row also goes to `progress` as it is done)."""
+    todo = rounded_layers(g, plan, only)
     gated = sorted({l.activation for l in plan.layers if l.activation})
     probe = probe_model(g, plan, gated)
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
@@ -209,6 +211,9 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
         gates.update(act_gate(tensor, plan.tensors[tensor].spec.bits, stats, quant) if tensor in plan.tensors
                      else gate_feeds(tensor, False))
     current = dict(float_weights)  # the prefix's weights become quantized as layers are done
+    if only is not None:
+        current.update({name: on_grid(float_weights[name], tq) for name, tq in plan.of_role("weight").items()
+                        if name in float_weights and name not in only})
     report: list[dict] = []
     out_plan = plan
     with tempfile.TemporaryDirectory(prefix="ptq-columns-") as scratch:
@@ -237,8 +242,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
             values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
             tq = _with_values(wq, values, new_scale, node, w.shape)
             out_plan = out_plan.with_tensor(layer.weight, tq)
-            current[layer.weight] = dequantize(quantize(values, tq.scale, tq.zero_point, tq.spec), tq.scale,
-                                               tq.zero_point, tq.spec)
+            current[layer.weight] = on_grid(values, tq)
             report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
                            "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2]),
                            "peak_rss_mb": _peak_rss_mb()})
@@ -256,11 +260,18 @@ def _peak_rss_mb() -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
-def rounded_layers(g: Graph, plan: Plan) -> list:
-    """The layers layer-wise rounding visits: quantized weights, a known input, a supported op and
-    no binarized input."""
+def rounded_layers(g: Graph, plan: Plan, only: set[str] | None = None) -> list:
+    """The layers layer-wise rounding visits: quantized weights (in `only`, if given), a known input,
+    a supported op and no binarized input."""
     return [l for l in plan.layers if l.weight in plan.tensors and l.activation is not None
-            and supported(g.node_by_name[l.node]) and l.node not in plan.binary_inputs]
+            and supported(g.node_by_name[l.node]) and l.node not in plan.binary_inputs
+            and (only is None or l.weight in only)]
+
+
+def on_grid(w: np.ndarray, tq: TensorQuant) -> np.ndarray:
+    """The weight as the plan quantizes it (its own values where it replaces them), in float."""
+    source = w if tq.value is None else np.asarray(tq.value, dtype=np.float32)
+    return dequantize(quantize(source, tq.scale, tq.zero_point, tq.spec), tq.scale, tq.zero_point, tq.spec)
 
 
 def _positions(cfg: RoundingConfig, layer_index: int, batch_index: int) -> np.random.Generator:

@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..errors import PtqError
 from ..config import read_toml
 from ..files import write_atomic
+from ..geometry import supported, weight_to_matrix
 from ..graph import Graph, default_opset, file_sha256
+from ..masks.nm import nm_pattern
+from ..ops import channel_axis
+from ..quant import quantize
 from ..plan import Plan
 from .fidelity import INTEGER_KERNELS, Fidelity
 
@@ -66,7 +72,7 @@ def _layer_rows(c: CardInputs) -> list[dict]:
             "granularity": "per-channel" if w and w.spec.axis is not None else "per-tensor",
             "symmetric": bool(w.spec.symmetric) if w else True,
             "scheme": w.spec.scheme if w else "float",
-            "sparsity": w.source.get("sparsity") if w else None,
+            "sparsity": (w.source.get("sparsity") or _measured_sparsity(c, layer, w)) if w else None,
             "rounding": (c.plan.config["quant"].get("rounding", "nearest")
                          if w and w.source.get("rounding") == "learned" else "nearest"),
             "binary_input": layer.node in c.plan.binary_inputs,
@@ -74,6 +80,26 @@ def _layer_rows(c: CardInputs) -> list[dict]:
             "output_sqnr_db": measured.get(layer.node, {}).get("sqnr_db"),
         })
     return rows
+
+
+def _measured_sparsity(c: CardInputs, layer, w) -> str | None:
+    """The N:M pattern the quantized weights obey (zero codes), for weights pruned before this run."""
+    node = c.graph.node_by_name[layer.node]
+    if not supported(node):
+        return None
+    values = c.graph.constant(layer.weight) if w.value is None else np.asarray(w.value, dtype=np.float32)
+    nonzero = quantize(values, w.scale, w.zero_point, w.spec) != _broadcast_zero(w, values.ndim)
+    pattern = nm_pattern(weight_to_matrix(nonzero, node.op_type, channel_axis(node)))
+    return None if pattern is None else f"{pattern[0]}:{pattern[1]}"
+
+
+def _broadcast_zero(w, ndim: int) -> np.ndarray:
+    zero = np.asarray(w.zero_point)
+    if zero.ndim == 0 or w.spec.axis is None:
+        return zero
+    shape = [1] * ndim
+    shape[w.spec.axis % ndim] = -1
+    return zero.reshape(shape)
 
 
 def _prod(dims) -> int:

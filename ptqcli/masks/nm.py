@@ -151,3 +151,24 @@ def mask_diversity(n: int, m: int, k: int) -> Diversity:
     if k <= 0 or k % m:
         raise ValueError(f"k must be a positive multiple of m={m}, got {k}")
     return Diversity(int(n), int(m), int(k))
+
+
+# Patterns recognised in weights that arrive already pruned (a masked model calibrated afresh).
+KNOWN_PATTERNS = ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8))
+
+
+def nm_pattern(nonzero: np.ndarray) -> tuple[int, int] | None:
+    """The sparsest known N:M pattern that a ``[rows, K]`` nonzero map obeys along K (tail groups
+    keep ``tail_keep`` of theirs), or None."""
+    rows, k = nonzero.shape
+    best = None
+    for n, m in KNOWN_PATTERNS:
+        if k < m:
+            continue
+        full = k - k % m
+        groups = nonzero[:, :full].reshape(rows, -1, m).sum(axis=2)
+        tail = nonzero[:, full:].sum(axis=1)
+        if (groups <= n).all() and (tail <= tail_keep(n, m, k - full)).all():
+            if best is None or n / m < best[0] / best[1]:
+                best = (n, m)
+    return best
