@@ -66,6 +66,7 @@ def test_exactly_one_budget(run):
     assert_user_error(ptq("allocate", run, "--keep", "nosuchlayer", "--budget-bits", 4), "nosuchlayer")
 
 
+@pytest.mark.slow
 def test_ilp_beats_uniform_w4_and_greedy_at_the_w4_size(run):
     """Measured after export on the labelled test slice, not on the proxy."""
     points = sweep(load_context(run), AllocationConfig(), str(TEST), 2000, points=4)
@@ -75,6 +76,7 @@ def test_ilp_beats_uniform_w4_and_greedy_at_the_w4_size(run):
     assert ilp.quality >= greedy.quality
 
 
+@pytest.mark.slow
 def test_pareto_writes_csv_and_png(run):
     r = ptq("allocate", run, "--pareto", "--eval-data", TEST, "--eval-samples", 300, "--weight-candidates", "8,4")
     assert r.returncode == 0, r.stderr

@@ -3,6 +3,7 @@
 import json
 
 import onnx
+import pytest
 
 from conftest import ASSETS
 from ptqcli import stages
@@ -16,6 +17,7 @@ def test_assets_are_small_and_keep_batchnorm():
     assert ops.count("BatchNormalization") == 3
 
 
+@pytest.mark.slow
 def test_w8a8_top1_within_half_a_point_of_float(tmp_path):
     run = tmp_path / "run"
     stages.calibrate(ASSETS / "fashion_cnn.onnx", QuantConfig(),
@@ -46,6 +48,7 @@ def test_w4a8_runs_and_reports_its_kernel_path(tmp_path):
     assert fidelity.accuracy["quantized"] > 0.80
 
 
+@pytest.mark.slow
 def test_bias_correction_recovers_low_bit_accuracy(tmp_path):
     """W3A8 on the labelled slice: bias correction (on by default below 8 bits) must help a lot."""
     results = {}
@@ -60,6 +63,7 @@ def test_bias_correction_recovers_low_bit_accuracy(tmp_path):
     assert QuantConfig(weights="int3").corrects_bias and not QuantConfig(weights="int8").corrects_bias
 
 
+@pytest.mark.slow
 def test_adaround_w4a8_close_to_float_and_deterministic(tmp_path):
     """AdaRound W4A8 on the labelled slice: within 1.5 points of float; same seed, same model."""
     outputs = []

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import numpy_helper
 
 from conftest import ASSETS
@@ -25,6 +26,7 @@ def _groups_keep(matrix, n, m):
     return np.all(groups <= n)
 
 
+@pytest.mark.slow
 def test_model_masks_with_refit_keep_accuracy(tmp_path):
     refit, plain = tmp_path / "refit", tmp_path / "plain"
     assert ptq("mask", MODEL, "--nm", "2:4", "--data", CALIB, "--samples", 128, "-o", refit).returncode == 0
@@ -39,6 +41,7 @@ def test_model_masks_with_refit_keep_accuracy(tmp_path):
     assert fitted > unfitted + 0.1
 
 
+@pytest.mark.slow
 def test_run_masks_survive_quantization_and_export(tmp_path):
     run, out = tmp_path / "run", tmp_path / "q.onnx"
     assert ptq("calibrate", MODEL, "--data", CALIB, "-o", run).returncode == 0

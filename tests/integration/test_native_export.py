@@ -28,6 +28,7 @@ def _top1(model_path, x):
     return np.concatenate([sess.run(None, {name: x[i : i + 250]})[0].argmax(1) for i in range(0, len(x), 250)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights,acts,ops,binary_acts", [
     ("int4", "uint8", {"Int4Conv", "Int4Gemm"}, ()),
     ("pow2:4", "uint8", {"ShiftConv", "ShiftGemm"}, ()),

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from conftest import ASSETS
 from test_cli import assert_user_error, ptq
 
 
+@pytest.mark.slow
 def test_bn_synthetic_w8a8_close_to_real_data(tmp_path):
     out = tmp_path / "syn.onnx"
     r = ptq("quantize", ASSETS / "fashion_cnn.onnx", "--synthetic", "bn", "--num-samples", 64, "--iters", 60,
