@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ASSETS := ptqcli/assets
 
-.PHONY: demo test test-sanitize install bench clean
+.PHONY: demo test test-fast test-sanitize install bench clean
 
 NATIVE_SOURCES := setup.py native/CMakeLists.txt native/ort_headers.py $(wildcard native/src/*)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The quick tier: the whole suite but the tests marked slow (whole-model runs); the CLI runs in-process.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Benchmarks need torch and the evaluation models (see bench/README.md).
 bench: $(STAMP)
