@@ -338,14 +338,16 @@ def mask(target: Annotated[Path, typer.Argument(help="An ONNX model, or a run di
     """N:M sparsity masks (optionally transposable), applied to the weights before quantization."""
     from rich.table import Table
 
-    from .masks.stage import MaskConfig, mask_model, mask_run, parse_nm
+    from .masks.stage import MaskConfig, mask_model, parse_nm
 
     n, m = parse_nm(nm)
     cfg = MaskConfig(n, m, transposable, method, _names(layers) or (), refit, samples)
     if target.is_dir():
         if output is not None and output.resolve() != target.resolve():
             raise PtqError("a run directory is masked in place: drop -o or give the same directory")
-        _, report = mask_run(target, cfg)
+        from .stages import mask as mask_in_place
+
+        _, report = mask_in_place(target, cfg, rich_progress)
         where = target
     else:
         if output is None:

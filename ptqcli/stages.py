@@ -114,21 +114,37 @@ def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: Dat
 
 
 def allocate(run_dir: str | Path, budget, cfg, progress: Progress = silent):
-    """`ptq allocate`: the integer program's formats; then, in a run whose weights were rounded layer
-    by layer, the layers whose format changed are rounded again the same way (the others keep their
-    learned rounding)."""
+    """`ptq allocate`: the integer program's formats, then the changed layers of a rounded run
+    rounded again (see `reround`)."""
     from .allocate.stage import allocate as allocate_formats
 
     plan, solution, rows = allocate_formats(run_dir, budget, cfg, progress)
+    return reround(run_dir, plan, progress), solution, rows
+
+
+def mask(run_dir: str | Path, cfg, progress: Progress = silent):
+    """`ptq mask RUN/`: N:M masks applied in place, then re-fitted layers of a rounded run rounded
+    again (see `reround`)."""
+    from .masks.stage import mask_run
+
+    plan, report = mask_run(run_dir, cfg)
+    return reround(run_dir, plan, progress), report
+
+
+def reround(run_dir: str | Path, plan: Plan, progress: Progress = silent) -> Plan:
+    """In a run whose weights were rounded layer by layer, the layers a later stage changed (a new
+    format, a re-fit) are rounded again the same way, from the quantized prefix; the others keep
+    their learned rounding. Masked zeros stay zero."""
     if plan.quant.rounding.value == "nearest":
-        return plan, solution, rows
+        return plan
     run = rundir.load_run(run_dir)
     changed = {name for name, tq in plan.of_role("weight").items() if tq.source.get("rounding") != "learned"}
-    if changed:
-        plan = optimise_rounding(run.graph, plan, run.stats, plan.quant, run.data, model_inputs(run.graph), run.path,
-                                 progress, changed)
-        rundir.write_plan(run.path, plan)
-    return plan, solution, rows
+    if not changed:
+        return plan
+    plan = optimise_rounding(run.graph, plan, run.stats, plan.quant, run.data, model_inputs(run.graph), run.path,
+                             progress, changed)
+    rundir.write_plan(run.path, plan)
+    return plan
 
 
 def layer_input_axes(g: Graph, sel) -> dict[str, int]:

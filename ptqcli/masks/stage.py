@@ -159,9 +159,9 @@ def mask_model(g: Graph, layers: list[Layer], cfg: MaskConfig, data: DataConfig 
 
 def mask_run(run_dir: str | Path, cfg: MaskConfig) -> tuple[Plan, list[dict]]:
     """Mask a calibrated run's layers in place; the plan then quantizes the masked weights. What
-    earlier stages left is kept: learned rounding stays on its grid with the masked weights at zero
-    (unless a re-fit replaces the layer), an allocation keeps its formats, and the calibrated plan
-    that later allocations start from is masked the same way."""
+    earlier stages left is kept: an allocation keeps its formats, masks are chosen on the run's
+    current weights, and the calibrated plan that later allocations start from is masked the same
+    way. (stages.mask then rounds a rounded run's masked layers again.)"""
     run = rundir.load_run(run_dir)
     batches = _batches(run.graph, run.data, cfg.samples) if cfg.refit else None
     masks, weights, report = mask_layers(run.graph, run.plan.layers, cfg, batches, start=run.plan.values())
@@ -181,20 +181,20 @@ def mask_run(run_dir: str | Path, cfg: MaskConfig) -> tuple[Plan, list[dict]]:
 
 def apply_masks(run: rundir.Run, plan: Plan, masks: dict[str, np.ndarray], refitted: dict[str, np.ndarray],
                 label: str, cfg: MaskConfig) -> Plan:
-    """The plan with each masked weight's quantizer: re-fitted weights quantized afresh, learned
-    rounding masked on its own grid, anything else masked and its scales re-fitted."""
+    """The plan with each masked weight quantized afresh in its format: the re-fitted weights, or the
+    weights under the mask. A learned rounding is masked from the float weights (stages.reround then
+    rounds the layer again, now against its mask)."""
     for name, mask in masks.items():
         tq = plan.tensors.get(name)
         if tq is None or tq.role != "weight":
             continue
         method = "mse" if tq.source.get("method") == "mse" else "minmax"
-        if name not in refitted and tq.source.get("rounding") == "learned":
-            new = replace(tq, value=(np.asarray(tq.value) * mask).astype(np.float32))
-        else:
-            w = refitted.get(name)
-            if w is None:
-                w = (np.asarray(tq.value if tq.value is not None else run.graph.constant(name)) * mask).astype(np.float32)
-            new = replace(quantize_weight(w, tq.spec, method), value=w)
+        w = refitted.get(name)
+        if w is None:
+            learned = tq.source.get("rounding") == "learned"
+            start = run.graph.constant(name) if tq.value is None or learned else tq.value
+            w = (np.asarray(start) * mask).astype(np.float32)
+        new = replace(quantize_weight(w, tq.spec, method), value=w)
         plan = plan.with_tensor(name, replace(new, source={**new.source, "sparsity": label}))
     plan = replace(plan, config={**plan.config, "masks": {"nm": label, "method": cfg.method}})
     return requantize_biases(run.graph, plan, run.stats, run.quant)
