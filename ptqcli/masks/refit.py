@@ -10,8 +10,9 @@ error on those samples falls to ~0 while held-out accuracy collapses. So the sam
 lambda is chosen on the held-out part, and a layer whose best re-fit is not better there than the
 plain mask keeps the plain mask.
 
-Everything runs on Gram matrices G = X X^T / S: a row's error for weights v is
-(v - w)^T G (v - w), so the columns themselves are never gathered per row.
+Everything runs on Gram matrices G = X X^T / S, accumulated while the calibration data streams
+past (`Moments`): a row's error for weights v is (v - w)^T G (v - w), so memory is one K x K matrix
+per group whatever the number of samples, and the columns are never kept.
 """
 
 from __future__ import annotations
@@ -42,17 +43,41 @@ class Refit:
     heldout_samples: int
 
 
-def split_samples(sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean column masks (fit, held out): whole samples go to one side, every HOLD_OUT-th to the
-    held-out one, so positions of one image never straddle the split."""
-    held = sample_ids % HOLD_OUT == HOLD_OUT - 1
-    return ~held, held
+def held_out(sample_ids: np.ndarray) -> np.ndarray:
+    """Which columns are held out of the fit: whole samples, every HOLD_OUT-th one, so positions of
+    one image never straddle the split."""
+    return np.asarray(sample_ids) % HOLD_OUT == HOLD_OUT - 1
 
 
-def gram(x: np.ndarray) -> np.ndarray:
-    """(G, K, S) columns -> (G, K, K) second moments, in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    return x @ x.transpose(0, 2, 1) / max(x.shape[2], 1)
+@dataclass
+class Moments:
+    """Running sums of x x^T over a layer's input columns, (G, K, K), for fit and held-out samples."""
+
+    fit: np.ndarray
+    held: np.ndarray
+    fit_columns: int = 0
+    held_columns: int = 0
+    fit_samples: int = 0
+    held_samples: int = 0
+
+    @staticmethod
+    def empty(groups: int, k: int) -> "Moments":
+        return Moments(np.zeros((groups, k, k)), np.zeros((groups, k, k)))
+
+    def add(self, columns: np.ndarray, sample_ids: np.ndarray) -> None:
+        """Sample-major columns (S, G, K) and the sample each came from (S,)."""
+        held = held_out(sample_ids)
+        for side, pick in (("fit", ~held), ("held", held)):
+            x = np.moveaxis(np.asarray(columns[pick], dtype=np.float64), 0, 2)  # (G, K, s)
+            getattr(self, side)[...] += x @ x.transpose(0, 2, 1)
+            setattr(self, f"{side}_columns", getattr(self, f"{side}_columns") + int(pick.sum()))
+            setattr(self, f"{side}_samples", getattr(self, f"{side}_samples") + len(np.unique(sample_ids[pick])))
+
+    def grams(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fit, held-out, all) second moments, each divided by its number of columns."""
+        total = self.fit + self.held
+        return (self.fit / max(self.fit_columns, 1), self.held / max(self.held_columns, 1),
+                total / max(self.fit_columns + self.held_columns, 1))
 
 
 def output_mse(g: np.ndarray, rows: np.ndarray, dense: np.ndarray) -> float:
@@ -91,40 +116,36 @@ def solve_rows(g: np.ndarray, dense: np.ndarray, kept: np.ndarray, strength: flo
     return out
 
 
-def refit_layer(rows: np.ndarray, keep: np.ndarray, x: np.ndarray, sample_ids: np.ndarray,
-                seed: int = 0) -> Refit:
-    """Re-fit the kept weights of `rows` (G, M, K) under mask `keep` on columns `x` (G, K, S)
-    whose samples are `sample_ids` (S,); see the module docstring for how the strength is chosen."""
+def refit_layer(rows: np.ndarray, keep: np.ndarray, moments: Moments, seed: int = 0) -> Refit:
+    """Re-fit the kept weights of `rows` (G, M, K) under mask `keep` with the input moments of the
+    layer; see the module docstring for how the strength is chosen."""
     rows = np.asarray(rows, dtype=np.float64)
     masked = rows * keep
-    fit, held = split_samples(np.asarray(sample_ids))
-    if not fit.any() or not held.any():
-        return Refit(masked, None, float("nan"), float("nan"), int(fit.sum()), int(held.sum()))
-    g_fit, g_held = gram(x[:, :, fit]), gram(x[:, :, held])
+    counts = moments.fit_samples, moments.held_samples
+    if not moments.fit_columns or not moments.held_columns:
+        return Refit(masked, None, float("nan"), float("nan"), *counts)
+    g_fit, g_held, g_all = moments.grams()
     kept = [kept_indices(keep[i]) for i in range(len(rows))]
     baseline = output_mse(g_held, masked, rows)
     rng = np.random.default_rng(seed)
     scored = [np.sort(rng.choice(rows.shape[1], min(SELECTION_ROWS, rows.shape[1]), replace=False))
               for _ in range(len(rows))]
 
-    def trial(strength: float, picks: list[np.ndarray] | None) -> tuple[float, np.ndarray]:
-        fitted = np.stack([solve_rows(g_fit[i], rows[i] if picks is None else rows[i][picks[i]],
-                                      kept[i] if picks is None else kept[i][picks[i]], strength)
+    def trial(strength: float, picks: list[np.ndarray] | None) -> float:
+        pick = (lambda i, a: a) if picks is None else (lambda i, a: a[picks[i]])  # noqa: E731
+        fitted = np.stack([solve_rows(g_fit[i], pick(i, rows[i]), pick(i, kept[i]), strength)
                            for i in range(len(rows))])
-        dense = rows if picks is None else np.stack([rows[i][picks[i]] for i in range(len(rows))])
-        return output_mse(g_held, fitted, dense), fitted
+        return output_mse(g_held, fitted, np.stack([pick(i, rows[i]) for i in range(len(rows))]))
 
-    sub_masked = np.stack([masked[i][scored[i]] for i in range(len(rows))])
-    sub_dense = np.stack([rows[i][scored[i]] for i in range(len(rows))])
-    sub_baseline = output_mse(g_held, sub_masked, sub_dense)
-    errors = [trial(s, scored)[0] for s in STRENGTHS]
+    sub_baseline = output_mse(g_held, np.stack([masked[i][scored[i]] for i in range(len(rows))]),
+                              np.stack([rows[i][scored[i]] for i in range(len(rows))]))
+    errors = [trial(s, scored) for s in STRENGTHS]
     best = int(np.argmin(errors))
     if not errors[best] < sub_baseline:
-        return Refit(masked, None, baseline, baseline, int(fit.sum()), int(held.sum()))
-    error, _ = trial(STRENGTHS[best], None)
+        return Refit(masked, None, baseline, baseline, *counts)
+    error = trial(STRENGTHS[best], None)
     if not error < baseline:  # the sampled rows misled the choice: never worse than the plain mask
-        return Refit(masked, None, baseline, baseline, int(fit.sum()), int(held.sum()))
+        return Refit(masked, None, baseline, baseline, *counts)
     # Validated: the final rows use every sample at the chosen strength.
-    g_all = (g_fit * fit.sum() + g_held * held.sum()) / len(fit)
     fitted = np.stack([solve_rows(g_all[i], rows[i], kept[i], STRENGTHS[best]) for i in range(len(rows))])
-    return Refit(fitted, STRENGTHS[best], baseline, error, int(fit.sum()), int(held.sum()))
+    return Refit(fitted, STRENGTHS[best], baseline, error, *counts)

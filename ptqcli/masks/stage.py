@@ -26,7 +26,7 @@ from ..ops import channel_axis
 from ..plan import Layer, Plan
 from ..runtime import session, with_outputs
 from .nm import mask_diversity, nm_mask
-from .refit import refit_layer
+from .refit import Moments, refit_layer
 from .transposable import transposable_mask
 
 
@@ -69,27 +69,28 @@ def layer_mask(node, w: np.ndarray, cfg: MaskConfig) -> np.ndarray:
     return matrix_to_weight(mask, w.shape, node.op_type, axis).astype(bool)
 
 
-def _layer_inputs(g: Graph, layers: list[Layer], batches: list[Batch], cfg: MaskConfig
-                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Sampled input columns of each layer from the float model, (G, K, S), with the sample each
-    column came from (S,)."""
+def _layer_moments(g: Graph, layers: list[Layer], batches: list[Batch], cfg: MaskConfig) -> dict[str, Moments]:
+    """Each layer's input moments from the float model, streamed batch by batch at sampled positions:
+    memory is one K x K matrix per group, whatever the number of samples."""
     names = sorted({layer.activation for layer in layers if layer.activation})
+    if not names:
+        return {}
     sess = session(with_outputs(g.model, names))
     rng = np.random.default_rng(cfg.seed)
-    columns: dict[str, list[np.ndarray]] = {layer.node: [] for layer in layers}
-    owners: dict[str, list[np.ndarray]] = {layer.node: [] for layer in layers}
+    moments: dict[str, Moments] = {}
     seen = 0
     for batch in batches:
         values = dict(zip(names, sess.run(names, batch.feeds)))
         for layer in layers:
-            node, w = g.node_by_name[layer.node], g.initializers[layer.weight]
+            node, shape = g.node_by_name[layer.node], tuple(g.initializers[layer.weight].dims)
             x = values[layer.activation]
-            block = sampled_columns(node, x, tuple(w.dims), cfg.positions, rng)
-            columns[layer.node].append(block)
-            owners[layer.node].append(seen + np.repeat(np.arange(len(x)), len(block) // max(len(x), 1)))
+            block = sampled_columns(node, x, shape, cfg.positions, rng)  # (S, G, K)
+            owners = seen + np.repeat(np.arange(len(x)), len(block) // max(len(x), 1))
+            if layer.node not in moments:
+                moments[layer.node] = Moments.empty(block.shape[1], block.shape[2])
+            moments[layer.node].add(block, owners)
         seen += len(next(iter(batch.feeds.values())))
-    return {node: (np.moveaxis(np.concatenate(parts, axis=0), 0, 2), np.concatenate(owners[node]))
-            for node, parts in columns.items() if parts}
+    return moments
 
 
 def mask_layers(g: Graph, layers: list[Layer], cfg: MaskConfig, batches: list[Batch] | None,
@@ -103,25 +104,24 @@ def mask_layers(g: Graph, layers: list[Layer], cfg: MaskConfig, batches: list[Ba
     unknown = set(cfg.layers) - {l.node for l in layers}
     if unknown:
         raise PtqError(f"--layers names {', '.join(sorted(unknown))}, which are not weighted layers")
-    inputs = _layer_inputs(g, chosen, batches, cfg) if cfg.refit and batches else {}
-    masks, weights, report = {}, {}, []
+    starts = {l.weight: np.asarray((start or {}).get(l.weight, g.constant(l.weight)), dtype=np.float64) for l in chosen}
+    masks = {l.weight: layer_mask(g.node_by_name[l.node], starts[l.weight], cfg) for l in chosen}
+    pruned = [l for l in chosen if not masks[l.weight].all()]  # a mask that keeps everything needs no re-fit
+    moments = _layer_moments(g, pruned, batches, cfg) if cfg.refit and batches else {}
+    weights, report = {}, []
     for layer in chosen:
-        node = g.node_by_name[layer.node]
-        dense = g.constant(layer.weight).astype(np.float64)
-        w = np.asarray((start or {}).get(layer.weight, dense), dtype=np.float64)
-        mask = layer_mask(node, w, cfg)
+        node, w, mask = g.node_by_name[layer.node], starts[layer.weight], masks[layer.weight]
         masked = w * mask
         row = {"node": layer.node, "weight": layer.weight, "density": float(mask.mean()), "output_mse_masked": None,
                "output_mse_refit": None, "refit_strength": None,
                "log10_diversity_per_weight": _diversity(node, w, cfg)}
-        if layer.node in inputs and not mask.all():
-            x, owners = inputs[layer.node]
-            fitted = refit_layer(weight_rows(node, dense), weight_rows(node, mask), x, owners, cfg.seed)
+        if layer.node in moments:
+            dense = g.constant(layer.weight).astype(np.float64)
+            fitted = refit_layer(weight_rows(node, dense), weight_rows(node, mask), moments.pop(layer.node), cfg.seed)
             row.update(output_mse_masked=fitted.heldout_mse_masked, output_mse_refit=fitted.heldout_mse_refit,
                        refit_strength=fitted.strength)
             if fitted.strength is not None:
                 masked = rows_to_weight(node, fitted.rows, w.shape)
-        masks[layer.weight] = mask
         weights[layer.weight] = masked.astype(np.float32)
         report.append(row)
     return masks, weights, report
