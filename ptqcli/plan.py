@@ -16,6 +16,7 @@ import numpy as np
 from .config import DataConfig, QuantConfig, from_mapping
 from .errors import PtqError
 from .formats import QuantSpec
+from .quant import dequantize, quantize
 
 PLAN_VERSION = 1
 # "value": a float tensor the plan replaces without quantizing (a corrected bias that int32 cannot hold).
@@ -38,6 +39,14 @@ class TensorQuant:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise PtqError(f"unknown tensor role '{self.role}'")
+
+    def on_grid(self, original: np.ndarray) -> np.ndarray:
+        """The tensor as the quantized model computes with it, in float32: its own value (or the
+        model's `original`) quantized and dequantized exactly as QuantizeLinear/DequantizeLinear do."""
+        source = np.asarray(original if self.value is None else self.value, dtype=np.float32)
+        source = source.reshape(np.shape(original))
+        return dequantize(quantize(source, self.scale, self.zero_point, self.spec), self.scale, self.zero_point,
+                          self.spec)
 
     def to_dict(self, include_value: bool = True) -> dict:
         return {

@@ -212,7 +212,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
                      else gate_feeds(tensor, False))
     current = dict(float_weights)  # the prefix's weights become quantized as layers are done
     if only is not None:
-        current.update({name: on_grid(float_weights[name], tq) for name, tq in plan.of_role("weight").items()
+        current.update({name: tq.on_grid(float_weights[name]) for name, tq in plan.of_role("weight").items()
                         if name in float_weights and name not in only})
     report: list[dict] = []
     out_plan = plan
@@ -242,7 +242,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
             values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
             tq = _with_values(wq, values, new_scale, node, w.shape)
             out_plan = out_plan.with_tensor(layer.weight, tq)
-            current[layer.weight] = on_grid(values, tq)
+            current[layer.weight] = tq.on_grid(values)
             report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
                            "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2]),
                            "peak_rss_mb": _peak_rss_mb()})
@@ -266,12 +266,6 @@ def rounded_layers(g: Graph, plan: Plan, only: set[str] | None = None) -> list:
     return [l for l in plan.layers if l.weight in plan.tensors and l.activation is not None
             and supported(g.node_by_name[l.node]) and l.node not in plan.binary_inputs
             and (only is None or l.weight in only)]
-
-
-def on_grid(w: np.ndarray, tq: TensorQuant) -> np.ndarray:
-    """The weight as the plan quantizes it (its own values where it replaces them), in float."""
-    source = w if tq.value is None else np.asarray(tq.value, dtype=np.float32)
-    return dequantize(quantize(source, tq.scale, tq.zero_point, tq.spec), tq.scale, tq.zero_point, tq.spec)
 
 
 def _positions(cfg: RoundingConfig, layer_index: int, batch_index: int) -> np.random.Generator:

@@ -20,11 +20,12 @@ from ..geometry import MATRIX_OPS, flat_rows, geometry, kernel_attributes, nativ
 from ..graph import Graph, clone
 from ..ops import attr
 from ..nativelib import DOMAIN
-from ..plan import Plan, TensorQuant
+from ..plan import Layer, Plan, TensorQuant
 from ..quant import quantize
 from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
+from .qdq import QdqNames
 
 
 @dataclass(frozen=True)
@@ -67,46 +68,43 @@ class NativeReport:
     kept: dict[str, str]         # quantized node left as QDQ/float -> why
 
 
-def _dequantized_source(name: str, producers: dict[str, NodeProto]) -> NodeProto | None:
-    node = producers.get(name)
-    return node if node is not None and node.op_type == "DequantizeLinear" else None
-
-
-def _activation_inputs(x_name: str, plan: Plan, producers: dict[str, NodeProto],
-                       inits: dict[str, np.ndarray]) -> tuple[list[str], str | None]:
+def _activation_inputs(node: NodeProto, layer: Layer, plan: Plan) -> tuple[list[str], str | None]:
     """[X, X_scale, X_zero_point] for the custom op, or a reason the input cannot be fed to it."""
-    dq = _dequantized_source(x_name, producers)
-    if dq is None:
-        return [x_name, "", ""], None  # float input: the operator quantizes it per row
-    source = next((t for t, tq in plan.tensors.items() if f"{t}_dequantized" == x_name), None)
-    tq = plan.tensors.get(source) if source else None
-    if tq is None or tq.spec.bits != 8 or tq.spec.axis is not None or tq.spec.scheme != "int":
+    tq = plan.tensors.get(layer.activation) if layer.activation else None
+    if tq is None or tq.role != "activation":
+        return [node.input[0], "", ""], None  # float input: the operator quantizes it per row
+    if tq.spec.bits != 8 or tq.spec.axis is not None or tq.spec.scheme != "int":
         return [], "its input is not 8-bit per-tensor"
-    scale, zero = dq.input[1], dq.input[2] if len(dq.input) > 2 else ""
-    if scale not in inits or (zero and zero not in inits):
-        return [], "its input scale is not a constant"
-    return [dq.input[0], scale, zero], None
+    names = QdqNames(layer.activation)
+    if node.input[0] != names.dequantized:
+        return [], "its input is not the plan's quantized activation"
+    return [names.quantized, names.scale, names.zero_point], None
 
 
-def _float_bias(node: NodeProto, op: str, producers: dict[str, NodeProto], inits: dict[str, np.ndarray],
-                n: int) -> tuple[np.ndarray | None, str | None]:
-    """The bias as float32, dequantized exactly as ORT would (q - zero) * scale."""
-    index = 2
-    if len(node.input) <= index or not node.input[index]:
+def _float_bias(g: Graph, layer: Layer, plan: Plan, n: int) -> tuple[np.ndarray | None, str | None]:
+    """The bias as the QDQ model computes with it, in float32: from the plan (an int32 bias on its
+    grid, a corrected float one) or the model's own."""
+    if layer.bias is None:
         return None, None
-    name = node.input[index]
-    dq = _dequantized_source(name, producers)
-    if dq is None:
-        value = inits.get(name)
+    tq = plan.tensors.get(layer.bias)
+    if layer.bias not in g.initializers:
+        return None, f"its {layer.op_type} bias is not a constant"
+    original = g.constant(layer.bias)
+    if tq is None:
+        value = original
+    elif tq.role == "value":
+        value = tq.value
     else:
-        q, scale = inits.get(dq.input[0]), inits.get(dq.input[1])
-        zero = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-        value = None if q is None or scale is None else (
-            (q.astype(np.int64) - (0 if zero is None else zero.astype(np.int64))).astype(np.float32)
-            * scale.astype(np.float32))
-    if value is None or value.size != n:
-        return None, f"its {op} bias is not a constant of {n} values"
-    return value.astype(np.float32).reshape(n), None
+        value = tq.on_grid(original)
+    if np.size(value) != n:
+        return None, f"its {layer.op_type} bias is not a constant of {n} values"
+    return np.asarray(value, dtype=np.float32).reshape(n), None
+
+
+def _weight(g: Graph, layer: Layer, tq: TensorQuant) -> np.ndarray:
+    """The float weight the plan quantizes (its own value, or the model's)."""
+    original = g.constant(layer.weight)
+    return np.asarray(original if tq.value is None else tq.value, dtype=np.float32).reshape(original.shape)
 
 
 def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, NativeReport]:
@@ -122,15 +120,19 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
     new_inits: list = []
     nodes: list[NodeProto] = []
     dropped: set[str] = set()
+    layers = {layer.node: layer for layer in plan.layers}
     for node in model.graph.node:
         if node.name in dropped:
             continue
-        if node.name in plan.binary_inputs:
-            replacement = _replace_binarized(node, g, plan, producers, inits, new_inits, report)
+        layer = layers.get(node.name)
+        if layer is None or node.op_type not in MATRIX_OPS or layer.weight not in plan.tensors:
+            replacement = None
+        elif node.name in plan.binary_inputs:
+            replacement = _replace_binarized(node, layer, g, plan, inits, new_inits, report)
             if replacement is not None:
                 dropped.update(BinaryNames(node.name).output_nodes)
         else:
-            replacement = _replace(node, g, plan, producers, inits, new_inits, report)
+            replacement = _replace(node, layer, g, plan, new_inits, report)
             if replacement is not None and replacement.op_type.endswith("Conv"):
                 _absorb_pad(replacement, producers, consumers, inits)
         nodes.append(replacement or node)
@@ -143,23 +145,15 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
     return model, report
 
 
-def _replace(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits, report) -> NodeProto | None:
-    if node.op_type not in MATRIX_OPS or len(node.input) < 2:
-        return None
-    weight_dq = _dequantized_source(node.input[1], producers)
-    weight_name = node.input[1].removesuffix("_dequantized")
-    tq = plan.tensors.get(weight_name)
-    if weight_dq is None or tq is None or tq.role != "weight":
-        return None
+def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, report) -> NodeProto | None:
+    tq = plan.tensors[layer.weight]
     family = _family(tq)
     if family is None:
         report.kept[node.name] = f"{tq.spec.label} weights have no native kernel"
         return None
-    float_w = numpy_helper.to_array(g.initializers[weight_name]) if tq.value is None else None
-    w = tq.value if float_w is None else float_w
-    w = np.asarray(w, dtype=np.float32).reshape(numpy_helper.to_array(g.initializers[weight_name]).shape)
+    w = _weight(g, layer, tq)
     why = native_unsupported(node, w)
-    x_inputs, why_x = _activation_inputs(node.input[0], plan, producers, inits)
+    x_inputs, why_x = _activation_inputs(node, layer, plan)
     if why or why_x:
         report.kept[node.name] = why or why_x
         return None
@@ -169,7 +163,7 @@ def _replace(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits,
         return None
     n, k = rows_q.shape
     codes, zero, pad = family.encode(rows_q, tq)
-    bias, why_b = _float_bias(node, node.op_type, producers, inits, n)
+    bias, why_b = _float_bias(g, layer, plan, n)
     if why_b:
         report.kept[node.name] = why_b
         return None
@@ -235,15 +229,12 @@ def _code_rows(node: NodeProto, tq: TensorQuant, w: np.ndarray) -> tuple[np.ndar
     return rows_q, None
 
 
-def _replace_binarized(node: NodeProto, g: Graph, plan: Plan, producers, inits, new_inits,
-                       report) -> NodeProto | None:
+def _replace_binarized(node: NodeProto, layer: Layer, g: Graph, plan: Plan, inits, new_inits, report) -> NodeProto | None:
     """A binary-input layer's emulation (see binarize.py) becomes one Binary* operator reading
     x - mu and writing the layer's output."""
     names = BinaryNames(node.name)
-    weight_name = node.input[1].removesuffix("_dequantized")
-    tq = plan.tensors[weight_name]
-    shape = numpy_helper.to_array(g.initializers[weight_name]).shape
-    w = np.asarray(g.constant(weight_name) if tq.value is None else tq.value, dtype=np.float32).reshape(shape)
+    tq = plan.tensors[layer.weight]
+    w = _weight(g, layer, tq)
     why = native_unsupported(node, w)
     rows_q, w_scale = _code_rows(node, tq, w)
     if why or w_scale is None:
@@ -254,15 +245,10 @@ def _replace_binarized(node: NodeProto, g: Graph, plan: Plan, producers, inits, 
     constants = {"W": ref.pack_signs(rows_q.astype(np.float32)), "W_scale": w_scale.reshape(n),
                  "Bias": inits[names.folded_bias].astype(np.float32).reshape(n)}
     new_inits.extend(numpy_helper.from_array(np.ascontiguousarray(v), f"{prefix}_{key}") for key, v in constants.items())
-    output = _output_of(producers, names.output_nodes[1])
     op_type = "Binary" + node.op_type
     report.replaced[node.name] = op_type
     return helper.make_node(op_type, [names.centered] + [f"{prefix}_{key}" for key in ref.BINARY_INPUTS[1:]],
-                            [output], name=node.name, domain=DOMAIN, K=k, N=n, **kernel_attributes(node, w))
-
-
-def _output_of(producers: dict[str, NodeProto], node_name: str) -> str:
-    return next(out for out, node in producers.items() if node.name == node_name)
+                            [layer.output], name=node.name, domain=DOMAIN, K=k, N=n, **kernel_attributes(node, w))
 
 
 def _drop_unused(model: ModelProto) -> None:

@@ -8,6 +8,8 @@ Graph outputs keep their names and stay in float.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
@@ -20,6 +22,29 @@ from ..formats import QuantSpec
 
 # DequantizeLinear of int4/uint4 needs opset 21.
 INT4_OPSET = 21
+
+
+@dataclass(frozen=True)
+class QdqNames:
+    """What the QDQ export names around a quantized tensor: the native export finds them here."""
+
+    tensor: str
+
+    @property
+    def quantized(self) -> str:
+        return f"{self.tensor}_quantized"
+
+    @property
+    def scale(self) -> str:
+        return f"{self.tensor}_scale"
+
+    @property
+    def zero_point(self) -> str:
+        return f"{self.tensor}_zero_point"
+
+    @property
+    def dequantized(self) -> str:
+        return f"{self.tensor}_dequantized"
 
 
 def onnx_int_type(spec: QuantSpec) -> int:
@@ -43,9 +68,10 @@ def _int_tensor(name: str, values: np.ndarray, spec: QuantSpec) -> TensorProto:
 
 
 def _scale_zp(prefix: str, tq: TensorQuant) -> list[TensorProto]:
+    names = QdqNames(prefix)
     return [
-        numpy_helper.from_array(np.asarray(tq.scale, dtype=np.float32), f"{prefix}_scale"),
-        _int_tensor(f"{prefix}_zero_point", np.asarray(tq.zero_point), tq.spec),
+        numpy_helper.from_array(np.asarray(tq.scale, dtype=np.float32), names.scale),
+        _int_tensor(names.zero_point, np.asarray(tq.zero_point), tq.spec),
     ]
 
 
@@ -53,25 +79,27 @@ def _axis_attrs(tq: TensorQuant) -> dict:
     return {"axis": tq.spec.axis} if tq.spec.axis is not None else {}
 
 
-def _dequantize_node(name: str, tq: TensorQuant, source: str) -> NodeProto:
+def _dequantize_node(name: str, tq: TensorQuant) -> NodeProto:
+    names = QdqNames(name)
     return helper.make_node(
-        "DequantizeLinear", [source, f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
+        "DequantizeLinear", [names.quantized, names.scale, names.zero_point], [names.dequantized],
         name=f"{name}_DequantizeLinear", **_axis_attrs(tq),
     )
 
 
 def _constant_qdq(name: str, tq: TensorQuant, value: np.ndarray) -> tuple[list[TensorProto], NodeProto]:
     q = quantize(value, tq.scale, tq.zero_point, tq.spec)
-    inits = [_int_tensor(f"{name}_quantized", q, tq.spec), *_scale_zp(name, tq)]
-    return inits, _dequantize_node(name, tq, f"{name}_quantized")
+    inits = [_int_tensor(QdqNames(name).quantized, q, tq.spec), *_scale_zp(name, tq)]
+    return inits, _dequantize_node(name, tq)
 
 
 def _activation_qdq(name: str, tq: TensorQuant) -> tuple[list[TensorProto], list[NodeProto]]:
+    names = QdqNames(name)
     quant = helper.make_node(
-        "QuantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"], [f"{name}_quantized"],
+        "QuantizeLinear", [name, names.scale, names.zero_point], [names.quantized],
         name=f"{name}_QuantizeLinear", **_axis_attrs(tq),
     )
-    return _scale_zp(name, tq), [quant, _dequantize_node(name, tq, f"{name}_quantized")]
+    return _scale_zp(name, tq), [quant, _dequantize_node(name, tq)]
 
 
 def required_opset(model: ModelProto, plan: Plan) -> int:
@@ -106,7 +134,7 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
             inits, nodes = _activation_qdq(name, tq)
             new_inits += inits
             (after.setdefault(name, []) if name in producers else head).extend(nodes)
-        rewire[name] = f"{name}_dequantized"
+        rewire[name] = QdqNames(name).dequantized
     nodes = list(head)
     for node in model.graph.node:
         if node.name not in excluded:
