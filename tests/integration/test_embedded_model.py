@@ -27,7 +27,7 @@ def test_w8a8_top1_within_half_a_point_of_float(tmp_path):
     assert fidelity.samples == 2000 and fidelity.held_out
     float_acc, quant_acc = fidelity.accuracy["float"], fidelity.accuracy["quantized"]
     assert float_acc > 0.90
-    assert float_acc - quant_acc <= 0.005
+    assert round(float_acc - quant_acc, 9) <= 0.005  # exactly half a point is within it
     assert fidelity.outputs["logits"]["top1_agreement"] > 0.97
     # Measured on ORT's integer kernels, not on an emulation.
     assert fidelity.integer_kernels.get("QLinearConv") == 3
