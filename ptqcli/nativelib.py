@@ -6,10 +6,17 @@ import os
 from pathlib import Path
 
 from .errors import PtqError
+from .formats import FORMATS
+from .geometry import MATRIX_OPS
 
 DOMAIN = "ptqcli"
-# The operators the library registers (native/src/ops.cpp, kOps): weight format x layout.
-OPERATORS = tuple(f"{family}{layout}" for family in ("Int4", "Shift", "Binary") for layout in ("MatMul", "Gemm", "Conv"))
+# The operators the library registers: each weight format's kernel family (the format table), and
+# Binary for binarized inputs, times each weighted op (the layer geometry). The library's own list
+# (native/src/ops.cpp, kOps) is read by `library_operators`; a test holds the two equal.
+BINARY_FAMILY = "Binary"
+OPERATORS = tuple(f"{family}{op}"
+                  for family in (*dict.fromkeys(f.native for f in FORMATS.values() if f.native), BINARY_FAMILY)
+                  for op in MATRIX_OPS)
 LIBRARY = "libptqcli_ops.so"
 UNAVAILABLE = ("native operators are not built (no C++ compiler, CMake or ONNX Runtime headers at install "
                "time); reinstall with them, or set ORT_INCLUDE_DIR to headers you have")
@@ -44,12 +51,22 @@ def instruction_set() -> str:
     return lib.PtqNativeIsa().decode()
 
 
+def library_operators() -> tuple[str, ...]:
+    """The operator names the compiled library registers."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(require_library()))
+    lib.PtqNativeOperators.restype = ctypes.c_char_p
+    return tuple(lib.PtqNativeOperators().decode().split(","))
+
+
 def register(options) -> None:
     """Make an onnxruntime.SessionOptions able to run the ptqcli operators."""
     options.register_custom_ops_library(str(require_library()))
 
 
 def session_options(threads: int = 0):
+    """SessionOptions with the library registered: the one place it is registered."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

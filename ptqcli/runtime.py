@@ -12,24 +12,19 @@ import onnx
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
+from . import nativelib
 from .errors import PtqError
 from .graph import clone, model_bytes_or_path
 
 
 def uses_native_ops(model: ModelProto) -> bool:
-    from .nativelib import DOMAIN
-
-    return any(o.domain == DOMAIN for o in model.opset_import)
+    return any(o.domain == nativelib.DOMAIN for o in model.opset_import)
 
 
 def session_options(model: ModelProto) -> ort.SessionOptions:
     """Quiet options, with the ptqcli operator library registered when the model uses it."""
-    options = ort.SessionOptions()
+    options = nativelib.session_options() if uses_native_ops(model) else ort.SessionOptions()
     options.log_severity_level = 3
-    if uses_native_ops(model):
-        from .nativelib import register
-
-        register(options)
     return options
 
 

@@ -551,3 +551,16 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
 
 // The instruction set the kernels use on this CPU ("avx512-vnni", "avx2" or "scalar").
 extern "C" __attribute__((visibility("default"))) const char* PtqNativeIsa() { return ptq::active_isa(); }
+
+// The operator names of kOps, comma-separated: Python reads them instead of keeping its own list.
+extern "C" __attribute__((visibility("default"))) const char* PtqNativeOperators() {
+  static const std::string names = [] {
+    std::string joined;
+    for (const OpEntry& entry : kOps) {
+      joined += (joined.empty() ? "" : ",");
+      joined += entry.name;
+    }
+    return joined;
+  }();
+  return names.c_str();
+}
