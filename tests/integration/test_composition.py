@@ -24,6 +24,8 @@ from ptqcli.calibrate.select import select
 from ptqcli.config import DataConfig, QuantConfig
 from ptqcli.masks.stage import MaskConfig, mask_model
 
+pytestmark = pytest.mark.slow  # whole-model rounding, allocation and exports
+
 MODEL, CALIB, TEST = ASSETS / "fashion_cnn.onnx", ASSETS / "fashion_calib.npz", ASSETS / "fashion_test.npz"
 ROUNDED = QuantConfig(weights="int4", rounding="adaround", rounding_iters=150, rounding_samples=64)
 DATA = DataConfig(path=str(CALIB), num_samples=256)

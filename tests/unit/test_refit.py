@@ -2,6 +2,7 @@
 on held-out samples where a row keeps more weights than there are samples to fit."""
 
 import numpy as np
+import pytest
 
 from ptqcli.masks import nm_mask
 from ptqcli.masks.refit import HOLD_OUT, Moments, kept_indices, refit_layer, solve_rows
@@ -56,6 +57,7 @@ def test_plenty_of_data_refit_beats_the_plain_mask_on_unseen_samples():
     assert _mse(result.rows, w, unseen) < 0.7 * _mse(w * keep, w, unseen)
 
 
+@pytest.mark.slow
 def test_more_kept_weights_than_samples_is_never_worse_than_the_plain_mask():
     """512 inputs, 2:4 keeps 256 per row, 128 samples: plain least squares interpolates the fit
     samples (error ~0 there) and is far worse than the plain mask on new ones."""
