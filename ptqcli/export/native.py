@@ -25,7 +25,7 @@ from ..quant import quantize
 from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
-from .qdq import QdqNames
+from .qdq import qdq_names
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _activation_inputs(node: NodeProto, layer: Layer, plan: Plan) -> tuple[list[
         return [node.input[0], "", ""], None  # float input: the operator quantizes it per row
     if tq.spec.bits != 8 or tq.spec.axis is not None or tq.spec.scheme != "int":
         return [], "its input is not 8-bit per-tensor"
-    names = QdqNames(layer.activation)
+    names = qdq_names(layer.activation)
     if node.input[0] != names.dequantized:
         return [], "its input is not the plan's quantized activation"
     return [names.quantized, names.scale, names.zero_point], None

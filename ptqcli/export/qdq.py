@@ -8,7 +8,7 @@ Graph outputs keep their names and stay in float.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
@@ -24,27 +24,17 @@ from ..formats import QuantSpec
 INT4_OPSET = 21
 
 
-@dataclass(frozen=True)
-class QdqNames:
+class QdqNames(NamedTuple):
     """What the QDQ export names around a quantized tensor: the native export finds them here."""
 
-    tensor: str
+    quantized: str
+    scale: str
+    zero_point: str
+    dequantized: str
 
-    @property
-    def quantized(self) -> str:
-        return f"{self.tensor}_quantized"
 
-    @property
-    def scale(self) -> str:
-        return f"{self.tensor}_scale"
-
-    @property
-    def zero_point(self) -> str:
-        return f"{self.tensor}_zero_point"
-
-    @property
-    def dequantized(self) -> str:
-        return f"{self.tensor}_dequantized"
+def qdq_names(tensor: str) -> QdqNames:
+    return QdqNames(*(f"{tensor}_{part}" for part in QdqNames._fields))
 
 
 def onnx_int_type(spec: QuantSpec) -> int:
@@ -68,7 +58,7 @@ def _int_tensor(name: str, values: np.ndarray, spec: QuantSpec) -> TensorProto:
 
 
 def _scale_zp(prefix: str, tq: TensorQuant) -> list[TensorProto]:
-    names = QdqNames(prefix)
+    names = qdq_names(prefix)
     return [
         numpy_helper.from_array(np.asarray(tq.scale, dtype=np.float32), names.scale),
         _int_tensor(names.zero_point, np.asarray(tq.zero_point), tq.spec),
@@ -80,7 +70,7 @@ def _axis_attrs(tq: TensorQuant) -> dict:
 
 
 def _dequantize_node(name: str, tq: TensorQuant) -> NodeProto:
-    names = QdqNames(name)
+    names = qdq_names(name)
     return helper.make_node(
         "DequantizeLinear", [names.quantized, names.scale, names.zero_point], [names.dequantized],
         name=f"{name}_DequantizeLinear", **_axis_attrs(tq),
@@ -89,12 +79,12 @@ def _dequantize_node(name: str, tq: TensorQuant) -> NodeProto:
 
 def _constant_qdq(name: str, tq: TensorQuant, value: np.ndarray) -> tuple[list[TensorProto], NodeProto]:
     q = quantize(value, tq.scale, tq.zero_point, tq.spec)
-    inits = [_int_tensor(QdqNames(name).quantized, q, tq.spec), *_scale_zp(name, tq)]
+    inits = [_int_tensor(qdq_names(name).quantized, q, tq.spec), *_scale_zp(name, tq)]
     return inits, _dequantize_node(name, tq)
 
 
 def _activation_qdq(name: str, tq: TensorQuant) -> tuple[list[TensorProto], list[NodeProto]]:
-    names = QdqNames(name)
+    names = qdq_names(name)
     quant = helper.make_node(
         "QuantizeLinear", [name, names.scale, names.zero_point], [names.quantized],
         name=f"{name}_QuantizeLinear", **_axis_attrs(tq),
@@ -134,7 +124,7 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
             inits, nodes = _activation_qdq(name, tq)
             new_inits += inits
             (after.setdefault(name, []) if name in producers else head).extend(nodes)
-        rewire[name] = QdqNames(name).dequantized
+        rewire[name] = qdq_names(name).dequantized
     nodes = list(head)
     for node in model.graph.node:
         if node.name not in excluded:
