@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import ASSETS
-from ptqcli.masks.nm import weight_to_matrix
+from ptqcli.geometry import weight_to_matrix
 from test_cli import assert_user_error, ptq
 
 MODEL, CALIB, TEST = ASSETS / "fashion_cnn.onnx", ASSETS / "fashion_calib.npz", ASSETS / "fashion_test.npz"
