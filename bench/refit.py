@@ -62,6 +62,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402  (bench/models.py: EfficientNet-Lite0 export and ImageNet crops)
+from ptqcli.config import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = models.DEFAULT_CACHE_DIR
@@ -434,16 +435,6 @@ def cells(r: Result) -> tuple[str, ...]:
     return (r.variant, "-" if r.top1 is None else f"{100 * r.top1:.1f}", f"{100 * r.agreement:.1f}",
             f"{r.kl:.4f}", "-" if r.density is None else f"{r.density:.3f}",
             "-" if r.mask_s is None else f"{r.mask_s:.1f}")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
