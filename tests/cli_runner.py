@@ -45,10 +45,10 @@ def run_in_process(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def _run_main() -> int:
-    from ptqcli.cli import main
-
     try:
-        main()
+        from ptqcli.cli import main
+
+        raise SystemExit(main())  # the console script: sys.exit(main())
     except SystemExit as exc:
         if exc.code is None:
             return 0
@@ -56,10 +56,9 @@ def _run_main() -> int:
             return exc.code
         print(exc.code, file=sys.stderr)
         return 1
-    except BaseException:  # noqa: BLE001 - what an uncaught exception does to a process
+    except Exception:  # what an uncaught exception does to a process (Ctrl-C still stops pytest)
         sys.excepthook(*sys.exc_info())
         return 1
-    return 0  # the console script exits with main()'s return value, None
 
 
 @contextlib.contextmanager
