@@ -167,10 +167,9 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     model on held-out data, write its card."""
     if fmt not in EXPORT_FORMATS:
         raise PtqError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
-    run = rundir.existing_run_dir(run_dir)
+    loaded = rundir.load_run(run_dir)
     check_writable(out_path)
-    plan = rundir.read_plan(run)
-    g = Graph(rundir.read_float_model(run))
+    run, plan, g = loaded.path, loaded.plan, loaded.graph
     quantized = export_qdq(g, plan)
     native = None
     if fmt == "native":
