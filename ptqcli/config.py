@@ -117,6 +117,11 @@ class QuantConfig:
     binary_acts: tuple[str, ...] = ()
     bins: int = 4096
     seed: int = 0
+    # An activation that feeds no Conv/Gemm/MatMul stays in float when quantizing it alone costs
+    # more than this output error (squared error over signal power; calibrate/settle.py). None:
+    # quantize every candidate, as before this was measured.
+    act_damage_limit: float | None = 3e-4
+    act_damage_samples: int = 16
 
     def __post_init__(self) -> None:
         parse_weight_format(self.weights)
@@ -143,6 +148,10 @@ class QuantConfig:
             object.__setattr__(self, "binary_acts", tuple(n.strip() for n in self.binary_acts.split(",") if n.strip()))
         if "all" in self.binary_acts and len(self.binary_acts) > 1:
             raise PtqError("binary_acts is either 'all' or a list of node names, not both")
+        if self.act_damage_limit is not None and not self.act_damage_limit >= 0:
+            raise PtqError(f"act_damage_limit must be a non-negative number (got {self.act_damage_limit})")
+        if self.act_damage_samples < 1:
+            raise PtqError("act_damage_samples must be at least 1")
         if self.bins < 256 or self.bins % 4:
             raise PtqError(f"bins must be a multiple of 4 and at least 256 (got {self.bins})")
 

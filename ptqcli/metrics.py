@@ -23,3 +23,11 @@ def top1(x: np.ndarray) -> np.ndarray:
     """The predicted class of each sample (first axis), over all its other axes."""
     x = np.asarray(x)
     return x.reshape(x.shape[0], -1).argmax(1)
+
+
+def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Summed over the samples (first axis): squared error over the sample's signal power."""
+    f = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    q = np.asarray(approx, dtype=np.float64).reshape(len(approx), -1)
+    power = np.maximum(np.sum(f**2, axis=1), 1e-30)
+    return float(np.sum(np.sum((f - q) ** 2, axis=1) / power))

@@ -59,6 +59,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         raise PtqError(f"no calibration samples could be read from {data.path}")
     extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose}
     plan = build_plan(g, sel, stats, quant, extra)
+    plan = settle_activations(g, plan, quant, data, inputs, progress)
     if quant.rounding.value != "nearest":
         plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
     rundir.write_float_model(run, g.model)
@@ -73,6 +74,23 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         "samples_seen": seen,
     })
     return plan
+
+
+def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfig, inputs,
+                       progress: Progress = silent) -> Plan:
+    """Activations that feed no integer GEMM kernel stay in float where quantizing them alone costs
+    more than `quant.act_damage_limit` at the outputs (see calibrate/settle.py)."""
+    from .calibrate.settle import activation_damage, candidates, settle
+
+    if quant.act_damage_limit is None or quant.act_damage_limit == float("inf"):
+        return plan
+    tensors = candidates(g, plan)
+    if not tensors:
+        return plan
+    batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.act_damage_samples)))
+    with progress("measuring activation damage", len(tensors)) as advance:
+        damage = activation_damage(g, plan, tensors, batches, advance)
+    return settle(plan, damage, quant.act_damage_limit)
 
 
 def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, progress: Progress = silent) -> Path:

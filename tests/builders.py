@@ -88,3 +88,40 @@ def encoder_model(seed: int = 0, seq: int = 16, hidden: int = 32, heads: int = 4
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def masked_attention_model(seed: int = 0, seq: int = 12, hidden: int = 16) -> ModelProto:
+    """Single-head self-attention with a padding mask added to the scores as exporters write it:
+    (1 - mask) * float32-min, then Softmax and the value MatMul, a residual Add and LayerNorm."""
+    rng = np.random.default_rng(seed)
+
+    def w(name, *shape, std=0.3):
+        return numpy_helper.from_array(rng.normal(0, std, shape).astype(np.float32), name)
+
+    inits = [w("wq", hidden, hidden), w("wk", hidden, hidden), w("wv", hidden, hidden), w("wo", hidden, hidden),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "neg"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.ones(hidden, np.float32), "ln_g"),
+             numpy_helper.from_array(np.zeros(hidden, np.float32), "ln_b")]
+    n = helper.make_node
+    nodes = [
+        n("MatMul", ["x", "wq"], ["q"], name="q_proj"), n("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        n("MatMul", ["x", "wv"], ["v"], name="v_proj"), n("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        n("MatMul", ["q", "kt"], ["scores"], name="scores"),
+        n("Sub", ["one", "mask"], ["pad"], name="pad"), n("Mul", ["pad", "neg"], ["mask_bias0"], name="mask_scale"),
+        n("Unsqueeze", ["mask_bias0", "axis1"], ["mask_bias"], name="mask_unsqueeze"),
+        n("Add", ["scores", "mask_bias"], ["masked"], name="mask_add"),
+        n("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        n("MatMul", ["probs", "v"], ["ctx"], name="context"), n("MatMul", ["ctx", "wo"], ["o"], name="o_proj"),
+        n("Add", ["o", "x"], ["res"], name="residual"),
+        n("LayerNormalization", ["res", "ln_g", "ln_b"], ["y"], name="ln", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "masked_attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, hidden]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", seq])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", seq, hidden])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -22,7 +22,7 @@ from ..config import QuantConfig
 from ..formats import parse_weight_format
 from ..graph import Graph
 from ..ops import channel_axis
-from ..metrics import as_probs, kl
+from ..metrics import as_probs, kl, relative_error
 from ..plan import Plan
 from ..quant import dequantize, quantize
 from ..runtime import session
@@ -68,11 +68,10 @@ def fake_quant_weight(g: Graph, node_name: str, weight: str, fmt: str, cfg: Quan
 
 def output_damage(reference: np.ndarray, probe: np.ndarray) -> float:
     """Summed over the batch: KL for class scores, squared error over signal power otherwise."""
-    f, q = reference.reshape(len(reference), -1).astype(np.float64), probe.reshape(len(probe), -1).astype(np.float64)
-    if reference.ndim == 2 and f.shape[1] > 1:
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        f, q = reference.astype(np.float64), probe.astype(np.float64)
         return float(np.sum(kl(as_probs(f), as_probs(q))))
-    power = np.maximum(np.sum(f**2, axis=1), 1e-30)
-    return float(np.sum(np.sum((f - q) ** 2, axis=1) / power))
+    return relative_error(reference, probe)
 
 
 def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches: list[Batch],

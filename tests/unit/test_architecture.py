@@ -12,7 +12,7 @@ LAYERS = [
               "metrics", "numeric", "runtime", "nativelib", "prepare"]),
     ("data", ["calibrate.data"]),
     ("observe", ["calibrate.collect", "calibrate.observers", "calibrate.select"]),
-    ("plan", ["calibrate.planner", "calibrate.bias_correction", "calibrate.probe", "rundir"]),
+    ("plan", ["calibrate.planner", "calibrate.bias_correction", "calibrate.probe", "calibrate.settle", "rundir"]),
     ("transform", ["calibrate.layerwise", "calibrate.synthetic", "masks", "allocate"]),
     ("export", ["export.qdq", "export.native", "export.native_ref", "export.binarize"]),
     ("measure", ["export.fidelity", "export.measures", "export.card", "export.card_render", "export.gate"]),
