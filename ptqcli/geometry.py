@@ -145,7 +145,7 @@ def matrix_to_weight(mat: np.ndarray, shape: tuple[int, ...], op_type: str, out_
 def layer_columns(node: NodeProto, x: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
     """(groups, K, columns): the inputs each weight row sees, one column per output position."""
     if node.op_type == "Conv":
-        return conv_patches(x, _conv_attrs(node), w_shape)
+        return conv_patches(x, node_attrs(node), w_shape)
     if node.op_type == "Gemm" and attr(node, "transA", 0):
         x = x.T
     return x.reshape(-1, x.shape[-1]).T[None]
@@ -157,7 +157,7 @@ def sampled_columns(node: NodeProto, x: np.ndarray, w_shape: tuple[int, ...], pe
     has no more), sample-major: (S, G, K). Conv patches are built only at the chosen windows."""
     samples = len(x)
     if node.op_type == "Conv":
-        attrs = _conv_attrs(node)
+        attrs = node_attrs(node)
         win = conv_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w_shape[2:])
         block = math.prod(win.out)
     else:
@@ -171,10 +171,6 @@ def sampled_columns(node: NodeProto, x: np.ndarray, w_shape: tuple[int, ...], pe
     if node.op_type == "Conv":
         return conv_patches_at(x, attrs, w_shape, picks // block, picks % block)
     return columns[picks]
-
-
-def _conv_attrs(node: NodeProto) -> dict:
-    return node_attrs(node)
 
 
 # ---- sizes -----------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from ..geometry import per_row, rows_to_weight, sampled_columns, supported, weig
 from ..graph import Graph
 from ..numeric.optim import adam_init, adam_step
 from ..plan import Plan, TensorQuant
-from ..quant import dequantize, quantize
 from ..runtime import feeds_for, session, truncated
 from ..formats import code_levels
 
