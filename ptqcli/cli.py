@@ -311,15 +311,15 @@ def _pareto(ctx, cfg, eval_data, eval_samples) -> None:
 
     with rich_progress("exporting and evaluating plans", sweep_size(cfg, 6)) as advance:
         points = sweep(ctx, cfg, eval_data, eval_samples, advance=advance)
-    write_atomic(ctx.run / "pareto.csv", to_csv(points).encode())
-    write_atomic(ctx.run / "pareto.png", to_png(points, f"{ctx.run}: measured quality vs weight size"))
+    write_atomic(ctx.path / "pareto.csv", to_csv(points).encode())
+    write_atomic(ctx.path / "pareto.png", to_png(points, f"{ctx.path}: measured quality vs weight size"))
     table = Table(title=f"Pareto sweep ({points[0].metric})")
     for col in ("method", "budget", "size bytes", "damage proxy", "quality"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for p in sorted(points, key=lambda p: (p.size_bytes, p.method)):
         table.add_row(p.method, p.label, f"{p.size_bytes:,}", f"{p.damage:.4f}", f"{p.quality:.2f}")
     out.print(table)
-    out.print(f"wrote {ctx.run / 'pareto.csv'} and {ctx.run / 'pareto.png'}")
+    out.print(f"wrote {ctx.path / 'pareto.csv'} and {ctx.path / 'pareto.png'}")
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:

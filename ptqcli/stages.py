@@ -141,7 +141,7 @@ def allocate(run_dir: str | Path, budget, cfg, progress: Progress = silent):
 
 
 def mask(run_dir: str | Path, cfg, progress: Progress = silent):
-    """`ptq mask RUN/`: N:M masks applied in place, then re-fitted layers of a rounded run rounded
+    """`ptq mask RUN/`: N:M masks applied in place, then the masked layers of a rounded run rounded
     again (see `reround`)."""
     from .masks.stage import mask_run
 
@@ -151,7 +151,7 @@ def mask(run_dir: str | Path, cfg, progress: Progress = silent):
 
 def reround(run_dir: str | Path, plan: Plan, progress: Progress = silent) -> Plan:
     """In a run whose weights were rounded layer by layer, the layers a later stage changed (a new
-    format, a re-fit) are rounded again the same way, from the quantized prefix; the others keep
+    format, a mask, a re-fit) are rounded again the same way, from the quantized prefix; the others keep
     their learned rounding. Masked zeros stay zero."""
     if plan.quant.rounding.value == "nearest":
         return plan

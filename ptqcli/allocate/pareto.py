@@ -16,7 +16,8 @@ from ..errors import PtqError
 from ..export.measures import weight_storage
 from ..export.qdq import export_qdq
 from ..stages import evaluate, eval_source
-from .stage import AllocationConfig, Budget, Context, layer_options, plan_for, solve
+from ..rundir import Run
+from .stage import AllocationConfig, Budget, layer_options, plan_for, solve
 from .sensitivity import Candidate
 
 
@@ -41,7 +42,7 @@ def _quality(fidelity) -> tuple[float, str]:
     return 100 * first["cosine"], "output cosine x100"
 
 
-def _measure(ctx: Context, choice: dict[str, str], eval_data: str | None, eval_samples: int) -> tuple[int, float, str]:
+def _measure(ctx: Run, choice: dict[str, str], eval_data: str | None, eval_samples: int) -> tuple[int, float, str]:
     plan = plan_for(ctx, choice)
     source, skip, held_out = eval_source(plan, eval_data)
     if source is None:
@@ -51,7 +52,7 @@ def _measure(ctx: Context, choice: dict[str, str], eval_data: str | None, eval_s
     return weight_storage(ctx.graph, plan)["quantized_bytes"], quality, metric
 
 
-def sweep(ctx: Context, cfg: AllocationConfig, eval_data: str | None, eval_samples: int, points: int = 6,
+def sweep(ctx: Run, cfg: AllocationConfig, eval_data: str | None, eval_samples: int, points: int = 6,
           advance: Callable[[int], None] = lambda n: None) -> list[Point]:
     options = layer_options(ctx, cfg)
     uniform = [f for f in ("int8", "int4", "int3") if f in cfg.weight_formats]
@@ -78,7 +79,7 @@ def sweep(ctx: Context, cfg: AllocationConfig, eval_data: str | None, eval_sampl
     return results
 
 
-def _damage(ctx: Context, cfg: AllocationConfig, choice: dict[str, str]) -> float:
+def _damage(ctx: Run, cfg: AllocationConfig, choice: dict[str, str]) -> float:
     from .stage import damage_table
 
     table = damage_table(ctx, layer_options(ctx, cfg), cfg)

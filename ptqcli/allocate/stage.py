@@ -14,14 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import rundir
-from ..rundir import BASE_PLAN, SENSITIVITY
+from ..rundir import BASE_PLAN, SENSITIVITY, Run
 from ..calibrate.data import iter_batches, model_inputs
 from ..calibrate.planner import build_plan, requantize_biases
 from ..calibrate.select import Selection
-from ..config import DataConfig, QuantConfig
 from ..formats import parse_weight_format
 from ..errors import PtqError
-from ..graph import Graph
 from ..plan import Plan
 from ..progress import Progress, silent
 from . import ilp
@@ -56,26 +54,13 @@ class AllocationConfig:
             raise PtqError("--samples must be at least 1")
 
 
-@dataclass(frozen=True)
-class Context:
-    """What an allocation needs from the run directory, loaded once: the run as calibrated (and
-    masked, rounded) before any allocation."""
-
-    run: Path
-    graph: Graph
-    base: Plan
-    stats: dict
-    quant: QuantConfig
-    data: DataConfig
-    masks: dict[str, np.ndarray]
-
-
-def load_context(run_dir: str | Path) -> Context:
+def load_context(run_dir: str | Path) -> Run:
+    """The run as calibrated (and masked, rounded) before any allocation: its plan is the base plan
+    every allocation starts from."""
     path = rundir.existing_run_dir(run_dir)
     if not (path / BASE_PLAN).is_file():
         rundir.write_plan(path, rundir.read_plan(path), BASE_PLAN)
-    run = rundir.load_run(path, BASE_PLAN)
-    return Context(run.path, run.graph, run.plan, run.stats, run.quant, run.data, run.masks)
+    return rundir.load_run(path, BASE_PLAN)
 
 
 def parse_keep(entries: tuple[str, ...], layers: list[str]) -> dict[str, int]:
@@ -93,11 +78,11 @@ def parse_keep(entries: tuple[str, ...], layers: list[str]) -> dict[str, int]:
     return pins
 
 
-def layer_options(ctx: Context, cfg: AllocationConfig) -> dict[str, list[Candidate]]:
-    pins = parse_keep(cfg.keep, [layer.node for layer in ctx.base.layers])
+def layer_options(ctx: Run, cfg: AllocationConfig) -> dict[str, list[Candidate]]:
+    pins = parse_keep(cfg.keep, [layer.node for layer in ctx.plan.layers])
     every = candidates(list(cfg.weight_formats), list(cfg.act_bits))
     options = {}
-    for layer in ctx.base.layers:
+    for layer in ctx.plan.layers:
         if layer.node in pins:
             options[layer.node] = [Candidate(f"int{pins[layer.node]}", 8)]
         else:
@@ -105,12 +90,12 @@ def layer_options(ctx: Context, cfg: AllocationConfig) -> dict[str, list[Candida
     return options
 
 
-def damage_table(ctx: Context, options: dict[str, list[Candidate]], cfg: AllocationConfig,
+def damage_table(ctx: Run, options: dict[str, list[Candidate]], cfg: AllocationConfig,
                  progress: Progress = silent) -> dict[str, dict[str, float]]:
     """Measured damage per (layer, option), read from the cache when it already holds them."""
     wanted = sorted({c for opts in options.values() for c in opts}, key=lambda c: (-c.w_bits, -c.a_bits, c.weights))
     key = {"candidates": [c.label for c in wanted], "samples": cfg.samples}
-    cache = ctx.run / SENSITIVITY
+    cache = ctx.path / SENSITIVITY
     if cache.is_file():
         doc = json.loads(cache.read_text())
         if doc.get("key") == key:
@@ -118,13 +103,13 @@ def damage_table(ctx: Context, options: dict[str, list[Candidate]], cfg: Allocat
     batches = list(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=cfg.samples))
     if not batches:
         raise PtqError(f"no calibration samples could be read from {ctx.data.path}")
-    with progress("measuring layer sensitivity", len(ctx.base.layers) * len(wanted)) as advance:
-        table = measure_damage(ctx.graph, ctx.base, ctx.stats, ctx.quant, batches, wanted, advance, float_values(ctx))
+    with progress("measuring layer sensitivity", len(ctx.plan.layers) * len(wanted)) as advance:
+        table = measure_damage(ctx.graph, ctx.plan, ctx.stats, ctx.quant, batches, wanted, advance, float_values(ctx))
     rundir.write_json(cache, {"key": key, "damage": table})
     return table
 
 
-def solve(ctx: Context, budget: Budget, cfg: AllocationConfig, progress: Progress = silent,
+def solve(ctx: Run, budget: Budget, cfg: AllocationConfig, progress: Progress = silent,
           method: str = "ilp") -> tuple[ilp.Solution, dict, dict]:
     """The chosen option per layer, with the damage and cost tables it was chosen from."""
     options = layer_options(ctx, cfg)
@@ -132,8 +117,8 @@ def solve(ctx: Context, budget: Budget, cfg: AllocationConfig, progress: Progres
     damage = {node: {c.label: measured[node][c.label] for c in opts} for node, opts in options.items()}
     kind = "size" if budget.kind == "damage" else budget.kind
     first = next(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=1), None)
-    shapes = layer_output_shapes(ctx.graph, ctx.base, first) if first is not None else {}
-    cost, fixed = cost_table(ctx.graph, ctx.base, options, kind, shapes)
+    shapes = layer_output_shapes(ctx.graph, ctx.plan, first) if first is not None else {}
+    cost, fixed = cost_table(ctx.graph, ctx.plan, options, kind, shapes)
     if budget.kind == "damage":
         return ilp.min_cost(damage, cost, budget.value, fixed, cfg.time_limit), damage, cost
     limit = budget.value
@@ -145,35 +130,35 @@ def solve(ctx: Context, budget: Budget, cfg: AllocationConfig, progress: Progres
     return ilp.min_damage(damage, cost, limit, fixed, cfg.time_limit, unit), damage, cost
 
 
-def plan_for(ctx: Context, choice: dict[str, str], extra: dict | None = None) -> Plan:
+def plan_for(ctx: Run, choice: dict[str, str], extra: dict | None = None) -> Plan:
     """The base plan re-derived with each layer's chosen weight and activation widths. A weight whose
     format the choice keeps keeps its quantizer as it is (learned rounding, masks); one whose format
     changes is quantized anew from its float values: the masked or re-fitted ones where the run has
     them (learned grid values are not carried over to another grid)."""
-    by_node = {layer.node: layer for layer in ctx.base.layers}
+    by_node = {layer.node: layer for layer in ctx.plan.layers}
     weight_formats = {by_node[node].weight: Candidate.parse(label).weights for node, label in choice.items()}
     act_bits: dict[str, int] = {}
     for node, label in choice.items():
         tensor = by_node[node].activation
         if tensor:  # a tensor read by several layers keeps the widest width any of them chose
             act_bits[tensor] = max(act_bits.get(tensor, 0), Candidate.parse(label).a_bits)
-    activations = [name for name, t in ctx.base.tensors.items() if t.role == "activation"]
-    sel = Selection(ctx.base.layers, activations, ctx.base.float_nodes)
-    config = {k: v for k, v in ctx.base.config.items() if k not in ("quant", "allocation")}
+    activations = [name for name, t in ctx.plan.tensors.items() if t.role == "activation"]
+    sel = Selection(ctx.plan.layers, activations, ctx.plan.float_nodes)
+    config = {k: v for k, v in ctx.plan.config.items() if k not in ("quant", "allocation")}
     plan = build_plan(ctx.graph, sel, ctx.stats, ctx.quant, {**config, **(extra or {})}, weight_formats, act_bits,
                       float_values(ctx))
-    kept = {name: tq for name, tq in ctx.base.of_role("weight").items()
+    kept = {name: tq for name, tq in ctx.plan.of_role("weight").items()
             if tq.source.get("rounding") == "learned" and name in plan.tensors and plan.tensors[name].spec == tq.spec}
     if not kept:
         return plan
     return requantize_biases(ctx.graph, replace(plan, tensors={**plan.tensors, **kept}), ctx.stats, ctx.quant)
 
 
-def float_values(ctx: Context) -> dict[str, np.ndarray]:
+def float_values(ctx: Run) -> dict[str, np.ndarray]:
     """The float weights each layer is quantized from when its format changes: a masked or re-fitted
     value of the base plan, the float weight under the run's mask, or (None) the model's own."""
     values = {}
-    for name, tq in ctx.base.of_role("weight").items():
+    for name, tq in ctx.plan.of_role("weight").items():
         if tq.value is not None and tq.source.get("rounding") != "learned":
             values[name] = np.asarray(tq.value, dtype=np.float32)
         elif name in ctx.masks:
@@ -191,11 +176,11 @@ def allocate(run_dir: str | Path, budget: Budget, cfg: AllocationConfig, progres
     plan = plan_for(ctx, solution.choice, {"allocation": allocation})
     rows = [{"node": node, "option": label, "damage": damage[node][label], "cost": cost[node][label],
              "params": int(_params(ctx, node))} for node, label in solution.choice.items()]
-    rundir.write_plan(ctx.run, plan)
-    rundir.write_json(ctx.run / ALLOCATION, {**allocation, "layers": rows})
+    rundir.write_plan(ctx.path, plan)
+    rundir.write_json(ctx.path / ALLOCATION, {**allocation, "layers": rows})
     return plan, solution, rows
 
 
-def _params(ctx: Context, node: str) -> int:
-    weight = next(layer.weight for layer in ctx.base.layers if layer.node == node)
+def _params(ctx: Run, node: str) -> int:
+    weight = next(layer.weight for layer in ctx.plan.layers if layer.node == node)
     return int(np.prod(ctx.graph.initializers[weight].dims))
