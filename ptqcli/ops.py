@@ -56,6 +56,9 @@ class OpInfo:
     # them: together they turn a weight error into the output mean shift bias correction removes.
     weight_in_axis: Callable[[NodeProto], int] | None = None
     act_channel_axis: Callable[[NodeProto], int] | None = None
+    # ORT's integer kernel can write float (MatMulIntegerToFloat, QGemm without an output scale):
+    # quantizing the output buys nothing unless a reader of it runs on integers.
+    float_output_kernel: bool = False
 
 
 def _gemm_axis(node: NodeProto) -> int:
@@ -66,11 +69,11 @@ _COMPUTE = {
     "Conv": OpInfo(weight_input=1, bias_input=2, folds_batchnorm=True,
                    weight_in_axis=lambda node: 1, act_channel_axis=lambda node: 1),
     "ConvTranspose": OpInfo(weight_input=1, bias_input=2, channel_axis=lambda node: 1, macs_per_input=True),
-    "Gemm": OpInfo(weight_input=1, bias_input=2, channel_axis=_gemm_axis, folds_batchnorm=True,
+    "Gemm": OpInfo(weight_input=1, bias_input=2, channel_axis=_gemm_axis, folds_batchnorm=True, float_output_kernel=True,
                    weight_in_axis=lambda node: 1 - _gemm_axis(node),
                    act_channel_axis=lambda node: 0 if attr(node, "transA", 0) else 1),
     # MatMul's weight is input 1 when it is a constant [K, N]; two activations otherwise.
-    "MatMul": OpInfo(act_inputs=(0, 1), weight_input=1, channel_axis=lambda node: -1,
+    "MatMul": OpInfo(act_inputs=(0, 1), weight_input=1, channel_axis=lambda node: -1, float_output_kernel=True,
                      weight_in_axis=lambda node: -2, act_channel_axis=lambda node: -1),
 }
 

@@ -80,17 +80,18 @@ def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfi
                        progress: Progress = silent) -> Plan:
     """Activations that feed no integer GEMM kernel stay in float where quantizing them alone costs
     more than `quant.act_damage_limit` at the outputs (see calibrate/settle.py)."""
-    from .calibrate.settle import activation_damage, candidates, settle
+    from .calibrate.settle import activation_damage, candidates, settle, without_idle
 
     if quant.act_damage_limit is None or quant.act_damage_limit == float("inf"):
         return plan
+    plan = without_idle(g, plan)
     tensors = candidates(g, plan)
     if not tensors:
         return plan
     batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.act_damage_samples)))
     with progress("measuring activation damage", len(tensors)) as advance:
         damage = activation_damage(g, plan, tensors, batches, advance)
-    return settle(plan, damage, quant.act_damage_limit)
+    return without_idle(g, settle(plan, damage, quant.act_damage_limit))
 
 
 def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, progress: Progress = silent) -> Path:

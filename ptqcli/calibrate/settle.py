@@ -7,7 +7,14 @@ can run an integer kernel too, but what it saves is small, and the damage can be
 carries a -1e38 attention mask, or the outlier channels of a transformer's residual stream, leave
 almost nothing of the real values on a per-tensor 8-bit grid.
 
-So every candidate activation is measured alone: one probe session (calibrate/probe.py) runs the
+First, an activation that no integer kernel would read or write is not quantized at all: a
+QuantizeLinear/DequantizeLinear pair around a float op costs time and adds error. A tensor buys a
+kernel when a Conv/Gemm/MatMul reads it, when a layer without a float-output integer kernel (Conv)
+writes it, or when it feeds an op ORT runs on integers (Add, Mul, Softmax, Concat, ...) whose other
+inputs and output are quantized too; a MatMul or Gemm writes float directly (MatMulIntegerToFloat,
+QGemm), so its output alone buys nothing (the bias Add of a transformer's projections).
+
+Then every remaining candidate activation is measured alone: one probe session (calibrate/probe.py) runs the
 calibration samples with only that tensor fake-quantized on the plan's own grid, and the damage is
 the output error against the float model (squared error over signal power, averaged over the
 float outputs). A tensor that feeds no Conv/Gemm/MatMul stays in float when its damage is above the
@@ -24,7 +31,7 @@ import numpy as np
 from ..geometry import MATRIX_OPS
 from ..graph import Graph
 from ..metrics import relative_error
-from ..ops import preserves_scale
+from ..ops import activation_slots, is_fusable_activation, op_info, preserves_scale
 from ..plan import Plan
 from ..runtime import run_session, session
 from .data import Batch
@@ -45,9 +52,54 @@ def feeds_gemm(g: Graph, tensor: str) -> bool:
     return False
 
 
+def _written_by_integer_layer(g: Graph, tensor: str, layer_nodes: set[str]) -> bool:
+    """A quantized layer (or the Relu/Clip ORT fuses into it) whose integer kernel must write
+    integers: QLinearConv has no float-output form."""
+    node = g.producer.get(tensor)
+    while node is not None and is_fusable_activation(node) and node.input:
+        node = g.producer.get(node.input[0])
+    if node is None or node.name not in layer_nodes:
+        return False
+    info = op_info(node.op_type, node.domain)
+    return info is not None and not info.float_output_kernel
+
+
+def kernel_activations(g: Graph, plan: Plan) -> set[str]:
+    """The plan's activations that some integer kernel reads or writes (see the module doc)."""
+    planned = {name for name, tq in plan.tensors.items() if tq.role == "activation"}
+    layer_nodes = {layer.node for layer in plan.layers}
+    needed = {t for t in planned if feeds_gemm(g, t) or _written_by_integer_layer(g, t, layer_nodes)}
+    changed = True
+    while changed:
+        changed = False
+        for node in g.graph.node:
+            info = op_info(node.op_type, node.domain)
+            if info is None or node.op_type in MATRIX_OPS or not node.output or node.output[0] not in needed:
+                continue
+            inputs = [node.input[i] for i in activation_slots(node, info)]
+            if inputs and all(t in planned for t in inputs) and not set(inputs) <= needed:
+                needed.update(inputs)
+                changed = True
+    return needed
+
+
 def candidates(g: Graph, plan: Plan) -> list[str]:
     """The plan's activations whose float/quantized choice is open: those no GEMM-class op reads."""
     return [name for name, tq in plan.tensors.items() if tq.role == "activation" and not feeds_gemm(g, name)]
+
+
+def without_idle(g: Graph, plan: Plan) -> Plan:
+    """The plan without the activations no integer kernel reads or writes (repeated until stable:
+    dropping one can leave an Add or Softmax whose other tensors then buy nothing); the plan's
+    config records them."""
+    record = dict(plan.config.get("activation_damage", {}))
+    while True:
+        idle = {name for name, tq in plan.tensors.items() if tq.role == "activation"} - kernel_activations(g, plan)
+        if not idle:
+            return plan
+        record.update({name: {"quantized": False, "reason": "no integer kernel reads or writes it"} for name in idle})
+        plan = replace(plan, tensors={k: v for k, v in plan.tensors.items() if k not in idle},
+                       config={**plan.config, "activation_damage": record})
 
 
 def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Batch],
@@ -81,5 +133,6 @@ def settle(plan: Plan, damage: dict[str, float], limit: float) -> Plan:
     measurements go into the plan's config (`activation_damage`) for the card and reports."""
     dropped = {name for name, d in damage.items() if d > limit}
     tensors = {k: v for k, v in plan.tensors.items() if k not in dropped}
-    record = {name: {"damage": float(d), "quantized": name not in dropped} for name, d in damage.items()}
+    record = {**plan.config.get("activation_damage", {}),
+              **{name: {"damage": float(d), "quantized": name not in dropped} for name, d in damage.items()}}
     return replace(plan, tensors=tensors, config={**plan.config, "activation_damage": record})
