@@ -48,6 +48,7 @@ BinaryActsOpt = Annotated[Optional[str], typer.Option("--binary-acts", help="Bin
 ExcludeNodesOpt = Annotated[Optional[str], typer.Option("--exclude-nodes", help="Comma-separated node names to keep in float.")]
 ExcludeOpsOpt = Annotated[Optional[str], typer.Option("--exclude-ops", help="Comma-separated op types to keep in float.")]
 ActDamageOpt = Annotated[Optional[float], typer.Option("--act-damage-limit", help="An activation no Conv/Gemm/MatMul reads stays float when quantizing it alone costs more than this output error (squared error over signal power); inf quantizes every one [default: 3e-4].")]
+SmoothOpt = Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="SmoothQuant: move activation outliers of normalized tensors into the weights of the GEMMs that read them, strength chosen per tensor [default: on].")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [default: 0].")]
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file with [quant] and [data] tables holding any of these options.")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data for fidelity (an .npz may carry `labels`).")]
@@ -108,7 +109,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
              act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed, binary_acts=None,
-             act_damage_limit=None):
+             act_damage_limit=None, smooth=None):
     from .export.card import load_recipe
 
     doc = load_recipe(str(recipe) if recipe else None)
@@ -117,7 +118,7 @@ def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std
         weight_method=weight_method, rounding=rounding, rounding_iters=iters, bias_correction=bias_correction,
         percentile=percentile, reduce_range=reduce_range, exclude_nodes=_names(exclude_nodes),
         exclude_ops=_names(exclude_ops), seed=seed, binary_acts=_names(binary_acts),
-        act_damage_limit=act_damage_limit), "quant options")
+        act_damage_limit=act_damage_limit, smooth=smooth), "quant options")
     data_cfg = merge(DataConfig, doc.get("data", {}), dict(
         path=data, synthetic=synthetic, synthetic_iters=iters if synthetic else None, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), layout=layout, color=color), "data options")
@@ -145,7 +146,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
               weight_method: WeightMethodOpt = None, rounding: RoundingOpt = None, iters: RoundingItersOpt = None,
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
               exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
-              act_damage_limit: ActDamageOpt = None):
+              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None):
     """Observe activations on calibration data; write statistics and a plan to a run directory."""
     from . import stages
     from .report import plan_table
@@ -153,7 +154,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
     quant, data_cfg = _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
-                               exclude_ops, seed, binary_acts, act_damage_limit)
+                               exclude_ops, seed, binary_acts, act_damage_limit, smooth)
     plan = stages.calibrate(model, quant, data_cfg, output, rich_progress)
     out.print(plan_table(plan))
     out.print(f"run directory: [bold]{output}[/bold]")
@@ -237,7 +238,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              weight_method: WeightMethodOpt = None, rounding: RoundingOpt = None, iters: RoundingItersOpt = None,
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
              exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
-             act_damage_limit: ActDamageOpt = None,
+             act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq"):
     """Calibrate and export in one go."""
     from . import stages
@@ -247,7 +248,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     quant, data_cfg = _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
-                               exclude_ops, seed, binary_acts, act_damage_limit)
+                               exclude_ops, seed, binary_acts, act_damage_limit, smooth)
     run = run_dir or output.with_name(output.name + ".run")
     check_writable(output)
     plan = stages.calibrate(model, quant, data_cfg, run, rich_progress)

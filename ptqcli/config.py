@@ -122,6 +122,10 @@ class QuantConfig:
     # quantize every candidate, as before this was measured.
     act_damage_limit: float | None = 3e-4
     act_damage_samples: int = 16
+    # SmoothQuant on normalized activations read by GEMMs (calibrate/smooth.py); the loss that
+    # picks each tensor's strength runs on the activation rows of this many samples.
+    smooth: bool = True
+    smooth_samples: int = 16
 
     def __post_init__(self) -> None:
         parse_weight_format(self.weights)
@@ -150,6 +154,8 @@ class QuantConfig:
             raise PtqError("binary_acts is either 'all' or a list of node names, not both")
         if self.act_damage_limit is not None and not self.act_damage_limit >= 0:
             raise PtqError(f"act_damage_limit must be a non-negative number (got {self.act_damage_limit})")
+        if self.smooth_samples < 1:
+            raise PtqError("smooth_samples must be at least 1")
         if self.act_damage_samples < 1:
             raise PtqError("act_damage_samples must be at least 1")
         if self.bins < 256 or self.bins % 4:

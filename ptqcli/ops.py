@@ -137,6 +137,31 @@ LAYOUT_OPS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """A normalization whose last step is a per-channel affine map y = norm(x) * scale + bias over
+    the last axis: smoothing folds per-channel factors into `scale_input`/`bias_input`."""
+    scale_input: int
+    bias_input: int | None
+
+
+# (domain, op type) -> where its affine parameters are; ORT's fused forms included.
+NORMALIZATIONS: dict[tuple[str, str], Normalization] = {
+    ("", "LayerNormalization"): Normalization(1, 2),
+    ("", "RMSNormalization"): Normalization(1, None),
+    ("com.microsoft", "SkipLayerNormalization"): Normalization(2, 3),
+    ("com.microsoft", "SimplifiedLayerNormalization"): Normalization(1, None),
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): Normalization(2, None),
+}
+
+
+def normalization(node: NodeProto) -> Normalization | None:
+    """Where the node's affine parameters are, if it is a normalization (a 1-D scale means the
+    last axis alone is normalized: the caller checks)."""
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    return NORMALIZATIONS.get((domain, node.op_type))
+
+
 def op_info(op_type: str, domain: str = "") -> OpInfo | None:
     """The registry entry for a standard-domain op, or None when the op stays in float."""
     if domain not in ("", "ai.onnx"):

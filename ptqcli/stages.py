@@ -44,10 +44,13 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     if data.synthetic is not None:
         data = replace(data, path=str(synthesize(model_path, data, quant.seed, run, progress)))
     g = load_prepared(model_path)
+    inputs = model_inputs(g)
+    smoothing = {}
+    if quant.smooth:
+        g, smoothing = smooth(g, quant, data, inputs, progress)
     # The plan and card record what `auto` resolved to, so a recipe replays identically.
     chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
     quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
-    inputs = model_inputs(g)
     sel = select(g, quant)
     available = count_samples(data.path)
     total = min(data.num_samples, available) if available is not None else data.num_samples
@@ -58,6 +61,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     if seen == 0:
         raise PtqError(f"no calibration samples could be read from {data.path}")
     extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose}
+    if smoothing:
+        extra["smoothing"] = smoothing
     plan = build_plan(g, sel, stats, quant, extra)
     plan = settle_activations(g, plan, quant, data, inputs, progress)
     if quant.rounding.value != "nearest":
@@ -74,6 +79,20 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         "samples_seen": seen,
     })
     return plan
+
+
+def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent) -> tuple[Graph, dict]:
+    """SmoothQuant folded into the float graph before anything is observed (calibrate/smooth.py)."""
+    from .calibrate.smooth import smooth as smooth_graph, smoothing_groups
+
+    if not smoothing_groups(g):
+        return g, {}
+    check = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8)))
+    available = count_samples(data.path)
+    total = min(data.num_samples, available) if available is not None else data.num_samples
+    with progress("smoothing: activation extremes", total) as advance:
+        batches = iter_batches(data.path, inputs, data, limit=data.num_samples)
+        return smooth_graph(g, quant, check, batches, advance)
 
 
 def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfig, inputs,
