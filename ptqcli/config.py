@@ -21,6 +21,10 @@ else:  # pragma: no cover
 class ActFormat(str, Enum):
     uint8 = "uint8"
     int8 = "int8"
+    # 16-bit QDQ for runtimes with int16 kernels (NPUs); ORT's CPU kernels take 8 bits only.
+    int16 = "int16"
+    # Quantized at run time per tensor (DynamicQuantizeLinear + MatMulInteger): no calibration.
+    dynamic = "dynamic"
     none = "none"
 
 
@@ -160,6 +164,15 @@ class QuantConfig:
             raise PtqError("act_damage_samples must be at least 1")
         if self.bins < 256 or self.bins % 4:
             raise PtqError(f"bins must be a multiple of 4 and at least 256 (got {self.bins})")
+
+    @property
+    def static_acts(self) -> bool:
+        """Activations quantized with scales fixed at calibration."""
+        return self.acts.value in ("uint8", "int8", "int16")
+
+    @property
+    def act_bits(self) -> int:
+        return 16 if self.acts.value == "int16" else 8
 
     @property
     def weight_bits(self) -> int:

@@ -46,7 +46,8 @@ class QuantSpec:
         if self.scheme not in FORMATS:
             raise PtqError(f"unknown quantization scheme '{self.scheme}' (known: {', '.join(FORMATS)})")
         allowed = FORMATS[self.scheme].bits
-        if self.bits not in allowed and not (self.scheme == "int" and self.bits == 32):
+        # 16-bit (activations for int16 runtimes) and 32-bit (biases) integers are grids, not weight formats.
+        if self.bits not in allowed and not (self.scheme == "int" and self.bits in (16, 32)):
             raise PtqError(f"{self.scheme} weights take {min(allowed)}..{max(allowed)} bits (got {self.bits})")
         if self.scheme == "exp" and self.base is None:
             object.__setattr__(self, "base", 2.0)
@@ -68,7 +69,7 @@ class QuantSpec:
             return 4
         if self.bits <= 8:
             return 8
-        return 32
+        return 16 if self.bits <= 16 else 32
 
     @property
     def label(self) -> str:

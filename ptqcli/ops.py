@@ -59,6 +59,11 @@ class OpInfo:
     # ORT's integer kernel can write float (MatMulIntegerToFloat, QGemm without an output scale):
     # quantizing the output buys nothing unless a reader of it runs on integers.
     float_output_kernel: bool = False
+    # Between two activations (attention's QK^T and PV), ORT's 8-bit kernel is no faster than
+    # float on CPU (both sides are quantized at run time, the matrices are small) and the
+    # attention probabilities lose precision on a per-tensor grid: left in float for 8-bit
+    # activations (16-bit QDQ targets quantize it).
+    float_without_weight: bool = False
 
 
 def _gemm_axis(node: NodeProto) -> int:
@@ -74,6 +79,7 @@ _COMPUTE = {
                    act_channel_axis=lambda node: 0 if attr(node, "transA", 0) else 1),
     # MatMul's weight is input 1 when it is a constant [K, N]; two activations otherwise.
     "MatMul": OpInfo(act_inputs=(0, 1), weight_input=1, channel_axis=lambda node: -1, float_output_kernel=True,
+                     float_without_weight=True,
                      weight_in_axis=lambda node: -2, act_channel_axis=lambda node: -1),
 }
 

@@ -35,8 +35,11 @@ def load_prepared(model_path: str | Path) -> Graph:
 def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_dir: str | Path,
               progress: Progress = silent) -> Plan:
     """Prepare the model, observe activations on the data in one pass, write the plan."""
-    if data.path is None and data.synthetic is None:
-        raise PtqError("calibration needs data: pass --data PATH or --synthetic bn|gaussian|uniform")
+    has_data = data.path is not None or data.synthetic is not None
+    if not has_data and (quant.static_acts or quant.rounding.value != "nearest"):
+        needs = f"--acts {quant.acts.value}" if quant.static_acts else f"{quant.rounding.value} rounding"
+        raise PtqError(f"{needs} needs calibration data: pass --data PATH or --synthetic bn|gaussian|uniform "
+                       "(or --acts dynamic for weights alone)")
     if data.path is not None and data.synthetic is not None:
         raise PtqError("give --data or --synthetic, not both")
     run = rundir.ensure_run_dir(run_dir)
@@ -46,20 +49,13 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     g = load_prepared(model_path)
     inputs = model_inputs(g)
     smoothing = {}
-    if quant.smooth:
+    if quant.smooth and has_data:
         g, smoothing = smooth(g, quant, data, inputs, progress)
     # The plan and card record what `auto` resolved to, so a recipe replays identically.
     chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
     quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
     sel = select(g, quant)
-    available = count_samples(data.path)
-    total = min(data.num_samples, available) if available is not None else data.num_samples
-    with progress("calibrating", total) as advance:
-        batches = iter_batches(data.path, inputs, data, limit=data.num_samples)
-        stats, seen = collect(g, sel.activations, batches, quant.bins, advance,
-                              histograms=quant.method.value != "minmax", channel_axes=layer_input_axes(g, sel))
-    if seen == 0:
-        raise PtqError(f"no calibration samples could be read from {data.path}")
+    stats, seen = observe(g, sel, quant, data, inputs, progress) if has_data else ({}, 0)
     extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose}
     if smoothing:
         extra["smoothing"] = smoothing
@@ -79,6 +75,19 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         "samples_seen": seen,
     })
     return plan
+
+
+def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent):
+    """The selected activations' statistics over the calibration data, and the samples seen."""
+    available = count_samples(data.path)
+    total = min(data.num_samples, available) if available is not None else data.num_samples
+    with progress("calibrating", total) as advance:
+        batches = iter_batches(data.path, inputs, data, limit=data.num_samples)
+        stats, seen = collect(g, sel.activations, batches, quant.bins, advance,
+                              histograms=quant.method.value != "minmax", channel_axes=layer_input_axes(g, sel))
+    if seen == 0:
+        raise PtqError(f"no calibration samples could be read from {data.path}")
+    return stats, seen
 
 
 def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent) -> tuple[Graph, dict]:
@@ -103,14 +112,17 @@ def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfi
 
     if quant.act_damage_limit is None or quant.act_damage_limit == float("inf"):
         return plan
-    plan = without_idle(g, plan)
+    # Which tensors buy an integer kernel is a question for ORT's 8-bit CPU kernels; 16-bit QDQ
+    # targets run the whole graph on integers.
+    idle = without_idle if quant.act_bits == 8 else (lambda graph, p: p)
+    plan = idle(g, plan)
     tensors = candidates(g, plan)
     if not tensors:
         return plan
     batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.act_damage_samples)))
     with progress("measuring activation damage", len(tensors)) as advance:
         damage = activation_damage(g, plan, tensors, batches, advance)
-    return without_idle(g, settle(plan, damage, quant.act_damage_limit))
+    return idle(g, settle(plan, damage, quant.act_damage_limit))
 
 
 def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, progress: Progress = silent) -> Path:

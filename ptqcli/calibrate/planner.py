@@ -32,9 +32,11 @@ def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None, sch
     return QuantSpec(bits=bits, signed=True, symmetric=True, axis=axis, reduce_range=reduce, scheme=scheme)
 
 
-def activation_spec(cfg: QuantConfig, bits: int = 8) -> QuantSpec:
-    signed = cfg.acts.value == "int8"
-    return QuantSpec(bits=bits, signed=signed, symmetric=cfg.act_symmetric and signed)
+def activation_spec(cfg: QuantConfig, bits: int | None = None) -> QuantSpec:
+    """The config's static activation grid (`bits` overrides its width: mixed plans); dynamic
+    activations are quantized by DynamicQuantizeLinear onto the same uint8 grid at run time."""
+    signed = cfg.acts.value in ("int8", "int16")
+    return QuantSpec(bits=bits or cfg.act_bits, signed=signed, symmetric=cfg.act_symmetric and signed)
 
 
 CLIP_RATIOS = np.linspace(0.2, 1.0, 81)
@@ -75,7 +77,7 @@ def clip_ratio(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
     return best if spec.axis is not None else best.reshape(())
 
 
-def quantize_activation(name: str, stats: Stats, cfg: QuantConfig, bits: int = 8) -> TensorQuant:
+def quantize_activation(name: str, stats: Stats, cfg: QuantConfig, bits: int | None = None) -> TensorQuant:
     spec = activation_spec(cfg, bits)
     h = stats[name]
     levels = spec.qmax - spec.qmin + 1
@@ -144,7 +146,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
     for name in sel.activations:
         source = scale_source(g, name, acts)
         acts[name] = (shared(acts[source], source) if source
-                      else quantize_activation(name, stats, cfg, act_bits.get(name, 8)))
+                      else quantize_activation(name, stats, cfg, act_bits.get(name)))
     weights: dict[str, TensorQuant] = {}
     for layer in sel.layers:
         if layer.weight in weights:

@@ -33,6 +33,9 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
                 float_nodes[node.name] = f"{node.op_type} has no quantized form here"
             continue
         weight = _constant_weight(g, node, info)
+        if weight is None and info.float_without_weight and cfg.act_bits == 8:
+            float_nodes[node.name] = f"{node.op_type} of two activations: no faster on 8-bit integers"
+            continue
         bias = _constant_bias(g, node, info) if weight else None
         params = {weight, bias}
         act_inputs = [node.input[i] for i in activation_slots(node, info) if node.input[i] not in params]
@@ -42,7 +45,7 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
         if weight:
             first_act = quantized_inputs[0] if quantized_inputs else None
             layers.append(Layer(node.name, node.op_type, first_act, weight, bias, node.output[0]))
-        if cfg.acts.value == "none":
+        if not cfg.static_acts:
             continue
         out = node.output[0]
         # Graph outputs stay float: users get the most exact value the last op can give.
@@ -50,7 +53,7 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
             continue
         if info.quantize_output and g.is_float(out) and not _feeds_only_fusable(g, out, outputs):
             acts[out] = None
-    if cfg.acts.value == "none":
+    if not cfg.static_acts:
         acts.clear()
     return Selection(layers, list(acts), float_nodes)
 

@@ -37,14 +37,15 @@ from ..runtime import run_session, session
 from .data import Batch
 from .probe import gate_feeds, probe_model
 
-def feeds_gemm(g: Graph, tensor: str) -> bool:
-    """True when a Conv, Gemm or MatMul reads the tensor, directly or through ops that only move
-    its values (Reshape, Transpose, ...), which ORT runs on the quantized values."""
+def feeds_gemm(g: Graph, tensor: str, float_nodes=()) -> bool:
+    """True when a Conv, Gemm or MatMul the plan does not keep in float reads the tensor, directly
+    or through ops that only move its values (Reshape, Transpose, ...), which ORT runs on the
+    quantized values."""
     seen, todo = set(), [tensor]
     while todo:
         name = todo.pop()
         for user in g.consumers.get(name, []):
-            if user.op_type in MATRIX_OPS:
+            if user.op_type in MATRIX_OPS and user.name not in float_nodes:
                 return True
             if preserves_scale(user) and user.output and user.output[0] not in seen:
                 seen.add(user.output[0])
@@ -68,7 +69,7 @@ def kernel_activations(g: Graph, plan: Plan) -> set[str]:
     """The plan's activations that some integer kernel reads or writes (see the module doc)."""
     planned = {name for name, tq in plan.tensors.items() if tq.role == "activation"}
     layer_nodes = {layer.node for layer in plan.layers}
-    needed = {t for t in planned if feeds_gemm(g, t) or _written_by_integer_layer(g, t, layer_nodes)}
+    needed = {t for t in planned if feeds_gemm(g, t, plan.float_nodes) or _written_by_integer_layer(g, t, layer_nodes)}
     changed = True
     while changed:
         changed = False
@@ -85,7 +86,8 @@ def kernel_activations(g: Graph, plan: Plan) -> set[str]:
 
 def candidates(g: Graph, plan: Plan) -> list[str]:
     """The plan's activations whose float/quantized choice is open: those no GEMM-class op reads."""
-    return [name for name, tq in plan.tensors.items() if tq.role == "activation" and not feeds_gemm(g, name)]
+    return [name for name, tq in plan.tensors.items()
+            if tq.role == "activation" and not feeds_gemm(g, name, plan.float_nodes)]
 
 
 def without_idle(g: Graph, plan: Plan) -> Plan:

@@ -4,6 +4,11 @@ Weights and biases become integer initializers behind a DequantizeLinear; activa
 QuantizeLinear -> DequantizeLinear pair right after their producer, and their readers read the
 dequantized value. ORT's graph optimizer then fuses DQ -> Conv -> Q into its integer kernels.
 Graph outputs keep their names and stay in float.
+
+With dynamic activations (`--acts dynamic`) a MatMul layer with 8-bit weights becomes
+DynamicQuantizeLinear (once per input tensor) -> MatMulInteger -> Cast -> Mul by the product of the
+two scales: the pattern ORT fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat. Other layers
+keep their weights behind a DequantizeLinear (weight-only).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
 from ..graph import Graph, check_model, clone, default_opset, make_initializer, set_opset
-from ..plan import Plan, TensorQuant
+from ..plan import Layer, Plan, TensorQuant
 from ..quant import quantize
 from . import binarize
 from ..formats import QuantSpec
@@ -92,6 +97,40 @@ def _activation_qdq(name: str, tq: TensorQuant) -> tuple[list[TensorProto], list
     return _scale_zp(name, tq), [quant, _dequantize_node(name, tq)]
 
 
+def dynamic_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
+    """{node: layer} of the MatMuls that run on integers quantized at run time: 8-bit integer
+    weights of shape [K, N] and a float input the plan leaves unquantized."""
+    if plan.quant.acts.value != "dynamic":
+        return {}
+    found = {}
+    for layer in plan.layers:
+        tq = plan.tensors.get(layer.weight)
+        w = g.constant(layer.weight)
+        if (layer.op_type == "MatMul" and tq is not None and tq.spec.scheme == "int" and tq.spec.storage_bits == 8
+                and w is not None and w.ndim == 2 and layer.activation and layer.activation not in plan.tensors
+                and g.is_float(layer.activation)):
+            found[layer.node] = layer
+    return found
+
+
+def _dynamic_input(tensor: str) -> list[NodeProto]:
+    return [helper.make_node("DynamicQuantizeLinear", [tensor], [f"{tensor}_dynamic_{p}" for p in
+                             ("quantized", "scale", "zero_point")], name=f"{tensor}_DynamicQuantizeLinear")]
+
+
+def _dynamic_matmul(node: NodeProto, layer: Layer) -> list[NodeProto]:
+    """MatMulInteger on the run-time-quantized input and the integer weight, rescaled to float."""
+    x, w, y = layer.activation, qdq_names(layer.weight), node.output[0]
+    n = helper.make_node
+    return [
+        n("MatMulInteger", [f"{x}_dynamic_quantized", w.quantized, f"{x}_dynamic_zero_point", w.zero_point],
+          [f"{y}_int32"], name=f"{node.name}_MatMulInteger"),
+        n("Cast", [f"{y}_int32"], [f"{y}_int32_float"], name=f"{node.name}_Cast", to=TensorProto.FLOAT),
+        n("Mul", [f"{x}_dynamic_scale", w.scale], [f"{y}_scale"], name=f"{node.name}_scale"),
+        n("Mul", [f"{y}_int32_float", f"{y}_scale"], [y], name=f"{node.name}_rescale"),
+    ]
+
+
 def required_opset(model: ModelProto, plan: Plan) -> int:
     """int4 and int16 DequantizeLinear arrived in opset 21."""
     needs_21 = any(t.spec.storage_bits in (4, 16) for t in plan.tensors.values())
@@ -107,6 +146,11 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
     after: dict[str, list[NodeProto]] = {}
     rewire: dict[str, str] = {}
     producers = {out for n in model.graph.node for out in n.output}
+    dynamic = dynamic_layers(g, plan)
+    # A weight only dynamic layers read needs no DequantizeLinear: MatMulInteger takes its codes.
+    integer_only = {layer.weight for layer in dynamic.values()} - {
+        layer.weight for layer in plan.layers if layer.node not in dynamic}
+    quantized_inputs: set[str] = set()
     for name, tq in plan.tensors.items():
         if tq.role == "value":
             if name in initializers:
@@ -119,7 +163,8 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
             original = numpy_helper.to_array(initializers.pop(name))
             inits, dq = _constant_qdq(name, tq, original if tq.value is None else tq.value.reshape(original.shape))
             new_inits += inits
-            head.append(dq)
+            if name not in integer_only:
+                head.append(dq)
         else:
             inits, nodes = _activation_qdq(name, tq)
             new_inits += inits
@@ -132,7 +177,13 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
                 if name in rewire:
                     node.input[i] = rewire[name]
         outputs = list(node.output)
-        if node.name in plan.binary_inputs:
+        if node.name in dynamic:
+            layer = dynamic[node.name]
+            if layer.activation not in quantized_inputs:
+                quantized_inputs.add(layer.activation)
+                nodes += _dynamic_input(layer.activation)
+            nodes += _dynamic_matmul(node, layer)
+        elif node.name in plan.binary_inputs:
             before, behind, inits = _binarized(g, plan, node)
             nodes += before + [node] + behind
             new_inits += inits

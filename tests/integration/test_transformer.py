@@ -1,0 +1,131 @@
+"""A transformer encoder layer: what the planner quantizes, SmoothQuant, and the activation modes.
+
+The model (tests/transformer_builders.py) is an exporter-style post-norm layer with token ids, an
+int64 attention mask, shape subgraphs and LayerNorm outlier channels."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from cli_runner import run_in_process as ptq
+from ptqcli import rundir, stages
+from ptqcli.calibrate.smooth import smoothing_groups
+from ptqcli.config import DataConfig, QuantConfig
+from ptqcli.graph import Graph
+from ptqcli.runtime import optimized_op_counts
+from transformer_builders import encoder_model, token_data
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("encoder")
+    model = tmp / "encoder.onnx"
+    onnx.save(encoder_model(), str(model))
+    np.savez(tmp / "calib.npz", **token_data(128, seed=1))
+    np.savez(tmp / "eval.npz", **token_data(64, seed=2))
+    return model, tmp
+
+
+def _outputs(path, feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["hidden"], feeds)[0]
+
+
+def _cosine(model, quantized, data_path) -> np.ndarray:
+    feeds = dict(np.load(data_path))
+    f, q = _outputs(model, feeds).reshape(len(feeds["input_ids"]), -1), _outputs(quantized, feeds).reshape(
+        len(feeds["input_ids"]), -1)
+    return np.sum(f * q, 1) / np.linalg.norm(f, axis=1) / np.linalg.norm(q, axis=1)
+
+
+def _quantize(encoder, name, quant: QuantConfig, with_data=True):
+    model, tmp = encoder
+    data = DataConfig(path=str(tmp / "calib.npz") if with_data else None, num_samples=128)
+    stages.calibrate(model, quant, data, tmp / f"{name}.run")
+    out = tmp / f"{name}.onnx"
+    stages.export(tmp / f"{name}.run", out, str(tmp / "eval.npz"), 64)
+    return rundir.read_plan(tmp / f"{name}.run"), out
+
+
+def test_the_plan_quantizes_gemm_inputs_only(encoder):
+    plan, out = _quantize(encoder, "static", QuantConfig())
+    g = Graph(onnx.load(str(encoder[0])))
+    quantized = {t for t, tq in plan.tensors.items() if tq.role == "activation"}
+    # Never a non-float tensor: ids, mask, shape subgraph.
+    assert not quantized & {"input_ids", "attention_mask", "h0_shape", "batch", "heads_shape", "mask_f"}
+    # The mask Add, Softmax input, residual Adds, GELU's inner tensors and the bias Adds stay float.
+    assert not quantized & {"masked", "scaled", "scores", "res1", "res2", "o", "o_mm", "f_erf1", "f_mm", "q_mm"}
+    # The attention MatMuls between two activations stay float; the weight MatMuls' inputs are quantized.
+    assert {"scores", "context"} <= set(plan.float_nodes)
+    assert {"ctx", "gelu"} <= quantized
+    assert len([t for t in quantized if t.startswith("h0") or t.startswith("h1")]) == 2  # the LN outputs (smoothed copies)
+    assert {layer.node for layer in plan.layers} == {"q_proj", "k_proj", "v_proj", "o_proj", "ffn_in", "ffn_out"}
+    kernels = optimized_op_counts(onnx.load(str(out)))
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) == 6, kernels
+    assert np.mean(_cosine(encoder[0], out, encoder[1] / "eval.npz")) > 0.999
+
+
+def test_smoothing_folds_into_the_layernorms_and_keeps_the_float_model(encoder):
+    model, tmp = encoder
+    g = Graph(onnx.load(str(model)))
+    groups = {grp.norm: grp for grp in smoothing_groups(g)}
+    assert set(groups) == {"ln0", "ln1"}  # ln2 feeds no GEMM
+    assert set(groups["ln0"].gemms) == {"q_proj", "k_proj", "v_proj"} and groups["ln0"].shared  # residual reads h0
+    assert groups["ln1"].gemms == ("ffn_in",) and groups["ln1"].shared
+
+    plan, _ = _quantize(encoder, "smoothed", QuantConfig())
+    report = plan.config["smoothing"]
+    for tensor in ("h0", "h1"):
+        assert report[tensor]["alpha"] is not None and report[tensor]["loss"] < 0.5 * report[tensor]["loss_unsmoothed"]
+    smoothed = rundir.load_run(tmp / "smoothed.run").graph
+    ops = Counter(n.op_type for n in smoothed.graph.node)
+    assert ops["LayerNormalization"] == 5  # a smoothed copy of ln0 and ln1 for their GEMMs
+    feeds = dict(np.load(tmp / "eval.npz"))
+    original = _outputs(model, feeds)
+    smoothed_path = tmp / "smoothed_float.onnx"
+    onnx.save(smoothed.model, str(smoothed_path))
+    np.testing.assert_allclose(_outputs(smoothed_path, feeds), original, rtol=1e-4, atol=1e-5)
+
+
+def test_smoothing_beats_no_smoothing_on_outlier_channels(encoder):
+    _, smooth = _quantize(encoder, "with_smooth", QuantConfig())
+    _, plain = _quantize(encoder, "without_smooth", QuantConfig(smooth=False))
+    eval_path = encoder[1] / "eval.npz"
+    with_s, without = _cosine(encoder[0], smooth, eval_path), _cosine(encoder[0], plain, eval_path)
+    assert 1 - with_s.mean() < 0.5 * (1 - without.mean()), (with_s.mean(), without.mean())
+
+
+def test_dynamic_activations_need_no_data_and_run_ort_integer_kernels(encoder):
+    plan, out = _quantize(encoder, "dynamic", QuantConfig(acts="dynamic"), with_data=False)
+    assert not [t for t, tq in plan.tensors.items() if tq.role == "activation"]
+    exported = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    assert exported["MatMulInteger"] == 6 and exported["DynamicQuantizeLinear"] == 4  # h0 feeds q, k and v
+    kernels = optimized_op_counts(onnx.load(str(out)))
+    assert kernels.get("DynamicQuantizeMatMul", 0) + kernels.get("MatMulIntegerToFloat", 0) == 6, kernels
+    data_free = np.mean(_cosine(encoder[0], out, encoder[1] / "eval.npz"))
+    # With calibration data the outlier channels are smoothed first; run-time scales do the rest.
+    _, smoothed = _quantize(encoder, "dynamic_smoothed", QuantConfig(acts="dynamic"))
+    with_data = np.mean(_cosine(encoder[0], smoothed, encoder[1] / "eval.npz"))
+    assert data_free > 0.95 and with_data > 0.995 and 1 - with_data < 0.5 * (1 - data_free), (data_free, with_data)
+
+
+def test_int16_activations_are_16_bit_qdq_at_opset_21(encoder):
+    plan, out = _quantize(encoder, "int16", QuantConfig(acts="int16"))
+    model = onnx.load(str(out))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    zero_points = {t.name: t.data_type for t in model.graph.initializer if t.name.endswith("_zero_point")}
+    acts = [t for t, tq in plan.tensors.items() if tq.role == "activation"]
+    assert acts and all(zero_points[f"{t}_zero_point"] == onnx.TensorProto.INT16 for t in acts)
+    assert {"scores", "context"}.isdisjoint(plan.float_nodes)  # 16-bit targets quantize attention too
+    cosine = _cosine(encoder[0], out, encoder[1] / "eval.npz")  # 8-bit weights bound it, not the activations
+    assert cosine.mean() > 0.9995 and cosine.min() > 0.995
+
+
+def test_token_data_is_refused_without_calibration_data_for_static_acts(encoder, tmp_path):
+    model, _ = encoder
+    r = ptq("quantize", model, "-o", tmp_path / "q.onnx")
+    assert r.returncode == 1 and "needs calibration data" in r.stderr + r.stdout and not (tmp_path / "q.onnx").exists()

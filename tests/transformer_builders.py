@@ -1,0 +1,105 @@
+"""A post-norm transformer encoder layer as torch's exporter writes it, built with onnx.helper.
+
+Token ids go through an embedding Gather; the attention mask arrives as int64 and becomes the
+additive (1 - mask) * float32-min bias; head reshapes take their shape from a Shape/Gather/Concat
+subgraph on int64 tensors; LayerNormalization is the fused opset-17 op; GELU is the Erf form. Some
+LayerNorm scale channels are made much larger than the rest, as trained encoders' are, so the
+normalized activations carry outlier channels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+SEQ, HIDDEN, HEADS, VOCAB, FFN = 8, 32, 2, 40, 64
+OUTLIERS = (3, 17)  # LayerNorm channels scaled up
+
+
+def encoder_model(seed: int = 0, outlier_gain: float = 40.0) -> ModelProto:
+    rng = np.random.default_rng(seed)
+    head = HIDDEN // HEADS
+    inits = []
+
+    def const(name, value, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def weight(name, *shape, std=None):
+        return const(name, rng.normal(0, std or 1.0 / np.sqrt(shape[0]), shape))
+
+    def ln_scale(name):
+        g = rng.uniform(0.8, 1.2, HIDDEN)
+        g[list(OUTLIERS)] *= outlier_gain
+        return const(name, g)
+
+    n = helper.make_node
+    nodes = [
+        # Embeddings and the first LayerNorm.
+        n("Gather", [weight("word_embeddings", VOCAB, HIDDEN, std=0.5), "input_ids"], ["tok"], name="embed"),
+        n("Add", ["tok", weight("position_embeddings", SEQ, HIDDEN, std=0.1)], ["emb"], name="embed_add"),
+        n("LayerNormalization", ["emb", ln_scale("ln0_g"), const("ln0_b", rng.normal(0, 0.1, HIDDEN))], ["h0"],
+          name="ln0", axis=-1, epsilon=1e-12),
+        # The head shape, computed from the input's shape on int64 tensors as exporters do.
+        n("Shape", ["h0"], ["h0_shape"], name="shape"),
+        n("Gather", ["h0_shape", const("zero", 0, np.int64)], ["batch"], name="shape_batch", axis=0),
+        n("Unsqueeze", ["batch", const("axes0", [0], np.int64)], ["batch1"], name="shape_unsqueeze"),
+        n("Concat", ["batch1", const("rest", [SEQ, HEADS, head], np.int64)], ["heads_shape"], name="shape_concat", axis=0),
+        n("Concat", ["batch1", const("flat", [SEQ, HIDDEN], np.int64)], ["merged_shape"], name="shape_concat2", axis=0),
+        # The additive attention mask from int64 ones and zeros.
+        n("Cast", ["attention_mask"], ["mask_f"], name="mask_cast", to=TensorProto.FLOAT),
+        n("Sub", [const("one", 1.0), "mask_f"], ["mask_inv"], name="mask_sub"),
+        n("Mul", ["mask_inv", const("neg", np.finfo(np.float32).min)], ["mask_neg"], name="mask_mul"),
+        n("Unsqueeze", ["mask_neg", const("axes12", [1, 2], np.int64)], ["mask_bias"], name="mask_unsqueeze"),
+    ]
+    for p in ("q", "k", "v"):
+        nodes += [
+            n("MatMul", ["h0", weight(f"w{p}", HIDDEN, HIDDEN)], [f"{p}_mm"], name=f"{p}_proj"),
+            n("Add", [const(f"b{p}", rng.normal(0, 0.05, HIDDEN)), f"{p}_mm"], [f"{p}_b"], name=f"{p}_bias"),
+            n("Reshape", [f"{p}_b", "heads_shape"], [f"{p}_r"], name=f"{p}_reshape"),
+            n("Transpose", [f"{p}_r"], [f"{p}_t"], name=f"{p}_transpose",
+              perm=[0, 2, 3, 1] if p == "k" else [0, 2, 1, 3]),
+        ]
+    nodes += [
+        n("MatMul", ["q_t", "k_t"], ["scores"], name="scores"),
+        n("Div", ["scores", const("sqrt_d", np.sqrt(head))], ["scaled"], name="scale"),
+        n("Add", ["scaled", "mask_bias"], ["masked"], name="mask_add"),
+        n("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        n("MatMul", ["probs", "v_t"], ["ctx_h"], name="context"),
+        n("Transpose", ["ctx_h"], ["ctx_t"], name="ctx_transpose", perm=[0, 2, 1, 3]),
+        n("Reshape", ["ctx_t", "merged_shape"], ["ctx"], name="ctx_reshape"),
+        n("MatMul", ["ctx", weight("wo", HIDDEN, HIDDEN)], ["o_mm"], name="o_proj"),
+        n("Add", [const("bo", rng.normal(0, 0.05, HIDDEN)), "o_mm"], ["o"], name="o_bias"),
+        n("Add", ["o", "h0"], ["res1"], name="residual1"),
+        n("LayerNormalization", ["res1", ln_scale("ln1_g"), const("ln1_b", rng.normal(0, 0.1, HIDDEN))], ["h1"],
+          name="ln1", axis=-1, epsilon=1e-12),
+        n("MatMul", ["h1", weight("w1", HIDDEN, FFN)], ["f_mm"], name="ffn_in"),
+        n("Add", [const("b1", rng.normal(0, 0.05, FFN)), "f_mm"], ["f"], name="ffn_bias"),
+        n("Div", ["f", const("sqrt2", np.sqrt(2.0))], ["f_s"], name="gelu_div"),
+        n("Erf", ["f_s"], ["f_erf"], name="gelu_erf"),
+        n("Add", ["f_erf", const("one_g", 1.0)], ["f_erf1"], name="gelu_add"),
+        n("Mul", ["f", "f_erf1"], ["f_m"], name="gelu_mul"),
+        n("Mul", ["f_m", const("half", 0.5)], ["gelu"], name="gelu_half"),
+        n("MatMul", ["gelu", weight("w2", FFN, HIDDEN)], ["g_mm"], name="ffn_out"),
+        n("Add", [const("b2", rng.normal(0, 0.05, HIDDEN)), "g_mm"], ["g"], name="ffn_out_bias"),
+        n("Add", ["g", "h1"], ["res2"], name="residual2"),
+        n("LayerNormalization", ["res2", const("ln2_g", rng.uniform(0.8, 1.2, HIDDEN)),
+                                 const("ln2_b", rng.normal(0, 0.1, HIDDEN))], ["hidden"], name="ln2", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "encoder_layer",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", SEQ]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", SEQ])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", SEQ, HIDDEN])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def token_data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids with padded tails (id 0, mask 0) of random lengths."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, SEQ + 1, n)
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, VOCAB, (n, SEQ)) * mask
+    return {"input_ids": ids.astype(np.int64), "attention_mask": mask}
