@@ -16,7 +16,27 @@ SEQ, HIDDEN, HEADS, VOCAB, FFN = 8, 32, 2, 40, 64
 OUTLIERS = (3, 17)  # LayerNorm channels scaled up
 
 
-def encoder_model(seed: int = 0, outlier_gain: float = 40.0) -> ModelProto:
+def _layer_norm(name: str, x: str, gamma: str, beta: str, out: str, decomposed: bool) -> list:
+    """The fused op, or the ReduceMean/Sub/Pow/Sqrt/Div form of exporters before opset 17."""
+    n = helper.make_node
+    if not decomposed:
+        return [n("LayerNormalization", [x, gamma, beta], [out], name=name, axis=-1, epsilon=1e-12)]
+    t = lambda part: f"{name}_{part}"  # noqa: E731
+    return [
+        n("ReduceMean", [x], [t("mean")], name=t("mean"), axes=[-1], keepdims=1),
+        n("Sub", [x, t("mean")], [t("centred")], name=t("sub")),
+        n("Pow", [t("centred"), "two"], [t("sq")], name=t("pow")),
+        n("ReduceMean", [t("sq")], [t("var")], name=t("var"), axes=[-1], keepdims=1),
+        n("Add", [t("var"), "eps"], [t("var_eps")], name=t("add_eps")),
+        n("Sqrt", [t("var_eps")], [t("std")], name=t("sqrt")),
+        n("Div", [t("centred"), t("std")], [t("normed")], name=t("div")),
+        n("Mul", [t("normed"), gamma], [t("scaled")], name=t("gamma")),
+        n("Add", [t("scaled"), beta], [out], name=t("beta")),
+    ]
+
+
+def encoder_model(seed: int = 0, outlier_gain: float = 40.0, decomposed: bool = False) -> ModelProto:
+    """`decomposed` writes LayerNorm as older exporters do (ReduceMean ... Mul gamma, Add beta)."""
     rng = np.random.default_rng(seed)
     head = HIDDEN // HEADS
     inits = []
@@ -38,8 +58,7 @@ def encoder_model(seed: int = 0, outlier_gain: float = 40.0) -> ModelProto:
         # Embeddings and the first LayerNorm.
         n("Gather", [weight("word_embeddings", VOCAB, HIDDEN, std=0.5), "input_ids"], ["tok"], name="embed"),
         n("Add", ["tok", weight("position_embeddings", SEQ, HIDDEN, std=0.1)], ["emb"], name="embed_add"),
-        n("LayerNormalization", ["emb", ln_scale("ln0_g"), const("ln0_b", rng.normal(0, 0.1, HIDDEN))], ["h0"],
-          name="ln0", axis=-1, epsilon=1e-12),
+        *_layer_norm("ln0", "emb", ln_scale("ln0_g"), const("ln0_b", rng.normal(0, 0.1, HIDDEN)), "h0", decomposed),
         # The head shape, computed from the input's shape on int64 tensors as exporters do.
         n("Shape", ["h0"], ["h0_shape"], name="shape"),
         n("Gather", ["h0_shape", const("zero", 0, np.int64)], ["batch"], name="shape_batch", axis=0),
@@ -71,8 +90,7 @@ def encoder_model(seed: int = 0, outlier_gain: float = 40.0) -> ModelProto:
         n("MatMul", ["ctx", weight("wo", HIDDEN, HIDDEN)], ["o_mm"], name="o_proj"),
         n("Add", [const("bo", rng.normal(0, 0.05, HIDDEN)), "o_mm"], ["o"], name="o_bias"),
         n("Add", ["o", "h0"], ["res1"], name="residual1"),
-        n("LayerNormalization", ["res1", ln_scale("ln1_g"), const("ln1_b", rng.normal(0, 0.1, HIDDEN))], ["h1"],
-          name="ln1", axis=-1, epsilon=1e-12),
+        *_layer_norm("ln1", "res1", ln_scale("ln1_g"), const("ln1_b", rng.normal(0, 0.1, HIDDEN)), "h1", decomposed),
         n("MatMul", ["h1", weight("w1", HIDDEN, FFN)], ["f_mm"], name="ffn_in"),
         n("Add", [const("b1", rng.normal(0, 0.05, FFN)), "f_mm"], ["f"], name="ffn_bias"),
         n("Div", ["f", const("sqrt2", np.sqrt(2.0))], ["f_s"], name="gelu_div"),
@@ -83,9 +101,12 @@ def encoder_model(seed: int = 0, outlier_gain: float = 40.0) -> ModelProto:
         n("MatMul", ["gelu", weight("w2", FFN, HIDDEN)], ["g_mm"], name="ffn_out"),
         n("Add", [const("b2", rng.normal(0, 0.05, HIDDEN)), "g_mm"], ["g"], name="ffn_out_bias"),
         n("Add", ["g", "h1"], ["res2"], name="residual2"),
-        n("LayerNormalization", ["res2", const("ln2_g", rng.uniform(0.8, 1.2, HIDDEN)),
-                                 const("ln2_b", rng.normal(0, 0.1, HIDDEN))], ["hidden"], name="ln2", axis=-1),
+        *_layer_norm("ln2", "res2", const("ln2_g", rng.uniform(0.8, 1.2, HIDDEN)),
+                     const("ln2_b", rng.normal(0, 0.1, HIDDEN)), "hidden", decomposed),
     ]
+    if decomposed:
+        const("two", 2.0)
+        const("eps", 1e-12)
     graph = helper.make_graph(
         nodes, "encoder_layer",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", SEQ]),

@@ -39,8 +39,9 @@ EQUAL_WITHIN = 1e-8
 
 @dataclass(frozen=True)
 class SmoothGroup:
-    tensor: str  # the normalization's output that the GEMMs read
-    norm: str  # the normalization node
+    tensor: str  # the activation the GEMMs read
+    tail: tuple[str, ...]  # the nodes ending in `tensor` whose per-channel parameters absorb 1 / s
+    params: tuple[tuple[str, int], ...]  # (node, input slot) of each per-channel scale or bias
     gemms: tuple[str, ...]  # MatMul/Gemm nodes reading `tensor` as their activation
     weights: tuple[str, ...]  # their constant weights, one each
     in_axes: tuple[int, ...]  # each weight's axis over input channels
@@ -70,27 +71,75 @@ def _gemm_weight(g: Graph, node, tensor: str) -> tuple[str, int] | None:
     return weight, info.weight_in_axis(node) % 2
 
 
+def _channel_vector(g: Graph, name: str) -> np.ndarray | None:
+    v = g.constant(name) if name in g.initializers else None
+    return v if v is not None and v.ndim == 1 and g.is_float(name) else None
+
+
+def _normalization_tail(g: Graph, node) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...], int] | None:
+    """A normalization op: its scale and bias inputs."""
+    facts = normalization(node)
+    if facts is None or len(node.input) <= facts.scale_input:
+        return None
+    scale = _channel_vector(g, node.input[facts.scale_input])
+    if scale is None:
+        return None
+    params = [(node.name, facts.scale_input)]
+    if facts.bias_input is not None and len(node.input) > facts.bias_input and node.input[facts.bias_input]:
+        bias = _channel_vector(g, node.input[facts.bias_input])
+        if bias is None or bias.shape != scale.shape:
+            return None
+        params.append((node.name, facts.bias_input))
+    return (node.name,), tuple(params), scale.shape[0]
+
+
+def _vector_slot(g: Graph, node) -> int | None:
+    """The input slot holding a constant per-channel vector of a two-input Mul/Add, if one does."""
+    slots = [i for i, name in enumerate(node.input[:2]) if _channel_vector(g, name) is not None]
+    return slots[0] if len(node.input) == 2 and len(slots) == 1 else None
+
+
+def _decomposed_tail(g: Graph, node) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...], int] | None:
+    """The end of a decomposed normalization (older exporters): Mul by gamma, then Add of beta,
+    or Mul by gamma alone (RMSNorm)."""
+    if node.op_type == "Mul" and node.domain in ("", "ai.onnx"):
+        slot = _vector_slot(g, node)
+        return None if slot is None else ((node.name,), ((node.name, slot),), len(g.constant(node.input[slot])))
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+        return None
+    slot = _vector_slot(g, node)
+    if slot is None:
+        return None
+    mul = g.producer.get(node.input[1 - slot])
+    if mul is None or mul.op_type != "Mul" or len(g.consumers.get(mul.output[0], [])) != 1:
+        return None
+    gamma = _vector_slot(g, mul)
+    k = len(g.constant(node.input[slot]))
+    if gamma is None or len(g.constant(mul.input[gamma])) != k:
+        return None
+    return (mul.name, node.name), ((mul.name, gamma), (node.name, slot)), k
+
+
 def smoothing_groups(g: Graph) -> list[SmoothGroup]:
-    """Every normalization whose output some GEMMs read directly with constant weights."""
+    """Every per-channel affine tail (a normalization's scale and bias, fused or decomposed) whose
+    output some GEMMs read directly with constant weights."""
     groups = []
     outputs = set(g.output_names)
     for node in g.graph.node:
-        facts = normalization(node)
-        if facts is None or not node.output:
+        if not node.output:
             continue
-        scale = g.constant(node.input[facts.scale_input]) if len(node.input) > facts.scale_input else None
-        has_bias = facts.bias_input is not None and len(node.input) > facts.bias_input and node.input[facts.bias_input]
-        bias = g.constant(node.input[facts.bias_input]) if has_bias else None
-        if scale is None or scale.ndim != 1 or (has_bias and (bias is None or bias.shape != scale.shape)):
+        tail = _normalization_tail(g, node) or _decomposed_tail(g, node)
+        if tail is None:
             continue
+        nodes, params, channels = tail
         tensor = node.output[0]
         readers = g.consumers.get(tensor, [])
         found = [(r.name, *hit) for r in readers if (hit := _gemm_weight(g, r, tensor)) is not None]
-        found = [f for f in found if g.constant(f[1]).shape[f[2]] == scale.shape[0]]
+        found = [f for f in found if g.constant(f[1]).shape[f[2]] == channels]
         if not found:
             continue
         names, weights, axes = zip(*found)
-        groups.append(SmoothGroup(tensor, node.name, names, weights, axes,
+        groups.append(SmoothGroup(tensor, nodes, params, names, weights, axes,
                                   shared=len(readers) > len(found) or tensor in outputs))
     return groups
 
@@ -164,37 +213,37 @@ def choose(g: Graph, grp: SmoothGroup, stats: GroupStats, cfg: QuantConfig) -> t
 
 
 def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
-    """Divide the normalization's affine parameters by s (in a copy feeding only the GEMMs when
-    its output has other readers) and multiply the GEMM weights' input rows by s, in place."""
+    """Divide the tail's per-channel parameters by s (in a copy of the tail feeding only the GEMMs
+    when its output has other readers) and multiply the GEMM weights' input rows by s, in place."""
     graph = model.graph
     nodes = list(graph.node)
-    index = next(i for i, n in enumerate(nodes) if n.name == grp.norm)
-    norm = nodes[index]
-    facts = normalization(norm)
-    slots = [facts.scale_input]
-    if facts.bias_input is not None and len(norm.input) > facts.bias_input and norm.input[facts.bias_input]:
-        slots.append(facts.bias_input)
-    target = norm
+    by_name = {n.name: n for n in nodes}
+    targets = {name: by_name[name] for name in grp.tail}
     if grp.shared:
-        target = NodeProto()
-        target.CopyFrom(norm)
-        target.name = f"{norm.name}__smoothed"
-        del target.output[:]
-        target.output.append(f"{grp.tensor}__smoothed")
+        renamed = {by_name[name].output[0]: f"{by_name[name].output[0]}__smoothed" for name in grp.tail}
+        copies = []
+        for name in grp.tail:
+            copy = NodeProto()
+            copy.CopyFrom(by_name[name])
+            copy.name = f"{name}__smoothed"
+            del copy.output[1:]  # a normalization's optional mean / inverse-deviation outputs
+            copy.output[0] = renamed[copy.output[0]]
+            for i, tensor in enumerate(copy.input):
+                copy.input[i] = renamed.get(tensor, tensor)
+            copies.append(copy)
+            targets[name] = copy
         for node in nodes:
             if node.name in grp.gemms:
-                node.input[0] = target.output[0]
-        nodes.insert(index + 1, target)
-        known = next((vi for vi in list(graph.value_info) + list(graph.output) if vi.name == grp.tensor), None)
-        if known is not None:  # the copy's output has the original's type and shape
-            twin_info = graph.value_info.add()
-            twin_info.CopyFrom(known)
-            twin_info.name = target.output[0]
-    for slot in slots:
-        old = g.constant(norm.input[slot])
-        name = f"{target.name}__{'scale' if slot == facts.scale_input else 'bias'}_smoothed"
-        graph.initializer.append(numpy_helper.from_array((old / s.astype(np.float64)).astype(old.dtype), name))
-        target.input[slot] = name
+                node.input[0] = renamed[grp.tensor]
+        last = max(i for i, n in enumerate(nodes) if n.name in grp.tail)
+        nodes[last + 1:last + 1] = copies
+        _copy_value_info(graph, grp.tensor, renamed[grp.tensor])
+    for name, slot in grp.params:
+        target = targets[name]
+        old = g.constant(by_name[name].input[slot])
+        new_name = f"{target.name}__{slot}_smoothed"
+        graph.initializer.append(numpy_helper.from_array((old / s.astype(np.float64)).astype(old.dtype), new_name))
+        target.input[slot] = new_name
     if grp.shared:
         del graph.node[:]
         graph.node.extend(nodes)
@@ -208,6 +257,15 @@ def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+def _copy_value_info(graph, tensor: str, copy: str) -> None:
+    """The copy's output has the original's type and shape."""
+    known = next((vi for vi in list(graph.value_info) + list(graph.output) if vi.name == tensor), None)
+    if known is not None:
+        info = graph.value_info.add()
+        info.CopyFrom(known)
+        info.name = copy
 
 
 def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], stats_batches: Iterable[Batch],

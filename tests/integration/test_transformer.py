@@ -72,10 +72,10 @@ def test_the_plan_quantizes_gemm_inputs_only(encoder):
 def test_smoothing_folds_into_the_layernorms_and_keeps_the_float_model(encoder):
     model, tmp = encoder
     g = Graph(onnx.load(str(model)))
-    groups = {grp.norm: grp for grp in smoothing_groups(g)}
-    assert set(groups) == {"ln0", "ln1"}  # ln2 feeds no GEMM
-    assert set(groups["ln0"].gemms) == {"q_proj", "k_proj", "v_proj"} and groups["ln0"].shared  # residual reads h0
-    assert groups["ln1"].gemms == ("ffn_in",) and groups["ln1"].shared
+    groups = {grp.tail: grp for grp in smoothing_groups(g)}
+    assert set(groups) == {("ln0",), ("ln1",)}  # ln2 feeds no GEMM
+    assert set(groups["ln0",].gemms) == {"q_proj", "k_proj", "v_proj"} and groups["ln0",].shared  # residual reads h0
+    assert groups["ln1",].gemms == ("ffn_in",) and groups["ln1",].shared
 
     plan, _ = _quantize(encoder, "smoothed", QuantConfig())
     report = plan.config["smoothing"]
@@ -129,3 +129,18 @@ def test_token_data_is_refused_without_calibration_data_for_static_acts(encoder,
     model, _ = encoder
     r = ptq("quantize", model, "-o", tmp_path / "q.onnx")
     assert r.returncode == 1 and "needs calibration data" in r.stderr + r.stdout and not (tmp_path / "q.onnx").exists()
+
+
+def test_a_decomposed_layernorm_is_smoothed_through_its_gamma_and_beta(tmp_path):
+    model = tmp_path / "decomposed.onnx"
+    onnx.save(encoder_model(decomposed=True), str(model))
+    groups = {grp.tail: grp for grp in smoothing_groups(Graph(onnx.load(str(model))))}
+    assert set(groups) == {("ln0_gamma", "ln0_beta"), ("ln1_gamma", "ln1_beta")}
+    np.savez(tmp_path / "calib.npz", **token_data(128, seed=1))
+    np.savez(tmp_path / "eval.npz", **token_data(64, seed=2))
+    encoder = (model, tmp_path)
+    plan, smoothed = _quantize(encoder, "smoothed", QuantConfig())
+    _, plain = _quantize(encoder, "plain", QuantConfig(smooth=False))
+    assert all(r["alpha"] is not None for r in plan.config["smoothing"].values())
+    with_s, without = (_cosine(model, q, tmp_path / "eval.npz").mean() for q in (smoothed, plain))
+    assert 1 - with_s < 0.5 * (1 - without), (with_s, without)
