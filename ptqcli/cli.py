@@ -241,6 +241,8 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq"):
     """Calibrate and export in one go."""
+    from dataclasses import replace
+
     from . import stages
     from .files import check_writable
     from .report import plan_table
@@ -251,6 +253,8 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth)
     run = run_dir or output.with_name(output.name + ".run")
     check_writable(output)
+    if eval_data is not None:
+        stages.check_data(model, eval_data, replace(data_cfg, path=eval_data), eval_samples)
     plan = stages.calibrate(model, quant, data_cfg, run, rich_progress)
     out.print(plan_table(plan))
     _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt)

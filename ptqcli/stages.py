@@ -213,8 +213,9 @@ EXPORT_FORMATS = ("qdq", "native")
 
 def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = None, eval_samples: int = 1000,
            progress: Progress = silent, fmt: str = "qdq") -> tuple[Plan, Fidelity | None]:
-    """Write the quantized model (QDQ, or with ptqcli's native operators), measure it against the float
-    model on held-out data, write its card."""
+    """Build the quantized model (QDQ, or with ptqcli's native operators), measure it against the float
+    model on held-out data, then write the model, fidelity.json and the card. Everything is measured
+    before anything is written, so bad evaluation data leaves nothing behind."""
     if fmt not in EXPORT_FORMATS:
         raise PtqError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
     loaded = rundir.load_run(run_dir)
@@ -233,14 +234,23 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
                            "4 bits); "
                            "use --format qdq")
         native = {"replaced": report.replaced, "kept": report.kept}
-    save_model(quantized, out_path)
     source, skip, held_out = eval_source(plan, eval_data)
     fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
+    inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source)
+    save_model(quantized, out_path)
     if fidelity is not None:
         rundir.write_json(run / rundir.FIDELITY, fidelity.to_dict())
-    inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source)
     write_card(build_card(replace(inputs, native=native)), out_path)
     return plan, fidelity
+
+
+def check_data(model_path: str | Path, path: str, cfg: DataConfig, limit: int) -> None:
+    """Read and check the samples that will be fed, without running the model, so that `ptq quantize`
+    refuses bad evaluation data before calibration writes anything. The model as stored is enough:
+    its inputs and embedding tables are what preparation keeps."""
+    inputs = model_inputs(Graph(load_model(model_path)))
+    for _ in iter_batches(path, inputs, cfg, limit=limit):
+        pass
 
 
 def _recorded_source(model: dict) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 
 from ..config import DataConfig
 from ..errors import PtqError
@@ -31,6 +31,8 @@ class InputSpec:
     name: str
     shape: tuple  # per-sample dims included; None for a dynamic dim
     dtype: np.dtype
+    # Token ids: the rows of the embedding table this integer input indexes (None for other inputs).
+    vocabulary: int | None = None
 
     @property
     def fixed_batch(self) -> int | None:
@@ -41,12 +43,55 @@ class InputSpec:
 
 
 def model_inputs(g: Graph) -> list[InputSpec]:
+    vocabularies = embedding_vocabularies(g)
     specs = []
     for vi in g.graph_inputs:
         tt = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+        specs.append(InputSpec(vi.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)),
+                               vocabularies.get(vi.name)))
     return specs
+
+
+# Ops that hand integer ids on unchanged (type or layout only): token ids may pass through them on
+# the way to their embedding Gather (int32 casts, flattening to [N*T]).
+_ID_PRESERVING_OPS = frozenset({"Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
+
+
+def embedding_vocabularies(g: Graph) -> dict[str, int]:
+    """Token-id inputs: each integer graph input whose values index a float embedding table through
+    Gather (directly or through ops that only move ids), mapped to the number of rows of that table
+    (the smallest one when it indexes several)."""
+    found = {}
+    for vi in g.graph_inputs:
+        if np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).kind not in "iu":
+            continue
+        rows = _embedding_rows_reached(g, vi.name)
+        if rows:
+            found[vi.name] = min(rows)
+    return found
+
+
+def _embedding_rows_reached(g: Graph, name: str) -> list[int]:
+    """Rows of the 2-D float tables that `name` (or an id-preserving copy of it) indexes through Gather."""
+    rows, pending, seen = [], [name], {name}
+    while pending:
+        tensor = pending.pop()
+        for node in g.consumers.get(tensor, []):
+            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input[1] == tensor:
+                table = g.initializers.get(node.input[0])
+                if table is not None and table.data_type in _FLOAT_TYPES and len(table.dims) == 2:
+                    rows.append(int(table.dims[_gather_axis(node) % len(table.dims)]))
+            elif node.op_type in _ID_PRESERVING_OPS and node.input[0] == tensor:
+                fresh = [out for out in node.output if out and out not in seen]
+                seen.update(fresh)
+                pending.extend(fresh)
+    return rows
+
+
+def _gather_axis(node) -> int:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
 
 
 @dataclass(frozen=True)
@@ -263,8 +308,26 @@ def _conform(a: np.ndarray, spec: InputSpec, where: Path | str) -> np.ndarray:
             a.dtype.kind in "iu" and spec.dtype.kind in "iu"
         )
         if not same_kind:
-            raise PtqError(f"{Path(str(where)).name}: input '{spec.name}' expects {spec.dtype}, data is {a.dtype}")
+            ids = " (token ids: whole numbers)" if spec.vocabulary is not None else ""
+            raise PtqError(f"{Path(str(where)).name}: input '{spec.name}' expects {spec.dtype}, data is {a.dtype}{ids}")
+    if spec.vocabulary is not None:
+        _check_token_ids(a, spec, where)
     return np.ascontiguousarray(a, dtype=spec.dtype)
+
+
+def _check_token_ids(ids: np.ndarray, spec: InputSpec, where: Path | str) -> None:
+    """Ids past the embedding table stop ORT mid-run with a message about Gather indices; negative
+    ids are valid ONNX (counted from the table's end) but no tokenizer writes them: both are bad data."""
+    if ids.size == 0:
+        return
+    smallest, largest = int(np.min(ids)), int(np.max(ids))
+    size, file = spec.vocabulary, Path(str(where)).name
+    if largest >= size:
+        raise PtqError(f"{file}: input '{spec.name}' holds token ids up to {largest}, beyond its vocabulary of "
+                       f"{size} (the rows of the embedding table it indexes: ids 0..{size - 1})")
+    if smallest < 0:
+        raise PtqError(f"{file}: input '{spec.name}' holds negative token id {smallest}; its vocabulary of "
+                       f"{size} takes ids 0..{size - 1}")
 
 
 def _image_chunks(files: list[Path], inputs: list[InputSpec], cfg: DataConfig) -> Iterator[Chunk]:
@@ -284,7 +347,19 @@ def _image_chunks(files: list[Path], inputs: list[InputSpec], cfg: DataConfig) -
         x = (np.stack(batch).astype(np.float32) - mean) / std  # N, H, W, C
         if layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
-        yield Chunk({spec.name: np.ascontiguousarray(x, dtype=spec.dtype)})
+        yield Chunk({spec.name: _pixels_as_input(x, spec)})
+
+
+def _pixels_as_input(x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Normalised pixels in the input's dtype. An integer input takes them only when the cast loses
+    nothing (e.g. uint8 pixels with --mean 0 --std 1): anything else would be truncated silently."""
+    if spec.dtype.kind in "iu":
+        info = np.iinfo(spec.dtype)
+        if np.any(x != np.round(x)) or x.min() < info.min or x.max() > info.max:
+            raise PtqError(f"input '{spec.name}' expects {spec.dtype}, images give float32 values from "
+                           f"{x.min():g} to {x.max():g} after --mean/--std (whole numbers in the {spec.dtype} range "
+                           f"are needed: e.g. --mean 0 --std 1 for 0..255 pixels)")
+    return np.ascontiguousarray(x, dtype=spec.dtype)
 
 
 def _layout(spec: InputSpec, cfg: DataConfig) -> str:
