@@ -31,3 +31,26 @@ def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
     q = np.asarray(approx, dtype=np.float64).reshape(len(approx), -1)
     power = np.maximum(np.sum(f**2, axis=1), 1e-30)
     return float(np.sum(np.sum((f - q) ** 2, axis=1) / power))
+
+
+def sample_cosines(reference: np.ndarray, approx: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample (first axis) over all its other axes.
+
+    Two all-zero samples are identical (1); an all-zero sample against a non-zero one shares no
+    direction with it (0)."""
+    f = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    q = np.asarray(approx, dtype=np.float64).reshape(len(approx), -1)
+    norm_f, norm_q = np.linalg.norm(f, axis=1), np.linalg.norm(q, axis=1)
+    denom = norm_f * norm_q
+    both_zero = (norm_f == 0) & (norm_q == 0)
+    return np.where(denom > 0, np.sum(f * q, axis=1) / np.maximum(denom, 1e-300), np.where(both_zero, 1.0, 0.0))
+
+
+def masked_mean_pool(tokens: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """[N, T, H] token vectors averaged over the positions whose mask is non-zero ([N, T]); over every
+    position when there is no mask. A sample with no unmasked position pools to zeros."""
+    x = np.asarray(tokens, dtype=np.float64)
+    if mask is None:
+        return x.mean(axis=1)
+    weights = (np.asarray(mask) != 0).astype(np.float64)[..., None]
+    return np.sum(x * weights, axis=1) / np.maximum(np.sum(weights, axis=1), 1.0)

@@ -9,7 +9,7 @@ import numpy as np
 from rich.table import Table
 
 from .config import QuantConfig
-from .export.fidelity import Fidelity
+from .export.fidelity import OUTPUT_KIND_LABELS, Fidelity, pooled_positions
 from .graph import default_opset, load_model
 from .ops import LAYOUT_OPS, WEIGHTED_OPS, op_info
 from .plan import Plan
@@ -92,16 +92,44 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
-def fidelity_tables(f: Fidelity, max_layers: int = 40) -> list[Table]:
+def outputs_table(f: Fidelity) -> Table:
+    """One row per model output. Top-1 and KL columns appear only when some output holds class scores,
+    pooled-cosine columns only when some [N, T, H] embedding was pooled; MSE stays in fidelity.json,
+    for the table to fit a terminal."""
     where = "held-out samples" if f.held_out else "calibration samples (no held-out data)"
-    summary = Table(title=f"fidelity vs float: {f.samples} {where}, ORT kernel path")
-    for col in ("output", "top-1 agreement", "KL", "cosine", "SQNR dB", "MSE"):
-        summary.add_column(col, justify="right")
+    table = Table(title=f"fidelity vs float: {f.samples} {where}, ORT kernel path", show_edge=False)
+    rows = f.outputs.values()
+    classes = any("top1_agreement" in m for m in rows)
+    pooled = sorted({where for m in rows for where in m.get("pooled_over", [])})
+    columns = ["output", "kind", *(["top-1 agreement", "KL"] if classes else []), "cosine\nmean", "cosine\nmin",
+               *(["pooled\ncosine\nmean", "pooled\ncosine\nmin"] if pooled else []), "SQNR\ndB"]
+    for col in columns:
+        if col == "output":  # names can be long (onnx::Shape_422): fold them, keep the numbers whole
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="left" if col == "kind" else "right", no_wrap=True)
     for name, m in f.outputs.items():
-        agreement = f"{100 * m['top1_agreement']:.2f}%" if "top1_agreement" in m else "-"
-        kl = f"{m['kl']:.5f}" if "kl" in m else "-"
-        summary.add_row(name, agreement, kl, f"{m['cosine']:.5f}", _fmt(m["sqnr_db"]), f"{m['mse']:.3g}")
-    tables = [summary]
+        cells = [name, OUTPUT_KIND_LABELS.get(m.get("kind"), "-")]
+        if classes:
+            cells += [f"{100 * m['top1_agreement']:.2f}%" if "top1_agreement" in m else "-",
+                      f"{m['kl']:.5f}" if "kl" in m else "-"]
+        cells += [f"{m['cosine']:.5f}", _cosine(m.get("cosine_min"))]
+        if pooled:
+            cells += [_cosine(m.get("pooled_cosine")), _cosine(m.get("pooled_cosine_min"))]
+        table.add_row(*cells, _fmt(m["sqnr_db"]))
+    notes = ["cosine per sample over all its values, mean and min over the samples"]
+    if pooled:
+        notes.append(f"pooled: each [N, T, H] embedding averaged over {pooled_positions(pooled)}")
+    table.caption = "; ".join(notes)
+    return table
+
+
+def _cosine(x: float | None) -> str:
+    return "-" if x is None else f"{x:.5f}"
+
+
+def fidelity_tables(f: Fidelity, max_layers: int = 40) -> list[Table]:
+    tables = [outputs_table(f)]
     if f.accuracy:
         acc = Table(title="accuracy on labels")
         for col in ("float top-1", "quantized top-1", "drop"):

@@ -6,6 +6,8 @@ import io
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .fidelity import OUTPUT_KIND_LABELS, pooled_positions
+
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
@@ -56,8 +58,7 @@ def render_markdown(card: dict, plot_name: str) -> str:
         lines.append(f"- top-1 accuracy: float {_pct(a['float'])}, quantized {_pct(a['quantized'])}"
                      f" (drop {a['drop_points']:+.2f} points)")
     for name, o in r["outputs"].items():
-        agreement = f"top-1 agreement {_pct(o['top1_agreement'])}, KL {o['kl']:.5f}, " if "top1_agreement" in o else ""
-        lines.append(f"- output `{name}`: {agreement}cosine {o['cosine']:.5f}, SQNR {_num(o['sqnr_db'])} dB")
+        lines.append(_output_line(name, o))
     lines += [
         f"- weights: {size['float_bytes']:,} bytes float -> {size['quantized_bytes']:,} bytes"
         f" ({_num(size['compression'], '{:.2f}')}x)",
@@ -79,6 +80,20 @@ def render_markdown(card: dict, plot_name: str) -> str:
                      f" {_num(row['output_sqnr_db'], '{:.1f}')} |")
     lines += ["", "## Recipe", "```json", _json(card["recipe"]), "```", ""]
     return "\n".join(lines)
+
+
+def _output_line(name: str, o: dict) -> str:
+    """One output's fidelity in words: class scores lead with top-1 agreement, embeddings with cosine."""
+    kind = OUTPUT_KIND_LABELS.get(o.get("kind"))
+    parts = []
+    if "top1_agreement" in o:
+        parts.append(f"top-1 agreement {_pct(o['top1_agreement'])}, KL {o['kl']:.5f}")
+    parts.append(f"cosine mean {o['cosine']:.5f}" + (f", min {o['cosine_min']:.5f}" if o.get("cosine_min") is not None else ""))
+    if "pooled_cosine" in o:
+        parts.append(f"pooled over {pooled_positions(o['pooled_over'])}: cosine mean {o['pooled_cosine']:.5f},"
+                     f" min {o['pooled_cosine_min']:.5f}")
+    parts.append(f"SQNR {_num(o['sqnr_db'])} dB")
+    return f"- output `{name}`{f' ({kind})' if kind else ''}: " + "; ".join(parts)
 
 
 def _json(doc) -> str:

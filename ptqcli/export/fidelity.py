@@ -14,9 +14,10 @@ from typing import Callable, Iterable
 import numpy as np
 from onnx import ModelProto
 
-from ..calibrate.data import Batch
+from ..calibrate.data import Batch, embedding_vocabularies
+from ..graph import Graph
 from ..nativelib import OPERATORS
-from ..metrics import as_probs, kl, top1
+from ..metrics import as_probs, kl, masked_mean_pool, sample_cosines, top1
 from ..plan import Plan
 from ..runtime import optimized_op_counts, session, with_outputs
 
@@ -26,31 +27,97 @@ INTEGER_KERNELS = OPERATORS + ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulI
                     "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax")
 
 
+# How an output is compared with float. Class scores get top-1 agreement and KL; embeddings (the
+# float outputs of a text model) get cosine, and a [N, T, H] one also the cosine of its pooled vector.
+CLASS_SCORES, EMBEDDING, VALUES = "class_scores", "embedding", "values"
+OUTPUT_KIND_LABELS = {CLASS_SCORES: "class scores", EMBEDDING: "embedding", VALUES: "values"}
+ALL_POSITIONS = "all positions"  # what a [N, T, H] embedding is pooled over when no input masks tokens
+
+
+def output_kind(value: np.ndarray, text_model: bool, labelled: bool) -> str:
+    """Rows of scores are read as classes when the data has labels, or, for a model that does not
+    take token ids, when nothing says otherwise; a text model's float [N, H] and [N, T, H] outputs
+    are embeddings, whose argmax means nothing."""
+    floating = value.dtype.kind == "f"
+    if floating and value.ndim == 2 and value.shape[1] > 1 and (labelled or not text_model):
+        return CLASS_SCORES
+    if floating and text_model and value.ndim in (2, 3):
+        return EMBEDDING
+    return VALUES
+
+
+def attention_mask_name(feeds: dict[str, np.ndarray], token_inputs: Iterable[str]) -> str | None:
+    """The input that marks real tokens: 2-D, integer or bool, every value 0 or 1, not token ids."""
+    ids = set(token_inputs)
+    for name, value in feeds.items():
+        if name in ids or value.ndim != 2 or value.dtype.kind not in "iub":
+            continue
+        if np.all((value == 0) | (value == 1)):
+            return name
+    return None
+
+
+def pooled_positions(pooled_over: list[str]) -> str:
+    """Where pooling averaged, in words: the tokens an attention-mask input marks, or every position."""
+    return " / ".join(p if p == ALL_POSITIONS else f"the tokens '{p}' marks" for p in pooled_over)
+
+
+@dataclass
+class _Cosines:
+    """Per-sample cosines, streamed: their sum, the smallest, and how many."""
+
+    total: float = 0.0
+    smallest: float = float("inf")
+    count: int = 0
+
+    def add(self, values: np.ndarray) -> None:
+        if values.size:
+            self.total += float(np.sum(values))
+            self.smallest = min(self.smallest, float(np.min(values)))
+            self.count += int(values.size)
+
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)
+
+    def min(self) -> float | None:
+        return self.smallest if self.count else None
+
+
 @dataclass
 class _Running:
     """Streaming sums for one compared tensor."""
 
+    kind: str = VALUES
     signal: float = 0.0
     noise: float = 0.0
-    cosine_sum: float = 0.0
+    cosines: _Cosines = field(default_factory=_Cosines)
+    pooled: _Cosines = field(default_factory=_Cosines)
+    pooled_over: set = field(default_factory=set)
     agree: int = 0
     kl_sum: float = 0.0
     count: int = 0
-    classifier: bool = False
 
-    def update(self, f: np.ndarray, q: np.ndarray) -> None:
+    def update(self, f: np.ndarray, q: np.ndarray, mask: tuple[str, np.ndarray] | None = None) -> None:
         f64, q64 = f.astype(np.float64), q.astype(np.float64)
         self.signal += float(np.sum(f64**2))
         self.noise += float(np.sum((f64 - q64) ** 2))
         n = f.shape[0] if f.ndim > 1 else 1
         ff, qq = f64.reshape(n, -1), q64.reshape(n, -1)
-        denom = np.linalg.norm(ff, axis=1) * np.linalg.norm(qq, axis=1)
-        self.cosine_sum += float(np.sum(np.where(denom > 0, np.sum(ff * qq, axis=1) / np.maximum(denom, 1e-300), 1.0)))
+        self.cosines.add(sample_cosines(ff, qq))
         self.count += n
-        if ff.shape[1] > 1 and f.ndim == 2:
-            self.classifier = True
+        if self.kind == CLASS_SCORES:
             self.agree += int(np.sum(ff.argmax(1) == qq.argmax(1)))
             self.kl_sum += float(np.sum(kl(as_probs(ff), as_probs(qq))))
+        elif self.kind == EMBEDDING and f.ndim == 3:
+            self.update_pooled(f64, q64, mask)
+
+    def update_pooled(self, f: np.ndarray, q: np.ndarray, mask: tuple[str, np.ndarray] | None) -> None:
+        """Token vectors [N, T, H] pooled over the attention mask, as sentence encoders pool them; over
+        every position when there is no mask of that [N, T] shape."""
+        fits = mask is not None and mask[1].shape == f.shape[:2]
+        weights = mask[1] if fits else None
+        self.pooled_over.add(mask[0] if fits else ALL_POSITIONS)
+        self.pooled.add(sample_cosines(masked_mean_pool(f, weights), masked_mean_pool(q, weights)))
 
     def sqnr_db(self) -> float | None:
         if self.noise == 0:
@@ -58,11 +125,15 @@ class _Running:
         return 10 * float(np.log10(max(self.signal, 1e-300) / self.noise))
 
     def summary(self) -> dict:
-        out = {"samples": self.count, "sqnr_db": self.sqnr_db(), "cosine": self.cosine_sum / max(self.count, 1)}
-        out["mse"] = self.noise / max(self.count, 1)
-        if self.classifier:
+        out = {"kind": self.kind, "samples": self.count, "sqnr_db": self.sqnr_db(), "cosine": self.cosines.mean(),
+               "cosine_min": self.cosines.min(), "mse": self.noise / max(self.count, 1)}
+        if self.kind == CLASS_SCORES:
             out["top1_agreement"] = self.agree / max(self.count, 1)
             out["kl"] = self.kl_sum / max(self.count, 1)
+        if self.pooled.count:
+            out["pooled_cosine"] = self.pooled.mean()
+            out["pooled_cosine_min"] = self.pooled.min()
+            out["pooled_over"] = sorted(self.pooled_over)
         return out
 
 
@@ -90,6 +161,7 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     float_sess = session(with_outputs(float_model, layer_outputs))
     quant_sess = session(quant_model)
     quant_probe = session(with_outputs(quant_model, layer_outputs)) if layer_outputs else None
+    token_inputs = set(embedding_vocabularies(Graph(float_model)))
     out_stats = {name: _Running() for name in outputs}
     layer_stats = {name: _Running() for name in layer_outputs}
     correct = {"float": 0, "quantized": 0}
@@ -97,12 +169,17 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     shapes: dict[str, list[int]] = {}
     for batch in batches:
         fv = dict(zip(outputs + layer_outputs, float_sess.run(outputs + layer_outputs, batch.feeds)))
-        shapes = shapes or {name: list(value.shape[1:]) for name, value in fv.items()}
+        if not shapes:  # the first batch tells what each output is
+            shapes = {name: list(value.shape[1:]) for name, value in fv.items()}
+            for name in outputs:
+                out_stats[name].kind = output_kind(fv[name], bool(token_inputs), batch.labels is not None)
         qv = dict(zip(outputs, quant_sess.run(outputs, batch.feeds)))
         if quant_probe is not None:
             qv.update(zip(layer_outputs, quant_probe.run(layer_outputs, batch.feeds)))
+        mask_name = attention_mask_name(batch.feeds, token_inputs) if token_inputs else None
+        mask = (mask_name, batch.feeds[mask_name]) if mask_name else None
         for name in outputs:
-            out_stats[name].update(fv[name], qv[name])
+            out_stats[name].update(fv[name], qv[name], mask)
         for name in layer_outputs:
             layer_stats[name].update(fv[name], qv[name])
         if batch.labels is not None:
