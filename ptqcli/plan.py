@@ -21,6 +21,12 @@ from .quant import dequantize, quantize
 PLAN_VERSION = 1
 # "value": a float tensor the plan replaces without quantizing (a corrected bias that int32 cannot hold).
 ROLES = ("activation", "weight", "bias", "value")
+# The float-node reason of a layer `ptq allocate --max-drop` moved back to float.
+MOVED_TO_FLOAT = "moved to float by `ptq allocate --max-drop`"
+# Float nodes kept for these reasons read their inputs' float values, not the dequantized ones:
+# between a DequantizeLinear and a QuantizeLinear, ORT quantizes a float Conv's or Gemm's weights
+# itself (its WeightBiasQuantization pass), so a layer meant to run in float would not.
+FLOAT_INPUT_REASONS = ("excluded by the recipe", MOVED_TO_FLOAT)
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,10 @@ class Plan:
     @property
     def samples_seen(self) -> int:
         return int(self.config.get("samples_seen", 0))
+
+    def reads_float_inputs(self, node: str) -> bool:
+        """A float node that reads its inputs before their QuantizeLinear (see FLOAT_INPUT_REASONS)."""
+        return self.float_nodes.get(node) in FLOAT_INPUT_REASONS
 
     def with_tensor(self, name: str, tq: TensorQuant) -> "Plan":
         return replace(self, tensors={**self.tensors, name: tq})

@@ -140,7 +140,7 @@ def required_opset(model: ModelProto, plan: Plan) -> int:
 def export_qdq(g: Graph, plan: Plan) -> ModelProto:
     model = set_opset(clone(g.model), required_opset(g.model, plan))
     initializers = {t.name: t for t in model.graph.initializer}
-    excluded = {name for name, why in plan.float_nodes.items() if why == "excluded by the recipe"}
+    excluded = {name for name in plan.float_nodes if plan.reads_float_inputs(name)}
     new_inits: list[TensorProto] = []
     head: list[NodeProto] = []
     after: dict[str, list[NodeProto]] = {}
