@@ -53,6 +53,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [def
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file with [quant] and [data] tables holding any of these options.")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data for fidelity (an .npz may carry `labels`).")]
 EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to measure fidelity on.")]
+LatencyOpt = Annotated[bool, typer.Option("--latency/--no-latency", help="Time the float and quantized models at batch 1 for the card, taking turns on the same real samples (about 3 s).")]
 FormatOpt = Annotated[str, typer.Option(
     "--format", help="qdq: QuantizeLinear/DequantizeLinear pairs any ONNX Runtime runs; native: int2-int4, "
                      "binary, ternary and pow2 layers as ptqcli custom operators (packed weights, integer kernels).")]
@@ -163,11 +164,12 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
 @app.command()
 @user_errors
 def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", help="Quantized model to write.")],
-           eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq"):
+           eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
+           latency: LatencyOpt = True):
     """Write the quantized model from a run directory and measure its fidelity against the float model."""
     from . import stages
 
-    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt)
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency)
     _print_fidelity(fidelity)
     _print_native(output)
     out.print(f"wrote [bold]{output}[/bold]")
@@ -239,7 +241,8 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
              exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None,
-             eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq"):
+             eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
+             latency: LatencyOpt = True):
     """Calibrate and export in one go."""
     from dataclasses import replace
 
@@ -257,7 +260,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
         stages.check_data(model, eval_data, replace(data_cfg, path=eval_data), eval_samples)
     plan = stages.calibrate(model, quant, data_cfg, run, rich_progress)
     out.print(plan_table(plan))
-    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt)
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency)
     _print_fidelity(fidelity)
     _print_native(output)
     out.print(f"wrote [bold]{output}[/bold] (run directory {run})")

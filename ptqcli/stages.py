@@ -16,7 +16,7 @@ from .config import DataConfig, QuantConfig, ReduceRange, cpu_name, to_jsonable
 from .errors import PtqError
 from .export.card import CardInputs, build_card, write_card
 from .export.fidelity import Fidelity, measure
-from .export.measures import bops, latency_ms, weight_storage
+from .export.measures import batch_latency, bops, latency_not_measured, weight_storage
 from .export.qdq import export_qdq
 from .files import check_writable
 from .graph import Graph, file_sha256, load_model, save_model
@@ -212,10 +212,11 @@ EXPORT_FORMATS = ("qdq", "native")
 
 
 def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = None, eval_samples: int = 1000,
-           progress: Progress = silent, fmt: str = "qdq") -> tuple[Plan, Fidelity | None]:
+           progress: Progress = silent, fmt: str = "qdq", latency: bool = True) -> tuple[Plan, Fidelity | None]:
     """Build the quantized model (QDQ, or with ptqcli's native operators), measure it against the float
-    model on held-out data, then write the model, fidelity.json and the card. Everything is measured
-    before anything is written, so bad evaluation data leaves nothing behind."""
+    model on held-out data (and time both at batch 1 unless `latency` is off), then write the model,
+    fidelity.json and the card. Everything is measured before anything is written, so bad evaluation
+    data leaves nothing behind."""
     if fmt not in EXPORT_FORMATS:
         raise PtqError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
     loaded = rundir.load_run(run_dir)
@@ -236,7 +237,7 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
         native = {"replaced": report.replaced, "kept": report.kept}
     source, skip, held_out = eval_source(plan, eval_data)
     fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
-    inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source)
+    inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source, skip, latency)
     save_model(quantized, out_path)
     if fidelity is not None:
         rundir.write_json(run / rundir.FIDELITY, fidelity.to_dict())
@@ -301,11 +302,13 @@ def run_model(model_path: str | Path, data: DataConfig, progress: Progress = sil
 
 
 def card_inputs(run: Path, g: Graph, plan: Plan, quantized, out_path: Path, fidelity: Fidelity | None,
-                eval_from: str | None) -> CardInputs:
+                eval_from: str | None, skip: int = 0, measure_latency: bool = True) -> CardInputs:
     info = rundir.read_json(run / rundir.RUN_INFO)
-    feeds = example_feeds(g, plan, eval_from)
-    latency = {"cpu": cpu_name(), "batch": 1,
-               "float_ms": latency_ms(g.model, feeds), "quantized_ms": latency_ms(quantized, feeds)}
+    if measure_latency:
+        samples, real = latency_samples(g, plan, eval_from, skip)
+        latency = batch_latency(g.model, quantized, samples, real, cpu_name())
+    else:
+        latency = latency_not_measured(cpu_name())
     return CardInputs(
         source_model=_recorded_source(info["model"]), output_model=out_path, graph=g, plan=plan, fidelity=fidelity,
         eval_source=eval_from, size=weight_storage(g, plan), bops=bops(g, plan, fidelity.layers if fidelity else []),
@@ -313,14 +316,21 @@ def card_inputs(run: Path, g: Graph, plan: Plan, quantized, out_path: Path, fide
     )
 
 
-def example_feeds(g: Graph, plan: Plan, source: str | None) -> dict[str, np.ndarray]:
-    """One real sample when there is data, else zeros of the input shapes (dynamic dims as 1)."""
+LATENCY_SAMPLES = 8  # real samples timed, one run each per round: enough to vary lengths, masks, inputs
+
+
+def latency_samples(g: Graph, plan: Plan, source: str | None, skip: int = 0) -> tuple[list[dict[str, np.ndarray]], bool]:
+    """Feeds of one sample each (the model's own batch when it is fixed): up to LATENCY_SAMPLES real
+    ones when there is data, else one of zeros in the input shapes (dynamic dims as 1); and whether
+    they are real."""
     inputs = model_inputs(g)
     if source is not None:
-        batch = next(iter_batches(source, inputs, plan.data, limit=1), None)
-        if batch is not None:
-            return batch.feeds
-    return {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=s.dtype) for s in inputs}
+        per_run = next((s.fixed_batch for s in inputs if s.fixed_batch), 1)
+        one_at_a_time = replace(plan.data, batch_size=1)
+        batches = list(iter_batches(source, inputs, one_at_a_time, limit=LATENCY_SAMPLES * per_run, skip=skip))
+        if batches:
+            return [b.feeds for b in batches], True
+    return [{s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=s.dtype) for s in inputs}], False
 
 
 def eval_source(plan: Plan, eval_data: str | None) -> tuple[str | None, int, bool]:

@@ -64,8 +64,7 @@ def render_markdown(card: dict, plot_name: str) -> str:
         f" ({_num(size['compression'], '{:.2f}')}x)",
         f"- bit-operations per sample: {bops['float']:.3e} float -> {bops['quantized']:.3e}"
         f" ({_num(bops['reduction'], '{:.1f}')}x)",
-        f"- latency (batch {lat['batch']}, {lat['cpu']}): float {_num(lat['float_ms'], '{:.3f}')} ms,"
-        f" quantized {_num(lat['quantized_ms'], '{:.3f}')} ms",
+        _latency_line(lat),
         f"- ORT kernels: {', '.join(f'{k} x{v}' for k, v in r['kernel_ops'].items())}",
         "",
         "## Layers",
@@ -94,6 +93,19 @@ def _output_line(name: str, o: dict) -> str:
                      f" min {o['pooled_cosine_min']:.5f}")
     parts.append(f"SQNR {_num(o['sqnr_db'])} dB")
     return f"- output `{name}`{f' ({kind})' if kind else ''}: " + "; ".join(parts)
+
+
+def _latency_line(lat: dict) -> str:
+    where = f"batch {lat['batch']}, {lat['cpu']}"
+    if lat["float_ms"] is None or lat["quantized_ms"] is None:
+        return f"- latency ({where}): not measured"
+    how = ""
+    if lat.get("runs"):
+        how = (f"; median of {lat['runs']} runs each, float and quantized taking turns on"
+               f" {lat['samples']} {'real' if lat.get('real_samples') else 'all-zero'} sample(s)")
+    speedup = f", speed-up {lat['speedup']:.2f}x" if lat.get("speedup") is not None else ""
+    return (f"- latency ({where}): float {lat['float_ms']:.3f} ms, quantized {lat['quantized_ms']:.3f} ms"
+            f"{speedup}{how}")
 
 
 def _json(doc) -> str:

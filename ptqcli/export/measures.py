@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 from onnx import ModelProto
@@ -46,15 +47,57 @@ def bops(g: Graph, plan: Plan, layers: list[dict]) -> dict:
             "reduction": float_total / quant_total if quant_total else None}
 
 
-def latency_ms(model: ModelProto, feeds: dict[str, np.ndarray], budget_s: float = 2.0, max_runs: int = 200) -> float:
-    """Median wall time of one run with default session options (what a user deploys)."""
-    sess = session(model)
-    for _ in range(3):
-        sess.run(None, feeds)
-    times: list[float] = []
+def latency_ms(models: dict[str, ModelProto], samples: list[dict[str, np.ndarray]], budget_s: float = 3.0,
+               min_runs: int = 10, max_runs: int = 200) -> tuple[dict[str, float], int]:
+    """Median wall time of one run of each model with default session options (what a user deploys),
+    and the runs each model made. The models take turns on the same samples (see take_turns)."""
+    runners = {name: _runner(session(model)) for name, model in models.items()}
+    for run in runners.values():  # warm-up: the first runs allocate buffers and pack weights
+        for feeds in samples:
+            run(feeds)
+    times = take_turns(runners, samples, budget_s, min_runs, max_runs)
+    return {name: float(np.median(t)) for name, t in times.items()}, len(next(iter(times.values())))
+
+
+def _runner(sess) -> Callable[[dict[str, np.ndarray]], object]:
+    return lambda feeds: sess.run(None, feeds)
+
+
+def take_turns(runners: dict[str, Callable[[dict[str, np.ndarray]], object]], samples: list[dict[str, np.ndarray]],
+               budget_s: float, min_runs: int, max_runs: int) -> dict[str, list[float]]:
+    """Milliseconds of every run, by runner. Each sample runs on every runner back to back, the order
+    flipping from one pair to the next, round after round, so that clock-speed changes, other
+    processes and cache state fall on all of them alike. Rounds go on until each runner has made
+    `min_runs` runs and then until `budget_s` seconds have passed or it has made `max_runs`."""
+    names = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in names}
     deadline = time.perf_counter() + budget_s
-    while len(times) < max_runs and (len(times) < 10 or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+    turn = 0
+    while True:
+        runs = len(times[names[0]])
+        if runs >= max_runs or (runs >= min_runs and time.perf_counter() >= deadline):
+            return times
+        for feeds in samples:
+            for name in names if turn % 2 == 0 else names[::-1]:
+                start = time.perf_counter()
+                runners[name](feeds)
+                times[name].append((time.perf_counter() - start) * 1000)
+            turn += 1
+
+
+def batch_latency(float_model: ModelProto, quant_model: ModelProto, samples: list[dict[str, np.ndarray]],
+                  real_samples: bool, cpu: str) -> dict:
+    """The card's latency record: float and quantized medians measured together, and the speed-up."""
+    ms, runs = latency_ms({"float": float_model, "quantized": quant_model}, samples)
+    return {"cpu": cpu, "batch": _batch_size(samples[0]), "float_ms": ms["float"], "quantized_ms": ms["quantized"],
+            "speedup": ms["float"] / ms["quantized"] if ms["quantized"] > 0 else None,
+            "runs": runs, "samples": len(samples), "real_samples": real_samples}
+
+
+def latency_not_measured(cpu: str) -> dict:
+    return {"cpu": cpu, "batch": 1, "float_ms": None, "quantized_ms": None, "speedup": None}
+
+
+def _batch_size(feeds: dict[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
