@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
+from transformer_builders import SEQ, VOCAB
+
 
 def conv_bn_relu_model(seed: int = 0, channels: int = 8, classes: int = 4, batch: int | str = "N",
                        opset: int = 13) -> ModelProto:
@@ -125,3 +127,48 @@ def masked_attention_model(seed: int = 0, seq: int = 12, hidden: int = 16) -> Mo
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def text_encoder_model(seed: int = 0, vocab: int = VOCAB, seq: int = SEQ, hidden: int = 16) -> ModelProto:
+    """A sentence encoder in miniature (opset 17): int64 token ids [N, T] -> Gather on an embedding table
+    -> MatMul -> Relu -> MatMul, residual Add -> LayerNormalization -> token vectors `tokens` [N, T, H],
+    and their mean over the tokens marked by `attention_mask` [N, T] (int64 0/1) -> `sentence` [N, H].
+    transformer_builders.token_data makes its inputs."""
+    rng = np.random.default_rng(seed)
+
+    def w(name, *shape, std=0.3):
+        return numpy_helper.from_array(rng.normal(0, std, shape).astype(np.float32), name)
+
+    inits = [w("embeddings", vocab, hidden, std=1.0), w("w1", hidden, 2 * hidden), w("b1", 2 * hidden, std=0.1),
+             w("w2", 2 * hidden, hidden), w("b2", hidden, std=0.1),
+             numpy_helper.from_array(np.ones(hidden, np.float32), "ln_g"),
+             numpy_helper.from_array(np.zeros(hidden, np.float32), "ln_b"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
+             numpy_helper.from_array(np.array([1], np.int64), "token_axis"),
+             numpy_helper.from_array(np.array(1e-9, np.float32), "tiny")]
+    n = helper.make_node
+    nodes = [
+        n("Gather", ["embeddings", "input_ids"], ["e"], name="embed"),
+        n("MatMul", ["e", "w1"], ["h0"], name="ffn_in"), n("Add", ["h0", "b1"], ["h1"], name="ffn_in_bias"),
+        n("Relu", ["h1"], ["h2"], name="relu"),
+        n("MatMul", ["h2", "w2"], ["h3"], name="ffn_out"), n("Add", ["h3", "b2"], ["h4"], name="ffn_out_bias"),
+        n("Add", ["h4", "e"], ["res"], name="residual"),
+        n("LayerNormalization", ["res", "ln_g", "ln_b"], ["tokens"], name="ln", axis=-1),
+        n("Cast", ["attention_mask"], ["m"], name="mask_float", to=TensorProto.FLOAT),
+        n("Unsqueeze", ["m", "last_axis"], ["m3"], name="mask_unsqueeze"),
+        n("Mul", ["tokens", "m3"], ["masked"], name="mask_tokens"),
+        n("ReduceSum", ["masked", "token_axis"], ["summed"], name="sum_tokens", keepdims=0),
+        n("ReduceSum", ["m3", "token_axis"], ["count0"], name="count_tokens", keepdims=0),
+        n("Max", ["count0", "tiny"], ["count"], name="no_empty"),
+        n("Div", ["summed", "count"], ["sentence"], name="mean_pool"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_text_encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", seq]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", seq])],
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", seq, hidden]),
+         helper.make_tensor_value_info("sentence", TensorProto.FLOAT, ["N", hidden])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
