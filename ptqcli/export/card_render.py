@@ -91,7 +91,7 @@ def _output_line(name: str, o: dict) -> str:
     if "pooled_cosine" in o:
         parts.append(f"pooled over {pooled_positions(o['pooled_over'])}: cosine mean {o['pooled_cosine']:.5f},"
                      f" min {o['pooled_cosine_min']:.5f}")
-    parts.append(f"SQNR {_num(o['sqnr_db'])} dB")
+    parts.append("identical to float (no SQNR)" if o["sqnr_db"] is None else f"SQNR {o['sqnr_db']:.2f} dB")
     return f"- output `{name}`{f' ({kind})' if kind else ''}: " + "; ".join(parts)
 
 
