@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import ModelProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from .graph import MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, save_model, set_opset
+from .errors import PtqError
 from .ops import op_info
+from .runtime import session
 
 # Ops whose value differs between runs: folding them would freeze one draw.
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -39,6 +41,7 @@ def prepare(model: ModelProto, source: str = "") -> Graph:
         notes.append(f"folded {bn} BatchNormalization nodes into the preceding Conv/Gemm")
     facts.update(constants_folded=folded, batchnorm_folded=bn)
     model = infer_shapes(model)
+    model = add_runtime_types(model)
     return Graph(model, source=source, notes=notes, facts=facts)
 
 
@@ -76,6 +79,36 @@ def infer_shapes(model: ModelProto) -> ModelProto:
     except Exception:
         # Unknown custom ops defeat inference; the quantizer then skips tensors of unknown type.
         return model
+
+
+def add_runtime_types(model: ModelProto) -> ModelProto:
+    """Element types ONNX's inference cannot give (outputs of ORT's contrib ops: Attention,
+    SkipLayerNormalization, ... in graphs its transformer optimizer fused), read from an ORT session
+    that lists those tensors as outputs. A tensor of unknown type is never quantized, so without
+    them every activation after the first fused op would stay float."""
+    known = {vi.name for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+             if vi.type.tensor_type.elem_type} | {t.name for t in model.graph.initializer}
+    unknown = [o for n in model.graph.node for o in n.output if o and o not in known]
+    if not unknown or is_huge(model):
+        return model
+    probe = clone(model)
+    for name in unknown:
+        probe.graph.output.add().name = name
+    try:
+        sess = session(probe, optimize=False)
+    except PtqError:
+        return model  # ORT cannot load it either (an unknown custom op): the types stay unknown
+    out = clone(model)
+    for o in sess.get_outputs():
+        elem = _ORT_TYPES.get(o.type)
+        if o.name in unknown and elem is not None:
+            out.graph.value_info.append(helper.make_tensor_value_info(o.name, elem, None))
+    return out
+
+
+_ORT_TYPES = {f"tensor({name})": getattr(TensorProto, name.upper()) for name in (
+    "float", "float16", "double", "bfloat16", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+    "uint64", "bool", "string")}
 
 
 def _infer_shapes_on_disk(model: ModelProto) -> ModelProto:

@@ -7,6 +7,8 @@ import pytest
 
 from builders import masked_attention_model
 from ptqcli import rundir, stages
+from ptqcli.calibrate.data import iter_batches, model_inputs
+from ptqcli.calibrate.settle import activation_damage, candidates
 from ptqcli.config import DataConfig, QuantConfig
 
 
@@ -33,20 +35,33 @@ def test_the_mask_add_stays_float_and_the_gemm_inputs_stay_quantized(attention):
     data = DataConfig(path=str(tmp / "calib.npz"), num_samples=64)
     stages.calibrate(model, QuantConfig(), data, tmp / "run")
     plan = rundir.read_plan(tmp / "run")
-    measured = plan.config["activation_damage"]
-    assert "masked" in measured and "masked" not in plan.tensors  # the scores plus -3.4e38 padding
-    for gemm_input in ("x", "k", "probs", "ctx"):  # read by MatMuls (k through a Transpose): never a candidate
-        assert gemm_input in plan.tensors and gemm_input not in measured
-    damages = {t: d["damage"] for t, d in measured.items() if "damage" in d}
-    assert damages["masked"] > 100 * max(d for t, d in damages.items() if t != "masked")
-    # MatMul outputs read only by float ops buy no kernel (ORT's MatMulIntegerToFloat writes float):
-    # the projection before the residual Add, the Add itself, and the scores once the mask Add is float.
-    for idle in ("o", "res"):
-        assert idle not in plan.tensors and idle not in damages and not measured[idle]["quantized"]
-    assert "scores" not in plan.tensors and not measured["scores"]["quantized"]
+    record = plan.config["activation_damage"]
+    for gemm_input in ("x", "ctx"):  # read by the weight MatMuls: never a candidate
+        assert gemm_input in plan.tensors and gemm_input not in record
+    # The attention MatMuls between two activations stay float at 8 bits, so nothing quantized
+    # reads the scores, the mask Add, the probabilities or k; MatMul outputs read only by float ops
+    # buy no kernel either (ORT's MatMulIntegerToFloat writes float).
+    assert {"scores", "context"} <= set(plan.float_nodes)
+    for idle in ("k", "scores", "masked", "probs", "o", "res"):
+        assert idle not in plan.tensors and not record[idle]["quantized"]
 
     stages.calibrate(model, QuantConfig(act_damage_limit=None), data, tmp / "every")
-    assert "masked" in rundir.read_plan(tmp / "every").tensors
-    settled, every = _cosine(tmp / "run", tmp / "settled.onnx", tmp / "eval.npz"), _cosine(
+    every = rundir.read_plan(tmp / "every")
+    assert "masked" in every.tensors
+    settled, all_quantized = _cosine(tmp / "run", tmp / "settled.onnx", tmp / "eval.npz"), _cosine(
         tmp / "every", tmp / "every.onnx", tmp / "eval.npz")
-    assert settled > 0.99 and settled > every + 0.05
+    assert settled > 0.99 and settled > all_quantized + 0.05
+
+
+def test_the_measured_damage_singles_out_the_mask_add(attention):
+    """Measured alone on the plan's grid, the scores plus -3.4e38 padding leave nothing of the
+    real values: the measurement that keeps such a tensor float where an integer op reads it."""
+    model, tmp = attention
+    data = DataConfig(path=str(tmp / "calib.npz"), num_samples=64)
+    stages.calibrate(model, QuantConfig(act_damage_limit=None), data, tmp / "every")
+    run = rundir.load_run(tmp / "every")
+    batches = list(iter_batches(str(tmp / "calib.npz"), model_inputs(run.graph), data, limit=16))
+    tensors = candidates(run.graph, run.plan)
+    assert "masked" in tensors
+    damage = activation_damage(run.graph, run.plan, tensors, batches)
+    assert damage["masked"] > 100 * max(d for t, d in damage.items() if t != "masked")

@@ -144,3 +144,26 @@ def test_a_decomposed_layernorm_is_smoothed_through_its_gamma_and_beta(tmp_path)
     assert all(r["alpha"] is not None for r in plan.config["smoothing"].values())
     with_s, without = (_cosine(model, q, tmp_path / "eval.npz").mean() for q in (smoothed, plain))
     assert 1 - with_s < 0.5 * (1 - without), (with_s, without)
+
+
+def test_tensors_written_by_ort_contrib_ops_get_their_types_and_are_quantized():
+    """ORT's transformer optimizer fuses into com.microsoft ops that ONNX's shape inference does not
+    know; their outputs' types come from ORT, so the GEMMs after them still get quantized inputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptqcli.calibrate.select import select
+    from ptqcli.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+             for name, shape in (("w1", (16, 32)), ("b1", (32,)), ("w2", (32, 16)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("BiasGelu", ["h", "b1"], ["act"], name="gelu", domain="com.microsoft"),
+             helper.make_node("MatMul", ["act", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    assert "act" not in {vi.name for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    g = prepare(model)
+    assert g.is_float("act")
+    assert {"x", "act"} <= set(select(g, QuantConfig()).activations)
