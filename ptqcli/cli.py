@@ -279,14 +279,27 @@ def allocate(run: RunArg,
              samples: Annotated[int, typer.Option("--samples", help="Calibration samples for the sensitivity runs.")] = 64,
              time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Seconds the solver may take.")] = None,
              pareto: Annotated[bool, typer.Option("--pareto", help="Sweep budgets; export and evaluate every plan; write a CSV and PNG.")] = False,
+             max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Move the fewest layers or activations back to float, most harmful first, until the exported model is within this of float on --eval-data: accuracy points with labels, else 1 - mean output cosine, or --metric's drop.")] = None,
+             metric: Annotated[Optional[str], typer.Option("--metric", help="With --max-drop: module:function or path/to/file.py:function, called as function(float_outputs, quant_outputs) -> float, higher is better (each a dict of output name -> array over the evaluation samples); drop = function(float, float) - function(float, quantized).")] = None,
+             move: Annotated[Optional[str], typer.Option("--move", help="With --max-drop: what may go back to float: layers, activations, or both [default: layers,activations].")] = None,
+             proof_evals: Annotated[Optional[int], typer.Option("--proof-evals", help="With --max-drop: try every set smaller than the one found when that takes at most this many more evaluations, proving it the fewest [default: 64].")] = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
-    """Choose per-layer bit-widths under a budget by integer programming."""
+    """Choose per-layer bit-widths under a budget by integer programming, or move layers to float until
+    an accuracy target holds (--max-drop)."""
     from rich.table import Table
 
     from .allocate.costs import parse_size
     from .allocate.stage import AllocationConfig, Budget, load_context
     from .stages import allocate as run_allocation
 
+    budgets = (budget, budget_bits, budget_bops, max_damage)
+    if max_drop is not None:
+        if pareto or any(v is not None for v in budgets):
+            raise PtqError("give --max-drop alone, without a budget or --pareto")
+        _fall_back(run, max_drop, eval_data, eval_samples, metric, move, proof_evals)
+        return
+    if metric is not None or move is not None or proof_evals is not None:
+        raise PtqError("--metric, --move and --proof-evals go with --max-drop")
     cfg = AllocationConfig(weight_formats=tuple(f"int{v}" if v.strip().isdigit() else v.strip()
                                                 for v in weight_candidates.split(",") if v.strip()),
                            act_bits=_ints(act_candidates, "--act-candidates"),
@@ -297,7 +310,8 @@ def allocate(run: RunArg,
     given = [(k, v) for k, v in (("size", budget), ("bits", budget_bits), ("bops", budget_bops), ("damage", max_damage))
              if v is not None]
     if len(given) != 1:
-        raise PtqError("give exactly one of --budget, --budget-bits, --budget-bops, --max-damage (or --pareto)")
+        raise PtqError("give exactly one of --budget, --budget-bits, --budget-bops, --max-damage, --max-drop "
+                       "(or --pareto)")
     kind, value = given[0]
     target = Budget(kind, parse_size(value) if kind == "size" else float(value))
     plan, solution, rows = run_allocation(run, target, cfg, rich_progress)
@@ -309,6 +323,34 @@ def allocate(run: RunArg,
     table.caption = f"objective (summed damage) {solution.damage:.5f}; total {kind} {solution.cost:,.0f}"
     out.print(table)
     out.print(f"plan written to [bold]{run}[/bold]; `ptq export {run} -o OUT.onnx` builds the mixed-precision model")
+
+
+def _fall_back(run: Path, max_drop: float, eval_data, eval_samples: int, metric, move, proof_evals) -> None:
+    from rich.table import Table
+
+    from .allocate.fallback import KINDS, PROOF_BUDGET
+    from .allocate.target import fall_back
+
+    result = fall_back(run, max_drop, eval_data, eval_samples, metric, _names(move) or KINDS,
+                       PROOF_BUDGET if proof_evals is None else proof_evals, rich_progress)
+    search, show, evaluation = result.search, result.score.describe, result.record["evaluation"]
+    table = Table(title=f"moved to float for --max-drop {max_drop:g}: {result.score.description}")
+    for col in ("moved", "kind", "drop recovered alone"):
+        table.add_column(col, justify="right" if col.startswith("drop") else "left")
+    for m in search.moved:
+        table.add_row(m.label, m.kind, show(search.harm[m]))
+    if not search.moved:
+        outcome = "the target already holds: nothing moved"
+    elif search.proven_fewest:
+        outcome = f"{len(search.moved)} of {len(search.harm)} moved, the fewest possible (every smaller set tried)"
+    else:
+        outcome = (f"{len(search.moved)} of {len(search.harm)} moved; not proven the fewest (trying every smaller "
+                   "set would take more than --proof-evals evaluations)")
+    table.caption = (f"drop {show(search.drop_before)} -> {show(search.drop_after)}, target {show(max_drop)}; "
+                     f"{outcome}; {search.evaluations} plans exported and run on {evaluation['samples']} samples "
+                     f"of {evaluation['source']}")
+    out.print(table)
+    out.print(f"plan written to [bold]{run}[/bold]; `ptq export {run} -o OUT.onnx` builds the model")
 
 
 def _pareto(ctx, cfg, eval_data, eval_samples) -> None:

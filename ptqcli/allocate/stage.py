@@ -57,10 +57,22 @@ class AllocationConfig:
 def load_context(run_dir: str | Path) -> Run:
     """The run as calibrated (and masked, rounded) before any allocation: its plan is the base plan
     every allocation starts from."""
+    run = load_base(run_dir)
+    keep_base(run)
+    return run
+
+
+def load_base(run_dir: str | Path) -> Run:
+    """The run with its base plan, read without writing anything: before the first allocation the
+    base plan is plan.json itself (an allocation that fails then leaves the run as it was)."""
     path = rundir.existing_run_dir(run_dir)
-    if not (path / BASE_PLAN).is_file():
-        rundir.write_plan(path, rundir.read_plan(path), BASE_PLAN)
-    return rundir.load_run(path, BASE_PLAN)
+    return rundir.load_run(path, BASE_PLAN if (path / BASE_PLAN).is_file() else rundir.PLAN)
+
+
+def keep_base(run: Run) -> None:
+    """Keep the base plan as plan.base.json before an allocation first rewrites plan.json."""
+    if not (run.path / BASE_PLAN).is_file():
+        rundir.write_plan(run.path, run.plan, BASE_PLAN)
 
 
 def parse_keep(entries: tuple[str, ...], layers: list[str]) -> dict[str, int]:
@@ -144,7 +156,7 @@ def plan_for(ctx: Run, choice: dict[str, str], extra: dict | None = None) -> Pla
             act_bits[tensor] = max(act_bits.get(tensor, 0), Candidate.parse(label).a_bits)
     activations = [name for name, t in ctx.plan.tensors.items() if t.role == "activation"]
     sel = Selection(ctx.plan.layers, activations, ctx.plan.float_nodes)
-    config = {k: v for k, v in ctx.plan.config.items() if k not in ("quant", "allocation")}
+    config = {k: v for k, v in ctx.plan.config.items() if k not in ("quant", "allocation", "fallback")}
     plan = build_plan(ctx.graph, sel, ctx.stats, ctx.quant, {**config, **(extra or {})}, weight_formats, act_bits,
                       float_values(ctx))
     kept = {name: tq for name, tq in ctx.plan.of_role("weight").items()

@@ -18,8 +18,8 @@ LAYERS = [
     ("export", ["export.qdq", "export.native", "export.native_ref", "export.binarize"]),
     ("measure", ["export.fidelity", "export.measures", "export.card", "export.card_render", "export.gate"]),
     # Orchestration: the stages the CLI calls, the Pareto sweep (allocate, export and measure per
-    # budget) and the CLI's tables.
-    ("top", ["stages", "cli", "report", "allocate.pareto"]),
+    # budget), the accuracy-aware fallback (export and measure per candidate plan) and the CLI's tables.
+    ("top", ["stages", "cli", "report", "allocate.pareto", "allocate.target"]),
 ]
 # Within the transform layer, these rooms do not import each other: rounding, synthetic data,
 # masks and allocation each stand on the layers below.

@@ -1,0 +1,107 @@
+"""`ptq allocate --max-drop P`: the fewest layers or activations moved back to float so that the
+quantized model stays within P of the float model on the user's measure (allocate/scores.py).
+
+Every plan the search tries (allocate/fallback.py) is measured as deployed: exported to QDQ and run
+in ONNX Runtime with default session options, on the same evaluation samples, against float outputs
+computed once. The result is written as the run's plan; the base plan stays in plan.base.json, so
+the fallback can be redone with another target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from onnx import ModelProto
+
+from .. import rundir
+from ..calibrate.data import Batch, iter_batches, model_inputs
+from ..errors import PtqError
+from ..export.qdq import export_qdq
+from ..plan import Plan
+from ..progress import Progress, silent
+from ..runtime import run_session, session
+from ..stages import eval_source
+from .fallback import KINDS, PROOF_BUDGET, Moves, Search, candidates, fewest_moves, moved_to_float
+from .scores import Outputs, Score, accuracy, cosine, user_metric
+from .stage import keep_base, load_base
+
+FALLBACK = "fallback.json"
+
+
+@dataclass(frozen=True)
+class Fallback:
+    plan: Plan
+    search: Search
+    score: Score
+    record: dict  # what the plan's config holds under "fallback"
+
+
+def fall_back(run_dir: str | Path, target: float, eval_data: str | None, eval_samples: int,
+              metric: str | None = None, kinds: tuple[str, ...] = KINDS, proof_evals: int = PROOF_BUDGET,
+              progress: Progress = silent) -> Fallback:
+    """Search, then write the plan, plan.base.json (if not yet kept) and fallback.json; nothing is
+    written when the metric fails or no plan meets the target."""
+    custom = user_metric(metric) if metric else None  # a metric that does not import fails first
+    run = load_base(run_dir)
+    items = candidates(run.plan, kinds)
+    source, skip, held_out = eval_source(run.plan, eval_data)
+    if source is None:
+        raise PtqError("--max-drop needs evaluation data: pass --eval-data")
+    batches = list(iter_batches(source, model_inputs(run.graph), run.plan.data, limit=eval_samples, skip=skip))
+    if not batches:
+        raise PtqError(f"no evaluation samples could be read from {source}")
+    reference = outputs_of(run.graph.model, batches)
+    score = custom or default_score(reference, labels_of(batches), run.graph.output_names)
+    drop = score.drop_against(reference)
+
+    def drop_of(moves: Moves) -> float:
+        return drop(outputs_of(export_qdq(run.graph, moved_to_float(run.plan, moves)), batches))
+
+    search = fewest_moves(items, drop_of, target, progress, proof_evals, score.describe)
+    samples = sum(len(next(iter(b.feeds.values()))) for b in batches)
+    record = {
+        "target": target, "measure": score.description, "unit": score.unit,
+        "evaluation": {"source": str(source), "samples": samples, "held_out": held_out},
+        "drop_before": search.drop_before, "drop_after": search.drop_after,
+        "moved": [{**m.to_dict(), "harm": search.harm[m]} for m in search.moved],
+        "evaluations": search.evaluations, "proven_fewest": search.proven_fewest,
+    }
+    moved = moved_to_float(run.plan, search.moved)
+    plan = replace(moved, config={**moved.config, "fallback": record})
+    keep_base(run)
+    rundir.write_plan(run.path, plan)
+    ranking = sorted(search.harm.items(), key=lambda kv: -kv[1])
+    rundir.write_json(run.path / FALLBACK, {**record, "candidates": [
+        {**m.to_dict(), "harm": h} for m, h in ranking]})
+    return Fallback(plan, search, score, record)
+
+
+def default_score(reference: Outputs, labels: np.ndarray | None, output_names: list[str]) -> Score:
+    """Accuracy on the labels when the data has them, else the cosine of the float outputs."""
+    if labels is not None:
+        return accuracy(labels, output_names[0])
+    floating = [name for name in output_names if reference[name].dtype.kind == "f"]
+    if not floating:
+        raise PtqError("the model has no float output to compare with cosine; give --metric or labelled data")
+    return cosine(floating)
+
+
+def outputs_of(model: ModelProto, batches: list[Batch]) -> Outputs:
+    """Every graph output over all the batches, from a session with default options (ORT's fusions
+    and integer kernels, as the model is deployed)."""
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    runs = [run_session(sess, names, b.feeds) for b in batches]
+    try:
+        return {name: np.concatenate([values[i] for values in runs]) for i, name in enumerate(names)}
+    except ValueError:
+        raise PtqError("the model's outputs change shape from batch to batch; pad the evaluation data to one "
+                       "shape") from None
+
+
+def labels_of(batches: list[Batch]) -> np.ndarray | None:
+    if any(b.labels is None for b in batches):
+        return None
+    return np.concatenate([b.labels.reshape(-1) for b in batches])
