@@ -334,7 +334,7 @@ def _fall_back(run: Path, max_drop: float, eval_data, eval_samples: int, metric,
     result = fall_back(run, max_drop, eval_data, eval_samples, metric, _names(move) or KINDS,
                        PROOF_BUDGET if proof_evals is None else proof_evals, rich_progress)
     search, show, evaluation = result.search, result.score.describe, result.record["evaluation"]
-    table = Table(title=f"moved to float for --max-drop {max_drop:g}: {result.score.description}")
+    table = Table(title=f"moved to float to meet --max-drop {max_drop:g}")
     for col in ("moved", "kind", "drop recovered alone"):
         table.add_column(col, justify="right" if col.startswith("drop") else "left")
     for m in search.moved:
@@ -346,9 +346,9 @@ def _fall_back(run: Path, max_drop: float, eval_data, eval_samples: int, metric,
     else:
         outcome = (f"{len(search.moved)} of {len(search.harm)} moved; not proven the fewest (trying every smaller "
                    "set would take more than --proof-evals evaluations)")
-    table.caption = (f"drop {show(search.drop_before)} -> {show(search.drop_after)}, target {show(max_drop)}; "
-                     f"{outcome}; {search.evaluations} plans exported and run on {evaluation['samples']} samples "
-                     f"of {evaluation['source']}")
+    table.caption = (f"measure: {result.score.description}; drop {show(search.drop_before)} -> "
+                     f"{show(search.drop_after)}, target {show(max_drop)}; {outcome}; {search.evaluations} plans "
+                     f"exported and run on {evaluation['samples']} samples of {evaluation['source']}")
     out.print(table)
     out.print(f"plan written to [bold]{run}[/bold]; `ptq export {run} -o OUT.onnx` builds the model")
 

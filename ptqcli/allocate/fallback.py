@@ -170,7 +170,7 @@ def fewest_moves(items: list[Move], drop_of: Callable[[Moves], float], target: f
         everything = drop(items)
         if not meets(everything, target):
             raise PtqError(f"--max-drop {target:g} cannot be met: the best reachable drop is {describe(everything)} "
-                           f"(every {' and '.join(sorted({m.kind + 's' for m in items}, reverse=True))} in float; "
+                           f"(every {' and '.join(sorted({m.kind for m in items}, reverse=True))} in float; "
                            f"{describe(before)} with none)")
         harm = {m: before - drop({m}) for m in items}
     ranked = sorted(items, key=lambda m: -harm[m])  # stable: plan order among equals

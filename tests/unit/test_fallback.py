@@ -80,7 +80,7 @@ def test_ranking_puts_back_what_the_target_does_not_need():
 
 def test_an_unreachable_target_names_the_best_drop():
     items, table = _interacting_drops(1)
-    with pytest.raises(PtqError, match=r"--max-drop -1 cannot be met: the best reachable drop is 0 \(every layers"):
+    with pytest.raises(PtqError, match=r"--max-drop -1 cannot be met: the best reachable drop is 0 \(every layer in float"):
         fewest_moves(items, table.__getitem__, -1.0)
 
 
