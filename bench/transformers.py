@@ -22,8 +22,11 @@ Rows (`--rows`, comma-separated; all by default):
   and `per_channel=True`.
 - `ptq`: `ptq quantize MODEL --data calib.npz -o OUT.onnx` with ptqcli's defaults, run through the
   CLI (a subprocess, so the benchmark does not depend on ptqcli's internals).
-- `ptq-exclude`: the same with `--exclude-ops Add,Softmax,Mul,Concat`, the hand workaround that keeps
-  residual adds, attention and GELU in float.
+- `ptq-dynamic`: `ptq quantize MODEL --acts dynamic --data calib.npz`: activations quantized at run
+  time (DynamicQuantizeLinear + MatMulInteger); the data serves the smoothing only.
+- `ptq-dynamic-nodata`: `ptq quantize MODEL --acts dynamic` with no calibration data at all.
+- `ptq-exclude`: `--exclude-ops Add,Softmax,Mul,Concat`, the hand workaround that older versions
+  needed (residual adds, attention and GELU in float); not run by default.
 
 `--ptq-args "..."` appends options to both ptqcli rows (e.g. `--acts int8`).
 
@@ -82,7 +85,9 @@ PTQ = ROOT / ".venv" / "bin" / "ptq"
 WORK = text_data.MINILM / "runs"
 
 MODEL_NAMES = ("minilm",)
-ROW_NAMES = ("fp32", "ort-minmax", "ort-percentile", "ort-dynamic", "ort-dynamic-pc", "ptq", "ptq-exclude")
+ROW_NAMES = ("fp32", "ort-minmax", "ort-percentile", "ort-dynamic", "ort-dynamic-pc", "ptq", "ptq-dynamic",
+             "ptq-dynamic-nodata", "ptq-exclude")
+DEFAULT_ROWS = tuple(r for r in ROW_NAMES if r != "ptq-exclude")
 EXCLUDE_OPS = "Add,Softmax,Mul,Concat"
 EMBEDDING = text_data.EMBEDDING
 INTEGER_OPS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
@@ -287,9 +292,10 @@ def quantize_ort(row: Row, model: Path, calib: Path, args) -> None:
 def quantize_ptq(row: Row, model: Path, calib: Path, args) -> None:
     out = WORK / f"{row.name}.onnx"
     out.unlink(missing_ok=True)
-    cmd = [str(args.ptq), "quantize", str(model), "--data", str(calib), "-o", str(out)]
-    if row.name == "ptq-exclude":
-        cmd += ["--exclude-ops", EXCLUDE_OPS]
+    cmd = [str(args.ptq), "quantize", str(model), "-o", str(out)]
+    cmd += [] if row.name == "ptq-dynamic-nodata" else ["--data", str(calib)]
+    cmd += {"ptq-exclude": ["--exclude-ops", EXCLUDE_OPS], "ptq-dynamic": ["--acts", "dynamic"],
+            "ptq-dynamic-nodata": ["--acts", "dynamic"]}.get(row.name, [])
     cmd += args.ptq_extra
     print(f"[{row.name}] {shlex.join(cmd[1:])} ...", flush=True)
     proc, elapsed, row.peak_rss_mb = _spawn(cmd, WORK / f"{row.name}.log", args)
@@ -452,7 +458,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=text_data.CALIB_N, help="calibration passages")
     parser.add_argument("--eval", type=int, default=text_data.EVAL_N, help="evaluation passages")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (and OMP/BLAS in children)")
-    parser.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma-separated, of {', '.join(ROW_NAMES)}")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of {', '.join(ROW_NAMES)}")
     parser.add_argument("--ptq-args", default="", help="extra options for the ptqcli row(s), one shell-quoted string")
     parser.add_argument("--ptq", type=Path, default=PTQ, help="the ptq executable")
     parser.add_argument("--calib-batch", type=int, default=16, help="ORT CalibrationDataReader batch")
@@ -502,6 +508,8 @@ def main() -> None:
             "ort-dynamic": "ORT quantize_dynamic per-tensor",
             "ort-dynamic-pc": "ORT quantize_dynamic per-channel",
             "ptq": f"ptq quantize (defaults){extra}",
+            "ptq-dynamic": f"ptq quantize --acts dynamic{extra}",
+            "ptq-dynamic-nodata": f"ptq quantize --acts dynamic, no data{extra}",
             "ptq-exclude": f"ptq quantize --exclude-ops {EXCLUDE_OPS}{extra}",
         }
         table_rows = [Row(r, labels[r]) for r in ROW_NAMES if r in rows]

@@ -13,6 +13,7 @@ from typing import Callable
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import PtqError
+from ..export.fidelity import headline
 from ..export.measures import weight_storage
 from ..export.qdq import export_qdq
 from ..stages import evaluate, eval_source
@@ -33,13 +34,8 @@ class Point:
 
 
 def _quality(fidelity) -> tuple[float, str]:
-    if fidelity.accuracy:
-        return 100 * fidelity.accuracy["quantized"], "top-1 accuracy %"
-    for output in fidelity.outputs.values():
-        if "top1_agreement" in output:
-            return 100 * output["top1_agreement"], "top-1 agreement with float %"
-    first = next(iter(fidelity.outputs.values()))
-    return 100 * first["cosine"], "output cosine x100"
+    value, label = headline(fidelity.accuracy, fidelity.outputs)
+    return value, label if "x100" in label else f"{label} %"
 
 
 def _measure(ctx: Run, choice: dict[str, str], eval_data: str | None, eval_samples: int) -> tuple[int, float, str]:

@@ -137,6 +137,22 @@ class _Running:
         return out
 
 
+def headline(accuracy: dict, outputs: dict[str, dict]) -> tuple[float, str] | None:
+    """The one number, in percent, that says how close a quantized model is (gates and the Pareto
+    view compare it): labelled accuracy, else top-1 agreement of class scores, else the lowest
+    embedding cosine (pooled over the attention mask where measured), else the lowest output cosine."""
+    if accuracy:
+        return 100 * accuracy["quantized"], "top-1 accuracy"
+    for output in outputs.values():
+        if "top1_agreement" in output:
+            return 100 * output["top1_agreement"], "top-1 agreement"
+    embeddings = [o.get("pooled_cosine", o["cosine"]) for o in outputs.values() if o.get("kind") == EMBEDDING]
+    if embeddings:
+        return 100 * min(embeddings), "embedding cosine x100"
+    cosines = [o["cosine"] for o in outputs.values() if o.get("cosine") is not None]
+    return (100 * min(cosines), "output cosine x100") if cosines else None
+
+
 @dataclass
 class Fidelity:
     samples: int

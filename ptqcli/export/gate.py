@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 from ..config import from_mapping
 from ..errors import PtqError
+from .fidelity import headline
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,8 @@ def limits_from(mapping: dict) -> GateLimits:
 
 
 def quality(card: dict) -> tuple[float, str] | None:
-    """The card's headline quality in percent: labelled accuracy if present, else top-1 agreement."""
-    results = card["results"]
-    if results["accuracy"]:
-        return 100 * results["accuracy"]["quantized"], "top-1 accuracy"
-    for output in results["outputs"].values():
-        if "top1_agreement" in output:
-            return 100 * output["top1_agreement"], "top-1 agreement"
-    return None
+    """The card's headline quality in percent (see export/fidelity.headline)."""
+    return headline(card["results"]["accuracy"], card["results"]["outputs"])
 
 
 def _drop(card: dict) -> tuple[float, str] | None:
@@ -53,7 +48,9 @@ def _drop(card: dict) -> tuple[float, str] | None:
     if results["accuracy"]:
         return results["accuracy"]["drop_points"], "accuracy drop vs float"
     q = quality(card)
-    return (100 - q[0], "disagreement with float") if q else None
+    if q is None:
+        return None
+    return 100 - q[0], "disagreement with float" if q[1] == "top-1 agreement" else f"100 - {q[1]}"
 
 
 def run_gate(card: dict, limits: GateLimits, baseline: dict | None = None) -> list[Check]:

@@ -194,3 +194,17 @@ def test_timed_models_take_turns_on_the_same_samples():
                          ("quantized", 2)]
     assert [i for _, i in calls] == [0, 0, 1, 1, 2, 2] * 2  # each sample on both, back to back
     assert len(take_turns(runners, samples, budget_s=60.0, min_runs=1, max_runs=4)["float"]) == 6
+
+
+def test_the_headline_quality_of_a_text_model_is_its_lowest_embedding_cosine():
+    from ptqcli.export.fidelity import headline
+
+    outputs = {"ids_copy": {"kind": "values", "cosine": 1.0},
+               "tokens": {"kind": "embedding", "cosine": 0.997, "pooled_cosine": 0.996},
+               "sentence": {"kind": "embedding", "cosine": 0.995}}
+    assert headline({}, outputs) == (pytest.approx(99.5), "embedding cosine x100")
+    scores = {"logits": {"kind": "class_scores", "cosine": 0.97, "top1_agreement": 0.958}}
+    assert headline({}, scores) == (pytest.approx(95.8), "top-1 agreement")
+    assert headline({"quantized": 0.866}, scores) == (pytest.approx(86.6), "top-1 accuracy")
+    assert headline({}, {"y": {"kind": "values", "cosine": 0.99}, "z": {"kind": "values", "cosine": 0.98}}) == (
+        pytest.approx(98.0), "output cosine x100")
