@@ -39,7 +39,10 @@ GranularityOpt = Annotated[Optional[Granularity], typer.Option("--granularity", 
 ActSymOpt = Annotated[Optional[bool], typer.Option("--act-symmetric/--act-asymmetric", help="Symmetric int8 activations.")]
 MethodOpt = Annotated[Optional[Method], typer.Option("--method", help="Activation range method [default: minmax].")]
 WeightMethodOpt = Annotated[Optional[WeightMethod], typer.Option("--weight-method", help="Weight range: minmax, or mse (per-channel clipping) [default: minmax].")]
-RoundingOpt = Annotated[Optional[str], typer.Option("--rounding", help="Weight rounding: nearest, adaround, adaquant [default: nearest].")]
+RoundingOpt = Annotated[Optional[str], typer.Option("--rounding", help="Weight rounding: nearest, adaround, adaquant, gptq [default: nearest].")]
+BlockOpt = Annotated[Optional[int], typer.Option("--block-size", help="Block-wise weight scales for MatMul/Gemm layers: one per this many input channels (16, 32, 64, 128, ...); weight-only MatMuls export as MatMulNBits.")]
+WeightZeroOpt = Annotated[Optional[bool], typer.Option("--weight-zero-points/--symmetric-weights", help="Give each weight channel or block a zero point [default: symmetric].")]
+AccuracyOpt = Annotated[Optional[int], typer.Option("--accuracy-level", help="MatMulNBits compute type: 0 as the input, 4 int8 (fastest on CPU) [default: 4].")]
 RoundingItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Optimisation steps: per layer for adaround/adaquant [default: 1000], per batch for --synthetic bn [default: 500].")]
 BiasCorrOpt = Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Remove the output mean shift of weight quantization [default: on below 8 bits].")]
 PercentileOpt = Annotated[Optional[float], typer.Option("--percentile", help="Percentile for --method percentile [default: 99.999].")]
@@ -55,7 +58,8 @@ EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-ou
 EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to measure fidelity on.")]
 LatencyOpt = Annotated[bool, typer.Option("--latency/--no-latency", help="Time the float and quantized models at batch 1 for the card, taking turns on the same real samples (about 3 s).")]
 FormatOpt = Annotated[str, typer.Option(
-    "--format", help="qdq: QuantizeLinear/DequantizeLinear pairs any ONNX Runtime runs; native: int2-int4, "
+    "--format", help="qdq: QuantizeLinear/DequantizeLinear pairs any ONNX Runtime runs (block-wise weight-only MatMuls "
+                     "as its MatMulNBits); onnx: standard ONNX ops only (block-wise DequantizeLinear, opset 21); native: int2-int4, "
                      "binary, ternary and pow2 layers as ptqcli custom operators (packed weights, integer kernels).")]
 
 
@@ -110,7 +114,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
              act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed, binary_acts=None,
-             act_damage_limit=None, smooth=None):
+             act_damage_limit=None, smooth=None, block_size=None, weight_zero_points=None, accuracy_level=None):
     from .export.card import load_recipe
 
     doc = load_recipe(str(recipe) if recipe else None)
@@ -119,7 +123,9 @@ def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std
         weight_method=weight_method, rounding=rounding, rounding_iters=iters, bias_correction=bias_correction,
         percentile=percentile, reduce_range=reduce_range, exclude_nodes=_names(exclude_nodes),
         exclude_ops=_names(exclude_ops), seed=seed, binary_acts=_names(binary_acts),
-        act_damage_limit=act_damage_limit, smooth=smooth), "quant options")
+        act_damage_limit=act_damage_limit, smooth=smooth, block_size=block_size,
+        weight_symmetric=None if weight_zero_points is None else not weight_zero_points,
+        accuracy_level=accuracy_level), "quant options")
     data_cfg = merge(DataConfig, doc.get("data", {}), dict(
         path=data, synthetic=synthetic, synthetic_iters=iters if synthetic else None, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), layout=layout, color=color), "data options")
@@ -147,7 +153,8 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
               weight_method: WeightMethodOpt = None, rounding: RoundingOpt = None, iters: RoundingItersOpt = None,
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
               exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
-              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None):
+              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None,
+             block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None):
     """Observe activations on calibration data; write statistics and a plan to a run directory."""
     from . import stages
     from .report import plan_table
@@ -155,7 +162,8 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
     quant, data_cfg = _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
-                               exclude_ops, seed, binary_acts, act_damage_limit, smooth)
+                               exclude_ops, seed, binary_acts, act_damage_limit, smooth,
+                               block_size, weight_zero_points, accuracy_level)
     plan = stages.calibrate(model, quant, data_cfg, output, rich_progress)
     out.print(plan_table(plan))
     out.print(f"run directory: [bold]{output}[/bold]")
@@ -241,6 +249,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
              exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None,
+             block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
              latency: LatencyOpt = True):
     """Calibrate and export in one go."""
@@ -253,7 +262,8 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     quant, data_cfg = _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts,
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
-                               exclude_ops, seed, binary_acts, act_damage_limit, smooth)
+                               exclude_ops, seed, binary_acts, act_damage_limit, smooth,
+                               block_size, weight_zero_points, accuracy_level)
     run = run_dir or output.with_name(output.name + ".run")
     check_writable(output)
     if eval_data is not None:

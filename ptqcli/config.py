@@ -44,6 +44,7 @@ class Rounding(str, Enum):
     nearest = "nearest"
     adaround = "adaround"
     adaquant = "adaquant"
+    gptq = "gptq"
 
 
 class Granularity(str, Enum):
@@ -130,6 +131,13 @@ class QuantConfig:
     # picks each tensor's strength runs on the activation rows of this many samples.
     smooth: bool = True
     smooth_samples: int = 16
+    # Block-wise weight scales for MatMul/Gemm layers (blocks along the input channels, as
+    # MatMulNBits takes them); None: one scale per output channel.
+    block_size: int | None = None
+    # Weights on a symmetric grid; False gives each channel or block a zero point too.
+    weight_symmetric: bool = True
+    # MatMulNBits compute type (0: as the input; 4: int8 activations, ORT's fastest CPU path).
+    accuracy_level: int = 4
 
     def __post_init__(self) -> None:
         parse_weight_format(self.weights)
@@ -158,6 +166,10 @@ class QuantConfig:
             raise PtqError("binary_acts is either 'all' or a list of node names, not both")
         if self.act_damage_limit is not None and not self.act_damage_limit >= 0:
             raise PtqError(f"act_damage_limit must be a non-negative number (got {self.act_damage_limit})")
+        if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise PtqError(f"block size must be a power of two of at least 16 (got {self.block_size})")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise PtqError(f"accuracy_level must be 0-4 (got {self.accuracy_level})")
         if self.smooth_samples < 1:
             raise PtqError("smooth_samples must be at least 1")
         if self.act_damage_samples < 1:

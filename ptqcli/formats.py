@@ -32,6 +32,8 @@ class QuantSpec:
     ``axis`` is the channel axis for per-channel scales, ``None`` for one scale per tensor.
     ``reduce_range`` drops one bit of the grid, which keeps ORT's u8s8 kernels on CPUs without
     VNNI from saturating their 16-bit pair sums. ``base`` is the fitted base of `exp` levels.
+    ``block_size`` makes the scales block-wise: one per ``block_size`` consecutive values along
+    ``axis`` (a weight's input channels, as MatMulNBits and opset-21 DequantizeLinear take them).
     """
 
     bits: int
@@ -41,6 +43,7 @@ class QuantSpec:
     reduce_range: bool = False
     scheme: str = "int"
     base: float | None = None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in FORMATS:
@@ -84,6 +87,7 @@ class QuantSpec:
             "reduce_range": self.reduce_range,
             "scheme": self.scheme,
             "base": self.base,
+            "block_size": self.block_size,
         }
 
     @staticmethod
@@ -96,6 +100,7 @@ class QuantSpec:
             reduce_range=bool(d.get("reduce_range", False)),
             scheme=str(d.get("scheme", "int")),
             base=None if d.get("base") is None else float(d["base"]),
+            block_size=None if d.get("block_size") is None else int(d["block_size"]),
         )
 
 

@@ -35,6 +35,28 @@ def scale_zero_point(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> tuple[n
     return scale, zero_point
 
 
+def per_value(values: np.ndarray, shape: tuple, spec: QuantSpec) -> np.ndarray:
+    """Scales or zero points laid against a tensor of `shape`: per tensor, per channel along
+    spec.axis, or repeated over each block of spec.block_size values along it."""
+    if spec.block_size is None or values.ndim == 0:
+        return _broadcast(values, len(shape), spec.axis)
+    axis = spec.axis % len(shape)
+    return np.repeat(values, spec.block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
+
+
+def block_ranges(w: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of each block of `block_size` values along `axis` (the last block may be short):
+    arrays shaped like w with that axis cut to the number of blocks."""
+    axis = axis % w.ndim
+    k = w.shape[axis]
+    blocks = -(-k // block_size)
+    pad = [(0, 0)] * w.ndim
+    pad[axis] = (0, blocks * block_size - k)
+    lo = np.pad(w, pad, mode="edge") if pad[axis][1] else w
+    shaped = np.moveaxis(lo, axis, 0).reshape(blocks, block_size, *np.moveaxis(lo, axis, 0).shape[1:])
+    return (np.moveaxis(shaped.min(axis=1), 0, axis), np.moveaxis(shaped.max(axis=1), 0, axis))
+
+
 def _broadcast(values: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     if axis is None or values.ndim == 0:
         return values
@@ -49,16 +71,16 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: Qua
     Level-set schemes (binary, pow2, ...) snap to their nearest level's code instead."""
     if spec.scheme != "int":
         return encode(np.asarray(x, dtype=np.float32), scale, spec)
-    s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, spec.axis)
-    z = _broadcast(np.asarray(zero_point, dtype=np.int64), x.ndim, spec.axis)
+    s = per_value(np.asarray(scale, dtype=np.float32), x.shape, spec)
+    z = per_value(np.asarray(zero_point, dtype=np.int64), x.shape, spec)
     q = np.rint(x.astype(np.float32) / s).astype(np.int64) + z
     return np.clip(q, spec.qmin, spec.qmax)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """DequantizeLinear: (q - zero_point) * scale, in float32."""
-    s = _broadcast(np.asarray(scale, dtype=np.float32), q.ndim, spec.axis)
-    z = _broadcast(np.asarray(zero_point, dtype=np.int64), q.ndim, spec.axis)
+    s = per_value(np.asarray(scale, dtype=np.float32), q.shape, spec)
+    z = per_value(np.asarray(zero_point, dtype=np.int64), q.shape, spec)
     return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
 
 

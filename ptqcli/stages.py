@@ -61,7 +61,9 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         extra["smoothing"] = smoothing
     plan = build_plan(g, sel, stats, quant, extra)
     plan = settle_activations(g, plan, quant, data, inputs, progress)
-    if quant.rounding.value != "nearest":
+    if quant.rounding.value == "gptq":
+        plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress)
+    elif quant.rounding.value != "nearest":
         plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
     rundir.write_float_model(run, g.model)
     rundir.write_npz(run / rundir.STATS, save_stats(stats))
@@ -146,6 +148,33 @@ def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, p
     return out
 
 
+def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
+                  progress: Progress = silent) -> Plan:
+    """GPTQ over the plan's MatMul/Gemm layers (calibrate/gptq.py): each layer's input second
+    moments from one pass over the calibration data through the float model, then the rounding."""
+    from .calibrate.gptq import GptqConfig, eligible, hessians, round_layer
+
+    layers = eligible(g, plan)
+    if not layers:
+        raise PtqError("--rounding gptq found no MatMul/Gemm layer with a 2-D weight on an integer grid")
+    tensors = list(dict.fromkeys(layer.activation for layer, _ in layers))
+    samples = min(data.num_samples, quant.rounding_samples)
+    with progress("gptq: input statistics", samples) as advance:
+        h = hessians(g, tensors, iter_batches(data.path, inputs, data, limit=samples), advance)
+    tensors_out, report = dict(plan.tensors), []
+    cfg = GptqConfig()
+    with progress("gptq: layers", len(layers)) as advance:
+        for layer, in_axis in layers:
+            w = g.constant(layer.weight)
+            tq = round_layer(w, in_axis, plan.tensors[layer.weight], h[layer.activation], cfg)
+            tensors_out[layer.weight] = tq
+            report.append({"node": layer.node, "weight": layer.weight})
+            advance(1)
+    rundir.write_json(run / "rounding.json", {"method": "gptq", "damp": cfg.damp, "act_order": cfg.act_order,
+                                              "samples": samples, "layers": report})
+    return requantize_biases(g, replace(plan, tensors=tensors_out), stats, quant)
+
+
 def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
                       progress: Progress = silent, only: set[str] | None = None) -> Plan:
     """AdaRound / AdaQuant over the plan's layers (those of the weights in `only`, if given), then
@@ -208,7 +237,7 @@ def layer_input_axes(g: Graph, sel) -> dict[str, int]:
     return axes
 
 
-EXPORT_FORMATS = ("qdq", "native")
+EXPORT_FORMATS = ("qdq", "onnx", "native")
 
 
 def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = None, eval_samples: int = 1000,
@@ -222,7 +251,7 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     loaded = rundir.load_run(run_dir)
     check_writable(out_path)
     run, plan, g = loaded.path, loaded.plan, loaded.graph
-    quantized = export_qdq(g, plan)
+    quantized = export_qdq(g, plan, contrib_ops=fmt != "onnx")
     native = None
     if fmt == "native":
         from .export.native import export_native

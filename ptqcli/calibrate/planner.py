@@ -12,9 +12,9 @@ from ..formats import parse_weight_format
 from ..errors import PtqError
 from ..geometry import native_unsupported
 from ..graph import Graph
-from ..ops import channel_axis, preserves_scale
+from ..ops import channel_axis, op_info, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
-from ..quant import channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
+from ..quant import block_ranges, channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
 from ..formats import QuantSpec
 from .bias_correction import output_shift
 from .collect import Stats
@@ -22,14 +22,29 @@ from .observers import choose_range
 from .select import Selection
 
 
-def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None, scheme: str | None = None) -> QuantSpec:
-    """The config's weight format, or the given one; `bits` alone means uniform integers."""
+def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None, scheme: str | None = None,
+                block_size: int | None = None) -> QuantSpec:
+    """The config's weight format, or the given one; `bits` alone means uniform integers. With
+    `block_size`, `axis` is the axis the blocks run along (the input channels)."""
     if bits is None and scheme is None:
         scheme, bits = cfg.weight_scheme, cfg.weight_bits
     scheme = scheme or "int"
     # Only 8-bit integer weights meet ORT's u8s8 kernels; narrower ones run through DequantizeLinear.
-    reduce = cfg.resolved_reduce_range() and bits == 8 and scheme == "int"
-    return QuantSpec(bits=bits, signed=True, symmetric=True, axis=axis, reduce_range=reduce, scheme=scheme)
+    reduce = cfg.resolved_reduce_range() and bits == 8 and scheme == "int" and block_size is None
+    symmetric = cfg.weight_symmetric or scheme != "int"
+    return QuantSpec(bits=bits, signed=True, symmetric=symmetric, axis=axis, reduce_range=reduce, scheme=scheme,
+                     block_size=block_size)
+
+
+def weight_axis(node, w: np.ndarray, cfg: QuantConfig) -> tuple[int | None, int | None]:
+    """(axis, block size) of a layer's weight scales: blocks along the input channels of a 2-D
+    MatMul/Gemm weight when the config asks for them, else per output channel (or per tensor)."""
+    if cfg.block_size is not None and node.op_type in ("MatMul", "Gemm") and w.ndim == 2:
+        k_axis = op_info(node.op_type).weight_in_axis(node) % 2
+        if w.shape[k_axis] < cfg.block_size:
+            raise PtqError(f"block size {cfg.block_size} is larger than K={w.shape[k_axis]} of layer {node.name}")
+        return k_axis, cfg.block_size
+    return (channel_axis(node) % w.ndim if cfg.granularity.value == "channel" else None), None
 
 
 def activation_spec(cfg: QuantConfig, bits: int | None = None) -> QuantSpec:
@@ -52,8 +67,8 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec, method: str = "minmax") -> T
         zp = np.zeros(np.shape(scale), dtype=np.int64)
         damage = sqnr_db(w, dequantize(quantize(w, scale, zp, fitted), scale, zp, fitted))
         return TensorQuant("weight", fitted, scale, zp, {"method": "mse-fit", "sqnr_db": _finite(damage)})
-    lo, hi = channel_ranges(w, spec.axis)
-    if method == "mse":
+    lo, hi = block_ranges(w, spec.axis, spec.block_size) if spec.block_size else channel_ranges(w, spec.axis)
+    if method == "mse" and not spec.block_size:
         ratio = clip_ratio(w, spec)
         lo, hi = lo * ratio, hi * ratio
     scale, zp = scale_zero_point(lo, hi, spec)
@@ -107,8 +122,8 @@ def bias_quant(layer: Layer, acts: dict[str, TensorQuant], weights: dict[str, Te
     if layer.bias is None or layer.activation not in acts or layer.weight not in weights:
         return None
     a, w = acts[layer.activation], weights[layer.weight]
-    if a.spec.axis is not None or np.size(a.scale) != 1:
-        return None
+    if a.spec.axis is not None or np.size(a.scale) != 1 or w.spec.block_size is not None:
+        return None  # block-wise weights have no single scale per output channel for an int32 bias
     scale = (np.float32(a.scale) * w.scale).astype(np.float32)
     spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if scale.ndim else None)
     return TensorQuant("bias", spec, scale, np.zeros(scale.shape, dtype=np.int64), {"method": "derived"})
@@ -153,9 +168,9 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             continue  # a weight shared by several nodes is quantized once
         node = g.node_by_name[layer.node]
         w = weight_values.get(layer.weight, g.constant(layer.weight))
-        axis = channel_axis(node) % w.ndim if cfg.granularity.value == "channel" else None
+        axis, block = weight_axis(node, w, cfg)
         scheme, bits = parse_weight_format(weight_formats[layer.weight]) if layer.weight in weight_formats else (None, None)
-        spec = weight_spec(cfg, axis, bits, scheme)
+        spec = weight_spec(cfg, axis, bits, scheme, block)
         tq = quantize_weight(w, spec, cfg.weight_method.value)
         weights[layer.weight] = replace(tq, value=w) if layer.weight in weight_values else tq
     binarized = binary_inputs(g, sel, weights, stats, cfg)

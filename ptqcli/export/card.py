@@ -21,7 +21,7 @@ from ..geometry import supported, weight_to_matrix
 from ..graph import Graph, default_opset, file_sha256
 from ..masks.nm import nm_pattern
 from ..ops import channel_axis
-from ..quant import quantize
+from ..quant import per_value, quantize
 from ..plan import Plan
 from .fidelity import INTEGER_KERNELS, Fidelity
 
@@ -69,7 +69,7 @@ def _layer_rows(c: CardInputs) -> list[dict]:
             "params": int(_prod(params)),
             "format": w.spec.label if w else "float32",
             "bits": w.spec.bits if w else 32,
-            "granularity": "per-channel" if w and w.spec.axis is not None else "per-tensor",
+            "granularity": _granularity(w),
             "symmetric": bool(w.spec.symmetric) if w else True,
             "scheme": w.spec.scheme if w else "float",
             "sparsity": (w.source.get("sparsity") or _measured_sparsity(c, layer, w)) if w else None,
@@ -88,18 +88,15 @@ def _measured_sparsity(c: CardInputs, layer, w) -> str | None:
     if not supported(node):
         return None
     values = c.graph.constant(layer.weight) if w.value is None else np.asarray(w.value, dtype=np.float32)
-    nonzero = quantize(values, w.scale, w.zero_point, w.spec) != _broadcast_zero(w, values.ndim)
+    nonzero = quantize(values, w.scale, w.zero_point, w.spec) != per_value(np.asarray(w.zero_point), values.shape, w.spec)
     pattern = nm_pattern(weight_to_matrix(nonzero, node.op_type, channel_axis(node)))
     return None if pattern is None else f"{pattern[0]}:{pattern[1]}"
 
 
-def _broadcast_zero(w, ndim: int) -> np.ndarray:
-    zero = np.asarray(w.zero_point)
-    if zero.ndim == 0 or w.spec.axis is None:
-        return zero
-    shape = [1] * ndim
-    shape[w.spec.axis % ndim] = -1
-    return zero.reshape(shape)
+def _granularity(w) -> str:
+    if not w or w.spec.axis is None:
+        return "per-tensor"
+    return f"blocks of {w.spec.block_size}" if w.spec.block_size else "per-channel"
 
 
 def _prod(dims) -> int:
@@ -119,8 +116,9 @@ def _tradeoffs(c: CardInputs, layers: list[dict]) -> dict:
     integer = [k for k in c.kernel_ops if k in INTEGER_KERNELS]
     runtime = "ONNX Runtime CPU with the ptqcli operator library" if c.native is not None else "ONNX Runtime CPU, QDQ"
     return {
-        "weight_granularity": "per-channel" if q["granularity"] == "channel" else "per-tensor",
-        "weight_symmetric": True,
+        "weight_granularity": (f"blocks of {q['block_size']}" if q.get("block_size")
+                               else "per-channel" if q["granularity"] == "channel" else "per-tensor"),
+        "weight_symmetric": bool(q.get("weight_symmetric", True)),
         "weight_bits": max((t.spec.bits for t in weights.values()), default=32),
         "activation_bits": some_act.spec.bits if some_act else None,
         "activation_symmetric": bool(some_act.spec.symmetric) if some_act else False,

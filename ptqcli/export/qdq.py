@@ -9,6 +9,9 @@ With dynamic activations (`--acts dynamic`) a MatMul layer with 8-bit weights be
 DynamicQuantizeLinear (once per input tensor) -> MatMulInteger -> Cast -> Mul by the product of the
 two scales: the pattern ORT fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat. Other layers
 keep their weights behind a DequantizeLinear (weight-only).
+
+Block-wise weights of weight-only MatMuls become MatMulNBits (export/nbits.py) unless the export
+must use standard ops only (`contrib_ops=False`): then opset-21 block-wise DequantizeLinear.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ..errors import PtqError
 from ..graph import Graph, check_model, clone, default_opset, make_initializer, set_opset
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import quantize
-from . import binarize
+from . import binarize, nbits
 from ..formats import QuantSpec
 
 # DequantizeLinear of int4/uint4 needs opset 21.
@@ -71,7 +74,9 @@ def _scale_zp(prefix: str, tq: TensorQuant) -> list[TensorProto]:
 
 
 def _axis_attrs(tq: TensorQuant) -> dict:
-    return {"axis": tq.spec.axis} if tq.spec.axis is not None else {}
+    if tq.spec.axis is None:
+        return {}
+    return {"axis": tq.spec.axis, **({"block_size": tq.spec.block_size} if tq.spec.block_size else {})}
 
 
 def _dequantize_node(name: str, tq: TensorQuant) -> NodeProto:
@@ -107,8 +112,19 @@ def dynamic_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
         tq = plan.tensors.get(layer.weight)
         w = g.constant(layer.weight)
         if (layer.op_type == "MatMul" and tq is not None and tq.spec.scheme == "int" and tq.spec.storage_bits == 8
-                and w is not None and w.ndim == 2 and layer.activation and layer.activation not in plan.tensors
+                and tq.spec.block_size is None and w is not None and w.ndim == 2 and layer.activation and layer.activation not in plan.tensors
                 and g.is_float(layer.activation)):
+            found[layer.node] = layer
+    return found
+
+
+def nbits_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
+    """{node: layer} of the weight-only MatMuls whose block-wise weights MatMulNBits stores."""
+    found = {}
+    for layer in plan.layers:
+        tq, w = plan.tensors.get(layer.weight), g.constant(layer.weight)
+        if (tq is not None and w is not None and nbits.takes(layer, tq, w) and layer.activation
+                and layer.activation not in plan.tensors):
             found[layer.node] = layer
     return found
 
@@ -131,14 +147,20 @@ def _dynamic_matmul(node: NodeProto, layer: Layer) -> list[NodeProto]:
     ]
 
 
-def required_opset(model: ModelProto, plan: Plan) -> int:
-    """int4 and int16 DequantizeLinear arrived in opset 21."""
-    needs_21 = any(t.spec.storage_bits in (4, 16) for t in plan.tensors.values())
+def required_opset(model: ModelProto, plan: Plan, packed: frozenset = frozenset()) -> int:
+    """int4, int16 and block-wise DequantizeLinear arrived in opset 21 (`packed` weights go to
+    MatMulNBits instead)."""
+    needs_21 = any(t.spec.storage_bits in (4, 16) or t.spec.block_size
+                   for name, t in plan.tensors.items() if name not in packed)
     return max(default_opset(model), INT4_OPSET if needs_21 else 13)
 
 
-def export_qdq(g: Graph, plan: Plan) -> ModelProto:
-    model = set_opset(clone(g.model), required_opset(g.model, plan))
+def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
+    """`contrib_ops=False` keeps to standard ONNX ops (no MatMulNBits)."""
+    packed = nbits_layers(g, plan) if contrib_ops else {}
+    model = set_opset(clone(g.model), required_opset(g.model, plan, frozenset(l.weight for l in packed.values())))
+    if packed and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     initializers = {t.name: t for t in model.graph.initializer}
     excluded = {name for name in plan.float_nodes if plan.reads_float_inputs(name)}
     new_inits: list[TensorProto] = []
@@ -148,8 +170,8 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
     producers = {out for n in model.graph.node for out in n.output}
     dynamic = dynamic_layers(g, plan)
     # A weight only dynamic layers read needs no DequantizeLinear: MatMulInteger takes its codes.
-    integer_only = {layer.weight for layer in dynamic.values()} - {
-        layer.weight for layer in plan.layers if layer.node not in dynamic}
+    integer_only = {layer.weight for layer in [*dynamic.values(), *packed.values()]} - {
+        layer.weight for layer in plan.layers if layer.node not in dynamic and layer.node not in packed}
     quantized_inputs: set[str] = set()
     for name, tq in plan.tensors.items():
         if tq.role == "value":
@@ -161,6 +183,8 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
             if name not in initializers:
                 raise PtqError(f"plan names weight '{name}', which the model does not have")
             original = numpy_helper.to_array(initializers.pop(name))
+            if name in integer_only and tq.spec.block_size:
+                continue  # MatMulNBits packs its own copy
             inits, dq = _constant_qdq(name, tq, original if tq.value is None else tq.value.reshape(original.shape))
             new_inits += inits
             if name not in integer_only:
@@ -177,7 +201,13 @@ def export_qdq(g: Graph, plan: Plan) -> ModelProto:
                 if name in rewire:
                     node.input[i] = rewire[name]
         outputs = list(node.output)
-        if node.name in dynamic:
+        if node.name in packed:
+            layer = packed[node.name]
+            inits, packed_node = nbits.matmul_nbits(node, layer, plan.tensors[layer.weight], g.constant(layer.weight),
+                                                    plan.quant.accuracy_level)
+            new_inits += inits
+            nodes.append(packed_node)
+        elif node.name in dynamic:
             layer = dynamic[node.name]
             if layer.activation not in quantized_inputs:
                 quantized_inputs.add(layer.activation)

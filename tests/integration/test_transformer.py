@@ -167,3 +167,41 @@ def test_tensors_written_by_ort_contrib_ops_get_their_types_and_are_quantized():
     g = prepare(model)
     assert g.is_float("act")
     assert {"x", "act"} <= set(select(g, QuantConfig()).activations)
+
+
+def test_weight_only_int4_blocks_export_as_matmul_nbits_and_gptq_beats_nearest(encoder, tmp_path):
+    model, tmp = encoder
+    common = ("--data", tmp / "calib.npz", "--eval-data", tmp / "eval.npz", "--acts", "none", "--weights", "int4",
+              "--block-size", "16", "--no-latency")
+    cosines = {}
+    for rounding in ("nearest", "gptq"):
+        out = tmp_path / f"{rounding}.onnx"
+        r = ptq("quantize", model, *common, "--rounding", rounding, "-o", out)
+        assert r.returncode == 0, r.stderr
+        ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+        assert ops["MatMulNBits"] == 6 and ops["MatMul"] == 2  # the two attention MatMuls stay float
+        cosines[rounding] = _cosine(model, out, tmp / "eval.npz").mean()
+    assert 1 - cosines["gptq"] < 0.5 * (1 - cosines["nearest"]), cosines
+    # Same inputs, same bytes.
+    again = tmp_path / "again.onnx"
+    assert ptq("quantize", model, *common, "--rounding", "gptq", "-o", again).returncode == 0
+    assert again.read_bytes() == (tmp_path / "gptq.onnx").read_bytes()
+    # Standard ops only: block-wise DequantizeLinear at opset 21, the same numbers.
+    standard = tmp_path / "standard.onnx"
+    assert ptq("export", tmp_path / "gptq.onnx.run", "-o", standard, "--format", "onnx", "--no-latency").returncode == 0
+    m = onnx.load(str(standard))
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 6 and all(any(a.name == "block_size" and a.i == 16 for a in n.attribute) for n in dq)
+    np.testing.assert_allclose(_cosine(model, standard, tmp / "eval.npz").mean(), cosines["gptq"], atol=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--block-size", "24"), "power of two"),
+    (("--block-size", "64"), "larger than K=32"),
+])
+def test_bad_block_sizes_are_one_line_errors(encoder, tmp_path, args, message):
+    model, tmp = encoder
+    out = tmp_path / "q.onnx"
+    r = ptq("quantize", model, "--data", tmp / "calib.npz", "--acts", "none", "--weights", "int4", *args, "-o", out)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -14,8 +14,8 @@ LAYERS = [
     ("observe", ["calibrate.collect", "calibrate.observers", "calibrate.select"]),
     ("plan", ["calibrate.planner", "calibrate.bias_correction", "calibrate.probe", "calibrate.settle", "calibrate.smooth",
               "rundir"]),
-    ("transform", ["calibrate.layerwise", "calibrate.synthetic", "masks", "allocate"]),
-    ("export", ["export.qdq", "export.native", "export.native_ref", "export.binarize"]),
+    ("transform", ["calibrate.layerwise", "calibrate.gptq", "calibrate.synthetic", "masks", "allocate"]),
+    ("export", ["export.qdq", "export.nbits", "export.native", "export.native_ref", "export.binarize"]),
     ("measure", ["export.fidelity", "export.measures", "export.card", "export.card_render", "export.gate"]),
     # Orchestration: the stages the CLI calls, the Pareto sweep (allocate, export and measure per
     # budget), the accuracy-aware fallback (export and measure per candidate plan) and the CLI's tables.
@@ -23,7 +23,7 @@ LAYERS = [
 ]
 # Within the transform layer, these rooms do not import each other: rounding, synthetic data,
 # masks and allocation each stand on the layers below.
-SIBLINGS = ["calibrate.layerwise", "calibrate.synthetic", "masks", "allocate"]
+SIBLINGS = ["calibrate.layerwise", "calibrate.gptq", "calibrate.synthetic", "masks", "allocate"]
 
 
 def _modules() -> dict[str, Path]:

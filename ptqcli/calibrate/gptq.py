@@ -1,0 +1,148 @@
+"""GPTQ (Frantar et al. 2022): weight rounding that compensates each rounding error on the inputs
+not yet rounded, weighted by the layer's input second moments.
+
+For a layer y = x W (W [K, N]) the loss ||x W - x Q||^2 over the calibration inputs is a quadratic
+form in H = X^T X (K x K). Input channels are rounded one at a time; the error of channel k,
+divided by the k-th diagonal of the upper Cholesky factor U of H^-1, is spread over the channels
+after it through U's k-th row. Updates are applied lazily in blocks of columns (the same result,
+fewer passes over W). H is dampened by a fraction of its mean diagonal so that it inverts; dead
+inputs (zero diagonal) get weights of zero. With `act_order` the channels go in order of
+decreasing H diagonal, and block-wise scales are then fitted before rounding (static groups).
+Otherwise each block's scale is fitted when the pass reaches it, on the weights as updated so far.
+
+Everything is numpy in float64; memory is the layer's weight and H.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..formats import QuantSpec
+from ..plan import TensorQuant
+from ..quant import block_ranges, channel_ranges, dequantize, quantize, scale_zero_point
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    damp: float = 0.01  # fraction of the mean diagonal of H added to it
+    columns: int = 128  # lazy-update width (rounded up to a multiple of the block size)
+    act_order: bool = False
+
+
+def _scales(w_kn: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points of a [K, N] weight (or a slice of it) on the spec's grid."""
+    lo, hi = block_ranges(w_kn, 0, spec.block_size) if spec.block_size else channel_ranges(w_kn, spec.axis)
+    return scale_zero_point(lo, hi, spec)
+
+
+def _round_column(col: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """One input channel (all N outputs) quantized and dequantized with per-output scales."""
+    flat = QuantSpec(spec.bits, spec.signed, spec.symmetric, axis=0, reduce_range=spec.reduce_range)
+    q = quantize(col.astype(np.float32), scale.astype(np.float32), zero, flat)
+    return dequantize(q, scale, zero, flat).astype(np.float64)
+
+
+def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, cfg: GptqConfig = GptqConfig()) -> TensorQuant:
+    """W [K, N] rounded onto `spec` (block-wise along K, spec.axis == 0, or per output channel,
+    spec.axis == 1) against H [K, K]; the result carries the rounded weights as its value."""
+    k, n = w.shape
+    bs = spec.block_size
+    if bs is None and spec.axis != 1:
+        raise ValueError("GPTQ rounds [K, N] weights with block-wise (axis 0) or per-output-channel (axis 1) scales")
+    work = w.astype(np.float64).T.copy()  # [N, K]: GPTQ's rows are outputs, columns inputs
+    hess = np.array(h, dtype=np.float64, copy=True)
+    dead = np.diag(hess) == 0
+    hess[dead, dead] = 1.0
+    work[:, dead] = 0.0
+    order = np.argsort(-np.diag(hess), kind="stable") if cfg.act_order else np.arange(k)
+    static = _scales(work.T.astype(np.float32), spec) if (cfg.act_order or bs is None) else None
+    work, hess = work[:, order], hess[np.ix_(order, order)]
+    hess[np.diag_indices(k)] += cfg.damp * np.mean(np.diag(hess))
+    upper = np.linalg.cholesky(np.linalg.inv(hess)).T  # H^-1 = U^T U, U upper triangular
+    width = cfg.columns if bs is None else -(-cfg.columns // bs) * bs
+    rounded = np.zeros_like(work)
+    scale = np.zeros((-(-k // bs), n) if bs else (n,), dtype=np.float32) if static is None else static[0]
+    zero = np.zeros(scale.shape, dtype=np.int64) if static is None else static[1]
+    for start in range(0, k, width):
+        stop = min(start + width, k)
+        block = work[:, start:stop].copy()
+        errors = np.zeros_like(block)
+        for i in range(stop - start):
+            column = start + i
+            original = order[column]
+            if static is None and column % bs == 0:  # a new group: fit its scale on the updated weights
+                group = slice(i, min(i + bs, stop - start))
+                s, z = _scales(block[:, group].T.astype(np.float32), spec)
+                scale[column // bs], zero[column // bs] = s[0], z[0]
+            s_col = scale if bs is None else scale[original // bs]
+            z_col = zero if bs is None else zero[original // bs]
+            q = _round_column(block[:, i], s_col, z_col, spec)
+            rounded[:, column] = q
+            err = (block[:, i] - q) / upper[column, column]
+            block[:, i:] -= np.outer(err, upper[column, column:stop])
+            errors[:, i] = err
+        work[:, stop:] -= errors @ upper[start:stop, stop:]
+    result = np.empty_like(rounded)
+    result[:, order] = rounded
+    value = result.T.astype(np.float32)  # [K, N], on the grid
+    return TensorQuant("weight", spec, scale.astype(np.float32), zero, {"method": "gptq", "damp": cfg.damp,
+                                                                       "act_order": cfg.act_order}, value=value)
+
+
+def layer_error(x: np.ndarray, w: np.ndarray, w_rounded: np.ndarray) -> float:
+    """Relative output error ||x W - x Q||^2 / ||x W||^2 on inputs x [R, K]."""
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    return float(np.sum((ref - x.astype(np.float64) @ w_rounded.astype(np.float64)) ** 2) / max(np.sum(ref**2), 1e-30))
+
+
+# ---- over a model's layers --------------------------------------------------------------------
+
+def eligible(g, plan) -> list:
+    """The plan's 2-D MatMul/Gemm layers on uniform integer grids (the ones GPTQ rounds)."""
+    from ..ops import op_info
+
+    found = []
+    for layer in plan.layers:
+        tq, w = plan.tensors.get(layer.weight), g.constant(layer.weight)
+        node = g.node_by_name[layer.node]
+        if (tq is None or w is None or w.ndim != 2 or tq.spec.scheme != "int" or layer.op_type not in ("MatMul", "Gemm")
+                or not layer.activation or tq.spec.axis is None):
+            continue
+        if layer.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+            continue
+        found.append((layer, op_info(layer.op_type).weight_in_axis(node) % 2))
+    return found
+
+
+def hessians(g, tensors: list[str], batches, advance=lambda n: None) -> dict[str, np.ndarray]:
+    """X^T X (float64) of each tensor's rows over all batches, one ORT pass; memory is one batch's
+    tensors and the K x K sums."""
+    from ..runtime import run_session, session, with_outputs
+
+    sess = session(with_outputs(g.model, tensors))
+    sums: dict[str, np.ndarray] = {}
+    for batch in batches:
+        for name, value in zip(tensors, run_session(sess, tensors, batch.feeds)):
+            rows = value.reshape(-1, value.shape[-1]).astype(np.float32)
+            update = (rows.T @ rows).astype(np.float64)
+            sums[name] = sums.get(name, 0.0) + update
+        advance(len(next(iter(batch.feeds.values()))))
+    return sums
+
+
+def round_layer(w: np.ndarray, in_axis: int, tq: TensorQuant, h: np.ndarray, cfg: GptqConfig) -> TensorQuant:
+    """One layer's weight (in its own layout) rounded by GPTQ with the plan's grid."""
+    w_kn = w if in_axis == 0 else w.T
+    spec = tq.spec
+    # In [K, N] layout blocks run along axis 0 and output channels along axis 1.
+    kn_spec = QuantSpec(spec.bits, spec.signed, spec.symmetric, axis=0 if spec.block_size else 1,
+                        reduce_range=spec.reduce_range, block_size=spec.block_size)
+    out = gptq(w_kn, h, kn_spec, cfg)
+    if in_axis == 0:
+        return TensorQuant("weight", spec, out.scale, out.zero_point, {**tq.source, **out.source}, value=out.value)
+    scale = out.scale.T if spec.block_size else out.scale
+    zero = out.zero_point.T if spec.block_size else out.zero_point
+    return TensorQuant("weight", spec, np.ascontiguousarray(scale), np.ascontiguousarray(zero),
+                       {**tq.source, **out.source}, value=np.ascontiguousarray(out.value.T))
