@@ -19,6 +19,22 @@ def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.sum(p * np.log(p / q), axis=1)
 
 
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+def next_token_terms(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Language-model logits [N, T, V] against their own token ids [N, T]: the negative log-likelihood
+    of each next token and the log-probabilities it came from, at the positions where both the token
+    and the next one are real (mask 1): ([P], [P, V])."""
+    logp = log_softmax(logits[:, :-1].astype(np.float32))
+    targets = ids[:, 1:]
+    keep = np.ones(targets.shape, dtype=bool) if mask is None else (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
+    picked = np.take_along_axis(logp, targets[..., None].astype(np.int64), axis=-1)[..., 0]
+    return -picked[keep], logp[keep]
+
+
 def top1(x: np.ndarray) -> np.ndarray:
     """The predicted class of each sample (first axis), over all its other axes."""
     x = np.asarray(x)

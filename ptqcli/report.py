@@ -101,8 +101,10 @@ def outputs_table(f: Fidelity) -> Table:
     rows = f.outputs.values()
     classes = any("top1_agreement" in m for m in rows)
     pooled = sorted({where for m in rows for where in m.get("pooled_over", [])})
+    language = any("perplexity_float" in m for m in rows)
     columns = ["output", "kind", *(["top-1 agreement", "KL"] if classes else []), "cosine\nmean", "cosine\nmin",
-               *(["pooled\ncosine\nmean", "pooled\ncosine\nmin"] if pooled else []), "SQNR\ndB"]
+               *(["pooled\ncosine\nmean", "pooled\ncosine\nmin"] if pooled else []),
+               *(["perplexity\nfloat", "perplexity\nquantized", "next-token\nKL"] if language else []), "SQNR\ndB"]
     for col in columns:
         if col == "output":  # names can be long (onnx::Shape_422): fold them, keep the numbers whole
             table.add_column(col, overflow="fold")
@@ -116,8 +118,13 @@ def outputs_table(f: Fidelity) -> Table:
         cells += [f"{m['cosine']:.5f}", _cosine(m.get("cosine_min"))]
         if pooled:
             cells += [_cosine(m.get("pooled_cosine")), _cosine(m.get("pooled_cosine_min"))]
+        if language:
+            cells += ["-" if m.get(k) is None else f"{m[k]:.3f}" for k in ("perplexity_float", "perplexity_quantized")]
+            cells += ["-" if "next_token_kl" not in m else f"{m['next_token_kl']:.4f}"]
         table.add_row(*cells, _fmt(m["sqnr_db"]))
     notes = ["cosine per sample over all its values, mean and min over the samples"]
+    if language:
+        notes.append("perplexity: of each next token over the real positions of the evaluation token ids")
     if pooled:
         notes.append(f"pooled: each [N, T, H] embedding averaged over {pooled_positions(pooled)}")
     table.caption = "; ".join(notes)

@@ -124,3 +124,41 @@ def token_data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)
     ids = rng.integers(1, VOCAB, (n, SEQ)) * mask
     return {"input_ids": ids.astype(np.int64), "attention_mask": mask}
+
+
+def tiny_language_model(seed: int = 0) -> ModelProto:
+    """Token ids -> embedding -> RMSNorm (decomposed: ... * gamma) -> SiLU MLP with a residual ->
+    next-token logits over the vocabulary from a tied-transpose head: a language model's shape
+    without attention, for measuring perplexity."""
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def const(name, value, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    table = rng.normal(0, 1.0, (VOCAB, HIDDEN)).astype(np.float32)
+    n = helper.make_node
+    nodes = [
+        n("Gather", [const("embed", table), "input_ids"], ["h"], name="embed"),
+        n("Mul", ["h", "h"], ["sq"], name="rms_sq"),
+        n("ReduceMean", ["sq"], ["ms"], name="rms_mean", axes=[-1], keepdims=1),
+        n("Add", ["ms", const("eps", 1e-5)], ["ms_eps"], name="rms_eps"),
+        n("Sqrt", ["ms_eps"], ["rms"], name="rms_sqrt"),
+        n("Div", ["h", "rms"], ["normed"], name="rms_div"),
+        n("Mul", ["normed", const("gamma", rng.uniform(0.5, 1.5, HIDDEN))], ["x"], name="rms_gamma"),
+        n("MatMul", ["x", const("w_up", rng.normal(0, HIDDEN ** -0.5, (HIDDEN, FFN)))], ["up"], name="up_proj"),
+        n("Sigmoid", ["up"], ["gate"], name="silu_sigmoid"),
+        n("Mul", ["up", "gate"], ["act"], name="silu_mul"),
+        n("MatMul", ["act", const("w_down", rng.normal(0, FFN ** -0.5, (FFN, HIDDEN)))], ["down"], name="down_proj"),
+        n("Add", ["x", "down"], ["y"], name="residual"),
+        n("MatMul", ["y", const("lm_head", table.T.copy())], ["logits"], name="lm_head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", SEQ]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", SEQ])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", SEQ, VOCAB])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -85,6 +85,9 @@ def _output_line(name: str, o: dict) -> str:
     """One output's fidelity in words: class scores lead with top-1 agreement, embeddings with cosine."""
     kind = OUTPUT_KIND_LABELS.get(o.get("kind"))
     parts = []
+    if "perplexity_float" in o:
+        parts.append(f"perplexity {o['perplexity_float']:.3f} float, {o['perplexity_quantized']:.3f} quantized "
+                     f"over {o['tokens']} next tokens, KL {o['next_token_kl']:.4f}")
     if "top1_agreement" in o:
         parts.append(f"top-1 agreement {_pct(o['top1_agreement'])}, KL {o['kl']:.5f}")
     parts.append(f"cosine mean {o['cosine']:.5f}" + (f", min {o['cosine_min']:.5f}" if o.get("cosine_min") is not None else ""))

@@ -17,7 +17,7 @@ from onnx import ModelProto
 from ..calibrate.data import Batch, embedding_vocabularies
 from ..graph import Graph
 from ..nativelib import OPERATORS
-from ..metrics import as_probs, kl, masked_mean_pool, sample_cosines, top1
+from ..metrics import as_probs, kl, masked_mean_pool, next_token_terms, sample_cosines, top1
 from ..plan import Plan
 from ..runtime import optimized_op_counts, session, with_outputs
 
@@ -29,16 +29,20 @@ INTEGER_KERNELS = OPERATORS + ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulI
 
 # How an output is compared with float. Class scores get top-1 agreement and KL; embeddings (the
 # float outputs of a text model) get cosine, and a [N, T, H] one also the cosine of its pooled vector.
-CLASS_SCORES, EMBEDDING, VALUES = "class_scores", "embedding", "values"
-OUTPUT_KIND_LABELS = {CLASS_SCORES: "class scores", EMBEDDING: "embedding", VALUES: "values"}
+CLASS_SCORES, EMBEDDING, LOGITS, VALUES = "class_scores", "embedding", "logits", "values"
+OUTPUT_KIND_LABELS = {CLASS_SCORES: "class scores", EMBEDDING: "embedding", LOGITS: "next-token logits",
+                      VALUES: "values"}
 ALL_POSITIONS = "all positions"  # what a [N, T, H] embedding is pooled over when no input masks tokens
 
 
-def output_kind(value: np.ndarray, text_model: bool, labelled: bool) -> str:
+def output_kind(value: np.ndarray, text_model: bool, labelled: bool, vocabulary: int | None = None) -> str:
     """Rows of scores are read as classes when the data has labels, or, for a model that does not
-    take token ids, when nothing says otherwise; a text model's float [N, H] and [N, T, H] outputs
-    are embeddings, whose argmax means nothing."""
+    take token ids, when nothing says otherwise; a text model's [N, T, V] output over its own
+    vocabulary is a language model's next-token logits; its other float [N, H] and [N, T, H]
+    outputs are embeddings, whose argmax means nothing."""
     floating = value.dtype.kind == "f"
+    if floating and text_model and value.ndim == 3 and vocabulary is not None and value.shape[2] == vocabulary:
+        return LOGITS
     if floating and value.ndim == 2 and value.shape[1] > 1 and (labelled or not text_model):
         return CLASS_SCORES
     if floating and text_model and value.ndim in (2, 3):
@@ -96,8 +100,12 @@ class _Running:
     agree: int = 0
     kl_sum: float = 0.0
     count: int = 0
+    nll_float: float = 0.0  # language-model logits: next-token negative log-likelihoods, summed
+    nll_quantized: float = 0.0
+    tokens: int = 0
 
-    def update(self, f: np.ndarray, q: np.ndarray, mask: tuple[str, np.ndarray] | None = None) -> None:
+    def update(self, f: np.ndarray, q: np.ndarray, mask: tuple[str, np.ndarray] | None = None,
+               ids: np.ndarray | None = None) -> None:
         f64, q64 = f.astype(np.float64), q.astype(np.float64)
         self.signal += float(np.sum(f64**2))
         self.noise += float(np.sum((f64 - q64) ** 2))
@@ -110,6 +118,14 @@ class _Running:
             self.kl_sum += float(np.sum(kl(as_probs(ff), as_probs(qq))))
         elif self.kind == EMBEDDING and f.ndim == 3:
             self.update_pooled(f64, q64, mask)
+        elif self.kind == LOGITS and ids is not None:
+            weights = mask[1] if mask is not None and mask[1].shape == ids.shape else None
+            nll_f, logp_f = next_token_terms(f, ids, weights)
+            nll_q, logp_q = next_token_terms(q, ids, weights)
+            self.nll_float += float(np.sum(nll_f, dtype=np.float64))
+            self.nll_quantized += float(np.sum(nll_q, dtype=np.float64))
+            self.kl_sum += float(np.sum(np.exp(logp_f) * (logp_f - logp_q), dtype=np.float64))
+            self.tokens += len(nll_f)
 
     def update_pooled(self, f: np.ndarray, q: np.ndarray, mask: tuple[str, np.ndarray] | None) -> None:
         """Token vectors [N, T, H] pooled over the attention mask, as sentence encoders pool them; over
@@ -130,6 +146,11 @@ class _Running:
         if self.kind == CLASS_SCORES:
             out["top1_agreement"] = self.agree / max(self.count, 1)
             out["kl"] = self.kl_sum / max(self.count, 1)
+        if self.kind == LOGITS and self.tokens:
+            out["perplexity_float"] = float(np.exp(self.nll_float / self.tokens))
+            out["perplexity_quantized"] = float(np.exp(self.nll_quantized / self.tokens))
+            out["next_token_kl"] = self.kl_sum / self.tokens
+            out["tokens"] = self.tokens
         if self.pooled.count:
             out["pooled_cosine"] = self.pooled.mean()
             out["pooled_cosine_min"] = self.pooled.min()
@@ -177,7 +198,9 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     float_sess = session(with_outputs(float_model, layer_outputs))
     quant_sess = session(quant_model)
     quant_probe = session(with_outputs(quant_model, layer_outputs)) if layer_outputs else None
-    token_inputs = set(embedding_vocabularies(Graph(float_model)))
+    vocabularies = embedding_vocabularies(Graph(float_model))
+    token_inputs = set(vocabularies)
+    vocabulary = min(vocabularies.values()) if vocabularies else None
     out_stats = {name: _Running() for name in outputs}
     layer_stats = {name: _Running() for name in layer_outputs}
     correct = {"float": 0, "quantized": 0}
@@ -188,14 +211,15 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
         if not shapes:  # the first batch tells what each output is
             shapes = {name: list(value.shape[1:]) for name, value in fv.items()}
             for name in outputs:
-                out_stats[name].kind = output_kind(fv[name], bool(token_inputs), batch.labels is not None)
+                out_stats[name].kind = output_kind(fv[name], bool(token_inputs), batch.labels is not None, vocabulary)
         qv = dict(zip(outputs, quant_sess.run(outputs, batch.feeds)))
         if quant_probe is not None:
             qv.update(zip(layer_outputs, quant_probe.run(layer_outputs, batch.feeds)))
         mask_name = attention_mask_name(batch.feeds, token_inputs) if token_inputs else None
         mask = (mask_name, batch.feeds[mask_name]) if mask_name else None
+        ids = next((batch.feeds[t] for t in token_inputs if t in batch.feeds), None)
         for name in outputs:
-            out_stats[name].update(fv[name], qv[name], mask)
+            out_stats[name].update(fv[name], qv[name], mask, ids)
         for name in layer_outputs:
             layer_stats[name].update(fv[name], qv[name])
         if batch.labels is not None:

@@ -18,6 +18,7 @@ class GateLimits:
     min_compression: float | None = None
     max_latency_ms: float | None = None
     max_regression: float | None = None
+    max_ppl_increase: float | None = None  # percent of the float model's perplexity
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -77,6 +78,11 @@ def run_gate(card: dict, limits: GateLimits, baseline: dict | None = None) -> li
     if limits.max_latency_ms is not None:
         check("max-latency-ms (batch 1)", f"<= {limits.max_latency_ms:.3f} ms",
               card["results"]["latency"]["quantized_ms"], lambda v: v <= limits.max_latency_ms, "{:.3f} ms")
+    if limits.max_ppl_increase is not None:
+        lm = next((o for o in card["results"]["outputs"].values() if "perplexity_float" in o), None)
+        increase = 100 * (lm["perplexity_quantized"] / lm["perplexity_float"] - 1) if lm else None
+        check("max-ppl-increase (next-token perplexity)", f"<= {limits.max_ppl_increase:.2f}%", increase,
+              lambda v: v <= limits.max_ppl_increase, "{:+.2f}%")
     if baseline is not None:
         allowed = limits.max_regression if limits.max_regression is not None else 0.0
         now, before = quality(card), quality(baseline)

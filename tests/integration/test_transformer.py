@@ -205,3 +205,39 @@ def test_bad_block_sizes_are_one_line_errors(encoder, tmp_path, args, message):
     r = ptq("quantize", model, "--data", tmp / "calib.npz", "--acts", "none", "--weights", "int4", *args, "-o", out)
     assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_language_model_logits_get_perplexity_and_the_gate_reads_it(tmp_path):
+    from transformer_builders import tiny_language_model
+
+    model = tmp_path / "lm.onnx"
+    onnx.save(tiny_language_model(), str(model))
+    np.savez(tmp_path / "calib.npz", **token_data(64, seed=1))
+    np.savez(tmp_path / "eval.npz", **token_data(64, seed=2))
+    out = tmp_path / "lm.int4.onnx"
+    r = ptq("quantize", model, "--data", tmp_path / "calib.npz", "--eval-data", tmp_path / "eval.npz",
+            "--acts", "none", "--weights", "int4", "--block-size", "16", "--rounding", "gptq", "-o", out, "--no-latency")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    card = json.loads(out.with_name("lm.int4.card.json").read_text())
+    lm = card["results"]["outputs"]["logits"]
+    assert lm["kind"] == "logits" and lm["tokens"] > 0
+    # Reference: the perplexity of the float model computed here from its own logits.
+    feeds = dict(np.load(tmp_path / "eval.npz"))
+    logits = _outputs_named(model, feeds, "logits")
+    shifted = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, feeds["input_ids"][:, 1:, None], -1)[..., 0]
+    real = (feeds["attention_mask"][:, :-1] > 0) & (feeds["attention_mask"][:, 1:] > 0)
+    assert lm["perplexity_float"] == pytest.approx(float(np.exp(nll[real].mean())), rel=1e-4)
+    assert lm["perplexity_quantized"] > 0 and lm["next_token_kl"] >= 0
+    increase = 100 * (lm["perplexity_quantized"] / lm["perplexity_float"] - 1)
+    card_path = out.with_name("lm.int4.card.json")
+    assert ptq("gate", card_path, "--max-ppl-increase", f"{abs(increase) + 1:.3f}").returncode == 0
+    failing = ptq("gate", card_path, "--max-ppl-increase", "0")
+    assert (failing.returncode == 1) == (increase > 0)
+
+
+def _outputs_named(path, feeds, name):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([name], feeds)[0]
