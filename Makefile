@@ -7,12 +7,15 @@ ASSETS := ptqcli/assets
 
 .PHONY: demo test test-fast test-sanitize install bench clean
 
-NATIVE_SOURCES := setup.py native/CMakeLists.txt native/ort_headers.py $(wildcard native/src/*)
+NATIVE_SOURCES := setup.py native/CMakeLists.txt native/ort_headers.py $(wildcard native/src/*) \
+	$(wildcard native/third_party/onnxruntime/include/*)
 
 $(STAMP): pyproject.toml $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	@# whether the native operators built, and why not (tests/unit/test_native_build.py fails then)
+	-$(BIN)/ptq doctor
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,6 +46,7 @@ clean:
 
 # The native operator tests again against an AddressSanitizer + UndefinedBehaviorSanitizer build.
 test-sanitize: $(STAMP)
+	$(BIN)/pip install --quiet cmake ninja
 	$(BIN)/python setup.py native-sanitize
 	PTQ_NATIVE_LIB=build/native/cmake-sanitize/libptqcli_ops.so \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \

@@ -500,6 +500,38 @@ def card_diff(a: Annotated[Path, typer.Argument(help="Older card.")], b: Annotat
     out.print(table)
 
 
+@app.command()
+@user_errors
+def doctor():
+    """Whether ptqcli's native operators run here: the library file, its kernels and ONNX Runtime C API,
+    where its headers came from, and why not when they do not. Exit 1 when they are unavailable."""
+    from rich.table import Table
+
+    from . import nativelib
+
+    s = nativelib.status()
+    table = Table(title="native operators: " + ("[green]available[/green]" if s.available else "[red]unavailable[/red]"),
+                  show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("library", str(s.library) if s.library else "-")
+    if s.reason:
+        table.add_row("why not", s.reason)
+    if s.api_version is not None:
+        table.add_row("ORT C API", f"{s.api_version} (asked of the runtime: onnxruntime >= 1.{s.api_version})")
+    table.add_row("onnxruntime", s.runtime)
+    if s.isa:
+        table.add_row("kernels", s.isa)
+    headers = (s.build or {}).get("headers")
+    if headers:
+        release = f"ONNX Runtime {headers['ort_version']} " if headers.get("ort_version") else ""
+        table.add_row("built with", f"{release}headers (C API {headers['api_version']}) from {headers['source']}: "
+                                    f"{headers['include']}")
+    out.print(table)
+    if not s.available:
+        raise PtqError(f"native operators unavailable: {s.reason}")
+
+
 def _print_fidelity(fidelity) -> None:
     from .report import fidelity_tables
 

@@ -529,8 +529,16 @@ Ort::CustomOpDomain* domain = nullptr;
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  // The API table of the headers' version: the operators use it throughout, so an older runtime,
+  // which has no such table, is refused here with a status built from API 1, which every runtime has.
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) return nullptr;  // the runtime is older than the headers; nothing can be registered
+  if (api == nullptr) {
+    const OrtApi* oldest = api_base->GetApi(1);
+    const std::string message = "ptqcli native operators need ONNX Runtime C API " + std::to_string(ORT_API_VERSION) +
+                                " (onnxruntime >= 1." + std::to_string(ORT_API_VERSION) + "); this runtime is " +
+                                api_base->GetVersionString();
+    return oldest == nullptr ? nullptr : oldest->CreateStatus(ORT_FAIL, message.c_str());
+  }
   Ort::InitApi(api);
   try {
     std::call_once(ops_made, [] {
@@ -551,6 +559,9 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
 
 // The instruction set the kernels use on this CPU ("avx512-vnni", "avx2" or "scalar").
 extern "C" __attribute__((visibility("default"))) const char* PtqNativeIsa() { return ptq::active_isa(); }
+
+// The ONNX Runtime C API version the library was compiled against and asks the runtime for.
+extern "C" __attribute__((visibility("default"))) int PtqNativeOrtApiVersion() { return ORT_API_VERSION; }
 
 // The operator names of kOps, comma-separated: Python reads them instead of keeping its own list.
 extern "C" __attribute__((visibility("default"))) const char* PtqNativeOperators() {
