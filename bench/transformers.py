@@ -188,17 +188,20 @@ def child_quantize(row: str, model: Path, calib: Path, out: Path, batch: int) ->
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_name(out.stem + ".preprocessed.onnx")
-    # its symbolic shape inference needs sympy, which onnxruntime does not declare: skip that part
-    # (as ORT's own message suggests) when sympy is not installed
-    skip_symbolic = importlib.util.find_spec("sympy") is None
+    # Its symbolic shape inference needs sympy (which onnxruntime does not declare) and can fail on
+    # a model's shape expressions; skipping it is what ORT's own message suggests: try both.
     result["preprocessed"] = True
-    result["preprocess_args"] = f"skip_symbolic_shape={skip_symbolic}"
-    try:
-        quant_pre_process(str(model), str(pre), skip_symbolic_shape=skip_symbolic)
-        run(pre)
-        result["error_before_preprocess"] = result.pop("error")
-    except Exception as exc:  # noqa: BLE001
-        result["error_after_preprocess"] = _one_line(exc)
+    attempts = ([False] if importlib.util.find_spec("sympy") is not None else []) + [True]
+    for skip_symbolic in attempts:
+        result["preprocess_args"] = f"skip_symbolic_shape={skip_symbolic}"
+        try:
+            quant_pre_process(str(model), str(pre), skip_symbolic_shape=skip_symbolic)
+            run(pre)
+            result["error_before_preprocess"] = result.pop("error")
+            result.pop("error_after_preprocess", None)
+            break
+        except Exception as exc:  # noqa: BLE001
+            result["error_after_preprocess"] = _one_line(exc)
     return result
 
 

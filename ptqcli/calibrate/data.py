@@ -484,6 +484,17 @@ def _slice(chunk: Chunk, lo: int, hi: int) -> Chunk:
     return Chunk({k: v[lo:hi] for k, v in chunk.arrays.items()}, None if chunk.labels is None else chunk.labels[lo:hi])
 
 
+def padded_concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """Samples joined into one batch; where their shapes differ (token sequences or audio of
+    different lengths, read from a folder of per-sample files) each is padded at the end with
+    zeros to the longest: token id 0 and attention mask 0, which the model's mask ignores."""
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) == 1:
+        return np.concatenate(arrays)
+    longest = tuple(max(dims) for dims in zip(*shapes))
+    return np.concatenate([np.pad(a, [(0, 0)] + [(0, m - d) for m, d in zip(longest, a.shape[1:])]) for a in arrays])
+
+
 def _pop(pending: list[Chunk], n: int) -> tuple[Batch, list[Chunk]]:
     parts, rest, need = [], [], n
     for chunk in pending:
@@ -496,7 +507,7 @@ def _pop(pending: list[Chunk], n: int) -> tuple[Batch, list[Chunk]]:
             parts.append(_slice(chunk, 0, need))
             rest.append(_slice(chunk, need, len(chunk)))
             need = 0
-    feeds = {k: np.concatenate([c.arrays[k] for c in parts]) for k in parts[0].arrays}
+    feeds = {k: padded_concat([c.arrays[k] for c in parts]) for k in parts[0].arrays}
     has_labels = all(c.labels is not None for c in parts)
     labels = np.concatenate([c.labels for c in parts]) if has_labels else None
     return Batch(feeds, labels), rest

@@ -208,3 +208,30 @@ def test_the_headline_quality_of_a_text_model_is_its_lowest_embedding_cosine():
     assert headline({"quantized": 0.866}, scores) == (pytest.approx(86.6), "top-1 accuracy")
     assert headline({}, {"y": {"kind": "values", "cosine": 0.99}, "z": {"kind": "values", "cosine": 0.98}}) == (
         pytest.approx(98.0), "output cosine x100")
+
+
+def test_token_sequences_of_different_lengths_are_padded_per_batch(tmp_path):
+    """A folder with one .npz per passage: each batch pads to its longest passage with id 0 and
+    mask 0; the pooled output over the mask is what each passage gives alone."""
+    import onnxruntime as ort
+
+    from ptqcli.calibrate.data import iter_batches, model_inputs
+    from ptqcli.config import DataConfig
+    from ptqcli.graph import Graph
+    from builders import text_encoder_model
+
+    model = text_encoder_model(seq="T")  # any sequence length
+    folder = tmp_path / "passages"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    lengths = [3, 7, 5, 8, 2]
+    for i, n in enumerate(lengths):
+        np.savez(folder / f"{i:02d}.npz", input_ids=rng.integers(1, 30, (1, n)), attention_mask=np.ones((1, n), np.int64))
+    inputs = model_inputs(Graph(model))
+    batches = list(iter_batches(str(folder), inputs, DataConfig(batch_size=2), limit=10))
+    assert [b.feeds["input_ids"].shape for b in batches] == [(2, 7), (2, 8), (1, 2)]
+    assert batches[0].feeds["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    padded = np.concatenate([sess.run(["sentence"], b.feeds)[0] for b in batches])
+    alone = np.concatenate([sess.run(["sentence"], dict(np.load(f)))[0] for f in sorted(folder.iterdir())])
+    np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-6)
