@@ -15,8 +15,9 @@ from .calibrate.select import select
 from .config import DataConfig, QuantConfig, ReduceRange, cpu_name, to_jsonable
 from .errors import PtqError
 from .export.card import CardInputs, build_card, write_card
-from .export.fidelity import Fidelity, measure
-from .export.measures import batch_latency, bops, latency_not_measured, weight_storage
+from .export.fidelity import INTEGER_KERNELS, Fidelity, measure
+from .export.measures import batch_latency, bops, latency_not_measured, layer_kernels, weight_storage
+from .export import container as containers
 from .export.qdq import export_qdq
 from .files import check_writable
 from .graph import Graph, file_sha256, load_model, save_model
@@ -26,7 +27,7 @@ from .prepare import prepare
 from .progress import Progress, silent
 from . import rundir
 from .ops import op_info
-from .runtime import optimized_op_counts, run_session, session
+from .runtime import optimized_model, optimized_op_counts, run_session, session
 
 def load_prepared(model_path: str | Path) -> Graph:
     return prepare(load_model(model_path), source=str(model_path))
@@ -159,8 +160,10 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
         raise PtqError("--rounding gptq found no MatMul/Gemm layer with a 2-D weight on an integer grid")
     tensors = list(dict.fromkeys(layer.activation for layer, _ in layers))
     samples = min(data.num_samples, quant.rounding_samples)
+    # Every layer input of a batch is held at once: two samples per run keep that small.
+    small = replace(data, batch_size=min(data.batch_size, 2))
     with progress("gptq: input statistics", samples) as advance:
-        h = hessians(g, tensors, iter_batches(data.path, inputs, data, limit=samples), advance)
+        h = hessians(g, tensors, iter_batches(data.path, inputs, small, limit=samples), advance)
     tensors_out, report = dict(plan.tensors), []
     cfg = GptqConfig()
     with progress("gptq: layers", len(layers)) as advance:
@@ -238,14 +241,17 @@ def layer_input_axes(g: Graph, sel) -> dict[str, int]:
 
 
 EXPORT_FORMATS = ("qdq", "onnx", "native")
+CONTAINERS = containers.MODES
 
 
 def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = None, eval_samples: int = 1000,
-           progress: Progress = silent, fmt: str = "qdq", latency: bool = True) -> tuple[Plan, Fidelity | None]:
+           progress: Progress = silent, fmt: str = "qdq", latency: bool = True,
+           container: str = "auto") -> tuple[Plan, Fidelity | None]:
     """Build the quantized model (QDQ, or with ptqcli's native operators), measure it against the float
     model on held-out data (and time both at batch 1 unless `latency` is off), then write the model,
     fidelity.json and the card. Everything is measured before anything is written, so bad evaluation
-    data leaves nothing behind."""
+    data leaves nothing behind. `container` stores sub-8-bit weight codes for the kernel that will run
+    them (export/container.py)."""
     if fmt not in EXPORT_FORMATS:
         raise PtqError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
     loaded = rundir.load_run(run_dir)
@@ -264,13 +270,19 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
                            "4 bits); "
                            "use --format qdq")
         native = {"replaced": report.replaced, "kept": report.kept}
+    choice = containers.choose(plan, container, frozenset(native["replaced"] if native else ()))
+    extra_bytes = containers.widen(quantized, plan, choice)
     source, skip, held_out = eval_source(plan, eval_data)
     fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
     inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source, skip, latency)
+    kernels = layer_kernels(quantized, optimized_model(quantized), plan)
+    stored = containers.stored_types(quantized, plan)
+    held = {**containers.record(choice, extra_bytes),
+            "not_fused": {n: kernels.get(n, "unknown") for n in choice.widened if kernels.get(n) not in INTEGER_KERNELS}}
     save_model(quantized, out_path)
     if fidelity is not None:
         rundir.write_json(run / rundir.FIDELITY, fidelity.to_dict())
-    write_card(build_card(replace(inputs, native=native)), out_path)
+    write_card(build_card(replace(inputs, native=native, container=held, kernels=kernels, stored=stored)), out_path)
     return plan, fidelity
 
 
