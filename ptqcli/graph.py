@@ -206,5 +206,11 @@ def set_opset(model: ModelProto, opset: int) -> ModelProto:
 
 def make_initializer(name: str, array: np.ndarray, onnx_type: int | None = None) -> TensorProto:
     if onnx_type in (TensorProto.INT4, TensorProto.UINT4):
-        return helper.make_tensor(name, onnx_type, list(array.shape), array.astype(np.int32).ravel().tolist())
+        # Two codes a byte, the first in the low nibble, as raw bytes: half a byte per code in the file
+        # (int32_data would store each byte as a varint, up to two).
+        nibbles = (array.astype(np.int64).ravel() & 0x0F).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)
+        return helper.make_tensor(name, onnx_type, list(array.shape), packed.tobytes(), raw=True)
     return numpy_helper.from_array(array, name)
