@@ -57,6 +57,9 @@ RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file w
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data for fidelity (an .npz may carry `labels`).")]
 EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to measure fidelity on.")]
 LatencyOpt = Annotated[bool, typer.Option("--latency/--no-latency", help="Time the float and quantized models at batch 1 for the card, taking turns on the same real samples (about 3 s).")]
+ContainerOpt = Annotated[str, typer.Option(
+    "--container", help="Integer type holding sub-8-bit weight codes: auto (int8 where ORT's integer kernels then run, "
+                        "i.e. the layer's input is quantized; else the smallest), int8, or int4 (the smallest file).")]
 FormatOpt = Annotated[str, typer.Option(
     "--format", help="qdq: QuantizeLinear/DequantizeLinear pairs any ONNX Runtime runs (block-wise weight-only MatMuls "
                      "as its MatMulNBits); onnx: standard ONNX ops only (block-wise DequantizeLinear, opset 21); native: int2-int4, "
@@ -173,11 +176,11 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
 @user_errors
 def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", help="Quantized model to write.")],
            eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
-           latency: LatencyOpt = True):
+           latency: LatencyOpt = True, container: ContainerOpt = "auto"):
     """Write the quantized model from a run directory and measure its fidelity against the float model."""
     from . import stages
 
-    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency)
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container)
     _print_fidelity(fidelity)
     _print_native(output)
     out.print(f"wrote [bold]{output}[/bold]")
@@ -251,7 +254,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None,
              block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
-             latency: LatencyOpt = True):
+             latency: LatencyOpt = True, container: ContainerOpt = "auto"):
     """Calibrate and export in one go."""
     from dataclasses import replace
 
@@ -268,9 +271,11 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     check_writable(output)
     if eval_data is not None:
         stages.check_data(model, eval_data, replace(data_cfg, path=eval_data), eval_samples)
+    if container not in stages.CONTAINERS:
+        raise PtqError(f"unknown container '{container}' (known: {', '.join(stages.CONTAINERS)})")
     plan = stages.calibrate(model, quant, data_cfg, run, rich_progress)
     out.print(plan_table(plan))
-    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency)
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container)
     _print_fidelity(fidelity)
     _print_native(output)
     out.print(f"wrote [bold]{output}[/bold] (run directory {run})")

@@ -104,13 +104,18 @@ def _subgraph_reads(node) -> set[str]:
     return names
 
 
-def optimized_op_counts(model: ModelProto) -> dict[str, int]:
-    """Op types of the graph ORT actually runs after its optimizations (the kernel path)."""
+def optimized_model(model: ModelProto) -> ModelProto:
+    """The graph ORT actually runs after its optimizations (the kernel path); external data is not loaded."""
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(model)
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(model_bytes_or_path(model, Path(tmp)), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        return onnx.load(options.optimized_model_filepath, load_external_data=False)
+
+
+def optimized_op_counts(model: ModelProto | None = None, optimized: ModelProto | None = None) -> dict[str, int]:
+    """Op types of the graph ORT actually runs after its optimizations (the kernel path)."""
+    optimized = optimized if optimized is not None else optimized_model(model)
     counts: dict[str, int] = {}
     for node in optimized.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

@@ -45,6 +45,11 @@ class CardInputs:
     kernel_ops: dict
     # Native export: {"replaced": {node: custom op}, "kept": {node: why not}}; None for QDQ.
     native: dict | None = None
+    # How sub-8-bit weight codes are stored (export/container.record), the ONNX type holding each
+    # layer's weight, and the operator ORT runs on it (export/measures.layer_kernels).
+    container: dict | None = None
+    stored: dict | None = None
+    kernels: dict | None = None
 
 
 def card_paths(model_path: str | Path) -> dict[str, Path]:
@@ -78,6 +83,8 @@ def _layer_rows(c: CardInputs) -> list[dict]:
             "binary_input": layer.node in c.plan.binary_inputs,
             "weight_sqnr_db": (w.source.get("sqnr_db") if w else None),
             "output_sqnr_db": measured.get(layer.node, {}).get("sqnr_db"),
+            **({"container": c.stored[layer.node]} if c.stored and layer.node in c.stored else {}),
+            **({"kernel": c.kernels[layer.node]} if c.kernels and layer.node in c.kernels else {}),
         })
     return rows
 
@@ -155,7 +162,8 @@ def build_card(c: CardInputs) -> dict:
         "card_version": CARD_VERSION,
         "tool": {"name": "ptqcli", "version": __version__},
         "model": {"input": dict(c.source_model), "output": _file(c.output_model), "format": "qdq" if c.native is None else "native",
-                  "opset": default_opset(c.graph.model), **({} if c.native is None else {"native": c.native})},
+                  "opset": default_opset(c.graph.model), **({} if c.native is None else {"native": c.native}),
+                  **({} if c.container is None else {"container": c.container})},
         "recipe": {"quant": c.plan.config["quant"], "data": data},
         "tradeoffs": _tradeoffs(c, layers),
         "layers": layers,

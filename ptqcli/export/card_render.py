@@ -30,6 +30,7 @@ def render_markdown(card: dict, plot_name: str) -> str:
         f"- output: `{m['output']['path']}` (sha256 `{m['output']['sha256'][:16]}...`, {m['output']['bytes']:,} bytes),"
         f" {m['format'].upper()}, opset {m['opset']}",
         *_native_lines(m.get("native")),
+        *_container_lines(m.get("container")),
         "",
         "## Trade-offs",
         "| choice | value |",
@@ -70,15 +71,26 @@ def render_markdown(card: dict, plot_name: str) -> str:
         "## Layers",
         f"![bits and SQNR per layer]({plot_name})",
         "",
-        "| # | node | op | params | format | granularity | rounding | weight SQNR dB | output SQNR dB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| # | node | op | params | format | granularity | rounding | stored as | ORT runs | weight SQNR dB | output SQNR dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, row in enumerate(card["layers"]):
         lines.append(f"| {i} | {row['node']} | {row['op_type']} | {row['params']:,} | {row['format']}{' (binary input)' if row.get('binary_input') else ''} |"
-                     f" {row['granularity']} | {row['rounding']} | {_num(row['weight_sqnr_db'], '{:.1f}')} |"
+                     f" {row['granularity']} | {row['rounding']} | {row.get('container', '-')} | {row.get('kernel', '-')} |"
+                     f" {_num(row['weight_sqnr_db'], '{:.1f}')} |"
                      f" {_num(row['output_sqnr_db'], '{:.1f}')} |")
     lines += ["", "## Recipe", "```json", _json(card["recipe"]), "```", ""]
     return "\n".join(lines)
+
+
+def _container_lines(c: dict | None) -> list[str]:
+    """How sub-8-bit weight codes are stored, and what that costs."""
+    if not c or not (c["int8"] or c["smallest"]):
+        return []
+    lines = [f"- weight containers ({c['mode']}): {len(c['int8'])} sub-8-bit layers stored as 8-bit codes for ORT's "
+             f"integer kernels (+{c['extra_bytes']:,} bytes), {len(c['smallest'])} in their smallest container"]
+    lines += [f"  - stored as 8-bit but not fused: {node} ({kernel})" for node, kernel in c.get("not_fused", {}).items()]
+    return lines
 
 
 def _output_line(name: str, o: dict) -> str:

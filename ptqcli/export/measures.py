@@ -101,3 +101,50 @@ def latency_not_measured(cpu: str) -> dict:
 def _batch_size(feeds: dict[str, np.ndarray]) -> int:
     first = next(iter(feeds.values()))
     return int(first.shape[0]) if first.ndim else 1
+
+
+def layer_kernels(exported: ModelProto, optimized: ModelProto, plan: Plan) -> dict[str, str]:
+    """{node: the operator ORT runs on the layer's stored weight}, read from ORT's optimized graph:
+    a fused integer kernel (QLinearConv, QGemm, MatMulIntegerToFloat, ...), a MatMulNBits or native
+    operator, or "<op> (float)" when a DequantizeLinear still turns the codes into float weights
+    on every run, or "<op> (float, folded)" when ORT folded the codes into float weights once, at
+    session start (an operator of another type there, e.g. MatMulNBits, repacked them). Layers whose
+    weight cannot be followed are left out."""
+    producers = {out: n for n in exported.graph.node for out in n.output}
+    inits = {t.name for t in exported.graph.initializer}
+    by_name = {n.name: n for n in exported.graph.node}
+    optimized_names = {n.name: n for n in optimized.graph.node}
+    readers: dict[str, list] = {}
+    for node in optimized.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    kernels = {}
+    for layer in plan.layers:
+        stored = _stored_weight(layer, by_name, producers, inits)
+        found = readers.get(stored, []) if stored else []
+        if not found:
+            if stored and layer.node in optimized_names:  # ORT rewrote the weight: folded to float, or repacked
+                op = optimized_names[layer.node].op_type
+                kernels[layer.node] = f"{op} (float, folded)" if op == layer.op_type else op
+            continue
+        node = found[0]
+        if node.op_type == "DequantizeLinear":
+            after = readers.get(node.output[0], [])
+            kernels[layer.node] = f"{after[0].op_type if after else layer.op_type} (float)"
+        else:
+            kernels[layer.node] = node.op_type
+    return kernels
+
+
+def _stored_weight(layer, by_name, producers, inits) -> str | None:
+    """The initializer that holds a layer's weight in the exported model: the layer's node (or what
+    replaced it: MatMulNBits, MatMulInteger) reads it at input 1, directly or through a DequantizeLinear."""
+    node = next((by_name[n] for n in (layer.node, f"{layer.node}_MatMulNBits", f"{layer.node}_MatMulInteger")
+                 if n in by_name), None)
+    if node is None or len(node.input) < 2:
+        return None
+    name = node.input[1]
+    dq = producers.get(name)
+    if dq is not None and dq.op_type == "DequantizeLinear":
+        name = dq.input[0]
+    return name if name in inits else None

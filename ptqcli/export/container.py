@@ -1,0 +1,136 @@
+"""The integer type that stores each layer's weight codes in a QDQ model, chosen for the kernel that
+will run it.
+
+Stock ONNX Runtime's CPU integer kernels (QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat)
+take 8-bit weights. It never fuses a DequantizeLinear of int4 codes into them: such a layer runs in
+float, its weights dequantized on every run (EfficientNet-Lite0 W4A8 ran 4x slower than float
+that way). The same codes stored as int8 (int4 code k as int8 k, uint4 as uint8, same scale and
+zero point) are the same levels and the same model, and ORT fuses the layer into its integer
+kernel, at half a byte more per weight.
+
+Modes (`ptq export --container`):
+  auto  int8 where an integer kernel then runs: the layer reads an 8-bit quantized activation.
+        Elsewhere the smallest container: a weight-only layer gains nothing from int8 codes (ORT
+        dequantizes, folds or repacks them whatever holds them), so int8 would only cost size. Weight-only int4 MatMuls are MatMulNBits' to
+        run (see `weight_only`).
+  int8  every sub-8-bit weight, wherever it is read.
+  int4  each format's smallest container (int4 for 2-4-bit integers): the smallest file.
+
+Level-set formats (binary, ternary, pow2 up to 4 bits) are int8 codes already; exp and wider pow2
+levels need int16, which no int8 container holds exactly, so they stay. Whether the kernel ran is
+measured, not assumed: export/measures.layer_kernels reads it from ORT's optimized graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import ModelProto, TensorProto, numpy_helper
+
+from ..errors import PtqError
+from ..graph import Graph
+from ..plan import Layer, Plan
+from .qdq import export_qdq, qdq_names
+
+MODES = ("auto", "int4", "int8")
+WIDER = {TensorProto.INT4: (TensorProto.INT8, np.int8), TensorProto.UINT4: (TensorProto.UINT8, np.uint8)}
+NAMES = {TensorProto.INT4: "int4", TensorProto.UINT4: "uint4", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8",
+         TensorProto.INT16: "int16", TensorProto.INT32: "int32", TensorProto.FLOAT: "float32"}
+
+
+@dataclass
+class Choice:
+    mode: str
+    widened: dict[str, str] = field(default_factory=dict)  # node -> why its codes are stored in 8 bits
+    kept: dict[str, str] = field(default_factory=dict)     # sub-8-bit node left in the smallest container -> why
+
+
+def integer_input(plan: Plan, layer: Layer) -> bool:
+    """Does ORT get an integer kernel for this layer once its weights are 8-bit? Its input must be
+    an 8-bit, per-tensor quantized activation (the QDQ pair ORT fuses with the layer)."""
+    tq = plan.tensors.get(layer.activation) if layer.activation else None
+    return (tq is not None and tq.role == "activation" and tq.spec.scheme == "int" and tq.spec.bits == 8
+            and tq.spec.axis is None and layer.node not in plan.binary_inputs)
+
+
+def weight_only(layer: Layer) -> str:
+    """Why a layer on float inputs keeps its smallest container. Weight-only int4 MatMuls belong to
+    MatMulNBits: block-wise ones are exported as such (export/nbits.py), and recent ORT builds fuse a
+    per-channel DequantizeLinear(int4) -> MatMul into it themselves (the card's kernel column says
+    whether they did). Exporting per-channel ones as MatMulNBits directly would go here."""
+    if layer.op_type == "MatMul":
+        return "weight-only MatMul: int4 codes are MatMulNBits' to run, no int8 kernel reads a float input"
+    return "its input is not an 8-bit quantized activation: no integer kernel would run"
+
+
+def choose(plan: Plan, mode: str, elsewhere: frozenset = frozenset()) -> Choice:
+    """Which layers' sub-8-bit weights are stored as 8-bit codes (`elsewhere`: layers whose weights
+    another operator stores, e.g. the native ones)."""
+    if mode not in MODES:
+        raise PtqError(f"unknown container '{mode}' (known: {', '.join(MODES)})")
+    choice = Choice(mode)
+    for layer in plan.layers:
+        tq = plan.tensors.get(layer.weight)
+        if tq is None or tq.role != "weight" or tq.spec.storage_bits != 4 or layer.node in elsewhere:
+            continue
+        if tq.spec.block_size:
+            choice.kept[layer.node] = "block-wise scales: no integer kernel takes them"
+        elif mode == "int4":
+            choice.kept[layer.node] = "--container int4"
+        elif mode == "int8":
+            choice.widened[layer.node] = "--container int8"
+        elif integer_input(plan, layer):
+            choice.widened[layer.node] = f"its input is 8-bit: ORT's integer {layer.op_type} kernel takes int8 codes"
+        else:
+            choice.kept[layer.node] = weight_only(layer)
+    # One initializer per weight: a weight that one reader widens is widened for all of them.
+    readers = {layer.node: layer.weight for layer in plan.layers}
+    widened_weights = {readers[node] for node in choice.widened}
+    for node in [n for n in choice.kept if readers[n] in widened_weights]:
+        choice.widened[node] = "shares its weight with a layer stored as int8"
+        del choice.kept[node]
+    return choice
+
+
+def widen(model: ModelProto, plan: Plan, choice: Choice) -> int:
+    """Store the chosen layers' int4/uint4 codes and zero points as int8/uint8, in place. Returns the
+    bytes this adds to the model file."""
+    weights = {layer.weight for layer in plan.layers if layer.node in choice.widened}
+    names = {getattr(qdq_names(w), part) for w in weights for part in ("quantized", "zero_point")}
+    added = 0
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name in names and tensor.data_type in WIDER:
+            kind, dtype = WIDER[tensor.data_type]
+            values = numpy_helper.to_array(tensor)
+            wide = numpy_helper.from_array(values.astype(dtype), tensor.name)
+            assert wide.data_type == kind
+            added += wide.ByteSize() - tensor.ByteSize()
+            model.graph.initializer[i].CopyFrom(wide)
+    return added
+
+
+def record(choice: Choice, extra_bytes: int) -> dict:
+    """The card's account of the choice and its size cost."""
+    return {"mode": choice.mode, "int8": dict(choice.widened), "smallest": dict(choice.kept),
+            "extra_bytes": int(extra_bytes)}
+
+
+def stored_types(model: ModelProto, plan: Plan) -> dict[str, str]:
+    """{node: the ONNX type holding its weight}: the codes' initializer behind a DequantizeLinear,
+    or the weight itself when it stayed float."""
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    out = {}
+    for layer in plan.layers:
+        for name in (qdq_names(layer.weight).quantized, layer.weight):
+            if name in inits:
+                out[layer.node] = NAMES.get(inits[name], TensorProto.DataType.Name(inits[name]).lower())
+                break
+    return out
+
+
+def export(g: Graph, plan: Plan, mode: str = "auto", contrib_ops: bool = True) -> tuple[ModelProto, Choice, int]:
+    """The QDQ model with each layer's codes in the container `mode` chooses; the choice; the bytes it adds."""
+    model = export_qdq(g, plan, contrib_ops=contrib_ops)
+    choice = choose(plan, mode)
+    return model, choice, widen(model, plan, choice)

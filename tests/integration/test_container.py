@@ -1,0 +1,142 @@
+"""Sub-8-bit weight codes stored for the kernel that will run them (`--container`), checked in ORT's
+optimized graph: int4 codes as int8 where the layer reads a quantized activation (ORT fuses the
+layer into QLinearConv / QGemm / MatMulIntegerToFloat), the smallest container elsewhere."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from builders import encoder_model
+from conftest import ASSETS
+from ptqcli.export.card import card_paths, read_card
+from ptqcli.export.fidelity import INTEGER_KERNELS
+from ptqcli.runtime import optimized_op_counts, session
+from test_cli import assert_user_error, ptq
+
+MODEL, CALIB, TEST = ASSETS / "fashion_cnn.onnx", ASSETS / "fashion_calib.npz", ASSETS / "fashion_test.npz"
+LAYERS = ["conv1", "conv2", "conv3", "fc1", "fc2"]
+
+
+@pytest.fixture(scope="module")
+def w4a8(tmp_path_factory):
+    """The embedded CNN calibrated to int4 weights and uint8 activations, exported both ways."""
+    tmp = tmp_path_factory.mktemp("w4a8")
+    run = tmp / "run"
+    r = ptq("calibrate", MODEL, "--data", CALIB, "--num-samples", 128, "--weights", "int4", "-o", run)
+    assert r.returncode == 0, r.stderr
+    models = {}
+    for mode in ("auto", "int4"):
+        out = tmp / f"{mode}.onnx"
+        r = ptq("export", run, "-o", out, "--eval-data", TEST, "--eval-samples", 400, "--no-latency",
+                *(["--container", mode] if mode != "auto" else []))
+        assert r.returncode == 0, r.stderr
+        models[mode] = out
+    return models
+
+
+def initializers(path) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_auto_stores_int4_codes_as_int8_and_ort_fuses_every_layer(w4a8):
+    card = read_card(card_paths(w4a8["auto"])["json"])
+    assert [(row["node"], row["format"], row["container"]) for row in card["layers"]] == [
+        (node, "int4", "int8") for node in LAYERS]
+    assert [row["kernel"] for row in card["layers"]] == ["QLinearConv"] * 3 + ["QGemm"] * 2
+    container = card["model"]["container"]
+    assert container["mode"] == "auto" and sorted(container["int8"]) == sorted(LAYERS)
+    assert container["smallest"] == {} and container["not_fused"] == {}
+    # ORT's own optimized graph: every layer fused, no weight dequantized at run time
+    ops = optimized_op_counts(onnx.load(str(w4a8["auto"])))
+    assert ops["QLinearConv"] == 3 and ops["QGemm"] == 2 and "DequantizeLinear" not in ops
+    assert card["results"]["kernel_ops"] == ops
+
+
+def test_the_smallest_container_runs_in_float(w4a8):
+    card = read_card(card_paths(w4a8["int4"])["json"])
+    assert [row["container"] for row in card["layers"]] == ["int4"] * 5
+    assert [row["kernel"] for row in card["layers"]] == ["Conv (float)"] * 3 + ["Gemm (float)"] * 2
+    assert card["model"]["container"] == {"mode": "int4", "int8": {}, "extra_bytes": 0, "not_fused": {},
+                                          "smallest": {node: "--container int4" for node in LAYERS}}
+    ops = optimized_op_counts(onnx.load(str(w4a8["int4"])))
+    assert ops["DequantizeLinear"] >= 5 and "QLinearConv" not in ops and "QGemm" not in ops
+
+
+def test_both_containers_hold_the_same_levels(w4a8):
+    wide, narrow = initializers(w4a8["auto"]), initializers(w4a8["int4"])
+    for node in LAYERS:
+        weight = "fc1.weight" if node == "fc1" else f"{node}.weight"
+        for part in ("quantized", "zero_point", "scale"):
+            name = f"{weight}_{part}"
+            a, b = numpy_helper.to_array(wide[name]), numpy_helper.to_array(narrow[name])
+            np.testing.assert_array_equal(a.astype(np.float64), b.astype(np.float64))
+        assert wide[f"{weight}_quantized"].data_type == TensorProto.INT8
+        assert narrow[f"{weight}_quantized"].data_type == TensorProto.INT4
+    # so the two models compute the same thing where nothing is fused (every node run as written)
+    feeds = {"input": np.load(TEST)["input"][:16]}
+    runs = [session(onnx.load(str(w4a8[m])), optimize=False).run(None, feeds)[0] for m in ("auto", "int4")]
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_the_size_cost_is_recorded(w4a8):
+    card = read_card(card_paths(w4a8["auto"])["json"])
+    extra = card["model"]["container"]["extra_bytes"]
+    narrow = initializers(w4a8["int4"])
+    codes = [int(np.prod(t.dims)) for name, t in narrow.items() if t.data_type == TensorProto.INT4]
+    assert len(codes) == 10  # weights and their per-channel zero points
+    half_bytes = sum(n - (n + 1) // 2 for n in codes)  # half a byte more per code
+    assert half_bytes <= extra <= half_bytes + 2 * len(codes)  # length prefixes may grow by a byte
+    grown = w4a8["auto"].stat().st_size - w4a8["int4"].stat().st_size
+    assert abs(grown - extra) <= 16  # the file grows by that much (length prefixes aside)
+    assert "stored as 8-bit codes for ORT's integer kernels (+" in card_paths(w4a8["auto"])["md"].read_text()
+
+
+def test_accuracy_of_the_fused_model_matches_the_emulated_one(w4a8):
+    auto, small = (read_card(card_paths(w4a8[m])["json"])["results"]["accuracy"] for m in ("auto", "int4"))
+    assert auto["float"] == small["float"]
+    assert abs(auto["quantized"] - small["quantized"]) <= 0.01  # 4 of 400 images: integer vs float arithmetic
+
+
+def test_weight_only_layers_keep_int4_unless_asked_and_the_check_says_what_did_not_fuse(tmp_path, tiny_cnn):
+    """Dynamic activations leave every layer of the tiny CNN weight-only: no integer Conv/Gemm kernel."""
+    cards = {}
+    for mode in ("auto", "int8"):
+        out = tmp_path / f"{mode}.onnx"
+        r = ptq("quantize", tiny_cnn, "--acts", "dynamic", "--weights", "int4", "--container", mode, "-o", out,
+                "--no-latency")
+        assert r.returncode == 0, r.stderr
+        cards[mode] = read_card(card_paths(out)["json"])
+    auto = cards["auto"]["model"]["container"]
+    assert auto["int8"] == {} and set(auto["smallest"]) == {"conv1", "conv2", "fc"}
+    assert all("not an 8-bit quantized activation" in why for why in auto["smallest"].values())
+    assert [row["container"] for row in cards["auto"]["layers"]] == ["int4"] * 3
+    forced = cards["int8"]["model"]["container"]
+    assert set(forced["int8"]) == {"conv1", "conv2", "fc"} and forced["extra_bytes"] > 0
+    # int8 codes on a float input buy no integer kernel here, and the card says so
+    assert set(forced["not_fused"]) == {"conv1", "conv2", "fc"}
+    assert all(k not in INTEGER_KERNELS for k in forced["not_fused"].values())
+    assert "stored as 8-bit but not fused: conv1" in card_paths(tmp_path / "int8.onnx")["md"].read_text()
+
+
+def test_matmuls_reading_quantized_activations_fuse(tmp_path):
+    model, data = tmp_path / "encoder.onnx", tmp_path / "x.npy"
+    onnx.save(encoder_model(), str(model))
+    np.save(data, np.random.default_rng(0).normal(0, 1, (32, 16, 32)).astype(np.float32))
+    out = tmp_path / "encoder.q.onnx"
+    r = ptq("quantize", model, "--data", data, "--num-samples", 32, "--weights", "int4", "-o", out, "--no-latency")
+    assert r.returncode == 0, r.stderr
+    card = json.loads(card_paths(out)["json"].read_text())
+    matmuls = [row for row in card["layers"] if row["op_type"] == "MatMul"]
+    assert len(matmuls) == 6
+    assert all(row["container"] == "int8" and row["kernel"] in INTEGER_KERNELS for row in matmuls), matmuls
+    assert card["model"]["container"]["not_fused"] == {}
+
+
+def test_an_unknown_container_is_refused(tmp_path, tiny_cnn, tiny_data):
+    out = tmp_path / "m.onnx"
+    assert_user_error(ptq("quantize", tiny_cnn, "--data", tiny_data, "--container", "int2", "-o", out),
+                      "unknown container 'int2' (known: auto, int4, int8)")
+    assert not out.exists() and not (tmp_path / "m.onnx.run").exists()
