@@ -452,6 +452,7 @@ def gate(card: Annotated[Path, typer.Argument(help="Quantization card (JSON) wri
          min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Smallest top-1 agreement with float, in %.")] = None,
          min_compression: Annotated[Optional[float], typer.Option("--min-compression", help="Smallest weight compression ratio.")] = None,
          max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Largest batch-1 latency of the quantized model.")] = None,
+         min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Smallest batch-1 speed-up over float the card measured (float ms / quantized ms).")] = None,
          max_ppl_increase: Annotated[Optional[float], typer.Option("--max-ppl-increase", help="Largest rise of a language model's next-token perplexity over float, in %.")] = None,
          baseline: Annotated[Optional[Path], typer.Option("--baseline", help="An older card to compare against.")] = None,
          max_regression: Annotated[Optional[float], typer.Option("--max-regression", help="Largest quality loss vs --baseline, in points [default: 0].")] = None,
@@ -466,7 +467,8 @@ def gate(card: Annotated[Path, typer.Argument(help="Quantization card (JSON) wri
     doc = read_card(card)
     base = read_card(baseline) if baseline else None
     given = dict(max_drop=max_drop, min_agreement=min_agreement, min_compression=min_compression,
-                 max_latency_ms=max_latency_ms, max_regression=max_regression, max_ppl_increase=max_ppl_increase)
+                 max_latency_ms=max_latency_ms, max_regression=max_regression, max_ppl_increase=max_ppl_increase,
+                 min_speedup=min_speedup)
     table_values = {k.replace("-", "_"): v for k, v in load_toml_table(str(limits), "gate").items()} if limits else {}
     checks = run_gate(doc, limits_from({**table_values, **{k: v for k, v in given.items() if v is not None}}), base)
     table = Table(title=f"gate: {card}")

@@ -19,6 +19,7 @@ class GateLimits:
     max_latency_ms: float | None = None
     max_regression: float | None = None
     max_ppl_increase: float | None = None  # percent of the float model's perplexity
+    min_speedup: float | None = None  # float latency over quantized latency, batch 1, as the card measured them
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -78,6 +79,9 @@ def run_gate(card: dict, limits: GateLimits, baseline: dict | None = None) -> li
     if limits.max_latency_ms is not None:
         check("max-latency-ms (batch 1)", f"<= {limits.max_latency_ms:.3f} ms",
               card["results"]["latency"]["quantized_ms"], lambda v: v <= limits.max_latency_ms, "{:.3f} ms")
+    if limits.min_speedup is not None:
+        check("min-speedup (float ms / quantized ms, batch 1)", f">= {limits.min_speedup:.2f}x",
+              card["results"]["latency"].get("speedup"), lambda v: v >= limits.min_speedup, "{:.2f}x")
     if limits.max_ppl_increase is not None:
         lm = next((o for o in card["results"]["outputs"].values() if "perplexity_float" in o), None)
         increase = 100 * (lm["perplexity_quantized"] / lm["perplexity_float"] - 1) if lm else None
@@ -93,7 +97,7 @@ def run_gate(card: dict, limits: GateLimits, baseline: dict | None = None) -> li
         raise PtqError("--max-regression needs --baseline OLD_CARD.json")
     if not checks:
         raise PtqError("no gate limits given: pass --max-drop, --min-agreement, --min-compression, "
-                       "--max-latency-ms or --baseline (or a --limits TOML file)")
+                       "--max-latency-ms, --min-speedup or --baseline (or a --limits TOML file)")
     return checks
 
 

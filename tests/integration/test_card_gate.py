@@ -129,3 +129,21 @@ def test_card_diff_names_what_changed(w8a8, w2):
     assert rows["layers/conv2/bits"] == (8, 2)
     r = ptq("card", "diff", w8a8[1], w2[1])
     assert r.returncode == 0 and "recipe/quant/weights" in r.stdout
+
+
+def test_gate_min_speedup(tmp_path, w8a8):
+    card = read_card(w8a8[1])
+    card["results"]["latency"].update(float_ms=3.0, quantized_ms=2.0, speedup=1.5)
+    assert [c.passed for c in run_gate(card, GateLimits(min_speedup=1.5))] == [True]
+    (check,) = run_gate(card, GateLimits(min_speedup=1.51))
+    assert not check.passed and check.actual == "1.50x" and check.limit == ">= 1.51x"
+    card["results"]["latency"].update(float_ms=None, quantized_ms=None, speedup=None)  # --no-latency
+    (check,) = run_gate(card, GateLimits(min_speedup=0.5))
+    assert not check.passed and check.actual == "not measured"
+    # from the command line, against the speed-up the card measured
+    measured = read_card(w8a8[1])["results"]["latency"]["speedup"]
+    assert ptq("gate", w8a8[1], "--min-speedup", round(measured / 2, 3)).returncode == 0
+    assert_user_error(ptq("gate", w8a8[1], "--min-speedup", round(measured * 2 + 1, 3)), "gate failed", "min-speedup")
+    limits = tmp_path / "gate.toml"
+    limits.write_text(f"[gate]\nmin-speedup = {measured * 2 + 1}\n")
+    assert_user_error(ptq("gate", w8a8[1], "--limits", limits), "min-speedup")
