@@ -8,22 +8,23 @@ evaluations (export, run in ONNX Runtime, score); nothing here runs a model. The
    that misses, no plan meets it);
 2. each candidate moved alone: its harm is the drop that moving it recovers; candidates are ranked
    by it;
-3. candidates are moved in rank order until the target holds, then each moved one, least harmful
-   first, is put back where the target still holds without it;
+3. candidates are moved in rank order until the target holds (the prefix length found by
+   bisection), then each moved one, least harmful first, is put back where the target still holds
+   without it;
 4. every smaller set is tried, size by size, when that takes at most `proof_budget` evaluations;
    the result is then the smallest set that meets the target (the least drop among sets of that
    size), proven so. Sets of one were all measured in step 2, so a result of two moves is always
    proven.
 
-Evaluations are cached by set, so the total is at most 2 + 2n + (moves) + proof_budget for n
-candidates.
+Evaluations are cached by set, so for n candidates the total is at most
+2 + n + ceil(log2 n) + (moves) + proof_budget.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from itertools import combinations
-from math import comb
 from typing import Callable, Iterable
 
 from ..errors import PtqError
@@ -144,16 +145,18 @@ class Search:
 
 
 class _Evaluations:
-    """drop_of, cached by set and counted."""
+    """drop_of, cached by set and counted; each new evaluation advances the current phase's bar
+    (`advance`, set per phase) with the set's size and drop."""
 
-    def __init__(self, drop_of: Callable[[Moves], float], advance: Callable[..., None]):
-        self._drop_of, self.advance, self.cache = drop_of, advance, {}
+    def __init__(self, drop_of: Callable[[Moves], float], describe: Callable[[float], str]):
+        self._drop_of, self._describe, self.cache = drop_of, describe, {}
+        self.advance: Callable[..., None] = lambda n, note=None: None
 
     def __call__(self, moves: Iterable[Move]) -> float:
         key = frozenset(moves)
         if key not in self.cache:
             self.cache[key] = float(self._drop_of(key))
-            self.advance(1)
+            self.advance(1, f"{len(key)} moved, drop {self._describe(self.cache[key])}")
         return self.cache[key]
 
 
@@ -162,8 +165,8 @@ def fewest_moves(items: list[Move], drop_of: Callable[[Moves], float], target: f
                  describe: Callable[[float], str] = "{:.6g}".format) -> Search:
     """The smallest set of candidates whose move to float brings the drop within `target` (see the
     module doc); `describe` formats a drop for the error when no plan meets the target."""
-    with progress(f"ranking {len(items)} candidates by harm", len(items) + 2) as advance:
-        drop = _Evaluations(drop_of, advance)
+    drop = _Evaluations(drop_of, describe)
+    with progress(f"ranking {len(items)} candidates by harm", len(items) + 2) as drop.advance:
         before = drop(())
         if meets(before, target):
             return Search((), before, before, {}, 1, True)
@@ -174,26 +177,31 @@ def fewest_moves(items: list[Move], drop_of: Callable[[Moves], float], target: f
                            f"{describe(before)} with none)")
         harm = {m: before - drop({m}) for m in items}
     ranked = sorted(items, key=lambda m: -harm[m])  # stable: plan order among equals
-    with progress("moving the most harmful to float", None) as advance:
-        drop.advance = advance
+    with progress("moving the most harmful first", math.ceil(math.log2(len(items)))) as drop.advance:
         moved = _grown(ranked, drop, target)
+    with progress("putting back what the target does not need", len(moved)) as drop.advance:
         moved = _pruned(moved, harm, drop, target)
-    smaller = sum(comb(len(items), size) for size in range(2, len(moved)))
+    smaller = sum(math.comb(len(items), size) for size in range(2, len(moved)))
     proven = smaller <= proof_budget
     if proven and smaller:
-        with progress(f"trying every set of fewer than {len(moved)}", smaller) as advance:
-            drop.advance = advance
+        with progress(f"trying every set of fewer than {len(moved)}", smaller) as drop.advance:
             moved = _smallest_meeting(ranked, len(moved), drop, target) or moved
     moved = sorted(moved, key=ranked.index)
     return Search(tuple(moved), before, drop(moved), harm, len(drop.cache), proven)
 
 
 def _grown(ranked: list[Move], drop: _Evaluations, target: float) -> list[Move]:
-    """The shortest prefix of the ranking that meets the target (the whole ranking meets it)."""
-    for end in range(1, len(ranked) + 1):
-        if meets(drop(ranked[:end]), target):
-            return ranked[:end]
-    return list(ranked)
+    """A prefix of the ranking that meets the target while the one a candidate shorter does not,
+    found by bisection: none of it meets nothing, all of it meets everything. Drops need not fall
+    monotonically along the ranking, so it may not be the shortest such prefix; pruning follows."""
+    misses, meets_at = 0, len(ranked)
+    while meets_at - misses > 1:
+        mid = (misses + meets_at) // 2
+        if meets(drop(ranked[:mid]), target):
+            meets_at = mid
+        else:
+            misses = mid
+    return ranked[:meets_at]
 
 
 def _pruned(moved: list[Move], harm: dict[Move, float], drop: _Evaluations, target: float) -> list[Move]:

@@ -21,6 +21,7 @@ from ..errors import PtqError
 from ..export.qdq import export_qdq
 from ..plan import Plan
 from ..progress import Progress, silent
+from ..rundir import Run
 from ..runtime import run_session, session
 from ..stages import eval_source
 from .fallback import KINDS, PROOF_BUDGET, Moves, Search, candidates, fewest_moves, moved_to_float
@@ -43,15 +44,10 @@ def fall_back(run_dir: str | Path, target: float, eval_data: str | None, eval_sa
               progress: Progress = silent) -> Fallback:
     """Search, then write the plan, plan.base.json (if not yet kept) and fallback.json; nothing is
     written when the metric fails or no plan meets the target."""
-    custom = user_metric(metric) if metric else None  # a metric that does not import fails first
+    custom = user_metric(metric) if metric else None  # a metric that does not import fails before any work
     run = load_base(run_dir)
     items = candidates(run.plan, kinds)
-    source, skip, held_out = eval_source(run.plan, eval_data)
-    if source is None:
-        raise PtqError("--max-drop needs evaluation data: pass --eval-data")
-    batches = list(iter_batches(source, model_inputs(run.graph), run.plan.data, limit=eval_samples, skip=skip))
-    if not batches:
-        raise PtqError(f"no evaluation samples could be read from {source}")
+    batches, evaluation = evaluation_batches(run, eval_data, eval_samples)
     reference = outputs_of(run.graph.model, batches)
     score = custom or default_score(reference, labels_of(batches), run.graph.output_names)
     drop = score.drop_against(reference)
@@ -60,22 +56,36 @@ def fall_back(run_dir: str | Path, target: float, eval_data: str | None, eval_sa
         return drop(outputs_of(export_qdq(run.graph, moved_to_float(run.plan, moves)), batches))
 
     search = fewest_moves(items, drop_of, target, progress, proof_evals, score.describe)
-    samples = sum(len(next(iter(b.feeds.values()))) for b in batches)
-    record = {
-        "target": target, "measure": score.description, "unit": score.unit,
-        "evaluation": {"source": str(source), "samples": samples, "held_out": held_out},
-        "drop_before": search.drop_before, "drop_after": search.drop_after,
-        "moved": [{**m.to_dict(), "harm": search.harm[m]} for m in search.moved],
-        "evaluations": search.evaluations, "proven_fewest": search.proven_fewest,
-    }
+    record = fallback_record(search, score, target, evaluation)
     moved = moved_to_float(run.plan, search.moved)
     plan = replace(moved, config={**moved.config, "fallback": record})
     keep_base(run)
     rundir.write_plan(run.path, plan)
     ranking = sorted(search.harm.items(), key=lambda kv: -kv[1])
-    rundir.write_json(run.path / FALLBACK, {**record, "candidates": [
-        {**m.to_dict(), "harm": h} for m, h in ranking]})
+    rundir.write_json(run.path / FALLBACK, {**record, "candidates": [{**m.to_dict(), "harm": h} for m, h in ranking]})
     return Fallback(plan, search, score, record)
+
+
+def evaluation_batches(run: Run, eval_data: str | None, eval_samples: int) -> tuple[list[Batch], dict]:
+    """The evaluation samples, held in memory (every plan runs on them), and where they came from."""
+    source, skip, held_out = eval_source(run.plan, eval_data)
+    if source is None:
+        raise PtqError("--max-drop needs evaluation data: pass --eval-data")
+    batches = list(iter_batches(source, model_inputs(run.graph), run.plan.data, limit=eval_samples, skip=skip))
+    if not batches:
+        raise PtqError(f"no evaluation samples could be read from {source}")
+    samples = sum(len(next(iter(b.feeds.values()))) for b in batches)
+    return batches, {"source": str(source), "samples": samples, "held_out": held_out}
+
+
+def fallback_record(search: Search, score: Score, target: float, evaluation: dict) -> dict:
+    """What the plan's config keeps under "fallback", for the card and for reports."""
+    return {
+        "target": target, "measure": score.description, "unit": score.unit, "evaluation": evaluation,
+        "drop_before": search.drop_before, "drop_after": search.drop_after,
+        "moved": [{**m.to_dict(), "harm": search.harm[m]} for m in search.moved],
+        "evaluations": search.evaluations, "proven_fewest": search.proven_fewest,
+    }
 
 
 def default_score(reference: Outputs, labels: np.ndarray | None, output_names: list[str]) -> Score:

@@ -138,7 +138,7 @@ def test_a_user_metric_by_file_path_and_by_module_name(run, tmp_path):
     found = _fallback(run)
     assert found["measure"].startswith(f"--metric {path}:agreement") and found["moved"]
     assert found["drop_after"] <= 3 < found["drop_before"]
-    assert found["evaluations"] <= 2 + 2 * 5 + len(found["moved"])  # greedy and pruning only
+    assert found["evaluations"] <= 2 + 5 + 3 + len(found["moved"])  # ranking, bisection and pruning only
 
     # Re-measured independently on the written plan: 100 - agreement with float.
     loaded, x = load_run(run), np.load(TEST)["input"][:200]
