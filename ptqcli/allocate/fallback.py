@@ -145,7 +145,7 @@ class Search:
 
 
 class _Evaluations:
-    """drop_of, cached by set and counted; each new evaluation advances the current phase's bar
+    """drop_of, cached by set and counted; every set a phase asks for advances that phase's bar
     (`advance`, set per phase) with the set's size and drop."""
 
     def __init__(self, drop_of: Callable[[Moves], float], describe: Callable[[float], str]):
@@ -156,7 +156,7 @@ class _Evaluations:
         key = frozenset(moves)
         if key not in self.cache:
             self.cache[key] = float(self._drop_of(key))
-            self.advance(1, f"{len(key)} moved, drop {self._describe(self.cache[key])}")
+        self.advance(1, f"{len(key)} moved, drop {self._describe(self.cache[key])}")
         return self.cache[key]
 
 
