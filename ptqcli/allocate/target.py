@@ -1,8 +1,8 @@
 """`ptq allocate --max-drop P`: the fewest layers or activations moved back to float so that the
 quantized model stays within P of the float model on the user's measure (allocate/scores.py).
 
-Every plan the search tries (allocate/fallback.py) is measured as deployed: exported to QDQ and run
-in ONNX Runtime with default session options, on the same evaluation samples, against float outputs
+Every plan the search tries (allocate/fallback.py) is measured as deployed: exported as `ptq export`
+writes it by default and run in ONNX Runtime with default session options, on the same evaluation samples, against float outputs
 computed once. The result is written as the run's plan; the base plan stays in plan.base.json, so
 the fallback can be redone with another target.
 """
@@ -18,7 +18,7 @@ from onnx import ModelProto
 from .. import rundir
 from ..calibrate.data import Batch, iter_batches, model_inputs
 from ..errors import PtqError
-from ..export.qdq import export_qdq
+from ..export import container
 from ..plan import Plan
 from ..progress import Progress, silent
 from ..rundir import Run
@@ -53,7 +53,7 @@ def fall_back(run_dir: str | Path, target: float, eval_data: str | None, eval_sa
     drop = score.drop_against(reference)
 
     def drop_of(moves: Moves) -> float:
-        return drop(outputs_of(export_qdq(run.graph, moved_to_float(run.plan, moves)), batches))
+        return drop(outputs_of(deployed(run, moved_to_float(run.plan, moves)), batches))
 
     search = fewest_moves(items, drop_of, target, progress, proof_evals, score.describe)
     record = fallback_record(search, score, target, evaluation)
@@ -86,6 +86,12 @@ def fallback_record(search: Search, score: Score, target: float, evaluation: dic
         "moved": [{**m.to_dict(), "harm": search.harm[m]} for m in search.moved],
         "evaluations": search.evaluations, "proven_fewest": search.proven_fewest,
     }
+
+
+def deployed(run: Run, plan: Plan) -> ModelProto:
+    """The QDQ model `ptq export` writes by default, weight codes in the container ORT's integer
+    kernels take (export/container.py)."""
+    return container.export(run.graph, plan)[0]
 
 
 def default_score(reference: Outputs, labels: np.ndarray | None, output_names: list[str]) -> Score:

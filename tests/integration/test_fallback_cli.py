@@ -15,8 +15,8 @@ from builders import encoder_model
 from conftest import ASSETS
 from ptqcli import stages
 from ptqcli.allocate.fallback import Move, moved_to_float
+from ptqcli.allocate.target import deployed
 from ptqcli.config import DataConfig, QuantConfig
-from ptqcli.export.qdq import export_qdq
 from ptqcli.metrics import sample_cosines, top1
 from ptqcli.plan import MOVED_TO_FLOAT
 from ptqcli.rundir import BASE_PLAN, load_run
@@ -53,7 +53,7 @@ def _fewest_by_brute_force(run, drop_of) -> dict[int, float]:
     least = {}
     for size in range(len(layers) + 1):
         for subset in itertools.combinations(layers, size):
-            model = export_qdq(loaded.graph, moved_to_float(loaded.plan, subset))
+            model = deployed(loaded, moved_to_float(loaded.plan, subset))
             least[size] = min(least.get(size, np.inf), drop_of(session(model)))
     return least
 
@@ -143,7 +143,7 @@ def test_a_user_metric_by_file_path_and_by_module_name(run, tmp_path):
     # Re-measured independently on the written plan: 100 - agreement with float.
     loaded, x = load_run(run), np.load(TEST)["input"][:200]
     f = session(loaded.graph.model).run(None, {"input": x})[0]
-    q = session(export_qdq(loaded.graph, loaded.plan)).run(None, {"input": x})[0]
+    q = session(deployed(loaded, loaded.plan)).run(None, {"input": x})[0]
     assert 100 - 100 * np.mean(f.argmax(1) == q.argmax(1)) == pytest.approx(found["drop_after"])
 
     # The same module by name, from the current directory; a redo starts from the base plan.
