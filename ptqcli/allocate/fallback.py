@@ -12,8 +12,8 @@ evaluations (export, run in ONNX Runtime, score); nothing here runs a model. The
    bisection), then each moved one, least harmful first, is put back where the target still holds
    without it;
 4. every smaller set is tried, size by size, when that takes at most `proof_budget` evaluations;
-   the result is then the smallest set that meets the target (the least drop among sets of that
-   size), proven so. Sets of one were all measured in step 2, so a result of two moves is always
+   the result is then a smallest set that meets the target, proven so (if a smaller set than the
+   one found meets it, the one of them with the least drop). Sets of one were all measured in step 2, so a result of two moves is always
    proven.
 
 Evaluations are cached by set, so for n candidates the total is at most
@@ -103,7 +103,8 @@ def moved_to_float(plan: Plan, moves: Iterable[Move]) -> Plan:
 
     A moved layer leaves the plan's layers: its weight and bias go back to the model's float values
     (a corrected bias was corrected for the quantized weights), and the float-node list says why.
-    Its input activation stays as the plan has it. A moved activation loses its quantizer; a layer
+    Its input activation stays quantized for its other readers, while the layer itself reads the
+    float value (plan.FLOAT_INPUT_REASONS says why). A moved activation loses its quantizer; a layer
     reading it keeps its quantized weights, but an int32 bias needs an activation scale, so its
     bias stays float (keeping a bias correction's value)."""
     moves = set(moves)
