@@ -296,8 +296,8 @@ def allocate(run: RunArg,
              pareto: Annotated[bool, typer.Option("--pareto", help="Sweep budgets; export and evaluate every plan; write a CSV and PNG.")] = False,
              max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Move the fewest layers or activations back to float, most harmful first, until the exported model is within this of float on --eval-data: accuracy points with labels, else 1 - mean output cosine, or --metric's drop.")] = None,
              metric: Annotated[Optional[str], typer.Option("--metric", help="With --max-drop: module:function or path/to/file.py:function, called as function(float_outputs, quant_outputs) -> float, higher is better (each a dict of output name -> array over the evaluation samples); drop = function(float, float) - function(float, quantized).")] = None,
-             move: Annotated[Optional[str], typer.Option("--move", help="With --max-drop: what may go back to float: layers, activations, or both [default: layers,activations].")] = None,
-             proof_evals: Annotated[Optional[int], typer.Option("--proof-evals", help="With --max-drop: try every set smaller than the one found when that takes at most this many more evaluations, proving it the fewest [default: 64].")] = None,
+             move: Annotated[Optional[str], typer.Option("--move", help="With --max-drop: what may go back to float: layers, activations, or both (default: both, as layers,activations).")] = None,
+             proof_evals: Annotated[Optional[int], typer.Option("--proof-evals", help="With --max-drop: try every set smaller than the one found when that takes at most this many more evaluations, proving it the fewest (default 64).")] = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
     """Choose per-layer bit-widths under a budget by integer programming, or move layers to float until
     an accuracy target holds (--max-drop)."""
