@@ -183,6 +183,7 @@ def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", h
     _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container)
     _print_fidelity(fidelity)
     _print_native(output)
+    _print_container(output)
     out.print(f"wrote [bold]{output}[/bold]")
 
 
@@ -200,6 +201,21 @@ def _print_native(output: Path) -> None:
     out.print("native operators: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
     for node, why in native["kept"].items():
         out.print(f"  kept as QDQ: {node} ({why})")
+
+
+def _print_container(output: Path) -> None:
+    """Which sub-8-bit layers were stored as int8 codes for ORT's integer kernels, and which of them did not fuse."""
+    import json
+
+    from .export.card import card_paths
+
+    container = json.loads(card_paths(output)["json"].read_text())["model"].get("container")
+    if not container or not container["int8"]:
+        return
+    out.print(f"weight containers ({container['mode']}): {len(container['int8'])} sub-8-bit layers stored as int8 codes "
+              f"for ORT's integer kernels (+{container['extra_bytes']:,} bytes; --container int4 for the smallest file)")
+    for node, kernel in container.get("not_fused", {}).items():
+        out.print(f"  [yellow]stored as int8 but not fused:[/yellow] {node} ({kernel})")
 
 
 @app.command("run")
@@ -278,6 +294,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container)
     _print_fidelity(fidelity)
     _print_native(output)
+    _print_container(output)
     out.print(f"wrote [bold]{output}[/bold] (run directory {run})")
 
 

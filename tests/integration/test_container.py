@@ -109,6 +109,8 @@ def test_weight_only_layers_keep_int4_unless_asked_and_the_check_says_what_did_n
                 "--no-latency")
         assert r.returncode == 0, r.stderr
         cards[mode] = read_card(card_paths(out)["json"])
+        printed = r.stdout
+    assert "stored as int8 but not fused: conv1" in printed  # the int8 run's console says so too
     auto = cards["auto"]["model"]["container"]
     assert auto["int8"] == {} and set(auto["smallest"]) == {"conv1", "conv2", "fc"}
     assert all("not an 8-bit quantized activation" in why for why in auto["smallest"].values())
