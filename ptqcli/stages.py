@@ -50,7 +50,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     g = load_prepared(model_path)
     inputs = model_inputs(g)
     smoothing = {}
-    if quant.smooth and has_data:
+    # Smoothing serves activation quantization; weight-only plans have none.
+    if quant.smooth and has_data and quant.acts.value != "none":
         g, smoothing = smooth(g, quant, data, inputs, progress)
     # The plan and card record what `auto` resolved to, so a recipe replays identically.
     chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
@@ -87,7 +88,7 @@ def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progres
     with progress("calibrating", total) as advance:
         batches = iter_batches(data.path, inputs, data, limit=data.num_samples)
         stats, seen = collect(g, sel.activations, batches, quant.bins, advance,
-                              histograms=quant.method.value != "minmax", channel_axes=layer_input_axes(g, sel))
+                              histograms=quant.method.value != "minmax", channel_axes=layer_input_axes(g, sel, quant))
     if seen == 0:
         raise PtqError(f"no calibration samples could be read from {data.path}")
     return stats, seen
@@ -229,10 +230,14 @@ def reround(run_dir: str | Path, plan: Plan, progress: Progress = silent) -> Pla
     return plan
 
 
-def layer_input_axes(g: Graph, sel) -> dict[str, int]:
-    """The channel axis of each quantized layer's input, whose per-channel means bias correction uses."""
+def layer_input_axes(g: Graph, sel, quant: QuantConfig) -> dict[str, int]:
+    """The channel axis of each quantized layer's input whose per-channel means something uses: bias
+    correction (layers with a bias on an int32 grid, so only with static activations) and binarized
+    inputs. Observing every layer input of a large model costs memory for nothing otherwise."""
     axes = {}
     for layer in sel.layers:
+        if not (quant.binary_acts or (layer.bias is not None and quant.static_acts)):
+            continue
         node = g.node_by_name[layer.node]
         info = op_info(node.op_type, node.domain)
         if layer.activation and info is not None and info.act_channel_axis is not None:

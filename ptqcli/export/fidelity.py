@@ -191,6 +191,24 @@ class Fidelity:
         return asdict(self)
 
 
+# What one run's outputs (model outputs and exposed layer outputs, float and quantized alike) may
+# take: a language model's logits and layer outputs for 16 sequences would take gigabytes.
+RUN_BYTES = 256 * 2**20
+
+
+def _bounded(batches: Iterable[Batch], rows: Callable[[], int | None]) -> Iterable[Batch]:
+    """The batches cut into runs of at most rows() samples; the first run is one sample, to measure."""
+    for batch in batches:
+        n = len(next(iter(batch.feeds.values())))
+        start = 0
+        while start < n:
+            step = rows() or 1
+            stop = min(n, start + step)
+            labels = None if batch.labels is None else batch.labels[start:stop]
+            yield Batch({k: v[start:stop] for k, v in batch.feeds.items()}, labels)
+            start = stop
+
+
 def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batches: Iterable[Batch],
             held_out: bool, advance: Callable[[int], None] = lambda n: None) -> Fidelity:
     outputs = [o.name for o in float_model.graph.output]
@@ -206,8 +224,11 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     correct = {"float": 0, "quantized": 0}
     labelled = 0
     shapes: dict[str, list[int]] = {}
-    for batch in batches:
+    rows = None
+    for batch in _bounded(batches, lambda: rows):
         fv = dict(zip(outputs + layer_outputs, float_sess.run(outputs + layer_outputs, batch.feeds)))
+        if rows is None:  # the first run (one sample) tells how many samples a run may hold
+            rows = max(1, RUN_BYTES // max(1, sum(v.nbytes for v in fv.values())))
         if not shapes:  # the first batch tells what each output is
             shapes = {name: list(value.shape[1:]) for name, value in fv.items()}
             for name in outputs:
