@@ -63,9 +63,7 @@ import argparse
 import importlib.util
 import inspect
 import json
-import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -77,6 +75,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (bench/harness.py: child processes, turn-taking latency, machine description)
 import text_data  # noqa: E402  (bench/text_data.py: MiniLM, tokenizer and Wikipedia passages)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,54 +209,12 @@ def child_quantize(row: str, model: Path, calib: Path, out: Path, batch: int) ->
 # --------------------------------------------------------------------------- #
 
 
-def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
-
-
 def _spawn(cmd: list[str], log: Path, args) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run a child under the address-space limit; (result, wall s, peak RSS MB from os.wait4)."""
-    import threading
-
-    limit = int(args.mem_limit_gb * 2**30)
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    out_path, err_path = log.with_suffix(".stdout"), log.with_suffix(".stderr")
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=_env(args.threads), cwd=WORK, stdout=out, stderr=err, text=True,
-                                preexec_fn=cap)
-        timer = threading.Timer(args.timeout_s, proc.kill)
-        timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        elapsed = time.perf_counter() - start
-        timer.cancel()
-    timed_out = elapsed >= args.timeout_s
-    code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
-    stdout, stderr = out_path.read_text(), err_path.read_text()
-    out_path.unlink()
-    err_path.unlink()
-    if timed_out:
-        stderr += f"\ntimeout after {args.timeout_s} s"
-    log.write_text(f"$ {shlex.join(cmd)}\n[exit {code}, {elapsed:.1f}s, peak RSS {usage.ru_maxrss / 1024:.0f} MB]\n"
-                   f"{stdout}\n{stderr}")
-    return subprocess.CompletedProcess(cmd, code, stdout, stderr), elapsed, usage.ru_maxrss / 1024
+    return harness.spawn(cmd, log, WORK, args.threads, args.mem_limit_gb, args.timeout_s)
 
 
 def _failure(proc: subprocess.CompletedProcess, args) -> str:
-    text = proc.stdout + proc.stderr
-    if "MemoryError" in text or "Unable to allocate" in text or "bad_alloc" in text or proc.returncode == -9:
-        return f"OOM (> {args.mem_limit_gb:g} GB)"
-    if "timeout after" in text:
-        return f"timeout (> {args.timeout_s} s)"
-    last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip() and not ln.startswith("[")), "")
-    return last.removeprefix("error: ").removeprefix("internal error: ").split(" (set PTQ_DEBUG")[0] or \
-        f"exit code {proc.returncode}"
+    return harness.failure(proc, args.mem_limit_gb, args.timeout_s)
 
 
 def quantize_ort(row: Row, model: Path, calib: Path, args) -> None:
@@ -378,20 +335,10 @@ def measure_latency(rows: list[Row], latency_data: dict, threads: int, rounds: i
     sessions = {r.name: session(r.path, threads) for r in live}
     n = len(latency_data[text_data.INPUTS[0]])
     samples = [{k: v[i:i + 1] for k, v in latency_data.items()} for i in range(n)]
+    runs = {r.name: (lambda i, sess=sessions[r.name]: sess.run([EMBEDDING], samples[i])) for r in live}
+    medians = harness.take_turns(runs, n, rounds, warmup)
     for r in live:
-        for i in range(warmup):
-            sessions[r.name].run([EMBEDDING], samples[i % n])
-    times: dict[str, list[float]] = {r.name: [] for r in live}
-    for k in range(rounds):
-        order = live[k % len(live):] + live[:k % len(live)]
-        for r in order:
-            sess = sessions[r.name]
-            for feed in samples:
-                t0 = time.perf_counter()
-                sess.run([EMBEDDING], feed)
-                times[r.name].append(time.perf_counter() - t0)
-    for r in live:
-        r.latency_ms = 1000 * float(np.median(times[r.name]))
+        r.latency_ms = 1000 * medians[r.name]
 
 
 # --------------------------------------------------------------------------- #
@@ -422,29 +369,8 @@ def cells(r: Row, fp32_ms: float | None, markdown: bool) -> tuple[str, ...]:
             _ops(r.kernels), str(qdq))
 
 
-def cpu_description() -> str:
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == (platform.processor() or platform.machine()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni"))
-    return f"{name} ({os.cpu_count()} logical CPUs; {isa})"
-
-
-def _git(*a: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
-
-
-def ptq_source() -> str:
-    head = _git("rev-parse", "--short", "HEAD")
-    dirty = _git("status", "--porcelain", "--", "ptqcli")
-    state = f"with {len(dirty.splitlines())} uncommitted change(s) under ptqcli/" if dirty else "clean"
-    return f"working tree at commit {head} ({state})"
+cpu_description = harness.cpu_description
+ptq_source = harness.ptq_source
 
 
 def ort_defaults() -> str:
