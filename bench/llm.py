@@ -131,7 +131,7 @@ def quantize(row: Row, args) -> None:
         cmd = [sys.executable, __file__, "--_child", row.name, "--_output", str(out)]
     else:
         cmd = [str(args.ptq), "quantize", str(lm_data.model_path()), "--data", str(args.calib_path), "--acts", "none",
-               "--weights", "int4", *PTQ_ROWS[row.name], "--no-latency", "-o", str(out)]
+               "--weights", "int4", *PTQ_ROWS[row.name], "--no-latency", "--eval-samples", "8", "-o", str(out)]
     print(f"[{row.name}] {shlex.join(cmd[1:])}", flush=True)
     proc, row.quantize_s, row.peak_rss_mb = harness.spawn(cmd, WORK / f"{row.name}.log", WORK, args.threads,
                                                           args.mem_limit_gb, args.timeout_s)
