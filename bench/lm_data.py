@@ -199,15 +199,8 @@ def build(calib_n: int = CALIB_N, eval_n: int = EVAL_N, verbose: bool = True) ->
             info.update(windows_in_split=sum(len(w) for w in pool.values()), articles_with_windows=len(pool),
                         tokens_in_split=int(sum(len(v) for v in ids.values())), roundtrip_articles=len(source))
             meta["sets"][paths[kind].name] = info
-        meta["prose"] = {"articles": len(articles), "calib_articles": len(calib_articles),
-                         "eval_articles": len(eval_articles),
-                         "prose_chars": sum(len(p) for a in articles for p in a.paragraphs)}
-        tmp = meta_path.with_name("meta.json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)
-    overlap = set(meta["articles"]["calib"]) & set(meta["articles"]["eval"])
-    if overlap:
-        raise RuntimeError(f"calibration and evaluation share articles: {sorted(overlap)[:5]}")
+        text_data.write_meta(meta_path, meta, articles, calib_articles, eval_articles)
+    text_data.check_disjoint(meta)
     return Material(model, tok_path, paths["calib"], paths["eval"], meta)
 
 

@@ -406,16 +406,25 @@ def build(calib_n: int = CALIB_N, eval_n: int = EVAL_N, latency_n: int = LATENCY
                 "tokens_min": int(lengths.min()), "tokens_median": float(np.median(lengths)),
                 "tokens_max": int(lengths.max()), "truncated": int(sum(c > SEQ for _, _, c in picked)),
                 "padding_share": float(1 - lengths.sum() / lengths.size / SEQ)}
-        meta["prose"] = {"articles": len(articles), "calib_articles": len(calib_articles),
-                         "eval_articles": len(eval_articles),
-                         "prose_chars": sum(len(p) for a in articles for p in a.paragraphs)}
-        tmp = meta_path.with_name("meta.json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)
+        write_meta(meta_path, meta, articles, calib_articles, eval_articles)
+    check_disjoint(meta)
+    return Material(model, vocab, paths["calib"], paths["eval"], paths["eval_128"], meta)
+
+
+def write_meta(meta_path: Path, meta: dict, articles, calib_articles, eval_articles) -> None:
+    """The cache's description, with what the prose came to, written atomically."""
+    meta["prose"] = {"articles": len(articles), "calib_articles": len(calib_articles),
+                     "eval_articles": len(eval_articles),
+                     "prose_chars": sum(len(p) for a in articles for p in a.paragraphs)}
+    tmp = meta_path.with_name("meta.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
+
+
+def check_disjoint(meta: dict) -> None:
     overlap = set(meta["articles"]["calib"]) & set(meta["articles"]["eval"])
     if overlap:
         raise RuntimeError(f"calibration and evaluation share articles: {sorted(overlap)[:5]}")
-    return Material(model, vocab, paths["calib"], paths["eval"], paths["eval_128"], meta)
 
 
 # --------------------------------------------------------------------------- #

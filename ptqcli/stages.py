@@ -50,8 +50,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     g = load_prepared(model_path)
     inputs = model_inputs(g)
     smoothing = {}
-    # Smoothing serves activation quantization; weight-only plans have none.
-    if quant.smooth and has_data and quant.acts.value != "none":
+    if quant.smooth and has_data:
         g, smoothing = smooth(g, quant, data, inputs, progress)
     # The plan and card record what `auto` resolved to, so a recipe replays identically.
     chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"

@@ -107,11 +107,16 @@ def encoder_model(seed: int = 0, outlier_gain: float = 40.0, decomposed: bool = 
     if decomposed:
         const("two", 2.0)
         const("eps", 1e-12)
+    return _token_model(nodes, inits, "encoder_layer", "hidden", HIDDEN)
+
+
+def _token_model(nodes: list, inits: list, name: str, output: str, width: int) -> ModelProto:
+    """An opset-17 model of token ids and an attention mask (int64 [N, SEQ]) to one float [N, SEQ, width]."""
     graph = helper.make_graph(
-        nodes, "encoder_layer",
+        nodes, name,
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", SEQ]),
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", SEQ])],
-        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", SEQ, HIDDEN])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", SEQ, width])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -154,11 +159,4 @@ def tiny_language_model(seed: int = 0) -> ModelProto:
         n("Add", ["x", "down"], ["y"], name="residual"),
         n("MatMul", ["y", const("lm_head", table.T.copy())], ["logits"], name="lm_head"),
     ]
-    graph = helper.make_graph(
-        nodes, "tiny_lm",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", SEQ]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", SEQ])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", SEQ, VOCAB])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _token_model(nodes, inits, "tiny_lm", "logits", VOCAB)

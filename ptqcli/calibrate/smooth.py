@@ -12,6 +12,10 @@ The division is folded into the normalization that writes X (its per-channel sca
 no node is added. Where X has other readers (the residual Add of a post-norm encoder), they keep
 the original: the GEMMs read a copy of the normalization with the folded parameters. The smoothed
 float model is checked against the original on calibration samples before anything is quantized.
+
+In weight-only plans the same search is activation-aware weight scaling (as in AWQ): X stays float,
+and the factors only decide which input channels' weights get the finer grid, judged by the GEMMs'
+output error with their weights on the planned (block-wise) grid.
 """
 
 from __future__ import annotations
@@ -175,19 +179,27 @@ def smoothing_scales(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -
 
 
 def _fake_quant_weight(w: np.ndarray, cfg: QuantConfig) -> np.ndarray:
-    """[K, N] weight on the config's grid, one scale per output column (or per tensor)."""
-    spec = weight_spec(cfg, 1 if cfg.granularity is Granularity.channel else None)
+    """[K, N] weight on the config's grid: one scale per output column, per tensor, or per block of
+    input channels."""
+    if cfg.block_size is not None and w.shape[0] >= cfg.block_size:
+        spec = weight_spec(cfg, 0, block_size=cfg.block_size)
+    else:
+        spec = weight_spec(cfg, 1 if cfg.granularity is Granularity.channel else None)
     tq = quantize_weight(w, spec, cfg.weight_method.value)
     return dequantize(quantize(w, tq.scale, tq.zero_point, tq.spec), tq.scale, tq.zero_point, tq.spec)
 
 
 def group_loss(stats: GroupStats, weights: list[np.ndarray], s: np.ndarray, cfg: QuantConfig) -> float:
     """Summed relative output error of the group's GEMMs with X / s and diag(s) W quantized; the
-    activation's per-tensor range is its min-max over all samples, from the per-channel extremes."""
-    spec = activation_spec(cfg)
-    scale, zp = scale_zero_point(np.asarray((stats.lo / s).min()), np.asarray((stats.hi / s).max()), spec)
+    activation's per-tensor range is its min-max over all samples, from the per-channel extremes.
+    Weight-only plans (`acts none`) leave X in float: the factors then only decide which input
+    channels' weights get the finer grid, as activation-aware weight quantization (AWQ) does."""
     x = stats.rows / s
-    xq = dequantize(quantize(x, scale, zp, spec), scale, zp, spec)
+    xq = x
+    if cfg.acts.value != "none":
+        spec = activation_spec(cfg)
+        scale, zp = scale_zero_point(np.asarray((stats.lo / s).min()), np.asarray((stats.hi / s).max()), spec)
+        xq = dequantize(quantize(x, scale, zp, spec), scale, zp, spec)
     total = 0.0
     for w in weights:  # [K, N]
         ref = stats.rows @ w
