@@ -12,7 +12,7 @@ NATIVE_SOURCES := setup.py native/CMakeLists.txt native/ort_headers.py $(wildcar
 
 $(STAMP): pyproject.toml $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip "setuptools>=77" wheel
 	$(BIN)/pip install --quiet -e '.[test]'
 	@# whether the native operators built, and why not (tests/unit/test_native_build.py fails then)
 	-$(BIN)/ptq doctor

@@ -68,5 +68,7 @@ def test_transformer_encoder_quantizes_and_stays_close(tmp_path, weights):
     onnx.checker.check_model(q)
     assert {"LayerNormalization", "Softmax", "Gelu"} <= _ops(q)
     assert len(plan.layers) == 6  # q, k, v, o, ffn_in, ffn_out projections
-    assert "probs" in plan.tensors  # softmax output feeding the context MatMul
+    # The attention MatMuls between two activations stay float at 8 bits (no faster integer kernel
+    # on CPU), so the softmax output they read is not quantized; the projections' inputs are.
+    assert {n for n, why in plan.float_nodes.items() if "two activations" in why} and "probs" not in plan.tensors
     assert fidelity.outputs["y"]["cosine"] > (0.99 if weights == "int8" else 0.95)
