@@ -37,6 +37,7 @@ from .data import Batch
 from .planner import activation_spec, quantize_weight, weight_spec
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+LOSS_COLUMNS = 2048  # output columns per product in the loss
 # The smoothed model may differ from the original by float rounding only (relative squared error).
 EQUAL_WITHIN = 1e-8
 
@@ -202,8 +203,16 @@ def group_loss(stats: GroupStats, weights: list[np.ndarray], s: np.ndarray, cfg:
         xq = dequantize(quantize(x, scale, zp, spec), scale, zp, spec)
     total = 0.0
     for w in weights:  # [K, N]
-        ref = stats.rows @ w
-        total += relative_error(ref, xq @ _fake_quant_weight(w * s[:, None], cfg))
+        # Per row, squared error over signal power, summed over column chunks: a language model's
+        # head ([K, 49152]) would otherwise need gigabytes for one product.
+        err = np.zeros(len(x))
+        power = np.zeros(len(x))
+        for lo in range(0, w.shape[1], LOSS_COLUMNS):
+            part = w[:, lo:lo + LOSS_COLUMNS]
+            ref = stats.rows @ part
+            err += np.sum(np.square(ref - xq @ _fake_quant_weight(part * s[:, None], cfg), dtype=np.float64), axis=1)
+            power += np.sum(np.square(ref, dtype=np.float64), axis=1)
+        total += float(np.sum(err / np.maximum(power, 1e-30)))
     return total
 
 
