@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import PtqError
 from ..export.fidelity import headline
 from ..export.measures import weight_storage
-from ..export.qdq import export_qdq
+from ..export import container
 from ..stages import evaluate, eval_source
 from ..rundir import Run
 from .stage import AllocationConfig, Budget, layer_options, plan_for, solve
@@ -43,7 +43,8 @@ def _measure(ctx: Run, choice: dict[str, str], eval_data: str | None, eval_sampl
     source, skip, held_out = eval_source(plan, eval_data)
     if source is None:
         raise PtqError("the Pareto view needs evaluation data: pass --eval-data")
-    fidelity = evaluate(ctx.graph, export_qdq(ctx.graph, plan), plan, source, skip, held_out, eval_samples)
+    # Measured as `ptq export` writes it: codes in the container ORT's integer kernels take.
+    fidelity = evaluate(ctx.graph, container.export(ctx.graph, plan)[0], plan, source, skip, held_out, eval_samples)
     quality, metric = _quality(fidelity)
     return weight_storage(ctx.graph, plan)["quantized_bytes"], quality, metric
 
