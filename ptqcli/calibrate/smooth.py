@@ -259,25 +259,27 @@ def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
         last = max(i for i, n in enumerate(nodes) if n.name in grp.tail)
         nodes[last + 1:last + 1] = copies
         _copy_value_info(graph, grp.tensor, renamed[grp.tensor])
+    inits = {t.name: t for t in graph.initializer}
     for name, slot in grp.params:
         target = targets[name]
-        old = g.constant(by_name[name].input[slot])
+        source = by_name[name].input[slot]
+        old = g.constant(source)
+        scaled = (old / s.astype(np.float64)).astype(old.dtype)
+        if not grp.shared and len(g.consumers.get(source, [])) == 1:
+            # Rewritten in place: rebuilding the initializer list would copy every weight of the model.
+            inits[source].CopyFrom(numpy_helper.from_array(scaled, source))
+            continue
         new_name = f"{target.name}__{slot}_smoothed"
-        graph.initializer.append(numpy_helper.from_array((old / s.astype(np.float64)).astype(old.dtype), new_name))
+        graph.initializer.append(numpy_helper.from_array(scaled, new_name))
         target.input[slot] = new_name
     if grp.shared:
         del graph.node[:]
         graph.node.extend(nodes)
-    inits = {t.name: t for t in graph.initializer}
     for weight, axis in zip(grp.weights, grp.in_axes):
         w = g.constant(weight)
         shape = [1, 1]
         shape[axis] = -1
         inits[weight].CopyFrom(numpy_helper.from_array((w * s.reshape(shape).astype(np.float64)).astype(w.dtype), weight))
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
 
 
 def _copy_value_info(graph, tensor: str, copy: str) -> None:
