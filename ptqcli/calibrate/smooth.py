@@ -10,7 +10,7 @@ planned grids); leaving X as it is stays among the choices, so smoothing never m
 
 The division is folded into the normalization that writes X (its per-channel scale and bias), so
 no node is added. Where X has other readers (the residual Add of a post-norm encoder), they keep
-the original: the GEMMs read a copy of the normalization with the folded parameters. The smoothed
+the original through one Mul by s. The smoothed
 float model is checked against the original on calibration samples before anything is quantized.
 
 In weight-only plans the same search is activation-aware weight scaling (as in AWQ): X stays float,
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
-from onnx import ModelProto, NodeProto, numpy_helper
+from onnx import ModelProto, helper, numpy_helper
 
 from ..config import Granularity, QuantConfig
 from ..errors import PtqError
@@ -234,47 +234,39 @@ def choose(g: Graph, grp: SmoothGroup, stats: GroupStats, cfg: QuantConfig) -> t
 
 
 def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
-    """Divide the tail's per-channel parameters by s (in a copy of the tail feeding only the GEMMs
-    when its output has other readers) and multiply the GEMM weights' input rows by s, in place."""
+    """Divide the tail's per-channel parameters by s and multiply the GEMM weights' input rows by s,
+    in place. When the tail's output has other readers, the GEMMs read the smoothed tensor under a
+    new name and one Mul by s gives the others the original back: cheaper than a second copy of the
+    normalization, and the residual Add it feeds still fuses with the next one."""
     graph = model.graph
-    nodes = list(graph.node)
-    by_name = {n.name: n for n in nodes}
-    targets = {name: by_name[name] for name in grp.tail}
+    inits = {t.name: t for t in graph.initializer}
     if grp.shared:
-        renamed = {by_name[name].output[0]: f"{by_name[name].output[0]}__smoothed" for name in grp.tail}
-        copies = []
-        for name in grp.tail:
-            copy = NodeProto()
-            copy.CopyFrom(by_name[name])
-            copy.name = f"{name}__smoothed"
-            del copy.output[1:]  # a normalization's optional mean / inverse-deviation outputs
-            copy.output[0] = renamed[copy.output[0]]
-            for i, tensor in enumerate(copy.input):
-                copy.input[i] = renamed.get(tensor, tensor)
-            copies.append(copy)
-            targets[name] = copy
+        smoothed = f"{grp.tensor}__smoothed"
+        nodes = list(graph.node)
+        last = max(i for i, n in enumerate(nodes) if n.name in grp.tail)
         for node in nodes:
             if node.name in grp.gemms:
-                node.input[0] = renamed[grp.tensor]
-        last = max(i for i, n in enumerate(nodes) if n.name in grp.tail)
-        nodes[last + 1:last + 1] = copies
-        _copy_value_info(graph, grp.tensor, renamed[grp.tensor])
-    inits = {t.name: t for t in graph.initializer}
+                node.input[0] = smoothed
+            if node.name == grp.tail[-1]:
+                node.output[0] = smoothed
+        factor = f"{grp.tensor}__smoothing_factor"
+        graph.initializer.append(numpy_helper.from_array(s.astype(np.float32), factor))
+        restore = helper.make_node("Mul", [smoothed, factor], [grp.tensor], name=f"{grp.tensor}__unsmoothed")
+        nodes.insert(last + 1, restore)
+        _copy_value_info(graph, grp.tensor, smoothed)
+        del graph.node[:]
+        graph.node.extend(nodes)
     for name, slot in grp.params:
-        target = targets[name]
-        source = by_name[name].input[slot]
+        source = g.node_by_name[name].input[slot]
         old = g.constant(source)
         scaled = (old / s.astype(np.float64)).astype(old.dtype)
-        if not grp.shared and len(g.consumers.get(source, [])) == 1:
+        if len(g.consumers.get(source, [])) == 1:
             # Rewritten in place: rebuilding the initializer list would copy every weight of the model.
             inits[source].CopyFrom(numpy_helper.from_array(scaled, source))
             continue
-        new_name = f"{target.name}__{slot}_smoothed"
+        new_name = f"{name}__{slot}_smoothed"
         graph.initializer.append(numpy_helper.from_array(scaled, new_name))
-        target.input[slot] = new_name
-    if grp.shared:
-        del graph.node[:]
-        graph.node.extend(nodes)
+        next(n for n in graph.node if n.name == name).input[slot] = new_name
     for weight, axis in zip(grp.weights, grp.in_axes):
         w = g.constant(weight)
         shape = [1, 1]
