@@ -315,6 +315,7 @@ def allocate(run: RunArg,
              metric: Annotated[Optional[str], typer.Option("--metric", help="With --max-drop: module:function or path/to/file.py:function, called as function(float_outputs, quant_outputs) -> float, higher is better (each a dict of output name -> array over the evaluation samples); drop = function(float, float) - function(float, quantized).")] = None,
              move: Annotated[Optional[str], typer.Option("--move", help="With --max-drop: what may go back to float: layers, activations, or both (default: both, as layers,activations).")] = None,
              proof_evals: Annotated[Optional[int], typer.Option("--proof-evals", help="With --max-drop: try every set smaller than the one found when that takes at most this many more evaluations, proving it the fewest (default 64).")] = None,
+             to: Annotated[Optional[str], typer.Option("--to", help="With --max-drop: where moved layers and activations go: float (default), or int16 (symmetric 16-bit grids, for runtimes such as NPUs that run int16 in integers).")] = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000):
     """Choose per-layer bit-widths under a budget by integer programming, or move layers to float until
     an accuracy target holds (--max-drop)."""
@@ -328,10 +329,10 @@ def allocate(run: RunArg,
     if max_drop is not None:
         if pareto or any(v is not None for v in budgets):
             raise PtqError("give --max-drop alone, without a budget or --pareto")
-        _fall_back(run, max_drop, eval_data, eval_samples, metric, move, proof_evals)
+        _fall_back(run, max_drop, eval_data, eval_samples, metric, move, proof_evals, to or "float")
         return
-    if metric is not None or move is not None or proof_evals is not None:
-        raise PtqError("--metric, --move and --proof-evals go with --max-drop")
+    if metric is not None or move is not None or proof_evals is not None or to is not None:
+        raise PtqError("--metric, --move, --proof-evals and --to go with --max-drop")
     cfg = AllocationConfig(weight_formats=tuple(f"int{v}" if v.strip().isdigit() else v.strip()
                                                 for v in weight_candidates.split(",") if v.strip()),
                            act_bits=_ints(act_candidates, "--act-candidates"),
@@ -357,16 +358,17 @@ def allocate(run: RunArg,
     out.print(f"plan written to [bold]{run}[/bold]; `ptq export {run} -o OUT.onnx` builds the mixed-precision model")
 
 
-def _fall_back(run: Path, max_drop: float, eval_data, eval_samples: int, metric, move, proof_evals) -> None:
+def _fall_back(run: Path, max_drop: float, eval_data, eval_samples: int, metric, move, proof_evals,
+               destination: str) -> None:
     from rich.table import Table
 
     from .allocate.fallback import KINDS, PROOF_BUDGET
     from .allocate.target import fall_back
 
     result = fall_back(run, max_drop, eval_data, eval_samples, metric, _names(move) or KINDS,
-                       PROOF_BUDGET if proof_evals is None else proof_evals, rich_progress)
+                       PROOF_BUDGET if proof_evals is None else proof_evals, rich_progress, destination)
     search, show, evaluation = result.search, result.score.describe, result.record["evaluation"]
-    table = Table(title=f"moved to float to meet --max-drop {max_drop:g}")
+    table = Table(title=f"moved to {destination} to meet --max-drop {max_drop:g}")
     for col in ("moved", "kind", "drop recovered alone"):
         table.add_column(col, justify="right" if col.startswith("drop") else "left")
     for m in search.moved:

@@ -27,11 +27,17 @@ from dataclasses import dataclass, replace
 from itertools import combinations
 from typing import Callable, Iterable
 
+import numpy as np
+
+from ..calibrate.planner import quantize_weight
 from ..errors import PtqError
+from ..formats import QuantSpec
 from ..plan import MOVED_TO_FLOAT, Plan
+from ..quant import scale_zero_point
 from ..progress import Progress, silent
 
 KINDS = ("layers", "activations")
+DESTINATIONS = ("float", "int16")
 # Drops within this of the target meet it: a plan with nothing quantized scores float's own score
 # up to rounding, and a target of 0 must accept it.
 TOLERANCE = 1e-9
@@ -127,6 +133,47 @@ def moved_to_float(plan: Plan, moves: Iterable[Move]) -> Plan:
     return replace(plan, tensors=tensors, layers=kept,
                    float_nodes={**plan.float_nodes, **{node: MOVED_TO_FLOAT for node in sorted(float_layers)}},
                    binary_inputs={k: v for k, v in plan.binary_inputs.items() if k not in float_layers})
+
+
+def moved_to(plan: Plan, moves: Iterable[Move], destination: str,
+             weight_of: Callable[[str], np.ndarray]) -> Plan:
+    """The plan with these layers and activations moved to `destination` (DESTINATIONS)."""
+    if destination == "float":
+        return moved_to_float(plan, moves)
+    if destination == "int16":
+        return moved_to_int16(plan, moves, weight_of)
+    raise PtqError(f"--to takes {' or '.join(DESTINATIONS)} (got {destination})")
+
+
+def moved_to_int16(plan: Plan, moves: Iterable[Move], weight_of: Callable[[str], np.ndarray]) -> Plan:
+    """The plan with these activations on a symmetric int16 grid over the range they were calibrated
+    to, and these layers' weights on a symmetric per-channel int16 grid: for runtimes (NPUs) that
+    run 16-bit tensors in integers, where float would leave the accelerator. A bias that would be
+    int32 at the product of an int16 scale stays float, its value kept (int32 codes at such fine
+    scales may overflow)."""
+    moves = set(moves)
+    layers = {m.name for m in moves if m.kind == "layer"}
+    acts = {t for m in moves for t in m.tensors}
+    int16 = QuantSpec(bits=16, signed=True, symmetric=True)
+    tensors = dict(plan.tensors)
+    for name in acts:
+        tq = tensors[name]
+        root = tq.source.get("from", name) if tq.source.get("method") == "shared" else name
+        lo, hi = plan.tensors[root].source["range"]
+        scale, zp = scale_zero_point(np.asarray(lo), np.asarray(hi), int16)
+        tensors[name] = replace(tq, spec=int16, scale=scale, zero_point=zp)
+    for layer in plan.layers:
+        if layer.node in layers:
+            tensors[layer.weight] = quantize_weight(weight_of(layer.weight),
+                                                    replace(int16, axis=tensors[layer.weight].spec.axis))
+        if (layer.node in layers or layer.activation in acts) and layer.bias in tensors \
+                and tensors[layer.bias].role == "bias":
+            bq = tensors[layer.bias]
+            if bq.value is None:
+                del tensors[layer.bias]
+            else:
+                tensors[layer.bias] = replace(bq, role="value")
+    return replace(plan, tensors=tensors)
 
 
 def meets(drop: float, target: float) -> bool:

@@ -24,7 +24,7 @@ from ..progress import Progress, silent
 from ..rundir import Run
 from ..runtime import run_session, session
 from ..stages import eval_source
-from .fallback import KINDS, PROOF_BUDGET, Moves, Search, candidates, fewest_moves, moved_to_float
+from .fallback import DESTINATIONS, KINDS, PROOF_BUDGET, Moves, Search, candidates, fewest_moves, moved_to
 from .scores import Outputs, Score, accuracy, cosine, user_metric
 from .stage import keep_base, load_base
 
@@ -41,10 +41,12 @@ class Fallback:
 
 def fall_back(run_dir: str | Path, target: float, eval_data: str | None, eval_samples: int,
               metric: str | None = None, kinds: tuple[str, ...] = KINDS, proof_evals: int = PROOF_BUDGET,
-              progress: Progress = silent) -> Fallback:
+              progress: Progress = silent, destination: str = "float") -> Fallback:
     """Search, then write the plan, plan.base.json (if not yet kept) and fallback.json; nothing is
     written when the metric fails or no plan meets the target."""
     custom = user_metric(metric) if metric else None  # a metric that does not import fails before any work
+    if destination not in DESTINATIONS:
+        raise PtqError(f"--to takes {' or '.join(DESTINATIONS)} (got {destination})")
     run = load_base(run_dir)
     items = candidates(run.plan, kinds)
     batches, evaluation = evaluation_batches(run, eval_data, eval_samples)
@@ -52,13 +54,16 @@ def fall_back(run_dir: str | Path, target: float, eval_data: str | None, eval_sa
     score = custom or default_score(reference, labels_of(batches), run.graph.output_names)
     drop = score.drop_against(reference)
 
+    def moved(moves: Moves) -> Plan:
+        return moved_to(run.plan, moves, destination, run.graph.constant)
+
     def drop_of(moves: Moves) -> float:
-        return drop(outputs_of(deployed(run, moved_to_float(run.plan, moves)), batches))
+        return drop(outputs_of(deployed(run, moved(moves)), batches))
 
     search = fewest_moves(items, drop_of, target, progress, proof_evals, score.describe)
-    record = fallback_record(search, score, target, evaluation)
-    moved = moved_to_float(run.plan, search.moved)
-    plan = replace(moved, config={**moved.config, "fallback": record})
+    record = {**fallback_record(search, score, target, evaluation), "to": destination}
+    result = moved(search.moved)
+    plan = replace(result, config={**result.config, "fallback": record})
     keep_base(run)
     rundir.write_plan(run.path, plan)
     ranking = sorted(search.harm.items(), key=lambda kv: -kv[1])

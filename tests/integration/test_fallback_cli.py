@@ -182,3 +182,36 @@ def test_max_drop_options_are_checked(run):
     assert_user_error(ptq("allocate", run, "--budget-bits", 4, "--metric", "m:f"), "go with --max-drop")
     assert_user_error(ptq("allocate", run, "--max-drop", 1, "--move", "weights", "--eval-data", TEST),
                       "--move takes layers and/or activations")
+
+
+def test_moving_to_int16_meets_the_target_with_16_bit_tensors_that_ort_runs(run):
+    """`--to int16`: the moved layers' weights and the moved activations go to symmetric int16 grids
+    (opset 21), not to float; the model ORT runs holds int16 codes for exactly those."""
+    r = ptq("allocate", run, "--max-drop", 1, "--to", "int16", "--eval-data", TEST, "--eval-samples", 200)
+    assert r.returncode == 0, r.stderr
+    assert "moved to int16" in r.stdout
+    found = _fallback(run)
+    assert found["to"] == "int16" and found["moved"] and found["drop_after"] <= 1 < found["drop_before"]
+    loaded = load_run(run)
+    model = deployed(loaded, loaded.plan)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    int16_codes = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT16}
+    int16_points = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"} & int16_codes
+    moved_layers = [m["name"] for m in found["moved"] if m["kind"] == "layer"]
+    moved_acts = [m["name"] for m in found["moved"] if m["kind"] == "activation"]
+    assert len(int16_codes) >= len(moved_layers) + len(moved_acts) and len(int16_points) >= len(moved_acts)
+    for name in moved_layers:  # still quantized (not in the float-node list), at 16 bits
+        assert name not in loaded.plan.float_nodes
+        assert loaded.plan.tensors[next(layer.weight for layer in loaded.plan.layers if layer.node == name)].spec.bits == 16
+    # The drop the search recorded is the deployed model's: re-measured here.
+    x, labels = np.load(TEST)["input"][:200], np.load(TEST)["labels"][:200]
+    f = session(loaded.graph.model).run(None, {"input": x})[0]
+    q = session(model).run(None, {"input": x})[0]
+    accuracy = [100 * np.mean(top1(y) == labels) for y in (f, q)]
+    assert accuracy[0] - accuracy[1] == pytest.approx(found["drop_after"], abs=1e-6)
+
+
+def test_an_unknown_destination_is_one_line(run):
+    assert_user_error(ptq("allocate", run, "--max-drop", 1, "--to", "int4", "--eval-data", TEST),
+                      "--to takes float or int16 (got int4)")
+    assert_user_error(ptq("allocate", run, "--budget-bits", 4, "--to", "int16"), "go with --max-drop")
