@@ -77,8 +77,20 @@ class DataConfig:
     # Data-free calibration: bn (fitted to the model's BatchNorm statistics), gaussian, uniform.
     synthetic: str | None = None
     synthetic_iters: int = 500
+    # Streaming models: "OUTPUT=INPUT" pairs. Each data file is one stream of consecutive steps; a
+    # step's INPUT is the float model's OUTPUT of the step before (the file's value at the first).
+    feedback: tuple[str, ...] = ()
+
+    def feedback_pairs(self) -> dict[str, str]:
+        """{input: the output fed back into it}."""
+        return {i.strip(): o.strip() for o, i in (pair.split("=") for pair in self.feedback)}
 
     def __post_init__(self) -> None:
+        if isinstance(self.feedback, str):
+            object.__setattr__(self, "feedback", tuple(v.strip() for v in self.feedback.split(",") if v.strip()))
+        for pair in self.feedback:
+            if pair.count("=") != 1 or not all(side.strip() for side in pair.split("=")):
+                raise PtqError(f"--feedback takes OUTPUT=INPUT pairs, comma-separated (got {pair!r})")
         if self.num_samples < 1:
             raise PtqError(f"--num-samples must be at least 1 (got {self.num_samples})")
         if self.batch_size < 1:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -43,6 +46,20 @@ def ensure_run_dir(path: str | os.PathLike) -> Path:
     if not os.access(p, os.W_OK):
         raise PtqError(f"run directory is not writable: {p}")
     return p
+
+
+@contextmanager
+def new_run_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """ensure_run_dir, removed again when the work that fills it fails, if it did not exist before:
+    a refused command leaves nothing behind."""
+    created = not Path(path).exists()
+    p = ensure_run_dir(path)
+    try:
+        yield p
+    except BaseException:
+        if created:
+            shutil.rmtree(p, ignore_errors=True)
+        raise
 
 
 def existing_run_dir(path: str | os.PathLike) -> Path:

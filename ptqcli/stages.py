@@ -39,45 +39,46 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     has_data = data.path is not None or data.synthetic is not None
     if not has_data and (quant.static_acts or quant.rounding.value != "nearest"):
         needs = f"--acts {quant.acts.value}" if quant.static_acts else f"{quant.rounding.value} rounding"
+        instead = "--acts dynamic for weights alone" if quant.static_acts else "--rounding nearest"
         raise PtqError(f"{needs} needs calibration data: pass --data PATH or --synthetic bn|gaussian|uniform "
-                       "(or --acts dynamic for weights alone)")
+                       f"(or {instead})")
     if data.path is not None and data.synthetic is not None:
         raise PtqError("give --data or --synthetic, not both")
-    run = rundir.ensure_run_dir(run_dir)
-    recorded = data  # a synthetic run records how its data was made, not where it was put
-    if data.synthetic is not None:
-        data = replace(data, path=str(synthesize(model_path, data, quant.seed, run, progress)))
-    g = load_prepared(model_path)
-    inputs = model_inputs(g)
-    smoothing = {}
-    if quant.smooth and has_data:
-        g, smoothing = smooth(g, quant, data, inputs, progress)
-    # The plan and card record what `auto` resolved to, so a recipe replays identically.
-    chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
-    quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
-    sel = select(g, quant)
-    stats, seen = observe(g, sel, quant, data, inputs, progress) if has_data else ({}, 0)
-    extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose}
-    if smoothing:
-        extra["smoothing"] = smoothing
-    plan = build_plan(g, sel, stats, quant, extra)
-    plan = settle_activations(g, plan, quant, data, inputs, progress)
-    if quant.rounding.value == "gptq":
-        plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress)
-    elif quant.rounding.value != "nearest":
-        plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
-    rundir.write_float_model(run, g.model)
-    rundir.write_npz(run / rundir.STATS, save_stats(stats))
-    rundir.write_plan(run, plan)
-    rundir.write_json(run / rundir.RUN_INFO, {
-        "tool_version": __version__,
-        # Recorded here so that exports still describe their source after the file moves.
-        "model": {"path": str(Path(model_path).resolve()), "sha256": file_sha256(model_path),
-                  "bytes": Path(model_path).stat().st_size},
-        "cpu": cpu_name(),
-        "samples_seen": seen,
-    })
-    return plan
+    with rundir.new_run_dir(run_dir) as run:
+        recorded = data  # a synthetic run records how its data was made, not where it was put
+        if data.synthetic is not None:
+            data = replace(data, path=str(synthesize(model_path, data, quant.seed, run, progress)))
+        g = load_prepared(model_path)
+        inputs = model_inputs(g)
+        smoothing = {}
+        if quant.smooth and has_data:
+            g, smoothing = smooth(g, quant, data, inputs, progress)
+        # The plan and card record what `auto` resolved to, so a recipe replays identically.
+        chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
+        quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
+        sel = select(g, quant)
+        stats, seen = observe(g, sel, quant, data, inputs, progress) if has_data else ({}, 0)
+        extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose}
+        if smoothing:
+            extra["smoothing"] = smoothing
+        plan = build_plan(g, sel, stats, quant, extra)
+        plan = settle_activations(g, plan, quant, data, inputs, progress)
+        if quant.rounding.value == "gptq":
+            plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress)
+        elif quant.rounding.value != "nearest":
+            plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
+        rundir.write_float_model(run, g.model)
+        rundir.write_npz(run / rundir.STATS, save_stats(stats))
+        rundir.write_plan(run, plan)
+        rundir.write_json(run / rundir.RUN_INFO, {
+            "tool_version": __version__,
+            # Recorded here so that exports still describe their source after the file moves.
+            "model": {"path": str(Path(model_path).resolve()), "sha256": file_sha256(model_path),
+                      "bytes": Path(model_path).stat().st_size},
+            "cpu": cpu_name(),
+            "samples_seen": seen,
+        })
+        return plan
 
 
 def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent):
@@ -85,7 +86,7 @@ def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progres
     available = count_samples(data.path)
     total = min(data.num_samples, available) if available is not None else data.num_samples
     with progress("calibrating", total) as advance:
-        batches = iter_batches(data.path, inputs, data, limit=data.num_samples)
+        batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
         stats, seen = collect(g, sel.activations, batches, quant.bins, advance,
                               histograms=quant.method.value != "minmax", channel_axes=layer_input_axes(g, sel, quant))
     if seen == 0:
@@ -99,11 +100,11 @@ def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, progress: Pro
 
     if not smoothing_groups(g):
         return g, {}
-    check = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8)))
+    check = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8), model=g.model))
     available = count_samples(data.path)
     total = min(data.num_samples, available) if available is not None else data.num_samples
     with progress("smoothing: activation extremes", total) as advance:
-        batches = iter_batches(data.path, inputs, data, limit=data.num_samples)
+        batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
         return smooth_graph(g, quant, check, batches, advance)
 
 
@@ -122,7 +123,7 @@ def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfi
     tensors = candidates(g, plan)
     if not tensors:
         return plan
-    batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.act_damage_samples)))
+    batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.act_damage_samples), model=g.model))
     with progress("measuring activation damage", len(tensors)) as advance:
         damage = activation_damage(g, plan, tensors, batches, advance)
     return idle(g, settle(plan, damage, quant.act_damage_limit))
@@ -163,7 +164,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     # Every layer input of a batch is held at once: two samples per run keep that small.
     small = replace(data, batch_size=min(data.batch_size, 2))
     with progress("gptq: input statistics", samples) as advance:
-        h = hessians(g, tensors, iter_batches(data.path, inputs, small, limit=samples), advance)
+        h = hessians(g, tensors, iter_batches(data.path, inputs, small, limit=samples, model=g.model), advance)
     tensors_out, report = dict(plan.tensors), []
     cfg = GptqConfig()
     with progress("gptq: layers", len(layers)) as advance:
@@ -184,7 +185,7 @@ def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: Dat
     biases re-derived for the new weights."""
     from .calibrate.layerwise import RoundingConfig, optimise, rounded_layers
 
-    batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.rounding_samples)))
+    batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.rounding_samples), model=g.model))
     cfg = RoundingConfig(method=quant.rounding.value, iters=quant.rounding_iters, seed=quant.seed)
     with progress(f"{quant.rounding.value}: layers", len(rounded_layers(g, plan, only))) as advance:
         plan, report = optimise(g, plan, stats, quant, batches, cfg,
@@ -294,8 +295,8 @@ def check_data(model_path: str | Path, path: str, cfg: DataConfig, limit: int) -
     """Read and check the samples that will be fed, without running the model, so that `ptq quantize`
     refuses bad evaluation data before calibration writes anything. The model as stored is enough:
     its inputs and embedding tables are what preparation keeps."""
-    inputs = model_inputs(Graph(load_model(model_path)))
-    for _ in iter_batches(path, inputs, cfg, limit=limit):
+    g = Graph(load_model(model_path))
+    for _ in iter_batches(path, model_inputs(g), cfg, limit=limit, model=g.model):
         pass
 
 
@@ -326,11 +327,11 @@ def run_model(model_path: str | Path, data: DataConfig, progress: Progress = sil
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
     correct, labelled, seen, times, batch_size = 0, True, 0, [], 1
     with progress("running", data.num_samples) as advance:
-        for batch in iter_batches(data.path, inputs, data, limit=data.num_samples):
+        for batch in iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model):
             started = time.perf_counter()
             outs = run_session(sess, names, batch.feeds)
             times.append(time.perf_counter() - started)
-            n = len(next(iter(batch.feeds.values())))
+            n = batch.size
             batch_size = max(batch_size, n)
             for name, value in zip(names, outs):
                 collected[name].append(value)
@@ -372,7 +373,7 @@ def latency_samples(g: Graph, plan: Plan, source: str | None, skip: int = 0) -> 
     if source is not None:
         per_run = next((s.fixed_batch for s in inputs if s.fixed_batch), 1)
         one_at_a_time = replace(plan.data, batch_size=1)
-        batches = list(iter_batches(source, inputs, one_at_a_time, limit=LATENCY_SAMPLES * per_run, skip=skip))
+        batches = list(iter_batches(source, inputs, one_at_a_time, limit=LATENCY_SAMPLES * per_run, skip=skip, model=g.model))
         if batches:
             return [b.feeds for b in batches], True
     return [{s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=s.dtype) for s in inputs}], False
@@ -397,5 +398,5 @@ def evaluate(g: Graph, quantized, plan: Plan, source: str | None, skip: int, hel
         return None
     inputs = model_inputs(g)
     with progress("measuring fidelity", eval_samples) as advance:
-        batches = iter_batches(source, inputs, plan.data, limit=eval_samples, skip=skip)
+        batches = iter_batches(source, inputs, plan.data, limit=eval_samples, skip=skip, model=g.model)
         return measure(g.model, quantized, plan, batches, held_out, advance)

@@ -172,3 +172,47 @@ def text_encoder_model(seed: int = 0, vocab: int = VOCAB, seq: int = SEQ, hidden
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
+
+
+def streaming_model(seed: int = 0, chunk: int = 16, hidden: int = 8, outputs: int = 4) -> ModelProto:
+    """A streaming cell as voice-activity models are exported: samples x[N, chunk], a recurrent
+    state[2, N, hidden] (batch on axis 1) and a scalar sample rate sr (int64), giving y[N, outputs]
+    and the next state.
+
+    h = tanh(x W + state[0] U + state[1]); y = (h V) * sr / 16000; next = [h, state[0]]."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.4, (chunk, hidden)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(0, 0.4, (hidden, hidden)).astype(np.float32), "U"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (hidden, outputs)).astype(np.float32), "V"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(np.array(16000.0, np.float32), "rate"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Gather", ["state", "zero"], ["s0"], name="s0", axis=0),
+        n("Gather", ["state", "one"], ["s1"], name="s1", axis=0),
+        n("MatMul", ["x", "W"], ["xw"], name="input_proj"),
+        n("MatMul", ["s0", "U"], ["su"], name="state_proj"),
+        n("Add", ["xw", "su"], ["pre0"], name="add0"),
+        n("Add", ["pre0", "s1"], ["pre"], name="add1"),
+        n("Tanh", ["pre"], ["h"], name="tanh"),
+        n("MatMul", ["h", "V"], ["hv"], name="out_proj"),
+        n("Cast", ["sr"], ["sr_f"], name="sr_cast", to=TensorProto.FLOAT),
+        n("Div", ["sr_f", "rate"], ["sr_ratio"], name="sr_ratio"),
+        n("Mul", ["hv", "sr_ratio"], ["y"], name="y"),
+        n("Unsqueeze", ["h", "axis0"], ["h_"], name="h_"),
+        n("Unsqueeze", ["s0", "axis0"], ["s0_"], name="s0_"),
+        n("Concat", ["h_", "s0_"], ["next_state"], name="next_state", axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "streaming",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", chunk]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", hidden]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", outputs]),
+         helper.make_tensor_value_info("next_state", TensorProto.FLOAT, [2, "N", hidden])],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

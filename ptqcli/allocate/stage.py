@@ -112,7 +112,7 @@ def damage_table(ctx: Run, options: dict[str, list[Candidate]], cfg: AllocationC
         doc = json.loads(cache.read_text())
         if doc.get("key") == key:
             return doc["damage"]
-    batches = list(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=cfg.samples))
+    batches = list(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=cfg.samples, model=ctx.graph.model))
     if not batches:
         raise PtqError(f"no calibration samples could be read from {ctx.data.path}")
     with progress("measuring layer sensitivity", len(ctx.plan.layers) * len(wanted)) as advance:
@@ -128,7 +128,7 @@ def solve(ctx: Run, budget: Budget, cfg: AllocationConfig, progress: Progress = 
     measured = damage_table(ctx, options, cfg, progress)
     damage = {node: {c.label: measured[node][c.label] for c in opts} for node, opts in options.items()}
     kind = "size" if budget.kind == "damage" else budget.kind
-    first = next(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=1), None)
+    first = next(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=1, model=ctx.graph.model), None)
     shapes = layer_output_shapes(ctx.graph, ctx.plan, first) if first is not None else {}
     cost, fixed = cost_table(ctx.graph, ctx.plan, options, kind, shapes)
     if budget.kind == "damage":

@@ -76,10 +76,11 @@ def evaluation_batches(run: Run, eval_data: str | None, eval_samples: int) -> tu
     source, skip, held_out = eval_source(run.plan, eval_data)
     if source is None:
         raise PtqError("--max-drop needs evaluation data: pass --eval-data")
-    batches = list(iter_batches(source, model_inputs(run.graph), run.plan.data, limit=eval_samples, skip=skip))
+    batches = list(iter_batches(source, model_inputs(run.graph), run.plan.data, limit=eval_samples, skip=skip,
+                                 model=run.graph.model))
     if not batches:
         raise PtqError(f"no evaluation samples could be read from {source}")
-    samples = sum(len(next(iter(b.feeds.values()))) for b in batches)
+    samples = sum(b.size for b in batches)
     return batches, {"source": str(source), "samples": samples, "held_out": held_out}
 
 

@@ -53,17 +53,13 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
                 if name in channel_axes:
                     stats[name].update_channels(value, channel_axes[name])
             del values
-            n = _batch_len(batch)
+            n = batch.size
             seen += n
             advance(n)
             batch = following
     if seen == 0:
         raise PtqError("the calibration data holds no samples")
     return stats, seen
-
-
-def _batch_len(batch: Batch) -> int:
-    return len(next(iter(batch.feeds.values())))
 
 
 def save_stats(stats: Stats) -> dict[str, np.ndarray]:

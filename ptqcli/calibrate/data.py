@@ -4,21 +4,27 @@ Sources are a `.npy` (single-input models), a `.npz` keyed by input names, an im
 or a folder of `.npy`/`.npz` files. The first axis of an array is the sample axis. Nothing is
 read before it is needed and nothing is kept after it is fed, so memory does not grow with the
 number of samples.
+
+Some inputs have no sample axis: a recurrent state [2, batch, 128], a scalar sample rate, a
+configuration tensor. Such an input is fed as the file gives it, the same value for every sample
+of that file; the model then runs one sample at a time (where its batch sits in a state is the
+model's business).
 """
 
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import ModelProto, TensorProto, helper
 
 from ..config import DataConfig
 from ..errors import PtqError
 from ..graph import Graph
+from ..runtime import run_session, session
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 ARRAY_SUFFIXES = {".npy", ".npz"}
@@ -33,24 +39,43 @@ class InputSpec:
     dtype: np.dtype
     # Token ids: the rows of the embedding table this integer input indexes (None for other inputs).
     vocabulary: int | None = None
+    # Axis 0 indexes samples. False: the input is fed as the data gives it (states, scalars).
+    batched: bool = True
 
     @property
     def fixed_batch(self) -> int | None:
-        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+        return self.shape[0] if self.batched and self.shape and isinstance(self.shape[0], int) else None
 
     def sample_shape(self) -> tuple:
-        return tuple(self.shape[1:])
+        return tuple(self.shape[1:]) if self.batched else tuple(self.shape)
 
 
 def model_inputs(g: Graph) -> list[InputSpec]:
     vocabularies = embedding_vocabularies(g)
-    specs = []
+    shapes = {}
     for vi in g.graph_inputs:
         tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)),
-                               vocabularies.get(vi.name)))
-    return specs
+        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                                for d in tt.shape.dim)
+    batch_dim = _batch_dim(list(shapes.values()))
+    return [InputSpec(vi.name, shapes[vi.name],
+                      np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)),
+                      vocabularies.get(vi.name), batched=bool(shapes[vi.name]) and shapes[vi.name][0] == batch_dim)
+            for vi in g.graph_inputs]
+
+
+def _batch_dim(shapes: list[tuple]) -> int | None:
+    """The first dimension that marks an input as batched: dynamic (None) when any input's first
+    dimension is, else the first input's fixed one. An input whose first dimension differs (a state
+    [2, batch, 128] beside samples [batch, 512]) or that has none (a scalar) is not batched."""
+    firsts = [shape[0] for shape in shapes if shape]
+    if not firsts or None in firsts:
+        return None
+    return firsts[0]
+
+
+def has_unbatched(inputs: list[InputSpec]) -> bool:
+    return any(not spec.batched for spec in inputs)
 
 
 # Ops that hand integer ids on unchanged (type or layout only): token ids may pass through them on
@@ -100,23 +125,74 @@ class Chunk:
 
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    # Inputs without a sample axis, as the file gives them: one value for all of `arrays`' samples.
+    given: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        return len(next(iter(self.arrays.values()))) if self.arrays else 1
 
 
-def iter_chunks(path: str | Path, inputs: list[InputSpec], cfg: DataConfig) -> Iterator[Chunk]:
-    """Stream chunks of validated samples from a file or folder."""
+def iter_chunks(path: str | Path, inputs: list[InputSpec], cfg: DataConfig,
+                model: ModelProto | None = None) -> Iterator[Chunk]:
+    """Stream chunks of validated samples from a file or folder (with --feedback, one sample a
+    chunk, each file a stream stepped through `model`)."""
     p = Path(path)
     if not p.exists():
         raise PtqError(f"data path not found: {p}")
+    step = _feedback_step(model, inputs, cfg) if cfg.feedback else None
     files = _files_of(p)
     image_files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     array_files = [f for f in files if f.suffix.lower() in ARRAY_SUFFIXES]
     if image_files:
         yield from _image_chunks(image_files, inputs, cfg)
     for f in array_files:
-        yield from _array_chunks(f, inputs)
+        chunks = _array_chunks(f, inputs)
+        yield from chunks if step is None else _stepped(chunks, cfg.feedback_pairs(), step, inputs, f)
+
+
+Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def _feedback_step(model: ModelProto | None, inputs: list[InputSpec], cfg: DataConfig) -> Step:
+    """A float run of the model that returns the outputs fed back, after checking the pairs."""
+    if model is None:
+        raise PtqError("--feedback needs the model to step through")
+    pairs = cfg.feedback_pairs()
+    outputs = [o.name for o in model.graph.output]
+    for input_name, output_name in pairs.items():
+        if output_name not in outputs:
+            raise PtqError(f"--feedback {output_name}={input_name}: the model has no output '{output_name}' "
+                           f"(outputs: {', '.join(outputs)})")
+        if input_name not in {spec.name for spec in inputs}:
+            raise PtqError(f"--feedback {output_name}={input_name}: the model has no input '{input_name}' "
+                           f"(inputs: {', '.join(spec.name for spec in inputs)})")
+    sess, wanted = session(model), sorted(set(pairs.values()))
+    return lambda feeds: dict(zip(wanted, run_session(sess, wanted, feeds)))
+
+
+def _stepped(chunks: Iterator[Chunk], pairs: dict[str, str], step: Step, inputs: list[InputSpec],
+             path: Path) -> Iterator[Chunk]:
+    """The file's samples one at a time, in order, each fed the outputs of the step before."""
+    specs = {spec.name: spec for spec in inputs}
+    carried: dict[str, np.ndarray] = {}
+    for chunk in chunks:
+        for i in range(len(chunk)):
+            one = _slice(chunk, i, i + 1)
+            if carried:
+                arrays = {**one.arrays, **{k: v for k, v in carried.items() if k in one.arrays}}
+                given = {**one.given, **{k: v for k, v in carried.items() if k in one.given}}
+                one = Chunk(arrays, one.labels, given)
+            outputs = step({**one.arrays, **one.given})
+            carried = {name: _fed_back(outputs[out], specs[name], out, path) for name, out in pairs.items()}
+            yield one
+
+
+def _fed_back(value: np.ndarray, spec: InputSpec, output: str, path: Path) -> np.ndarray:
+    shape = spec.shape if not spec.batched else (1, *spec.sample_shape())
+    if value.ndim != len(shape) or any(d is not None and d != v for d, v in zip(shape, value.shape)):
+        raise PtqError(f"{path.name}: --feedback {output}={spec.name}: output '{output}' has shape "
+                       f"{tuple(value.shape)}, input '{spec.name}' takes {shape_text(shape)}")
+    return np.ascontiguousarray(value, dtype=spec.dtype)
 
 
 def _files_of(p: Path) -> list[Path]:
@@ -132,14 +208,15 @@ def _files_of(p: Path) -> list[Path]:
 
 def _array_chunks(path: Path, inputs: list[InputSpec]) -> Iterator[Chunk]:
     arrays, labels = _open_arrays(path, inputs)
-    counts = {len(a) for a in arrays.values()}
-    if len(counts) != 1:
+    given = {spec.name: _conform_given(arrays[spec.name], spec, path) for spec in inputs if not spec.batched}
+    counts = {len(arrays[spec.name]) for spec in inputs if spec.batched}
+    if len(counts) > 1:
         raise PtqError(f"{path.name}: inputs have different sample counts {sorted(counts)}")
-    total = counts.pop()
+    total = counts.pop() if counts else 1
     for start in range(0, total, _CHUNK):
         stop = min(start + _CHUNK, total)
-        chunk = {spec.name: _conform(arrays[spec.name][start:stop], spec, path) for spec in inputs}
-        yield Chunk(chunk, None if labels is None else np.asarray(labels[start:stop]))
+        chunk = {spec.name: _conform(arrays[spec.name][start:stop], spec, path) for spec in inputs if spec.batched}
+        yield Chunk(chunk, None if labels is None else np.asarray(labels[start:stop]), given)
 
 
 def _open_arrays(path: Path, inputs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -170,7 +247,7 @@ def _open_arrays(path: Path, inputs: list[InputSpec]) -> tuple[dict[str, np.ndar
 
 def _as_samples(a, spec: InputSpec, path: Path):
     """A lone sample (rank one less than the input) becomes a batch of one."""
-    if a.ndim == len(spec.shape) - 1:
+    if spec.batched and a.ndim == len(spec.shape) - 1:
         return np.asarray(a[...])[None]
     return a
 
@@ -295,14 +372,18 @@ class _ForwardNpy:
         return b"".join(chunks)
 
 
+def shape_text(dims: tuple) -> str:
+    """A shape as the messages print it, dynamic dimensions as '?': (2, ?, 128)."""
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + (",)" if len(dims) == 1 else ")")
+
+
 def _conform(a: np.ndarray, spec: InputSpec, where: Path | str) -> np.ndarray:
     expected = spec.sample_shape()
     got = tuple(a.shape[1:])
     if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
-        shown = tuple("?" if e is None else e for e in expected)
-        raise PtqError(
-            f"{Path(str(where)).name}: input '{spec.name}' expects samples of shape {shown}, data has {got}"
-        )
+        what = "samples of shape" if spec.batched else "(no sample axis: fed as given) shape"
+        raise PtqError(f"{Path(str(where)).name}: input '{spec.name}' expects {what} {shape_text(expected)}, "
+                       f"data has {got}")
     if a.dtype != spec.dtype:
         same_kind = (a.dtype.kind == "f" and spec.dtype.kind == "f") or (
             a.dtype.kind in "iu" and spec.dtype.kind in "iu"
@@ -313,6 +394,12 @@ def _conform(a: np.ndarray, spec: InputSpec, where: Path | str) -> np.ndarray:
     if spec.vocabulary is not None:
         _check_token_ids(a, spec, where)
     return np.ascontiguousarray(a, dtype=spec.dtype)
+
+
+def _conform_given(a, spec: InputSpec, where: Path) -> np.ndarray:
+    """An input without a sample axis: the file's array is the value fed, checked against the whole
+    input shape."""
+    return _conform(np.asarray(a[...])[None], spec, where)[0, ...]
 
 
 def _check_token_ids(ids: np.ndarray, spec: InputSpec, where: Path | str) -> None:
@@ -439,24 +526,38 @@ def _npz_first_dim(path: Path) -> int | None:
 class Batch:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None
+    given: frozenset[str] = frozenset()  # inputs without a sample axis, fed as the data gave them
+
+    @property
+    def size(self) -> int:
+        """Samples in the batch."""
+        batched = [v for k, v in self.feeds.items() if k not in self.given]
+        return len(batched[0]) if batched and batched[0].ndim else 1
+
+    def rows(self, lo: int, hi: int) -> "Batch":
+        """Samples lo..hi (inputs without a sample axis go with every slice)."""
+        return Batch({k: v if k in self.given else v[lo:hi] for k, v in self.feeds.items()},
+                     None if self.labels is None else self.labels[lo:hi], self.given)
 
 
 def iter_batches(
-    path: str | Path, inputs: list[InputSpec], cfg: DataConfig, limit: int, skip: int = 0
+    path: str | Path, inputs: list[InputSpec], cfg: DataConfig, limit: int, skip: int = 0,
+    model: ModelProto | None = None,
 ) -> Iterator[Batch]:
     """Batches of `cfg.batch_size` samples (or the model's fixed batch), after skipping `skip` samples.
 
     A model with a fixed batch dimension is fed exactly that many samples per run; a remainder
-    smaller than it is dropped.
+    smaller than it is dropped. A model with inputs that have no sample axis, or with --feedback,
+    runs one sample at a time; `model` is the float model --feedback steps through.
     """
     fixed = {s.fixed_batch for s in inputs}
     fixed.discard(None)
     if len(fixed) > 1:
         raise PtqError(f"inputs have different fixed batch sizes {sorted(fixed)}")
-    size = fixed.pop() if fixed else cfg.batch_size
+    size = fixed.pop() if fixed else 1 if has_unbatched(inputs) or cfg.feedback else cfg.batch_size
     pending: list[Chunk] = []
     held, seen, emitted = 0, 0, 0
-    for chunk in iter_chunks(path, inputs, cfg):
+    for chunk in iter_chunks(path, inputs, cfg, model):
         lo = max(0, skip - seen)
         seen += len(chunk)
         if lo >= len(chunk):
@@ -481,7 +582,8 @@ def iter_batches(
 
 
 def _slice(chunk: Chunk, lo: int, hi: int) -> Chunk:
-    return Chunk({k: v[lo:hi] for k, v in chunk.arrays.items()}, None if chunk.labels is None else chunk.labels[lo:hi])
+    return Chunk({k: v[lo:hi] for k, v in chunk.arrays.items()}, None if chunk.labels is None else chunk.labels[lo:hi],
+                 chunk.given)
 
 
 def padded_concat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -510,4 +612,5 @@ def _pop(pending: list[Chunk], n: int) -> tuple[Batch, list[Chunk]]:
     feeds = {k: padded_concat([c.arrays[k] for c in parts]) for k in parts[0].arrays}
     has_labels = all(c.labels is not None for c in parts)
     labels = np.concatenate([c.labels for c in parts]) if has_labels else None
-    return Batch(feeds, labels), rest
+    given = parts[0].given
+    return Batch({**feeds, **given}, labels, frozenset(given)), rest

@@ -128,7 +128,7 @@ def hessians(g, tensors: list[str], batches, advance=lambda n: None) -> dict[str
             rows = value.reshape(-1, value.shape[-1]).astype(np.float32)
             update = (rows.T @ rows).astype(np.float64)
             sums[name] = sums.get(name, 0.0) + update
-        advance(len(next(iter(batch.feeds.values()))))
+        advance(batch.size)
     return sums
 
 

@@ -115,7 +115,7 @@ def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Ba
     closed = {k: v for t in tensors for k, v in gate_feeds(t, False).items()}
     feeds = [{**b.feeds, **float_weights, **closed} for b in batches]
     references = [run_session(sess, outputs, f) for f in feeds]
-    samples = sum(len(next(iter(b.feeds.values()))) for b in batches)
+    samples = sum(b.size for b in batches)
     damage = {}
     for tensor in tensors:
         tq = plan.tensors[tensor]

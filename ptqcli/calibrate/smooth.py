@@ -158,7 +158,7 @@ def observe(g: Graph, groups: list[SmoothGroup], batches: Iterable[Batch], row_s
     absmax, lo, hi, rows = {}, {}, {}, {t: [] for t in tensors}
     seen = 0
     for batch in batches:
-        n = len(next(iter(batch.feeds.values())))
+        n = batch.size
         for name, value in zip(tensors, run_session(sess, tensors, batch.feeds)):
             flat = value.reshape(-1, value.shape[-1]).astype(np.float32)
             absmax[name] = np.maximum(absmax.get(name, 0.0), np.abs(flat).max(axis=0))
@@ -310,8 +310,7 @@ def check_equal(original: Graph, smoothed: Graph, batches: list[Batch], samples:
     """The smoothed model's float outputs against the original's on a few samples, one at a time and
     one session at a time: a language model's logits and two live sessions would cost gigabytes."""
     outputs = [o for o in original.output_names if original.is_float(o)]
-    feeds = [{k: v[i:i + 1] for k, v in b.feeds.items()} for b in batches
-             for i in range(len(next(iter(b.feeds.values()))))][:samples]
+    feeds = [b.rows(i, i + 1).feeds for b in batches for i in range(b.size)][:samples]
     sess = session(original.model)
     references = [run_session(sess, outputs, f) for f in feeds]
     del sess

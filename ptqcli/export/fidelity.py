@@ -199,13 +199,12 @@ RUN_BYTES = 256 * 2**20
 def _bounded(batches: Iterable[Batch], rows: Callable[[], int | None]) -> Iterable[Batch]:
     """The batches cut into runs of at most rows() samples; the first run is one sample, to measure."""
     for batch in batches:
-        n = len(next(iter(batch.feeds.values())))
+        n = batch.size
         start = 0
         while start < n:
             step = rows() or 1
             stop = min(n, start + step)
-            labels = None if batch.labels is None else batch.labels[start:stop]
-            yield Batch({k: v[start:stop] for k, v in batch.feeds.items()}, labels)
+            yield batch.rows(start, stop)
             start = stop
 
 
@@ -248,7 +247,7 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
             labelled += len(labels)
             correct["float"] += int(np.sum(top1(fv[outputs[0]]) == labels))
             correct["quantized"] += int(np.sum(top1(qv[outputs[0]]) == labels))
-        advance(len(next(iter(batch.feeds.values()))))
+        advance(batch.size)
     layers = [
         {"node": layer.node, "op_type": layer.op_type, "output": layer.output,
          "output_shape": shapes.get(layer.output),

@@ -89,7 +89,7 @@ def _layer_moments(g: Graph, layers: list[Layer], batches: list[Batch], cfg: Mas
             if layer.node not in moments:
                 moments[layer.node] = Moments.empty(block.shape[1], block.shape[2])
             moments[layer.node].add(block, owners)
-        seen += len(next(iter(batch.feeds.values())))
+        seen += batch.size
     return moments
 
 
@@ -139,7 +139,7 @@ def _diversity(node, w: np.ndarray, cfg: MaskConfig) -> float | None:
 def _batches(g: Graph, data: DataConfig | None, samples: int) -> list[Batch] | None:
     if data is None or data.path is None:
         return None
-    return list(iter_batches(data.path, model_inputs(g), data, limit=samples))
+    return list(iter_batches(data.path, model_inputs(g), data, limit=samples, model=g.model))
 
 
 def mask_model(g: Graph, layers: list[Layer], cfg: MaskConfig, data: DataConfig | None, run_dir: Path) -> list[dict]:
