@@ -141,12 +141,30 @@ def load_model(path: str | os.PathLike) -> ModelProto:
 
 
 def check_model(model: ModelProto, what: str) -> None:
+    problem = checker_problem(model)
+    if problem is not None:
+        raise PtqError(f"{what} fails onnx.checker: {problem}")
+
+
+def checker_problem(model: ModelProto, full: bool = False) -> str | None:
+    """onnx.checker's first line about the model, or None when it passes; `full` adds strict shape
+    and type inference. Models over 2 GB cannot be checked in memory and pass."""
     try:
         if not is_huge(model):
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(model, full_check=full)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PtqError(f"{what} fails onnx.checker: {first_line}") from None
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def check_output(model: ModelProto, source: ModelProto, what: str) -> None:
+    """What is written must be valid: onnx.checker, and its full check with shape inference
+    wherever the source model passes that too (a source with inconsistent shapes is not ours to
+    mend)."""
+    check_model(model, what)
+    problem = checker_problem(model, full=True)
+    if problem is not None and checker_problem(source, full=True) is None:
+        raise PtqError(f"{what} fails onnx.checker's shape inference: {problem}")
 
 
 def save_model(model: ModelProto, path: str | os.PathLike) -> None:

@@ -34,12 +34,15 @@ def session(model: ModelProto, optimize: bool = True, scratch: Path | None = Non
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     with tempfile.TemporaryDirectory() as tmp:
-        source = model_bytes_or_path(model, Path(scratch or tmp))
-        try:
-            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PtqError(f"ONNX Runtime cannot load the model: {first}") from None
+        return _loaded(model_bytes_or_path(model, Path(scratch or tmp)), options, "the model")
+
+
+def _loaded(source: bytes | str, options: ort.SessionOptions, what: str) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PtqError(f"ONNX Runtime cannot load {what}: {first}") from None
 
 
 def run_session(sess: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -104,12 +107,12 @@ def _subgraph_reads(node) -> set[str]:
     return names
 
 
-def optimized_model(model: ModelProto) -> ModelProto:
+def optimized_model(model: ModelProto, what: str = "the model") -> ModelProto:
     """The graph ORT actually runs after its optimizations (the kernel path); external data is not loaded."""
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(model)
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(model_bytes_or_path(model, Path(tmp)), options, providers=["CPUExecutionProvider"])
+        _loaded(model_bytes_or_path(model, Path(tmp)), options, what)
         return onnx.load(options.optimized_model_filepath, load_external_data=False)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
-from ..graph import Graph, check_model, clone, default_opset, make_initializer, set_opset
+from ..graph import Graph, check_output, clone, default_opset, make_initializer, set_opset
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import quantize
 from . import binarize, nbits
@@ -226,7 +226,7 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     kept = list(initializers.values())
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + new_inits)
-    check_model(model, "the exported model")
+    check_output(model, g.model, "the exported model")
     return model
 
 
