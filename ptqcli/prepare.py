@@ -33,6 +33,11 @@ def prepare(model: ModelProto, source: str = "") -> Graph:
     model = drop_initializer_inputs(model)
     model = name_nodes(model)
     check_model(model, source or "the model")
+    model, widened = float32_inside(model)
+    if widened:
+        notes.append(f"float16 model: computed in float32 inside ({widened} tensors widened), its inputs and "
+                     "outputs stay float16 through a Cast each")
+    facts["float16_widened"] = widened
     model, folded = fold_constants(model)
     if folded:
         notes.append(f"folded {folded} constant nodes into initializers")
@@ -43,6 +48,103 @@ def prepare(model: ModelProto, source: str = "") -> Graph:
     model = infer_shapes(model)
     model = add_runtime_types(model)
     return Graph(model, source=source, notes=notes, facts=facts)
+
+
+def float32_inside(model: ModelProto) -> tuple[ModelProto, int]:
+    """A float16 graph with float32 in place of float16 everywhere between its inputs and outputs,
+    which keep their float16 types through a Cast each; and how many tensors, constants and type
+    attributes changed. ONNX Runtime's CPU kernels compute float16 graphs in float32 anyway (it
+    casts around each op) and its integer kernels take float32 scales, so this is the graph
+    that quantizes and runs. bfloat16 is refused: ORT's CPU provider cannot run it."""
+    if _uses_type(model.graph, TensorProto.BFLOAT16):
+        raise PtqError("the model holds bfloat16 tensors, which ONNX Runtime's CPU provider cannot run; "
+                       "export it in float32 or float16")
+    if not _uses_type(model.graph, TensorProto.FLOAT16):
+        return model, 0
+    model = clone(model)
+    graph = model.graph
+    half_inputs = [vi for vi in graph.input if vi.type.tensor_type.elem_type == TensorProto.FLOAT16]
+    half_outputs = [vi.name for vi in graph.output if vi.type.tensor_type.elem_type == TensorProto.FLOAT16]
+    changed = _widen_graph(graph)
+    head, tail = [], []
+    for vi in half_inputs:
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+        inside = f"{vi.name}__float32"
+        _rename_reads(graph, vi.name, inside)
+        head.append(helper.make_node("Cast", [vi.name], [inside], name=f"{vi.name}__to_float32", to=TensorProto.FLOAT))
+    for vi in graph.output:
+        if vi.name not in half_outputs:
+            continue
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+        inside = f"{vi.name}__float32"
+        _rename_reads(graph, vi.name, inside)
+        for node in graph.node:
+            node.output[:] = [inside if o == vi.name else o for o in node.output]
+        tail.append(helper.make_node("Cast", [inside], [vi.name], name=f"{vi.name}__to_float16", to=TensorProto.FLOAT16))
+    nodes = head + list(graph.node) + tail
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model, changed
+
+
+def _uses_type(graph: onnx.GraphProto, elem: int) -> bool:
+    values = list(graph.input) + list(graph.output) + list(graph.value_info)
+    if any(vi.type.tensor_type.elem_type == elem for vi in values):
+        return True
+    if any(t.data_type == elem for t in graph.initializer):
+        return True
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == elem:
+                return True
+            if a.name == "to" and a.i == elem:
+                return True
+            if any(_uses_type(sub, elem) for sub in _subgraphs(a)):
+                return True
+    return False
+
+
+def _subgraphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    return list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+
+
+# Attributes that name an element type of what the op writes.
+_TYPE_ATTRIBUTES = frozenset({"to", "dtype", "output_dtype"})
+
+
+def _widen_graph(graph: onnx.GraphProto) -> int:
+    """float16 -> float32 in this graph and its subgraphs, in place (inputs and outputs of the main
+    graph are set back to float16 by the caller; subgraph signatures are widened with the rest)."""
+    changed = 0
+    for i, t in enumerate(graph.initializer):
+        if t.data_type == TensorProto.FLOAT16:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+            changed += 1
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+            changed += 1
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT16:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+                changed += 1
+            elif a.type == onnx.AttributeProto.INT and a.name in _TYPE_ATTRIBUTES and a.i == TensorProto.FLOAT16:
+                a.i = TensorProto.FLOAT
+                changed += 1
+            for sub in _subgraphs(a):
+                changed += _widen_graph(sub)
+    return changed
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every node that reads `old`, in this graph and in the subgraphs that see it, reads `new`."""
+    for node in graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        for a in node.attribute:
+            for sub in _subgraphs(a):
+                if old not in {i.name for i in sub.input}:  # a subgraph input of that name hides it
+                    _rename_reads(sub, old, new)
 
 
 def drop_initializer_inputs(model: ModelProto) -> ModelProto:

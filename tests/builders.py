@@ -216,3 +216,22 @@ def streaming_model(seed: int = 0, chunk: int = 16, hidden: int = 8, outputs: in
          helper.make_tensor_value_info("next_state", TensorProto.FLOAT, [2, "N", hidden])],
         inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def as_float16(model: ModelProto, elem: int = TensorProto.FLOAT16) -> ModelProto:
+    """The model with float16 (or `elem`) weights, inputs and outputs, as fp16 exporters write it."""
+    dtype = {TensorProto.FLOAT16: np.float16}.get(elem)
+    copy = ModelProto()
+    copy.CopyFrom(model)
+    for i, t in enumerate(copy.graph.initializer):
+        if t.data_type == TensorProto.FLOAT:
+            value = numpy_helper.to_array(t)
+            if dtype is not None:
+                copy.graph.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(dtype), t.name))
+            else:
+                copy.graph.initializer[i].CopyFrom(helper.make_tensor(t.name, elem, value.shape, value.ravel().tolist()))
+    for vi in list(copy.graph.input) + list(copy.graph.output):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = elem
+    del copy.graph.value_info[:]
+    return copy
