@@ -204,6 +204,21 @@ def model_bytes_or_path(model: ModelProto, scratch: Path) -> bytes | str:
     return str(path)
 
 
+def subgraphs(node: NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of a control-flow node (If's branches, Loop's and Scan's body)."""
+    return [sub for a in node.attribute for sub in list(a.graphs) + ([a.g] if a.HasField("g") else [])]
+
+
+def subgraph_reads(node: NodeProto) -> set[str]:
+    """Names a control-flow node's subgraphs read from the enclosing graph (and their own)."""
+    names: set[str] = set()
+    for sub in subgraphs(node):
+        for inner in sub.node:
+            names.update(inner.input)
+            names.update(subgraph_reads(inner))
+    return names
+
+
 def clone(model: ModelProto) -> ModelProto:
     copy = ModelProto()
     copy.CopyFrom(model)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .graph import MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, save_model, set_opset
+from .graph import MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, save_model, set_opset, subgraphs
 from .errors import PtqError
 from .ops import op_info
 from .runtime import session
@@ -99,13 +99,9 @@ def _uses_type(graph: onnx.GraphProto, elem: int) -> bool:
                 return True
             if a.name == "to" and a.i == elem:
                 return True
-            if any(_uses_type(sub, elem) for sub in _subgraphs(a)):
-                return True
+        if any(_uses_type(sub, elem) for sub in subgraphs(node)):
+            return True
     return False
-
-
-def _subgraphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    return list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
 
 
 # Attributes that name an element type of what the op writes.
@@ -132,8 +128,8 @@ def _widen_graph(graph: onnx.GraphProto) -> int:
             elif a.type == onnx.AttributeProto.INT and a.name in _TYPE_ATTRIBUTES and a.i == TensorProto.FLOAT16:
                 a.i = TensorProto.FLOAT
                 changed += 1
-            for sub in _subgraphs(a):
-                changed += _widen_graph(sub)
+        for sub in subgraphs(node):
+            changed += _widen_graph(sub)
     return changed
 
 
@@ -141,10 +137,9 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Every node that reads `old`, in this graph and in the subgraphs that see it, reads `new`."""
     for node in graph.node:
         node.input[:] = [new if i == old else i for i in node.input]
-        for a in node.attribute:
-            for sub in _subgraphs(a):
-                if old not in {i.name for i in sub.input}:  # a subgraph input of that name hides it
-                    _rename_reads(sub, old, new)
+        for sub in subgraphs(node):
+            if old not in {i.name for i in sub.input}:  # a subgraph input of that name hides it
+                _rename_reads(sub, old, new)
 
 
 def drop_initializer_inputs(model: ModelProto) -> ModelProto:

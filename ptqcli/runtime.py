@@ -14,7 +14,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from . import nativelib
 from .errors import PtqError
-from .graph import clone, model_bytes_or_path
+from .graph import clone, model_bytes_or_path, subgraph_reads
 
 
 def uses_native_ops(model: ModelProto) -> bool:
@@ -84,7 +84,7 @@ def truncated(model: ModelProto, outputs: list[str]) -> ModelProto:
         if needed.intersection(node.output):
             kept.append(node)
             needed.update(node.input)
-            needed.update(_subgraph_reads(node))
+            needed.update(subgraph_reads(node))
     del out.graph.node[:]
     out.graph.node.extend(reversed(kept))
     for field in (out.graph.input, out.graph.initializer):
@@ -94,17 +94,6 @@ def truncated(model: ModelProto, outputs: list[str]) -> ModelProto:
     del out.graph.output[:]
     out.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs)
     return out
-
-
-def _subgraph_reads(node) -> set[str]:
-    """Names a control-flow node's subgraphs read from the enclosing graph (and their own)."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-            for inner in sub.node:
-                names.update(inner.input)
-                names.update(_subgraph_reads(inner))
-    return names
 
 
 def optimized_model(model: ModelProto, what: str = "the model") -> ModelProto:

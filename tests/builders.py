@@ -235,3 +235,29 @@ def as_float16(model: ModelProto, elem: int = TensorProto.FLOAT16) -> ModelProto
             vi.type.tensor_type.elem_type = elem
     del copy.graph.value_info[:]
     return copy
+
+
+def branching_model(seed: int = 0, width: int = 16) -> ModelProto:
+    """Weights inside and across an If: relu(x W0) = h feeds both branches (MatMul by the outer W1 /
+    by the branch's own W2) and, beside them, MatMuls in the main graph (h W1 shares W1 with a
+    branch); y = (If(sum(x) > 0) + h) W0, z = h W1."""
+    rng = np.random.default_rng(seed)
+    w = {name: numpy_helper.from_array(rng.normal(0, 0.3, (width, width)).astype(np.float32), name)
+         for name in ("W0", "W1", "W2")}
+    n = helper.make_node
+    vi = helper.make_tensor_value_info
+    then_branch = helper.make_graph([n("MatMul", ["h", "W1"], ["t1"], name="then_mm"), n("Relu", ["t1"], ["t_out"], name="then_relu")],
+                                    "then", [], [vi("t_out", TensorProto.FLOAT, ["N", width])])
+    else_branch = helper.make_graph([n("MatMul", ["h", "W2"], ["e1"], name="else_mm"), n("Sigmoid", ["e1"], ["e_out"], name="else_sig")],
+                                    "else", [], [vi("e_out", TensorProto.FLOAT, ["N", width])], [w["W2"]])
+    nodes = [
+        n("MatMul", ["x", "W0"], ["h0"], name="mm0"), n("Relu", ["h0"], ["h"], name="relu0"),
+        n("ReduceSum", ["x"], ["s"], name="rs", keepdims=0), n("Greater", ["s", "zero"], ["flag"], name="gt"),
+        n("If", ["flag"], ["y0"], name="branch", then_branch=then_branch, else_branch=else_branch),
+        n("Add", ["y0", "h"], ["y1"], name="res"), n("MatMul", ["y1", "W0"], ["y"], name="mm_out"),
+        n("MatMul", ["h", "W1"], ["z"], name="mm_side"),
+    ]
+    graph = helper.make_graph(nodes, "branching", [vi("x", TensorProto.FLOAT, ["N", width])],
+                              [vi("y", TensorProto.FLOAT, ["N", width]), vi("z", TensorProto.FLOAT, ["N", width])],
+                              [w["W0"], w["W1"], numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

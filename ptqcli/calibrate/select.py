@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import QuantConfig
-from ..graph import Graph
+from ..graph import Graph, subgraphs
 from ..ops import LAYOUT_OPS, activation_slots, is_fusable_activation, op_info
 from ..plan import Layer
 
@@ -31,6 +31,7 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
         if info is None:
             if node.op_type not in LAYOUT_OPS:
                 float_nodes[node.name] = f"{node.op_type} has no quantized form here"
+            float_nodes.update(subgraph_layers(node, set(g.initializers)))
             continue
         weight = _constant_weight(g, node, info)
         if weight is None and info.float_without_weight and cfg.act_bits == 8:
@@ -56,6 +57,24 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
     if not cfg.static_acts:
         acts.clear()
     return Selection(layers, list(acts), float_nodes)
+
+
+def subgraph_layers(node, constants: set[str], path: str = "") -> dict[str, str]:
+    """Ops with a constant weight inside a control-flow node's subgraphs (If branches, Loop and
+    Scan bodies), by path, with why they stay float: their activations cannot be observed from
+    outside, and a weight-only grid there would only add a dequantization to every run."""
+    found = {}
+    where = f"{path}{node.name}"
+    for sub in subgraphs(node):
+        inner_constants = constants | {t.name for t in sub.initializer}
+        for inner in sub.node:
+            info = op_info(inner.op_type, inner.domain)
+            slot = info.weight_input if info is not None else None
+            if slot is not None and slot < len(inner.input) and inner.input[slot] in inner_constants:
+                found[f"{where}/{sub.name}/{inner.name or inner.op_type}"] = (
+                    f"{inner.op_type} inside {node.op_type} '{node.name}': subgraphs stay in float")
+            found.update(subgraph_layers(inner, inner_constants, f"{where}/{sub.name}/"))
+    return found
 
 
 def _constant_weight(g: Graph, node, info) -> str | None:

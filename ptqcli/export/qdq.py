@@ -22,7 +22,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
-from ..graph import Graph, check_output, clone, default_opset, make_initializer, set_opset
+from ..graph import Graph, check_output, clone, subgraph_reads, default_opset, make_initializer, set_opset
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import quantize
 from . import binarize, nbits
@@ -173,6 +173,8 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     integer_only = {layer.weight for layer in [*dynamic.values(), *packed.values()]} - {
         layer.weight for layer in plan.layers if layer.node not in dynamic and layer.node not in packed}
     quantized_inputs: set[str] = set()
+    # Subgraphs read weights by name from the enclosing graph and are not rewired: they keep the float copy.
+    read_inside = set().union(*(subgraph_reads(n) for n in model.graph.node))
     for name, tq in plan.tensors.items():
         if tq.role == "value":
             if name in initializers:
@@ -182,7 +184,7 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
         if tq.role in ("weight", "bias"):
             if name not in initializers:
                 raise PtqError(f"plan names weight '{name}', which the model does not have")
-            original = numpy_helper.to_array(initializers.pop(name))
+            original = numpy_helper.to_array(initializers[name] if name in read_inside else initializers.pop(name))
             if name in integer_only and tq.spec.block_size:
                 continue  # MatMulNBits packs its own copy
             inits, dq = _constant_qdq(name, tq, original if tq.value is None else tq.value.reshape(original.shape))
