@@ -33,6 +33,7 @@ MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Images: per-chan
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Images: per-channel std on 0..255, comma-separated [default: 255].")]
 LayoutOpt = Annotated[Optional[str], typer.Option("--layout", help="Images: auto, NCHW or NHWC.")]
 ColorOpt = Annotated[Optional[str], typer.Option("--color", help="Images: auto, rgb, bgr or gray.")]
+WholeFeedsOpt = Annotated[Optional[bool], typer.Option("--whole-feeds", help="Each data file is one complete feed, fed as it is (no input split into samples).")]
 FeedbackOpt = Annotated[Optional[str], typer.Option("--feedback", help="Streaming models: OUTPUT=INPUT[,...]; each data file is a stream of steps, and each step's INPUT is the float model's OUTPUT of the step before.")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Weight format: int8, int4, int3, int2, binary, ternary, pow2:B, exp:B [default: int8].")]
 ActsOpt = Annotated[Optional[ActFormat], typer.Option("--acts", help="Activation format [default: uint8].")]
@@ -119,7 +120,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
              act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed, binary_acts=None,
              act_damage_limit=None, smooth=None, block_size=None, weight_zero_points=None, accuracy_level=None,
-             feedback=None):
+             feedback=None, whole_feeds=None):
     from .export.card import load_recipe
 
     doc = load_recipe(str(recipe) if recipe else None)
@@ -133,7 +134,8 @@ def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std
         accuracy_level=accuracy_level), "quant options")
     data_cfg = merge(DataConfig, doc.get("data", {}), dict(
         path=data, synthetic=synthetic, synthetic_iters=iters if synthetic else None, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"), layout=layout, color=color, feedback=feedback), "data options")
+        std=_floats(std, "--std"), layout=layout, color=color, feedback=feedback,
+        whole_feeds=whole_feeds), "data options")
     return quant, data_cfg
 
 
@@ -153,7 +155,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
               data: DataOpt = None, synthetic: SyntheticOpt = None, num_samples: NumSamplesOpt = None,
               batch_size: BatchOpt = None,
               resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
-              color: ColorOpt = None, feedback: FeedbackOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
+              color: ColorOpt = None, feedback: FeedbackOpt = None, whole_feeds: WholeFeedsOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
               granularity: GranularityOpt = None, act_symmetric: ActSymOpt = None, method: MethodOpt = None,
               weight_method: WeightMethodOpt = None, rounding: RoundingOpt = None, iters: RoundingItersOpt = None,
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
@@ -168,7 +170,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
-                               block_size, weight_zero_points, accuracy_level, feedback)
+                               block_size, weight_zero_points, accuracy_level, feedback, whole_feeds)
     plan = stages.calibrate(model, quant, data_cfg, output, rich_progress)
     out.print(plan_table(plan))
     out.print(f"run directory: [bold]{output}[/bold]")
@@ -264,7 +266,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              data: DataOpt = None, synthetic: SyntheticOpt = None, num_samples: NumSamplesOpt = None,
              batch_size: BatchOpt = None,
              resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
-             color: ColorOpt = None, feedback: FeedbackOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
+             color: ColorOpt = None, feedback: FeedbackOpt = None, whole_feeds: WholeFeedsOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
              granularity: GranularityOpt = None, act_symmetric: ActSymOpt = None, method: MethodOpt = None,
              weight_method: WeightMethodOpt = None, rounding: RoundingOpt = None, iters: RoundingItersOpt = None,
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
@@ -284,7 +286,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
-                               block_size, weight_zero_points, accuracy_level, feedback)
+                               block_size, weight_zero_points, accuracy_level, feedback, whole_feeds)
     run = run_dir or output.with_name(output.name + ".run")
     check_writable(output)
     if eval_data is not None:

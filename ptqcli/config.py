@@ -80,6 +80,9 @@ class DataConfig:
     # Streaming models: "OUTPUT=INPUT" pairs. Each data file is one stream of consecutive steps; a
     # step's INPUT is the float model's OUTPUT of the step before (the file's value at the first).
     feedback: tuple[str, ...] = ()
+    # Every data file is one complete feed, as given: no input is split into samples or batched
+    # (time-major sequences [T, N, F] whose batch the signature does not name, odd signatures).
+    whole_feeds: bool = False
 
     def feedback_pairs(self) -> dict[str, str]:
         """{input: the output fed back into it}."""

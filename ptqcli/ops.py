@@ -64,6 +64,8 @@ class OpInfo:
     # attention probabilities lose precision on a per-tensor grid: left in float for 8-bit
     # activations (16-bit QDQ targets quantize it).
     float_without_weight: bool = False
+    # More constant weights beside `weight_input`, quantized like it: a recurrent layer's R.
+    extra_weight_inputs: tuple[int, ...] = ()
 
 
 def _gemm_axis(node: NodeProto) -> int:
@@ -81,6 +83,15 @@ _COMPUTE = {
     "MatMul": OpInfo(act_inputs=(0, 1), weight_input=1, channel_axis=lambda node: -1, float_output_kernel=True,
                      float_without_weight=True,
                      weight_in_axis=lambda node: -2, act_channel_axis=lambda node: -1),
+}
+
+# Recurrent layers: W [directions, gates * hidden, input] and R [directions, gates * hidden, hidden]
+# get one scale per gate row (axis 1). Stock ORT has no integer kernel reading their sequence input
+# or the QDQ form, so the input stays float: the weights shrink, the math is the float LSTM's.
+_RECURRENT = {
+    op: OpInfo(act_inputs=(), quantize_output=False, weight_input=1, extra_weight_inputs=(2,),
+               channel_axis=lambda node: 1)
+    for op in ("LSTM", "GRU", "RNN")
 }
 
 _ELEMENTWISE = {
@@ -108,6 +119,7 @@ _FUSABLE = {op: OpInfo(act_inputs=(), fusable_activation=True) for op in ("Relu"
 
 OP_INFO: dict[str, OpInfo] = {
     **_COMPUTE,
+    **_RECURRENT,
     **_ELEMENTWISE,
     **_UNARY,
     **_FUSABLE,

@@ -91,13 +91,25 @@ class Layer:
     weight: str | None
     bias: str | None
     output: str
+    # Further constant weights quantized with `weight` (a recurrent layer's R).
+    extra_weights: tuple[str, ...] = ()
+
+    @property
+    def weights(self) -> tuple[str, ...]:
+        return tuple(w for w in (self.weight, *self.extra_weights) if w is not None)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if self.extra_weights:
+            d["extra_weights"] = list(self.extra_weights)
+        else:
+            del d["extra_weights"]  # plans of layers without them read as before
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "Layer":
-        return Layer(**{k: d.get(k) for k in ("node", "op_type", "activation", "weight", "bias", "output")})
+        return Layer(**{k: d.get(k) for k in ("node", "op_type", "activation", "weight", "bias", "output")},
+                     extra_weights=tuple(d.get("extra_weights", ())))
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
 
 def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent):
     """The selected activations' statistics over the calibration data, and the samples seen."""
-    available = count_samples(data.path)
+    available = count_samples(data.path, inputs, data)
     total = min(data.num_samples, available) if available is not None else data.num_samples
     with progress("calibrating", total) as advance:
         batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
@@ -101,7 +101,7 @@ def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, progress: Pro
     if not smoothing_groups(g):
         return g, {}
     check = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8), model=g.model))
-    available = count_samples(data.path)
+    available = count_samples(data.path, inputs, data)
     total = min(data.num_samples, available) if available is not None else data.num_samples
     with progress("smoothing: activation extremes", total) as advance:
         batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
@@ -279,7 +279,7 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     extra_bytes = containers.widen(quantized, plan, choice)
     # Loaded by ORT before anything is measured or written: a model it refuses is never saved.
     kernels = layer_kernels(quantized, optimized_model(quantized, "the exported model"), plan)
-    source, skip, held_out = eval_source(plan, eval_data)
+    source, skip, held_out = eval_source(plan, eval_data, g)
     fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
     inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source, skip, latency)
     stored = containers.stored_types(quantized, plan)
@@ -380,12 +380,12 @@ def latency_samples(g: Graph, plan: Plan, source: str | None, skip: int = 0) -> 
     return [{s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=s.dtype) for s in inputs}], False
 
 
-def eval_source(plan: Plan, eval_data: str | None) -> tuple[str | None, int, bool]:
+def eval_source(plan: Plan, eval_data: str | None, g: Graph) -> tuple[str | None, int, bool]:
     """Held-out samples: --eval-data if given, else the calibration data past what calibration read."""
     if eval_data is not None:
         return eval_data, 0, True
     path = plan.data.path
-    available = count_samples(path) if path and Path(path).exists() else None
+    available = count_samples(path, model_inputs(g), plan.data) if path and Path(path).exists() else None
     if available is None:
         return None, 0, False
     seen = plan.samples_seen
@@ -400,4 +400,7 @@ def evaluate(g: Graph, quantized, plan: Plan, source: str | None, skip: int, hel
     inputs = model_inputs(g)
     with progress("measuring fidelity", eval_samples) as advance:
         batches = iter_batches(source, inputs, plan.data, limit=eval_samples, skip=skip, model=g.model)
-        return measure(g.model, quantized, plan, batches, held_out, advance)
+        fidelity = measure(g.model, quantized, plan, batches, held_out, advance)
+    if fidelity.samples == 0 and skip:  # calibration read every sample after all: measure on those
+        return evaluate(g, quantized, plan, source, 0, False, eval_samples, progress)
+    return fidelity if fidelity.samples else None

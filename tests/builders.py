@@ -261,3 +261,26 @@ def branching_model(seed: int = 0, width: int = 16) -> ModelProto:
                               [vi("y", TensorProto.FLOAT, ["N", width]), vi("z", TensorProto.FLOAT, ["N", width])],
                               [w["W0"], w["W1"], numpy_helper.from_array(np.array(0, np.float32), "zero")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def recurrent_model(op: str = "LSTM", seed: int = 0, features: int = 12, hidden: int = 16,
+                    classes: int = 5) -> ModelProto:
+    """x[T, N, features] -> {op} (one direction) -> last hidden state -> Gemm -> logits[N, classes]."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.4, (1, gates * hidden, features)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (1, gates * hidden, hidden)).astype(np.float32), "R"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (1, 2 * gates * hidden)).astype(np.float32), "B"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (classes, hidden)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "fc_b"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+    ]
+    n = helper.make_node
+    outputs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
+    nodes = [n(op, ["x", "W", "R", "B"], outputs, name="rnn", hidden_size=hidden),
+             n("Squeeze", ["Y_h", "axis0"], ["h"], name="last"),
+             n("Gemm", ["h", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "recurrent", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", features])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])

@@ -117,9 +117,9 @@ def moved_to_float(plan: Plan, moves: Iterable[Move]) -> Plan:
     float_layers = {m.name for m in moves if m.kind == "layer"}
     float_acts = {t for m in moves for t in m.tensors}
     kept = [layer for layer in plan.layers if layer.node not in float_layers]
-    still_read = {layer.weight for layer in kept} | {layer.bias for layer in kept}
+    still_read = {w for layer in kept for w in layer.weights} | {layer.bias for layer in kept}
     dropped = float_acts | {t for layer in plan.layers if layer.node in float_layers
-                            for t in (layer.weight, layer.bias) if t not in still_read}
+                            for t in (*layer.weights, layer.bias) if t not in still_read}
     float_input_biases = {layer.bias for layer in kept if layer.activation in float_acts}
     tensors = {}
     for name, tq in plan.tensors.items():
@@ -164,8 +164,8 @@ def moved_to_int16(plan: Plan, moves: Iterable[Move], weight_of: Callable[[str],
         tensors[name] = replace(tq, spec=int16, scale=scale, zero_point=zp)
     for layer in plan.layers:
         if layer.node in layers:
-            tensors[layer.weight] = quantize_weight(weight_of(layer.weight),
-                                                    replace(int16, axis=tensors[layer.weight].spec.axis))
+            for name in layer.weights:
+                tensors[name] = quantize_weight(weight_of(name), replace(int16, axis=tensors[name].spec.axis))
         if (layer.node in layers or layer.activation in acts) and layer.bias in tensors \
                 and tensors[layer.bias].role == "bias":
             bq = tensors[layer.bias]

@@ -40,7 +40,7 @@ def _quality(fidelity) -> tuple[float, str]:
 
 def _measure(ctx: Run, choice: dict[str, str], eval_data: str | None, eval_samples: int) -> tuple[int, float, str]:
     plan = plan_for(ctx, choice)
-    source, skip, held_out = eval_source(plan, eval_data)
+    source, skip, held_out = eval_source(plan, eval_data, ctx.graph)
     if source is None:
         raise PtqError("the Pareto view needs evaluation data: pass --eval-data")
     # Measured as `ptq export` writes it: codes in the container ORT's integer kernels take.

@@ -73,7 +73,7 @@ def fall_back(run_dir: str | Path, target: float, eval_data: str | None, eval_sa
 
 def evaluation_batches(run: Run, eval_data: str | None, eval_samples: int) -> tuple[list[Batch], dict]:
     """The evaluation samples, held in memory (every plan runs on them), and where they came from."""
-    source, skip, held_out = eval_source(run.plan, eval_data)
+    source, skip, held_out = eval_source(run.plan, eval_data, run.graph)
     if source is None:
         raise PtqError("--max-drop needs evaluation data: pass --eval-data")
     batches = list(iter_batches(source, model_inputs(run.graph), run.plan.data, limit=eval_samples, skip=skip,

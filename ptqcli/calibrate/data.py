@@ -14,7 +14,7 @@ model's business).
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -60,8 +60,19 @@ def model_inputs(g: Graph) -> list[InputSpec]:
     batch_dim = _batch_dim(list(shapes.values()))
     return [InputSpec(vi.name, shapes[vi.name],
                       np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)),
-                      vocabularies.get(vi.name), batched=bool(shapes[vi.name]) and shapes[vi.name][0] == batch_dim)
+                      vocabularies.get(vi.name),
+                      batched=bool(shapes[vi.name]) and shapes[vi.name][0] == batch_dim and not _batch_named_later(vi))
             for vi in g.graph_inputs]
+
+
+_BATCH_NAMES = frozenset({"batch", "batch_size", "batchsize", "n", "b", "num_batch"})
+
+
+def _batch_named_later(vi) -> bool:
+    """The exporter named a later dimension the batch (a time-major sequence [T, N, F], a state
+    [layers, batch, hidden]) and not the first one."""
+    names = [d.dim_param.strip().lower() if d.HasField("dim_param") else "" for d in vi.type.tensor_type.shape.dim]
+    return bool(names) and names[0] not in _BATCH_NAMES and any(n in _BATCH_NAMES for n in names[1:])
 
 
 def _batch_dim(shapes: list[tuple]) -> int | None:
@@ -489,35 +500,40 @@ def _load_image(path: Path, color: str, height: int, width: int, resize: int) ->
     return a[..., ::-1] if color == "bgr" else a
 
 
-def count_samples(path: str | Path) -> int | None:
-    """Samples available, read from file headers only (None when it cannot be told cheaply)."""
+def count_samples(path: str | Path, inputs: list[InputSpec] | None = None, cfg: DataConfig | None = None) -> int | None:
+    """Samples available, read from file headers only (None when it cannot be told cheaply). With
+    the model's inputs, samples are counted along an input that has a sample axis; a model with
+    none (or --whole-feeds) takes one feed per file."""
     p = Path(path)
     try:
         files = _files_of(p)
     except PtqError:
         return None
+    if inputs is not None and cfg is not None and cfg.whole_feeds:
+        inputs = [replace(spec, batched=False) for spec in inputs]
+    batched = None if inputs is None else [spec.name for spec in inputs if spec.batched]
     total = 0
     for f in files:
         suffix = f.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
+        if suffix in IMAGE_SUFFIXES or batched == []:
             total += 1
         elif suffix == ".npy":
             total += len(open_npy(f))
         else:
-            n = _npz_first_dim(f)
+            n = _npz_first_dim(f, batched)
             if n is None:
                 return None
             total += n
     return total
 
 
-def _npz_first_dim(path: Path) -> int | None:
+def _npz_first_dim(path: Path, keys: list[str] | None) -> int | None:
     try:
         arrays = open_npz(path)
     except Exception:
         return None
     for key, a in arrays.items():
-        if key not in LABEL_KEYS:
+        if key not in LABEL_KEYS and (keys is None or key in keys or len(keys) == 1 and len(arrays) == 1):
             return a.shape[0] if a.shape else 1
     return None
 
@@ -550,6 +566,8 @@ def iter_batches(
     smaller than it is dropped. A model with inputs that have no sample axis, or with --feedback,
     runs one sample at a time; `model` is the float model --feedback steps through.
     """
+    if cfg.whole_feeds:
+        inputs = [replace(spec, batched=False) for spec in inputs]
     fixed = {s.fixed_batch for s in inputs}
     fixed.discard(None)
     if len(fixed) > 1:

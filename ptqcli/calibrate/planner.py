@@ -164,15 +164,16 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
                       else quantize_activation(name, stats, cfg, act_bits.get(name)))
     weights: dict[str, TensorQuant] = {}
     for layer in sel.layers:
-        if layer.weight in weights:
-            continue  # a weight shared by several nodes is quantized once
         node = g.node_by_name[layer.node]
-        w = weight_values.get(layer.weight, g.constant(layer.weight))
-        axis, block = weight_axis(node, w, cfg)
-        scheme, bits = parse_weight_format(weight_formats[layer.weight]) if layer.weight in weight_formats else (None, None)
-        spec = weight_spec(cfg, axis, bits, scheme, block)
-        tq = quantize_weight(w, spec, cfg.weight_method.value)
-        weights[layer.weight] = replace(tq, value=w) if layer.weight in weight_values else tq
+        for name in layer.weights:
+            if name in weights:
+                continue  # a weight shared by several nodes is quantized once
+            w = weight_values.get(name, g.constant(name))
+            axis, block = weight_axis(node, w, cfg)
+            scheme, bits = parse_weight_format(weight_formats[name]) if name in weight_formats else (None, None)
+            spec = weight_spec(cfg, axis, bits, scheme, block)
+            tq = quantize_weight(w, spec, cfg.weight_method.value)
+            weights[name] = replace(tq, value=w) if name in weight_values else tq
     binarized = binary_inputs(g, sel, weights, stats, cfg)
     biases = {}
     for layer in sel.layers:

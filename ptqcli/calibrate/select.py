@@ -45,7 +45,9 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
             acts[name] = None
         if weight:
             first_act = quantized_inputs[0] if quantized_inputs else None
-            layers.append(Layer(node.name, node.op_type, first_act, weight, bias, node.output[0]))
+            extra = tuple(node.input[slot] for slot in info.extra_weight_inputs
+                          if slot < len(node.input) and _is_constant_weight(g, node.input[slot]))
+            layers.append(Layer(node.name, node.op_type, first_act, weight, bias, node.output[0], extra))
         if not cfg.static_acts:
             continue
         out = node.output[0]
@@ -82,10 +84,14 @@ def _constant_weight(g: Graph, node, info) -> str | None:
     if slot is None or slot >= len(node.input):
         return None
     name = node.input[slot]
+    return name if _is_constant_weight(g, name) else None
+
+
+def _is_constant_weight(g: Graph, name: str) -> bool:
     if name not in g.initializers or not g.is_float(name):
-        return None
+        return False
     w = g.constant(name)
-    return name if w is not None and w.ndim >= 2 else None
+    return w is not None and w.ndim >= 2
 
 
 def _constant_bias(g: Graph, node, info) -> str | None:
