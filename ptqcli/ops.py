@@ -66,6 +66,10 @@ class OpInfo:
     float_without_weight: bool = False
     # More constant weights beside `weight_input`, quantized like it: a recurrent layer's R.
     extra_weight_inputs: tuple[int, ...] = ()
+    # ORT's integer kernel (QLinearAdd, QLinearMul) takes a quantized constant as either input: a
+    # constant operand (the + 3 and / 6 of a decomposed HardSwish) is put on the activations'
+    # grid so that the op stays on integers.
+    quantize_constants: bool = False
 
 
 def _gemm_axis(node: NodeProto) -> int:
@@ -95,8 +99,9 @@ _RECURRENT = {
 }
 
 _ELEMENTWISE = {
-    op: OpInfo(act_inputs=(0, 1))
-    for op in ("Add", "Mul", "Sub")
+    "Add": OpInfo(act_inputs=(0, 1), quantize_constants=True),
+    "Mul": OpInfo(act_inputs=(0, 1), quantize_constants=True),
+    "Sub": OpInfo(act_inputs=(0, 1)),
 }
 
 _UNARY = {

@@ -44,7 +44,10 @@ def prepare(model: ModelProto, source: str = "") -> Graph:
     model, bn = fold_batchnorm(model)
     if bn:
         notes.append(f"folded {bn} BatchNormalization nodes into the preceding Conv/Gemm")
-    facts.update(constants_folded=folded, batchnorm_folded=bn)
+    model, divisions = divisions_as_products(model)
+    if divisions:
+        notes.append(f"{divisions} divisions by a constant written as products with its reciprocal")
+    facts.update(constants_folded=folded, batchnorm_folded=bn, divisions_as_products=divisions)
     model = infer_shapes(model)
     model = add_runtime_types(model)
     return Graph(model, source=source, notes=notes, facts=facts)
@@ -281,6 +284,31 @@ def _drop_unused_initializers(model: ModelProto) -> ModelProto:
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     return model
+
+
+def divisions_as_products(model: ModelProto) -> tuple[ModelProto, int]:
+    """Div(x, c) with a float constant c becomes Mul(x, 1 / c): ONNX Runtime multiplies quantized
+    tensors (QLinearMul) but has no quantized division, and a decomposed HardSwish
+    x * clip(x + 3, 0, 6) / 6 would otherwise leave the integer path between two convolutions.
+    The result differs from the division by float rounding only."""
+    consts = {t.name: t for t in model.graph.initializer}
+    targets = [n for n in model.graph.node if n.op_type == "Div" and n.domain in ("", "ai.onnx") and len(n.input) == 2
+               and n.input[1] in consts and consts[n.input[1]].data_type in (TensorProto.FLOAT, TensorProto.DOUBLE)]
+    targets = [n for n in targets if np.all(numpy_helper.to_array(consts[n.input[1]]) != 0)]
+    if not targets:
+        return model, 0
+    model = clone(model)
+    by_name = {n.name: n for n in model.graph.node}
+    added = {}
+    for target in targets:
+        node, divisor = by_name[target.name], target.input[1]
+        if divisor not in added:
+            value = numpy_helper.to_array(consts[divisor])
+            added[divisor] = f"{divisor}__reciprocal"
+            model.graph.initializer.append(numpy_helper.from_array((1.0 / value).astype(value.dtype), added[divisor]))
+        node.op_type = "Mul"
+        node.input[1] = added[divisor]
+    return model, len(targets)
 
 
 def fold_batchnorm(model: ModelProto) -> tuple[ModelProto, int]:

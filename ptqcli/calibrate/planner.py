@@ -92,6 +92,14 @@ def clip_ratio(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
     return best if spec.axis is not None else best.reshape(())
 
 
+def quantize_constant(value: np.ndarray, cfg: QuantConfig) -> TensorQuant:
+    """A constant operand on the activations' grid (QLinearAdd and QLinearMul take both inputs in one
+    type), over its own range: a scalar lands on a level exactly."""
+    spec = activation_spec(cfg)
+    scale, zp = scale_zero_point(np.asarray(np.min(value)), np.asarray(np.max(value)), spec)
+    return TensorQuant("constant", spec, scale, zp, {"method": "constant operand"})
+
+
 def quantize_activation(name: str, stats: Stats, cfg: QuantConfig, bits: int | None = None) -> TensorQuant:
     spec = activation_spec(cfg, bits)
     h = stats[name]
@@ -174,6 +182,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             spec = weight_spec(cfg, axis, bits, scheme, block)
             tq = quantize_weight(w, spec, cfg.weight_method.value)
             weights[name] = replace(tq, value=w) if name in weight_values else tq
+    constants = {name: quantize_constant(g.constant(name), cfg) for name in sel.constants}
     binarized = binary_inputs(g, sel, weights, stats, cfg)
     biases = {}
     for layer in sel.layers:
@@ -188,7 +197,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
         if bq is not None:
             biases[layer.bias] = bq
     config = {"quant": to_jsonable(cfg), "prepare": dict(g.facts), **(extra_config or {})}
-    return Plan({**acts, **weights, **biases}, sel.layers, sel.float_nodes, config, list(g.notes),
+    return Plan({**acts, **weights, **constants, **biases}, sel.layers, sel.float_nodes, config, list(g.notes),
                 binary_inputs=binarized)
 
 

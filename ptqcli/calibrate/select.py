@@ -15,12 +15,15 @@ class Selection:
     layers: list[Layer]  # nodes with a quantized constant weight
     activations: list[str]  # float tensors to observe and quantize, in graph order
     float_nodes: dict[str, str]  # node -> why it stays in float
+    # Constant operands of ops whose integer kernel takes them quantized (ops.quantize_constants).
+    constants: tuple[str, ...] = ()
 
 
 def select(g: Graph, cfg: QuantConfig) -> Selection:
     layers: list[Layer] = []
     acts: dict[str, None] = {}  # an ordered set
     float_nodes: dict[str, str] = {}
+    constants: dict[str, None] = {}  # an ordered set
     excluded_nodes, excluded_ops = set(cfg.exclude_nodes), set(cfg.exclude_ops)
     outputs = set(g.output_names)
     for node in g.graph.node:
@@ -43,6 +46,8 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
         quantized_inputs = [n for n in act_inputs if g.is_float(n) and n not in g.initializers]
         for name in quantized_inputs:
             acts[name] = None
+        if info.quantize_constants and cfg.static_acts and quantized_inputs:
+            constants.update(dict.fromkeys(n for n in act_inputs if n in g.initializers and g.is_float(n)))
         if weight:
             first_act = quantized_inputs[0] if quantized_inputs else None
             extra = tuple(node.input[slot] for slot in info.extra_weight_inputs
@@ -58,7 +63,8 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
             acts[out] = None
     if not cfg.static_acts:
         acts.clear()
-    return Selection(layers, list(acts), float_nodes)
+    weights = {w for layer in layers for w in layer.weights}
+    return Selection(layers, list(acts), float_nodes, tuple(c for c in constants if c not in weights))
 
 
 def subgraph_layers(node, constants: set[str], path: str = "") -> dict[str, str]:

@@ -68,6 +68,7 @@ def _written_by_integer_layer(g: Graph, tensor: str, layer_nodes: set[str]) -> b
 def kernel_activations(g: Graph, plan: Plan) -> set[str]:
     """The plan's activations that some integer kernel reads or writes (see the module doc)."""
     planned = {name for name, tq in plan.tensors.items() if tq.role == "activation"}
+    constants = set(plan.of_role("constant"))
     layer_nodes = {layer.node for layer in plan.layers}
     needed = {t for t in planned if feeds_gemm(g, t, plan.float_nodes) or _written_by_integer_layer(g, t, layer_nodes)}
     changed = True
@@ -77,11 +78,32 @@ def kernel_activations(g: Graph, plan: Plan) -> set[str]:
             info = op_info(node.op_type, node.domain)
             if info is None or node.op_type in MATRIX_OPS or not node.output or node.output[0] not in needed:
                 continue
-            inputs = [node.input[i] for i in activation_slots(node, info)]
+            inputs = [node.input[i] for i in activation_slots(node, info) if node.input[i] not in constants]
             if inputs and all(t in planned for t in inputs) and not set(inputs) <= needed:
                 needed.update(inputs)
                 changed = True
     return needed
+
+
+def _integer_readers(g: Graph, plan: Plan, constant: str) -> bool:
+    """Every op reading the constant runs on integers: its other inputs and its output quantized."""
+    quantized = set(plan.tensors)
+    for node in g.consumers.get(constant, []):
+        info = op_info(node.op_type, node.domain)
+        inputs = [node.input[i] for i in activation_slots(node, info)] if info is not None else []
+        if info is None or not set(inputs) <= quantized or not _quantized_after_fusion(g, node.output[0], quantized):
+            return False
+    return True
+
+
+def _quantized_after_fusion(g: Graph, tensor: str, quantized: set[str]) -> bool:
+    """The tensor is quantized, or feeds only a Relu/Clip whose output is (ORT fuses them)."""
+    while tensor not in quantized:
+        users = g.consumers.get(tensor, [])
+        if len(users) != 1 or not is_fusable_activation(users[0]) or not users[0].output:
+            return False
+        tensor = users[0].output[0]
+    return True
 
 
 def candidates(g: Graph, plan: Plan) -> list[str]:
@@ -97,6 +119,7 @@ def without_idle(g: Graph, plan: Plan) -> Plan:
     record = dict(plan.config.get("activation_damage", {}))
     while True:
         idle = {name for name, tq in plan.tensors.items() if tq.role == "activation"} - kernel_activations(g, plan)
+        idle |= {name for name in plan.of_role("constant") if not _integer_readers(g, plan, name)}
         if not idle:
             return plan
         record.update({name: {"quantized": False, "reason": "no integer kernel reads or writes it"} for name in idle})

@@ -181,7 +181,7 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
                 shape = tuple(initializers[name].dims)
                 initializers[name] = numpy_helper.from_array(tq.value.reshape(shape).astype(np.float32), name)
             continue
-        if tq.role in ("weight", "bias"):
+        if tq.role in ("weight", "bias", "constant"):
             if name not in initializers:
                 raise PtqError(f"plan names weight '{name}', which the model does not have")
             original = numpy_helper.to_array(initializers[name] if name in read_inside else initializers.pop(name))
