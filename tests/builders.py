@@ -284,3 +284,33 @@ def recurrent_model(op: str = "LSTM", seed: int = 0, features: int = 12, hidden:
     graph = helper.make_graph(nodes, "recurrent", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", features])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def hardswish_cnn_model(seed: int = 0, channels: int = 8) -> ModelProto:
+    """Conv -> x * clip(x + 3, 0, 6) / 6 (HardSwish as exporters decompose it) -> Conv -> GAP -> Flatten."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (c, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (c, c, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b2"),
+        numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["input", "w1", "b1"], ["x"], name="conv1", pads=[1, 1, 1, 1]),
+        n("Add", ["x", "three"], ["x3"], name="hs_add"),
+        n("Clip", ["x3", "lo", "hi"], ["gate"], name="hs_clip"),
+        n("Mul", ["x", "gate"], ["xg"], name="hs_mul"),
+        n("Div", ["xg", "six"], ["hs"], name="hs_div"),
+        n("Conv", ["hs", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        n("GlobalAveragePool", ["c2"], ["pooled"], name="gap"),
+        n("Flatten", ["pooled"], ["logits"], name="flatten"),
+    ]
+    graph = helper.make_graph(nodes, "hardswish_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", c])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

@@ -1,0 +1,36 @@
+"""A decomposed HardSwish between two convolutions stays on ORT's integer kernels: its + 3 and / 6
+become quantized constant operands of QLinearAdd and QLinearMul, with no float op in between."""
+
+import numpy as np
+import onnx
+
+from builders import hardswish_cnn_model
+from ptqcli.prepare import prepare
+from ptqcli.runtime import optimized_op_counts, session
+from test_cli import ptq
+
+
+def test_division_by_a_constant_becomes_a_product_within_float_rounding():
+    model = hardswish_cnn_model()
+    g = prepare(model)
+    assert "Div" not in {n.op_type for n in g.graph.node} and g.facts["divisions_as_products"] == 1
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(session(g.model).run(None, {"input": x})[0], session(model).run(None, {"input": x})[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_hardswish_runs_on_integer_kernels_between_the_convolutions(tmp_path):
+    model, data, out = tmp_path / "hs.onnx", tmp_path / "x.npy", tmp_path / "q.onnx"
+    onnx.save(hardswish_cnn_model(), str(model))
+    rng = np.random.default_rng(0)
+    np.save(data, rng.normal(0, 1, (64, 3, 16, 16)).astype(np.float32))
+    r = ptq("quantize", model, "--data", data, "-o", out)
+    assert r.returncode == 0, r.stderr
+    kernels = optimized_op_counts(onnx.load(str(out)))
+    assert kernels.get("QLinearConv") == 2 and kernels.get("QLinearAdd") == 1 and kernels.get("QLinearMul") == 2, kernels
+    assert not {"Add", "Mul", "Div", "Clip"} & set(kernels), kernels
+    assert kernels.get("DequantizeLinear") == 1 and kernels.get("QuantizeLinear") == 1  # the input and the float tail
+    x = rng.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)
+    f = session(onnx.load(str(model))).run(None, {"input": x})[0]
+    q = session(onnx.load(str(out))).run(None, {"input": x})[0]
+    assert min(np.corrcoef(a, b)[0, 1] for a, b in zip(f, q)) > 0.99
