@@ -20,12 +20,9 @@ import numpy as np
 from onnx import NodeProto
 
 from .graph import Graph
-from .ops import attr, channel_axis, groups, node_attrs, op_info
+from .ops import MATRIX_OPS, attr, channel_axis, groups, node_attrs, op_info
 from .numeric.conv import conv_patches, conv_patches_at, grouped_rows
 from .numeric.window import conv_window
-
-# Ops whose weight is a matrix of output rows over a reduction axis.
-MATRIX_OPS = ("Conv", "Gemm", "MatMul")
 
 
 def supported(node: NodeProto) -> bool:

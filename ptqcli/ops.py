@@ -72,6 +72,10 @@ class OpInfo:
     quantize_constants: bool = False
 
 
+# The GEMM-class ops: weight rows, N:M layouts, native kernels and integer inputs are defined for them.
+MATRIX_OPS = ("Conv", "Gemm", "MatMul")
+
+
 def _gemm_axis(node: NodeProto) -> int:
     return 0 if attr(node, "transB", 0) else 1
 
@@ -121,6 +125,14 @@ _UNARY = {
 _SCALE_PRESERVING = {"MaxPool": OpInfo(preserves_scale=True)}
 
 _FUSABLE = {op: OpInfo(act_inputs=(), fusable_activation=True) for op in ("Relu", "Clip")}
+
+# Contrib ops of ORT's transformer optimizer that carry weights: the fused Attention's QKV weight
+# [hidden, 3 * hidden] gets one scale per column, and the op becomes QAttention (its bias stays
+# float; its input is quantized statically or at run time).
+CONTRIB_OP_INFO: dict[tuple[str, str], OpInfo] = {
+    ("com.microsoft", "Attention"): OpInfo(act_inputs=(0,), quantize_output=False, weight_input=1,
+                                           channel_axis=lambda node: 1, float_output_kernel=True),
+}
 
 OP_INFO: dict[str, OpInfo] = {
     **_COMPUTE,
@@ -186,10 +198,17 @@ def normalization(node: NodeProto) -> Normalization | None:
 
 
 def op_info(op_type: str, domain: str = "") -> OpInfo | None:
-    """The registry entry for a standard-domain op, or None when the op stays in float."""
+    """The registry entry for the op, or None when the op stays in float."""
     if domain not in ("", "ai.onnx"):
-        return None
+        return CONTRIB_OP_INFO.get((domain, op_type))
     return OP_INFO.get(op_type)
+
+
+def integer_layer_op(node: NodeProto) -> bool:
+    """A weighted op whose integer kernel reads a quantized input: Conv, Gemm, MatMul, and the
+    contrib Attention (QAttention)."""
+    return (node.op_type in MATRIX_OPS and node.domain in ("", "ai.onnx")) or \
+        (node.domain, node.op_type) in CONTRIB_OP_INFO
 
 
 def activation_slots(node: NodeProto, info: OpInfo) -> list[int]:

@@ -125,7 +125,7 @@ def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfi
         return plan
     batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.act_damage_samples), model=g.model))
     with progress("measuring activation damage", len(tensors)) as advance:
-        damage = activation_damage(g, plan, tensors, batches, advance)
+        damage = activation_damage(g, plan, tensors, batches, advance, quant.act_damage_limit)
     return idle(g, settle(plan, damage, quant.act_damage_limit))
 
 

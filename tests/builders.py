@@ -314,3 +314,26 @@ def hardswish_cnn_model(seed: int = 0, channels: int = 8) -> ModelProto:
     graph = helper.make_graph(nodes, "hardswish_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", c])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def fused_attention_model(seed: int = 0, seq: int = 8, hidden: int = 16, heads: int = 2) -> ModelProto:
+    """A block as ORT's transformer optimizer writes it: com.microsoft Attention (QKV weight
+    [hidden, 3 * hidden], bias, mask index) -> MatMul -> Add residual."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (hidden, 3 * hidden)).astype(np.float32), "qkv_w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 3 * hidden).astype(np.float32), "qkv_b"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (hidden, hidden)).astype(np.float32), "o_w"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Attention", ["x", "qkv_w", "qkv_b", "mask_index"], ["ctx"], name="attention", domain="com.microsoft",
+          num_heads=heads),
+        n("MatMul", ["ctx", "o_w"], ["o"], name="o_proj"),
+        n("Add", ["o", "x"], ["y"], name="residual"),
+    ]
+    graph = helper.make_graph(nodes, "fused_attention",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, hidden]),
+                               helper.make_tensor_value_info("mask_index", TensorProto.INT32, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", seq, hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import PtqError
 from ..graph import Graph
 from ..runtime import run_session, session, with_outputs
-from .data import Batch
+from .data import Batch, bounded_runs, rows_within
 from .observers import Histogram
 
 Stats = dict[str, Histogram]
@@ -22,7 +22,8 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
     """Histograms for `tensors` over all batches; returns them and the number of samples seen.
 
     The augmented session emits every requested tensor per run; each is folded into its
-    histogram and dropped, so memory holds the activations of two batches at most.
+    histogram and dropped, so memory holds the activations of two runs at most, each within
+    RUN_BYTES (a batch is cut into runs of fewer samples where its activations would take more).
     `histograms=False` keeps only min/max, for methods that need nothing more.
     `channel_axes` asks for per-channel means too ({tensor: channel axis}); such tensors are
     observed even when they are not in `tensors`.
@@ -38,7 +39,8 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
         return run_session(sess, tensors, batch.feeds)
 
     seen = 0
-    source = iter(batches)
+    rows = None  # samples per run, once the first run's outputs tell (RUN_BYTES)
+    source = bounded_runs(batches, lambda: rows)
     # ORT computes batch i+1 in a worker thread (it releases the GIL) while this thread folds
     # batch i into the histograms: the two costs overlap instead of adding up.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -46,6 +48,8 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
         future = pool.submit(run, batch) if batch is not None else None
         while future is not None:
             values = future.result()
+            if rows is None:
+                rows = rows_within(sum(v.nbytes for v in values), batch.size)
             following = next(source, None)
             future = pool.submit(run, following) if following is not None else None
             for name, value in zip(tensors, values):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from onnx import ModelProto, TensorProto, helper
@@ -597,6 +597,29 @@ def iter_batches(
         take = min(held, limit - emitted)
         batch, _ = _pop(pending, take)
         yield batch
+
+
+# What one run's outputs may take (calibration's observed activations, fidelity's model and layer
+# outputs): 16 images of 640x640 with every activation, or a language model's logits for 16
+# sequences, would take gigabytes.
+RUN_BYTES = 256 * 2**20
+
+
+def bounded_runs(batches: Iterable[Batch], rows: Callable[[], int | None]) -> Iterator[Batch]:
+    """The batches cut into runs of at most rows() samples; until rows() knows (None), one sample
+    a run, to measure."""
+    for batch in batches:
+        n = batch.size
+        start = 0
+        while start < n:
+            stop = min(n, start + (rows() or 1))
+            yield batch.rows(start, stop)
+            start = stop
+
+
+def rows_within(run_bytes: int, samples: int) -> int:
+    """Samples a run may hold when `samples` of them produced `run_bytes` of outputs."""
+    return max(1, RUN_BYTES * samples // max(1, run_bytes))
 
 
 def _slice(chunk: Chunk, lo: int, hi: int) -> Chunk:

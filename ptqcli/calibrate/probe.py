@@ -25,11 +25,12 @@ def _fq_name(tensor: str, part: str) -> str:
     return f"{tensor}__fq_{part}"
 
 
-def probe_model(g: Graph, plan: Plan, gated: list[str]):
-    """Weights of the plan's layers as inputs; a gated fake-quantizer on each `gated` tensor:
+def probe_model(g: Graph, plan: Plan, gated: list[str], weights_as_inputs: bool = True):
+    """Weights of the plan's layers as inputs (unless `weights_as_inputs` is off: then ORT packs
+    them once, as in deployment); a gated fake-quantizer on each `gated` tensor:
     y = x + gate * (dequant(clip(round(x / s) + z, qmin, qmax)) - x)."""
     model = clone(g.model)
-    weights = {layer.weight for layer in plan.layers}
+    weights = {layer.weight for layer in plan.layers} if weights_as_inputs else set()
     kept = [t for t in model.graph.initializer if t.name not in weights]
     moved = [t for t in model.graph.initializer if t.name in weights]
     del model.graph.initializer[:]

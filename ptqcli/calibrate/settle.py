@@ -28,10 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..geometry import MATRIX_OPS
 from ..graph import Graph
 from ..metrics import relative_error
-from ..ops import activation_slots, is_fusable_activation, op_info, preserves_scale
+from ..ops import activation_slots, integer_layer_op, is_fusable_activation, op_info, preserves_scale
 from ..plan import Plan
 from ..runtime import run_session, session
 from .data import Batch
@@ -45,7 +44,7 @@ def feeds_gemm(g: Graph, tensor: str, float_nodes=()) -> bool:
     while todo:
         name = todo.pop()
         for user in g.consumers.get(name, []):
-            if user.op_type in MATRIX_OPS and user.name not in float_nodes:
+            if integer_layer_op(user) and user.name not in float_nodes:
                 return True
             if preserves_scale(user) and user.output and user.output[0] not in seen:
                 seen.add(user.output[0])
@@ -76,7 +75,7 @@ def kernel_activations(g: Graph, plan: Plan) -> set[str]:
         changed = False
         for node in g.graph.node:
             info = op_info(node.op_type, node.domain)
-            if info is None or node.op_type in MATRIX_OPS or not node.output or node.output[0] not in needed:
+            if info is None or integer_layer_op(node) or not node.output or node.output[0] not in needed:
                 continue
             inputs = [node.input[i] for i in activation_slots(node, info) if node.input[i] not in constants]
             if inputs and all(t in planned for t in inputs) and not set(inputs) <= needed:
@@ -127,29 +126,54 @@ def without_idle(g: Graph, plan: Plan) -> Plan:
                        config={**plan.config, "activation_damage": record})
 
 
+# Tensors measured together at first when a limit is given; a group over the limit is halved until
+# the tensors that break it are measured alone.
+GROUP = 16
+
+
 def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Batch],
-                      advance: Callable[[int], None] = lambda n: None) -> dict[str, float]:
-    """Per tensor, the mean output damage with only that tensor on its planned grid."""
+                      advance: Callable[[int], None] = lambda n: None,
+                      limit: float | None = None) -> dict[str, float]:
+    """Per tensor, the mean output damage with that tensor on its planned grid.
+
+    Without a limit every tensor is measured alone. With one, tensors are measured in groups with
+    every member on its grid at once: quantization errors of different tensors add (their noise is
+    independent), so a group within the limit bounds each member's own damage, recorded as the
+    group's; only a group over the limit is split. On a CNN most groups pass whole, which takes
+    the runs from one per tensor to a few per group."""
     if not tensors:
         return {}
-    sess = session(probe_model(g, plan, tensors))
+    sess = session(probe_model(g, plan, tensors, weights_as_inputs=False))
     outputs = [o.name for o in sess.get_outputs()]
-    float_weights = {layer.weight: g.constant(layer.weight) for layer in plan.layers}
     closed = {k: v for t in tensors for k, v in gate_feeds(t, False).items()}
-    feeds = [{**b.feeds, **float_weights, **closed} for b in batches]
+    feeds = [{**b.feeds, **closed} for b in batches]
     references = [run_session(sess, outputs, f) for f in feeds]
     samples = sum(b.size for b in batches)
-    damage = {}
-    for tensor in tensors:
-        tq = plan.tensors[tensor]
-        gate = gate_feeds(tensor, True, float(np.asarray(tq.scale).ravel()[0]), float(np.asarray(tq.zero_point).ravel()[0]),
-                          tq.spec.qmin, tq.spec.qmax)
+
+    def measured(group: list[str]) -> float:
+        gates = {}
+        for tensor in group:
+            tq = plan.tensors[tensor]
+            gates.update(gate_feeds(tensor, True, float(np.asarray(tq.scale).ravel()[0]),
+                                    float(np.asarray(tq.zero_point).ravel()[0]), tq.spec.qmin, tq.spec.qmax))
         total = 0.0
         for f, ref in zip(feeds, references):
-            probed = run_session(sess, outputs, {**f, **gate})
+            probed = run_session(sess, outputs, {**f, **gates})
             total += np.mean([relative_error(r, p) for r, p in zip(ref, probed) if np.issubdtype(r.dtype, np.floating)])
-        damage[tensor] = total / samples
-        advance(1)
+        return total / samples
+
+    damage = {}
+    size = 1 if limit is None else GROUP
+    pending = [tensors[i:i + size] for i in range(0, len(tensors), size)][::-1]
+    while pending:
+        group = pending.pop()
+        d = measured(group)
+        if len(group) == 1 or d <= limit:
+            damage.update(dict.fromkeys(group, d))
+            advance(len(group))
+        else:
+            half = len(group) // 2
+            pending += [group[half:], group[:half]]
     return damage
 
 

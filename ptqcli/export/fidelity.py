@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import numpy as np
 from onnx import ModelProto
 
-from ..calibrate.data import Batch, embedding_vocabularies
+from ..calibrate.data import Batch, bounded_runs, embedding_vocabularies, rows_within
 from ..graph import Graph
 from ..nativelib import OPERATORS
 from ..metrics import as_probs, kl, masked_mean_pool, next_token_terms, sample_cosines, top1
@@ -24,7 +24,7 @@ from ..runtime import optimized_op_counts, session, with_outputs
 INTEGER_KERNELS = OPERATORS + ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
                     "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QLinearAdd",
                     "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
-                    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax")
+                    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QAttention")
 
 
 # How an output is compared with float. Class scores get top-1 agreement and KL; embeddings (the
@@ -191,23 +191,6 @@ class Fidelity:
         return asdict(self)
 
 
-# What one run's outputs (model outputs and exposed layer outputs, float and quantized alike) may
-# take: a language model's logits and layer outputs for 16 sequences would take gigabytes.
-RUN_BYTES = 256 * 2**20
-
-
-def _bounded(batches: Iterable[Batch], rows: Callable[[], int | None]) -> Iterable[Batch]:
-    """The batches cut into runs of at most rows() samples; the first run is one sample, to measure."""
-    for batch in batches:
-        n = batch.size
-        start = 0
-        while start < n:
-            step = rows() or 1
-            stop = min(n, start + step)
-            yield batch.rows(start, stop)
-            start = stop
-
-
 def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batches: Iterable[Batch],
             held_out: bool, advance: Callable[[int], None] = lambda n: None) -> Fidelity:
     outputs = [o.name for o in float_model.graph.output]
@@ -224,10 +207,10 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     labelled = 0
     shapes: dict[str, list[int]] = {}
     rows = None
-    for batch in _bounded(batches, lambda: rows):
+    for batch in bounded_runs(batches, lambda: rows):
         fv = dict(zip(outputs + layer_outputs, float_sess.run(outputs + layer_outputs, batch.feeds)))
         if rows is None:  # the first run (one sample) tells how many samples a run may hold
-            rows = max(1, RUN_BYTES // max(1, sum(v.nbytes for v in fv.values())))
+            rows = rows_within(sum(v.nbytes for v in fv.values()), 1)
         if not shapes:  # the first batch tells what each output is
             shapes = {name: list(value.shape[1:]) for name, value in fv.items()}
             for name in outputs:

@@ -118,6 +118,46 @@ def dynamic_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
     return found
 
 
+# Attention attributes QAttention takes as they are; an Attention with any other (unequal
+# qkv_hidden_sizes, a relative position bias input, ...) stays float.
+QATTENTION_ATTRIBUTES = frozenset({"num_heads", "unidirectional", "do_rotary", "mask_filter_value", "scale"})
+
+
+def attention_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
+    """{node: layer} of the fused Attention ops (com.microsoft) that become QAttention: 8-bit
+    integer QKV weights with one scale per tensor or column, a float input, at most the input,
+    weight, bias and mask_index inputs, and attributes QAttention knows."""
+    found = {}
+    for layer in plan.layers:
+        node = g.node_by_name[layer.node]
+        tq = plan.tensors.get(layer.weight)
+        if not (node.domain == "com.microsoft" and node.op_type == "Attention" and tq is not None
+                and tq.spec.scheme == "int" and tq.spec.storage_bits == 8 and tq.spec.block_size is None
+                and layer.activation and g.is_float(layer.activation)):
+            continue
+        if len([i for i in node.input[4:] if i]) or {a.name for a in node.attribute} - QATTENTION_ATTRIBUTES:
+            continue
+        if plan.quant.acts.value == "dynamic" or plan.tensors.get(layer.activation, None) is not None:
+            found[layer.node] = layer
+    return found
+
+
+def _qattention(node: NodeProto, layer: Layer, plan: Plan) -> NodeProto:
+    """QAttention on the input quantized by the plan (or at run time: _dynamic_input's names) and
+    the integer QKV weight."""
+    x, w = layer.activation, qdq_names(layer.weight)
+    if x in plan.tensors:
+        names = qdq_names(x)
+        x_q, x_scale, x_zero = names.quantized, names.scale, names.zero_point
+    else:
+        x_q, x_scale, x_zero = (f"{x}_dynamic_{p}" for p in ("quantized", "scale", "zero_point"))
+    mask = node.input[3] if len(node.input) > 3 else ""
+    inputs = [x_q, w.quantized, node.input[2], x_scale, w.scale, mask, x_zero, w.zero_point]
+    attention = helper.make_node("QAttention", inputs, list(node.output), name=node.name, domain="com.microsoft")
+    attention.attribute.extend(node.attribute)
+    return attention
+
+
 def nbits_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
     """{node: layer} of the weight-only MatMuls whose block-wise weights MatMulNBits stores."""
     found = {}
@@ -169,9 +209,13 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     rewire: dict[str, str] = {}
     producers = {out for n in model.graph.node for out in n.output}
     dynamic = dynamic_layers(g, plan)
-    # A weight only dynamic layers read needs no DequantizeLinear: MatMulInteger takes its codes.
-    integer_only = {layer.weight for layer in [*dynamic.values(), *packed.values()]} - {
-        layer.weight for layer in plan.layers if layer.node not in dynamic and layer.node not in packed}
+    attentions = attention_layers(g, plan)
+    if attentions and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    # A weight only integer kernels read needs no DequantizeLinear: MatMulInteger and QAttention take its codes.
+    direct = {**dynamic, **packed, **attentions}
+    integer_only = {layer.weight for layer in direct.values()} - {
+        layer.weight for layer in plan.layers if layer.node not in direct}
     quantized_inputs: set[str] = set()
     # Subgraphs read weights by name from the enclosing graph and are not rewired: they keep the float copy.
     read_inside = set().union(*(subgraph_reads(n) for n in model.graph.node))
@@ -215,6 +259,12 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
                 quantized_inputs.add(layer.activation)
                 nodes += _dynamic_input(layer.activation)
             nodes += _dynamic_matmul(node, layer)
+        elif node.name in attentions:
+            layer = attentions[node.name]
+            if layer.activation not in plan.tensors and layer.activation not in quantized_inputs:
+                quantized_inputs.add(layer.activation)
+                nodes += _dynamic_input(layer.activation)
+            nodes.append(_qattention(node, layer, plan))
         elif node.name in plan.binary_inputs:
             before, behind, inits = _binarized(g, plan, node)
             nodes += before + [node] + behind
