@@ -92,11 +92,22 @@ def clip_ratio(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
     return best if spec.axis is not None else best.reshape(())
 
 
-def quantize_constant(value: np.ndarray, cfg: QuantConfig) -> TensorQuant:
+# A constant operand goes on a grid only if the grid holds it this well: a scalar lands on a level
+# exactly, a per-channel vector of similar values nearly; a table of spread values would lose more
+# than the integer op saves.
+CONSTANT_SQNR_DB = 40.0
+
+
+def quantize_constant(value: np.ndarray, cfg: QuantConfig) -> TensorQuant | None:
     """A constant operand on the activations' grid (QLinearAdd and QLinearMul take both inputs in one
-    type), over its own range: a scalar lands on a level exactly."""
+    type), over its own range; None when the grid would not hold it (see CONSTANT_SQNR_DB), or
+    when it is so large that its dequantized value would overflow (an attention mask's -3.4e38)."""
     spec = activation_spec(cfg)
     scale, zp = scale_zero_point(np.asarray(np.min(value)), np.asarray(np.max(value)), spec)
+    with np.errstate(over="ignore", invalid="ignore"):
+        on_grid = dequantize(quantize(value, scale, zp, spec), scale, zp, spec)
+        if not np.all(np.isfinite(on_grid)) or sqnr_db(value, on_grid) < CONSTANT_SQNR_DB:
+            return None
     return TensorQuant("constant", spec, scale, zp, {"method": "constant operand"})
 
 
@@ -182,7 +193,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             spec = weight_spec(cfg, axis, bits, scheme, block)
             tq = quantize_weight(w, spec, cfg.weight_method.value)
             weights[name] = replace(tq, value=w) if name in weight_values else tq
-    constants = {name: quantize_constant(g.constant(name), cfg) for name in sel.constants}
+    constants = {name: tq for name in sel.constants if (tq := quantize_constant(g.constant(name), cfg)) is not None}
     binarized = binary_inputs(g, sel, weights, stats, cfg)
     biases = {}
     for layer in sel.layers:

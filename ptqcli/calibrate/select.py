@@ -46,7 +46,9 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
         quantized_inputs = [n for n in act_inputs if g.is_float(n) and n not in g.initializers]
         for name in quantized_inputs:
             acts[name] = None
-        if info.quantize_constants and cfg.static_acts and quantized_inputs:
+        # Only where ORT has 8-bit integer kernels for the op: on 16-bit targets a quantized constant
+        # buys nothing on CPU and costs precision.
+        if info.quantize_constants and cfg.static_acts and cfg.act_bits == 8 and quantized_inputs:
             constants.update(dict.fromkeys(n for n in act_inputs if n in g.initializers and g.is_float(n)))
         if weight:
             first_act = quantized_inputs[0] if quantized_inputs else None
