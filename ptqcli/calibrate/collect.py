@@ -49,7 +49,7 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
         while future is not None:
             values = future.result()
             if rows is None:
-                rows = rows_within(sum(v.nbytes for v in values), batch.size)
+                rows = rows_within(values, batch.size)
             following = next(source, None)
             future = pool.submit(run, following) if following is not None else None
             for name, value in zip(tensors, values):

@@ -617,8 +617,10 @@ def bounded_runs(batches: Iterable[Batch], rows: Callable[[], int | None]) -> It
             start = stop
 
 
-def rows_within(run_bytes: int, samples: int) -> int:
-    """Samples a run may hold when `samples` of them produced `run_bytes` of outputs."""
+def rows_within(outputs, samples: int) -> int:
+    """Samples a run may hold when `samples` of them produced these outputs (arrays; the sequences
+    and maps of ai.onnx.ml classifiers count as nothing)."""
+    run_bytes = sum(getattr(v, "nbytes", 0) for v in outputs)
     return max(1, RUN_BYTES * samples // max(1, run_bytes))
 
 

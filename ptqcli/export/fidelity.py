@@ -193,7 +193,9 @@ class Fidelity:
 
 def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batches: Iterable[Batch],
             held_out: bool, advance: Callable[[int], None] = lambda n: None) -> Fidelity:
-    outputs = [o.name for o in float_model.graph.output]
+    # Tensors only: the sequences of maps an ai.onnx.ml classifier also returns (ZipMap) repeat
+    # its probability tensor.
+    outputs = [o.name for o in float_model.graph.output if o.type.HasField("tensor_type")]
     layer_outputs = [layer.output for layer in plan.layers if layer.output not in outputs]
     float_sess = session(with_outputs(float_model, layer_outputs))
     quant_sess = session(quant_model)
@@ -210,7 +212,7 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     for batch in bounded_runs(batches, lambda: rows):
         fv = dict(zip(outputs + layer_outputs, float_sess.run(outputs + layer_outputs, batch.feeds)))
         if rows is None:  # the first run (one sample) tells how many samples a run may hold
-            rows = rows_within(sum(v.nbytes for v in fv.values()), 1)
+            rows = rows_within(fv.values(), 1)
         if not shapes:  # the first batch tells what each output is
             shapes = {name: list(value.shape[1:]) for name, value in fv.items()}
             for name in outputs:

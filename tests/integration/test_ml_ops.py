@@ -1,0 +1,34 @@
+"""ai.onnx.ml graphs (scikit-learn exports): a classifier whose outputs include a sequence of maps
+(ZipMap) passes through, with fidelity measured on its tensor outputs."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from test_cli import ptq
+
+
+def _linear_classifier():
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    nodes = [
+        n("Scaler", ["x"], ["scaled"], domain="ai.onnx.ml", offset=[0.0] * 4, scale=[1.0] * 4),
+        n("LinearClassifier", ["scaled"], ["label", "scores"], domain="ai.onnx.ml",
+          coefficients=rng.normal(0, 1, 12).tolist(), intercepts=[0.1, -0.2, 0.0], classlabels_ints=[0, 1, 2]),
+        n("ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+    ]
+    seq = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    graph = helper.make_graph(nodes, "ml", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                               helper.make_value_info("probabilities", seq)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("ai.onnx.ml", 1)])
+
+
+def test_a_classifier_with_a_zipmap_output_passes_through(tmp_path):
+    model, data, out = tmp_path / "ml.onnx", tmp_path / "x.npy", tmp_path / "q.onnx"
+    onnx.save(_linear_classifier(), str(model))
+    np.save(data, np.random.default_rng(1).normal(0, 1, (32, 4)).astype(np.float32))
+    r = ptq("quantize", model, "--data", data, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "nothing" in r.stdout.lower() or "0 / 0 / 0" in r.stdout
+    assert onnx.load(str(out)).graph.output[1].type.HasField("sequence_type")
