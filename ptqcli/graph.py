@@ -219,6 +219,11 @@ def subgraph_reads(node: NodeProto) -> set[str]:
     return names
 
 
+def reads(model: ModelProto) -> set[str]:
+    """Every tensor some node reads, in the main graph or in its subgraphs."""
+    return {name for n in model.graph.node for name in (*n.input, *subgraph_reads(n))}
+
+
 def clone(model: ModelProto) -> ModelProto:
     copy = ModelProto()
     copy.CopyFrom(model)

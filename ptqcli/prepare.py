@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .graph import MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, save_model, set_opset, subgraphs
+from .graph import MIN_OPSET, Graph, check_model, clone, reads, default_opset, is_huge, save_model, set_opset, subgraphs
 from .errors import PtqError
 from .ops import op_info
 from .runtime import session
@@ -279,7 +279,7 @@ def _evaluate_node(evaluator_cls, node, consts) -> list | None:
 
 
 def _drop_unused_initializers(model: ModelProto) -> ModelProto:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    used = reads(model) | {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)

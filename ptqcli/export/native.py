@@ -17,7 +17,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from ..geometry import MATRIX_OPS, flat_rows, geometry, kernel_attributes, native_unsupported
-from ..graph import Graph, clone
+from ..graph import Graph, clone, reads
 from ..ops import attr
 from ..nativelib import DOMAIN
 from ..plan import Layer, Plan, TensorQuant
@@ -255,13 +255,13 @@ def _drop_unused(model: ModelProto) -> None:
     """Remove nodes whose outputs nothing reads, then initializers nothing reads (repeat until stable)."""
     graph_outputs = {o.name for o in model.graph.output}
     while True:
-        used = {i for n in model.graph.node for i in n.input} | graph_outputs
+        used = reads(model) | graph_outputs
         live = [n for n in model.graph.node if any(o in used for o in n.output)]
         if len(live) == len(model.graph.node):
             break
         del model.graph.node[:]
         model.graph.node.extend(live)
-    used = {i for n in model.graph.node for i in n.input} | graph_outputs
+    used = reads(model) | graph_outputs
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

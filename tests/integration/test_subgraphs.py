@@ -35,3 +35,25 @@ def test_layers_inside_an_if_stay_float_and_are_listed(tmp_path, acts):
         x = np.abs(rng.normal(0, 1, (8, 16))).astype(np.float32) * sign
         for a, b in zip(f.run(None, {"x": x}), q.run(None, {"x": x})):
             assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_an_initializer_only_a_branch_reads_survives_preparation(tmp_path):
+    """Folding constants drops initializers nothing reads; one that only an If branch reads is read
+    (ONNX Runtime refused the prepared copy of such models)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptqcli.prepare import prepare
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32) * 2, "branch_only")
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["x", "branch_only"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 4])])
+    nodes = [helper.make_node("Constant", [], ["flag"], value=helper.make_tensor("v", TensorProto.BOOL, [], [True])),
+             helper.make_node("If", ["flag"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    g = prepare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert "branch_only" in g.initializers
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_array_equal(session(g.model).run(None, {"x": x})[0], 2 * x)
