@@ -21,7 +21,8 @@ from .quant import dequantize, quantize
 PLAN_VERSION = 1
 # "value": a float tensor the plan replaces without quantizing (a corrected bias that int32 cannot hold).
 # constant: an operand of an elementwise op, on the activations' grid (ops.quantize_constants).
-ROLES = ("activation", "weight", "bias", "value", "constant")
+# embedding: a table only Gathers read, int8 with one scale per row (export/qdq.py gathers both).
+ROLES = ("activation", "weight", "bias", "value", "constant", "embedding")
 # The float-node reason of a layer `ptq allocate --max-drop` moved back to float.
 MOVED_TO_FLOAT = "moved to float by `ptq allocate --max-drop`"
 # Float nodes kept for these reasons read their inputs' float values, not the dequantized ones:

@@ -155,7 +155,8 @@ def plan_for(ctx: Run, choice: dict[str, str], extra: dict | None = None) -> Pla
         if tensor:  # a tensor read by several layers keeps the widest width any of them chose
             act_bits[tensor] = max(act_bits.get(tensor, 0), Candidate.parse(label).a_bits)
     activations = [name for name, t in ctx.plan.tensors.items() if t.role == "activation"]
-    sel = Selection(ctx.plan.layers, activations, ctx.plan.float_nodes, tuple(ctx.plan.of_role("constant")))
+    sel = Selection(ctx.plan.layers, activations, ctx.plan.float_nodes, tuple(ctx.plan.of_role("constant")),
+                    tuple(ctx.plan.of_role("embedding")))
     config = {k: v for k, v in ctx.plan.config.items() if k not in ("quant", "allocation", "fallback")}
     plan = build_plan(ctx.graph, sel, ctx.stats, ctx.quant, {**config, **(extra or {})}, weight_formats, act_bits,
                       float_values(ctx))

@@ -8,14 +8,13 @@ import numpy as np
 
 from .. import formats
 from ..config import QuantConfig, to_jsonable
-from ..formats import parse_weight_format
+from ..formats import QuantSpec, parse_weight_format
 from ..errors import PtqError
 from ..geometry import native_unsupported
 from ..graph import Graph
 from ..ops import channel_axis, op_info, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import block_ranges, channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
-from ..formats import QuantSpec
 from .bias_correction import output_shift
 from .collect import Stats
 from .observers import choose_range
@@ -96,6 +95,12 @@ def clip_ratio(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
 # exactly, a per-channel vector of similar values nearly; a table of spread values would lose more
 # than the integer op saves.
 CONSTANT_SQNR_DB = 40.0
+
+
+def quantize_embedding(table: np.ndarray) -> TensorQuant:
+    """An embedding table on a symmetric int8 grid with one scale per row (per token)."""
+    tq = quantize_weight(table, QuantSpec(bits=8, signed=True, symmetric=True, axis=0))
+    return replace(tq, role="embedding")
 
 
 def quantize_constant(value: np.ndarray, cfg: QuantConfig) -> TensorQuant | None:
@@ -194,6 +199,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             tq = quantize_weight(w, spec, cfg.weight_method.value)
             weights[name] = replace(tq, value=w) if name in weight_values else tq
     constants = {name: tq for name in sel.constants if (tq := quantize_constant(g.constant(name), cfg)) is not None}
+    constants.update({name: quantize_embedding(g.constant(name)) for name in sel.embeddings})
     binarized = binary_inputs(g, sel, weights, stats, cfg)
     biases = {}
     for layer in sel.layers:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import QuantConfig
 from ..graph import Graph, subgraphs
-from ..ops import LAYOUT_OPS, activation_slots, is_fusable_activation, op_info
+from ..ops import LAYOUT_OPS, activation_slots, attr, is_fusable_activation, op_info
 from ..plan import Layer
 
 
@@ -17,6 +17,8 @@ class Selection:
     float_nodes: dict[str, str]  # node -> why it stays in float
     # Constant operands of ops whose integer kernel takes them quantized (ops.quantize_constants).
     constants: tuple[str, ...] = ()
+    # Embedding tables read only by Gathers (see embedding_tables).
+    embeddings: tuple[str, ...] = ()
 
 
 def select(g: Graph, cfg: QuantConfig) -> Selection:
@@ -66,7 +68,32 @@ def select(g: Graph, cfg: QuantConfig) -> Selection:
     if not cfg.static_acts:
         acts.clear()
     weights = {w for layer in layers for w in layer.weights}
-    return Selection(layers, list(acts), float_nodes, tuple(c for c in constants if c not in weights))
+    tables = embedding_tables(g, cfg)
+    return Selection(layers, list(acts), float_nodes, tuple(c for c in constants if c not in weights | set(tables)),
+                     tables)
+
+
+# Smaller tables are not worth a Cast and a Mul per lookup.
+MIN_EMBEDDING_VALUES = 4096
+
+
+def embedding_tables(g: Graph, cfg: QuantConfig) -> tuple[str, ...]:
+    """Float 2-D initializers that only Gathers read, by integer ids along rows (token and position
+    embeddings): stored as int8 they take a quarter of the space, and a lookup dequantizes only the
+    rows it reads."""
+    if cfg.embeddings == "float" or "Gather" in cfg.exclude_ops:
+        return ()
+    found = []
+    for name, t in g.initializers.items():
+        readers = g.consumers.get(name, [])
+        if (len(t.dims) != 2 or not g.is_float(name) or t.dims[0] * t.dims[1] < MIN_EMBEDDING_VALUES or not readers
+                or name in g.output_names):
+            continue
+        if all(r.op_type == "Gather" and r.domain in ("", "ai.onnx") and r.input[0] == name and r.input[1] != name
+               and int(attr(r, "axis", 0)) == 0 and not g.is_float(r.input[1]) and r.name not in cfg.exclude_nodes
+               for r in readers):
+            found.append(name)
+    return tuple(found)
 
 
 def subgraph_layers(node, constants: set[str], path: str = "") -> dict[str, str]:

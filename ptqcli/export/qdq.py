@@ -158,6 +158,28 @@ def _qattention(node: NodeProto, layer: Layer, plan: Plan) -> NodeProto:
     return attention
 
 
+def _embedding_table(name: str, tq: TensorQuant, table: np.ndarray) -> tuple[list[TensorProto], tuple[str, str]]:
+    """The table's int8 codes and its row scales as a [rows, 1] column, and their names."""
+    codes, scales = qdq_names(name).quantized, f"{name}_row_scale"
+    q = quantize(table, tq.scale, tq.zero_point, tq.spec)
+    column = np.asarray(tq.scale, dtype=np.float32).reshape(-1, 1)
+    return [_int_tensor(codes, q, tq.spec), numpy_helper.from_array(column, scales)], (codes, scales)
+
+
+def _embedding_lookup(node: NodeProto, table: tuple[str, str]) -> list[NodeProto]:
+    """Gather the int8 rows and their scales by the same ids, and multiply: only the rows looked up
+    are dequantized (a DequantizeLinear of the table would rebuild all of it in float)."""
+    codes, scales = table
+    ids, y = node.input[1], node.output[0]
+    n = helper.make_node
+    return [
+        n("Gather", [codes, ids], [f"{y}_codes"], name=f"{node.name}_codes", axis=0),
+        n("Cast", [f"{y}_codes"], [f"{y}_codes_float"], name=f"{node.name}_cast", to=TensorProto.FLOAT),
+        n("Gather", [scales, ids], [f"{y}_row_scale"], name=f"{node.name}_row_scale", axis=0),
+        n("Mul", [f"{y}_codes_float", f"{y}_row_scale"], [y], name=node.name),
+    ]
+
+
 def nbits_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
     """{node: layer} of the weight-only MatMuls whose block-wise weights MatMulNBits stores."""
     found = {}
@@ -219,7 +241,12 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     quantized_inputs: set[str] = set()
     # Subgraphs read weights by name from the enclosing graph and are not rewired: they keep the float copy.
     read_inside = set().union(*(subgraph_reads(n) for n in model.graph.node))
+    embeddings = {}
     for name, tq in plan.tensors.items():
+        if tq.role == "embedding":
+            inits, embeddings[name] = _embedding_table(name, tq, numpy_helper.to_array(initializers.pop(name)))
+            new_inits += inits
+            continue
         if tq.role == "value":
             if name in initializers:
                 shape = tuple(initializers[name].dims)
@@ -259,6 +286,8 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
                 quantized_inputs.add(layer.activation)
                 nodes += _dynamic_input(layer.activation)
             nodes += _dynamic_matmul(node, layer)
+        elif node.op_type == "Gather" and node.input[0] in embeddings:
+            nodes += _embedding_lookup(node, embeddings[node.input[0]])
         elif node.name in attentions:
             layer = attentions[node.name]
             if layer.activation not in plan.tensors and layer.activation not in quantized_inputs:
