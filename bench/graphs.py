@@ -798,6 +798,7 @@ class Result:
     quant_mb: float | None = None
     eval: dict | None = None
     eval_error: str | None = None
+    ran_with: str = "an earlier run (not recorded)"  # ptqcli source and timeout this row ran with
 
 
 def classify(proc: subprocess.CompletedProcess, args) -> tuple[str, str, list]:
@@ -850,6 +851,7 @@ def run_model(e, args) -> Result:
     d = corpus.describe(path, e)
     res = Result(e.name, e.source, e.what, path.stat().st_size / 1e6, corpus.signature(d["inputs"]), d["features"],
                  d["nodes"], top_ops(d["ops"]), input_note(e))
+    res.ran_with = f"ptqcli {harness.ptq_source()}, timeout {args.timeout} s"
     work = RUNS / e.name
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -960,11 +962,23 @@ def group_failures(results: list[Result]) -> dict[str, list[Result]]:
         if r.outcome == "quantized" and not r.eval_error:
             continue
         key = f"{r.outcome}: {r.error}" if r.error else f"{r.outcome}: {r.eval_error}"
-        key = re.sub(r"'[^']*'", "'…'", key) if r.outcome == "refused" else key
+        if r.outcome == "refused":  # one group per message, whatever node or tensor it names
+            while (short := re.sub(r"\([^()]*\)|'[^']*'|\"[^\"]*\"", "…", key)) != key:
+                key = short
         key = "nothing quantized (the model written back without a Q/DQ or integer op)" \
             if r.outcome == "nothing quantized" else key
         groups.setdefault(key, []).append(r)
     return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
+
+def ran_with_lines(results: list[Result]) -> list[str]:
+    """When rows come from runs with different ptqcli sources or timeouts (--merge), which rows ran how."""
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        groups.setdefault(r.ran_with, []).append(r.name)
+    if len(groups) < 2:
+        return []
+    return [f"- rows run with {how}: {', '.join(names)}" for how, names in groups.items()]
 
 
 def ptq_source_line(args) -> str:
@@ -985,6 +999,7 @@ def write_report(results: list[Result], args, total_s: float) -> None:
         f"- CPU: {cpu_line()}, shared with other work",
         f"- ptqcli: {ptq_source_line(args)}; onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, "
         f"Python {platform.python_version()}",
+        *ran_with_lines(results),
         f"- `ptq quantize MODEL --data CALIB_DIR -o OUT.onnx`, default options, PTQ_DEBUG=1, timeout {args.timeout} s, "
         f"{args.mem_limit_gb:g} GB address-space limit; CALIB_DIR holds {args.calib} .npz files, one feed each "
         "(batch axis where the model has one, states and scalars as the model takes them)",
@@ -1007,7 +1022,7 @@ def write_report(results: list[Result], args, total_s: float) -> None:
                 lines.append(f"  - {r.name}: " + " / ".join(f"`{t}`" for t in r.traceback_tail))
             elif r.outcome in ("timeout", "OOM"):
                 lines.append(f"  - {r.name}: peak RSS {fmt(r.peak_rss_mb, '.0f')} MB after {fmt(r.quantize_s, '.0f')} s")
-            elif r.error and (r.outcome == "nothing quantized" or (r.outcome == "refused" and "'…'" in key)):
+            elif r.error and (r.outcome == "nothing quantized" or (r.outcome == "refused" and "…" in key)):
                 lines.append(f"  - {r.name}: `{r.error}`")
     lines += ["", "## Corpus", "", "| model | source | what | MB | inputs | calibration / held-out inputs |",
               "|---|---|---|---:|---|---|"]
