@@ -126,7 +126,8 @@ def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfi
     batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.act_damage_samples), model=g.model))
     with progress("measuring activation damage", len(tensors)) as advance:
         damage = activation_damage(g, plan, tensors, batches, advance, quant.act_damage_limit)
-    return idle(g, settle(plan, damage, quant.act_damage_limit))
+    unmeasured = tuple(t for t in tensors if t not in damage)
+    return idle(g, settle(plan, damage, quant.act_damage_limit, unmeasured))
 
 
 def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, progress: Progress = silent) -> Path:

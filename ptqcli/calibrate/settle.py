@@ -133,18 +133,23 @@ GROUP = 16
 # of the runs must be to decide without the rest.
 EARLY_RUN = 4
 CLEAR = 3.0
+# Sample forward passes the measurement may take in all (a count, not seconds, so that the same
+# inputs give the same plan): a 640x640 detector with 231 candidates would otherwise take most of
+# an hour. Tensors not reached keep the kernel-aware choice (quantized) and the record says so.
+PROBE_SAMPLES = 512
 
 
 def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Batch],
                       advance: Callable[[int], None] = lambda n: None,
-                      limit: float | None = None) -> dict[str, float]:
+                      limit: float | None = None, budget: int = PROBE_SAMPLES) -> dict[str, float]:
     """Per tensor, the mean output damage with that tensor on its planned grid.
 
     Without a limit every tensor is measured alone. With one, tensors are measured in groups with
     every member on its grid at once: quantization errors of different tensors add (their noise is
     independent), so a group within the limit bounds each member's own damage, recorded as the
     group's; only a group over the limit is split. On a CNN most groups pass whole, which takes
-    the runs from one per tensor to a few per group."""
+    the runs from one per tensor to a few per group. With a limit, measuring stops once `budget`
+    sample passes are spent: the tensors not reached are missing from the result."""
     if not tensors:
         return {}
     sess = session(probe_model(g, plan, tensors, weights_as_inputs=False))
@@ -166,6 +171,7 @@ def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Ba
                                     float(np.asarray(tq.zero_point).ravel()[0]), tq.spec.qmin, tq.spec.qmax))
         total, seen = 0.0, 0
         for i, (f, ref, n) in enumerate(zip(feeds, references, sizes)):
+            spent[0] += n
             probed = run_session(sess, outputs, {**f, **gates})
             total += n * np.mean([relative_error(r, p) for r, p in zip(ref, probed) if np.issubdtype(r.dtype, np.floating)])
             seen += n
@@ -174,9 +180,12 @@ def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Ba
         return total / seen
 
     damage = {}
+    spent = [sum(sizes)]  # the reference runs
     size = 1 if limit is None else GROUP
     pending = [tensors[i:i + size] for i in range(0, len(tensors), size)][::-1]
     while pending:
+        if limit is not None and spent[0] >= budget:
+            break
         group = pending.pop()
         d = measured(group)
         if len(group) == 1 or d <= limit:
@@ -188,11 +197,13 @@ def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Ba
     return damage
 
 
-def settle(plan: Plan, damage: dict[str, float], limit: float) -> Plan:
+def settle(plan: Plan, damage: dict[str, float], limit: float, unmeasured: tuple[str, ...] = ()) -> Plan:
     """The plan with every measured tensor whose damage is above `limit` left in float; the
     measurements go into the plan's config (`activation_damage`) for the card and reports."""
     dropped = {name for name, d in damage.items() if d > limit}
     tensors = {k: v for k, v in plan.tensors.items() if k not in dropped}
     record = {**plan.config.get("activation_damage", {}),
-              **{name: {"damage": float(d), "quantized": name not in dropped} for name, d in damage.items()}}
+              **{name: {"damage": float(d), "quantized": name not in dropped} for name, d in damage.items()},
+              **{name: {"quantized": True, "reason": "not measured: the probe budget was spent"}
+                 for name in unmeasured}}
     return replace(plan, tensors=tensors, config={**plan.config, "activation_damage": record})

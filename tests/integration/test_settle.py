@@ -65,3 +65,20 @@ def test_the_measured_damage_singles_out_the_mask_add(attention):
     assert "masked" in tensors
     damage = activation_damage(run.graph, run.plan, tensors, batches)
     assert damage["masked"] > 100 * max(d for t, d in damage.items() if t != "masked")
+
+
+def test_grouped_measurement_agrees_with_one_at_a_time_and_stops_at_its_budget(attention):
+    """Measured in groups against the limit, the same tensors stay float as when each is measured
+    alone; with no probe budget nothing is measured (the kernel-aware choice stands)."""
+    model, tmp = attention
+    data = DataConfig(path=str(tmp / "calib.npz"), num_samples=64)
+    stages.calibrate(model, QuantConfig(act_damage_limit=None), data, tmp / "every")
+    run = rundir.load_run(tmp / "every")
+    batches = list(iter_batches(str(tmp / "calib.npz"), model_inputs(run.graph), data, limit=16))
+    tensors = candidates(run.graph, run.plan)
+    limit = 3e-4
+    alone = activation_damage(run.graph, run.plan, tensors, batches)
+    grouped = activation_damage(run.graph, run.plan, tensors, batches, limit=limit)
+    assert set(grouped) == set(tensors)
+    assert {t for t, d in grouped.items() if d > limit} == {t for t, d in alone.items() if d > limit}
+    assert activation_damage(run.graph, run.plan, tensors, batches, limit=limit, budget=0) == {}
