@@ -138,11 +138,15 @@ def moved_to_float(plan: Plan, moves: Iterable[Move]) -> Plan:
 def moved_to(plan: Plan, moves: Iterable[Move], destination: str,
              weight_of: Callable[[str], np.ndarray]) -> Plan:
     """The plan with these layers and activations moved to `destination` (DESTINATIONS)."""
+    check_destination(destination)
     if destination == "float":
         return moved_to_float(plan, moves)
-    if destination == "int16":
-        return moved_to_int16(plan, moves, weight_of)
-    raise PtqError(f"--to takes {' or '.join(DESTINATIONS)} (got {destination})")
+    return moved_to_int16(plan, moves, weight_of)
+
+
+def check_destination(destination: str) -> None:
+    if destination not in DESTINATIONS:
+        raise PtqError(f"--to takes {' or '.join(DESTINATIONS)} (got {destination})")
 
 
 def moved_to_int16(plan: Plan, moves: Iterable[Move], weight_of: Callable[[str], np.ndarray]) -> Plan:

@@ -24,7 +24,7 @@ from ..progress import Progress, silent
 from ..rundir import Run
 from ..runtime import run_session, session
 from ..stages import eval_source
-from .fallback import DESTINATIONS, KINDS, PROOF_BUDGET, Moves, Search, candidates, fewest_moves, moved_to
+from .fallback import KINDS, PROOF_BUDGET, Moves, Search, candidates, check_destination, fewest_moves, moved_to
 from .scores import Outputs, Score, accuracy, cosine, user_metric
 from .stage import keep_base, load_base
 
@@ -45,8 +45,7 @@ def fall_back(run_dir: str | Path, target: float, eval_data: str | None, eval_sa
     """Search, then write the plan, plan.base.json (if not yet kept) and fallback.json; nothing is
     written when the metric fails or no plan meets the target."""
     custom = user_metric(metric) if metric else None  # a metric that does not import fails before any work
-    if destination not in DESTINATIONS:
-        raise PtqError(f"--to takes {' or '.join(DESTINATIONS)} (got {destination})")
+    check_destination(destination)
     run = load_base(run_dir)
     items = candidates(run.plan, kinds)
     batches, evaluation = evaluation_batches(run, eval_data, eval_samples)

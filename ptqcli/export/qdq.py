@@ -150,7 +150,7 @@ def _qattention(node: NodeProto, layer: Layer, plan: Plan) -> NodeProto:
         names = qdq_names(x)
         x_q, x_scale, x_zero = names.quantized, names.scale, names.zero_point
     else:
-        x_q, x_scale, x_zero = (f"{x}_dynamic_{p}" for p in ("quantized", "scale", "zero_point"))
+        x_q, x_scale, x_zero = _dynamic_names(x)
     mask = node.input[3] if len(node.input) > 3 else ""
     inputs = [x_q, w.quantized, node.input[2], x_scale, w.scale, mask, x_zero, w.zero_point]
     attention = helper.make_node("QAttention", inputs, list(node.output), name=node.name, domain="com.microsoft")
@@ -191,20 +191,26 @@ def nbits_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
     return found
 
 
+def _dynamic_names(tensor: str) -> tuple[str, str, str]:
+    """The codes, scale and zero point DynamicQuantizeLinear writes for `tensor`."""
+    return tuple(f"{tensor}_dynamic_{p}" for p in ("quantized", "scale", "zero_point"))
+
+
 def _dynamic_input(tensor: str) -> list[NodeProto]:
-    return [helper.make_node("DynamicQuantizeLinear", [tensor], [f"{tensor}_dynamic_{p}" for p in
-                             ("quantized", "scale", "zero_point")], name=f"{tensor}_DynamicQuantizeLinear")]
+    return [helper.make_node("DynamicQuantizeLinear", [tensor], list(_dynamic_names(tensor)),
+                             name=f"{tensor}_DynamicQuantizeLinear")]
 
 
 def _dynamic_matmul(node: NodeProto, layer: Layer) -> list[NodeProto]:
     """MatMulInteger on the run-time-quantized input and the integer weight, rescaled to float."""
     x, w, y = layer.activation, qdq_names(layer.weight), node.output[0]
+    x_q, x_scale, x_zero = _dynamic_names(x)
     n = helper.make_node
     return [
-        n("MatMulInteger", [f"{x}_dynamic_quantized", w.quantized, f"{x}_dynamic_zero_point", w.zero_point],
+        n("MatMulInteger", [x_q, w.quantized, x_zero, w.zero_point],
           [f"{y}_int32"], name=f"{node.name}_MatMulInteger"),
         n("Cast", [f"{y}_int32"], [f"{y}_int32_float"], name=f"{node.name}_Cast", to=TensorProto.FLOAT),
-        n("Mul", [f"{x}_dynamic_scale", w.scale], [f"{y}_scale"], name=f"{node.name}_scale"),
+        n("Mul", [x_scale, w.scale], [f"{y}_scale"], name=f"{node.name}_scale"),
         n("Mul", [f"{y}_int32_float", f"{y}_scale"], [y], name=f"{node.name}_rescale"),
     ]
 

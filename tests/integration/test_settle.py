@@ -53,15 +53,21 @@ def test_the_mask_add_stays_float_and_the_gemm_inputs_stay_quantized(attention):
     assert settled > 0.99 and settled > all_quantized + 0.05
 
 
-def test_the_measured_damage_singles_out_the_mask_add(attention):
-    """Measured alone on the plan's grid, the scores plus -3.4e38 padding leave nothing of the
-    real values: the measurement that keeps such a tensor float where an integer op reads it."""
+def _every_tensor_quantized(attention):
+    """The attention block calibrated with no activation left float, 16 of its samples, and the
+    activations whose float/quantized choice is open."""
     model, tmp = attention
     data = DataConfig(path=str(tmp / "calib.npz"), num_samples=64)
     stages.calibrate(model, QuantConfig(act_damage_limit=None), data, tmp / "every")
     run = rundir.load_run(tmp / "every")
     batches = list(iter_batches(str(tmp / "calib.npz"), model_inputs(run.graph), data, limit=16))
-    tensors = candidates(run.graph, run.plan)
+    return run, batches, candidates(run.graph, run.plan)
+
+
+def test_the_measured_damage_singles_out_the_mask_add(attention):
+    """Measured alone on the plan's grid, the scores plus -3.4e38 padding leave nothing of the
+    real values: the measurement that keeps such a tensor float where an integer op reads it."""
+    run, batches, tensors = _every_tensor_quantized(attention)
     assert "masked" in tensors
     damage = activation_damage(run.graph, run.plan, tensors, batches)
     assert damage["masked"] > 100 * max(d for t, d in damage.items() if t != "masked")
@@ -70,12 +76,7 @@ def test_the_measured_damage_singles_out_the_mask_add(attention):
 def test_grouped_measurement_agrees_with_one_at_a_time_and_stops_at_its_budget(attention):
     """Measured in groups against the limit, the same tensors stay float as when each is measured
     alone; with no probe budget nothing is measured (the kernel-aware choice stands)."""
-    model, tmp = attention
-    data = DataConfig(path=str(tmp / "calib.npz"), num_samples=64)
-    stages.calibrate(model, QuantConfig(act_damage_limit=None), data, tmp / "every")
-    run = rundir.load_run(tmp / "every")
-    batches = list(iter_batches(str(tmp / "calib.npz"), model_inputs(run.graph), data, limit=16))
-    tensors = candidates(run.graph, run.plan)
+    run, batches, tensors = _every_tensor_quantized(attention)
     limit = 3e-4
     alone = activation_damage(run.graph, run.plan, tensors, batches)
     grouped = activation_damage(run.graph, run.plan, tensors, batches, limit=limit)
