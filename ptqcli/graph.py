@@ -106,7 +106,23 @@ class Graph:
 
 def is_huge(model: ModelProto) -> bool:
     """Too big for one protobuf message: must be saved with external data, checked on disk."""
-    return model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    return approximate_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+
+
+def approximate_bytes(model: ModelProto) -> int:
+    """The serialized size of a model, within a few bytes per tensor. ByteSize() would serialize
+    the whole model to measure it (seconds for a language model, on every call); initializers are
+    counted from their data fields, nodes (Constant tensors and subgraphs included) in full."""
+    graph = model.graph
+    nodes = sum(node.ByteSize() for node in graph.node)
+    return nodes + sum(tensor_bytes(t) for t in graph.initializer) + 1024 * (len(graph.input) + len(graph.output))
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    fixed = 8 * (len(t.int64_data) + len(t.double_data) + len(t.uint64_data))
+    small = 4 * (len(t.float_data) + len(t.int32_data))
+    return (len(t.raw_data) + fixed + small + sum(len(v) for v in t.string_data) + len(t.name)
+            + sum(e.ByteSize() for e in t.external_data) + 16 * len(t.dims) + 32)
 
 
 def default_opset(model: ModelProto) -> int:
@@ -195,9 +211,14 @@ def _save_with_external_data(model: ModelProto, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+# Above this a model reaches ONNX Runtime through a file: an InferenceSession made from bytes keeps
+# them for as long as it lives, a second copy of every weight.
+SESSION_BYTES_LIMIT = 64 * 2**20
+
+
 def model_bytes_or_path(model: ModelProto, scratch: Path) -> bytes | str:
-    """What onnxruntime.InferenceSession accepts: bytes when small, a saved file when huge."""
-    if not is_huge(model):
+    """What onnxruntime.InferenceSession accepts: bytes when small, a saved file otherwise."""
+    if approximate_bytes(model) < SESSION_BYTES_LIMIT:
         return model.SerializeToString()
     path = scratch / "model.onnx"
     save_model(model, path)

@@ -6,14 +6,13 @@ them. What a transform changed is recorded as a note for the quantization card.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .graph import MIN_OPSET, Graph, check_model, clone, reads, default_opset, is_huge, save_model, set_opset, subgraphs
+from .graph import (MIN_OPSET, SESSION_BYTES_LIMIT, Graph, approximate_bytes, check_model, clone, default_opset, is_huge,
+                    reads, set_opset, subgraphs, tensor_bytes)
 from .errors import PtqError
 from .ops import op_info
 from .runtime import session
@@ -172,13 +171,58 @@ def name_nodes(model: ModelProto) -> ModelProto:
 
 
 def infer_shapes(model: ModelProto) -> ModelProto:
+    """The model with ONNX's inferred types and shapes in its value_info (its subgraphs' too).
+
+    Inference runs on a copy without the data of large float tensors (shapes and types are all it
+    reads of them): a language model's weights would otherwise be serialized to the inference and
+    back, seconds and gigabytes, and a model over 2 GB could not be inferred in memory at all."""
     try:
-        if is_huge(model):
-            return _infer_shapes_on_disk(model)
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_without_weight_data(model), data_prop=True)
     except Exception:
         # Unknown custom ops defeat inference; the quantizer then skips tensors of unknown type.
         return model
+    # A large model is annotated in place: a copy would be another set of its weights in memory.
+    out = clone(model) if approximate_bytes(model) < SESSION_BYTES_LIMIT else model
+    _copy_inferred(inferred.graph, out.graph)
+    return out
+
+
+def _without_weight_data(model: ModelProto) -> ModelProto:
+    """A copy of the model whose float initializers over 1 KiB keep their name, type and shape only."""
+    light = ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.metadata_props.extend(model.metadata_props)
+    graph, source = light.graph, model.graph
+    graph.name = source.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field).extend(getattr(source, field))
+    for t in source.initializer:
+        if t.data_type in _FLOAT_TYPES and tensor_bytes(t) > 1024:
+            graph.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
+        else:
+            graph.initializer.append(t)
+    return light
+
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+def _copy_inferred(inferred: onnx.GraphProto, target: onnx.GraphProto) -> None:
+    """value_info and output types of `inferred` into `target`, the same graph with its weights,
+    recursively through the subgraphs of its nodes (same nodes, same order)."""
+    del target.value_info[:]
+    target.value_info.extend(inferred.value_info)
+    for mine, theirs in zip(target.output, inferred.output):
+        mine.CopyFrom(theirs)
+    for mine, theirs in zip(target.node, inferred.node):
+        for a, b in zip(mine.attribute, theirs.attribute):
+            if a.HasField("g"):
+                _copy_inferred(b.g, a.g)
+            for sub_a, sub_b in zip(a.graphs, b.graphs):
+                _copy_inferred(sub_b, sub_a)
 
 
 def add_runtime_types(model: ModelProto) -> ModelProto:
@@ -209,19 +253,6 @@ def add_runtime_types(model: ModelProto) -> ModelProto:
 _ORT_TYPES = {f"tensor({name})": getattr(TensorProto, name.upper()) for name in (
     "float", "float16", "double", "bfloat16", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
     "uint64", "bool", "string")}
-
-
-def _infer_shapes_on_disk(model: ModelProto) -> ModelProto:
-    """Protobuf cannot hold > 2 GB in memory for inference: infer on a file, copy back the types."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "inferred.onnx"
-        save_model(model, src)
-        onnx.shape_inference.infer_shapes_path(str(src), str(dst))
-        inferred = onnx.load(str(dst), load_external_data=False)
-    out = clone(model)
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(inferred.graph.value_info)
-    return out
 
 
 def fold_constants(model: ModelProto) -> tuple[ModelProto, int]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -14,7 +17,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from . import nativelib
 from .errors import PtqError
-from .graph import clone, model_bytes_or_path, subgraph_reads
+from .graph import SESSION_BYTES_LIMIT, approximate_bytes, clone, model_bytes_or_path, subgraph_reads
 
 
 def uses_native_ops(model: ModelProto) -> bool:
@@ -34,7 +37,30 @@ def session(model: ModelProto, optimize: bool = True, scratch: Path | None = Non
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     with tempfile.TemporaryDirectory() as tmp:
-        return _loaded(model_bytes_or_path(model, Path(scratch or tmp)), options, "the model")
+        loaded = _loaded(model_bytes_or_path(model, Path(scratch or tmp)), options, "the model")
+    if approximate_bytes(model) >= SESSION_BYTES_LIMIT:
+        release_memory()
+    return loaded
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the system. A language model's serialized copies (for ORT, for the
+    checker, for shape inference) are freed but stay in the process's heap otherwise, and peak
+    memory is what decides whether a model can be quantized on a given machine."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl without the symbol): nothing to trim
+        return None
+
+
+_LIBC = _libc()
 
 
 def _loaded(source: bytes | str, options: ort.SessionOptions, what: str) -> ort.InferenceSession:

@@ -27,10 +27,12 @@ from .prepare import prepare
 from .progress import Progress, silent
 from . import rundir
 from .ops import op_info
-from .runtime import optimized_model, optimized_op_counts, run_session, session
+from .runtime import optimized_model, optimized_op_counts, release_memory, run_session, session
 
 def load_prepared(model_path: str | Path) -> Graph:
-    return prepare(load_model(model_path), source=str(model_path))
+    g = prepare(load_model(model_path), source=str(model_path))
+    release_memory()  # the model as loaded, and each preparing transform's copy of it
+    return g
 
 
 def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_dir: str | Path,
@@ -50,9 +52,11 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
             data = replace(data, path=str(synthesize(model_path, data, quant.seed, run, progress)))
         g = load_prepared(model_path)
         inputs = model_inputs(g)
-        smoothing = {}
+        gptq = quant.rounding.value == "gptq"
+        moments = activation_moments(g, quant, data, inputs, progress) if has_data and (quant.smooth or gptq) else {}
+        smoothing, divided = {}, {}
         if quant.smooth and has_data:
-            g, smoothing = smooth(g, quant, data, inputs, progress)
+            g, smoothing, divided = smooth(g, quant, data, inputs, moments)
         # The plan and card record what `auto` resolved to, so a recipe replays identically.
         chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
         quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
@@ -63,8 +67,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
             extra["smoothing"] = smoothing
         plan = build_plan(g, sel, stats, quant, extra)
         plan = settle_activations(g, plan, quant, data, inputs, progress)
-        if quant.rounding.value == "gptq":
-            plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress)
+        if gptq:
+            plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress, grams_after(moments, divided))
         elif quant.rounding.value != "nearest":
             plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
         rundir.write_float_model(run, g.model)
@@ -94,18 +98,46 @@ def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progres
     return stats, seen
 
 
-def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent) -> tuple[Graph, dict]:
+def activation_moments(g: Graph, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent) -> dict:
+    """One pass for what smoothing and GPTQ read of the activations (calibrate/moments.py): the
+    smoothing groups' extremes, and Gram matrices of the GEMM inputs GPTQ will round (those of the
+    groups too, for a weight-only plan's smoothing loss)."""
+    from .calibrate.gptq import layer_inputs
+    from .calibrate.moments import channel_moments
+    from .calibrate.smooth import moments_wanted
+
+    tensors, grams, rows_of = moments_wanted(g, quant) if quant.smooth else ([], set(), set())
+    samples = data.num_samples
+    if quant.rounding.value == "gptq":
+        grams, samples = grams | set(layer_inputs(g)), min(samples, quant.rounding_samples)
+    if not tensors and not grams:
+        return {}
+    available = count_samples(data.path, inputs, data)
+    total = min(samples, available) if available is not None else samples
+    with progress("activation moments", total) as advance:
+        batches = iter_batches(data.path, inputs, data, limit=samples, model=g.model)
+        moments, _ = channel_moments(g, tensors, batches, grams, rows_of, quant.smooth_samples, advance)
+    return moments
+
+
+def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, moments: dict) -> tuple[Graph, dict, dict]:
     """SmoothQuant folded into the float graph before anything is observed (calibrate/smooth.py)."""
     from .calibrate.smooth import smooth as smooth_graph, smoothing_groups
 
     if not smoothing_groups(g):
-        return g, {}
+        return g, {}, {}
     check = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8), model=g.model))
-    available = count_samples(data.path, inputs, data)
-    total = min(data.num_samples, available) if available is not None else data.num_samples
-    with progress("smoothing: activation extremes", total) as advance:
-        batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
-        return smooth_graph(g, quant, check, batches, advance)
+    return smooth_graph(g, quant, check, moments)
+
+
+def grams_after(moments: dict, divided: dict) -> dict[str, np.ndarray]:
+    """Each measured Gram matrix under the name the (smoothed) graph reads it by: a tensor smoothing
+    divided by s has the Gram matrix G / (s s^T)."""
+    grams = {name: m.gram for name, m in moments.items() if m.gram is not None}
+    for name, (original, s) in divided.items():
+        if original in moments and moments[original].gram is not None:
+            grams[name] = moments[original].divided(s).gram
+    return grams
 
 
 def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfig, inputs,
@@ -152,26 +184,30 @@ def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, p
 
 
 def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
-                  progress: Progress = silent) -> Plan:
+                  progress: Progress = silent, grams: dict[str, np.ndarray] | None = None) -> Plan:
     """GPTQ over the plan's MatMul/Gemm layers (calibrate/gptq.py): each layer's input second
-    moments from one pass over the calibration data through the float model, then the rounding."""
-    from .calibrate.gptq import GptqConfig, eligible, hessians, round_layer
+    moments over the calibration data through the float model (`grams`, from the moments pass, or
+    measured here for the inputs it lacks), then the rounding."""
+    from .calibrate.gptq import GptqConfig, eligible, round_layer
+    from .calibrate.moments import channel_moments
 
     layers = eligible(g, plan)
     if not layers:
         raise PtqError("--rounding gptq found no MatMul/Gemm layer with a 2-D weight on an integer grid")
-    tensors = list(dict.fromkeys(layer.activation for layer, _ in layers))
+    grams = dict(grams or {})
     samples = min(data.num_samples, quant.rounding_samples)
-    # Every layer input of a batch is held at once: two samples per run keep that small.
-    small = replace(data, batch_size=min(data.batch_size, 2))
-    with progress("gptq: input statistics", samples) as advance:
-        h = hessians(g, tensors, iter_batches(data.path, inputs, small, limit=samples, model=g.model), advance)
+    missing = [t for t in dict.fromkeys(layer.activation for layer, _ in layers) if t not in grams]
+    if missing:
+        with progress("gptq: input statistics", samples) as advance:
+            batches = iter_batches(data.path, inputs, data, limit=samples, model=g.model)
+            measured, _ = channel_moments(g, [], batches, set(missing), advance=advance)
+        grams.update({t: m.gram for t, m in measured.items()})
     tensors_out, report = dict(plan.tensors), []
     cfg = GptqConfig()
     with progress("gptq: layers", len(layers)) as advance:
         for layer, in_axis in layers:
             w = g.constant(layer.weight)
-            tq = round_layer(w, in_axis, plan.tensors[layer.weight], h[layer.activation], cfg)
+            tq = round_layer(w, in_axis, plan.tensors[layer.weight], grams[layer.activation], cfg)
             tensors_out[layer.weight] = tq
             report.append({"node": layer.node, "weight": layer.weight})
             advance(1)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..errors import PtqError
 from ..graph import Graph
-from ..runtime import run_session, session, with_outputs
+from ..runtime import feeds_for, run_session, session, with_outputs
 from .data import Batch, bounded_runs, rows_within
 from .observers import Histogram
 
@@ -32,17 +32,31 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
     tensors = list(tensors) + [t for t in channel_axes if t not in tensors]
     stats = {name: Histogram.empty(bins) for name in tensors}
     sess = session(with_outputs(g.model, tensors)) if tensors else None
+    seen = 0
+    for batch, values in stream(sess, tensors, batches):
+        for name, value in zip(tensors, values):
+            stats[name].update(value, counts=histograms)
+            if name in channel_axes:
+                stats[name].update_channels(value, channel_axes[name])
+        del values
+        seen += batch.size
+        advance(batch.size)
+    if seen == 0:
+        raise PtqError("the calibration data holds no samples")
+    return stats, seen
+
+
+def stream(sess, tensors: list[str], batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[np.ndarray]]]:
+    """(run, the session's values of `tensors`) over the batches, cut into runs whose outputs stay
+    within RUN_BYTES. ORT computes run i+1 in a worker thread (it releases the GIL) while the caller
+    folds run i into its statistics: the two costs overlap instead of adding up. A None session
+    yields every run with no values."""
 
     def run(batch: Batch) -> list[np.ndarray]:
-        if sess is None:
-            return []
-        return run_session(sess, tensors, batch.feeds)
+        return [] if sess is None else run_session(sess, tensors, feeds_for(sess, batch.feeds))
 
-    seen = 0
-    rows = None  # samples per run, once the first run's outputs tell (RUN_BYTES)
+    rows = None  # samples per run, once the first run's outputs tell
     source = bounded_runs(batches, lambda: rows)
-    # ORT computes batch i+1 in a worker thread (it releases the GIL) while this thread folds
-    # batch i into the histograms: the two costs overlap instead of adding up.
     with ThreadPoolExecutor(max_workers=1) as pool:
         batch = next(source, None)
         future = pool.submit(run, batch) if batch is not None else None
@@ -52,18 +66,9 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
                 rows = rows_within(values, batch.size)
             following = next(source, None)
             future = pool.submit(run, following) if following is not None else None
-            for name, value in zip(tensors, values):
-                stats[name].update(value, counts=histograms)
-                if name in channel_axes:
-                    stats[name].update_channels(value, channel_axes[name])
+            yield batch, values
             del values
-            n = batch.size
-            seen += n
-            advance(n)
             batch = following
-    if seen == 0:
-        raise PtqError("the calibration data holds no samples")
-    return stats, seen
 
 
 def save_stats(stats: Stats) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..formats import QuantSpec
 from ..plan import TensorQuant
-from ..quant import block_ranges, channel_ranges, dequantize, quantize, scale_zero_point
+from ..quant import block_ranges, channel_ranges, scale_zero_point
 
 
 @dataclass(frozen=True)
@@ -37,56 +37,61 @@ def _scales(w_kn: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     return scale_zero_point(lo, hi, spec)
 
 
-def _round_column(col: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """One input channel (all N outputs) quantized and dequantized with per-output scales."""
-    flat = QuantSpec(spec.bits, spec.signed, spec.symmetric, axis=0, reduce_range=spec.reduce_range)
-    q = quantize(col.astype(np.float32), scale.astype(np.float32), zero, flat)
-    return dequantize(q, scale, zero, flat).astype(np.float64)
+def _round_row(row: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """One input channel (all N outputs) quantized and dequantized with per-output scales, as
+    QuantizeLinear and DequantizeLinear compute it (float32 division, round half to even); inlined
+    because it runs once per input channel."""
+    q = np.clip(np.rint(row / scale) + zero, spec.qmin, spec.qmax)
+    return ((q - zero) * scale).astype(np.float32)
 
 
 def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, cfg: GptqConfig = GptqConfig()) -> TensorQuant:
     """W [K, N] rounded onto `spec` (block-wise along K, spec.axis == 0, or per output channel,
-    spec.axis == 1) against H [K, K]; the result carries the rounded weights as its value."""
+    spec.axis == 1) against H [K, K]; the result carries the rounded weights as its value.
+
+    The weights are updated in float32, one contiguous row of N per input channel (the update
+    streams through memory; H^-1's factor stays float64)."""
     k, n = w.shape
     bs = spec.block_size
     if bs is None and spec.axis != 1:
         raise ValueError("GPTQ rounds [K, N] weights with block-wise (axis 0) or per-output-channel (axis 1) scales")
-    work = w.astype(np.float64).T.copy()  # [N, K]: GPTQ's rows are outputs, columns inputs
+    work = np.array(w, dtype=np.float32, copy=True)
     hess = np.array(h, dtype=np.float64, copy=True)
     dead = np.diag(hess) == 0
     hess[dead, dead] = 1.0
-    work[:, dead] = 0.0
+    work[dead] = 0.0
     order = np.argsort(-np.diag(hess), kind="stable") if cfg.act_order else np.arange(k)
-    static = _scales(work.T.astype(np.float32), spec) if (cfg.act_order or bs is None) else None
-    work, hess = work[:, order], hess[np.ix_(order, order)]
+    static = _scales(work, spec) if (cfg.act_order or bs is None) else None
+    work, hess = work[order], hess[np.ix_(order, order)]
     hess[np.diag_indices(k)] += cfg.damp * np.mean(np.diag(hess))
-    upper = np.linalg.cholesky(np.linalg.inv(hess)).T  # H^-1 = U^T U, U upper triangular
+    # H^-1 = U^T U, U upper triangular. float32 halves the inversion's time; the dampening keeps
+    # H's condition number far inside float32's precision.
+    factor = np.linalg.cholesky(np.linalg.inv(hess.astype(np.float32))).T
     width = cfg.columns if bs is None else -(-cfg.columns // bs) * bs
     rounded = np.zeros_like(work)
     scale = np.zeros((-(-k // bs), n) if bs else (n,), dtype=np.float32) if static is None else static[0]
     zero = np.zeros(scale.shape, dtype=np.int64) if static is None else static[1]
+    zero_f = zero.astype(np.float32)
     for start in range(0, k, width):
         stop = min(start + width, k)
-        block = work[:, start:stop].copy()
+        block = work[start:stop]  # a view: rows past the current one are updated in place
         errors = np.zeros_like(block)
         for i in range(stop - start):
-            column = start + i
-            original = order[column]
-            if static is None and column % bs == 0:  # a new group: fit its scale on the updated weights
-                group = slice(i, min(i + bs, stop - start))
-                s, z = _scales(block[:, group].T.astype(np.float32), spec)
-                scale[column // bs], zero[column // bs] = s[0], z[0]
-            s_col = scale if bs is None else scale[original // bs]
-            z_col = zero if bs is None else zero[original // bs]
-            q = _round_column(block[:, i], s_col, z_col, spec)
-            rounded[:, column] = q
-            err = (block[:, i] - q) / upper[column, column]
-            block[:, i:] -= np.outer(err, upper[column, column:stop])
-            errors[:, i] = err
-        work[:, stop:] -= errors @ upper[start:stop, stop:]
-    result = np.empty_like(rounded)
-    result[:, order] = rounded
-    value = result.T.astype(np.float32)  # [K, N], on the grid
+            row = start + i
+            original = order[row]
+            if static is None and row % bs == 0:  # a new group: fit its scale on the updated weights
+                s, z = _scales(block[i:i + bs], spec)
+                scale[row // bs], zero[row // bs], zero_f[row // bs] = s[0], z[0], z[0]
+            s_row = scale if bs is None else scale[original // bs]
+            z_row = zero_f if bs is None else zero_f[original // bs]
+            q = _round_row(block[i], s_row, z_row, spec)
+            rounded[row] = q
+            err = (block[i] - q) / factor[row, row]
+            block[i + 1:] -= np.outer(factor[row, row + 1:stop], err)
+            errors[i] = err
+        work[stop:] -= factor[start:stop, stop:].T @ errors
+    value = np.empty_like(rounded)
+    value[order] = rounded  # [K, N], on the grid
     return TensorQuant("weight", spec, scale.astype(np.float32), zero, {"method": "gptq", "damp": cfg.damp,
                                                                        "act_order": cfg.act_order}, value=value)
 
@@ -116,20 +121,16 @@ def eligible(g, plan) -> list:
     return found
 
 
-def hessians(g, tensors: list[str], batches, advance=lambda n: None) -> dict[str, np.ndarray]:
-    """X^T X (float64) of each tensor's rows over all batches, one ORT pass; memory is one batch's
-    tensors and the K x K sums."""
-    from ..runtime import run_session, session, with_outputs
-
-    sess = session(with_outputs(g.model, tensors))
-    sums: dict[str, np.ndarray] = {}
-    for batch in batches:
-        for name, value in zip(tensors, run_session(sess, tensors, batch.feeds)):
-            rows = value.reshape(-1, value.shape[-1]).astype(np.float32)
-            update = (rows.T @ rows).astype(np.float64)
-            sums[name] = sums.get(name, 0.0) + update
-        advance(batch.size)
-    return sums
+def layer_inputs(g) -> list[str]:
+    """The activation inputs of the graph's MatMul/Gemm nodes with a constant 2-D weight: what
+    `eligible` can pick once there is a plan, known before it."""
+    found = []
+    for node in g.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] in g.initializers:
+            w = g.initializers[node.input[1]]
+            if len(w.dims) == 2 and g.is_float(node.input[0]):
+                found.append(node.input[0])
+    return list(dict.fromkeys(found))
 
 
 def round_layer(w: np.ndarray, in_axis: int, tq: TensorQuant, h: np.ndarray, cfg: GptqConfig) -> TensorQuant:

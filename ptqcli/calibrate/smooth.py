@@ -21,7 +21,6 @@ output error with their weights on the planned (block-wise) grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 from onnx import ModelProto, helper, numpy_helper
@@ -32,12 +31,14 @@ from ..graph import Graph, clone
 from ..metrics import relative_error
 from ..ops import normalization, op_info
 from ..quant import dequantize, quantize, scale_zero_point
-from ..runtime import run_session, session, with_outputs
+from ..runtime import run_session, session
 from .data import Batch
+from .moments import ChannelMoments
 from .planner import activation_spec, quantize_weight, weight_spec
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 LOSS_COLUMNS = 2048  # output columns per product in the loss
+SAMPLED_COLUMNS = 512  # columns per weight in the weight-only loss
 # The smoothed model may differ from the original by float rounding only (relative squared error).
 EQUAL_WITHIN = 1e-8
 
@@ -51,14 +52,6 @@ class SmoothGroup:
     weights: tuple[str, ...]  # their constant weights, one each
     in_axes: tuple[int, ...]  # each weight's axis over input channels
     shared: bool  # `tensor` has readers besides the GEMMs (or is a graph output)
-
-
-@dataclass(frozen=True)
-class GroupStats:
-    absmax: np.ndarray  # per channel, over all calibration samples
-    lo: np.ndarray  # per-channel minimum and maximum
-    hi: np.ndarray
-    rows: np.ndarray  # [R, K]: activation rows of the first samples, for the loss
 
 
 def _gemm_weight(g: Graph, node, tensor: str) -> tuple[str, int] | None:
@@ -149,31 +142,6 @@ def smoothing_groups(g: Graph) -> list[SmoothGroup]:
     return groups
 
 
-def observe(g: Graph, groups: list[SmoothGroup], batches: Iterable[Batch], row_samples: int,
-            advance: Callable[[int], None] = lambda n: None) -> dict[str, GroupStats]:
-    """Per-channel extremes of each group's activation over all batches, and the rows of the first
-    `row_samples` samples."""
-    tensors = [grp.tensor for grp in groups]
-    sess = session(with_outputs(g.model, tensors))
-    absmax, lo, hi, rows = {}, {}, {}, {t: [] for t in tensors}
-    seen = 0
-    for batch in batches:
-        n = batch.size
-        for name, value in zip(tensors, run_session(sess, tensors, batch.feeds)):
-            flat = value.reshape(-1, value.shape[-1]).astype(np.float32)
-            absmax[name] = np.maximum(absmax.get(name, 0.0), np.abs(flat).max(axis=0))
-            lo[name] = np.minimum(lo.get(name, np.inf), flat.min(axis=0))
-            hi[name] = np.maximum(hi.get(name, -np.inf), flat.max(axis=0))
-            if seen < row_samples:
-                keep = min(n, row_samples - seen)
-                rows[name].append(value[:keep].reshape(-1, value.shape[-1]).astype(np.float32))
-        seen += n
-        advance(n)
-    if seen == 0:
-        raise PtqError("smoothing saw no calibration samples")
-    return {t: GroupStats(absmax[t], lo[t], hi[t], np.concatenate(rows[t])) for t in tensors}
-
-
 def smoothing_scales(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
     s = np.power(np.maximum(x_absmax, 1e-5), alpha) / np.power(np.maximum(w_absmax, 1e-5), 1.0 - alpha)
     return s.astype(np.float32)
@@ -190,11 +158,13 @@ def _fake_quant_weight(w: np.ndarray, cfg: QuantConfig) -> np.ndarray:
     return dequantize(quantize(w, tq.scale, tq.zero_point, tq.spec), tq.scale, tq.zero_point, tq.spec)
 
 
-def group_loss(stats: GroupStats, weights: list[np.ndarray], s: np.ndarray, cfg: QuantConfig) -> float:
+def group_loss(stats: ChannelMoments, weights: list[np.ndarray], s: np.ndarray, cfg: QuantConfig) -> float:
     """Summed relative output error of the group's GEMMs with X / s and diag(s) W quantized; the
     activation's per-tensor range is its min-max over all samples, from the per-channel extremes.
     Weight-only plans (`acts none`) leave X in float: the factors then only decide which input
-    channels' weights get the finer grid, as activation-aware weight quantization (AWQ) does."""
+    channels' weights get the finer grid, as activation-aware weight quantization (AWQ) does; with
+    X's Gram matrix at hand `choose` measures that error as a quadratic form instead (`_gram_loss`:
+    over every sample, and cheaper than the products when there are more rows than channels)."""
     x = stats.rows / s
     xq = x
     if cfg.acts.value != "none":
@@ -216,18 +186,54 @@ def group_loss(stats: GroupStats, weights: list[np.ndarray], s: np.ndarray, cfg:
     return total
 
 
+def _gram_loss(gram: np.ndarray, w: np.ndarray, s: np.ndarray, cfg: QuantConfig, power: float) -> float:
+    """||X W - (X / s) Q(diag(s) W)||^2 / ||X W||^2 as tr(D^T G D) / power, D the weight error seen
+    from X, over column chunks of W."""
+    err = 0.0
+    for lo in range(0, w.shape[1], LOSS_COLUMNS):
+        part = w[:, lo:lo + LOSS_COLUMNS]
+        diff = part - _fake_quant_weight(part * s[:, None], cfg) / s[:, None]
+        err += float(np.sum(diff * (gram @ diff), dtype=np.float64))
+    return err / max(power, 1e-30)
+
+
+def signal_powers(stats: ChannelMoments, weights: list[np.ndarray]) -> list[float]:
+    """||X W||^2 = tr(W^T G W) of each weight."""
+    return [float(np.sum(w * (stats.gram @ w), dtype=np.float64)) for w in weights]
+
+
+def loss_columns(w: np.ndarray, cfg: QuantConfig) -> np.ndarray:
+    """The columns of a [K, N] weight the weight-only loss is measured on: an evenly strided
+    SAMPLED_COLUMNS of them when every column has its own grid (per-channel or block-wise scales),
+    so that the sample estimates the loss without bias; all of them for one scale per tensor."""
+    own_grid = cfg.block_size is not None or cfg.granularity is Granularity.channel
+    step = -(-w.shape[1] // SAMPLED_COLUMNS) if own_grid else 1
+    return w[:, ::step]
+
+
 def _as_rows(g: Graph, grp: SmoothGroup) -> list[np.ndarray]:
     """Each weight as [K, N], input channels first."""
     return [np.moveaxis(g.constant(w), axis, 0).astype(np.float32) for w, axis in zip(grp.weights, grp.in_axes)]
 
 
-def choose(g: Graph, grp: SmoothGroup, stats: GroupStats, cfg: QuantConfig) -> tuple[float | None, dict]:
+def choose(g: Graph, grp: SmoothGroup, stats: ChannelMoments, cfg: QuantConfig) -> tuple[float | None, dict]:
     """The alpha with the least group loss (None: leave the activation as it is), and the losses."""
     weights = _as_rows(g, grp)
     w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-    losses = {None: group_loss(stats, weights, np.ones_like(stats.absmax), cfg)}
+    if cfg.acts.value == "none" and stats.gram is not None:
+        # Weight-only: the loss is a quadratic form per column, measured on a sample of columns
+        # (a language model's head has 49,152) with each weight's signal power computed once.
+        sampled = [loss_columns(w, cfg) for w in weights]
+        powers = signal_powers(stats, sampled)
+
+        def loss(s: np.ndarray) -> float:
+            return sum(_gram_loss(stats.gram, w, s, cfg, p) for w, p in zip(sampled, powers))
+    else:
+        def loss(s: np.ndarray) -> float:
+            return group_loss(stats, weights, s, cfg)
+    losses = {None: loss(np.ones_like(stats.absmax))}
     for alpha in ALPHAS:
-        losses[alpha] = group_loss(stats, weights, smoothing_scales(stats.absmax, w_absmax, alpha), cfg)
+        losses[alpha] = loss(smoothing_scales(stats.absmax, w_absmax, alpha))
     best = min(losses, key=lambda a: (losses[a], -1 if a is None else a))
     report = {"alpha": best, "loss": losses[best], "loss_unsmoothed": losses[None], "gemms": list(grp.gemms)}
     return best, report
@@ -283,27 +289,38 @@ def _copy_value_info(graph, tensor: str, copy: str) -> None:
         info.name = copy
 
 
-def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], stats_batches: Iterable[Batch],
-           advance: Callable[[int], None] = lambda n: None) -> tuple[Graph, dict]:
-    """The smoothed graph and, per activation, the alpha chosen and the losses it was chosen on.
-    `stats_batches` stream the calibration data for the extremes; `batches` (a few) check that the
-    smoothed float model equals the original."""
+def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], moments: dict[str, ChannelMoments]
+           ) -> tuple[Graph, dict, dict[str, tuple[str, np.ndarray]]]:
+    """The smoothed graph; per activation, the alpha chosen and the losses it was chosen on; and,
+    per tensor the GEMMs of a smoothed group now read, the original tensor and the factors it was
+    divided by. `moments` are each group tensor's (see `moments_wanted`); `batches` (a few) check
+    that the smoothed float model equals the original."""
     groups = smoothing_groups(g)
     if not groups:
-        return g, {}
-    stats = observe(g, groups, stats_batches, cfg.smooth_samples, advance)
+        return g, {}, {}
     model = clone(g.model)
-    report = {}
+    report, divided = {}, {}
     for grp in groups:
-        alpha, report[grp.tensor] = choose(g, grp, stats[grp.tensor], cfg)
+        stats = moments[grp.tensor]
+        alpha, report[grp.tensor] = choose(g, grp, stats, cfg)
         if alpha is not None:
             w_absmax = np.max([np.abs(w).max(axis=1) for w in _as_rows(g, grp)], axis=0)
-            fold(model, g, grp, smoothing_scales(stats[grp.tensor].absmax, w_absmax, alpha))
-    if all(r["alpha"] is None for r in report.values()):
-        return g, report
+            s = smoothing_scales(stats.absmax, w_absmax, alpha)
+            fold(model, g, grp, s)
+            divided[f"{grp.tensor}__smoothed" if grp.shared else grp.tensor] = (grp.tensor, s)
+    if not divided:
+        return g, report, {}
     smoothed = Graph(model, g.source, list(g.notes), dict(g.facts))
     check_equal(g, smoothed, batches)
-    return smoothed, report
+    return smoothed, report, divided
+
+
+def moments_wanted(g: Graph, cfg: QuantConfig) -> tuple[list[str], set[str], set[str]]:
+    """The group tensors smoothing reads moments of, those it needs Gram matrices of (weight-only
+    plans) and those it needs sample rows of (plans that quantize activations)."""
+    tensors = [grp.tensor for grp in smoothing_groups(g)]
+    weight_only = cfg.acts.value == "none"
+    return tensors, set(tensors) if weight_only else set(), set() if weight_only else set(tensors)
 
 
 def check_equal(original: Graph, smoothed: Graph, batches: list[Batch], samples: int = 4) -> None:

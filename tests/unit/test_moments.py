@@ -1,0 +1,85 @@
+"""The shared moments pass: Gram matrices computed inside the session equal X^T X of the tensors
+themselves, smoothing's factors transform them exactly, and the light shape inference and size
+estimate agree with ONNX's own."""
+
+import numpy as np
+import onnx
+import pytest
+
+from ptqcli.calibrate.data import Batch
+from ptqcli.calibrate.moments import channel_moments
+from ptqcli.graph import Graph, approximate_bytes, model_bytes_or_path
+from ptqcli.prepare import infer_shapes, prepare
+from ptqcli.runtime import session, with_outputs
+
+from builders import encoder_model, text_encoder_model
+
+
+def _batches(model, n=6, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, 16, 32)).astype(np.float32)
+    name = model.graph.input[0].name
+    return [Batch({name: x[i:i + 2]}, None) for i in range(0, n, 2)], {name: x}
+
+
+def test_gram_matrices_from_the_session_equal_the_tensors_own_products():
+    g = prepare(encoder_model())
+    gemms = [n for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in g.initializers]
+    tensors = list(dict.fromkeys(n.input[0] for n in gemms))[:3]
+    batches, feeds = _batches(g.model)
+    moments, seen = channel_moments(g, tensors[:1], batches, set(tensors))
+    assert seen == 6
+    values = session(with_outputs(g.model, tensors)).run(tensors, feeds)
+    for name, value in zip(tensors, values):
+        rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
+        np.testing.assert_allclose(moments[name].gram, rows.T @ rows, rtol=1e-4, atol=1e-3)
+    first = values[0].reshape(-1, values[0].shape[-1])
+    np.testing.assert_allclose(moments[tensors[0]].absmax, np.abs(first).max(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(moments[tensors[0]].lo, first.min(axis=0), rtol=1e-6)
+    assert moments[tensors[1]].absmax.size == 0  # asked for its Gram matrix alone
+
+
+def test_divided_moments_are_those_of_the_divided_tensor():
+    g = prepare(encoder_model())
+    tensor = next(n.input[0] for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in g.initializers)
+    batches, feeds = _batches(g.model)
+    moments, _ = channel_moments(g, [tensor], batches, {tensor})
+    s = np.random.default_rng(1).uniform(0.5, 2.0, moments[tensor].absmax.shape).astype(np.float32)
+    value = session(with_outputs(g.model, [tensor])).run([tensor], feeds)[0]
+    rows = (value.reshape(-1, value.shape[-1]) / s).astype(np.float64)
+    divided = moments[tensor].divided(s)
+    np.testing.assert_allclose(divided.gram, rows.T @ rows, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(divided.absmax, np.abs(rows).max(axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", [encoder_model, text_encoder_model])
+def test_shape_inference_without_weight_data_gives_onnx_own_types(build):
+    model = build()
+    expected = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    ours = infer_shapes(model)
+    assert {vi.name: vi.type for vi in ours.graph.value_info} == {vi.name: vi.type for vi in expected.graph.value_info}
+    assert [o.type for o in ours.graph.output] == [o.type for o in expected.graph.output]
+    assert [t.raw_data for t in ours.graph.initializer] == [t.raw_data for t in model.graph.initializer]
+
+
+def test_size_estimate_is_close_to_the_serialized_size(tmp_path):
+    for model in (encoder_model(), text_encoder_model()):
+        exact = model.ByteSize()
+        assert exact <= approximate_bytes(model) <= exact + 4096 + 64 * len(model.graph.initializer)
+    # Large models reach ORT through a file, so the session does not keep their bytes.
+    import ptqcli.graph as graph
+
+    small = model_bytes_or_path(encoder_model(), tmp_path)
+    assert isinstance(small, bytes)
+    limit, graph.SESSION_BYTES_LIMIT = graph.SESSION_BYTES_LIMIT, 1
+    try:
+        assert isinstance(model_bytes_or_path(encoder_model(), tmp_path), str)
+    finally:
+        graph.SESSION_BYTES_LIMIT = limit
+
+
+def test_moments_need_samples():
+    from ptqcli.errors import PtqError
+
+    g = Graph(encoder_model())
+    with pytest.raises(PtqError, match="no samples"):
+        channel_moments(g, [g.graph.node[0].output[0]], [], set())
