@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -183,10 +184,11 @@ def check_output(model: ModelProto, source: ModelProto, what: str) -> None:
         raise PtqError(f"{what} fails onnx.checker's shape inference: {problem}")
 
 
-def save_model(model: ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically; models too large for one protobuf get their tensors in `<name>.data`."""
+def save_model(model: ModelProto, path: str | os.PathLike, external: bool = False) -> None:
+    """Write atomically; models too large for one protobuf get their tensors in `<name>.data`, and
+    so do those `external` asks it of (written tensor by tensor, never serialized whole)."""
     target = Path(path)
-    if not is_huge(model):
+    if not is_huge(model) and not external:
         write_atomic(target, model.SerializeToString(deterministic=True))
         return
     check_writable(target)
@@ -201,9 +203,7 @@ def _save_with_external_data(model: ModelProto, target: Path) -> None:
     data_name = target.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        # save_model moves tensors out of the proto it is given: hand it a copy.
-        onnx.save_model(clone(model), str(staging / target.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        write_external(shell(model), model.graph.initializer, staging / target.name)
         if (staging / data_name).exists():  # absent when every tensor was under the size threshold
             os.replace(staging / data_name, target.parent / data_name)
         os.replace(staging / target.name, target)
@@ -211,17 +211,77 @@ def _save_with_external_data(model: ModelProto, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def shell(model: ModelProto, initializers: Iterable[onnx.TensorProto] = ()) -> ModelProto:
+    """A copy of the model without its initializers (then `initializers` as its own): everything but
+    the weights, cheap to copy and change even for a language model."""
+    out = ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    out.graph.initializer.extend(initializers)
+    return out
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        mine = getattr(target, descriptor.name)
+        if hasattr(mine, "extend"):  # a repeated field
+            mine.extend(value)
+        elif hasattr(mine, "CopyFrom"):
+            mine.CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+INLINE_BYTES = 1024  # tensors up to this size stay inside the .onnx file
+
+
+def write_external(model: ModelProto, initializers: Iterable[onnx.TensorProto], path: Path) -> None:
+    """`model` (a shell) with `initializers` written to `path`, their data to `<path>.data` one
+    tensor at a time: the whole model is never serialized at once (that would be another copy of
+    every weight in memory, and impossible past protobuf's 2 GB)."""
+    data_name = path.name + ".data"
+    stubs = []
+    with open(path.parent / data_name, "wb") as data:
+        for t in initializers:
+            if t.data_type == onnx.TensorProto.STRING or tensor_bytes(t) <= INLINE_BYTES \
+                    or t.data_location == onnx.TensorProto.EXTERNAL:
+                stubs.append(t)
+                continue
+            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            offset = data.tell()
+            data.write(raw)
+            data.write(b"\0" * (-len(raw) % 64))  # aligned, so that a runtime may map tensors in place
+            stub = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type,
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                stub.external_data.add(key=key, value=value)
+            stubs.append(stub)
+    model.graph.initializer.extend(stubs)
+    try:
+        path.write_bytes(model.SerializeToString(deterministic=True))
+    finally:
+        del model.graph.initializer[len(model.graph.initializer) - len(stubs):]
+
+
 # Above this a model reaches ONNX Runtime through a file: an InferenceSession made from bytes keeps
 # them for as long as it lives, a second copy of every weight.
 SESSION_BYTES_LIMIT = 64 * 2**20
 
 
+def through_file(model: ModelProto) -> bool:
+    """Does the model reach ONNX Runtime through a file (SESSION_BYTES_LIMIT)?"""
+    return approximate_bytes(model) >= SESSION_BYTES_LIMIT
+
+
 def model_bytes_or_path(model: ModelProto, scratch: Path) -> bytes | str:
-    """What onnxruntime.InferenceSession accepts: bytes when small, a saved file otherwise."""
-    if approximate_bytes(model) < SESSION_BYTES_LIMIT:
+    """What onnxruntime.InferenceSession accepts: bytes when small, else a file in `scratch` with
+    the weights beside it (write_external)."""
+    if not through_file(model):
         return model.SerializeToString()
     path = scratch / "model.onnx"
-    save_model(model, path)
+    write_external(shell(model), model.graph.initializer, path)
     return str(path)
 
 
@@ -243,6 +303,15 @@ def subgraph_reads(node: NodeProto) -> set[str]:
 def reads(model: ModelProto) -> set[str]:
     """Every tensor some node reads, in the main graph or in its subgraphs."""
     return {name for n in model.graph.node for name in (*n.input, *subgraph_reads(n))}
+
+
+def keep_only(repeated, keep) -> None:
+    """Delete the elements of a repeated protobuf field for which `keep(element)` is false, in place.
+    Holding the kept elements while clearing the field and extending it again would copy each one
+    (and keep the old storage alive): a language model's weights twice over."""
+    for i in reversed(range(len(repeated))):
+        if not keep(repeated[i]):
+            del repeated[i]
 
 
 def clone(model: ModelProto) -> ModelProto:

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .graph import (MIN_OPSET, SESSION_BYTES_LIMIT, Graph, approximate_bytes, check_model, clone, default_opset, is_huge,
-                    reads, set_opset, subgraphs, tensor_bytes)
+from .graph import (MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, keep_only, reads, set_opset, subgraphs, tensor_bytes,
+                    through_file)
 from .errors import PtqError
 from .ops import op_info
 from .runtime import session
@@ -182,7 +182,7 @@ def infer_shapes(model: ModelProto) -> ModelProto:
         # Unknown custom ops defeat inference; the quantizer then skips tensors of unknown type.
         return model
     # A large model is annotated in place: a copy would be another set of its weights in memory.
-    out = clone(model) if approximate_bytes(model) < SESSION_BYTES_LIMIT else model
+    out = model if through_file(model) else clone(model)
     _copy_inferred(inferred.graph, out.graph)
     return out
 
@@ -311,9 +311,7 @@ def _evaluate_node(evaluator_cls, node, consts) -> list | None:
 
 def _drop_unused_initializers(model: ModelProto) -> ModelProto:
     used = reads(model) | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    keep_only(model.graph.initializer, lambda t: t.name in used)
     return model
 
 

@@ -18,7 +18,7 @@ from .calibrate.collect import Stats, load_stats
 from .config import DataConfig, QuantConfig
 from .errors import PtqError
 from .files import write_atomic
-from .graph import Graph, load_model, save_model
+from .graph import Graph, load_model, save_model, through_file
 from .plan import Plan
 
 FLOAT_MODEL = "model.float.onnx"
@@ -111,7 +111,9 @@ def read_plan(run: Path, name: str = PLAN) -> Plan:
 
 
 def write_float_model(run: Path, model) -> None:
-    save_model(model, run / FLOAT_MODEL)
+    # A large model's weights go beside it, tensor by tensor: serializing it whole would hold a
+    # second copy of them in memory.
+    save_model(model, run / FLOAT_MODEL, external=through_file(model))
 
 
 def read_float_model(run: Path):

@@ -17,7 +17,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from . import nativelib
 from .errors import PtqError
-from .graph import SESSION_BYTES_LIMIT, approximate_bytes, clone, model_bytes_or_path, subgraph_reads
+from .graph import clone, keep_only, model_bytes_or_path, reads, shell, subgraph_reads, through_file, write_external
 
 
 def uses_native_ops(model: ModelProto) -> bool:
@@ -31,16 +31,44 @@ def session_options(model: ModelProto) -> ort.SessionOptions:
     return options
 
 
-def session(model: ModelProto, optimize: bool = True, scratch: Path | None = None) -> ort.InferenceSession:
-    """A CPU session; `optimize=False` runs every node as written (emulated QDQ, no fusion)."""
+def session(model: ModelProto, optimize: bool = True, scratch: Path | None = None, outputs: list[str] | None = None,
+            only: bool = False) -> ort.InferenceSession:
+    """A CPU session; `optimize=False` runs every node as written (emulated QDQ, no fusion).
+    `outputs` adds intermediate tensors to the model's outputs (as `with_outputs`), or with `only`
+    makes them its sole outputs and drops what they do not need (as `truncated`). A large model's
+    variant is made from its weightless shell and written with its weights read in place: no
+    copy of the weights is ever made for a session."""
+    if through_file(model):
+        return session_with_weights(_variant(shell(model), outputs, only), model, optimize, scratch)
+    options = _options(model, optimize)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _loaded(model_bytes_or_path(_variant(model, outputs, only), Path(scratch or tmp)), options, "the model")
+
+
+def session_with_weights(graph_only: ModelProto, weights: ModelProto, optimize: bool = True,
+                         scratch: Path | None = None) -> ort.InferenceSession:
+    """A session of `graph_only` (a shell: see graph.shell) with the initializers it reads taken
+    from `weights`, written beside it tensor by tensor."""
+    needed = reads(graph_only) | {o.name for o in graph_only.graph.output}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(scratch or tmp) / "model.onnx"
+        write_external(graph_only, (t for t in weights.graph.initializer if t.name in needed), path)
+        loaded = _loaded(str(path), _options(graph_only, optimize), "the model")
+    release_memory()
+    return loaded
+
+
+def _options(model: ModelProto, optimize: bool) -> ort.SessionOptions:
     options = session_options(model)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = _loaded(model_bytes_or_path(model, Path(scratch or tmp)), options, "the model")
-    if approximate_bytes(model) >= SESSION_BYTES_LIMIT:
-        release_memory()
-    return loaded
+    return options
+
+
+def _variant(model: ModelProto, outputs: list[str] | None, only: bool) -> ModelProto:
+    if outputs is None:
+        return model
+    return truncated(model, outputs) if only else with_outputs(model, outputs)
 
 
 def release_memory() -> None:
@@ -114,9 +142,7 @@ def truncated(model: ModelProto, outputs: list[str]) -> ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(reversed(kept))
     for field in (out.graph.input, out.graph.initializer):
-        keep = [t for t in field if t.name in needed]
-        del field[:]
-        field.extend(keep)
+        keep_only(field, lambda t: t.name in needed)
     del out.graph.output[:]
     out.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs)
     return out

@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import PtqError
 from ..graph import Graph
 from ..plan import Plan
-from ..runtime import session, with_outputs
+from ..runtime import session
 from ..calibrate.data import Batch
 from ..geometry import layer_macs
 from .sensitivity import Candidate
@@ -29,7 +29,7 @@ def parse_size(text: str) -> float:
 
 def layer_output_shapes(g: Graph, plan: Plan, batch: Batch) -> dict[str, list[int]]:
     names = [layer.output for layer in plan.layers]
-    values = session(with_outputs(g.model, names)).run(names, batch.feeds)
+    values = session(g.model, outputs=names).run(names, batch.feeds)
     return {layer.node: list(v.shape[1:]) for layer, v in zip(plan.layers, values)}
 
 

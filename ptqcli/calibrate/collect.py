@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import PtqError
 from ..graph import Graph
-from ..runtime import feeds_for, run_session, session, with_outputs
+from ..runtime import feeds_for, run_session, session
 from .data import Batch, bounded_runs, rows_within
 from .observers import Histogram
 
@@ -31,7 +31,7 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
     channel_axes = channel_axes or {}
     tensors = list(tensors) + [t for t in channel_axes if t not in tensors]
     stats = {name: Histogram.empty(bins) for name in tensors}
-    sess = session(with_outputs(g.model, tensors)) if tensors else None
+    sess = session(g.model, outputs=tensors) if tensors else None
     seen = 0
     for batch, values in stream(sess, tensors, batches):
         for name, value in zip(tensors, values):
@@ -46,11 +46,12 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
     return stats, seen
 
 
-def stream(sess, tensors: list[str], batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[np.ndarray]]]:
+def stream(sess, tensors: list[str], batches: Iterable[Batch], overlap: bool = True
+           ) -> Iterator[tuple[Batch, list[np.ndarray]]]:
     """(run, the session's values of `tensors`) over the batches, cut into runs whose outputs stay
-    within RUN_BYTES. ORT computes run i+1 in a worker thread (it releases the GIL) while the caller
-    folds run i into its statistics: the two costs overlap instead of adding up. A None session
-    yields every run with no values."""
+    within RUN_BYTES. With `overlap`, ORT computes run i+1 in a worker thread (it releases the GIL)
+    while the caller folds run i into its statistics: the two costs overlap instead of adding up,
+    for the memory of two runs' outputs. A None session yields every run with no values."""
 
     def run(batch: Batch) -> list[np.ndarray]:
         return [] if sess is None else run_session(sess, tensors, feeds_for(sess, batch.feeds))
@@ -65,9 +66,12 @@ def stream(sess, tensors: list[str], batches: Iterable[Batch]) -> Iterator[tuple
             if rows is None:
                 rows = rows_within(values, batch.size)
             following = next(source, None)
-            future = pool.submit(run, following) if following is not None else None
+            if overlap:
+                future = pool.submit(run, following) if following is not None else None
             yield batch, values
             del values
+            if not overlap:
+                future = pool.submit(run, following) if following is not None else None
             batch = following
 
 

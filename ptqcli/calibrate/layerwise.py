@@ -278,7 +278,7 @@ def _float_columns(g: Graph, layers, weights, batches: list[Batch], cfg: Roundin
     """Every layer's sampled float input columns, from one pass of the float model, written to
     disk and memory-mapped sample-major (S, G, K)."""
     activations = sorted({l.activation for l in layers})
-    sess = session(truncated(g.model, activations))
+    sess = session(g.model, outputs=activations, only=True)
     files = [open(scratch / f"{i}.f32", "wb") for i in range(len(layers))]
     counts, inner = [0] * len(layers), [()] * len(layers)  # columns written; each column's (G, K)
     try:

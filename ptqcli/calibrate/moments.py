@@ -20,8 +20,8 @@ import numpy as np
 from onnx import ModelProto, TensorProto, helper
 
 from ..errors import PtqError
-from ..graph import Graph
-from ..runtime import session, truncated
+from ..graph import Graph, shell
+from ..runtime import session_with_weights, truncated
 from .collect import stream
 from .data import Batch
 
@@ -56,15 +56,16 @@ def channel_moments(g: Graph, tensors: list[str], batches: Iterable[Batch], gram
     in_session = [t for t in dict.fromkeys(grams) if len(shapes.get(t) or ()) >= 2]
     raw = list(dict.fromkeys([*tensors, *rows_of, *(t for t in grams if t not in in_session)]))
     model, outputs = _gram_model(g, raw, {t: len(shapes[t]) for t in in_session})
-    sess = session(model)
-    del model  # the session has its own copy of the weights
+    sess = session_with_weights(model, g.model)
     absmax: dict[str, np.ndarray] = {}
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
     gram: dict[str, np.ndarray] = {}
     rows: dict[str, list[np.ndarray]] = {t: [] for t in rows_of}
     seen = 0
-    for batch, values in stream(sess, outputs, batches):
+    # Gram outputs are as large for one sample as for many, and folding them in is quick next to
+    # computing them: runs do not overlap, so only one run's outputs are ever held.
+    for batch, values in stream(sess, outputs, batches, overlap=False):
         for name, value in zip(outputs, values):
             if name.endswith(GRAM_SUFFIX):
                 _accumulate(gram, name[: -len(GRAM_SUFFIX)], value)
@@ -78,6 +79,7 @@ def channel_moments(g: Graph, tensors: list[str], batches: Iterable[Batch], gram
             if name in rows and seen < row_samples:
                 keep = min(batch.size, row_samples - seen)
                 rows[name].append(value[:keep].reshape(-1, value.shape[-1]).astype(np.float32))
+        del values  # before the next run is computed
         seen += batch.size
         advance(batch.size)
     if seen == 0:
@@ -99,9 +101,9 @@ def _accumulate(sums: dict[str, np.ndarray], name: str, update: np.ndarray) -> N
 
 
 def _gram_model(g: Graph, raw: list[str], ranks: dict[str, int]) -> tuple[ModelProto, list[str]]:
-    """The model truncated to what is asked: `raw` tensors as outputs, and for each tensor in
+    """The model's weightless shell truncated to what is asked: `raw` tensors as outputs, and for each tensor in
     `ranks` its Gram matrix X^T X ([K, K], X flattened to rows of its last axis) as `<name>__gram`."""
-    model = truncated(g.model, list(dict.fromkeys([*raw, *ranks])))
+    model = truncated(shell(g.model), list(dict.fromkeys([*raw, *ranks])))
     del model.graph.output[:]
     outputs = list(raw)
     for name, rank in ranks.items():

@@ -11,7 +11,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..config import QuantConfig
-from ..graph import Graph, clone
+from ..graph import Graph, clone, keep_only
 from ..plan import Plan
 from ..quant import scale_zero_point
 from .collect import Stats
@@ -31,11 +31,9 @@ def probe_model(g: Graph, plan: Plan, gated: list[str], weights_as_inputs: bool 
     y = x + gate * (dequant(clip(round(x / s) + z, qmin, qmax)) - x)."""
     model = clone(g.model)
     weights = {layer.weight for layer in plan.layers} if weights_as_inputs else set()
-    kept = [t for t in model.graph.initializer if t.name not in weights]
-    moved = [t for t in model.graph.initializer if t.name in weights]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved)
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer if t.name in weights)
+    keep_only(model.graph.initializer, lambda t: t.name not in weights)
     for tensor in gated:
         out = f"{tensor}__fq"
         for node in model.graph.node:

@@ -19,7 +19,7 @@ from ..graph import Graph
 from ..nativelib import OPERATORS
 from ..metrics import as_probs, kl, masked_mean_pool, next_token_terms, sample_cosines, top1
 from ..plan import Plan
-from ..runtime import optimized_op_counts, session, with_outputs
+from ..runtime import optimized_op_counts, session
 
 INTEGER_KERNELS = OPERATORS + ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
                     "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QLinearAdd",
@@ -197,9 +197,9 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     # its probability tensor.
     outputs = [o.name for o in float_model.graph.output if o.type.HasField("tensor_type")]
     layer_outputs = [layer.output for layer in plan.layers if layer.output not in outputs]
-    float_sess = session(with_outputs(float_model, layer_outputs))
+    float_sess = session(float_model, outputs=layer_outputs)
     quant_sess = session(quant_model)
-    quant_probe = session(with_outputs(quant_model, layer_outputs)) if layer_outputs else None
+    quant_probe = session(quant_model, outputs=layer_outputs) if layer_outputs else None
     vocabularies = embedding_vocabularies(Graph(float_model))
     token_inputs = set(vocabularies)
     vocabulary = min(vocabularies.values()) if vocabularies else None

@@ -17,7 +17,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from ..geometry import MATRIX_OPS, flat_rows, geometry, kernel_attributes, native_unsupported
-from ..graph import Graph, clone, reads
+from ..graph import Graph, clone, keep_only, reads
 from ..ops import attr
 from ..nativelib import DOMAIN
 from ..plan import Layer, Plan, TensorQuant
@@ -262,6 +262,4 @@ def _drop_unused(model: ModelProto) -> None:
         del model.graph.node[:]
         model.graph.node.extend(live)
     used = reads(model) | graph_outputs
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    keep_only(model.graph.initializer, lambda t: t.name in used)

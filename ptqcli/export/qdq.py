@@ -22,7 +22,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
-from ..graph import Graph, check_output, clone, subgraph_reads, default_opset, make_initializer, set_opset
+from ..graph import Graph, check_output, clone, default_opset, make_initializer, set_opset, shell, subgraph_reads
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import quantize
 from . import binarize, nbits
@@ -226,10 +226,15 @@ def required_opset(model: ModelProto, plan: Plan, packed: frozenset = frozenset(
 def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     """`contrib_ops=False` keeps to standard ONNX ops (no MatMulNBits)."""
     packed = nbits_layers(g, plan) if contrib_ops else {}
-    model = set_opset(clone(g.model), required_opset(g.model, plan, frozenset(l.weight for l in packed.values())))
+    opset = required_opset(g.model, plan, frozenset(l.weight for l in packed.values()))
+    # Built from the weightless shell: the float weights that stay are copied once, at the end, and
+    # the quantized ones never (a language model's float copy would double peak memory). The opset
+    # converter may read weights, so a model it must convert is converted whole first.
+    source = set_opset(clone(g.model), opset) if opset > default_opset(g.model) else g.model
+    model = shell(source)
+    initializers = {t.name: t for t in source.graph.initializer}
     if packed and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    initializers = {t.name: t for t in model.graph.initializer}
     excluded = {name for name in plan.float_nodes if plan.reads_float_inputs(name)}
     new_inits: list[TensorProto] = []
     head: list[NodeProto] = []
@@ -310,9 +315,7 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
             nodes.extend(after.get(out, []))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    kept = list(initializers.values())
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + new_inits)
+    model.graph.initializer.extend(list(initializers.values()) + new_inits)
     check_output(model, g.model, "the exported model")
     return model
 

@@ -24,7 +24,7 @@ from ..geometry import matrix_to_weight, rows_to_weight, sampled_columns, suppor
 from ..graph import Graph, clone, make_initializer
 from ..ops import channel_axis
 from ..plan import Layer, Plan
-from ..runtime import session, with_outputs
+from ..runtime import session
 from .nm import mask_diversity, nm_mask
 from .refit import Moments, refit_layer
 from .transposable import transposable_mask
@@ -75,7 +75,7 @@ def _layer_moments(g: Graph, layers: list[Layer], batches: list[Batch], cfg: Mas
     names = sorted({layer.activation for layer in layers if layer.activation})
     if not names:
         return {}
-    sess = session(with_outputs(g.model, names))
+    sess = session(g.model, outputs=names)
     rng = np.random.default_rng(cfg.seed)
     moments: dict[str, Moments] = {}
     seen = 0

@@ -65,16 +65,28 @@ def test_size_estimate_is_close_to_the_serialized_size(tmp_path):
     for model in (encoder_model(), text_encoder_model()):
         exact = model.ByteSize()
         assert exact <= approximate_bytes(model) <= exact + 4096 + 64 * len(model.graph.initializer)
-    # Large models reach ORT through a file, so the session does not keep their bytes.
-    import ptqcli.graph as graph
 
-    small = model_bytes_or_path(encoder_model(), tmp_path)
-    assert isinstance(small, bytes)
-    limit, graph.SESSION_BYTES_LIMIT = graph.SESSION_BYTES_LIMIT, 1
-    try:
-        assert isinstance(model_bytes_or_path(encoder_model(), tmp_path), str)
-    finally:
-        graph.SESSION_BYTES_LIMIT = limit
+
+def test_large_models_reach_ort_through_a_file_with_their_weights_beside_it(tmp_path, monkeypatch):
+    """Past SESSION_BYTES_LIMIT a session's model (and its output or truncated variants) is written
+    as a weightless graph plus external data, and computes exactly what the in-memory model does."""
+    import ptqcli.graph as graph
+    from ptqcli.runtime import truncated
+
+    model = encoder_model()
+    assert isinstance(model_bytes_or_path(model, tmp_path), bytes)
+    names = [n.output[0] for n in model.graph.node]
+    early, late = names[len(names) // 3], names[2 * len(names) // 3]
+    feeds = {model.graph.input[0].name: np.random.default_rng(0).normal(size=(2, 16, 32)).astype(np.float32)}
+    outputs = [o.name for o in model.graph.output]
+    expected = session(with_outputs(model, [early])).run(outputs + [early], feeds)
+    expected_short = session(truncated(model, [late])).run([late], feeds)
+    monkeypatch.setattr(graph, "SESSION_BYTES_LIMIT", 1)
+    assert isinstance(model_bytes_or_path(model, tmp_path), str)
+    assert (tmp_path / "model.onnx.data").stat().st_size > 0
+    for got, want in zip(session(model, outputs=[early]).run(outputs + [early], feeds), expected):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(session(model, outputs=[late], only=True).run([late], feeds)[0], expected_short[0])
 
 
 def test_moments_need_samples():
