@@ -18,16 +18,18 @@ Rows (`--rows`, comma-separated; all by default):
 - `ort-hqq-g32`, `ort-hqq-g128`: its HQQ config (needs torch, which bench/requirements.txt installs).
 - `ort-gptq-g128`, `ort-kquant-g128`: its GPTQ and k-quant configs (they need Intel Neural Compressor;
   the row shows why when it is missing).
-- `ptq-rtn-g32`, `ptq-gptq-g32`, `ptq-rtn-g128`, `ptq-gptq-g128`: `ptq quantize --acts none --weights
-  int4 --block-size B --weight-zero-points [--rounding gptq] --data calib.npz` (MatMulNBits, accuracy
-  level 4); `ptq-gptq-sym-g128`: the same on a symmetric grid; `ptq-gptq-int3-g32`: int3 in blocks of 32
-  (stored as opset-21 block-wise DequantizeLinear, which ORT turns into MatMulNBits).
+- `ptq-rtn-g32`, `ptq-gptq-g32`, `ptq-rtn-g128`, `ptq-gptq-g128`: `ptq calibrate --acts none --weights
+  int4 --block-size B --weight-zero-points [--rounding gptq] --data calib.npz --num-samples N` (`--calib`,
+  64 windows by default), then `ptq export` (MatMulNBits, accuracy level 4); `ptq-gptq-sym-g128`: the
+  same on a symmetric grid; `ptq-gptq-int3-g32`: int3 in blocks of 32 (stored as opset-21 block-wise
+  DequantizeLinear).
 
 Columns: perplexity on `--eval` windows of eval.npz (next-token cross-entropy over every position but
 the last, exp of the mean) and its rise over fp32; batch-1 latency of a 256-token forward pass
 (median; the models take turns, `--rounds` rounds over `--latency-samples` windows); file size
 (model plus external data); the quantizing child's wall time and peak RSS (each under
-`--mem-limit-gb`). Every quantizer runs as a child process; one that fails shows its reason in its row.
+`--mem-limit-gb`; for ptq rows `ptq calibrate`, with `ptq export` in its own columns). Every quantizer
+runs as a child process; one that fails shows its reason in its row.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import argparse
 import json
 import platform
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -75,6 +78,8 @@ class Row:
     error: str | None = None
     quantize_s: float | None = None
     peak_rss_mb: float | None = None
+    export_s: float | None = None  # ptq rows: `ptq export` (packing, validity checks, fidelity) after calibrate
+    export_rss_mb: float | None = None
     perplexity: float | None = None
     latency_ms: float | None = None
     size_mb: float | None = None
@@ -125,19 +130,34 @@ def _reader(calib: Path):
 # --------------------------------------------------------------------------- #
 
 def quantize(row: Row, args) -> None:
+    """ORT rows: one child. ptq rows: `ptq calibrate` (the quantization proper: moments pass,
+    smoothing, rounding) and `ptq export` (MatMulNBits packing, validity checks, its own fidelity
+    on 8 held-out windows), each timed as a child of its own."""
     out = WORK / f"{row.name}.onnx"
     out.unlink(missing_ok=True)
     if row.name in ORT_ROWS:
-        cmd = [sys.executable, __file__, "--_child", row.name, "--_output", str(out)]
+        steps = [("quantize", [sys.executable, __file__, "--_child", row.name, "--_output", str(out)])]
     else:
-        cmd = [str(args.ptq), "quantize", str(lm_data.model_path()), "--data", str(args.calib_path), "--acts", "none",
-               "--weights", "int4", *PTQ_ROWS[row.name], "--no-latency", "--eval-samples", "8", "-o", str(out)]
-    print(f"[{row.name}] {shlex.join(cmd[1:])}", flush=True)
-    proc, row.quantize_s, row.peak_rss_mb = harness.spawn(cmd, WORK / f"{row.name}.log", WORK, args.threads,
-                                                          args.mem_limit_gb, args.timeout_s)
-    if proc.returncode != 0 or not out.exists():
-        row.error = harness.failure(proc, args.mem_limit_gb, args.timeout_s)
-        print(f"[{row.name}] failed: {row.error}", flush=True)
+        run = WORK / f"{row.name}.run"
+        shutil.rmtree(run, ignore_errors=True)
+        steps = [("quantize", [str(args.ptq), "calibrate", str(lm_data.model_path()), "--data", str(args.calib_path),
+                               "--num-samples", str(args.calib), "--acts", "none", "--weights", "int4",
+                               *PTQ_ROWS[row.name], "-o", str(run)]),
+                 ("export", [str(args.ptq), "export", str(run), "--no-latency", "--eval-samples", "8", "-o", str(out)])]
+    for step, cmd in steps:
+        print(f"[{row.name}] {shlex.join(cmd[1:])}", flush=True)
+        proc, seconds, rss = harness.spawn(cmd, WORK / f"{row.name}.{step}.log", WORK, args.threads,
+                                           args.mem_limit_gb, args.timeout_s)
+        if step == "quantize":
+            row.quantize_s, row.peak_rss_mb = seconds, rss
+        else:
+            row.export_s, row.export_rss_mb = seconds, rss
+        if proc.returncode != 0:
+            row.error = harness.failure(proc, args.mem_limit_gb, args.timeout_s)
+            print(f"[{row.name}] failed: {row.error}", flush=True)
+            return
+    if not out.exists():
+        row.error = "no model written"
         return
     row.path = out
 
@@ -161,6 +181,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROW_NAMES))
     parser.add_argument("--eval", type=int, default=32, help="evaluation windows (256 tokens each)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calib", type=int, default=64, help="calibration windows (256 tokens each) for ptq rows")
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds")
     parser.add_argument("--latency-samples", type=int, default=3, help="windows timed per round")
     parser.add_argument("--mem-limit-gb", type=float, default=12.0)
@@ -214,29 +235,32 @@ def write_report(rows: list[Row], args, total_s: float, material) -> None:
     lines = [
         "# Weight-only low-bit quantization of a real language model: ONNX Runtime and ptqcli",
         "",
-        f"- command: `python bench/llm.py --eval {args.eval}`; total {total_s:.0f} s",
+        f"- command: `python bench/llm.py {shlex.join(sys.argv[1:])}`; total {total_s:.0f} s",
         f"- CPU: {harness.cpu_description()}, shared with other work",
         f"- ptqcli: {harness.ptq_source()}; onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, "
         f"Python {platform.python_version()}",
         f"- model: SmolLM2-135M-Instruct from its Q4_1 GGUF (tools/export_smollm2.py), float32; text: "
         f"{args.eval} evaluation windows of 256 tokens ({args.eval * 255} predicted tokens) from Wikipedia "
-        f"articles calibration did not see; calibration: {material.calib.name}",
+        f"articles calibration did not see; calibration: the first {args.calib} windows of {material.calib.name} "
+        "for ptq rows, all of them for ORT's data-driven rows",
         f"- latency: batch 1, 256 tokens, {args.threads} threads, median over {args.rounds} rounds x "
         f"{args.latency_samples} windows, models taking turns",
         "",
-        "| row | perplexity | rise vs fp32 | latency ms | vs fp32 | size MB | quantize s | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | perplexity | rise vs fp32 | latency ms | vs fp32 | size MB | quantize s | peak RSS MB | export s | export RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.error:
             lines.append(f"| {r.name} | failed: {r.error.replace('|', '/')} | - | - | - | - | "
-                         f"{'-' if r.quantize_s is None else f'{r.quantize_s:.0f}'} | - |")
+                         f"{'-' if r.quantize_s is None else f'{r.quantize_s:.0f}'} | - | - | - |")
             continue
         rise = f"{100 * (r.perplexity / fp32.perplexity - 1):+.1f}%" if fp32 and r.perplexity else "-"
         speed = f"{fp32.latency_ms / r.latency_ms:.2f}x" if fp32 and fp32.latency_ms and r.latency_ms else "-"
         lines.append(f"| {r.name} | {r.perplexity:.3f} | {rise} | {r.latency_ms:.0f} | {speed} | {r.size_mb:.1f} | "
                      f"{'-' if r.quantize_s is None else f'{r.quantize_s:.0f}'} | "
-                     f"{'-' if r.peak_rss_mb is None else f'{r.peak_rss_mb:.0f}'} |")
+                     f"{'-' if r.peak_rss_mb is None else f'{r.peak_rss_mb:.0f}'} | "
+                     f"{'-' if r.export_s is None else f'{r.export_s:.0f}'} | "
+                     f"{'-' if r.export_rss_mb is None else f'{r.export_rss_mb:.0f}'} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
