@@ -52,6 +52,7 @@ ReduceOpt = Annotated[Optional[ReduceRange], typer.Option("--reduce-range", help
 BinaryActsOpt = Annotated[Optional[str], typer.Option("--binary-acts", help="Binarize the inputs of these layers too (fully binary layers): 'all' (every binary-weight layer but the first and last) or comma-separated node names.")]
 ExcludeNodesOpt = Annotated[Optional[str], typer.Option("--exclude-nodes", help="Comma-separated node names to keep in float.")]
 ExcludeOpsOpt = Annotated[Optional[str], typer.Option("--exclude-ops", help="Comma-separated op types to keep in float.")]
+KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Layers kept on a wider integer grid, comma-separated: first, last, lm_head (the last layer writing a model output) or node names, each =BITS (default 8), e.g. lm_head=8.")]
 ActDamageOpt = Annotated[Optional[float], typer.Option("--act-damage-limit", help="An activation no Conv/Gemm/MatMul reads stays float when quantizing it alone costs more than this output error (squared error over signal power); inf quantizes every one [default: 3e-4].")]
 EmbeddingsOpt = Annotated[Optional[str], typer.Option("--embeddings", help="Embedding tables (read only by Gather): int8 with one scale per row, or float [default: int8].")]
 SmoothOpt = Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="SmoothQuant: move activation outliers of normalized tensors into the weights of the GEMMs that read them, strength chosen per tensor [default: on].")]
@@ -121,7 +122,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
              act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed, binary_acts=None,
              act_damage_limit=None, smooth=None, block_size=None, weight_zero_points=None, accuracy_level=None,
-             feedback=None, whole_feeds=None, embeddings=None):
+             feedback=None, whole_feeds=None, embeddings=None, keep=None):
     from .export.card import load_recipe
 
     doc = load_recipe(str(recipe) if recipe else None)
@@ -132,7 +133,7 @@ def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std
         exclude_ops=_names(exclude_ops), seed=seed, binary_acts=_names(binary_acts),
         act_damage_limit=act_damage_limit, smooth=smooth, block_size=block_size, embeddings=embeddings,
         weight_symmetric=None if weight_zero_points is None else not weight_zero_points,
-        accuracy_level=accuracy_level), "quant options")
+        accuracy_level=accuracy_level, keep=_names(keep)), "quant options")
     data_cfg = merge(DataConfig, doc.get("data", {}), dict(
         path=data, synthetic=synthetic, synthetic_iters=iters if synthetic else None, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), layout=layout, color=color, feedback=feedback,
@@ -162,7 +163,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
               exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
               act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None, embeddings: EmbeddingsOpt = None,
-             block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None):
+             block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None, keep: KeepOpt = None):
     """Observe activations on calibration data; write statistics and a plan to a run directory."""
     from . import stages
     from .report import plan_table
@@ -171,7 +172,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
-                               block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings)
+                               block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep)
     plan = stages.calibrate(model, quant, data_cfg, output, rich_progress)
     out.print(plan_table(plan))
     out.print(f"run directory: [bold]{output}[/bold]")
@@ -273,7 +274,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
              exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None, embeddings: EmbeddingsOpt = None,
-             block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None,
+             block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None, keep: KeepOpt = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
              latency: LatencyOpt = True, container: ContainerOpt = "auto"):
     """Calibrate and export in one go."""
@@ -287,7 +288,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
                                granularity, act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile,
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
-                               block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings)
+                               block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep)
     run = run_dir or output.with_name(output.name + ".run")
     check_writable(output)
     if eval_data is not None:

@@ -132,6 +132,8 @@ class QuantConfig:
     exclude_ops: tuple[str, ...] = ()
     # Per-layer weight formats ({node name: format}, a recipe's [quant.layer_weights] table).
     layer_weights: dict = field(default_factory=dict)
+    # Layers kept on a wider integer grid: first, last, lm_head or node names, each =BITS (default 8).
+    keep: tuple[str, ...] = ()
     # Layers whose inputs are binarized too (fully binary layers): node names, or "all" for every
     # layer with binary weights except the first and last.
     binary_acts: tuple[str, ...] = ()

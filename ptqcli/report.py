@@ -73,13 +73,22 @@ def inspect_tables(path: Path) -> list[Table]:
     return [summary, op_table, layer_table]
 
 
+def weight_grids(weights: dict) -> str:
+    """The plan's weight grids as they are, most common first: "int4 blocks of 128, with zero points x210"."""
+    def grid(spec) -> str:
+        where = f"blocks of {spec.block_size}" if spec.block_size else "per channel" if spec.axis is not None else "per tensor"
+        return f"{spec.label} {where}, {'symmetric' if spec.symmetric else 'with zero points'}"
+
+    counts = Counter(grid(t.spec) for t in weights.values())
+    return "; ".join(f"{g} x{n}" for g, n in counts.most_common()) or "-"
+
+
 def plan_table(plan: Plan) -> Table:
     q = plan.config.get("quant", {})
     acts, weights, biases = (plan.of_role(r) for r in ("activation", "weight", "bias"))
     reduce = any(t.spec.reduce_range for t in weights.values())
     table = Table(title="quantization plan", show_header=False)
-    table.add_row("weights", f"{q.get('weights')} {q.get('granularity')}-wise symmetric"
-                  + (" (7-bit range for ORT's int8 kernels on this CPU)" if reduce else ""))
+    table.add_row("weights", weight_grids(weights) + (" (7-bit range for ORT's int8 kernels on this CPU)" if reduce else ""))
     table.add_row("activations", f"{q.get('acts')} per tensor, {'symmetric' if q.get('act_symmetric') else 'asymmetric'},"
                   f" {q.get('method')}")
     table.add_row("calibration samples", str(plan.config.get("samples_seen")))

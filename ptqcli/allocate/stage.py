@@ -16,7 +16,7 @@ import numpy as np
 from .. import rundir
 from ..rundir import BASE_PLAN, SENSITIVITY, Run
 from ..calibrate.data import iter_batches, model_inputs
-from ..calibrate.planner import build_plan, requantize_biases
+from ..calibrate.planner import build_plan, kept_layers, requantize_biases
 from ..calibrate.select import Selection
 from ..formats import parse_weight_format
 from ..errors import PtqError
@@ -75,23 +75,8 @@ def keep_base(run: Run) -> None:
         rundir.write_plan(run.path, run.plan, BASE_PLAN)
 
 
-def parse_keep(entries: tuple[str, ...], layers: list[str]) -> dict[str, int]:
-    """`first`, `last`, or node names, each optionally `=BITS` (default 8)."""
-    pins: dict[str, int] = {}
-    for entry in entries:
-        name, _, bits = entry.partition("=")
-        node = {"first": layers[0] if layers else None, "last": layers[-1] if layers else None}.get(name, name)
-        if node not in layers:
-            raise PtqError(f"--keep names '{name}', which is not a quantized layer (layers: {', '.join(layers[:6])}...)")
-        try:
-            pins[node] = int(bits) if bits else 8
-        except ValueError:
-            raise PtqError(f"--keep {entry}: bits must be a whole number") from None
-    return pins
-
-
 def layer_options(ctx: Run, cfg: AllocationConfig) -> dict[str, list[Candidate]]:
-    pins = parse_keep(cfg.keep, [layer.node for layer in ctx.plan.layers])
+    pins = kept_layers(cfg.keep, ctx.plan.layers, set(ctx.graph.output_names))
     every = candidates(list(cfg.weight_formats), list(cfg.act_bits))
     options = {}
     for layer in ctx.plan.layers:

@@ -179,7 +179,8 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
     tensor (mixed precision); `weight_values` are float weights to quantize instead of the model's
     own (masked or re-fitted ones)."""
     weight_values = weight_values or {}
-    weight_formats = {**_first_last_formats(sel, cfg), **_recipe_formats(sel, cfg), **(weight_formats or {})}
+    weight_formats = {**_first_last_formats(sel, cfg), **_recipe_formats(sel, cfg), **_kept_formats(g, sel, cfg),
+                      **(weight_formats or {})}
     act_bits = act_bits or {}
     acts: dict[str, TensorQuant] = {}
     for name in sel.activations:
@@ -307,6 +308,34 @@ def corrected_bias(g: Graph, layer: Layer, wq: TensorQuant, stats: Stats, bq: Te
         return bq
     return replace(bq, value=(b.astype(np.float64) + shift).astype(np.float32),
                    source={**bq.source, "bias_correction": True})
+
+
+def kept_layers(entries: tuple[str, ...], layers: list[Layer], outputs: set[str]) -> dict[str, int]:
+    """`first`, `last`, `lm_head` (the last layer that writes a model output: a language model's
+    output projection) or node names, each optionally `=BITS` (default 8): {node: bits}."""
+    nodes = [layer.node for layer in layers]
+    heads = [layer.node for layer in layers if layer.output in outputs]
+    aliases = {"first": nodes[0] if nodes else None, "last": nodes[-1] if nodes else None,
+               "lm_head": heads[-1] if heads else None}
+    pins: dict[str, int] = {}
+    for entry in entries:
+        name, _, bits = entry.partition("=")
+        node = aliases.get(name, name)
+        if node is None and name == "lm_head":
+            raise PtqError("--keep lm_head: no quantized layer writes a model output directly (name the layer instead)")
+        if node not in nodes:
+            raise PtqError(f"--keep names '{name}', which is not a quantized layer (layers: {', '.join(nodes[:6])}...)")
+        try:
+            pins[node] = int(bits) if bits else 8
+        except ValueError:
+            raise PtqError(f"--keep {entry}: bits must be a whole number") from None
+    return pins
+
+
+def _kept_formats(g: Graph, sel: Selection, cfg: QuantConfig) -> dict[str, str]:
+    by_node = {layer.node: layer for layer in sel.layers}
+    pins = kept_layers(cfg.keep, sel.layers, set(g.output_names))
+    return {by_node[node].weight: f"int{bits}" for node, bits in pins.items()}
 
 
 def _first_last_formats(sel: Selection, cfg: QuantConfig) -> dict[str, str]:

@@ -243,3 +243,26 @@ def test_language_model_logits_get_perplexity_and_the_gate_reads_it(tmp_path):
 
 def _outputs_named(path, feeds, name):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([name], feeds)[0]
+
+
+def test_keep_lm_head_leaves_the_output_projection_at_int8(tmp_path):
+    """--keep lm_head=8: the layer that writes the logits gets 8-bit blocks, the rest int4; an alias
+    that names nothing, and bits that are not a number, are one-line errors."""
+    from transformer_builders import tiny_language_model
+
+    model = tmp_path / "lm.onnx"
+    onnx.save(tiny_language_model(), str(model))
+    np.savez(tmp_path / "calib.npz", **token_data(32, seed=1))
+    out = tmp_path / "lm.int4.onnx"
+    common = ("--data", tmp_path / "calib.npz", "--acts", "none", "--weights", "int4", "--block-size", "16",
+              "--no-latency")
+    r = ptq("quantize", model, *common, "--keep", "lm_head=8", "-o", out)
+    assert r.returncode == 0, r.stderr
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"}
+    assert bits["lm_head_MatMulNBits"] == 8 and {b for name, b in bits.items() if name != "lm_head_MatMulNBits"} == {4}
+    for keep, message in (("lm_head=eight", "bits must be a whole number"), ("nowhere=8", "not a quantized layer")):
+        bad = tmp_path / "bad.onnx"
+        r = ptq("quantize", model, *common, "--keep", keep, "-o", bad)
+        assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not bad.exists()
