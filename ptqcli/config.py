@@ -158,6 +158,8 @@ class QuantConfig:
     weight_symmetric: bool = True
     # MatMulNBits compute type (0: as the input; 4: int8 activations, ORT's fastest CPU path).
     accuracy_level: int = 4
+    # Weight-only block-wise MatMuls: unrounded float zero points (implies zero points).
+    float_zero_points: bool = False
 
     def __post_init__(self) -> None:
         parse_weight_format(self.weights)
@@ -190,6 +192,11 @@ class QuantConfig:
             raise PtqError(f"act_damage_limit must be a non-negative number (got {self.act_damage_limit})")
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise PtqError(f"block size must be a power of two of at least 16 (got {self.block_size})")
+        if self.float_zero_points:
+            if self.block_size is None or self.acts.value != "none":
+                raise PtqError("--float-zero-points is for weight-only block-wise MatMuls (MatMulNBits): "
+                               "give --block-size and --acts none")
+            object.__setattr__(self, "weight_symmetric", False)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise PtqError(f"accuracy_level must be 0-4 (got {self.accuracy_level})")
         if self.smooth_samples < 1:

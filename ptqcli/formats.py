@@ -44,6 +44,9 @@ class QuantSpec:
     scheme: str = "int"
     base: float | None = None
     block_size: int | None = None
+    # A float zero point per block, unrounded (MatMulNBits takes them): q = round(x / s + z). The
+    # grid then fits each block's range exactly, as HQQ's and GGUF's min-offset blocks do.
+    float_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in FORMATS:
@@ -88,6 +91,7 @@ class QuantSpec:
             "scheme": self.scheme,
             "base": self.base,
             "block_size": self.block_size,
+            "float_zero": self.float_zero,
         }
 
     @staticmethod
@@ -101,6 +105,7 @@ class QuantSpec:
             scheme=str(d.get("scheme", "int")),
             base=None if d.get("base") is None else float(d["base"]),
             block_size=None if d.get("block_size") is None else int(d["block_size"]),
+            float_zero=bool(d.get("float_zero", False)),
         )
 
 

@@ -63,7 +63,7 @@ class TensorQuant:
             # float32 -> Python float is exact, and the JSON text of a double round-trips exactly.
             "scale": np.asarray(self.scale, dtype=np.float32).ravel().astype(float).tolist(),
             "scale_shape": list(np.shape(self.scale)),
-            "zero_point": np.asarray(self.zero_point).ravel().astype(int).tolist(),
+            "zero_point": np.asarray(self.zero_point).ravel().astype(float if self.spec.float_zero else int).tolist(),
             "source": self.source,
             **({} if self.value is None or not include_value
                else {"value": np.asarray(self.value, dtype=np.float32).ravel().astype(float).tolist()}),
@@ -73,11 +73,12 @@ class TensorQuant:
     def from_dict(d: dict) -> "TensorQuant":
         shape = tuple(d.get("scale_shape", []))
         value = None if d.get("value") is None else np.asarray(d["value"], dtype=np.float32)
+        spec = QuantSpec.from_dict(d["spec"])
         return TensorQuant(
             role=d["role"],
-            spec=QuantSpec.from_dict(d["spec"]),
+            spec=spec,
             scale=np.asarray(d["scale"], dtype=np.float32).reshape(shape),
-            zero_point=np.asarray(d["zero_point"], dtype=np.int64).reshape(shape),
+            zero_point=np.asarray(d["zero_point"], dtype=np.float32 if spec.float_zero else np.int64).reshape(shape),
             source=dict(d.get("source", {})),
             value=value,
         )

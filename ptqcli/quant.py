@@ -15,9 +15,13 @@ def scale_zero_point(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> tuple[n
 
     The range is widened to contain zero so that zero (padding, ReLU) is exactly representable.
     """
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.float_zero:  # weights only: zero need not be on the grid, the range is the block's own
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        scale = np.maximum(((hi - lo) / (qmax - qmin)).astype(np.float32), _MIN_SCALE)
+        return scale, (qmin - lo / scale).astype(np.float32)
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
-    qmin, qmax = spec.qmin, spec.qmax
     if spec.symmetric:
         bound = np.maximum(-lo, hi)
         if spec.signed:
@@ -72,6 +76,9 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: Qua
     if spec.scheme != "int":
         return encode(np.asarray(x, dtype=np.float32), scale, spec)
     s = per_value(np.asarray(scale, dtype=np.float32), x.shape, spec)
+    if spec.float_zero:
+        z = per_value(np.asarray(zero_point, dtype=np.float32), x.shape, spec)
+        return np.clip(np.rint(x.astype(np.float32) / s + z).astype(np.int64), spec.qmin, spec.qmax)
     z = per_value(np.asarray(zero_point, dtype=np.int64), x.shape, spec)
     q = np.rint(x.astype(np.float32) / s).astype(np.int64) + z
     return np.clip(q, spec.qmin, spec.qmax)
@@ -80,6 +87,9 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: Qua
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """DequantizeLinear: (q - zero_point) * scale, in float32."""
     s = per_value(np.asarray(scale, dtype=np.float32), q.shape, spec)
+    if spec.float_zero:
+        z = per_value(np.asarray(zero_point, dtype=np.float32), q.shape, spec)
+        return ((q.astype(np.float32) - z) * s).astype(np.float32)
     z = per_value(np.asarray(zero_point, dtype=np.int64), q.shape, spec)
     return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
 

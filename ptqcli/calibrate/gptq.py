@@ -41,7 +41,7 @@ def _round_row(row: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: Quant
     """One input channel (all N outputs) quantized and dequantized with per-output scales, as
     QuantizeLinear and DequantizeLinear compute it (float32 division, round half to even); inlined
     because it runs once per input channel."""
-    q = np.clip(np.rint(row / scale) + zero, spec.qmin, spec.qmax)
+    q = np.clip(np.rint(row / scale + zero) if spec.float_zero else np.rint(row / scale) + zero, spec.qmin, spec.qmax)
     return ((q - zero) * scale).astype(np.float32)
 
 
@@ -70,7 +70,7 @@ def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, cfg: GptqConfig = GptqCo
     width = cfg.columns if bs is None else -(-cfg.columns // bs) * bs
     rounded = np.zeros_like(work)
     scale = np.zeros((-(-k // bs), n) if bs else (n,), dtype=np.float32) if static is None else static[0]
-    zero = np.zeros(scale.shape, dtype=np.int64) if static is None else static[1]
+    zero = np.zeros(scale.shape, dtype=np.float32 if spec.float_zero else np.int64) if static is None else static[1]
     zero_f = zero.astype(np.float32)
     for start in range(0, k, width):
         stop = min(start + width, k)

@@ -32,7 +32,9 @@ def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None, sch
     reduce = cfg.resolved_reduce_range() and bits == 8 and scheme == "int" and block_size is None
     symmetric = cfg.weight_symmetric or scheme != "int"
     return QuantSpec(bits=bits, signed=True, symmetric=symmetric, axis=axis, reduce_range=reduce, scheme=scheme,
-                     block_size=block_size)
+                     block_size=block_size,
+                     # ORT's CPU MatMulNBits takes float zero points below 8 bits only
+                     float_zero=cfg.float_zero_points and not symmetric and block_size is not None and bits < 8)
 
 
 def weight_axis(node, w: np.ndarray, cfg: QuantConfig) -> tuple[int | None, int | None]:
@@ -197,6 +199,8 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             axis, block = weight_axis(node, w, cfg)
             scheme, bits = parse_weight_format(weight_formats[name]) if name in weight_formats else (None, None)
             spec = weight_spec(cfg, axis, bits, scheme, block)
+            if spec.float_zero and node.op_type != "MatMul":  # only MatMulNBits takes float zero points
+                spec = replace(spec, float_zero=False)
             tq = quantize_weight(w, spec, cfg.weight_method.value)
             weights[name] = replace(tq, value=w) if name in weight_values else tq
     constants = {name: tq for name in sel.constants if (tq := quantize_constant(g.constant(name), cfg)) is not None}

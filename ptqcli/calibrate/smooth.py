@@ -298,20 +298,26 @@ def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], moments: dict[str, 
     groups = smoothing_groups(g)
     if not groups:
         return g, {}, {}
-    model = clone(g.model)
-    report, divided = {}, {}
+    report, factors = {}, {}
     for grp in groups:
         stats = moments[grp.tensor]
         alpha, report[grp.tensor] = choose(g, grp, stats, cfg)
         if alpha is not None:
             w_absmax = np.max([np.abs(w).max(axis=1) for w in _as_rows(g, grp)], axis=0)
-            s = smoothing_scales(stats.absmax, w_absmax, alpha)
-            fold(model, g, grp, s)
-            divided[f"{grp.tensor}__smoothed" if grp.shared else grp.tensor] = (grp.tensor, s)
-    if not divided:
+            factors[grp.tensor] = smoothing_scales(stats.absmax, w_absmax, alpha)
+    if not factors:
         return g, report, {}
+    # The original's outputs are taken before the smoothed copy exists: one model and one session
+    # in memory at a time.
+    feeds, references = reference_outputs(g, batches)
+    model = clone(g.model)
+    divided = {}
+    for grp in groups:
+        if grp.tensor in factors:
+            fold(model, g, grp, factors[grp.tensor])
+            divided[f"{grp.tensor}__smoothed" if grp.shared else grp.tensor] = (grp.tensor, factors[grp.tensor])
     smoothed = Graph(model, g.source, list(g.notes), dict(g.facts))
-    check_equal(g, smoothed, batches)
+    check_equal(smoothed, feeds, references)
     return smoothed, report, divided
 
 
@@ -323,14 +329,18 @@ def moments_wanted(g: Graph, cfg: QuantConfig) -> tuple[list[str], set[str], set
     return tensors, set(tensors) if weight_only else set(), set() if weight_only else set(tensors)
 
 
-def check_equal(original: Graph, smoothed: Graph, batches: list[Batch], samples: int = 4) -> None:
-    """The smoothed model's float outputs against the original's on a few samples, one at a time and
-    one session at a time: a language model's logits and two live sessions would cost gigabytes."""
+def reference_outputs(original: Graph, batches: list[Batch], samples: int = 4) -> tuple[list[dict], list[list]]:
+    """The feeds of a few samples, one at a time, and the original model's float outputs on them."""
     outputs = [o for o in original.output_names if original.is_float(o)]
     feeds = [b.rows(i, i + 1).feeds for b in batches for i in range(b.size)][:samples]
     sess = session(original.model)
-    references = [run_session(sess, outputs, f) for f in feeds]
-    del sess
+    return feeds, [run_session(sess, outputs, f) for f in feeds]
+
+
+def check_equal(smoothed: Graph, feeds: list[dict], references: list[list]) -> None:
+    """The smoothed model's float outputs against the original's (`reference_outputs`), one sample
+    at a time: a language model's logits for a batch would cost gigabytes."""
+    outputs = [o for o in smoothed.output_names if smoothed.is_float(o)]
     sess = session(smoothed.model)
     for feed, reference in zip(feeds, references):
         for name, x, y in zip(outputs, reference, run_session(sess, outputs, feed)):

@@ -70,7 +70,11 @@ def matmul_nbits(node: NodeProto, layer: Layer, tq: TensorQuant, w: np.ndarray,
     inits = [numpy_helper.from_array(packed_weight(q, spec), f"{prefix}_B"),
              numpy_helper.from_array(scales, f"{prefix}_scales")]
     inputs = [layer.activation, f"{prefix}_B", f"{prefix}_scales"]
-    if not spec.symmetric:
+    if spec.float_zero:  # unpacked, in the scales' type and layout, on the unsigned code scale
+        zero = np.asarray(tq.zero_point, dtype=np.float32).T + np.float32(1 << (spec.bits - 1))
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(zero, dtype=np.float32), f"{prefix}_zero_points"))
+        inputs.append(f"{prefix}_zero_points")
+    elif not spec.symmetric:
         inits.append(numpy_helper.from_array(packed_zero_points(np.asarray(tq.zero_point), spec), f"{prefix}_zero_points"))
         inputs.append(f"{prefix}_zero_points")
     out = helper.make_node("MatMulNBits", inputs, [node.output[0]], name=f"{node.name}_MatMulNBits",

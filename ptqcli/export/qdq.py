@@ -88,6 +88,9 @@ def _dequantize_node(name: str, tq: TensorQuant) -> NodeProto:
 
 
 def _constant_qdq(name: str, tq: TensorQuant, value: np.ndarray) -> tuple[list[TensorProto], NodeProto]:
+    if tq.spec.float_zero:
+        raise PtqError(f"weight {name} has float zero points, which only MatMulNBits takes: export with --format qdq "
+                       "(the default), or calibrate without --float-zero-points")
     q = quantize(value, tq.scale, tq.zero_point, tq.spec)
     inits = [_int_tensor(qdq_names(name).quantized, q, tq.spec), *_scale_zp(name, tq)]
     return inits, _dequantize_node(name, tq)

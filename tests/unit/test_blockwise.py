@@ -15,20 +15,21 @@ from ptqcli.plan import Layer, TensorQuant
 from ptqcli.quant import block_ranges, dequantize, quantize, scale_zero_point
 
 
-def _block_quant(w, bits, symmetric, block):
-    spec = QuantSpec(bits=bits, signed=True, symmetric=symmetric, axis=0, block_size=block)
+def _block_quant(w, bits, symmetric, block, float_zero=False):
+    spec = QuantSpec(bits=bits, signed=True, symmetric=symmetric, axis=0, block_size=block, float_zero=float_zero)
     scale, zero = scale_zero_point(*block_ranges(w, 0, block), spec)
     return TensorQuant("weight", spec, scale, zero, {})
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
+# ORT's CPU MatMulNBits refuses 8-bit weights with float zero points; the planner never makes them.
+@pytest.mark.parametrize("bits, zeros", [(b, z) for b in (2, 4, 8) for z in ("symmetric", "int", "float")
+                                         if (b, z) != (8, "float")])
 @pytest.mark.parametrize("k", [96, 80])  # 80: a short last block
-def test_matmul_nbits_computes_what_the_plan_dequantizes(bits, symmetric, k):
+def test_matmul_nbits_computes_what_the_plan_dequantizes(bits, zeros, k):
     rng = np.random.default_rng(bits * 100 + k)
     n, block = 40, 32
     w = rng.normal(size=(k, n)).astype(np.float32)
-    tq = _block_quant(w, bits, symmetric, block)
+    tq = _block_quant(w, bits, zeros == "symmetric", block, float_zero=zeros == "float")
     node = helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")
     inits, packed = matmul_nbits(node, Layer("mm", "MatMul", "a", "w", None, "y"), tq, w, accuracy_level=0)
     graph = helper.make_graph([packed], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, k])],
@@ -94,3 +95,35 @@ def test_gptq_error_is_below_nearest_rounding_on_held_out_inputs(act_order, bloc
 def test_a_block_size_must_be_a_power_of_two():
     with pytest.raises(PtqError, match="power of two"):
         QuantConfig(block_size=48)
+
+
+def test_float_zero_points_recover_min_offset_blocks_exactly_and_round_trip_the_plan():
+    """Weights that are already d * q + m per block (GGUF's Q4_1 blocks) come back exactly with an
+    unrounded zero point per block, and not with an integer one; the plan's JSON keeps them exact."""
+    from ptqcli.plan import TensorQuant as TQ
+
+    rng = np.random.default_rng(3)
+    k, n, block = 128, 16, 32
+    d = rng.uniform(0.01, 0.05, (k // block, n)).astype(np.float32)
+    m = rng.uniform(-0.3, -0.1, (k // block, n)).astype(np.float32)
+    codes = rng.integers(0, 16, (k, n))
+    codes[::block] = 0  # every block reaches both ends of its range
+    codes[1::block] = 15
+    w = (np.repeat(d, block, 0) * codes + np.repeat(m, block, 0)).astype(np.float32)
+    exact = _block_quant(w, 4, False, block, float_zero=True)
+    rounded = _block_quant(w, 4, False, block)
+    err = lambda tq: np.abs(tq.on_grid(w) - w).max()  # noqa: E731
+    assert err(exact) < 1e-6 * np.abs(w).max() < err(rounded)
+    again = TQ.from_dict(exact.to_dict())
+    np.testing.assert_array_equal(again.zero_point, exact.zero_point)
+    assert again.spec.float_zero and again.zero_point.dtype == np.float32
+
+
+def test_float_zero_points_are_refused_where_only_int_zero_points_fit():
+    from ptqcli.config import QuantConfig
+
+    with pytest.raises(PtqError, match="float-zero-points"):
+        QuantConfig(weights="int4", acts="uint8", block_size=32, float_zero_points=True)
+    with pytest.raises(PtqError, match="float-zero-points"):
+        QuantConfig(weights="int4", acts="none", float_zero_points=True)
+    assert not QuantConfig(weights="int4", acts="none", block_size=32, float_zero_points=True).weight_symmetric
