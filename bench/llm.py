@@ -22,7 +22,8 @@ Rows (`--rows`, comma-separated; all by default):
   int4 --block-size B --weight-zero-points [--rounding gptq] --data calib.npz --num-samples N` (`--calib`,
   64 windows by default), then `ptq export` (MatMulNBits, accuracy level 4); `ptq-gptq-sym-g128`: the
   same on a symmetric grid; `ptq-gptq-int3-g32`: int3 in blocks of 32 (stored as opset-21 block-wise
-  DequantizeLinear).
+  DequantizeLinear); `-fz-` rows: `--float-zero-points` (an unrounded float zero point per block,
+  as ORT's HQQ rows store them) instead of integer ones.
 
 Columns: perplexity on `--eval` windows of eval.npz (next-token cross-entropy over every position but
 the last, exp of the mean) and its rise over fp32; batch-1 latency of a 256-token forward pass
@@ -62,6 +63,10 @@ PTQ_ROWS = {
     "ptq-gptq-g128": ["--block-size", "128", "--weight-zero-points", "--rounding", "gptq"],
     "ptq-gptq-sym-g128": ["--block-size", "128", "--rounding", "gptq"],
     "ptq-gptq-int3-g32": ["--block-size", "32", "--weight-zero-points", "--rounding", "gptq", "--weights", "int3"],
+    "ptq-rtn-fz-g32": ["--block-size", "32", "--float-zero-points"],
+    "ptq-gptq-fz-g32": ["--block-size", "32", "--float-zero-points", "--rounding", "gptq"],
+    "ptq-rtn-fz-g128": ["--block-size", "128", "--float-zero-points"],
+    "ptq-gptq-fz-g128": ["--block-size", "128", "--float-zero-points", "--rounding", "gptq"],
 }
 ORT_ROWS = {
     "ort-g32": ("default", 32), "ort-g128": ("default", 128),
