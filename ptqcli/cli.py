@@ -233,7 +233,8 @@ def run_command(model: ModelArg,
                 data: Annotated[str, typer.Option("--data", help="Samples: .npy, .npz (with labels for top-1), image folder.")],
                 num_samples: Annotated[int, typer.Option("--num-samples", help="Samples to run.")] = 1000,
                 batch_size: BatchOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
-                layout: LayoutOpt = None, color: ColorOpt = None,
+                layout: LayoutOpt = None, color: ColorOpt = None, feedback: FeedbackOpt = None,
+                whole_feeds: WholeFeedsOpt = None,
                 save: Annotated[Optional[Path], typer.Option("--save-outputs", help="Write the outputs to this .npz.")] = None):
     """Run a model (float, QDQ, or with ptqcli's native operators) on data: top-1 and latency."""
     from rich.table import Table
@@ -247,7 +248,7 @@ def run_command(model: ModelArg,
         check_writable(save)
     cfg = merge(DataConfig, {}, dict(path=data, num_samples=num_samples, batch_size=batch_size, resize=resize,
                                      mean=_floats(mean, "--mean"), std=_floats(std, "--std"), layout=layout,
-                                     color=color), "data options")
+                                     color=color, feedback=feedback, whole_feeds=whole_feeds), "data options")
     result = stages.run_model(model, cfg, rich_progress)
     table = Table(title=f"{model.name} on {result.samples} samples")
     for column in ("top-1", "ms per batch", "batch"):

@@ -116,3 +116,24 @@ def test_a_state_of_the_wrong_shape_is_one_line(streaming, tmp_path):
     with pytest.raises(PtqError, match="--feedback needs the model"):
         next(iter_batches(bad, model_inputs(Graph(streaming_model())), DataConfig(feedback="next_state=state"),
                           limit=1))
+
+
+def test_run_feeds_each_step_the_state_the_model_itself_returned(streaming, tmp_path):
+    """`ptq run --feedback`: the outputs are those of the model stepped over each stream, the state of
+    step t being its own next_state of step t - 1 (checked by stepping it here)."""
+    model, folder = streaming
+    saved = tmp_path / "outputs.npz"
+    r = ptq("run", model, "--data", folder, "--feedback", "next_state=state", "--save-outputs", saved)
+    assert r.returncode == 0, r.stderr
+    got = np.load(saved)["y"]
+    sess = session(onnx.load(str(model)))
+    expected = []
+    for i in range(4):
+        data = np.load(folder / f"stream{i}.npz")
+        state = data["state"]
+        for t in range(len(data["x"])):
+            y, state = sess.run(["y", "next_state"], {"x": data["x"][t:t + 1], "state": state, "sr": RATE})
+            expected.append(y)
+    np.testing.assert_allclose(got, np.concatenate(expected), rtol=1e-5, atol=1e-6)
+    without = ptq("run", model, "--data", folder, "--save-outputs", tmp_path / "plain.npz")
+    assert without.returncode == 0 and not np.allclose(np.load(tmp_path / "plain.npz")["y"], got)
