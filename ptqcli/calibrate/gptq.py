@@ -15,7 +15,7 @@ Everything is numpy in float64; memory is the layer's weight and H.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -138,8 +138,7 @@ def round_layer(w: np.ndarray, in_axis: int, tq: TensorQuant, h: np.ndarray, cfg
     w_kn = w if in_axis == 0 else w.T
     spec = tq.spec
     # In [K, N] layout blocks run along axis 0 and output channels along axis 1.
-    kn_spec = QuantSpec(spec.bits, spec.signed, spec.symmetric, axis=0 if spec.block_size else 1,
-                        reduce_range=spec.reduce_range, block_size=spec.block_size)
+    kn_spec = replace(spec, axis=0 if spec.block_size else 1)
     out = gptq(w_kn, h, kn_spec, cfg)
     if in_axis == 0:
         return TensorQuant("weight", spec, out.scale, out.zero_point, {**tq.source, **out.source}, value=out.value)

@@ -127,3 +127,27 @@ def test_float_zero_points_are_refused_where_only_int_zero_points_fit():
     with pytest.raises(PtqError, match="float-zero-points"):
         QuantConfig(weights="int4", acts="none", float_zero_points=True)
     assert not QuantConfig(weights="int4", acts="none", block_size=32, float_zero_points=True).weight_symmetric
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_gptq_keeps_float_zero_points_and_so_recovers_min_offset_blocks(in_axis):
+    """A layer already on a float-zero grid (GGUF-style d * q + m blocks) stays exactly on it through
+    GPTQ, in either weight layout, and the plan's spec keeps its float zero points."""
+    from ptqcli.calibrate.gptq import round_layer
+
+    rng = np.random.default_rng(5)
+    k, n, block = 128, 24, 32
+    d = rng.uniform(0.01, 0.05, (k // block, n)).astype(np.float32)
+    m = rng.uniform(-0.3, -0.1, (k // block, n)).astype(np.float32)
+    codes = rng.integers(0, 16, (k, n))
+    codes[::block], codes[1::block] = 0, 15
+    w_kn = (np.repeat(d, block, 0) * codes + np.repeat(m, block, 0)).astype(np.float32)
+    x = rng.normal(size=(512, k)).astype(np.float32)
+    tq = _block_quant(w_kn, 4, False, block, float_zero=True)
+    w = w_kn if in_axis == 0 else w_kn.T.copy()
+    if in_axis == 1:
+        tq = TensorQuant("weight", QuantSpec(4, True, False, axis=1, block_size=block, float_zero=True),
+                         tq.scale.T.copy(), tq.zero_point.T.copy(), {})
+    out = round_layer(w, in_axis, tq, (x.T @ x).astype(np.float64), GptqConfig())
+    assert out.spec.float_zero and out.zero_point.dtype == np.float32
+    np.testing.assert_allclose(out.value, w, atol=1e-6)
