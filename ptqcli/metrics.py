@@ -42,11 +42,23 @@ def top1(x: np.ndarray) -> np.ndarray:
 
 
 def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Summed over the samples (first axis): squared error over the sample's signal power."""
-    f = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
-    q = np.asarray(approx, dtype=np.float64).reshape(len(approx), -1)
-    power = np.maximum(np.sum(f**2, axis=1), 1e-30)
-    return float(np.sum(np.sum((f - q) ** 2, axis=1) / power))
+    """Summed over the samples (first axis): squared error over the sample's signal power. Sums run in
+    float64 over chunks of a sample: a language model's logits are 12.6M values a sample, and whole
+    float64 copies of both would cost hundreds of MB."""
+    f = np.asarray(reference).reshape(len(reference), -1)
+    q = np.asarray(approx).reshape(len(approx), -1)
+    total = 0.0
+    for row_f, row_q in zip(f, q):
+        err = power = 0.0
+        for lo in range(0, row_f.size, _CHUNK):
+            part_f = row_f[lo:lo + _CHUNK].astype(np.float64)
+            err += float(np.sum(np.square(part_f - row_q[lo:lo + _CHUNK])))
+            power += float(np.sum(np.square(part_f)))
+        total += err / max(power, 1e-30)
+    return total
+
+
+_CHUNK = 1 << 20
 
 
 def sample_cosines(reference: np.ndarray, approx: np.ndarray) -> np.ndarray:

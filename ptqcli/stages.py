@@ -57,6 +57,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         smoothing, divided = {}, {}
         if quant.smooth and has_data:
             g, smoothing, divided = smooth(g, quant, data, inputs, moments)
+        grams = grams_after(moments, divided) if gptq else {}
+        del moments  # GPTQ frees each Gram matrix once its last layer is rounded
         # The plan and card record what `auto` resolved to, so a recipe replays identically.
         chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
         quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
@@ -68,7 +70,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         plan = build_plan(g, sel, stats, quant, extra)
         plan = settle_activations(g, plan, quant, data, inputs, progress)
         if gptq:
-            plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress, grams_after(moments, divided))
+            plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress, grams)
         elif quant.rounding.value != "nearest":
             plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
         rundir.write_float_model(run, g.model)
@@ -187,14 +189,15 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
                   progress: Progress = silent, grams: dict[str, np.ndarray] | None = None) -> Plan:
     """GPTQ over the plan's MatMul/Gemm layers (calibrate/gptq.py): each layer's input second
     moments over the calibration data through the float model (`grams`, from the moments pass, or
-    measured here for the inputs it lacks), then the rounding."""
+    measured here for the inputs it lacks), then the rounding. `grams` is consumed: each matrix
+    leaves it once the last layer reading it is rounded (a language model's take hundreds of MB)."""
     from .calibrate.gptq import GptqConfig, eligible, round_layer
     from .calibrate.moments import channel_moments
 
     layers = eligible(g, plan)
     if not layers:
         raise PtqError("--rounding gptq found no MatMul/Gemm layer with a 2-D weight on an integer grid")
-    grams = dict(grams or {})
+    grams = grams if grams is not None else {}
     samples = min(data.num_samples, quant.rounding_samples)
     missing = [t for t in dict.fromkeys(layer.activation for layer, _ in layers) if t not in grams]
     if missing:
@@ -204,10 +207,13 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
         grams.update({t: m.gram for t, m in measured.items()})
     tensors_out, report = dict(plan.tensors), []
     cfg = GptqConfig()
+    last = {layer.activation: i for i, (layer, _) in enumerate(layers)}
     with progress("gptq: layers", len(layers)) as advance:
-        for layer, in_axis in layers:
+        for i, (layer, in_axis) in enumerate(layers):
             w = g.constant(layer.weight)
             tq = round_layer(w, in_axis, plan.tensors[layer.weight], grams[layer.activation], cfg)
+            if last[layer.activation] == i:
+                del grams[layer.activation]
             tensors_out[layer.weight] = tq
             report.append({"node": layer.node, "weight": layer.weight})
             advance(1)
