@@ -27,7 +27,7 @@ from onnx import ModelProto, helper, numpy_helper
 
 from ..config import Granularity, QuantConfig
 from ..errors import PtqError
-from ..graph import Graph, clone
+from ..graph import Graph
 from ..metrics import relative_error
 from ..ops import normalization, op_info
 from ..quant import dequantize, quantize, scale_zero_point
@@ -291,7 +291,8 @@ def _copy_value_info(graph, tensor: str, copy: str) -> None:
 
 def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], moments: dict[str, ChannelMoments]
            ) -> tuple[Graph, dict, dict[str, tuple[str, np.ndarray]]]:
-    """The smoothed graph; per activation, the alpha chosen and the losses it was chosen on; and,
+    """The smoothed graph (`g`'s model, changed in place: do not use `g` afterwards); per activation,
+    the alpha chosen and the losses it was chosen on; and,
     per tensor the GEMMs of a smoothed group now read, the original tensor and the factors it was
     divided by. `moments` are each group tensor's (see `moments_wanted`); `batches` (a few) check
     that the smoothed float model equals the original."""
@@ -307,10 +308,11 @@ def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], moments: dict[str, 
             factors[grp.tensor] = smoothing_scales(stats.absmax, w_absmax, alpha)
     if not factors:
         return g, report, {}
-    # The original's outputs are taken before the smoothed copy exists: one model and one session
-    # in memory at a time.
+    # The original's outputs are taken first; then the factors are folded into the model itself (no
+    # copy: a language model's weights twice over would be the run's peak memory). The original
+    # Graph `g` is spent: its caches describe the model before smoothing.
     feeds, references = reference_outputs(g, batches)
-    model = clone(g.model)
+    model = g.model
     divided = {}
     for grp in groups:
         if grp.tensor in factors:
