@@ -234,6 +234,23 @@ def _copy_fields(source, target, skip: str) -> None:
             setattr(target, descriptor.name, value)
 
 
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+def without_weight_data(model: ModelProto) -> tuple[ModelProto, set[str]]:
+    """A copy of the model whose float initializers over 1 KiB keep their name, type and shape only
+    (what shape inference and the opset converter read of weights), and the names of those."""
+    stubs: set[str] = set()
+    kept = []
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES and tensor_bytes(t) > 1024:
+            kept.append(onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type))
+            stubs.add(t.name)
+        else:
+            kept.append(t)
+    return shell(model, kept), stubs
+
+
 INLINE_BYTES = 1024  # tensors up to this size stay inside the .onnx file
 
 

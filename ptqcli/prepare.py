@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .graph import (MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, keep_only, reads, set_opset, subgraphs, tensor_bytes,
-                    through_file)
+from .graph import (MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, keep_only, reads, set_opset, subgraphs,
+                    through_file, without_weight_data)
 from .errors import PtqError
 from .ops import op_info
 from .runtime import session
@@ -177,7 +177,7 @@ def infer_shapes(model: ModelProto) -> ModelProto:
     reads of them): a language model's weights would otherwise be serialized to the inference and
     back, seconds and gigabytes, and a model over 2 GB could not be inferred in memory at all."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(_without_weight_data(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(without_weight_data(model)[0], data_prop=True)
     except Exception:
         # Unknown custom ops defeat inference; the quantizer then skips tensors of unknown type.
         return model
@@ -185,29 +185,6 @@ def infer_shapes(model: ModelProto) -> ModelProto:
     out = model if through_file(model) else clone(model)
     _copy_inferred(inferred.graph, out.graph)
     return out
-
-
-def _without_weight_data(model: ModelProto) -> ModelProto:
-    """A copy of the model whose float initializers over 1 KiB keep their name, type and shape only."""
-    light = ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(light, field, getattr(model, field))
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    light.metadata_props.extend(model.metadata_props)
-    graph, source = light.graph, model.graph
-    graph.name = source.name
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(graph, field).extend(getattr(source, field))
-    for t in source.initializer:
-        if t.data_type in _FLOAT_TYPES and tensor_bytes(t) > 1024:
-            graph.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
-        else:
-            graph.initializer.append(t)
-    return light
-
-
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
 def _copy_inferred(inferred: onnx.GraphProto, target: onnx.GraphProto) -> None:

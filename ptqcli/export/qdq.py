@@ -22,7 +22,8 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
-from ..graph import Graph, check_output, clone, default_opset, make_initializer, set_opset, shell, subgraph_reads
+from ..graph import (Graph, check_output, default_opset, make_initializer, set_opset, shell, subgraph_reads,
+                     without_weight_data)
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import quantize
 from . import binarize, nbits
@@ -232,10 +233,16 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     opset = required_opset(g.model, plan, frozenset(l.weight for l in packed.values()))
     # Built from the weightless shell: the float weights that stay are copied once, at the end, and
     # the quantized ones never (a language model's float copy would double peak memory). The opset
-    # converter may read weights, so a model it must convert is converted whole first.
-    source = set_opset(clone(g.model), opset) if opset > default_opset(g.model) else g.model
-    model = shell(source)
-    initializers = {t.name: t for t in source.graph.initializer}
+    # converter sees the weights' names, types and shapes only; what it adds is kept.
+    if opset > default_opset(g.model):
+        light, stubs = without_weight_data(g.model)
+        converted = set_opset(light, opset)
+        model = shell(converted)
+        initializers = {t.name: t for t in converted.graph.initializer if t.name not in stubs}
+        initializers.update((t.name, t) for t in g.model.graph.initializer if t.name in stubs)
+    else:
+        model = shell(g.model)
+        initializers = {t.name: t for t in g.model.graph.initializer}
     if packed and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     excluded = {name for name in plan.float_nodes if plan.reads_float_inputs(name)}
