@@ -89,15 +89,19 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
 
 def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent):
     """The selected activations' statistics over the calibration data, and the samples seen."""
-    available = count_samples(data.path, inputs, data)
-    total = min(data.num_samples, available) if available is not None else data.num_samples
-    with progress("calibrating", total) as advance:
+    with progress("calibrating", samples_to_read(data, inputs, data.num_samples)) as advance:
         batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
         stats, seen = collect(g, sel.activations, batches, quant.bins, advance,
                               histograms=quant.method.value != "minmax", channel_axes=layer_input_axes(g, sel, quant))
     if seen == 0:
         raise PtqError(f"no calibration samples could be read from {data.path}")
     return stats, seen
+
+
+def samples_to_read(data: DataConfig, inputs, limit: int) -> int:
+    """How many samples a pass limited to `limit` will read (for its progress bar)."""
+    available = count_samples(data.path, inputs, data)
+    return min(limit, available) if available is not None else limit
 
 
 def activation_moments(g: Graph, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent) -> dict:
@@ -114,9 +118,7 @@ def activation_moments(g: Graph, quant: QuantConfig, data: DataConfig, inputs, p
         grams, samples = grams | set(layer_inputs(g)), min(samples, quant.rounding_samples)
     if not tensors and not grams:
         return {}
-    available = count_samples(data.path, inputs, data)
-    total = min(samples, available) if available is not None else samples
-    with progress("activation moments", total) as advance:
+    with progress("activation moments", samples_to_read(data, inputs, samples)) as advance:
         batches = iter_batches(data.path, inputs, data, limit=samples, model=g.model)
         moments, _ = channel_moments(g, tensors, batches, grams, rows_of, quant.smooth_samples, advance)
     return moments
