@@ -61,6 +61,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [def
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file with [quant] and [data] tables holding any of these options.")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data for fidelity (an .npz may carry `labels`).")]
 EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to measure fidelity on.")]
+StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Weight-only int2/4/8 blocks (--acts none --block-size B, no data) read, quantized and written one tensor at a time, for models larger than memory [default: on for models over 2 GiB when the options allow it].")]
 LatencyOpt = Annotated[bool, typer.Option("--latency/--no-latency", help="Time the float and quantized models at batch 1 for the card, taking turns on the same real samples (about 3 s).")]
 ContainerOpt = Annotated[str, typer.Option(
     "--container", help="Integer type holding sub-8-bit weight codes: auto (int8 where ORT's integer kernels then run, "
@@ -196,6 +197,27 @@ def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", h
     out.print(f"wrote [bold]{output}[/bold]")
 
 
+def _streams(model: Path, quant, data_cfg, fmt: str, stream: bool | None, eval_data, run_dir) -> bool:
+    """Whether `ptq quantize` goes weight by weight (export/stream.py): when asked, or by default
+    for a model over 2 GiB whose options allow it."""
+    from .export.stream import STREAM_BYTES, stored_bytes, streaming_problem
+
+    if stream is False:
+        return False
+    problem = streaming_problem(quant, data_cfg, fmt)
+    if stream is None:
+        size = stored_bytes(model)
+        if size <= STREAM_BYTES or problem is not None:
+            return False
+        out.print(f"{model.name} holds {size / 2**30:.1f} GiB: quantizing weight by weight (--no-stream to hold it in memory)")
+    if problem is not None:
+        raise PtqError(f"--stream cannot take {problem}")
+    if eval_data is not None or run_dir is not None:
+        raise PtqError("--stream writes no run directory and measures no fidelity (either would hold the float model "
+                       "whole): drop --eval-data/--run-dir, or use --no-stream")
+    return True
+
+
 def _print_native(output: Path) -> None:
     """Which layers a native export turned into ptqcli operators, and why the others stayed QDQ."""
     import json
@@ -281,7 +303,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None, keep: KeepOpt = None,
              float_zero_points: FloatZeroOpt = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
-             latency: LatencyOpt = True, container: ContainerOpt = "auto"):
+             latency: LatencyOpt = True, container: ContainerOpt = "auto", stream: StreamOpt = None):
     """Calibrate and export in one go."""
     from dataclasses import replace
 
@@ -295,6 +317,13 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
                                block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep,
                                float_zero_points)
+    if _streams(model, quant, data_cfg, fmt, stream, eval_data, run_dir):
+        check_writable(output)
+        plan = stages.quantize_streaming(model, output, quant, data_cfg, rich_progress)
+        out.print(plan_table(plan))
+        out.print(f"wrote [bold]{output}[/bold] and {output.name}.data, one tensor at a time (no run directory; "
+                  "latency and fidelity not measured: they would load the float model whole)")
+        return
     run = run_dir or output.with_name(output.name + ".run")
     check_writable(output)
     if eval_data is not None:

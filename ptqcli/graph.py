@@ -6,14 +6,15 @@ import hashlib
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import ModelProto, NodeProto, TensorProto, external_data_helper, helper, numpy_helper
 
 from .errors import PtqError
 from .files import check_writable, write_atomic
@@ -36,6 +37,9 @@ class Graph:
     source: str = ""
     notes: list[str] = field(default_factory=list)
     facts: dict = field(default_factory=dict)  # what preparation changed, as numbers for the card
+    # Where weights stored as external data are read from when the model was loaded without them
+    # (load_model(..., weights=False)): each constant() then reads its tensor from disk.
+    weights_dir: str = ""
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -99,7 +103,7 @@ class Graph:
 
     def constant(self, name: str) -> np.ndarray | None:
         t = self.initializers.get(name)
-        return None if t is None else numpy_helper.to_array(t)
+        return None if t is None else numpy_helper.to_array(t, self.weights_dir)
 
     def is_float(self, name: str) -> bool:
         return self.value_types.get(name) == TensorProto.FLOAT
@@ -141,15 +145,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | os.PathLike) -> ModelProto:
-    """Read a model (with any external data beside it); every failure is a one-line PtqError."""
+def load_model(path: str | os.PathLike, weights: bool = True) -> ModelProto:
+    """Read a model (with any external data beside it, unless `weights` is off: then tensors stored
+    as external data stay references to their files); every failure is a one-line PtqError."""
     p = Path(path)
     if not p.exists():
         raise PtqError(f"model file not found: {p}")
     if p.is_dir():
         raise PtqError(f"expected an ONNX file, got a directory: {p}")
     try:
-        model = onnx.load(str(p), load_external_data=True)
+        model = onnx.load(str(p), load_external_data=weights)
     except Exception as exc:  # protobuf raises several unrelated types for a bad file
         raise PtqError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
     if not model.graph.node:
@@ -199,11 +204,18 @@ def save_model(model: ModelProto, path: str | os.PathLike, external: bool = Fals
 
 
 def _save_with_external_data(model: ModelProto, target: Path) -> None:
-    """Tensors to `<name>.data`: both files are staged, the data moved first, the model last."""
+    with staged(target) as path:
+        write_external(shell(model), model.graph.initializer, path)
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """Where to write a model with external data so that `target` appears whole or not at all: a
+    scratch path beside it; when the block succeeds its `.data` file is moved first, the model last."""
     data_name = target.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        write_external(shell(model), model.graph.initializer, staging / target.name)
+        yield staging / target.name
         if (staging / data_name).exists():  # absent when every tensor was under the size threshold
             os.replace(staging / data_name, target.parent / data_name)
         os.replace(staging / target.name, target)
@@ -258,9 +270,19 @@ def write_external(model: ModelProto, initializers: Iterable[onnx.TensorProto], 
     """`model` (a shell) with `initializers` written to `path`, their data to `<path>.data` one
     tensor at a time: the whole model is never serialized at once (that would be another copy of
     every weight in memory, and impossible past protobuf's 2 GB)."""
-    data_name = path.name + ".data"
+    stubs = write_tensors(initializers, path.parent / (path.name + ".data"))
+    model.graph.initializer.extend(stubs)
+    try:
+        path.write_bytes(model.SerializeToString(deterministic=True))
+    finally:
+        del model.graph.initializer[len(model.graph.initializer) - len(stubs):]
+
+
+def write_tensors(initializers: Iterable[onnx.TensorProto], data_path: Path) -> list[onnx.TensorProto]:
+    """Each tensor's data appended to `data_path` as it comes (an iterable may make them one at a
+    time); the initializers that refer to it (small ones inline, as given)."""
     stubs = []
-    with open(path.parent / data_name, "wb") as data:
+    with open(data_path, "wb") as data:
         for t in initializers:
             if t.data_type == onnx.TensorProto.STRING or tensor_bytes(t) <= INLINE_BYTES \
                     or t.data_location == onnx.TensorProto.EXTERNAL:
@@ -272,14 +294,22 @@ def write_external(model: ModelProto, initializers: Iterable[onnx.TensorProto], 
             data.write(b"\0" * (-len(raw) % 64))  # aligned, so that a runtime may map tensors in place
             stub = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type,
                                     data_location=onnx.TensorProto.EXTERNAL)
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
                 stub.external_data.add(key=key, value=value)
             stubs.append(stub)
-    model.graph.initializer.extend(stubs)
-    try:
-        path.write_bytes(model.SerializeToString(deterministic=True))
-    finally:
-        del model.graph.initializer[len(model.graph.initializer) - len(stubs):]
+    return stubs
+
+
+def with_data(t: onnx.TensorProto, weights_dir: str) -> onnx.TensorProto:
+    """`t` with its data inside (read from its external file when it has one)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return t
+    out = onnx.TensorProto()
+    out.CopyFrom(t)
+    external_data_helper.load_external_data_for_tensor(out, weights_dir)
+    out.data_location = onnx.TensorProto.DEFAULT
+    del out.external_data[:]
+    return out
 
 
 # Above this a model reaches ONNX Runtime through a file: an InferenceSession made from bytes keeps

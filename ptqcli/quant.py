@@ -107,6 +107,65 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when exact)."""
     signal = float(np.sum(np.square(reference, dtype=np.float64)))
     noise = float(np.sum(np.square(reference.astype(np.float64) - approx.astype(np.float64))))
+    return _ratio_db(signal, noise)
+
+
+# Whole-tensor quantization makes temporaries of about nine times a float weight (repeated
+# scales, int64 codes); a language model's large weights are done in slices of this many values.
+SLICE_VALUES = 1 << 22
+
+
+def slices(shape: tuple, spec: QuantSpec):
+    """(index into a tensor of `shape`, index into its scales and zero points) of slices of about
+    SLICE_VALUES values each, cut along an axis the scales can be cut along with them."""
+    total = int(np.prod(shape)) if shape else 1
+    ndim = len(shape)
+    if total <= SLICE_VALUES or ndim == 0 or (spec.block_size is not None and ndim < 2):
+        yield (Ellipsis,), (Ellipsis,)
+        return
+    if spec.axis is None:
+        cut, scales_cut = 0, False
+    elif spec.block_size is None:
+        cut, scales_cut = spec.axis % ndim, True
+    else:
+        cut, scales_cut = (1 if spec.axis % ndim == 0 else 0), True
+    step = max(1, SLICE_VALUES // (total // shape[cut]))
+    for start in range(0, shape[cut], step):
+        index = [slice(None)] * ndim
+        index[cut] = slice(start, start + step)
+        per_channel = spec.axis is not None and spec.block_size is None
+        yield tuple(index), ((index[cut],) if per_channel else tuple(index)) if scales_cut else (Ellipsis,)
+
+
+def _part(values: np.ndarray, index: tuple) -> np.ndarray:
+    values = np.asarray(values)
+    return values if values.ndim == 0 else values[index]
+
+
+def codes(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec, dtype=np.int64) -> np.ndarray:
+    """quantize(), slice by slice into an array of `dtype` (narrow enough for the codes)."""
+    if spec.scheme != "int":
+        return quantize(x, scale, zero_point, spec).astype(dtype)
+    out = np.empty(x.shape, dtype=dtype)
+    for index, at in slices(x.shape, spec):
+        out[index] = quantize(x[index], _part(scale, at), _part(zero_point, at), spec)
+    return out
+
+
+def grid_sqnr_db(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> float:
+    """sqnr_db of `x` against itself quantized and dequantized, slice by slice."""
+    if spec.scheme != "int":
+        return sqnr_db(x, dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec))
+    signal = noise = 0.0
+    for index, at in slices(x.shape, spec):
+        part, s, z = x[index], _part(scale, at), _part(zero_point, at)
+        back = dequantize(quantize(part, s, z, spec), s, z, spec)
+        signal += float(np.sum(np.square(part, dtype=np.float64)))
+        noise += float(np.sum(np.square(part.astype(np.float64) - back)))
+    return _ratio_db(signal, noise)
+
+
+def _ratio_db(signal: float, noise: float) -> float:
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:

@@ -151,9 +151,16 @@ def truncated(model: ModelProto, outputs: list[str]) -> ModelProto:
 def optimized_model(model: ModelProto, what: str = "the model") -> ModelProto:
     """The graph ORT actually runs after its optimizations (the kernel path); external data is not loaded."""
     with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(model)
+        return optimized_graph(model_bytes_or_path(model, Path(tmp)), session_options(model), what)
+
+
+def optimized_graph(source: bytes | str, options: ort.SessionOptions, what: str) -> ModelProto:
+    """optimized_model of a model given as bytes or a file (with its weights beside it); the
+    optimized weights go to a file of their own, so a model of any size can be read back."""
+    with tempfile.TemporaryDirectory() as tmp:
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        _loaded(model_bytes_or_path(model, Path(tmp)), options, what)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        _loaded(source, options, what)
         return onnx.load(options.optimized_model_filepath, load_external_data=False)
 
 

@@ -337,6 +337,23 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     return plan, fidelity
 
 
+def quantize_streaming(model_path: str | Path, out_path: str | Path, quant: QuantConfig, data: DataConfig,
+                       progress: Progress = silent) -> Plan:
+    """Weight-only quantization one tensor at a time (export/stream.py), with its card: no run
+    directory, and no latency or fidelity (they would load the float model whole)."""
+    from .export.stream import stored_bytes, stream_quantize
+
+    done = stream_quantize(model_path, out_path, quant, data, progress)
+    source = {"path": str(Path(model_path).resolve()), "sha256": file_sha256(model_path),
+              "bytes": stored_bytes(model_path)}
+    g, plan = done.graph, done.plan
+    inputs = CardInputs(source_model=source, output_model=Path(out_path), graph=g, plan=plan, fidelity=None,
+                        eval_source=None, size=weight_storage(g, plan), bops=bops(g, plan, []),
+                        latency=latency_not_measured(cpu_name()), kernel_ops=done.kernel_ops)
+    write_card(build_card(inputs), out_path)
+    return plan
+
+
 def check_data(model_path: str | Path, path: str, cfg: DataConfig, limit: int) -> None:
     """Read and check the samples that will be fed, without running the model, so that `ptq quantize`
     refuses bad evaluation data before calibration writes anything. The model as stored is enough:

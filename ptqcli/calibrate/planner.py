@@ -14,7 +14,7 @@ from ..geometry import native_unsupported
 from ..graph import Graph
 from ..ops import channel_axis, op_info, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
-from ..quant import block_ranges, channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
+from ..quant import block_ranges, channel_ranges, dequantize, grid_sqnr_db, quantize, scale_zero_point, sqnr_db
 from .bias_correction import output_shift
 from .collect import Stats
 from .observers import choose_range
@@ -73,8 +73,7 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec, method: str = "minmax") -> T
         ratio = clip_ratio(w, spec)
         lo, hi = lo * ratio, hi * ratio
     scale, zp = scale_zero_point(lo, hi, spec)
-    q = quantize(w, scale, zp, spec)
-    damage = sqnr_db(w, dequantize(q, scale, zp, spec))
+    damage = grid_sqnr_db(w, scale, zp, spec)
     return TensorQuant("weight", spec, scale, zp, {"method": method, "sqnr_db": _finite(damage)})
 
 
@@ -181,8 +180,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
     tensor (mixed precision); `weight_values` are float weights to quantize instead of the model's
     own (masked or re-fitted ones)."""
     weight_values = weight_values or {}
-    weight_formats = {**_first_last_formats(sel, cfg), **_recipe_formats(sel, cfg), **_kept_formats(g, sel, cfg),
-                      **(weight_formats or {})}
+    weight_formats = {**configured_formats(g, sel, cfg), **(weight_formats or {})}
     act_bits = act_bits or {}
     acts: dict[str, TensorQuant] = {}
     for name in sel.activations:
@@ -257,6 +255,12 @@ def binary_inputs(g: Graph, sel: Selection, weights: dict[str, TensorQuant], sta
             raise PtqError(f"--binary-acts: no per-channel statistics were observed for the input of {n}")
         means[n] = np.asarray(h.channel_mean, dtype=np.float32)
     return means
+
+
+def configured_formats(g: Graph, sel: Selection, cfg: QuantConfig) -> dict[str, str]:
+    """{weight: format} where the config sets a layer apart from --weights: binary nets' first and
+    last layers, a recipe's per-layer formats, --keep."""
+    return {**_first_last_formats(sel, cfg), **_recipe_formats(sel, cfg), **_kept_formats(g, sel, cfg)}
 
 
 def _recipe_formats(sel: Selection, cfg: QuantConfig) -> dict[str, str]:

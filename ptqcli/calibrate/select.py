@@ -123,10 +123,7 @@ def _constant_weight(g: Graph, node, info) -> str | None:
 
 
 def _is_constant_weight(g: Graph, name: str) -> bool:
-    if name not in g.initializers or not g.is_float(name):
-        return False
-    w = g.constant(name)
-    return w is not None and w.ndim >= 2
+    return name in g.initializers and g.is_float(name) and len(g.initializers[name].dims) >= 2
 
 
 def _constant_bias(g: Graph, node, info) -> str | None:

@@ -77,7 +77,8 @@ def _layer_rows(c: CardInputs) -> list[dict]:
             "granularity": _granularity(w),
             "symmetric": bool(w.spec.symmetric) if w else True,
             "scheme": w.spec.scheme if w else "float",
-            "sparsity": (w.source.get("sparsity") or _measured_sparsity(c, layer, w)) if w else None,
+            # a pattern known when quantizing (masks, streaming) is not measured again
+            "sparsity": (w.source["sparsity"] if "sparsity" in w.source else _measured_sparsity(c, layer, w)) if w else None,
             "rounding": (c.plan.config["quant"].get("rounding", "nearest")
                          if w and w.source.get("rounding") == "learned" else "nearest"),
             "binary_input": layer.node in c.plan.binary_inputs,

@@ -16,7 +16,7 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from ..formats import QuantSpec
 from ..plan import Layer, TensorQuant
-from ..quant import quantize
+from ..quant import codes
 
 # Code widths ORT's CPU MatMulNBits kernel takes.
 NBITS = (2, 4, 8)
@@ -30,10 +30,10 @@ def takes(layer: Layer, tq: TensorQuant, w: np.ndarray) -> bool:
             and spec.axis % 2 == 0 and spec.bits in NBITS)
 
 
-def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned codes [..., L] (L * bits a multiple of 8) packed low bits first into uint8 [..., L * bits / 8]."""
+def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned values [..., L] (L * bits a multiple of 8) packed low bits first into uint8 [..., L * bits / 8]."""
     per_byte = 8 // bits
-    shaped = codes.astype(np.uint8).reshape(*codes.shape[:-1], -1, per_byte)
+    shaped = values.astype(np.uint8).reshape(*values.shape[:-1], -1, per_byte)
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
     return np.bitwise_or.reduce(shaped << shifts, axis=-1).astype(np.uint8)
 
@@ -44,8 +44,8 @@ def packed_weight(q: np.ndarray, spec: QuantSpec) -> np.ndarray:
     bs = spec.block_size
     blocks = -(-k // bs)
     offset = 1 << (spec.bits - 1)
-    unsigned = np.full((n, blocks * bs), offset, dtype=np.int64)
-    unsigned[:, :k] = q.T + offset
+    unsigned = np.full((n, blocks * bs), offset, dtype=np.uint8)
+    unsigned[:, :k] = (q.T.astype(np.int16) + offset).astype(np.uint8)
     return pack_rows(unsigned.reshape(n, blocks, bs), spec.bits)
 
 
@@ -63,7 +63,7 @@ def matmul_nbits(node: NodeProto, layer: Layer, tq: TensorQuant, w: np.ndarray,
     """The initializers and the MatMulNBits node that replace `node` (A @ W, W [K, N])."""
     spec = tq.spec
     source = w if tq.value is None else tq.value.reshape(w.shape)
-    q = quantize(source, tq.scale, tq.zero_point, spec)
+    q = codes(source, tq.scale, tq.zero_point, spec, np.int16)
     k, n = w.shape
     prefix = f"{layer.weight}_nbits"
     scales = np.ascontiguousarray(np.asarray(tq.scale, dtype=np.float32).T)  # [N, k_blocks]

@@ -25,7 +25,7 @@ from ..errors import PtqError
 from ..graph import (Graph, check_output, default_opset, make_initializer, set_opset, shell, subgraph_reads,
                      without_weight_data)
 from ..plan import Layer, Plan, TensorQuant
-from ..quant import quantize
+from ..quant import codes, quantize
 from . import binarize, nbits
 from ..formats import QuantSpec
 
@@ -162,15 +162,15 @@ def _qattention(node: NodeProto, layer: Layer, plan: Plan) -> NodeProto:
     return attention
 
 
-def _embedding_table(name: str, tq: TensorQuant, table: np.ndarray) -> tuple[list[TensorProto], tuple[str, str]]:
+def embedding_table(name: str, tq: TensorQuant, table: np.ndarray) -> tuple[list[TensorProto], tuple[str, str]]:
     """The table's int8 codes and its row scales as a [rows, 1] column, and their names."""
-    codes, scales = qdq_names(name).quantized, f"{name}_row_scale"
-    q = quantize(table, tq.scale, tq.zero_point, tq.spec)
+    table_codes, scales = qdq_names(name).quantized, f"{name}_row_scale"
+    q = codes(table, tq.scale, tq.zero_point, tq.spec, np.int16)
     column = np.asarray(tq.scale, dtype=np.float32).reshape(-1, 1)
-    return [_int_tensor(codes, q, tq.spec), numpy_helper.from_array(column, scales)], (codes, scales)
+    return [_int_tensor(table_codes, q, tq.spec), numpy_helper.from_array(column, scales)], (table_codes, scales)
 
 
-def _embedding_lookup(node: NodeProto, table: tuple[str, str]) -> list[NodeProto]:
+def embedding_lookup(node: NodeProto, table: tuple[str, str]) -> list[NodeProto]:
     """Gather the int8 rows and their scales by the same ids, and multiply: only the rows looked up
     are dequantized (a DequantizeLinear of the table would rebuild all of it in float)."""
     codes, scales = table
@@ -265,7 +265,7 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     embeddings = {}
     for name, tq in plan.tensors.items():
         if tq.role == "embedding":
-            inits, embeddings[name] = _embedding_table(name, tq, numpy_helper.to_array(initializers.pop(name)))
+            inits, embeddings[name] = embedding_table(name, tq, numpy_helper.to_array(initializers.pop(name)))
             new_inits += inits
             continue
         if tq.role == "value":
@@ -308,7 +308,7 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
                 nodes += _dynamic_input(layer.activation)
             nodes += _dynamic_matmul(node, layer)
         elif node.op_type == "Gather" and node.input[0] in embeddings:
-            nodes += _embedding_lookup(node, embeddings[node.input[0]])
+            nodes += embedding_lookup(node, embeddings[node.input[0]])
         elif node.name in attentions:
             layer = attentions[node.name]
             if layer.activation not in plan.tensors and layer.activation not in quantized_inputs:
