@@ -281,7 +281,7 @@ FORMATS: dict[str, Format] = {
     "exp": Format(tuple(range(2, 6)), lambda spec: _exponent_levels(spec.base, spec.bits), _fit_exp),
 }
 
-WEIGHT_FORMATS = "int8, int4, int3, int2, binary, ternary, pow2:B, exp:B (B = 2..5)"
+WEIGHT_FORMATS = "int8, int4, int3, int2 (with gN: blocks of N), binary, ternary, pow2:B, exp:B (B = 2..5)"
 
 
 def format_label(scheme: str, bits: int) -> str:
@@ -291,9 +291,25 @@ def format_label(scheme: str, bits: int) -> str:
     return scheme if FORMATS[scheme].fixed_width else f"{scheme}:{bits}"
 
 
-def parse_weight_format(text: str) -> tuple[str, int]:
-    """'int4' -> ('int', 4); 'pow2:4' -> ('pow2', 4); 'binary' -> ('binary', 1)."""
+def format_block_size(text: str) -> int | None:
+    """The block size an integer format names ('int4g128' -> 128: one scale per 128 input channels
+    of a MatMul/Gemm weight), or None ('int4': the config's own)."""
     t = str(text).strip().lower()
+    head, sep, block = t.rpartition("g")
+    if not (t.startswith("int") and sep and head[3:].isdigit() and block.isdigit()):
+        return None
+    size = int(block)
+    if size < 16 or size & (size - 1):
+        raise PtqError(f"weight format {text!r}: block size must be a power of two of at least 16")
+    return size
+
+
+def parse_weight_format(text: str) -> tuple[str, int]:
+    """'int4' -> ('int', 4); 'int4g32' -> ('int', 4) (blocks: format_block_size); 'pow2:4' ->
+    ('pow2', 4); 'binary' -> ('binary', 1)."""
+    t = str(text).strip().lower()
+    if format_block_size(t) is not None:
+        t = t.rpartition("g")[0]
     fixed = {name: f.bits[0] for name, f in FORMATS.items() if f.fixed_width}
     if t in fixed:
         return t, fixed[t]

@@ -188,15 +188,17 @@ def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, p
 
 
 def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
-                  progress: Progress = silent, grams: dict[str, np.ndarray] | None = None) -> Plan:
-    """GPTQ over the plan's MatMul/Gemm layers (calibrate/gptq.py): each layer's input second
-    moments over the calibration data through the float model (`grams`, from the moments pass, or
-    measured here for the inputs it lacks), then the rounding. `grams` is consumed: each matrix
-    leaves it once the last layer reading it is rounded (a language model's take hundreds of MB)."""
+                  progress: Progress = silent, grams: dict[str, np.ndarray] | None = None,
+                  only: set[str] | None = None) -> Plan:
+    """GPTQ over the plan's MatMul/Gemm layers (those of the weights in `only`, if given;
+    calibrate/gptq.py): each layer's input second moments over the calibration data through the
+    float model (`grams`, from the moments pass, or measured here for the inputs it lacks), then the
+    rounding. `grams` is consumed: each matrix leaves it once the last layer reading it is rounded
+    (a language model's take hundreds of MB)."""
     from .calibrate.gptq import GptqConfig, eligible, round_layer
     from .calibrate.moments import channel_moments
 
-    layers = eligible(g, plan)
+    layers = [(layer, axis) for layer, axis in eligible(g, plan) if only is None or layer.weight in only]
     if not layers:
         raise PtqError("--rounding gptq found no MatMul/Gemm layer with a 2-D weight on an integer grid")
     grams = grams if grams is not None else {}
@@ -219,8 +221,9 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
             tensors_out[layer.weight] = tq
             report.append({"node": layer.node, "weight": layer.weight})
             advance(1)
-    rundir.write_json(run / "rounding.json", {"method": "gptq", "damp": cfg.damp, "act_order": cfg.act_order,
-                                              "samples": samples, "layers": report})
+    name = "rounding.json" if only is None else "rounding.allocate.json"
+    rundir.write_json(run / name, {"method": "gptq", "damp": cfg.damp, "act_order": cfg.act_order,
+                                   "samples": samples, "layers": report})
     return requantize_biases(g, replace(plan, tensors=tensors_out), stats, quant)
 
 
@@ -269,8 +272,11 @@ def reround(run_dir: str | Path, plan: Plan, progress: Progress = silent) -> Pla
     changed = {name for name, tq in plan.of_role("weight").items() if tq.source.get("rounding") != "learned"}
     if not changed:
         return plan
-    plan = optimise_rounding(run.graph, plan, run.stats, plan.quant, run.data, model_inputs(run.graph), run.path,
-                             progress, changed)
+    inputs = model_inputs(run.graph)
+    if plan.quant.rounding.value == "gptq":
+        plan = gptq_rounding(run.graph, plan, run.stats, plan.quant, run.data, inputs, run.path, progress, only=changed)
+    else:
+        plan = optimise_rounding(run.graph, plan, run.stats, plan.quant, run.data, inputs, run.path, progress, changed)
     rundir.write_plan(run.path, plan)
     return plan
 

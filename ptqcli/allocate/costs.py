@@ -12,6 +12,9 @@ from ..plan import Plan
 from ..runtime import session
 from ..calibrate.data import Batch
 from ..geometry import layer_macs
+from ..calibrate.planner import weight_spec
+from ..config import QuantConfig
+from ..formats import format_block_size, parse_weight_format
 from .sensitivity import Candidate
 
 BUDGET_KINDS = ("size", "bits", "bops")
@@ -25,6 +28,19 @@ def parse_size(text: str) -> float:
     if not match or unit not in _UNITS:
         raise PtqError(f"cannot read size {text!r}: use a number with B, KB, MB, GB, KiB, MiB or GiB")
     return float(match.group(1)) * _UNITS[unit]
+
+
+def block_overhead_bits(node, dims, fmt: str, cfg: QuantConfig) -> float:
+    """Bits per weight a block-wise format spends besides its codes, as MatMulNBits stores them: a
+    float32 scale per block, and a zero point packed at the codes' width (float32 when unrounded).
+    Per-channel scales cost next to nothing and are not counted."""
+    block = format_block_size(fmt) or cfg.block_size
+    if block is None or node.op_type not in ("MatMul", "Gemm") or len(dims) != 2:
+        return 0.0
+    scheme, bits = parse_weight_format(fmt)
+    spec = weight_spec(cfg, 0, bits, scheme, block)
+    zero = 0 if spec.symmetric else 32 if spec.float_zero else bits
+    return (32 + zero) / block
 
 
 def layer_output_shapes(g: Graph, plan: Plan, batch: Batch) -> dict[str, list[int]]:
@@ -46,10 +62,12 @@ def cost_table(g: Graph, plan: Plan, options: dict[str, list[Candidate]], kind: 
     for layer in plan.layers:
         params = int(np.prod(g.initializers[layer.weight].dims))
         macs = layer_macs(g, layer.node, layer.weight, shapes.get(layer.node)) or 0
-        table[layer.node] = {
-            c.label: {"size": params * c.w_bits / 8, "bits": params * c.w_bits, "bops": macs * c.w_bits * c.a_bits}[kind]
-            for c in options[layer.node]
-        }
+        node = g.node_by_name[layer.node]
+        table[layer.node] = {}
+        for c in options[layer.node]:
+            stored = c.w_bits + block_overhead_bits(node, g.initializers[layer.weight].dims, c.weights, plan.quant)
+            table[layer.node][c.label] = {"size": params * stored / 8, "bits": params * stored,
+                                          "bops": macs * c.w_bits * c.a_bits}[kind]
     fixed = 0.0
     if kind == "size":
         layer_weights = {layer.weight for layer in plan.layers}

@@ -16,12 +16,12 @@ import numpy as np
 
 from ..calibrate.collect import Stats
 from ..calibrate.data import Batch
-from ..calibrate.planner import quantize_weight, weight_spec
+from ..calibrate.planner import quantize_weight, weight_axis, weight_spec
 from ..calibrate.probe import act_gate, gate_feeds, probe_model
 from ..config import QuantConfig
-from ..formats import parse_weight_format
+from ..formats import format_block_size, parse_weight_format
 from ..graph import Graph
-from ..ops import channel_axis
+from ..ops import op_info
 from ..metrics import as_probs, kl, relative_error
 from ..plan import Plan
 from ..quant import dequantize, quantize
@@ -58,11 +58,11 @@ def candidates(weight_formats: list[str], act_bits: list[int]) -> list[Candidate
 
 def fake_quant_weight(g: Graph, node_name: str, weight: str, fmt: str, cfg: QuantConfig,
                       w: np.ndarray | None = None) -> np.ndarray:
-    """The weight (`w`, or the model's own) on the grid of `fmt`."""
+    """The weight (`w`, or the model's own) on the grid of `fmt`, as the plan would place it."""
     w = g.constant(weight) if w is None else w
-    axis = channel_axis(g.node_by_name[node_name]) % w.ndim if cfg.granularity.value == "channel" else None
+    axis, block = weight_axis(g.node_by_name[node_name], w, cfg, format_block_size(fmt))
     scheme, bits = parse_weight_format(fmt)
-    tq = quantize_weight(w, weight_spec(cfg, axis, bits, scheme), cfg.weight_method.value)
+    tq = quantize_weight(w, weight_spec(cfg, axis, bits, scheme, block), cfg.weight_method.value)
     return dequantize(quantize(w, tq.scale, tq.zero_point, tq.spec), tq.scale, tq.zero_point, tq.spec)
 
 
@@ -75,11 +75,13 @@ def output_damage(reference: np.ndarray, probe: np.ndarray) -> float:
 
 
 def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches: list[Batch],
-                   options: list[Candidate], advance: Callable[[int], None] = lambda n: None,
+                   options: list[Candidate] | dict[str, list[Candidate]], advance: Callable[[int], None] = lambda n: None,
                    values: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
-    """{layer node: {candidate label: mean damage}} for every layer of the plan, against the float
-    model; `values` are the float weights the layers are quantized from (masked ones)."""
-    needs_gates = any(c.a_bits != 8 for c in options)
+    """{layer node: {candidate label: mean damage}} for every layer of the plan (and each of the
+    `options`, or of its own when they are given per layer), against the float model; `values` are
+    the float weights the layers are quantized from (masked ones)."""
+    per_layer = options if isinstance(options, dict) else {layer.node: options for layer in plan.layers}
+    needs_gates = any(c.a_bits != 8 for opts in per_layer.values() for c in opts)
     gated = sorted({l.activation for l in plan.layers if l.activation}) if needs_gates else []
     sess = session(probe_model(g, plan, gated))
     output = g.output_names[0]
@@ -90,7 +92,7 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
     table: dict[str, dict[str, float]] = {}
     for layer in plan.layers:
         row = {}
-        for option in options:
+        for option in per_layer[layer.node]:
             feeds = {**float_weights, **closed,
                      layer.weight: fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg,
                                                      (values or {}).get(layer.weight))}
@@ -103,3 +105,35 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
         table[layer.node] = row
     return table
 
+
+
+def weight_only_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches: list[Batch],
+                       options: list[Candidate], advance: Callable[[int], None] = lambda n: None,
+                       values: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """measure_damage for weight-only plans at a fraction of its runs (a language model has hundreds
+    of layers, and a whole-model run per layer and candidate would take hours). Without quantized
+    activations a layer's output error for any weight error D is exact from its input's Gram matrix
+    G = X^T X: tr(D^T G D). One run per layer measures what the candidate that errs most does to the
+    model's output; the others scale by their share of that output error."""
+    from ..calibrate.moments import channel_moments
+
+    moments, _ = channel_moments(g, [], batches, {layer.activation for layer in plan.layers})
+    errors: dict[str, dict[str, float]] = {}
+    for layer in plan.layers:
+        node = g.node_by_name[layer.node]
+        w = (values or {}).get(layer.weight, g.constant(layer.weight))
+        rows = np.moveaxis(w, op_info(node.op_type).weight_in_axis(node) % 2, 0)
+        gram = moments[layer.activation].gram.astype(np.float32)
+        errors[layer.node] = {}
+        for option in options:
+            diff = rows - np.moveaxis(fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg, w),
+                                      op_info(node.op_type).weight_in_axis(node) % 2, 0)
+            errors[layer.node][option.label] = float(np.sum(diff * (gram @ diff), dtype=np.float64))
+    worst = {node: [Candidate.parse(max(row, key=row.get))] for node, row in errors.items()}
+    measured = measure_damage(g, plan, stats, cfg, batches, worst, lambda n: advance(n * len(options)), values)
+    table = {}
+    for node, row in errors.items():
+        anchor = worst[node][0].label
+        per_error = measured[node][anchor] / row[anchor] if row[anchor] > 0 else 0.0
+        table[node] = {label: error * per_error for label, error in row.items()}
+    return table

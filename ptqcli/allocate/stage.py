@@ -24,7 +24,7 @@ from ..plan import Plan
 from ..progress import Progress, silent
 from . import ilp
 from .costs import cost_table, layer_output_shapes
-from .sensitivity import Candidate, candidates, measure_damage
+from .sensitivity import Candidate, candidates, measure_damage, weight_only_damage
 
 ALLOCATION = "allocation.json"
 
@@ -91,7 +91,9 @@ def damage_table(ctx: Run, options: dict[str, list[Candidate]], cfg: AllocationC
                  progress: Progress = silent) -> dict[str, dict[str, float]]:
     """Measured damage per (layer, option), read from the cache when it already holds them."""
     wanted = sorted({c for opts in options.values() for c in opts}, key=lambda c: (-c.w_bits, -c.a_bits, c.weights))
-    key = {"candidates": [c.label for c in wanted], "samples": cfg.samples}
+    weight_only = ctx.quant.acts.value == "none"
+    key = {"candidates": [c.label for c in wanted], "samples": cfg.samples,
+           **({"measure": "gram-scaled"} if weight_only else {})}
     cache = ctx.path / SENSITIVITY
     if cache.is_file():
         doc = json.loads(cache.read_text())
@@ -101,7 +103,8 @@ def damage_table(ctx: Run, options: dict[str, list[Candidate]], cfg: AllocationC
     if not batches:
         raise PtqError(f"no calibration samples could be read from {ctx.data.path}")
     with progress("measuring layer sensitivity", len(ctx.plan.layers) * len(wanted)) as advance:
-        table = measure_damage(ctx.graph, ctx.plan, ctx.stats, ctx.quant, batches, wanted, advance, float_values(ctx))
+        measure = weight_only_damage if weight_only else measure_damage
+        table = measure(ctx.graph, ctx.plan, ctx.stats, ctx.quant, batches, wanted, advance, float_values(ctx))
     rundir.write_json(cache, {"key": key, "damage": table})
     return table
 

@@ -140,6 +140,8 @@ def round_layer(w: np.ndarray, in_axis: int, tq: TensorQuant, h: np.ndarray, cfg
     # In [K, N] layout blocks run along axis 0 and output channels along axis 1.
     kn_spec = replace(spec, axis=0 if spec.block_size else 1)
     out = gptq(w_kn, h, kn_spec, cfg)
+    # "learned": what later stages keep (allocation, masks) and the card calls this layer's rounding
+    out = replace(out, source={**out.source, "rounding": "learned"})
     if in_axis == 0:
         return TensorQuant("weight", spec, out.scale, out.zero_point, {**tq.source, **out.source}, value=out.value)
     scale = out.scale.T if spec.block_size else out.scale

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import formats
 from ..config import QuantConfig, to_jsonable
-from ..formats import QuantSpec, parse_weight_format
+from ..formats import QuantSpec, format_block_size, parse_weight_format
 from ..errors import PtqError
 from ..geometry import native_unsupported
 from ..graph import Graph
@@ -37,14 +37,16 @@ def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None, sch
                      float_zero=cfg.float_zero_points and not symmetric and block_size is not None and bits < 8)
 
 
-def weight_axis(node, w: np.ndarray, cfg: QuantConfig) -> tuple[int | None, int | None]:
+def weight_axis(node, w: np.ndarray, cfg: QuantConfig, block_size: int | None = None) -> tuple[int | None, int | None]:
     """(axis, block size) of a layer's weight scales: blocks along the input channels of a 2-D
-    MatMul/Gemm weight when the config asks for them, else per output channel (or per tensor)."""
-    if cfg.block_size is not None and node.op_type in ("MatMul", "Gemm") and w.ndim == 2:
+    MatMul/Gemm weight when the format (`block_size`) or else the config asks for them, else per
+    output channel (or per tensor)."""
+    block_size = block_size or cfg.block_size
+    if block_size is not None and node.op_type in ("MatMul", "Gemm") and w.ndim == 2:
         k_axis = op_info(node.op_type).weight_in_axis(node) % 2
-        if w.shape[k_axis] < cfg.block_size:
-            raise PtqError(f"block size {cfg.block_size} is larger than K={w.shape[k_axis]} of layer {node.name}")
-        return k_axis, cfg.block_size
+        if w.shape[k_axis] < block_size:
+            raise PtqError(f"block size {block_size} is larger than K={w.shape[k_axis]} of layer {node.name}")
+        return k_axis, block_size
     return (channel_axis(node) % w.ndim if cfg.granularity.value == "channel" else None), None
 
 
@@ -194,8 +196,9 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             if name in weights:
                 continue  # a weight shared by several nodes is quantized once
             w = weight_values.get(name, g.constant(name))
-            axis, block = weight_axis(node, w, cfg)
-            scheme, bits = parse_weight_format(weight_formats[name]) if name in weight_formats else (None, None)
+            fmt = weight_formats.get(name)
+            axis, block = weight_axis(node, w, cfg, format_block_size(fmt) if fmt else None)
+            scheme, bits = parse_weight_format(fmt) if fmt else (None, None)
             spec = weight_spec(cfg, axis, bits, scheme, block)
             if spec.float_zero and node.op_type != "MatMul":  # only MatMulNBits takes float zero points
                 spec = replace(spec, float_zero=False)

@@ -21,7 +21,7 @@ from ..calibrate.planner import configured_formats, quantize_embedding, quantize
 from ..calibrate.select import select
 from ..config import DataConfig, QuantConfig, to_jsonable
 from ..errors import PtqError
-from ..formats import parse_weight_format
+from ..formats import format_block_size, parse_weight_format
 from ..files import check_writable
 from ..graph import Graph, load_model, shell, staged, with_data, write_tensors
 from ..plan import Layer, Plan, TensorQuant
@@ -149,7 +149,7 @@ def _packed(g: Graph, layer: Layer, fmt: str | None, quant: QuantConfig
     same fit), packed for MatMulNBits."""
     node = g.node_by_name[layer.node]
     w = g.constant(layer.weight)
-    axis, block = weight_axis(node, w, quant)
+    axis, block = weight_axis(node, w, quant, format_block_size(fmt) if fmt else None)
     scheme, bits = parse_weight_format(fmt) if fmt else (None, None)
     tq = quantize_weight(w, weight_spec(quant, axis, bits, scheme, block), quant.weight_method.value)
     if not nbits.takes(layer, tq, w):
