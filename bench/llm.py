@@ -23,7 +23,10 @@ Rows (`--rows`, comma-separated; all by default):
   64 windows by default), then `ptq export` (MatMulNBits, accuracy level 4); `ptq-gptq-sym-g128`: the
   same on a symmetric grid; `ptq-gptq-int3-g32`: int3 in blocks of 32 (stored as opset-21 block-wise
   DequantizeLinear); `-fz-` rows: `--float-zero-points` (an unrounded float zero point per block,
-  as ORT's HQQ rows store them) instead of integer ones.
+  as ORT's HQQ rows store them) instead of integer ones. `ptq-gptq-mix-4.5`, `ptq-gptq-fz-mix-4.5`: the
+  g128 GPTQ runs, then `ptq allocate --budget-bits 4.5` choosing per layer among int2/int4/int8 and
+  blocks of 32-256 (MIX_CANDIDATES; scales and zero points counted), GPTQ redone on the layers it
+  changed; the allocation's time is in the quantize columns and in the row's notes.
 
 Columns: perplexity on `--eval` windows of eval.npz (next-token cross-entropy over every position but
 the last, exp of the mean) and its rise over fp32; batch-1 latency of a 256-token forward pass
@@ -68,6 +71,15 @@ PTQ_ROWS = {
     "ptq-rtn-fz-g128": ["--block-size", "128", "--float-zero-points"],
     "ptq-gptq-fz-g128": ["--block-size", "128", "--float-zero-points", "--rounding", "gptq"],
 }
+# Allocated mixes: the calibrated run above, then `ptq allocate --budget-bits` over these candidates
+# (bits per weight count MatMulNBits' float32 scales and zero points: int4 g128 with float zeros
+# is 4.5, with integer ones 4.28; g32 6.0 and 5.125; g256 4.25 and 4.16). No int3: neither
+# MatMulNBits nor DequantizeLinear has a 3-bit type, so it is stored in 4 bits and never pays.
+MIX_CANDIDATES = "int2g32,int4g256,int4g128,int4g64,int4g32,int8g128"
+PTQ_ROWS["ptq-gptq-fz-mix-4.5"] = PTQ_ROWS["ptq-gptq-fz-g128"]
+PTQ_ROWS["ptq-gptq-mix-4.5"] = PTQ_ROWS["ptq-gptq-g128"]
+ALLOCATE = {name: ["--budget-bits", "4.5", "--weight-candidates", MIX_CANDIDATES, "--samples", "2"]
+            for name in ("ptq-gptq-fz-mix-4.5", "ptq-gptq-mix-4.5")}
 ORT_ROWS = {
     "ort-g32": ("default", 32), "ort-g128": ("default", 128),
     "ort-hqq-g32": ("hqq", 32), "ort-hqq-g128": ("hqq", 128),
@@ -148,6 +160,8 @@ def quantize(row: Row, args) -> None:
         steps = [("quantize", [str(args.ptq), "calibrate", str(lm_data.model_path()), "--data", str(args.calib_path),
                                "--num-samples", str(args.calib), "--acts", "none", "--weights", "int4",
                                *PTQ_ROWS[row.name], "-o", str(run)]),
+                 *([("allocate", [str(args.ptq), "allocate", str(run), *ALLOCATE[row.name]])] if row.name in ALLOCATE
+                   else []),
                  ("export", [str(args.ptq), "export", str(run), "--no-latency", "--eval-samples", "8", "-o", str(out)])]
     for step, cmd in steps:
         print(f"[{row.name}] {shlex.join(cmd[1:])}", flush=True)
@@ -155,6 +169,9 @@ def quantize(row: Row, args) -> None:
                                            args.mem_limit_gb, args.timeout_s)
         if step == "quantize":
             row.quantize_s, row.peak_rss_mb = seconds, rss
+        elif step == "allocate":  # part of the quantization: in its columns, and said in a note
+            row.notes.append(f"allocate {seconds:.0f} s, peak RSS {rss:.0f} MB")
+            row.quantize_s, row.peak_rss_mb = row.quantize_s + seconds, max(row.peak_rss_mb, rss)
         else:
             row.export_s, row.export_rss_mb = seconds, rss
         if proc.returncode != 0:
@@ -266,6 +283,9 @@ def write_report(rows: list[Row], args, total_s: float, material) -> None:
                      f"{'-' if r.peak_rss_mb is None else f'{r.peak_rss_mb:.0f}'} | "
                      f"{'-' if r.export_s is None else f'{r.export_s:.0f}'} | "
                      f"{'-' if r.export_rss_mb is None else f'{r.export_rss_mb:.0f}'} |")
+    noted = [r for r in rows if r.notes]
+    if noted:
+        lines += ["", *(f"- {r.name}: {'; '.join(r.notes)}" for r in noted)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

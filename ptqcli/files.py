@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from .errors import PtqError
 
@@ -34,13 +35,18 @@ def check_writable(target: str | os.PathLike) -> None:
     os.unlink(tmp)
 
 
-def write_atomic(target: str | os.PathLike, data: bytes) -> None:
-    """A temp file in the target's folder, renamed over the target only once it is complete."""
+def write_atomic(target: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """A temp file in the target's folder, renamed over the target only once it is complete. `data`
+    is the bytes, or a function that writes them to the open file (large outputs need no copy in
+    memory)."""
     path = Path(target)
     fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except OSError as exc:

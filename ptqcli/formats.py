@@ -291,6 +291,10 @@ def format_label(scheme: str, bits: int) -> str:
     return scheme if FORMATS[scheme].fixed_width else f"{scheme}:{bits}"
 
 
+# Code widths ORT's CPU MatMulNBits stores packed (export/nbits.py).
+NBITS_WIDTHS = (2, 4, 8)
+
+
 def format_block_size(text: str) -> int | None:
     """The block size an integer format names ('int4g128' -> 128: one scale per 128 input channels
     of a MatMul/Gemm weight), or None ('int4': the config's own)."""

@@ -3,7 +3,6 @@ context every stage that works on a run directory loads once."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -81,9 +80,8 @@ def read_json(path: Path) -> dict:
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_atomic(path, buf.getvalue())
+    # Straight to the file: GPTQ's values of a language model are as large as its weights.
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def _params_path(run: Path, name: str) -> Path:

@@ -14,7 +14,7 @@ from ..calibrate.data import Batch
 from ..geometry import layer_macs
 from ..calibrate.planner import weight_spec
 from ..config import QuantConfig
-from ..formats import format_block_size, parse_weight_format
+from ..formats import NBITS_WIDTHS, format_block_size, parse_weight_format
 from .sensitivity import Candidate
 
 BUDGET_KINDS = ("size", "bits", "bops")
@@ -30,17 +30,19 @@ def parse_size(text: str) -> float:
     return float(match.group(1)) * _UNITS[unit]
 
 
-def block_overhead_bits(node, dims, fmt: str, cfg: QuantConfig) -> float:
-    """Bits per weight a block-wise format spends besides its codes, as MatMulNBits stores them: a
-    float32 scale per block, and a zero point packed at the codes' width (float32 when unrounded).
-    Per-channel scales cost next to nothing and are not counted."""
+def block_stored_bits(node, dims, fmt: str, cfg: QuantConfig) -> float | None:
+    """Bits per weight a block-wise format takes in the exported file: its codes at the width they
+    are stored at (MatMulNBits packs 2, 4 and 8 bits; other widths go to DequantizeLinear's 4- or
+    8-bit types), a float32 scale per block, and a zero point (packed at the codes' width, or
+    float32 when unrounded). None for formats without blocks, which count their nominal bits."""
     block = format_block_size(fmt) or cfg.block_size
     if block is None or node.op_type not in ("MatMul", "Gemm") or len(dims) != 2:
-        return 0.0
+        return None
     scheme, bits = parse_weight_format(fmt)
     spec = weight_spec(cfg, 0, bits, scheme, block)
-    zero = 0 if spec.symmetric else 32 if spec.float_zero else bits
-    return (32 + zero) / block
+    codes = bits if bits in NBITS_WIDTHS else spec.storage_bits
+    zero = 0 if spec.symmetric else 32 if spec.float_zero else codes
+    return codes + (32 + zero) / block
 
 
 def layer_output_shapes(g: Graph, plan: Plan, batch: Batch) -> dict[str, list[int]]:
@@ -65,7 +67,7 @@ def cost_table(g: Graph, plan: Plan, options: dict[str, list[Candidate]], kind: 
         node = g.node_by_name[layer.node]
         table[layer.node] = {}
         for c in options[layer.node]:
-            stored = c.w_bits + block_overhead_bits(node, g.initializers[layer.weight].dims, c.weights, plan.quant)
+            stored = block_stored_bits(node, g.initializers[layer.weight].dims, c.weights, plan.quant) or c.w_bits
             table[layer.node][c.label] = {"size": params * stored / 8, "bits": params * stored,
                                           "bops": macs * c.w_bits * c.a_bits}[kind]
     fixed = 0.0

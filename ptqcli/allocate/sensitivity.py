@@ -113,8 +113,10 @@ def weight_only_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, bat
     """measure_damage for weight-only plans at a fraction of its runs (a language model has hundreds
     of layers, and a whole-model run per layer and candidate would take hours). Without quantized
     activations a layer's output error for any weight error D is exact from its input's Gram matrix
-    G = X^T X: tr(D^T G D). One run per layer measures what the candidate that errs most does to the
-    model's output; the others scale by their share of that output error."""
+    G = X^T X: tr(D^T G D). One run per layer measures what its middle candidate (the median output
+    error: near the operating point, where damage grows with that error; the widest errs too little to
+    measure and the narrowest is past where it grows in proportion) does to the model's output; the
+    others scale by their share of that output error."""
     from ..calibrate.moments import channel_moments
 
     moments, _ = channel_moments(g, [], batches, {layer.activation for layer in plan.layers})
@@ -129,11 +131,11 @@ def weight_only_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, bat
             diff = rows - np.moveaxis(fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg, w),
                                       op_info(node.op_type).weight_in_axis(node) % 2, 0)
             errors[layer.node][option.label] = float(np.sum(diff * (gram @ diff), dtype=np.float64))
-    worst = {node: [Candidate.parse(max(row, key=row.get))] for node, row in errors.items()}
-    measured = measure_damage(g, plan, stats, cfg, batches, worst, lambda n: advance(n * len(options)), values)
+    middle = {node: [Candidate.parse(sorted(row, key=row.get)[len(row) // 2])] for node, row in errors.items()}
+    measured = measure_damage(g, plan, stats, cfg, batches, middle, lambda n: advance(n * len(options)), values)
     table = {}
     for node, row in errors.items():
-        anchor = worst[node][0].label
+        anchor = middle[node][0].label
         per_error = measured[node][anchor] / row[anchor] if row[anchor] > 0 else 0.0
         table[node] = {label: error * per_error for label, error in row.items()}
     return table

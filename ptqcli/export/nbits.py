@@ -14,12 +14,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from ..formats import QuantSpec
+from ..formats import NBITS_WIDTHS, QuantSpec
 from ..plan import Layer, TensorQuant
 from ..quant import codes
 
-# Code widths ORT's CPU MatMulNBits kernel takes.
-NBITS = (2, 4, 8)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
@@ -27,7 +25,7 @@ def takes(layer: Layer, tq: TensorQuant, w: np.ndarray) -> bool:
     """A MatMul with a [K, N] weight on a block-wise integer grid MatMulNBits stores."""
     spec = tq.spec
     return (layer.op_type == "MatMul" and w.ndim == 2 and spec.scheme == "int" and spec.block_size is not None
-            and spec.axis % 2 == 0 and spec.bits in NBITS)
+            and spec.axis % 2 == 0 and spec.bits in NBITS_WIDTHS)
 
 
 def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from ..calibrate.planner import configured_formats, quantize_embedding, quantize
 from ..calibrate.select import select
 from ..config import DataConfig, QuantConfig, to_jsonable
 from ..errors import PtqError
-from ..formats import format_block_size, parse_weight_format
+from ..formats import NBITS_WIDTHS, format_block_size, parse_weight_format
 from ..files import check_writable
 from ..graph import Graph, load_model, shell, staged, with_data, write_tensors
 from ..plan import Layer, Plan, TensorQuant
@@ -55,7 +55,7 @@ def streaming_problem(quant: QuantConfig, data: DataConfig, fmt: str) -> str | N
         return f"--rounding {quant.rounding.value} (it needs calibration data; streaming rounds to nearest)"
     if quant.block_size is None:
         return "per-channel weights (streaming writes MatMulNBits: give --block-size)"
-    if scheme != "int" or bits not in nbits.NBITS:
+    if scheme != "int" or bits not in NBITS_WIDTHS:
         return f"--weights {quant.weights} (MatMulNBits stores 2, 4 or 8-bit integers)"
     if fmt != "qdq":
         return f"--format {fmt} (streaming writes MatMulNBits, --format qdq)"

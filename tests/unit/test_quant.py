@@ -107,3 +107,26 @@ def test_mse_weight_clipping_never_worse_than_minmax_and_matches_brute_force():
         peak = np.abs(w[c]).max()
         errs = [np.sum((w[c] - np.clip(np.rint(w[c] / (peak * r / 3)), -3, 3) * (peak * r / 3)) ** 2) for r in CLIP_RATIOS]
         assert ratios[c] == CLIP_RATIOS[int(np.argmin(errs))]
+
+
+@pytest.mark.parametrize("shape, axis, block, symmetric", [
+    ((40, 24), None, None, True), ((40, 24), 0, None, False), ((40, 24), 1, None, True),
+    ((64, 24), 0, 16, False), ((24, 64), 1, 16, True), ((6, 5, 3, 3), 0, None, True),
+])
+def test_slice_by_slice_quantization_is_the_whole_tensor_quantization(monkeypatch, shape, axis, block, symmetric):
+    """codes() and grid_sqnr_db() cut large weights into slices; with slices of a few dozen values
+    they must still give what one whole-tensor pass gives."""
+    from ptqcli import quant
+    from ptqcli.quant import block_ranges, codes, grid_sqnr_db
+
+    rng = np.random.default_rng(len(shape) + (axis or 0))
+    w = rng.normal(size=shape).astype(np.float32)
+    spec = QuantSpec(bits=4, signed=True, symmetric=symmetric, axis=axis, block_size=block)
+    lo, hi = (block_ranges(w, axis, block) if block else channel_ranges(w, axis))
+    scale, zp = scale_zero_point(lo, hi, spec)
+    whole = quantize(w, scale, zp, spec)
+    expected_sqnr = sqnr_db(w, dequantize(whole, scale, zp, spec))
+    monkeypatch.setattr(quant, "SLICE_VALUES", 50)
+    assert len(list(quant.slices(w.shape, spec))) > 1
+    np.testing.assert_array_equal(codes(w, scale, zp, spec, np.int16), whole)
+    assert grid_sqnr_db(w, scale, zp, spec) == pytest.approx(expected_sqnr, rel=1e-9)
