@@ -55,7 +55,7 @@ ExcludeNodesOpt = Annotated[Optional[str], typer.Option("--exclude-nodes", help=
 ExcludeOpsOpt = Annotated[Optional[str], typer.Option("--exclude-ops", help="Comma-separated op types to keep in float.")]
 KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Layers kept on a wider integer grid, comma-separated: first, last, lm_head (the last layer writing a model output) or node names, each =BITS (default 8), e.g. lm_head=8.")]
 ActDamageOpt = Annotated[Optional[float], typer.Option("--act-damage-limit", help="An activation no Conv/Gemm/MatMul reads stays float when quantizing it alone costs more than this output error (squared error over signal power); inf quantizes every one [default: 3e-4].")]
-EmbeddingsOpt = Annotated[Optional[str], typer.Option("--embeddings", help="Embedding tables (read only by Gather): int8 with one scale per row, or float [default: int8].")]
+EmbeddingsOpt = Annotated[Optional[str], typer.Option("--embeddings", help="Embedding tables (read only by Gather): int8 with one scale per row, int4 in blocks of --block-size (32 without it) along each row, looked up by ORT's GatherBlockQuantized, or float [default: int8].")]
 SmoothOpt = Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="SmoothQuant: move activation outliers of normalized tensors into the weights of the GEMMs that read them, strength chosen per tensor [default: on].")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [default: 0].")]
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file with [quant] and [data] tables holding any of these options.")]

@@ -147,8 +147,8 @@ class QuantConfig:
     # SmoothQuant on normalized activations read by GEMMs (calibrate/smooth.py); the loss that
     # picks each tensor's strength runs on the activation rows of this many samples.
     smooth: bool = True
-    # Embedding tables (a float table that only Gathers read by id): int8 with one scale per row, or
-    # left float.
+    # Embedding tables (a float table that only Gathers read by id): int8 with one scale per row,
+    # int4 in blocks along each row (GatherBlockQuantized), or left float.
     embeddings: str = "int8"
     smooth_samples: int = 16
     # Block-wise weight scales for MatMul/Gemm layers (blocks along the input channels, as
@@ -186,8 +186,8 @@ class QuantConfig:
             object.__setattr__(self, "binary_acts", tuple(n.strip() for n in self.binary_acts.split(",") if n.strip()))
         if "all" in self.binary_acts and len(self.binary_acts) > 1:
             raise PtqError("binary_acts is either 'all' or a list of node names, not both")
-        if self.embeddings not in ("int8", "float"):
-            raise PtqError(f"--embeddings takes int8 or float (got {self.embeddings})")
+        if self.embeddings not in ("int8", "int4", "float"):
+            raise PtqError(f"--embeddings takes int8, int4 or float (got {self.embeddings})")
         if self.act_damage_limit is not None and not self.act_damage_limit >= 0:
             raise PtqError(f"act_damage_limit must be a non-negative number (got {self.act_damage_limit})")
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):

@@ -100,10 +100,20 @@ def clip_ratio(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
 CONSTANT_SQNR_DB = 40.0
 
 
-def quantize_embedding(table: np.ndarray) -> TensorQuant:
-    """An embedding table on a symmetric int8 grid with one scale per row (per token)."""
-    tq = quantize_weight(table, QuantSpec(bits=8, signed=True, symmetric=True, axis=0))
-    return replace(tq, role="embedding")
+# Blocks of int4 embedding rows when the config has no --block-size.
+EMBEDDING_BLOCK = 32
+
+
+def quantize_embedding(table: np.ndarray, cfg: QuantConfig) -> TensorQuant:
+    """An embedding table on a symmetric int8 grid with one scale per row (per token), or with
+    --embeddings int4 on 4-bit blocks along each row (zero points as the weights have them), the
+    layout ORT's GatherBlockQuantized reads; a row of odd width, which it cannot pack, stays int8."""
+    if cfg.embeddings == "int4" and table.shape[1] % 2 == 0:
+        block = min(cfg.block_size or EMBEDDING_BLOCK, 1 << (int(table.shape[1]).bit_length() - 1))
+        spec = QuantSpec(bits=4, signed=True, symmetric=cfg.weight_symmetric, axis=1, block_size=max(block, 16))
+    else:
+        spec = QuantSpec(bits=8, signed=True, symmetric=True, axis=0)
+    return replace(quantize_weight(table, spec), role="embedding")
 
 
 def quantize_constant(value: np.ndarray, cfg: QuantConfig) -> TensorQuant | None:
@@ -205,7 +215,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             tq = quantize_weight(w, spec, cfg.weight_method.value)
             weights[name] = replace(tq, value=w) if name in weight_values else tq
     constants = {name: tq for name in sel.constants if (tq := quantize_constant(g.constant(name), cfg)) is not None}
-    constants.update({name: quantize_embedding(g.constant(name)) for name in sel.embeddings})
+    constants.update({name: quantize_embedding(g.constant(name), cfg) for name in sel.embeddings})
     binarized = binary_inputs(g, sel, weights, stats, cfg)
     biases = {}
     for layer in sel.layers:

@@ -16,6 +16,7 @@ must use standard ops only (`contrib_ops=False`): then opset-21 block-wise Dequa
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -162,24 +163,50 @@ def _qattention(node: NodeProto, layer: Layer, plan: Plan) -> NodeProto:
     return attention
 
 
-def embedding_table(name: str, tq: TensorQuant, table: np.ndarray) -> tuple[list[TensorProto], tuple[str, str]]:
-    """The table's int8 codes and its row scales as a [rows, 1] column, and their names."""
-    table_codes, scales = qdq_names(name).quantized, f"{name}_row_scale"
+@dataclass(frozen=True)
+class EmbeddingTable:
+    """The names a quantized embedding table is stored under, and how its lookups read it."""
+
+    codes: str
+    scales: str
+    zero_points: str | None = None
+    block_size: int | None = None  # int4 blocks along each row, read by GatherBlockQuantized
+
+
+def embedding_table(name: str, tq: TensorQuant, table: np.ndarray) -> tuple[list[TensorProto], EmbeddingTable]:
+    """The table's codes and scales: int8 rows with their scales as a [rows, 1] column, or int4
+    blocks packed two to a byte, low nibble first, on the unsigned code scale (GatherBlockQuantized's
+    layout, as MatMulNBits'), with [rows, blocks] scales and packed zero points."""
+    stored = EmbeddingTable(qdq_names(name).quantized, f"{name}_row_scale")
     q = codes(table, tq.scale, tq.zero_point, tq.spec, np.int16)
-    column = np.asarray(tq.scale, dtype=np.float32).reshape(-1, 1)
-    return [_int_tensor(table_codes, q, tq.spec), numpy_helper.from_array(column, scales)], (table_codes, scales)
+    if tq.spec.block_size is None:
+        column = np.asarray(tq.scale, dtype=np.float32).reshape(-1, 1)
+        return [_int_tensor(stored.codes, q, tq.spec), numpy_helper.from_array(column, stored.scales)], stored
+    offset = 1 << (tq.spec.bits - 1)
+    inits = [numpy_helper.from_array(nbits.pack_rows((q + offset).astype(np.uint8), tq.spec.bits), stored.codes),
+             numpy_helper.from_array(np.asarray(tq.scale, dtype=np.float32), stored.scales)]
+    zero_points = None
+    if not tq.spec.symmetric:  # without them GatherBlockQuantized takes the middle code, a symmetric grid's
+        zero_points = f"{name}_zero_points"
+        inits.append(numpy_helper.from_array(nbits.packed_zero_points(np.asarray(tq.zero_point).T, tq.spec),
+                                             zero_points))
+    return inits, replace(stored, zero_points=zero_points, block_size=tq.spec.block_size)
 
 
-def embedding_lookup(node: NodeProto, table: tuple[str, str]) -> list[NodeProto]:
-    """Gather the int8 rows and their scales by the same ids, and multiply: only the rows looked up
-    are dequantized (a DequantizeLinear of the table would rebuild all of it in float)."""
-    codes, scales = table
+def embedding_lookup(node: NodeProto, table: EmbeddingTable) -> list[NodeProto]:
+    """Only the rows looked up are dequantized (a DequantizeLinear of the table would rebuild all of
+    it in float): int8 rows gathered with their scales and multiplied, or int4 blocks by ORT's
+    GatherBlockQuantized."""
     ids, y = node.input[1], node.output[0]
     n = helper.make_node
+    if table.block_size is not None:
+        inputs = [table.codes, ids, table.scales] + ([table.zero_points] if table.zero_points else [])
+        return [n("GatherBlockQuantized", inputs, [y], name=node.name, domain="com.microsoft",
+                  block_size=table.block_size, gather_axis=0, quantize_axis=1, bits=4)]
     return [
-        n("Gather", [codes, ids], [f"{y}_codes"], name=f"{node.name}_codes", axis=0),
+        n("Gather", [table.codes, ids], [f"{y}_codes"], name=f"{node.name}_codes", axis=0),
         n("Cast", [f"{y}_codes"], [f"{y}_codes_float"], name=f"{node.name}_cast", to=TensorProto.FLOAT),
-        n("Gather", [scales, ids], [f"{y}_row_scale"], name=f"{node.name}_row_scale", axis=0),
+        n("Gather", [table.scales, ids], [f"{y}_row_scale"], name=f"{node.name}_row_scale", axis=0),
         n("Mul", [f"{y}_codes_float", f"{y}_row_scale"], [y], name=node.name),
     ]
 
@@ -221,9 +248,9 @@ def _dynamic_matmul(node: NodeProto, layer: Layer) -> list[NodeProto]:
 
 def required_opset(model: ModelProto, plan: Plan, packed: frozenset = frozenset()) -> int:
     """int4, int16 and block-wise DequantizeLinear arrived in opset 21 (`packed` weights go to
-    MatMulNBits instead)."""
+    MatMulNBits instead, and embedding tables to Gather or GatherBlockQuantized)."""
     needs_21 = any(t.spec.storage_bits in (4, 16) or t.spec.block_size
-                   for name, t in plan.tensors.items() if name not in packed)
+                   for name, t in plan.tensors.items() if name not in packed and t.role != "embedding")
     return max(default_opset(model), INT4_OPSET if needs_21 else 13)
 
 
@@ -243,8 +270,6 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     else:
         model = shell(g.model)
         initializers = {t.name: t for t in g.model.graph.initializer}
-    if packed and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     excluded = {name for name in plan.float_nodes if plan.reads_float_inputs(name)}
     new_inits: list[TensorProto] = []
     head: list[NodeProto] = []
@@ -253,8 +278,6 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     producers = {out for n in model.graph.node for out in n.output}
     dynamic = dynamic_layers(g, plan)
     attentions = attention_layers(g, plan)
-    if attentions and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     # A weight only integer kernels read needs no DequantizeLinear: MatMulInteger and QAttention take its codes.
     direct = {**dynamic, **packed, **attentions}
     integer_only = {layer.weight for layer in direct.values()} - {
@@ -325,6 +348,8 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
             nodes.extend(after.get(out, []))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    if any(n.domain == "com.microsoft" for n in nodes) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     model.graph.initializer.extend(list(initializers.values()) + new_inits)
     check_output(model, g.model, "the exported model")
     return model

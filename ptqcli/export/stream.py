@@ -97,7 +97,7 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
                     replaced[layer.node] = [node]
                     yield from inits
                 elif t.name in tables:
-                    tq = quantize_embedding(g.constant(t.name))
+                    tq = quantize_embedding(g.constant(t.name), quant)
                     inits, names = embedding_table(t.name, tq, g.constant(t.name))
                     tensors[t.name] = _summary(tq)
                     for reader in g.consumers[t.name]:

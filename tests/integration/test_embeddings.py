@@ -31,10 +31,40 @@ def test_a_large_embedding_table_is_stored_as_int8_rows(tmp_path, embeddings):
         assert cos.min() > 0.99
 
 
-def test_embeddings_takes_int8_or_float(tmp_path):
+def test_embeddings_takes_int8_int4_or_float(tmp_path):
     from test_cli import assert_user_error
 
     model = tmp_path / "encoder.onnx"
     onnx.save(text_encoder_model(), str(model))
-    assert_user_error(ptq("quantize", model, "--acts", "dynamic", "--embeddings", "int4", "-o", tmp_path / "q.onnx"),
-                      "--embeddings takes int8 or float (got int4)")
+    assert_user_error(ptq("quantize", model, "--acts", "dynamic", "--embeddings", "int2", "-o", tmp_path / "q.onnx"),
+                      "--embeddings takes int8, int4 or float (got int2)")
+
+
+@pytest.mark.parametrize("zeros", [(), ("--weight-zero-points",)])
+def test_int4_embeddings_are_gathered_by_ort_from_the_blocks_the_plan_holds(tmp_path, zeros):
+    """--embeddings int4: GatherBlockQuantized (ORT's own kernel, run here) returns exactly the plan's
+    dequantized rows, from half of int8's bytes plus the block scales."""
+    from ptqcli import rundir
+    from ptqcli.quant import dequantize, quantize
+
+    model, data, out = tmp_path / "encoder.onnx", tmp_path / "calib.npz", tmp_path / "q.onnx"
+    onnx.save(text_encoder_model(hidden=128), str(model))
+    np.savez(data, **token_data(64))
+    r = ptq("quantize", model, "--data", data, "--acts", "dynamic", "--embeddings", "int4", "--block-size", "32",
+            *zeros, "-o", out, "--run-dir", tmp_path / "run", "--no-latency")
+    assert r.returncode == 0, r.stderr
+    quantized = onnx.load(str(out))
+    gathers = [n for n in quantized.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == 1 and {a.name: a.i for a in gathers[0].attribute}["block_size"] == 32
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    assert inits["embeddings_quantized"].shape == (40, 64) and inits["embeddings_row_scale"].shape == (40, 4)
+    assert ("embeddings_zero_points" in inits) == bool(zeros)
+    tq = rundir.read_plan(tmp_path / "run").tensors["embeddings"]
+    table = onnx.numpy_helper.to_array(next(t for t in onnx.load(str(model)).graph.initializer if t.name == "embeddings"))
+    expected = dequantize(quantize(table, tq.scale, tq.zero_point, tq.spec), tq.scale, tq.zero_point, tq.spec)
+    looked_up = gathers[0].output[0]
+    probe = onnx.load(str(out))
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(looked_up, onnx.TensorProto.FLOAT, None))
+    feeds = token_data(8, seed=1)
+    rows = session(probe).run([looked_up], feeds)[0]
+    np.testing.assert_allclose(rows, expected[feeds["input_ids"]], rtol=1e-6, atol=1e-7)
