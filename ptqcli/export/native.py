@@ -21,10 +21,11 @@ from ..graph import Graph, clone, keep_only, reads
 from ..ops import attr
 from ..nativelib import DOMAIN
 from ..plan import Layer, Plan, TensorQuant
-from ..quant import quantize
+from ..quant import codes
 from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
+from .nbits import NBITS_SUFFIX
 from .qdq import qdq_names
 
 
@@ -37,16 +38,19 @@ class Family:
 
 
 def _int4_codes(q: np.ndarray, tq: TensorQuant) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Codes, per-channel zero points (None when all are the signed default) and the padding code.
+    """Codes, zero points per channel ([N, 1]) or per block ([N, groups]; None when all are the
+    signed default) and the padding code (the last group's zero point of each row).
 
     Signed integers (and the -1/0/+1 of binary and ternary) are stored as q + 8; unsigned ones as q
     with their zero point."""
     offset = 0 if tq.spec.scheme == "int" and not tq.spec.signed else ref.INT4_ZERO
-    zero = np.broadcast_to(np.asarray(tq.zero_point, dtype=np.int64).reshape(-1, 1), (q.shape[0], 1)) + offset
+    given = np.asarray(tq.zero_point, dtype=np.int64)
+    per_row = given.T if tq.spec.block_size else given.reshape(-1, 1)  # blocks: [k_blocks, N] in the plan
+    zero = np.broadcast_to(per_row, (q.shape[0], per_row.shape[1])) + offset
     codes = (q + offset).astype(np.uint8)
     if np.all(zero == ref.INT4_ZERO):
         return codes, None, ref.INT4_ZERO
-    return codes, zero.astype(np.uint8), zero[:, 0].astype(np.uint8)
+    return codes, np.ascontiguousarray(zero, dtype=np.uint8), zero[:, -1].astype(np.uint8)
 
 
 def _shift_codes(q: np.ndarray, tq: TensorQuant) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -124,8 +128,8 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
     for node in model.graph.node:
         if node.name in dropped:
             continue
-        layer = layers.get(node.name)
-        if layer is None or node.op_type not in MATRIX_OPS or layer.weight not in plan.tensors:
+        layer = layers.get(node.name.removesuffix(NBITS_SUFFIX) if node.op_type == "MatMulNBits" else node.name)
+        if layer is None or node.op_type not in (*MATRIX_OPS, "MatMulNBits") or layer.weight not in plan.tensors:
             replacement = None
         elif node.name in plan.binary_inputs:
             replacement = _replace_binarized(node, layer, g, plan, inits, new_inits, report)
@@ -146,21 +150,30 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
 
 
 def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, report) -> NodeProto | None:
+    """`node` is the QDQ model's layer: the float op (reading DequantizeLinear outputs) or the
+    MatMulNBits of a block-wise weight-only MatMul; the operator replacing it takes the layer's
+    own op type and node name."""
     tq = plan.tensors[layer.weight]
     family = _family(tq)
     if family is None:
-        report.kept[node.name] = f"{tq.spec.label} weights have no native kernel"
+        report.kept[layer.node] = f"{tq.spec.label} weights have no native kernel"
+        return None
+    if tq.spec.float_zero:
+        report.kept[layer.node] = "its float zero points have no native kernel (MatMulNBits runs them)"
         return None
     w = _weight(g, layer, tq)
-    why = native_unsupported(node, w)
+    original = g.node_by_name[layer.node]
+    why = native_unsupported(original, w)
     x_inputs, why_x = _activation_inputs(node, layer, plan)
     if why or why_x:
-        report.kept[node.name] = why or why_x
+        report.kept[layer.node] = why or why_x
         return None
-    rows_q, w_scale = _code_rows(node, tq, w)
+    rows_q, w_scale = _code_rows(original, tq, w)
     if w_scale is None:
-        report.kept[node.name] = "its weight scales are not per output channel"
+        report.kept[layer.node] = ("its weight blocks are not a multiple of 32 input channels" if tq.spec.block_size
+                                   else "its weight scales are not per output channel")
         return None
+    node = original
     n, k = rows_q.shape
     codes, zero, pad = family.encode(rows_q, tq)
     bias, why_b = _float_bias(g, layer, plan, n)
@@ -168,7 +181,8 @@ def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, rep
         report.kept[node.name] = why_b
         return None
     prefix = f"{node.name}_native"
-    kp = ref.padded_k(k)
+    group_size = tq.spec.block_size or 0
+    kp = ref.padded_k(k, group_size)
     constants = {"W": ref.pack_nibbles(codes, kp, pad), "W_scale": w_scale}
     if zero is not None:
         constants["W_zero_point"] = zero
@@ -183,7 +197,7 @@ def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, rep
     op_type = family.prefix + node.op_type
     report.replaced[node.name] = op_type
     return helper.make_node(op_type, inputs, list(node.output), name=node.name, domain=DOMAIN, K=k, N=n,
-                            group_size=0, **kernel_attributes(node, w))
+                            group_size=group_size, **kernel_attributes(node, w))
 
 
 def _absorb_pad(conv: NodeProto, producers, consumers, inits) -> None:
@@ -217,13 +231,16 @@ def _absorb_pad(conv: NodeProto, producers, consumers, inits) -> None:
 
 
 def _code_rows(node: NodeProto, tq: TensorQuant, w: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """The weight's integer codes as [N, K] rows and its scales as [N, 1] (None unless they are
-    per tensor or per output channel)."""
-    rows_q = flat_rows(node, quantize(w, tq.scale, tq.zero_point, tq.spec))
+    """The weight's integer codes as [N, K] rows and its scales as [N, 1], or [N, groups] for blocks
+    along K of a multiple of 32 (None for any other layout)."""
+    rows_q = flat_rows(node, codes(w, tq.scale, tq.zero_point, tq.spec, np.int16))
     n = rows_q.shape[0]
     scale = np.asarray(tq.scale, dtype=np.float32)
     if scale.size == 1:
         return rows_q, np.full((n, 1), scale.ravel()[0], dtype=np.float32)
+    if tq.spec.block_size:
+        in_blocks = node.op_type == "MatMul" and tq.spec.axis % w.ndim == 0 and tq.spec.block_size % ref.NIBBLE_BLOCK == 0
+        return rows_q, (np.ascontiguousarray(scale.T) if in_blocks else None)
     if tq.spec.axis is not None and tq.spec.axis % w.ndim == geometry(node, w.ndim).out_axis:
         return rows_q, scale.reshape(n, 1)
     return rows_q, None

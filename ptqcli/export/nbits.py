@@ -21,6 +21,10 @@ from ..quant import codes
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
+# A layer's MatMulNBits node is named after it, with this suffix.
+NBITS_SUFFIX = "_MatMulNBits"
+
+
 def takes(layer: Layer, tq: TensorQuant, w: np.ndarray) -> bool:
     """A MatMul with a [K, N] weight on a block-wise integer grid MatMulNBits stores."""
     spec = tq.spec
@@ -75,7 +79,7 @@ def matmul_nbits(node: NodeProto, layer: Layer, tq: TensorQuant, w: np.ndarray,
     elif not spec.symmetric:
         inits.append(numpy_helper.from_array(packed_zero_points(np.asarray(tq.zero_point), spec), f"{prefix}_zero_points"))
         inputs.append(f"{prefix}_zero_points")
-    out = helper.make_node("MatMulNBits", inputs, [node.output[0]], name=f"{node.name}_MatMulNBits",
+    out = helper.make_node("MatMulNBits", inputs, [node.output[0]], name=node.name + NBITS_SUFFIX,
                            domain="com.microsoft", K=k, N=n, bits=spec.bits, block_size=spec.block_size,
                            accuracy_level=accuracy_level)
     return inits, out

@@ -178,3 +178,42 @@ def test_zero_pads_in_front_of_native_convs_join_their_pads(tmp_path, mode, valu
     got = nativelib.session(native).run(None, {"x": x})[0]
     # The same integers either way: only the float sums of the QDQ convs are ordered differently.
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("block, zeros, replaced", [
+    ("32", "--weight-zero-points", True),   # zero points per block of 32: Int4MatMul's group_size 32
+    ("32", None, True),                      # symmetric blocks: the default zero code
+    ("16", "--weight-zero-points", False),   # the kernels' groups are multiples of 32
+    ("32", "--float-zero-points", False),    # unrounded zero points: MatMulNBits' alone
+])
+def test_block_wise_weight_only_matmuls_become_int4_matmul_with_groups(tmp_path, block, zeros, replaced):
+    """A language model's weight-only blocks run on Int4MatMul (group_size = the block size) and give
+    what ORT's MatMulNBits gives on the same plan; blocks the kernels cannot take stay MatMulNBits,
+    and the export says why."""
+    import onnxruntime as ort
+
+    from cli_runner import run_in_process as ptq
+    from transformer_builders import tiny_language_model, token_data
+
+    model = tmp_path / "lm.onnx"
+    onnx.save(tiny_language_model(), str(model))
+    np.savez(tmp_path / "calib.npz", **token_data(32, seed=1))
+    run = tmp_path / "run"
+    args = ["--acts", "none", "--weights", "int4", "--block-size", block, *([zeros] if zeros else [])]
+    r = ptq("calibrate", model, "--data", tmp_path / "calib.npz", *args, "--rounding", "gptq", "-o", run)
+    assert r.returncode == 0, r.stderr
+    nbits, native = tmp_path / "nbits.onnx", tmp_path / "native.onnx"
+    assert ptq("export", run, "-o", nbits, "--no-latency").returncode == 0
+    r = ptq("export", run, "-o", native, "--format", "native", "--no-latency")
+    if not replaced:
+        assert r.returncode == 1 and "no layer has a native kernel" in r.stderr and not native.exists()
+        return
+    assert r.returncode == 0, r.stderr
+    ops = {n.name: n for n in onnx.load(str(native)).graph.node if n.domain in ("com.microsoft", nativelib.DOMAIN)}
+    assert {n.op_type for n in ops.values()} == {"Int4MatMul"} and len(ops) == 3
+    assert {a.name: a.i for a in ops["lm_head"].attribute}["group_size"] == int(block)
+    feeds = token_data(8, seed=2)
+    expected = ort.InferenceSession(str(nbits), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = nativelib.session(native).run(None, feeds)[0]
+    cosine = np.sum(expected * got) / np.linalg.norm(expected) / np.linalg.norm(got)
+    assert cosine > 0.9999  # both quantize activations to int8 on the fly, in blocks or rows
