@@ -27,6 +27,8 @@ Rows (`--rows`, comma-separated; all by default):
   g128 GPTQ runs, then `ptq allocate --budget-bits 4.5` choosing per layer among int2/int4/int8 and
   blocks of 32-256 (MIX_CANDIDATES; scales and zero points counted), GPTQ redone on the layers it
   changed; the allocation's time is in the quantize columns and in the row's notes.
+  `ptq-gptq-g32-native`, `ptq-gptq-g128-native`: the GPTQ runs exported with `--format native`
+  (ptqcli's Int4MatMul with group_size 32 / 128 in place of MatMulNBits).
 
 Columns: perplexity on `--eval` windows of eval.npz (next-token cross-entropy over every position but
 the last, exp of the mean) and its rise over fp32; batch-1 latency of a 256-token forward pass
@@ -78,6 +80,10 @@ PTQ_ROWS = {
 MIX_CANDIDATES = "int2g32,int4g256,int4g128,int4g64,int4g32,int8g128"
 PTQ_ROWS["ptq-gptq-fz-mix-4.5"] = PTQ_ROWS["ptq-gptq-fz-g128"]
 PTQ_ROWS["ptq-gptq-mix-4.5"] = PTQ_ROWS["ptq-gptq-g128"]
+# The GPTQ g32/g128 runs exported with ptqcli's Int4MatMul (group_size = the block) instead of MatMulNBits.
+PTQ_ROWS["ptq-gptq-g32-native"] = PTQ_ROWS["ptq-gptq-g32"]
+PTQ_ROWS["ptq-gptq-g128-native"] = PTQ_ROWS["ptq-gptq-g128"]
+EXPORT_ARGS = {name: ["--format", "native"] for name in ("ptq-gptq-g32-native", "ptq-gptq-g128-native")}
 ALLOCATE = {name: ["--budget-bits", "4.5", "--weight-candidates", MIX_CANDIDATES, "--samples", "2"]
             for name in ("ptq-gptq-fz-mix-4.5", "ptq-gptq-mix-4.5")}
 ORT_ROWS = {
@@ -162,7 +168,8 @@ def quantize(row: Row, args) -> None:
                                *PTQ_ROWS[row.name], "-o", str(run)]),
                  *([("allocate", [str(args.ptq), "allocate", str(run), *ALLOCATE[row.name]])] if row.name in ALLOCATE
                    else []),
-                 ("export", [str(args.ptq), "export", str(run), "--no-latency", "--eval-samples", "8", "-o", str(out)])]
+                 ("export", [str(args.ptq), "export", str(run), "--no-latency", "--eval-samples", "8", "-o", str(out),
+                             *EXPORT_ARGS.get(row.name, [])])]
     for step, cmd in steps:
         print(f"[{row.name}] {shlex.join(cmd[1:])}", flush=True)
         proc, seconds, rss = harness.spawn(cmd, WORK / f"{row.name}.{step}.log", WORK, args.threads,
@@ -192,7 +199,10 @@ def file_mb(path: Path) -> float:
 def session(path: Path, threads: int):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from ptqcli import nativelib
+
+    # ptqcli's operator library registered for every model: the native rows need it, the others ignore it
+    options = nativelib.session_options() if nativelib.available() else ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -148,7 +148,7 @@ def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfi
                        progress: Progress = silent) -> Plan:
     """Activations that feed no integer GEMM kernel stay in float where quantizing them alone costs
     more than `quant.act_damage_limit` at the outputs (see calibrate/settle.py)."""
-    from .calibrate.settle import activation_damage, candidates, settle, without_idle
+    from .calibrate.settle import PROBE_SAMPLES, activation_damage, candidates, probe_budget, settle, without_idle
 
     if quant.act_damage_limit is None or quant.act_damage_limit == float("inf"):
         return plan
@@ -161,7 +161,8 @@ def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfi
         return plan
     batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.act_damage_samples), model=g.model))
     with progress("measuring activation damage", len(tensors)) as advance:
-        damage = activation_damage(g, plan, tensors, batches, advance, quant.act_damage_limit)
+        damage = activation_damage(g, plan, tensors, batches, advance, quant.act_damage_limit,
+                                   probe_budget(g, plan, batches[0]) if batches else PROBE_SAMPLES)
     unmeasured = tuple(t for t in tensors if t not in damage)
     return idle(g, settle(plan, damage, quant.act_damage_limit, unmeasured))
 

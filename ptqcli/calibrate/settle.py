@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..geometry import layer_macs
 from ..graph import Graph
 from ..metrics import relative_error
 from ..ops import activation_slots, integer_layer_op, is_fusable_activation, op_info, preserves_scale
@@ -136,7 +137,25 @@ CLEAR = 3.0
 # Sample forward passes the measurement may take in all (a count, not seconds, so that the same
 # inputs give the same plan): a 640x640 detector with 231 candidates would otherwise take most of
 # an hour. Tensors not reached keep the kernel-aware choice (quantized) and the record says so.
+# Past PROBE_MACS multiply-accumulates in all the count shrinks (a model of up to half a GMAC per
+# sample, EfficientNet-Lite0's size, gets all 512 passes; a detector of several GMAC a few dozen),
+# never below MIN_PROBE_SAMPLES.
 PROBE_SAMPLES = 512
+PROBE_MACS = 512 * 500_000_000
+MIN_PROBE_SAMPLES = 48
+
+
+def probe_budget(g: Graph, plan: Plan, batch: Batch) -> int:
+    """How many sample passes activation_damage may take on this model (see PROBE_MACS): the
+    multiply-accumulates of one sample through the plan's layers, from one run that reads their
+    output shapes."""
+    names = [layer.output for layer in plan.layers]
+    one = batch if any(spec.fixed_batch for spec in model_inputs(g)) else batch.rows(0, 1)
+    values = run_session(session(g.model, outputs=names), names, one.feeds)
+    macs = sum(layer_macs(g, layer.node, layer.weight, list(v.shape[1:])) or 0 for layer, v in zip(plan.layers, values))
+    if macs <= 0:
+        return PROBE_SAMPLES
+    return int(min(PROBE_SAMPLES, max(MIN_PROBE_SAMPLES, PROBE_MACS // macs)))
 
 
 def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Batch],

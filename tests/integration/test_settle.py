@@ -83,3 +83,32 @@ def test_grouped_measurement_agrees_with_one_at_a_time_and_stops_at_its_budget(a
     assert set(grouped) == set(tensors)
     assert {t for t, d in grouped.items() if d > limit} == {t for t, d in alone.items() if d > limit}
     assert activation_damage(run.graph, run.plan, tensors, batches, limit=limit, budget=0) == {}
+
+
+@pytest.mark.parametrize("size, expected", [(8, 512), (384, None)])
+def test_the_probe_budget_shrinks_with_the_multiply_accumulates_of_a_pass(size, expected):
+    """A small model gets every probe pass; one whose pass costs more than PROBE_MACS / 512 gets
+    fewer, in proportion, so that a high-resolution detector's measurement stays bounded."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptqcli.calibrate.data import Batch
+    from ptqcli.calibrate.select import select
+    from ptqcli.calibrate.planner import build_plan
+    from ptqcli.calibrate.settle import MIN_PROBE_SAMPLES, PROBE_MACS, PROBE_SAMPLES, probe_budget
+    from ptqcli.graph import Graph
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(32, 16, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    g = Graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    quant = QuantConfig(acts="dynamic")
+    plan = build_plan(g, select(g, quant), {}, quant)
+    batch = Batch({"x": rng.normal(size=(3, 16, size, size)).astype(np.float32)}, None)
+    macs = 32 * 16 * 9 * size * size
+    budget = probe_budget(g, plan, batch)
+    if expected is not None:
+        assert budget == expected == PROBE_SAMPLES
+    else:
+        assert budget == max(MIN_PROBE_SAMPLES, PROBE_MACS // macs) < PROBE_SAMPLES
