@@ -148,7 +148,8 @@ def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfi
                        progress: Progress = silent) -> Plan:
     """Activations that feed no integer GEMM kernel stay in float where quantizing them alone costs
     more than `quant.act_damage_limit` at the outputs (see calibrate/settle.py)."""
-    from .calibrate.settle import PROBE_SAMPLES, activation_damage, candidates, probe_budget, settle, without_idle
+    from .calibrate.settle import (GEMM_INPUT_DAMAGE_LIMIT, PROBE_SAMPLES, activation_damage, candidates,
+                                   gemm_inputs, probe_budget, settle, without_idle)
 
     if quant.act_damage_limit is None or quant.act_damage_limit == float("inf"):
         return plan
@@ -156,15 +157,18 @@ def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfi
     # targets run the whole graph on integers.
     idle = without_idle if quant.act_bits == 8 else (lambda graph, p: p)
     plan = idle(g, plan)
-    tensors = candidates(g, plan)
-    if not tensors:
+    tensors, read_by_gemms = candidates(g, plan), gemm_inputs(g, plan)
+    if not tensors and not read_by_gemms:
         return plan
     batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.act_damage_samples), model=g.model))
-    with progress("measuring activation damage", len(tensors)) as advance:
-        damage = activation_damage(g, plan, tensors, batches, advance, quant.act_damage_limit,
-                                   probe_budget(g, plan, batches[0]) if batches else PROBE_SAMPLES)
+    budget = probe_budget(g, plan, batches[0]) if batches else PROBE_SAMPLES
+    with progress("measuring activation damage", len(tensors) + len(read_by_gemms)) as advance:
+        damage = activation_damage(g, plan, tensors, batches, advance, quant.act_damage_limit, budget)
+        # GEMM inputs against their own, far higher limit: most pass in a handful of grouped runs
+        severe = activation_damage(g, plan, read_by_gemms, batches, advance, GEMM_INPUT_DAMAGE_LIMIT, budget)
     unmeasured = tuple(t for t in tensors if t not in damage)
-    return idle(g, settle(plan, damage, quant.act_damage_limit, unmeasured))
+    plan = settle(plan, damage, quant.act_damage_limit, unmeasured)
+    return idle(g, settle(plan, severe, GEMM_INPUT_DAMAGE_LIMIT))
 
 
 def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, progress: Progress = silent) -> Path:

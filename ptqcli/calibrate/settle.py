@@ -112,6 +112,19 @@ def candidates(g: Graph, plan: Plan) -> list[str]:
             if tq.role == "activation" and not feeds_gemm(g, name, plan.float_nodes)]
 
 
+# A tensor a Conv/Gemm/MatMul reads stays quantized whatever its damage, unless quantizing it alone
+# costs more than this share of the outputs' power: a log-mel front end's power spectrum, or a
+# tensor whose range is a few huge values, leaves nothing of the output on an 8-bit grid. Its
+# readers then compute in float on their quantized weights, and the plan records why.
+GEMM_INPUT_DAMAGE_LIMIT = 0.05
+
+
+def gemm_inputs(g: Graph, plan: Plan) -> list[str]:
+    """The plan's activations that a Conv, Gemm or MatMul reads (the complement of candidates)."""
+    return [name for name, tq in plan.tensors.items()
+            if tq.role == "activation" and feeds_gemm(g, name, plan.float_nodes)]
+
+
 def without_idle(g: Graph, plan: Plan) -> Plan:
     """The plan without the activations no integer kernel reads or writes (repeated until stable:
     dropping one can leave an Add or Softmax whose other tensors then buy nothing); the plan's
@@ -217,12 +230,16 @@ def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Ba
 
 
 def settle(plan: Plan, damage: dict[str, float], limit: float, unmeasured: tuple[str, ...] = ()) -> Plan:
-    """The plan with every measured tensor whose damage is above `limit` left in float; the
-    measurements go into the plan's config (`activation_damage`) for the card and reports."""
+    """The plan with every measured tensor whose damage is above `limit` left in float (and the
+    int32 biases of the layers reading it, whose grid was the input's); the measurements go into
+    the plan's config (`activation_damage`) for the card and reports."""
     dropped = {name for name, d in damage.items() if d > limit}
+    dropped |= {layer.bias for layer in plan.layers if layer.activation in dropped and layer.bias}
     tensors = {k: v for k, v in plan.tensors.items() if k not in dropped}
     record = {**plan.config.get("activation_damage", {}),
-              **{name: {"damage": float(d), "quantized": name not in dropped} for name, d in damage.items()},
+              **{name: {"damage": float(d), "quantized": name not in dropped,
+                        **({"reason": f"alone it costs more than {limit:g} of the outputs' power"}
+                           if name in dropped else {})} for name, d in damage.items()},
               **{name: {"quantized": True, "reason": "not measured: the probe budget was spent"}
                  for name in unmeasured}}
     return replace(plan, tensors=tensors, config={**plan.config, "activation_damage": record})

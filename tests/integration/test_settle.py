@@ -8,7 +8,7 @@ import pytest
 from builders import masked_attention_model
 from ptqcli import rundir, stages
 from ptqcli.calibrate.data import iter_batches, model_inputs
-from ptqcli.calibrate.settle import activation_damage, candidates
+from ptqcli.calibrate.settle import GEMM_INPUT_DAMAGE_LIMIT, activation_damage, candidates
 from ptqcli.config import DataConfig, QuantConfig
 
 
@@ -36,8 +36,9 @@ def test_the_mask_add_stays_float_and_the_gemm_inputs_stay_quantized(attention):
     stages.calibrate(model, QuantConfig(), data, tmp / "run")
     plan = rundir.read_plan(tmp / "run")
     record = plan.config["activation_damage"]
-    for gemm_input in ("x", "ctx"):  # read by the weight MatMuls: never a candidate
-        assert gemm_input in plan.tensors and gemm_input not in record
+    for gemm_input in ("x", "ctx"):  # read by the weight MatMuls: held only to GEMM_INPUT_DAMAGE_LIMIT
+        assert gemm_input in plan.tensors and record[gemm_input]["quantized"]
+        assert record[gemm_input]["damage"] < GEMM_INPUT_DAMAGE_LIMIT
     # The attention MatMuls between two activations stay float at 8 bits, so nothing quantized
     # reads the scores, the mask Add, the probabilities or k; MatMul outputs read only by float ops
     # buy no kernel either (ORT's MatMulIntegerToFloat writes float).
@@ -112,3 +113,41 @@ def test_the_probe_budget_shrinks_with_the_multiply_accumulates_of_a_pass(size, 
         assert budget == expected == PROBE_SAMPLES
     else:
         assert budget == max(MIN_PROBE_SAMPLES, PROBE_MACS // macs) < PROBE_SAMPLES
+
+
+def _log_power_model(seed=0):
+    """x -> (x W1)^2 -> W2 -> log: a log-power front end (STFT, power, mel filter bank, log) whose
+    power spectrum spans decades, so that an 8-bit grid over its range zeroes the quiet samples."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.125, (64, 64)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.abs(rng.normal(0, 0.125, (64, 16))).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.asarray(1e-6, dtype=np.float32), "eps")]
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "w1"], ["y"], name="stft"), n("Mul", ["y", "y"], ["power"], name="power"),
+             n("MatMul", ["power", "w2"], ["mel"], name="mel"), n("Add", ["mel", "eps"], ["mel_eps"], name="floor"),
+             n("Log", ["mel_eps"], ["out"], name="log")]
+    graph = helper.make_graph(nodes, "logmel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_gemm_input_that_alone_ruins_the_outputs_stays_float(tmp_path):
+    model = tmp_path / "logmel.onnx"
+    onnx.save(_log_power_model(), str(model))
+    rng = np.random.default_rng(1)
+    # loudness over four decades, as audio frames have
+    x = (rng.normal(size=(96, 64)) * 10 ** rng.uniform(-2, 2, (96, 1))).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:64])
+    np.savez(tmp_path / "eval.npz", x=x[64:])
+    data = DataConfig(path=str(tmp_path / "calib.npz"), num_samples=64)
+    stages.calibrate(model, QuantConfig(), data, tmp_path / "run")
+    record = rundir.read_plan(tmp_path / "run").config["activation_damage"]
+    assert not record["power"]["quantized"] and record["power"]["damage"] > GEMM_INPUT_DAMAGE_LIMIT
+    assert "outputs' power" in record["power"]["reason"]
+    stages.calibrate(model, QuantConfig(act_damage_limit=None), data, tmp_path / "every")
+    settled = stages.export(tmp_path / "run", tmp_path / "settled.onnx", str(tmp_path / "eval.npz"), 32)[1]
+    every = stages.export(tmp_path / "every", tmp_path / "every.onnx", str(tmp_path / "eval.npz"), 32)[1]
+    # quantized throughout, the quiet frames' log power is garbage (not even a finite cosine)
+    assert settled.outputs["out"]["cosine"] > 0.99 and not every.outputs["out"]["cosine"] > 0.9
