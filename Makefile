@@ -27,8 +27,10 @@ demo: $(STAMP)
 	$(BIN)/ptq export demo-run -o demo-run/fashion_cnn.w8a8.onnx --eval-data $(ASSETS)/fashion_test.npz --eval-samples 2000
 	$(BIN)/ptq gate demo-run/fashion_cnn.w8a8.card.json --max-drop 0.5 --min-compression 3.5
 
+# The whole suite, then the native operator tests again against a sanitizer build.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-sanitize
 
 # The quick tier: the whole suite but the tests marked slow (whole-model runs); the CLI runs in-process.
 test-fast: $(STAMP)
