@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -157,7 +157,16 @@ class Plan:
 
     def to_json(self, include_values: bool = True) -> str:
         """`include_values=False` leaves replaced values out (they go to an .npz beside the JSON)."""
-        doc = {
+        return json.dumps(self._doc(include_values), indent=1, sort_keys=False)
+
+    def dump_json(self, out: TextIO, include_values: bool = True) -> None:
+        """to_json written to `out` as it is encoded: a language model's plan holds millions of
+        block scales, and its JSON text whole (with the encoder's pieces) would take gigabytes."""
+        json.dump(self._doc(include_values), out, indent=1, sort_keys=False)
+        out.write("\n")
+
+    def _doc(self, include_values: bool) -> dict:
+        return {
             "version": self.version,
             "config": self.config,
             "notes": self.notes,
@@ -167,7 +176,6 @@ class Plan:
             "binary_inputs": {k: np.asarray(v, dtype=np.float32).astype(float).tolist()
                               for k, v in self.binary_inputs.items()},
         }
-        return json.dumps(doc, indent=1, sort_keys=False)
 
     def with_values(self, values: dict[str, np.ndarray]) -> "Plan":
         tensors = {k: replace(v, value=values[k]) if k in values else v for k, v in self.tensors.items()}

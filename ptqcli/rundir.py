@@ -3,6 +3,7 @@ context every stage that works on a run directory loads once."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -89,6 +90,14 @@ def _params_path(run: Path, name: str) -> Path:
     return run / (PARAMS if name == PLAN else PARAMS.replace(".npz", name.removeprefix("plan").replace(".json", ".npz")))
 
 
+def _as_text(binary, write) -> None:
+    """`write` given a UTF-8 text view of the open binary file, left open for its owner to close."""
+    text = io.TextIOWrapper(binary, encoding="utf-8", newline="\n")
+    write(text)
+    text.flush()
+    text.detach()
+
+
 def write_plan(run: Path, plan: Plan, name: str = PLAN) -> None:
     """plan.json (or another plan file), plus its params .npz for the values it replaces (learned and
     masked weights can be large)."""
@@ -97,7 +106,7 @@ def write_plan(run: Path, plan: Plan, name: str = PLAN) -> None:
         write_npz(_params_path(run, name), values)
     else:
         _params_path(run, name).unlink(missing_ok=True)
-    write_atomic(run / name, (plan.to_json(include_values=False) + "\n").encode())
+    write_atomic(run / name, lambda f: _as_text(f, lambda text: plan.dump_json(text, include_values=False)))
 
 
 def read_plan(run: Path, name: str = PLAN) -> Plan:
