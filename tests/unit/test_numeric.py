@@ -332,3 +332,25 @@ def test_unsupported_attributes_are_one_line_errors(op, attrs, message):
 def test_unknown_op_is_an_error():
     with pytest.raises(PtqError, match="LayerNormalization"):
         forward("LayerNormalization", [np.ones(3)], {})
+
+
+def test_tiled_max_pool_keeps_the_first_of_equal_values_as_the_tap_loop_does():
+    """The one-pass path for windows that tile the input (2x2 stride 2) must pick, and send the
+    cotangent to, the same element as the tap loop: the first maximum in tap order, ties included
+    (ReLU outputs are full of equal zeros)."""
+    from ptqcli.numeric.pool import _max_pool_forward, _max_pool_vjp
+
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(size=(2, 3, 6, 8)), 0).astype(np.float32)
+    x[0, 0, :2, :2] = 1.5  # a window of four equal values
+    (y,), ctx = _max_pool_forward([x], {"kernel_shape": [2, 2], "strides": [2, 2]}, (True,))
+    g = rng.normal(size=y.shape).astype(np.float32)
+    (dx,) = _max_pool_vjp(ctx, g, (True,))
+    expected_y, expected_dx = np.zeros_like(y), np.zeros_like(x)
+    for n, c, i, j in np.ndindex(*y.shape):
+        window = x[n, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2].ravel()
+        first = int(np.argmax(window))
+        expected_y[n, c, i, j] = window[first]
+        expected_dx[n, c, 2 * i + first // 2, 2 * j + first % 2] = g[n, c, i, j]
+    np.testing.assert_array_equal(y, expected_y)
+    np.testing.assert_array_equal(dx, expected_dx)
