@@ -47,68 +47,29 @@ def _pool_window(op_type: str, attrs, sizes) -> tuple[Window, tuple[int, ...]]:
     return Window(kernel, strides, dilations, begin, total_end, tuple(out)), end
 
 
-def _tiled(win: Window, sizes) -> bool:
-    """The windows tile the input exactly: stride = kernel, no dilation, no padding, nothing left over
-    (the 2x2 pools of most CNNs)."""
-    return (tuple(win.strides) == tuple(win.kernel) and all(d == 1 for d in win.dilations)
-            and not any(win.begin) and not any(win.end)
-            and all(o * k == n for o, k, n in zip(win.out, win.kernel, sizes)))
-
-
-def _as_tiles(x: np.ndarray, win: Window) -> np.ndarray:
-    """A tiled input as (N, C, *out, taps), each window's values in tap order (one copy)."""
-    nd = len(win.kernel)
-    split = x.reshape(x.shape[:2] + tuple(v for o, k in zip(win.out, win.kernel) for v in (o, k)))
-    order = (0, 1, *range(2, 2 + 2 * nd, 2), *range(3, 3 + 2 * nd, 2))
-    return split.transpose(order).reshape(x.shape[:2] + tuple(win.out) + (-1,))
-
-
-def _from_tiles(tiles: np.ndarray, win: Window, x_shape) -> np.ndarray:
-    """Inverse of _as_tiles."""
-    nd = len(win.kernel)
-    split = tiles.reshape(tiles.shape[:-1] + tuple(win.kernel))
-    order = (0, 1, *(axis for i in range(nd) for axis in (2 + i, 2 + nd + i)))
-    return split.transpose(order).reshape(x_shape)
-
-
 def _max_pool_forward(inputs, attrs, wants):
     x = inputs[0]
     win, _ = _pool_window("MaxPool", attrs, x.shape[2:])
-    taps = math.prod(win.kernel)
-    keep_arg = wanted(wants, 0)
-    if _tiled(win, x.shape[2:]):  # one pass over the windows instead of one per tap
-        tiles = _as_tiles(x, win)
-        if not keep_arg:
-            return (tiles.max(axis=-1),), None
-        arg = tiles.argmax(axis=-1)  # the first of equal values, as the tap loop below keeps it
-        best = np.take_along_axis(tiles, arg[..., None], axis=-1)[..., 0]
-        return (best,), _PoolCtx(x.shape, win, arg.astype(np.min_scalar_type(taps - 1)))
     xp = pad_spatial(x, win.begin, win.end, -np.inf)
-    best = arg = None
-    for k, (_, index) in enumerate(tap_slices(win)):
-        candidate = xp[index]
-        if best is None:
-            best = candidate.copy()
-            # The winning tap index is all the cotangent needs: one byte per output for small kernels.
-            arg = np.zeros(best.shape, dtype=np.min_scalar_type(taps - 1)) if keep_arg else None
-        elif keep_arg:
-            better = candidate > best  # strict: ties go to the first tap, as an argmax would
-            np.copyto(best, candidate, where=better)
-            arg[better] = k
-        else:
-            np.maximum(best, candidate, out=best)
-    return (best,), (_PoolCtx(x.shape, win, arg) if keep_arg else None)
+    taps = [xp[index] for _, index in tap_slices(win)]
+    best = taps[0].copy()
+    for tap in taps[1:]:
+        np.maximum(best, tap, out=best)
+    if not wanted(wants, 0):
+        return (best,), None
+    # The winning tap is all the cotangent needs (one byte per output for small kernels): the first
+    # tap equal to the maximum, as an argmax would pick, found from the last tap down.
+    arg = np.full(best.shape, len(taps) - 1, dtype=np.min_scalar_type(len(taps) - 1))
+    for k in range(len(taps) - 2, -1, -1):
+        np.copyto(arg, k, where=taps[k] == best)
+    return (best,), _PoolCtx(x.shape, win, arg)
 
 
 def _max_pool_vjp(ctx: _PoolCtx, g, wants):
-    if _tiled(ctx.win, ctx.x_shape[2:]):
-        tiles = np.zeros(g.shape + (math.prod(ctx.win.kernel),), dtype=g.dtype)
-        np.put_along_axis(tiles, ctx.weights[..., None].astype(np.intp), g[..., None], axis=-1)
-        return (_from_tiles(tiles, ctx.win, ctx.x_shape),)
     lead = ctx.x_shape[:2]
     dxp = np.zeros(lead + ctx.win.padded(ctx.x_shape[2:]), dtype=g.dtype)
     for k, (_, index) in enumerate(tap_slices(ctx.win)):
-        dxp[index] += np.where(ctx.weights == k, g, 0)
+        dxp[index] += g * (ctx.weights == k)  # a product by the mask beats where= on strided views
     return (crop_spatial(dxp, ctx.win.begin, ctx.win.end),)
 
 
