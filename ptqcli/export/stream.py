@@ -26,7 +26,7 @@ from ..files import check_writable
 from ..graph import Graph, load_model, shell, staged, with_data, write_tensors
 from ..plan import Layer, Plan, TensorQuant
 from ..progress import Progress, silent
-from ..runtime import optimized_graph, session_options
+from ..runtime import optimized_graph, optimized_op_counts, session_options
 from . import nbits
 from .qdq import embedding_lookup, embedding_table
 
@@ -97,8 +97,10 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
                     replaced[layer.node] = [node]
                     yield from inits
                 elif t.name in tables:
-                    tq = quantize_embedding(g.constant(t.name), quant)
-                    inits, names = embedding_table(t.name, tq, g.constant(t.name))
+                    table = g.constant(t.name)
+                    tq = quantize_embedding(table, quant)
+                    inits, names = embedding_table(t.name, tq, table)
+                    del table
                     tensors[t.name] = _summary(tq)
                     for reader in g.consumers[t.name]:
                         replaced[reader.name] = embedding_lookup(reader, names)
@@ -119,13 +121,10 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
         path.write_bytes(out.SerializeToString(deterministic=True))
         _check_written(path)
         optimized = optimized_graph(str(path), session_options(out), "the quantized model")
-    kernel_ops: dict[str, int] = {}
-    for node in optimized.graph.node:
-        kernel_ops[node.op_type] = kernel_ops.get(node.op_type, 0) + 1
     config = {"quant": to_jsonable(quant), "data": to_jsonable(data), "prepare": {}, "samples_seen": 0,
               "streamed": True}
     plan = Plan(tensors, sel.layers, {**sel.float_nodes, **float_nodes}, config)
-    return Streamed(plan, g, dict(sorted(kernel_ops.items())))
+    return Streamed(plan, g, optimized_op_counts(optimized=optimized))
 
 
 def _packable(g: Graph, layers: list[Layer]) -> tuple[dict[str, Layer], dict[str, str]]:

@@ -334,10 +334,9 @@ def test_unknown_op_is_an_error():
         forward("LayerNormalization", [np.ones(3)], {})
 
 
-def test_tiled_max_pool_keeps_the_first_of_equal_values_as_the_tap_loop_does():
-    """The one-pass path for windows that tile the input (2x2 stride 2) must pick, and send the
-    cotangent to, the same element as the tap loop: the first maximum in tap order, ties included
-    (ReLU outputs are full of equal zeros)."""
+def test_max_pool_picks_the_first_of_equal_values_as_an_argmax_would():
+    """The cotangent goes to the first maximum of each window in tap order, ties included (ReLU
+    outputs are full of equal zeros), checked against a loop over the windows."""
     from ptqcli.numeric.pool import _max_pool_forward, _max_pool_vjp
 
     rng = np.random.default_rng(0)
