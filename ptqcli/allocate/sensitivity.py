@@ -92,6 +92,8 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
     table: dict[str, dict[str, float]] = {}
     for layer in plan.layers:
         row = {}
+        if layer.node not in per_layer:
+            continue
         for option in per_layer[layer.node]:
             feeds = {**float_weights, **closed,
                      layer.weight: fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg,
@@ -119,21 +121,29 @@ def weight_only_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, bat
     others scale by their share of that output error."""
     from ..calibrate.moments import channel_moments
 
-    moments, _ = channel_moments(g, [], batches, {layer.activation for layer in plan.layers})
+    values = values or {}
+    # Layers with a 2-D weight and a float input (MatMul, Gemm) go by their Gram matrix; any other
+    # (a weight-only convolution) is measured for every candidate, as measure_damage does.
+    gram_layers = [layer for layer in plan.layers if layer.activation and layer.op_type in ("MatMul", "Gemm")
+                   and len(g.initializers[layer.weight].dims) == 2]
+    moments, _ = channel_moments(g, [], batches, {layer.activation for layer in gram_layers}) if gram_layers else ({}, 0)
     errors: dict[str, dict[str, float]] = {}
-    for layer in plan.layers:
+    for layer in gram_layers:
         node = g.node_by_name[layer.node]
-        w = (values or {}).get(layer.weight, g.constant(layer.weight))
-        rows = np.moveaxis(w, op_info(node.op_type).weight_in_axis(node) % 2, 0)
+        in_axis = op_info(node.op_type).weight_in_axis(node) % 2
+        w = values[layer.weight] if layer.weight in values else g.constant(layer.weight)
         gram = moments[layer.activation].gram.astype(np.float32)
         errors[layer.node] = {}
         for option in options:
-            diff = rows - np.moveaxis(fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg, w),
-                                      op_info(node.op_type).weight_in_axis(node) % 2, 0)
+            diff = np.moveaxis(w - fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg, w), in_axis, 0)
             errors[layer.node][option.label] = float(np.sum(diff * (gram @ diff), dtype=np.float64))
-    middle = {node: [Candidate.parse(sorted(row, key=row.get)[len(row) // 2])] for node, row in errors.items()}
-    measured = measure_damage(g, plan, stats, cfg, batches, middle, lambda n: advance(n * len(options)), values)
     table = {}
+    others = [layer.node for layer in plan.layers if layer.node not in errors]
+    if others:
+        table = measure_damage(g, plan, stats, cfg, batches, {node: options for node in others}, advance, values)
+    middle = {node: [Candidate.parse(sorted(row, key=row.get)[len(row) // 2])] for node, row in errors.items()}
+    measured = measure_damage(g, plan, stats, cfg, batches, middle, lambda n: advance(n * len(options)), values) \
+        if middle else {}
     for node, row in errors.items():
         anchor = middle[node][0].label
         per_error = measured[node][anchor] / row[anchor] if row[anchor] > 0 else 0.0

@@ -97,3 +97,20 @@ def test_a_block_size_that_is_not_a_power_of_two_is_one_line(gptq_run):
     _, run = gptq_run
     r = ptq("allocate", run, "--budget-bits", "5", "--weight-candidates", "int4g24,int4")
     assert r.returncode == 1 and "power of two" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_weight_only_convolutions_are_measured_for_every_candidate(tmp_path):
+    """A weight-only CNN: its Gemm layers go by their Gram matrices, its Conv layers (4-D weights,
+    no Gram of their patches) by a whole-model run per candidate; every layer gets every candidate."""
+    from conftest import ASSETS
+
+    run = tmp_path / "run"
+    r = ptq("calibrate", ASSETS / "fashion_cnn.onnx", "--data", ASSETS / "fashion_calib.npz", "--num-samples", "64",
+            "--acts", "none", "--weights", "int4", "-o", run)
+    assert r.returncode == 0, r.stderr
+    r = ptq("allocate", run, "--budget-bits", "6", "--weight-candidates", "8,4,2", "--samples", "16")
+    assert r.returncode == 0, r.stderr
+    damage = json.loads((run / "sensitivity.json").read_text())["damage"]
+    assert set(damage) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
+    assert all(set(row) == {"int8/A8", "int4/A8", "int2/A8"} for row in damage.values())
+    assert all(row["int8/A8"] < row["int4/A8"] < row["int2/A8"] for row in damage.values())
