@@ -107,6 +107,12 @@ class Kernel {
       conv_.group = attribute(info, "group", 1);
       require(conv_.strides.size() == 2 && conv_.pads.size() == 4 && conv_.dilations.size() == 2, node_,
               "strides, pads and dilations must describe a 2-D convolution");
+      // A zero stride would divide by zero, a negative pad index outside the input: refused here,
+      // while the session is made, never met in the kernels.
+      for (const int64_t v : conv_.kernel) require(v > 0, node_, "kernel_shape values must be positive");
+      for (const int64_t v : conv_.strides) require(v > 0, node_, "strides must be positive");
+      for (const int64_t v : conv_.dilations) require(v > 0, node_, "dilations must be positive");
+      for (const int64_t v : conv_.pads) require(v >= 0, node_, "pads must not be negative");
       require(conv_.group > 0 && n_ % conv_.group == 0, node_, "N must be a multiple of group");
     }
     if (entry.family == Family::Binary) {

@@ -338,3 +338,22 @@ def test_bad_operator_input_is_a_clear_error():
                                   group_size=20)
     with pytest.raises(Exception, match="group_size must be 0"):
         nativelib.session(bad_group.SerializeToString())
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("strides", [0, 1], "strides must be positive"),
+    ("dilations", [1, -1], "dilations must be positive"),
+    ("pads", [0, -1, 0, 0], "pads must not be negative"),
+    ("kernel_shape", [3, 0], "kernel_shape values must be positive"),
+    ("group", 3, "N must be a multiple of group"),
+])
+def test_conv_attributes_are_checked_when_the_session_is_made(name, value, message):
+    """Bad attributes fail the session with the node's name and the problem, before any kernel
+    could divide by a zero stride or index through a negative pad."""
+    rng = np.random.default_rng(0)
+    _, packed, scale, _ = int4_case(rng, 4, 36, 0, False)
+    attrs = {**conv_attributes((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), name: value}
+    model = R.single_op_model("Int4Conv", (1, 4, 8, 8), np.float32, {"W": packed, "W_scale": scale}, K=36, N=4,
+                              **attrs)
+    with pytest.raises(Exception, match=message):
+        nativelib.session(model.SerializeToString())
