@@ -262,19 +262,54 @@ def fit_batch(program: Program, targets: list[BNTarget], input_name: str, x: np.
               lr: float, tv_weight: float = 0.0, l2_weight: float = 0.0,
               report: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, float, float]:
     """Optimise one batch; returns it with its BatchNorm loss before the first and after the last step."""
+    reports = None if report is None else [report]
+    (x,), (initial,), (final,) = fit_batches(program, targets, input_name, [x], iters, lr, tv_weight, l2_weight,
+                                             reports)
+    return x, initial, final
+
+
+def fit_batches(program: Program, targets: list[BNTarget], input_name: str, xs: list[np.ndarray], iters: int,
+                lr: float, tv_weight: float = 0.0, l2_weight: float = 0.0,
+                reports: list[Callable[[int, float], None]] | None = None
+                ) -> tuple[list[np.ndarray], list[float], list[float]]:
+    """Optimise batches of one size together: one forward and backward pass over all of them, each
+    with its own BatchNorm statistics, loss, priors and (elementwise) Adam state, so each comes out
+    as it would alone, at a fraction of the per-step overhead of small batches. Returns them with
+    their losses before the first and after the last step."""
+    size = len(xs[0])
+    x = np.concatenate(xs) if len(xs) > 1 else xs[0]
     state = adam_init(x)
     initial = None
     for it in range(1, iters + 1):
-        loss, g = bn_loss_and_grad(program, targets, input_name, x)
-        _, g_prior = prior_loss_and_grad(x, tv_weight, l2_weight)
-        if g_prior is not None:
-            g = g + g_prior
-        initial = loss if initial is None else initial
+        losses, g = _stacked_loss_and_grad(program, targets, input_name, x, size)
+        for part, start in enumerate(range(0, len(x), size)):
+            _, g_prior = prior_loss_and_grad(x[start:start + size], tv_weight, l2_weight)
+            if g_prior is not None:
+                g[start:start + size] += g_prior
+            if reports is not None:
+                reports[part](it, losses[part])
+        initial = losses if initial is None else initial
         x, state = adam_step(x, g, state, lr)
-        if report is not None:
-            report(it, loss)
-    final = bn_loss_value(program, targets, input_name, x)
-    return x, (final if initial is None else initial), final
+    final = [bn_loss_value(program, targets, input_name, x[start:start + size]) for start in range(0, len(x), size)]
+    return [x[start:start + size] for start in range(0, len(x), size)], (final if initial is None else initial), final
+
+
+def _stacked_loss_and_grad(program: Program, targets: list[BNTarget], input_name: str, x: np.ndarray,
+                           size: int) -> tuple[list[float], np.ndarray]:
+    """bn_loss_and_grad of each run of `size` samples of `x`, from one recorded pass over all of them."""
+    tape = program.record({input_name: x}, [input_name])
+    losses, seeds = [0.0] * (len(x) // size), {}
+    for tensor in dict.fromkeys(t.tensor for t in targets):
+        value = tape.values.pop(tensor)
+        seed = np.zeros_like(value)
+        for target in (t for t in targets if t.tensor == tensor):
+            for part, start in enumerate(range(0, len(x), size)):
+                term, g = bn_term_grad(value[start:start + size], target)
+                losses[part] += term
+                seed[start:start + size] += g
+        seeds[tensor] = seed
+        del value
+    return losses, tape.backward(seeds)[input_name]
 
 
 def batch_rng(seed: int, index: int) -> np.random.Generator:
@@ -290,6 +325,22 @@ def initial_batch(kind: str, seed: int, index: int, shape: tuple[int, ...], dtyp
     if kind == "uniform":
         return rng.uniform(-1.0, 1.0, shape).astype(dtype)
     return rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+
+
+# Batches optimised together (fit_batches): consecutive ones of one size, GROUP_BATCHES at most,
+# cut at multiples of GROUP_BATCHES so that a resumed run groups the rest as an uninterrupted one.
+GROUP_BATCHES = 8
+
+
+def _groups(planned: list[int], start: int) -> list[list[int]]:
+    groups: list[list[int]] = []
+    for index in range(start, len(planned)):
+        last = groups[-1] if groups else None
+        if last and planned[last[0]] == planned[index] and index // GROUP_BATCHES == last[0] // GROUP_BATCHES:
+            last.append(index)
+        else:
+            groups.append([index])
+    return groups
 
 
 def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
@@ -405,21 +456,21 @@ def iter_generate(model: ModelProto | str | Path, kind: str = "bn", num_samples:
         if progress is not None:
             progress(batch.index, last_step, batch.final_loss if batch.final_loss is not None else math.nan)
         yield batch
-    for index in range(len(finished), len(planned)):
-        x = initial_batch(kind, seed, index, (planned[index], *spec.sample_shape()), spec.dtype)
+    for group in _groups(planned, len(finished)):
+        xs = [initial_batch(kind, seed, index, (planned[index], *spec.sample_shape()), spec.dtype) for index in group]
         if fit is None:
-            batch = SyntheticBatch(index, x, None, None)
-            if progress is not None:
+            made_now = [SyntheticBatch(index, x, None, None) for index, x in zip(group, xs)]
+            for index in group if progress is not None else ():
                 progress(index, last_step, math.nan)
         else:
             program, targets, name = fit
-            report = None if progress is None else (lambda it, loss, i=index: progress(i, it, loss))
-            x, initial, final = fit_batch(program, targets, name, x, iters, lr, tv_weight, l2_weight, report)
-            batch = SyntheticBatch(index, x, initial, final)
-        finished.append(batch)
+            reports = None if progress is None else [(lambda it, loss, i=index: progress(i, it, loss)) for index in group]
+            xs, initial, final = fit_batches(program, targets, name, xs, iters, lr, tv_weight, l2_weight, reports)
+            made_now = [SyntheticBatch(index, x, a, b) for index, x, a, b in zip(group, xs, initial, final)]
+        finished.extend(made_now)
         if path is not None:
             save_finished(path, made, finished)
-        yield batch
+        yield from made_now
 
 
 def generate(model: ModelProto | str | Path, kind: str = "bn", num_samples: int = 256, batch_size: int = 32,
