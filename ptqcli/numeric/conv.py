@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .core import OpImpl, channel_view, non_channel_axes, slot, unsupported, wanted
-from .window import Window, conv_window, crop_spatial, col2im, im2col, pad_spatial, spatial_attrs
+from .window import Window, conv_window, crop_spatial, im2col, pad_spatial, spatial_attrs, tap_slices
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,13 @@ def _patches_adjoint(patches: np.ndarray, shape: tuple[int, ...], win: Window, g
     nd = len(win.kernel)
     n, c = shape[:2]
     cols = patches.reshape((groups, c // groups) + win.kernel + (n,) + win.out)
-    order = (2 + nd, 0, 1, *range(3 + nd, 3 + 2 * nd), *range(2, 2 + nd))
-    full = col2im(cols.transpose(order), win.padded(shape[2:]), win)  # (N, G, C/G, *padded)
-    return crop_spatial(full.reshape((n, c) + full.shape[3:]), win.begin, win.end)
+    # Summed in the patches' own (G, C/G, N, *spatial) order, where every tap's slice is contiguous,
+    # then turned to (N, C, *spatial) once: col2im over a transposed view gathers at a stride.
+    full = np.zeros((groups, c // groups, n) + tuple(win.padded(shape[2:])), dtype=patches.dtype)
+    for offsets, index in tap_slices(win):
+        full[index] += cols[(slice(None), slice(None)) + offsets]
+    full = full.transpose((2, 0, 1, *range(3, 3 + nd))).reshape((n, c) + full.shape[3:])
+    return crop_spatial(full, win.begin, win.end)
 
 
 def grouped_rows(w: np.ndarray, groups: int) -> np.ndarray:
