@@ -132,6 +132,10 @@ def outputs_table(f: Fidelity) -> Table:
             cells += ["-" if "next_token_kl" not in m else f"{m['next_token_kl']:.4f}"]
         table.add_row(*cells, _fmt(m["sqnr_db"]))
     notes = ["cosine per sample over all its values, mean and min over the samples"]
+    broken = {name: m["non_finite"] for name, m in f.outputs.items() if m.get("non_finite")}
+    if broken:
+        notes.insert(0, "[red]the quantized model wrote NaN or infinite values where float's were finite: "
+                     + ", ".join(f"{n:,} in {name}" for name, n in broken.items()) + " (measured as zeros)[/red]")
     if language:
         notes.append("perplexity: of each next token over the real positions of the evaluation token ids")
     if pooled:

@@ -103,10 +103,18 @@ class _Running:
     nll_float: float = 0.0  # language-model logits: next-token negative log-likelihoods, summed
     nll_quantized: float = 0.0
     tokens: int = 0
+    # NaN or infinite values the quantized model wrote where float's were finite: counted, and
+    # measured as zeros (a broken output, said so, instead of NaN everywhere in the table)
+    non_finite: int = 0
 
     def update(self, f: np.ndarray, q: np.ndarray, mask: tuple[str, np.ndarray] | None = None,
                ids: np.ndarray | None = None) -> None:
         f64, q64 = f.astype(np.float64), q.astype(np.float64)
+        broken = ~np.isfinite(q64) & np.isfinite(f64)
+        if broken.any():
+            self.non_finite += int(broken.sum())
+            q64 = np.where(broken, 0.0, q64)
+            q = q64.astype(q.dtype)
         self.signal += float(np.sum(f64**2))
         self.noise += float(np.sum((f64 - q64) ** 2))
         n = f.shape[0] if f.ndim > 1 else 1
@@ -151,6 +159,8 @@ class _Running:
             out["perplexity_quantized"] = float(np.exp(self.nll_quantized / self.tokens))
             out["next_token_kl"] = self.kl_sum / self.tokens
             out["tokens"] = self.tokens
+        if self.non_finite:
+            out["non_finite"] = self.non_finite
         if self.pooled.count:
             out["pooled_cosine"] = self.pooled.mean()
             out["pooled_cosine_min"] = self.pooled.min()

@@ -64,6 +64,10 @@ def run_gate(card: dict, limits: GateLimits, baseline: dict | None = None) -> li
         else:
             checks.append(Check(name, limit, fmt.format(value), bool(ok(value))))
 
+    broken = sum(m.get("non_finite", 0) for m in card["results"]["outputs"].values())
+    if broken:  # whatever the limits: a model that writes NaN where float does not is not shippable
+        checks.append(Check("finite outputs", "no NaN or infinity where float's are finite",
+                            f"{broken:,} non-finite values", False))
     if limits.max_drop is not None:
         drop = _drop(card)
         check(f"max-drop ({drop[1] if drop else 'accuracy'})", f"<= {limits.max_drop:.2f} pts",
