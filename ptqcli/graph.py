@@ -162,17 +162,20 @@ def load_model(path: str | os.PathLike, weights: bool = True) -> ModelProto:
     return model
 
 
-def check_model(model: ModelProto, what: str) -> None:
+def check_model(model: ModelProto | Path, what: str) -> None:
     problem = checker_problem(model)
     if problem is not None:
         raise PtqError(f"{what} fails onnx.checker: {problem}")
 
 
-def checker_problem(model: ModelProto, full: bool = False) -> str | None:
-    """onnx.checker's first line about the model, or None when it passes; `full` adds strict shape
-    and type inference. Models over 2 GB cannot be checked in memory and pass."""
+def checker_problem(model: ModelProto | Path, full: bool = False) -> str | None:
+    """onnx.checker's first line about the model (or the model file, external data and all), or
+    None when it passes; `full` adds strict shape and type inference. Models over 2 GB cannot be
+    checked in memory and pass; as files they are checked."""
     try:
-        if not is_huge(model):
+        if isinstance(model, Path):
+            onnx.checker.check_model(str(model), full_check=full)
+        elif not is_huge(model):
             onnx.checker.check_model(model, full_check=full)
     except Exception as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

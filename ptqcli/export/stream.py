@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import NodeProto, TensorProto, helper
 
 from ..calibrate.planner import configured_formats, quantize_embedding, quantize_weight, weight_axis, weight_spec
@@ -23,7 +22,7 @@ from ..config import DataConfig, QuantConfig, to_jsonable
 from ..errors import PtqError
 from ..formats import NBITS_WIDTHS, format_block_size, parse_weight_format
 from ..files import check_writable
-from ..graph import Graph, load_model, shell, staged, with_data, write_tensors
+from ..graph import Graph, check_model, load_model, shell, staged, with_data, write_tensors
 from ..plan import Layer, Plan, TensorQuant
 from ..progress import Progress, silent
 from ..runtime import optimized_graph, optimized_op_counts, session_options
@@ -119,7 +118,7 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
         if not any(o.domain == "com.microsoft" for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         path.write_bytes(out.SerializeToString(deterministic=True))
-        _check_written(path)
+        check_model(path, "the quantized model")
         optimized = optimized_graph(str(path), session_options(out), "the quantized model")
     config = {"quant": to_jsonable(quant), "data": to_jsonable(data), "prepare": {}, "samples_seen": 0,
               "streamed": True}
@@ -163,10 +162,3 @@ def _summary(tq: TensorQuant) -> TensorQuant:
     none = np.zeros((0,), dtype=np.float32)
     return replace(tq, scale=none, zero_point=none.astype(np.int64), source={**tq.source, "sparsity": None})
 
-
-def _check_written(path: Path) -> None:
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise PtqError(f"the quantized model fails onnx.checker: {first}") from None
