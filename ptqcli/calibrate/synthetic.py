@@ -200,17 +200,29 @@ def bn_term_grad(x: np.ndarray, target: BNTarget) -> tuple[float, np.ndarray]:
 def bn_loss_and_grad(program: Program, targets: list[BNTarget], input_name: str, x: np.ndarray
                      ) -> tuple[float, np.ndarray]:
     """The BatchNorm statistics loss summed over ``targets``, and its gradient with respect to ``x``."""
+    (loss,), g = stacked_loss_and_grad(program, targets, input_name, x, len(x))
+    return loss, g
+
+
+def stacked_loss_and_grad(program: Program, targets: list[BNTarget], input_name: str, x: np.ndarray,
+                          size: int) -> tuple[list[float], np.ndarray]:
+    """bn_loss_and_grad of each run of ``size`` samples of ``x`` (batches optimised together, each
+    with its own statistics), from one recorded pass over all of them."""
     tape = program.record({input_name: x}, [input_name])
-    loss, seeds = 0.0, {}
+    starts = range(0, len(x), size)
+    losses, seeds = [0.0] * len(starts), {}
     for tensor in dict.fromkeys(t.tensor for t in targets):
         # Popped so each activation is freed once its cotangent exists: the peak is one copy.
         value = tape.values.pop(tensor)
+        seed = np.zeros_like(value)
         for target in (t for t in targets if t.tensor == tensor):
-            term, g = bn_term_grad(value, target)
-            loss += term
-            seeds[tensor] = g if tensor not in seeds else seeds[tensor] + g
+            for part, start in enumerate(starts):
+                term, g = bn_term_grad(value[start:start + size], target)
+                losses[part] += term
+                seed[start:start + size] += g
+        seeds[tensor] = seed
         del value
-    return loss, tape.backward(seeds)[input_name]
+    return losses, tape.backward(seeds)[input_name]
 
 
 def bn_loss_value(program: Program, targets: list[BNTarget], input_name: str, x: np.ndarray) -> float:
@@ -281,7 +293,7 @@ def fit_batches(program: Program, targets: list[BNTarget], input_name: str, xs: 
     state = adam_init(x)
     initial = None
     for it in range(1, iters + 1):
-        losses, g = _stacked_loss_and_grad(program, targets, input_name, x, size)
+        losses, g = stacked_loss_and_grad(program, targets, input_name, x, size)
         for part, start in enumerate(range(0, len(x), size)):
             _, g_prior = prior_loss_and_grad(x[start:start + size], tv_weight, l2_weight)
             if g_prior is not None:
@@ -292,24 +304,6 @@ def fit_batches(program: Program, targets: list[BNTarget], input_name: str, xs: 
         x, state = adam_step(x, g, state, lr)
     final = [bn_loss_value(program, targets, input_name, x[start:start + size]) for start in range(0, len(x), size)]
     return [x[start:start + size] for start in range(0, len(x), size)], (final if initial is None else initial), final
-
-
-def _stacked_loss_and_grad(program: Program, targets: list[BNTarget], input_name: str, x: np.ndarray,
-                           size: int) -> tuple[list[float], np.ndarray]:
-    """bn_loss_and_grad of each run of `size` samples of `x`, from one recorded pass over all of them."""
-    tape = program.record({input_name: x}, [input_name])
-    losses, seeds = [0.0] * (len(x) // size), {}
-    for tensor in dict.fromkeys(t.tensor for t in targets):
-        value = tape.values.pop(tensor)
-        seed = np.zeros_like(value)
-        for target in (t for t in targets if t.tensor == tensor):
-            for part, start in enumerate(range(0, len(x), size)):
-                term, g = bn_term_grad(value[start:start + size], target)
-                losses[part] += term
-                seed[start:start + size] += g
-        seeds[tensor] = seed
-        del value
-    return losses, tape.backward(seeds)[input_name]
 
 
 def batch_rng(seed: int, index: int) -> np.random.Generator:
