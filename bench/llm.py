@@ -200,11 +200,13 @@ def session(path: Path, threads: int):
     import onnxruntime as ort
 
     from ptqcli import nativelib
+    from ptqcli.runtime import without_spinning
 
     # ptqcli's operator library registered for every model: the native rows need it, the others ignore it
     options = nativelib.session_options() if nativelib.available() else ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    without_spinning(options)  # timed in turns with other models
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -276,7 +278,7 @@ def write_report(rows: list[Row], args, total_s: float, material) -> None:
         f"articles calibration did not see; calibration: the first {args.calib} windows of {material.calib.name} "
         "for ptq rows, all of them for ORT's data-driven rows",
         f"- latency: batch 1, 256 tokens, {args.threads} threads, median over {args.rounds} rounds x "
-        f"{args.latency_samples} windows, models taking turns",
+        f"{args.latency_samples} windows, models taking turns (threads not spinning between runs)",
         "",
         "| row | perplexity | rise vs fp32 | latency ms | vs fp32 | size MB | quantize s | peak RSS MB | export s | export RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -30,6 +30,7 @@ from kernels import Runner, machine, measure, md_table, write_atomic  # noqa: E4
 from models import model_sets  # noqa: E402
 
 from ptqcli import nativelib, stages  # noqa: E402
+from ptqcli.runtime import without_spinning  # noqa: E402
 from ptqcli.config import DataConfig, QuantConfig  # noqa: E402
 
 COLUMNS = ("model", "file bytes", "top-1 %", "latency ms", "vs fp32")
@@ -39,6 +40,7 @@ def ort_session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # ORT's notes on unused initializers are not results
+    without_spinning(options)  # timed in turns with other models
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -263,9 +263,12 @@ def session(path: Path, threads: int):
     """A plain ONNX Runtime CPU session (default graph optimisations), ``threads`` intra-op threads."""
     import onnxruntime as ort
 
+    from ptqcli.runtime import without_spinning
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    without_spinning(options)  # timed in turns with other models
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

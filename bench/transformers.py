@@ -299,10 +299,13 @@ def quantize_ptq(row: Row, model: Path, calib: Path, args) -> None:
 def session(path: Path, threads: int, optimized: Path | None = None):
     import onnxruntime as ort
 
+    from ptqcli.runtime import without_spinning
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # not the NCHWc serialisation warning for every saved optimised graph
+    without_spinning(options)  # timed in turns with other models
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

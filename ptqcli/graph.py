@@ -236,6 +236,20 @@ def shell(model: ModelProto, initializers: Iterable[onnx.TensorProto] = ()) -> M
     return out
 
 
+def fragment(model: ModelProto, nodes: Iterable[NodeProto], inputs: Iterable[onnx.ValueInfoProto],
+             outputs: Iterable[onnx.ValueInfoProto], initializers: Iterable[onnx.TensorProto]) -> ModelProto:
+    """A model of some of `model`'s nodes (its opsets, functions and IR version), with the given
+    inputs, outputs and initializers."""
+    out = ModelProto()
+    _copy_fields(model, out, skip="graph")
+    out.graph.name = model.graph.name or "fragment"
+    out.graph.node.extend(nodes)
+    out.graph.input.extend(inputs)
+    out.graph.output.extend(outputs)
+    out.graph.initializer.extend(initializers)
+    return out
+
+
 def _copy_fields(source, target, skip: str) -> None:
     for descriptor, value in source.ListFields():
         if descriptor.name == skip:

@@ -52,13 +52,9 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
             data = replace(data, path=str(synthesize(model_path, data, quant.seed, run, progress)))
         g = load_prepared(model_path)
         inputs = model_inputs(g)
-        gptq = quant.rounding.value == "gptq"
-        moments = activation_moments(g, quant, data, inputs, progress) if has_data and (quant.smooth or gptq) else {}
-        smoothing, divided = {}, {}
+        smoothing = {}
         if quant.smooth and has_data:
-            g, smoothing, divided = smooth(g, quant, data, inputs, moments)
-        grams = grams_after(moments, divided) if gptq else {}
-        del moments  # GPTQ frees each Gram matrix once its last layer is rounded
+            g, smoothing = smooth(g, quant, data, inputs, activation_moments(g, quant, data, inputs, progress))
         # The plan and card record what `auto` resolved to, so a recipe replays identically.
         chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
         quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
@@ -69,8 +65,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
             extra["smoothing"] = smoothing
         plan = build_plan(g, sel, stats, quant, extra)
         plan = settle_activations(g, plan, quant, data, inputs, progress)
-        if gptq:
-            plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress, grams)
+        if quant.rounding.value == "gptq":
+            plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress)
         elif quant.rounding.value != "nearest":
             plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
         rundir.write_float_model(run, g.model)
@@ -105,43 +101,28 @@ def samples_to_read(data: DataConfig, inputs, limit: int) -> int:
 
 
 def activation_moments(g: Graph, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent) -> dict:
-    """One pass for what smoothing and GPTQ read of the activations (calibrate/moments.py): the
-    smoothing groups' extremes, and Gram matrices of the GEMM inputs GPTQ will round (those of the
-    groups too, for a weight-only plan's smoothing loss)."""
-    from .calibrate.gptq import layer_inputs
+    """One pass for what smoothing reads of the activations (calibrate/moments.py): the smoothing
+    groups' extremes, and for a weight-only plan their Gram matrices (its smoothing loss)."""
     from .calibrate.moments import channel_moments
     from .calibrate.smooth import moments_wanted
 
-    tensors, grams, rows_of = moments_wanted(g, quant) if quant.smooth else ([], set(), set())
-    samples = data.num_samples
-    if quant.rounding.value == "gptq":
-        grams, samples = grams | set(layer_inputs(g)), min(samples, quant.rounding_samples)
+    tensors, grams, rows_of = moments_wanted(g, quant)
     if not tensors and not grams:
         return {}
-    with progress("activation moments", samples_to_read(data, inputs, samples)) as advance:
-        batches = iter_batches(data.path, inputs, data, limit=samples, model=g.model)
+    with progress("activation moments", samples_to_read(data, inputs, data.num_samples)) as advance:
+        batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
         moments, _ = channel_moments(g, tensors, batches, grams, rows_of, quant.smooth_samples, advance)
     return moments
 
 
-def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, moments: dict) -> tuple[Graph, dict, dict]:
+def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, moments: dict) -> tuple[Graph, dict]:
     """SmoothQuant folded into the float graph before anything is observed (calibrate/smooth.py)."""
     from .calibrate.smooth import smooth as smooth_graph, smoothing_groups
 
     if not smoothing_groups(g):
-        return g, {}, {}
+        return g, {}
     check = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8), model=g.model))
     return smooth_graph(g, quant, check, moments)
-
-
-def grams_after(moments: dict, divided: dict) -> dict[str, np.ndarray]:
-    """Each measured Gram matrix under the name the (smoothed) graph reads it by: a tensor smoothing
-    divided by s has the Gram matrix G / (s s^T)."""
-    grams = {name: m.gram for name, m in moments.items() if m.gram is not None}
-    for name, (original, s) in divided.items():
-        if original in moments and moments[original].gram is not None:
-            grams[name] = moments[original].divided(s).gram
-    return grams
 
 
 def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfig, inputs,
@@ -193,42 +174,51 @@ def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, p
 
 
 def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
-                  progress: Progress = silent, grams: dict[str, np.ndarray] | None = None,
-                  only: set[str] | None = None) -> Plan:
+                  progress: Progress = silent, only: set[str] | None = None) -> Plan:
     """GPTQ over the plan's MatMul/Gemm layers (those of the weights in `only`, if given;
-    calibrate/gptq.py): each layer's input second moments over the calibration data through the
-    float model (`grams`, from the moments pass, or measured here for the inputs it lacks), then the
-    rounding. `grams` is consumed: each matrix leaves it once the last layer reading it is rounded
-    (a language model's take hundreds of MB)."""
+    calibrate/gptq.py), in graph order, each layer's Hessian taken from its inputs as the
+    already-quantized prefix makes them: the graph runs segment by segment over the calibration
+    batches (calibrate/segments.py), each segment with the weights rounded before it, other quantized
+    weights on their grids, and the plan's activation quantizers applied."""
     from .calibrate.gptq import GptqConfig, eligible, round_layer
-    from .calibrate.moments import channel_moments
+    from .calibrate.probe import act_gate, probe_model
+    from .calibrate.segments import grams_in_order
 
     layers = [(layer, axis) for layer, axis in eligible(g, plan) if only is None or layer.weight in only]
     if not layers:
         raise PtqError("--rounding gptq found no MatMul/Gemm layer with a 2-D weight on an integer grid")
-    grams = grams if grams is not None else {}
     samples = min(data.num_samples, quant.rounding_samples)
-    missing = [t for t in dict.fromkeys(layer.activation for layer, _ in layers) if t not in grams]
-    if missing:
-        with progress("gptq: input statistics", samples) as advance:
-            batches = iter_batches(data.path, inputs, data, limit=samples, model=g.model)
-            measured, _ = channel_moments(g, [], batches, set(missing), advance=advance)
-        grams.update({t: m.gram for t, m in measured.items()})
-    tensors_out, report = dict(plan.tensors), []
-    cfg = GptqConfig()
-    last = {layer.activation: i for i, (layer, _) in enumerate(layers)}
-    with progress("gptq: layers", len(layers)) as advance:
-        for i, (layer, in_axis) in enumerate(layers):
-            w = g.constant(layer.weight)
-            tq = round_layer(w, in_axis, plan.tensors[layer.weight], grams[layer.activation], cfg)
-            if last[layer.activation] == i:
-                del grams[layer.activation]
-            tensors_out[layer.weight] = tq
-            report.append({"node": layer.node, "weight": layer.weight})
-            advance(1)
+    gated = sorted({l.activation for l in plan.layers if l.activation in plan.tensors})
+    prefix, gates = g, {}
+    if gated:  # quantized activations are part of the prefix too
+        prefix = Graph(probe_model(g, plan, gated, weights_as_inputs=False), weights_dir=g.weights_dir)
+        for tensor in gated:
+            gates.update(act_gate(tensor, plan.tensors[tensor].spec.bits, stats, quant))
+    seen_as = {t: f"{t}__fq" if t in gated else t for t in {layer.activation for layer, _ in layers}}
+    readers: dict[str, list] = {}
+    for layer, axis in layers:
+        readers.setdefault(seen_as[layer.activation], []).append((layer, axis))
+    todo = {layer.weight for layer, _ in layers}
+    tensors_out = dict(plan.tensors)
+
+    def current(name: str) -> np.ndarray | None:
+        tq = tensors_out.get(name)
+        if tq is None or tq.role != "weight" or (name in todo and tq is plan.tensors[name]):
+            return None  # float: not quantized, or not rounded yet
+        return tq.on_grid(g.constant(name))
+
+    # One state per calibration batch: its feeds, then what each segment leaves for the next.
+    states = [{**batch.feeds, **gates} for batch in iter_batches(data.path, inputs, data, limit=samples, model=g.model)]
+    cfg, report = GptqConfig(), []
+    with progress("gptq: layers", len(readers)) as advance:
+        for tensor, gram in grams_in_order(prefix, readers, states, current, advance):
+            for layer, in_axis in readers[tensor]:
+                tensors_out[layer.weight] = round_layer(g.constant(layer.weight), in_axis, plan.tensors[layer.weight],
+                                                        gram, cfg)
+                report.append({"node": layer.node, "weight": layer.weight})
     name = "rounding.json" if only is None else "rounding.allocate.json"
     rundir.write_json(run / name, {"method": "gptq", "damp": cfg.damp, "act_order": cfg.act_order,
-                                   "samples": samples, "layers": report})
+                                   "samples": samples, "hessians": "quantized prefix", "layers": report})
     return requantize_biases(g, replace(plan, tensors=tensors_out), stats, quant)
 
 

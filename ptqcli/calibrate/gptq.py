@@ -121,18 +121,6 @@ def eligible(g, plan) -> list:
     return found
 
 
-def layer_inputs(g) -> list[str]:
-    """The activation inputs of the graph's MatMul/Gemm nodes with a constant 2-D weight: what
-    `eligible` can pick once there is a plan, known before it."""
-    found = []
-    for node in g.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] in g.initializers:
-            w = g.initializers[node.input[1]]
-            if len(w.dims) == 2 and g.is_float(node.input[0]):
-                found.append(node.input[0])
-    return list(dict.fromkeys(found))
-
-
 def round_layer(w: np.ndarray, in_axis: int, tq: TensorQuant, h: np.ndarray, cfg: GptqConfig) -> TensorQuant:
     """One layer's weight (in its own layout) rounded by GPTQ with the plan's grid."""
     w_kn = w if in_axis == 0 else w.T

@@ -290,15 +290,13 @@ def _copy_value_info(graph, tensor: str, copy: str) -> None:
 
 
 def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], moments: dict[str, ChannelMoments]
-           ) -> tuple[Graph, dict, dict[str, tuple[str, np.ndarray]]]:
-    """The smoothed graph (`g`'s model, changed in place: do not use `g` afterwards); per activation,
-    the alpha chosen and the losses it was chosen on; and,
-    per tensor the GEMMs of a smoothed group now read, the original tensor and the factors it was
-    divided by. `moments` are each group tensor's (see `moments_wanted`); `batches` (a few) check
+           ) -> tuple[Graph, dict]:
+    """The smoothed graph (`g`'s model, changed in place: do not use `g` afterwards), and per
+    activation the alpha chosen and the losses it was chosen on. `moments` are each group tensor's (see `moments_wanted`); `batches` (a few) check
     that the smoothed float model equals the original."""
     groups = smoothing_groups(g)
     if not groups:
-        return g, {}, {}
+        return g, {}
     report, factors = {}, {}
     for grp in groups:
         stats = moments[grp.tensor]
@@ -307,20 +305,18 @@ def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], moments: dict[str, 
             w_absmax = np.max([np.abs(w).max(axis=1) for w in _as_rows(g, grp)], axis=0)
             factors[grp.tensor] = smoothing_scales(stats.absmax, w_absmax, alpha)
     if not factors:
-        return g, report, {}
+        return g, report
     # The original's outputs are taken first; then the factors are folded into the model itself (no
     # copy: a language model's weights twice over would be the run's peak memory). The original
     # Graph `g` is spent: its caches describe the model before smoothing.
     feeds, references = reference_outputs(g, batches)
     model = g.model
-    divided = {}
     for grp in groups:
         if grp.tensor in factors:
             fold(model, g, grp, factors[grp.tensor])
-            divided[f"{grp.tensor}__smoothed" if grp.shared else grp.tensor] = (grp.tensor, factors[grp.tensor])
     smoothed = Graph(model, g.source, list(g.notes), dict(g.facts))
     check_equal(smoothed, feeds, references)
-    return smoothed, report, divided
+    return smoothed, report
 
 
 def moments_wanted(g: Graph, cfg: QuantConfig) -> tuple[list[str], set[str], set[str]]:

@@ -116,7 +116,7 @@ def _latency_line(lat: dict) -> str:
         return f"- latency ({where}): not measured"
     how = ""
     if lat.get("runs"):
-        how = (f"; median of {lat['runs']} runs each, float and quantized taking turns on"
+        how = (f"; median of {lat['runs']} runs each, float and quantized taking turns (threads sleeping between runs) on"
                f" {lat['samples']} {'real' if lat.get('real_samples') else 'all-zero'} sample(s)")
     speedup = f", speed-up {lat['speedup']:.2f}x" if lat.get("speedup") is not None else ""
     return (f"- latency ({where}): float {lat['float_ms']:.3f} ms, quantized {lat['quantized_ms']:.3f} ms"

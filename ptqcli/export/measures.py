@@ -49,9 +49,10 @@ def bops(g: Graph, plan: Plan, layers: list[dict]) -> dict:
 
 def latency_ms(models: dict[str, ModelProto], samples: list[dict[str, np.ndarray]], budget_s: float = 3.0,
                min_runs: int = 10, max_runs: int = 200) -> tuple[dict[str, float], int]:
-    """Median wall time of one run of each model with default session options (what a user deploys),
-    and the runs each model made. The models take turns on the same samples (see take_turns)."""
-    runners = {name: _runner(session(model)) for name, model in models.items()}
+    """Median wall time of one run of each model with default session options (what a user deploys)
+    but for spinning threads (runtime.without_spinning), and the runs each model made. The models take
+    turns on the same samples (see take_turns)."""
+    runners = {name: _runner(session(model, spinning=False)) for name, model in models.items()}
     for run in runners.values():  # warm-up: the first runs allocate buffers and pack weights
         for feeds in samples:
             run(feeds)

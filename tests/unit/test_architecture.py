@@ -11,7 +11,7 @@ LAYERS = [
     ("base", ["errors", "files", "formats", "ops", "geometry", "graph", "quant", "plan", "config", "progress",
               "metrics", "numeric", "runtime", "nativelib", "prepare"]),
     ("data", ["calibrate.data"]),
-    ("observe", ["calibrate.collect", "calibrate.moments", "calibrate.observers", "calibrate.select"]),
+    ("observe", ["calibrate.collect", "calibrate.moments", "calibrate.segments", "calibrate.observers", "calibrate.select"]),
     ("plan", ["calibrate.planner", "calibrate.bias_correction", "calibrate.probe", "calibrate.settle", "calibrate.smooth",
               "rundir"]),
     ("transform", ["calibrate.layerwise", "calibrate.gptq", "calibrate.synthetic", "masks", "allocate"]),

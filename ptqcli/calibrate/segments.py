@@ -1,0 +1,109 @@
+"""A model run piece by piece, so that each piece runs with the weights its predecessors were given.
+
+Sequential methods (GPTQ, layer-wise rounding) want each layer's input as the already-quantized
+prefix makes it. Running the prefix from the model's inputs again for every layer costs a number of
+passes that grows with depth times depth; here the graph is cut once, in graph order, at each
+target tensor, and every piece runs once over the calibration batches from the tensors the pieces
+before it left behind (the residual stream of a transformer, a CNN's feature map, the mask and
+position tensors that every block reads). A piece is built only when it is reached, with whatever
+weights the caller holds at that moment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
+
+from ..graph import Graph, fragment, make_initializer, subgraph_reads, with_data
+from ..runtime import session
+from .moments import gram
+
+@dataclass(frozen=True)
+class Segment:
+    """The nodes that run after the previous target is computed, up to and including the one that
+    computes `target`; what they read from the tensors left behind, and what they leave behind for
+    later segments."""
+
+    target: str
+    nodes: tuple[NodeProto, ...]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    frees: tuple[str, ...]  # tensors no later segment reads: dropped once this one has run
+
+
+def _node_reads(node: NodeProto) -> set[str]:
+    return {*node.input, *subgraph_reads(node)} - {""}
+
+
+def cut(graph: GraphProto, targets: Iterable[str]) -> list[Segment]:
+    """The graph's nodes that the targets depend on, cut into one segment per target, in the order
+    the graph computes them (targets read straight from the graph's inputs get empty segments)."""
+    initializers = {t.name for t in graph.initializer}
+    produced_at = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    targets = sorted(dict.fromkeys(targets), key=lambda t: produced_at.get(t, -1))
+    needed, wanted = set(), set(targets)
+    for i in reversed(range(len(graph.node))):
+        node = graph.node[i]
+        if wanted.intersection(node.output):
+            needed.add(i)
+            wanted.update(_node_reads(node))
+    pieces, start = [], 0
+    for target in targets:
+        end = produced_at.get(target, -1) + 1
+        pieces.append([graph.node[i] for i in range(start, max(end, start)) if i in needed])
+        start = max(end, start)
+    made_by = [{out for node in nodes for out in node.output if out} for nodes in pieces]
+    state = {i.name for i in graph.input} | set().union(*made_by)
+    reads = [sorted(({target} | {name for node in nodes for name in _node_reads(node)}) - made - initializers & state)
+             for target, nodes, made in zip(targets, pieces, made_by)]
+    last_read = {name: k for k, names in enumerate(reads) for name in names}
+    segments = []
+    for k, (target, nodes, made) in enumerate(zip(targets, pieces, made_by)):
+        writes = sorted(name for name in made if last_read.get(name, -1) > k)
+        frees = sorted(name for name in reads[k] if last_read[name] == k)
+        segments.append(Segment(target, tuple(nodes), tuple(reads[k]), tuple(writes), tuple(frees)))
+    return segments
+
+
+def segment_model(g: Graph, segment: Segment, types: dict[str, int],
+                  weight: Callable[[str], np.ndarray | None]) -> ModelProto:
+    """The segment as a model: its reads as inputs (of the element types the state holds), its
+    writes and its target as outputs. An initializer comes from `weight(name)` when that gives an
+    array (the caller's current values), else from the model."""
+    names = {name for node in segment.nodes for name in _node_reads(node)}
+    initializers = [make_initializer(name, value) if (value := weight(name)) is not None
+                    else with_data(g.initializers[name], g.weights_dir)
+                    for name in sorted(names) if name in g.initializers]
+    inputs = [helper.make_tensor_value_info(name, types[name], None) for name in segment.reads]
+    outputs = [helper.make_tensor_value_info(name, g.value_types.get(name, TensorProto.UNDEFINED), None)
+               for name in dict.fromkeys([*segment.writes, segment.target]) if name not in segment.reads]
+    return fragment(g.model, segment.nodes, inputs, outputs, initializers)
+
+
+def grams_in_order(g: Graph, targets: Iterable[str], states: list[dict[str, np.ndarray]],
+                   weight: Callable[[str], np.ndarray | None],
+                   advance: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, np.ndarray]]:
+    """Each target's Gram matrix (moments.gram, summed) over every state (one per calibration
+    batch, starting as the batch's feeds), target after target in graph order.
+    The segment that computes a target is built when it is reached, with the initializers
+    `weight` gives then: a caller that changes weights between targets feeds each later segment
+    the changed ones. `states` are advanced in place."""
+    for segment in cut(g.graph, targets):
+        types = {name: helper.np_dtype_to_tensor_dtype(states[0][name].dtype) for name in segment.reads}
+        # A target the model reads as given needs no session (and ORT makes none without outputs).
+        sess = session(segment_model(g, segment, types, weight), spinning=False) if segment.nodes else None
+        outputs = [o.name for o in sess.get_outputs()] if sess else []
+        total = None
+        for state in states:
+            values = dict(zip(outputs, sess.run(outputs, {name: state[name] for name in segment.reads}))) if sess else {}
+            target = values[segment.target] if segment.target in values else state[segment.target]
+            total = gram(target) if total is None else np.add(total, gram(target), out=total)
+            state.update((name, values[name]) for name in segment.writes)
+            for name in segment.frees:
+                state.pop(name, None)
+        del sess
+        advance(1)
+        yield segment.target, total
