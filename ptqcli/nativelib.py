@@ -14,12 +14,15 @@ from .geometry import MATRIX_OPS
 
 DOMAIN = "ptqcli"
 # The operators the library registers: each weight format's kernel family (the format table), and
-# Binary for binarized inputs, times each weighted op (the layer geometry). The library's own list
-# (native/src/ops.cpp, kOps) is read by `library_operators`; a test holds the two equal.
+# Binary for binarized inputs, times each weighted op (the layer geometry); and the integer LSTM
+# (ptqcli/recurrent.py). The library's own list (native/src/ops.cpp) is read by
+# `library_operators`; a test holds the two equal.
 BINARY_FAMILY = "Binary"
-OPERATORS = tuple(f"{family}{op}"
-                  for family in (*dict.fromkeys(f.native for f in FORMATS.values() if f.native), BINARY_FAMILY)
-                  for op in MATRIX_OPS)
+MATRIX_OPERATORS = tuple(f"{family}{op}"
+                         for family in (*dict.fromkeys(f.native for f in FORMATS.values() if f.native), BINARY_FAMILY)
+                         for op in MATRIX_OPS)
+INT_LSTM = "IntLSTM"
+OPERATORS = (*MATRIX_OPERATORS, INT_LSTM)
 LIBRARY = "libptqcli_ops.so"
 # Written by setup.py beside the library on every build: built or not, why not, which headers.
 BUILD_RECORD = "native_build.json"

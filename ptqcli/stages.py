@@ -69,6 +69,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
             plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress)
         elif quant.rounding.value != "nearest":
             plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
+        if has_data:
+            plan = fit_integer_lstms(g, plan, data, inputs, progress)
         rundir.write_float_model(run, g.model)
         rundir.write_npz(run / rundir.STATS, save_stats(stats))
         rundir.write_plan(run, plan)
@@ -222,6 +224,21 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     return requantize_biases(g, replace(plan, tensors=tensors_out), stats, quant)
 
 
+def fit_integer_lstms(g: Graph, plan: Plan, data: DataConfig, inputs, progress: Progress = silent) -> Plan:
+    """The tables of ptqcli's integer LSTM operator (calibrate/lstm.py) for the plan's int8 LSTMs,
+    kept in the plan for a native export."""
+    from .calibrate.lstm import FIT_SAMPLES, eligible, fit_lstms
+
+    layers, _ = eligible(g, plan)
+    if not layers:
+        return plan
+    with progress("integer LSTM tables", len(layers)) as advance:
+        batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, FIT_SAMPLES), model=g.model))
+        records = fit_lstms(g, plan, batches)
+        advance(len(layers))
+    return replace(plan, config={**plan.config, "integer_lstm": records})
+
+
 def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
                       progress: Progress = silent, only: set[str] | None = None) -> Plan:
     """AdaRound / AdaQuant over the plan's layers (those of the weights in `only`, if given), then
@@ -317,9 +334,10 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
         require_library()
         quantized, report = export_native(quantized, g, plan)
         if not report.replaced:
+            first = next(iter(report.kept.items()), None)
+            why = f"; {first[0]}: {first[1]}" if first else ""
             raise PtqError("no layer has a native kernel (native export runs int2-int4, binary, ternary and pow2 up to "
-                           "4 bits); "
-                           "use --format qdq")
+                           f"4 bits, and int8 LSTMs){why}; use --format qdq")
         native = {"replaced": report.replaced, "kept": report.kept}
     choice = containers.choose(plan, container, frozenset(native["replaced"] if native else ()))
     extra_bytes = containers.widen(quantized, plan, choice)

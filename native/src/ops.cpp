@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "lstm.h"
 
 namespace {
 
@@ -529,6 +530,7 @@ struct Op : Ort::CustomOpBase<Op, Kernel, true> {
 
 std::once_flag ops_made;
 std::vector<std::unique_ptr<Op>>* all_ops = nullptr;
+ptq::IntLstmOp* int_lstm = nullptr;
 Ort::CustomOpDomain* domain = nullptr;
 
 }  // namespace
@@ -555,6 +557,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
         all_ops->push_back(std::make_unique<Op>(entry));
         domain->Add(all_ops->back().get());
       }
+      int_lstm = new ptq::IntLstmOp();
+      domain->Add(int_lstm);
     });
     Ort::UnownedSessionOptions(options).Add(*domain);
     return nullptr;
@@ -577,7 +581,7 @@ extern "C" __attribute__((visibility("default"))) const char* PtqNativeOperators
       joined += (joined.empty() ? "" : ",");
       joined += entry.name;
     }
-    return joined;
+    return joined + "," + ptq::IntLstmOp().GetName();
   }();
   return names.c_str();
 }

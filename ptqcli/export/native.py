@@ -19,9 +19,11 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 from ..geometry import MATRIX_OPS, flat_rows, geometry, kernel_attributes, native_unsupported
 from ..graph import Graph, clone, keep_only, reads
 from ..ops import attr
-from ..nativelib import DOMAIN
+from ..nativelib import DOMAIN, INT_LSTM
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import codes
+from ..recurrent import from_record, operator_inputs
+from ..calibrate.lstm import eligible as lstm_eligible, weight_codes
 from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
@@ -129,7 +131,9 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
         if node.name in dropped:
             continue
         layer = layers.get(node.name.removesuffix(NBITS_SUFFIX) if node.op_type == "MatMulNBits" else node.name)
-        if layer is None or node.op_type not in (*MATRIX_OPS, "MatMulNBits") or layer.weight not in plan.tensors:
+        if layer is not None and node.op_type == "LSTM":
+            replacement = _replace_lstm(node, layer, g, plan, new_inits, report)
+        elif layer is None or node.op_type not in (*MATRIX_OPS, "MatMulNBits") or layer.weight not in plan.tensors:
             replacement = None
         elif node.name in plan.binary_inputs:
             replacement = _replace_binarized(node, layer, g, plan, inits, new_inits, report)
@@ -198,6 +202,30 @@ def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, rep
     report.replaced[node.name] = op_type
     return helper.make_node(op_type, inputs, list(node.output), name=node.name, domain=DOMAIN, K=k, N=n,
                             group_size=group_size, **kernel_attributes(node, w))
+
+
+def _replace_lstm(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, report) -> NodeProto | None:
+    """ptqcli's IntLSTM for an LSTM whose tables calibration fitted (ptqcli/recurrent.py)."""
+    record = plan.config.get("integer_lstm", {}).get(layer.node)
+    if record is None:
+        _, why = lstm_eligible(g, plan)
+        report.kept[layer.node] = why.get(layer.node, "its integer tables were not fitted (calibrated without data)")
+        return None
+    original = g.node_by_name[layer.node]
+    (w, w_scale), (r, r_scale) = (weight_codes(g, plan, name) for name in layer.weights)
+    bias = g.constant(original.input[3]) if len(original.input) > 3 and original.input[3] else None
+    params = from_record(record, w, w_scale, r, r_scale, bias)
+    named = {key: f"{node.name}_int_{key}" for key in ("W", "R", "W_mult", "R_mult", "Bias", "knots", "values", "slopes")}
+    new_inits.extend(numpy_helper.from_array(np.ascontiguousarray(value), named[key])
+                     for key, value in operator_inputs(params).items())
+    states = [node.input[i] if len(node.input) > i else "" for i in (5, 6)]
+    inputs = [node.input[0], *named.values(), *states]
+    while inputs[-1] == "":
+        inputs.pop()
+    report.replaced[node.name] = INT_LSTM
+    return helper.make_node(INT_LSTM, inputs, list(node.output), name=node.name, domain=DOMAIN,
+                            hidden_size=attr(original, "hidden_size"), x_scale=params.x_scale,
+                            cell_frac=params.cell_frac, direction=attr(original, "direction", "forward"))
 
 
 def _absorb_pad(conv: NodeProto, producers, consumers, inits) -> None:

@@ -61,3 +61,38 @@ def test_whole_feeds_takes_each_file_as_it_is(tmp_path):
     whole = list(iter_batches(folder, [spec], DataConfig(whole_feeds=True), limit=100))
     assert [b.feeds["x"].shape for b in whole] == [(7, 2, 12), (11, 2, 12)]
     assert count_samples(folder, [spec], DataConfig(whole_feeds=True)) == 2
+
+
+def _with_clip(model):
+    node = next(n for n in model.graph.node if n.op_type == "LSTM")
+    node.attribute.append(onnx.helper.make_attribute("clip", 3.0))
+    return model
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_native_export_runs_an_lstm_on_integers_with_tables_fitted_on_the_calibration_data(tmp_path, clipped):
+    """--format native puts the LSTM on ptqcli's IntLSTM (int8 weights and inputs, int16 gates and
+    cell, piecewise-linear sigmoid and tanh fitted at calibration); an LSTM it cannot run (a
+    clipped cell) stays the QDQ LSTM and the export says why."""
+    model = recurrent_model("LSTM")
+    if clipped:
+        model = _with_clip(model)
+    path, data, out = tmp_path / "lstm.onnx", tmp_path / "x.npy", tmp_path / "q.onnx"
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(0)
+    np.save(data, rng.normal(0, 1, (20, 64, 12)).astype(np.float32))
+    r = ptq("quantize", path, "--data", data, "--format", "native", "-o", out, "--no-latency")
+    if clipped:  # its only other layer, an int8 Gemm, has no native kernel either
+        assert r.returncode == 1 and "rnn: it clips its cell" in r.stderr and not out.exists()
+        return
+    assert r.returncode == 0, r.stderr
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    plan = json.loads((tmp_path / "q.onnx.run" / "plan.json").read_text())
+    assert "IntLSTM" in ops and "LSTM" not in ops
+    tables = plan["config"]["integer_lstm"]["rnn"]
+    assert len(tables["tables"]) == 1 and len(tables["tables"][0]) == 3 and 0 <= tables["cell_frac"] <= 15
+    x = rng.normal(0, 1, (20, 32, 12)).astype(np.float32)
+    f = session(model).run(None, {"x": x})[0]
+    q = session(onnx.load(str(out))).run(None, {"x": x})[0]
+    assert np.mean(f.argmax(1) == q.argmax(1)) >= 0.9
+    assert np.corrcoef(f.ravel(), q.ravel())[0, 1] > 0.999

@@ -8,11 +8,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ptqcli"
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    ("base", ["errors", "files", "formats", "ops", "geometry", "graph", "quant", "plan", "config", "progress",
+    ("base", ["errors", "files", "formats", "ops", "recurrent", "geometry", "graph", "quant", "plan", "config", "progress",
               "metrics", "numeric", "runtime", "nativelib", "prepare"]),
     ("data", ["calibrate.data"]),
     ("observe", ["calibrate.collect", "calibrate.moments", "calibrate.segments", "calibrate.observers", "calibrate.select"]),
-    ("plan", ["calibrate.planner", "calibrate.bias_correction", "calibrate.probe", "calibrate.settle", "calibrate.smooth",
+    ("plan", ["calibrate.planner", "calibrate.lstm", "calibrate.bias_correction", "calibrate.probe", "calibrate.settle", "calibrate.smooth",
               "rundir"]),
     ("transform", ["calibrate.layerwise", "calibrate.gptq", "calibrate.synthetic", "masks", "allocate"]),
     ("export", ["export.qdq", "export.nbits", "export.container", "export.native", "export.native_ref", "export.binarize",

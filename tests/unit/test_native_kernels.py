@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptqcli import nativelib
+from ptqcli import recurrent as rc
 from ptqcli.export import native_ref as R
 
 pytestmark = pytest.mark.skipif(
@@ -357,3 +358,91 @@ def test_conv_attributes_are_checked_when_the_session_is_made(name, value, messa
                               **attrs)
     with pytest.raises(Exception, match=message):
         nativelib.session(model.SerializeToString())
+
+
+# --------------------------------------------------------------------------- IntLSTM
+
+def int_lstm_model(params: rc.IntLstm, direction: str, states: bool):
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = rc.operator_inputs(params)
+    names = ["X", *constants] + (["initial_h", "initial_c"] if states else [])
+    hidden = params.directions[0].r.shape[1]
+    node = helper.make_node("IntLSTM", names, ["Y", "Y_h", "Y_c"], domain="ptqcli", hidden_size=hidden,
+                            x_scale=params.x_scale, cell_frac=params.cell_frac, direction=direction)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+              for n in ["X"] + (["initial_h", "initial_c"] if states else [])]
+    graph = helper.make_graph([node], "int_lstm", inputs,
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "Y_h", "Y_c")],
+                              [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ptqcli", 1)])
+
+
+def random_int_lstm(rng, dirs, hidden, features, fitted: bool) -> rc.IntLstm:
+    """Parameters fitted on random data, or drawn at random over the whole integer ranges."""
+    w = rng.integers(-127, 128, (dirs, 4 * hidden, features)).astype(np.int8)
+    r = rng.integers(-127, 128, (dirs, 4 * hidden, hidden)).astype(np.int8)
+    w_scale = (rng.random(4 * hidden) * 0.01 + 1e-4).astype(np.float32)
+    r_scale = (rng.random(4 * hidden) * 0.01 + 1e-4).astype(np.float32)
+    if fitted:
+        bias = rng.normal(0, 0.5, (dirs, 8 * hidden)).astype(np.float32)
+        xs = [rng.normal(0, 2, (6, 2, features)).astype(np.float32)]
+        direction = "bidirectional" if dirs == 2 else "forward"
+        return rc.fit(w, w_scale, r, r_scale, bias, xs, direction, segments=int(rng.integers(1, 20)))
+    segments = int(rng.integers(1, 24))
+    directions = []
+    for _ in range(dirs):
+        tables = []
+        for _ in range(3):
+            knots = np.sort(rng.choice(np.arange(-32768, 32768), segments + 1, replace=False))
+            tables.append(rc.Pwl.of(knots, rng.integers(-32767, 32768, segments + 1)))
+        directions.append(rc.IntLstmDirection(w[len(directions)], r[len(directions)],
+                                              rng.integers(0, 2**31, 4 * hidden), rng.integers(0, 2**31, 4 * hidden),
+                                              rng.integers(-2**44, 2**44, 4 * hidden), tuple(tables)))
+    return rc.IntLstm(float(rng.random() * 0.1 + 1e-3), int(rng.integers(0, 16)), tuple(directions))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(direction=st.sampled_from(["forward", "reverse", "bidirectional"]), hidden=st.integers(1, 24),
+       features=st.integers(1, 20), steps=st.integers(0, 9), batch=st.integers(1, 4), states=st.booleans(),
+       fitted=st.booleans(), seed=st.integers(0, 2**31))
+def test_int_lstm_fuzz(direction, hidden, features, steps, batch, states, fitted, seed):
+    rng = np.random.default_rng(seed)
+    dirs = 2 if direction == "bidirectional" else 1
+    params = random_int_lstm(rng, dirs, hidden, features, fitted)
+    x = rng.normal(0, 3, (steps, batch, features)).astype(np.float32)
+    feeds = {"X": x}
+    if states:
+        feeds["initial_h"] = rng.uniform(-1, 1, (dirs, batch, hidden)).astype(np.float32)
+        feeds["initial_c"] = rng.normal(0, 2, (dirs, batch, hidden)).astype(np.float32)
+    got = nativelib.session(int_lstm_model(params, direction, states).SerializeToString(), threads=2).run(None, feeds)
+    expected = rc.int_lstm(params, x, feeds.get("initial_h"), feeds.get("initial_c"), direction)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"cell_frac": 16}, "cell_frac must be 0-15"),
+    ({"direction": "sideways"}, "direction must be forward, reverse or bidirectional"),
+    ({"x_scale": 0.0}, "x_scale must be positive"),
+])
+def test_int_lstm_attributes_are_checked_when_the_session_is_made(change, message):
+    params = random_int_lstm(np.random.default_rng(0), 1, 4, 3, fitted=False)
+    model = int_lstm_model(params, "forward", False)
+    for a in model.graph.node[0].attribute:
+        if a.name in change:
+            if a.name == "direction":
+                a.s = change[a.name].encode()
+            elif a.name == "x_scale":
+                a.f = change[a.name]
+            else:
+                a.i = change[a.name]
+    with pytest.raises(Exception, match=message):
+        nativelib.session(model.SerializeToString())
+
+
+def test_int_lstm_input_of_the_wrong_width_is_a_clear_error():
+    params = random_int_lstm(np.random.default_rng(0), 1, 4, 3, fitted=False)
+    sess = nativelib.session(int_lstm_model(params, "forward", False).SerializeToString())
+    with pytest.raises(Exception, match="last dimension of X must be F=3"):
+        sess.run(None, {"X": np.zeros((2, 1, 5), np.float32)})

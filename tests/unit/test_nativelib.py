@@ -38,7 +38,7 @@ def test_operator_names_match_the_library():
     from ptqcli.export import native_ref as R
     import numpy as np
 
-    for op in nativelib.OPERATORS:
+    for op in nativelib.MATRIX_OPERATORS:  # IntLSTM: tests/unit/test_native_kernels.py
         k, n = 64, 2
         if op.startswith("Binary"):
             constants = {"W": R.pack_signs(np.ones((n, k), np.float32)), "W_scale": np.ones(n, np.float32)}
