@@ -45,6 +45,7 @@ RoundingOpt = Annotated[Optional[str], typer.Option("--rounding", help="Weight r
 BlockOpt = Annotated[Optional[int], typer.Option("--block-size", help="Block-wise weight scales for MatMul/Gemm layers: one per this many input channels (16, 32, 64, 128, ...); weight-only MatMuls export as MatMulNBits.")]
 FloatZeroOpt = Annotated[Optional[bool], typer.Option("--float-zero-points", help="Weight-only block-wise MatMuls (MatMulNBits): each block's zero point in float, unrounded, so the grid fits the block's range exactly (implies --weight-zero-points).")]
 WeightZeroOpt = Annotated[Optional[bool], typer.Option("--weight-zero-points/--symmetric-weights", help="Give each weight channel or block a zero point [default: symmetric].")]
+ActOrderOpt = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: round input channels in order of decreasing Hessian diagonal, block scales fitted first [default: off].")]
 AccuracyOpt = Annotated[Optional[int], typer.Option("--accuracy-level", help="MatMulNBits compute type: 0 as the input, 4 int8 (fastest on CPU) [default: 4].")]
 RoundingItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Optimisation steps: per layer for adaround/adaquant [default: 1000], per batch for --synthetic bn [default: 500].")]
 BiasCorrOpt = Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Remove the output mean shift of weight quantization [default: on below 8 bits].")]
@@ -124,7 +125,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
              act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed, binary_acts=None,
              act_damage_limit=None, smooth=None, block_size=None, weight_zero_points=None, accuracy_level=None,
-             feedback=None, whole_feeds=None, embeddings=None, keep=None, float_zero_points=None):
+             feedback=None, whole_feeds=None, embeddings=None, keep=None, float_zero_points=None, act_order=None):
     from .export.card import load_recipe
 
     doc = load_recipe(str(recipe) if recipe else None)
@@ -135,7 +136,8 @@ def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std
         exclude_ops=_names(exclude_ops), seed=seed, binary_acts=_names(binary_acts),
         act_damage_limit=act_damage_limit, smooth=smooth, block_size=block_size, embeddings=embeddings,
         weight_symmetric=None if weight_zero_points is None else not weight_zero_points,
-        accuracy_level=accuracy_level, keep=_names(keep), float_zero_points=float_zero_points), "quant options")
+        accuracy_level=accuracy_level, keep=_names(keep), float_zero_points=float_zero_points,
+        act_order=act_order), "quant options")
     data_cfg = merge(DataConfig, doc.get("data", {}), dict(
         path=data, synthetic=synthetic, synthetic_iters=iters if synthetic else None, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), layout=layout, color=color, feedback=feedback,
@@ -166,7 +168,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
               exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
               act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None, embeddings: EmbeddingsOpt = None,
              block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None, keep: KeepOpt = None,
-             float_zero_points: FloatZeroOpt = None):
+             float_zero_points: FloatZeroOpt = None, act_order: ActOrderOpt = None):
     """Observe activations on calibration data; write statistics and a plan to a run directory."""
     from . import stages
     from .report import plan_table
@@ -176,7 +178,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
                                block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep,
-                               float_zero_points)
+                               float_zero_points, act_order)
     plan = stages.calibrate(model, quant, data_cfg, output, rich_progress)
     out.print(plan_table(plan))
     out.print(f"run directory: [bold]{output}[/bold]")
@@ -301,7 +303,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None, embeddings: EmbeddingsOpt = None,
              block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None, keep: KeepOpt = None,
-             float_zero_points: FloatZeroOpt = None,
+             float_zero_points: FloatZeroOpt = None, act_order: ActOrderOpt = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
              latency: LatencyOpt = True, container: ContainerOpt = "auto", stream: StreamOpt = None):
     """Calibrate and export in one go."""
@@ -316,7 +318,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
                                block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep,
-                               float_zero_points)
+                               float_zero_points, act_order)
     if _streams(model, quant, data_cfg, fmt, stream, eval_data, run_dir):
         check_writable(output)
         plan = stages.quantize_streaming(model, output, quant, data_cfg, rich_progress)

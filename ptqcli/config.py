@@ -160,6 +160,8 @@ class QuantConfig:
     accuracy_level: int = 4
     # Weight-only block-wise MatMuls: unrounded float zero points (implies zero points).
     float_zero_points: bool = False
+    # GPTQ: input channels in order of decreasing Hessian diagonal (static block scales).
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         parse_weight_format(self.weights)

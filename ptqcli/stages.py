@@ -211,7 +211,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
 
     # One state per calibration batch: its feeds, then what each segment leaves for the next.
     states = [{**batch.feeds, **gates} for batch in iter_batches(data.path, inputs, data, limit=samples, model=g.model)]
-    cfg, report = GptqConfig(), []
+    cfg, report = GptqConfig(act_order=quant.act_order), []
     with progress("gptq: layers", len(readers)) as advance:
         for tensor, gram in grams_in_order(prefix, readers, states, current, advance):
             for layer, in_axis in readers[tensor]:
