@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import (ActFormat, DataConfig, Granularity, Method, QuantConfig, ReduceRange, WeightMethod,
@@ -81,7 +82,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except PtqError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/red]")
@@ -89,7 +90,7 @@ def user_errors(fn):
         except Exception as exc:  # a bug, not bad input: still one line, with a way to see more
             if os.environ.get("PTQ_DEBUG"):
                 raise
-            err.print(f"[red]error:[/red] internal error: {type(exc).__name__}: {exc} (set PTQ_DEBUG=1 for a traceback)",
+            err.print(f"[red]error:[/red] internal error: {type(exc).__name__}: {escape(str(exc))} (set PTQ_DEBUG=1 for a traceback)",
                       highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -352,6 +353,8 @@ def allocate(run: RunArg,
              act_candidates: Annotated[str, typer.Option("--act-candidates", help="Activation bit-widths to choose from (8, 4).")] = "8",
              keep: Annotated[Optional[str], typer.Option("--keep", help="Pinned layers: first, last, node names, each =BITS (default 8).")] = None,
              samples: Annotated[int, typer.Option("--samples", help="Calibration samples for the sensitivity runs.")] = 64,
+             ray: Annotated[Optional[str], typer.Option("--ray", help="Run the sensitivity measurements as Ray tasks: auto (a local Ray of --workers CPUs) or a running cluster's address host:port; needs pip install 'ptqcli[ray]'.")] = None,
+             workers: Annotated[int, typer.Option("--workers", help="With --ray auto: CPUs of the local Ray (each task one CPU, one ORT thread).")] = 2,
              time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Seconds the solver may take.")] = None,
              pareto: Annotated[bool, typer.Option("--pareto", help="Sweep budgets; export and evaluate every plan; write a CSV and PNG.")] = False,
              max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Move the fewest layers or activations back to float, most harmful first, until the exported model is within this of float on --eval-data: accuracy points with labels, else 1 - mean output cosine, or --metric's drop.")] = None,
@@ -366,6 +369,7 @@ def allocate(run: RunArg,
 
     from .allocate.costs import parse_size
     from .allocate.stage import AllocationConfig, Budget, load_context
+    from .parallel import Workers
     from .stages import allocate as run_allocation
 
     budgets = (budget, budget_bits, budget_bops, max_damage)
@@ -379,7 +383,8 @@ def allocate(run: RunArg,
     cfg = AllocationConfig(weight_formats=tuple(f"int{v}" if v.strip().isdigit() else v.strip()
                                                 for v in weight_candidates.split(",") if v.strip()),
                            act_bits=_ints(act_candidates, "--act-candidates"),
-                           keep=_names(keep) or (), samples=samples, time_limit=time_limit)
+                           keep=_names(keep) or (), samples=samples, time_limit=time_limit,
+                           workers=Workers(ray, workers))
     if pareto:
         _pareto(load_context(run), cfg, eval_data, eval_samples)
         return

@@ -17,6 +17,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from . import nativelib
 from .errors import PtqError
+from .parallel import session_threads
 from .graph import clone, keep_only, model_bytes_or_path, reads, shell, subgraph_reads, through_file, write_external
 
 
@@ -28,6 +29,8 @@ def session_options(model: ModelProto) -> ort.SessionOptions:
     """Quiet options, with the ptqcli operator library registered when the model uses it."""
     options = nativelib.session_options() if uses_native_ops(model) else ort.SessionOptions()
     options.log_severity_level = 3
+    if session_threads():  # a Ray task's share of its machine
+        options.intra_op_num_threads = session_threads()
     return options
 
 

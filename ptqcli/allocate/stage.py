@@ -19,6 +19,7 @@ from ..calibrate.data import iter_batches, model_inputs
 from ..calibrate.planner import build_plan, kept_layers, requantize_biases
 from ..calibrate.select import Selection
 from ..formats import parse_weight_format
+from ..parallel import Workers, run_all
 from ..errors import PtqError
 from ..plan import Plan
 from ..progress import Progress, silent
@@ -42,6 +43,7 @@ class AllocationConfig:
     keep: tuple[str, ...] = ()
     samples: int = 64
     time_limit: float | None = None
+    workers: Workers = Workers()  # where the sensitivity runs go (--ray, --workers)
 
     def __post_init__(self) -> None:
         if not self.weight_formats:
@@ -102,11 +104,36 @@ def damage_table(ctx: Run, options: dict[str, list[Candidate]], cfg: AllocationC
     batches = list(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=cfg.samples, model=ctx.graph.model))
     if not batches:
         raise PtqError(f"no calibration samples could be read from {ctx.data.path}")
-    with progress("measuring layer sensitivity", len(ctx.plan.layers) * len(wanted)) as advance:
-        measure = weight_only_damage if weight_only else measure_damage
-        table = measure(ctx.graph, ctx.plan, ctx.stats, ctx.quant, batches, wanted, advance, float_values(ctx))
+    if cfg.workers.ray is not None and not weight_only:
+        table = _damage_on_workers(ctx, wanted, cfg, progress)
+    else:
+        with progress("measuring layer sensitivity", len(ctx.plan.layers) * len(wanted)) as advance:
+            measure = weight_only_damage if weight_only else measure_damage
+            table = measure(ctx.graph, ctx.plan, ctx.stats, ctx.quant, batches, wanted, advance, float_values(ctx))
     rundir.write_json(cache, {"key": key, "damage": table})
     return table
+
+
+def _damage_on_workers(ctx: Run, wanted: list[Candidate], cfg: AllocationConfig,
+                       progress: Progress) -> dict[str, dict[str, float]]:
+    """measure_damage split over Ray tasks: each takes every n-th layer (costs vary along a network,
+    so each share holds all depths), reads the run itself and measures its layers' rows."""
+    nodes = [layer.node for layer in ctx.plan.layers]
+    shares = max(1, min(len(nodes), 2 * cfg.workers.count))
+    jobs = [(str(ctx.path), nodes[i::shares], wanted, cfg.samples) for i in range(shares)]
+    with progress(f"measuring layer sensitivity on Ray ({shares} tasks)", shares) as advance:
+        parts = run_all(_damage_rows, jobs, cfg.workers, advance)
+    found = {node: row for part in parts for node, row in part.items()}
+    return {node: found[node] for node in nodes if node in found}
+
+
+def _damage_rows(job: tuple[str, list[str], list[Candidate], int]) -> dict[str, dict[str, float]]:
+    """One Ray task of _damage_on_workers: the rows of `nodes`, as measure_damage computes them."""
+    run_dir, nodes, wanted, samples = job
+    ctx = load_base(run_dir)
+    batches = list(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=samples, model=ctx.graph.model))
+    return measure_damage(ctx.graph, ctx.plan, ctx.stats, ctx.quant, batches, {node: wanted for node in nodes},
+                          values=float_values(ctx))
 
 
 def solve(ctx: Run, budget: Budget, cfg: AllocationConfig, progress: Progress = silent,

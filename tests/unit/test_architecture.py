@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ptqcli"
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    ("base", ["errors", "files", "formats", "ops", "recurrent", "geometry", "graph", "quant", "plan", "config", "progress",
+    ("base", ["errors", "files", "formats", "ops", "recurrent", "parallel", "geometry", "graph", "quant", "plan", "config", "progress",
               "metrics", "numeric", "runtime", "nativelib", "prepare"]),
     ("data", ["calibrate.data"]),
     ("observe", ["calibrate.collect", "calibrate.moments", "calibrate.segments", "calibrate.observers", "calibrate.select"]),

@@ -1,0 +1,54 @@
+"""--ray: the allocation's sensitivity runs as Ray tasks on a local Ray of two workers, with the
+same plan and sensitivity bytes as in one process; an address nobody answers at and a missing Ray
+are one-line errors."""
+
+import shutil
+import sys
+import time
+
+import pytest
+
+from conftest import ASSETS
+from test_cli import ptq
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left_running():
+    """Each test starts without a Ray connection in this process and leaves none behind."""
+    yield
+    if "ray" in sys.modules and sys.modules["ray"] is not None and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+def _calibrated(tmp_path):
+    run = tmp_path / "run"
+    r = ptq("calibrate", ASSETS / "fashion_cnn.onnx", "--data", ASSETS / "fashion_calib.npz", "-o", run)
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+def test_sensitivity_on_two_local_ray_workers_gives_the_same_plan(tmp_path):
+    here, there = _calibrated(tmp_path), tmp_path / "on_ray"
+    shutil.copytree(here, there)
+    args = ("--budget-bits", "5", "--weight-candidates", "8,4,3")
+    assert ptq("allocate", here, *args).returncode == 0
+    r = ptq("allocate", there, *args, "--ray", "auto", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    for name in ("plan.json", "sensitivity.json", "allocation.json"):
+        assert (here / name).read_bytes() == (there / name).read_bytes(), name
+
+
+def test_an_address_that_does_not_answer_fails_in_one_line_within_seconds(tmp_path):
+    run = _calibrated(tmp_path)
+    started = time.perf_counter()
+    r = ptq("allocate", run, "--budget-bits", "5", "--ray", "127.0.0.1:9")
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "no Ray cluster answers there" in r.stderr
+    assert time.perf_counter() - started < 30
+
+
+def test_without_ray_installed_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    run = _calibrated(tmp_path)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as without the extra
+    r = ptq("allocate", run, "--budget-bits", "5", "--ray", "auto")
+    assert r.returncode == 1 and "pip install 'ptqcli[ray]'" in r.stderr
