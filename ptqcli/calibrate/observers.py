@@ -1,9 +1,12 @@
 """Streaming activation statistics and the range choosers that read them.
 
 One ``Histogram`` per tensor: exact min/max plus a histogram over [-R, R] on a fixed number of
-bins. When a value beyond R arrives, R doubles and adjacent bins merge in pairs, which is exact
-(bin edges stay aligned), so memory is constant in the number of samples and the result does not
-depend on how samples were batched beyond the first batch's range.
+bins, R a power of two. When a value beyond R arrives, R doubles and adjacent bins merge in pairs,
+which is exact (bin edges stay aligned; values equal to R, kept in the last bin, are counted apart
+so that they move to the bin 2R gives them), so memory is constant in the number of samples and the
+counts are those binning at the final R would give: they do not depend on how the samples were
+batched or in which order, and histograms of disjoint shards merge (`merged`) into exactly the
+histogram of one pass over all of them.
 
 Range choosers (minmax, percentile, mse, entropy) are pure functions of a histogram and a grid size.
 """
@@ -28,6 +31,8 @@ class Histogram:
     # Per-channel sums of the values (bias correction needs each layer input's channel means).
     channel_sum: np.ndarray | None = None
     channel_n: int = 0
+    # Values exactly equal to +bound: in the last bin now, in the bin above the middle once R doubles.
+    at_bound: int = 0
 
     @property
     def channel_mean(self) -> np.ndarray | None:
@@ -80,12 +85,14 @@ class Histogram:
         x = _subsample(x)
         self.zeros += x.size - int(np.count_nonzero(x))
         half = self.bins // 2
-        # Shifted to be non-negative, so truncation is floor; x == bound lands in an extra bin
-        # that is folded into the last one.
-        scaled = x * np.float32(half / self.bound)
-        scaled += np.float32(half)
-        binned = np.bincount(scaled.astype(np.intp), minlength=self.bins + 1)
+        # floor(x * half / bound), exactly (a float32 times a power of two is exact in float64, and
+        # so is its floor), so that floor(floor(2y) / 2) = floor(y) makes doubling exact; x == bound
+        # lands in an extra bin that is folded into the last one.
+        index = np.floor(x.astype(np.float64) * (half / self.bound)).astype(np.intp)
+        index += half
+        binned = np.bincount(index, minlength=self.bins + 1)
         binned[self.bins - 1] += binned[self.bins]
+        self.at_bound += int(binned[self.bins])
         self.counts += binned[: self.bins]
 
     def _double(self) -> None:
@@ -93,11 +100,34 @@ class Histogram:
         quarter = self.bins // 4
         counts = np.zeros_like(self.counts)
         counts[quarter : quarter + merged.size] = merged
+        # x == R is binned where 2R puts it, one bin above its pair's
+        top = quarter + merged.size - 1
+        counts[top] -= self.at_bound
+        counts[top + 1] += self.at_bound
+        self.at_bound = 0
         self.counts = counts
         self.bound *= 2.0
 
+    def merged(self, other: "Histogram") -> "Histogram":
+        """This histogram and one of other samples (the same bin count) as one: both at the larger
+        bound, counts added, extremes and zeros combined; channel sums added in the order given."""
+        if other.bins != self.bins:
+            raise ValueError("histograms of different bin counts do not merge")
+        a, b = (Histogram(h.bins, h.counts.copy(), h.bound, h.lo, h.hi, h.zeros, h.channel_sum, h.channel_n,
+                          h.at_bound) for h in (self, other))
+        bound = max(a.bound, b.bound)
+        for h in (a, b):
+            while 0.0 < h.bound < bound:
+                h._double()
+            if h.bound == 0.0:
+                h.bound = bound
+        sums = a.channel_sum if b.channel_sum is None else b.channel_sum if a.channel_sum is None \
+            else a.channel_sum + b.channel_sum
+        return Histogram(a.bins, a.counts + b.counts, bound, min(a.lo, b.lo), max(a.hi, b.hi), a.zeros + b.zeros,
+                         sums, a.channel_n + b.channel_n, a.at_bound + b.at_bound)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
-        meta = np.array([self.bound, self.lo, self.hi, self.zeros, self.channel_n], dtype=np.float64)
+        meta = np.array([self.bound, self.lo, self.hi, self.zeros, self.channel_n, self.at_bound], dtype=np.float64)
         arrays = {"counts": self.counts, "meta": meta}
         if self.channel_sum is not None:
             arrays["chsum"] = self.channel_sum
@@ -106,8 +136,9 @@ class Histogram:
     @staticmethod
     def from_arrays(counts: np.ndarray, meta: np.ndarray, chsum: np.ndarray | None = None) -> "Histogram":
         channel_n = int(meta[4]) if len(meta) > 4 else 0
+        at_bound = int(meta[5]) if len(meta) > 5 else 0
         return Histogram(len(counts), counts.astype(np.int64), float(meta[0]), float(meta[1]), float(meta[2]),
-                         int(meta[3]), chsum, channel_n)
+                         int(meta[3]), chsum, channel_n, at_bound)
 
     def nonzero_counts(self) -> np.ndarray:
         """Counts with the exact zeros taken out of the bin that holds zero."""

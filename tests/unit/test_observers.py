@@ -140,3 +140,41 @@ def test_minmax_only_tracking_skips_the_histogram():
     h.update(np.array([-2.0, 3.0], np.float32), counts=False)
     assert (h.lo, h.hi, h.total) == (-2.0, 3.0, 0)
     assert minmax_range(h) == (-2.0, 3.0)
+
+
+def _shards_and_one_pass(batches, shards, order):
+    one = Histogram.empty(2048)
+    for b in batches:
+        one.update(b)
+    parts = [Histogram.empty(2048) for _ in range(shards)]
+    for i in order:
+        parts[i % shards].update(batches[i])
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merged(part)
+    return one, merged
+
+
+@pytest.mark.parametrize("shards", [2, 3, 4])
+@pytest.mark.parametrize("backwards", [False, True])
+def test_histograms_of_shards_merge_into_exactly_the_one_pass_histogram(shards, backwards):
+    """Whatever the shards and the order: counts, bound, extremes and zeros are those of one pass,
+    values exactly at a power of two (a saturated sigmoid's 1.0, a bound doubled later) included."""
+    rng = np.random.default_rng(0)
+    batches = [np.array([1.0, 0.5, 0.0, -1.0], np.float32),  # peak exactly 1: the first bound, hit
+               *(rng.standard_t(3, 20_000).astype(np.float32) * s for s in (0.5, 1.0, 4.0, 0.25)),
+               np.array([4.0, -4.0, 2.0, 1e-30, -1e-30], np.float32),
+               rng.normal(0, 30, 5_000).astype(np.float32)]
+    order = list(range(len(batches)))
+    one, merged = _shards_and_one_pass(batches, shards, order[::-1] if backwards else order)
+    np.testing.assert_array_equal(merged.counts, one.counts)
+    assert (merged.bound, merged.lo, merged.hi, merged.zeros) == (one.bound, one.lo, one.hi, one.zeros)
+
+
+def test_doubling_bins_a_value_at_the_bound_where_the_doubled_bound_puts_it():
+    early, late = Histogram.empty(16), Histogram.empty(16)
+    early.update(np.array([1.0], np.float32))  # bound 1: the last bin, counted at the bound
+    early.update(np.array([3.0], np.float32))  # bound 4
+    late.update(np.array([3.0], np.float32))
+    late.update(np.array([1.0], np.float32))  # binned at bound 4 directly
+    np.testing.assert_array_equal(early.counts, late.counts)
