@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import (ActFormat, DataConfig, Granularity, Method, QuantConfig, ReduceRange, WeightMethod,
                      merge)
 from .errors import PtqError
+from .parallel import Workers
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization for ONNX models.")
 out = Console()
@@ -46,6 +47,8 @@ RoundingOpt = Annotated[Optional[str], typer.Option("--rounding", help="Weight r
 BlockOpt = Annotated[Optional[int], typer.Option("--block-size", help="Block-wise weight scales for MatMul/Gemm layers: one per this many input channels (16, 32, 64, 128, ...); weight-only MatMuls export as MatMulNBits.")]
 FloatZeroOpt = Annotated[Optional[bool], typer.Option("--float-zero-points", help="Weight-only block-wise MatMuls (MatMulNBits): each block's zero point in float, unrounded, so the grid fits the block's range exactly (implies --weight-zero-points).")]
 WeightZeroOpt = Annotated[Optional[bool], typer.Option("--weight-zero-points/--symmetric-weights", help="Give each weight channel or block a zero point [default: symmetric].")]
+RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run independent work as Ray tasks: auto (a local Ray of --workers CPUs) or a running cluster's address host:port; needs pip install 'ptqcli[ray]'.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="With --ray auto: CPUs of the local Ray (each task one CPU, one ORT thread).")]
 ActOrderOpt = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: round input channels in order of decreasing Hessian diagonal, block scales fitted first [default: off].")]
 AccuracyOpt = Annotated[Optional[int], typer.Option("--accuracy-level", help="MatMulNBits compute type: 0 as the input, 4 int8 (fastest on CPU) [default: 4].")]
 RoundingItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Optimisation steps: per layer for adaround/adaquant [default: 1000], per batch for --synthetic bn [default: 500].")]
@@ -169,7 +172,8 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
               exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
               act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None, embeddings: EmbeddingsOpt = None,
              block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None, keep: KeepOpt = None,
-             float_zero_points: FloatZeroOpt = None, act_order: ActOrderOpt = None):
+             float_zero_points: FloatZeroOpt = None, act_order: ActOrderOpt = None, ray: RayOpt = None,
+             workers: WorkersOpt = 2):
     """Observe activations on calibration data; write statistics and a plan to a run directory."""
     from . import stages
     from .report import plan_table
@@ -180,7 +184,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
                                block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep,
                                float_zero_points, act_order)
-    plan = stages.calibrate(model, quant, data_cfg, output, rich_progress)
+    plan = stages.calibrate(model, quant, data_cfg, output, rich_progress, Workers(ray, workers))
     out.print(plan_table(plan))
     out.print(f"run directory: [bold]{output}[/bold]")
 
@@ -353,8 +357,7 @@ def allocate(run: RunArg,
              act_candidates: Annotated[str, typer.Option("--act-candidates", help="Activation bit-widths to choose from (8, 4).")] = "8",
              keep: Annotated[Optional[str], typer.Option("--keep", help="Pinned layers: first, last, node names, each =BITS (default 8).")] = None,
              samples: Annotated[int, typer.Option("--samples", help="Calibration samples for the sensitivity runs.")] = 64,
-             ray: Annotated[Optional[str], typer.Option("--ray", help="Run the sensitivity measurements as Ray tasks: auto (a local Ray of --workers CPUs) or a running cluster's address host:port; needs pip install 'ptqcli[ray]'.")] = None,
-             workers: Annotated[int, typer.Option("--workers", help="With --ray auto: CPUs of the local Ray (each task one CPU, one ORT thread).")] = 2,
+             ray: RayOpt = None, workers: WorkersOpt = 2,
              time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Seconds the solver may take.")] = None,
              pareto: Annotated[bool, typer.Option("--pareto", help="Sweep budgets; export and evaluate every plan; write a CSV and PNG.")] = False,
              max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Move the fewest layers or activations back to float, most harmful first, until the exported model is within this of float on --eval-data: accuracy points with labels, else 1 - mean output cosine, or --metric's drop.")] = None,
@@ -369,7 +372,6 @@ def allocate(run: RunArg,
 
     from .allocate.costs import parse_size
     from .allocate.stage import AllocationConfig, Budget, load_context
-    from .parallel import Workers
     from .stages import allocate as run_allocation
 
     budgets = (budget, budget_bits, budget_bops, max_damage)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .calibrate.collect import collect, save_stats
+from .calibrate.collect import Shard, collect, collect_shards, save_stats, shard_bounds
 from .calibrate.data import count_samples, iter_batches, model_inputs
+from .parallel import Workers
 from .calibrate.planner import build_plan, requantize_biases
 from .calibrate.select import select
 from .config import DataConfig, QuantConfig, ReduceRange, cpu_name, to_jsonable
@@ -36,8 +37,9 @@ def load_prepared(model_path: str | Path) -> Graph:
 
 
 def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_dir: str | Path,
-              progress: Progress = silent) -> Plan:
-    """Prepare the model, observe activations on the data in one pass, write the plan."""
+              progress: Progress = silent, workers: Workers = Workers()) -> Plan:
+    """Prepare the model, observe activations on the data in one pass (in shards on Ray when
+    `workers` says so), write the plan."""
     has_data = data.path is not None or data.synthetic is not None
     if not has_data and (quant.static_acts or quant.rounding.value != "nearest"):
         needs = f"--acts {quant.acts.value}" if quant.static_acts else f"{quant.rounding.value} rounding"
@@ -59,7 +61,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
         quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
         sel = select(g, quant)
-        stats, seen = observe(g, sel, quant, data, inputs, progress) if has_data else ({}, 0)
+        stats, seen = observe(g, sel, quant, data, inputs, progress, workers, run) if has_data else ({}, 0)
         extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose}
         if smoothing:
             extra["smoothing"] = smoothing
@@ -85,12 +87,28 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         return plan
 
 
-def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent):
-    """The selected activations' statistics over the calibration data, and the samples seen."""
-    with progress("calibrating", samples_to_read(data, inputs, data.num_samples)) as advance:
-        batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
-        stats, seen = collect(g, sel.activations, batches, quant.bins, advance,
-                              histograms=quant.method.value != "minmax", channel_axes=layer_input_axes(g, sel, quant))
+def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent,
+            workers: Workers = Workers(), run: Path | None = None):
+    """The selected activations' statistics over the calibration data, and the samples seen. On
+    Ray the data is cut into shards of whole batches, each observed by a task reading the prepared
+    model from the run directory; the merged statistics are one pass's, bit for bit. Data fed one
+    sample at a time (states, --feedback, --whole-feeds, a fixed batch) is observed here."""
+    total = samples_to_read(data, inputs, data.num_samples)
+    histograms, axes = quant.method.value != "minmax", layer_input_axes(g, sel, quant)
+    shardable = (workers.ray is not None and run is not None and not data.feedback and not data.whole_feeds
+                 and all(s.batched and s.fixed_batch is None for s in inputs)
+                 and count_samples(data.path, inputs, data) is not None)
+    with progress("calibrating" + (" on Ray" if shardable else ""), total) as advance:
+        if shardable:
+            rundir.write_float_model(run, g.model)
+            shards = [Shard(str(run / rundir.FLOAT_MODEL), list(sel.activations), data, inputs, quant.bins, histograms,
+                            axes, start, count)
+                      for start, count in shard_bounds(total, data.batch_size, 2 * workers.count)]
+            stats, seen = collect_shards(shards, workers, advance)
+        else:
+            batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
+            stats, seen = collect(g, sel.activations, batches, quant.bins, advance, histograms=histograms,
+                                  channel_axes=axes)
     if seen == 0:
         raise PtqError(f"no calibration samples could be read from {data.path}")
     return stats, seen

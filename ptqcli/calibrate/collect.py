@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..config import DataConfig
 from ..errors import PtqError
-from ..graph import Graph
+from ..graph import Graph, load_model
+from ..parallel import Workers, run_all
 from ..runtime import feeds_for, run_session, session
-from .data import Batch, bounded_runs, rows_within
+from .data import Batch, InputSpec, bounded_runs, iter_batches, rows_within
 from .observers import Histogram
 
 Stats = dict[str, Histogram]
@@ -18,7 +21,7 @@ Stats = dict[str, Histogram]
 
 def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
             advance: Callable[[int], None] = lambda n: None, histograms: bool = True,
-            channel_axes: dict[str, int] | None = None) -> tuple[Stats, int]:
+            channel_axes: dict[str, int] | None = None, partials: bool = False) -> tuple[Stats, int]:
     """Histograms for `tensors` over all batches; returns them and the number of samples seen.
 
     The augmented session emits every requested tensor per run; each is folded into its
@@ -26,11 +29,12 @@ def collect(g: Graph, tensors: list[str], batches: Iterable[Batch], bins: int,
     RUN_BYTES (a batch is cut into runs of fewer samples where its activations would take more).
     `histograms=False` keeps only min/max, for methods that need nothing more.
     `channel_axes` asks for per-channel means too ({tensor: channel axis}); such tensors are
-    observed even when they are not in `tensors`.
+    observed even when they are not in `tensors`; `partials` keeps each run's channel sums (a shard's,
+    see collect_shards).
     """
     channel_axes = channel_axes or {}
     tensors = list(tensors) + [t for t in channel_axes if t not in tensors]
-    stats = {name: Histogram.empty(bins) for name in tensors}
+    stats = {name: Histogram.empty(bins, partials) for name in tensors}
     sess = session(g.model, outputs=tensors) if tensors else None
     seen = 0
     for batch, values in stream(sess, tensors, batches):
@@ -73,6 +77,50 @@ def stream(sess, tensors: list[str], batches: Iterable[Batch], overlap: bool = T
             if not overlap:
                 future = pool.submit(run, following) if following is not None else None
             batch = following
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Samples [start, start + count) of the calibration data, observed by one task."""
+
+    model: str  # the prepared float model, as the run directory holds it
+    tensors: list[str]
+    data: DataConfig
+    inputs: list[InputSpec]
+    bins: int
+    histograms: bool
+    channel_axes: dict[str, int]
+    start: int
+    count: int
+
+
+def collect_shards(shards: list[Shard], workers: Workers, advance: Callable[[int], None] = lambda n: None
+                   ) -> tuple[Stats, int]:
+    """collect() over each shard as a task (parallel.run_all), merged in shard order: with shards
+    that cut the data at batch boundaries, the statistics of one pass, bit for bit (histograms merge
+    exactly; channel sums are re-added run by run)."""
+    parts = run_all(_collect_shard, shards, workers, lambda n: advance(0))
+    stats, seen = parts[0]
+    for part, count in parts[1:]:
+        stats = {name: h.merged(part[name]) for name, h in stats.items()}
+        seen += count
+    advance(seen)
+    return {name: replace(h, partials=None) for name, h in stats.items()}, seen
+
+
+def _collect_shard(shard: Shard) -> tuple[Stats, int]:
+    g = Graph(load_model(shard.model))
+    batches = iter_batches(shard.data.path, shard.inputs, shard.data, limit=shard.count, skip=shard.start, model=g.model)
+    return collect(g, shard.tensors, batches, shard.bins, histograms=shard.histograms,
+                   channel_axes=shard.channel_axes, partials=True)
+
+
+def shard_bounds(total: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """(start, count) of up to `shards` runs of whole batches over `total` samples."""
+    batches = -(-total // batch_size)
+    shards = max(1, min(shards, batches))
+    cuts = [i * batches // shards * batch_size for i in range(shards + 1)]
+    return [(lo, min(hi, total) - lo) for lo, hi in zip(cuts, cuts[1:]) if min(hi, total) > lo]
 
 
 def save_stats(stats: Stats) -> dict[str, np.ndarray]:

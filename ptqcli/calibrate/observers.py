@@ -33,6 +33,9 @@ class Histogram:
     channel_n: int = 0
     # Values exactly equal to +bound: in the last bin now, in the bin above the middle once R doubles.
     at_bound: int = 0
+    # Each run's channel sums, in order, when kept (a shard's: `merged` then adds them one by one
+    # onto the shards before it, exactly as one pass would have).
+    partials: list | None = None
 
     @property
     def channel_mean(self) -> np.ndarray | None:
@@ -44,11 +47,14 @@ class Histogram:
         others = tuple(i for i in range(x.ndim) if i != axis)
         sums = x.sum(axis=others, dtype=np.float64)
         self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
+        if self.partials is not None:
+            self.partials.append(sums)
         self.channel_n += x.size // x.shape[axis]
 
     @staticmethod
-    def empty(bins: int) -> "Histogram":
-        return Histogram(bins, np.zeros(bins, dtype=np.int64), 0.0, np.inf, -np.inf)
+    def empty(bins: int, partials: bool = False) -> "Histogram":
+        return Histogram(bins, np.zeros(bins, dtype=np.int64), 0.0, np.inf, -np.inf,
+                         partials=[] if partials else None)
 
     @property
     def edges(self) -> np.ndarray:
@@ -109,22 +115,26 @@ class Histogram:
         self.bound *= 2.0
 
     def merged(self, other: "Histogram") -> "Histogram":
-        """This histogram and one of other samples (the same bin count) as one: both at the larger
-        bound, counts added, extremes and zeros combined; channel sums added in the order given."""
+        """This histogram and one of the samples after them (the same bin count) as one: both at the
+        larger bound, counts added, extremes and zeros combined; channel sums are other's runs added
+        one by one when it kept them (the one-pass sum, bit for bit), else the two sums added."""
         if other.bins != self.bins:
             raise ValueError("histograms of different bin counts do not merge")
         a, b = (Histogram(h.bins, h.counts.copy(), h.bound, h.lo, h.hi, h.zeros, h.channel_sum, h.channel_n,
-                          h.at_bound) for h in (self, other))
+                          h.at_bound, h.partials) for h in (self, other))
         bound = max(a.bound, b.bound)
         for h in (a, b):
             while 0.0 < h.bound < bound:
                 h._double()
             if h.bound == 0.0:
                 h.bound = bound
-        sums = a.channel_sum if b.channel_sum is None else b.channel_sum if a.channel_sum is None \
-            else a.channel_sum + b.channel_sum
+        sums = a.channel_sum
+        for part in (b.partials if b.partials is not None else [b.channel_sum]):
+            if part is not None:
+                sums = part if sums is None else sums + part
+        partials = None if a.partials is None or b.partials is None else a.partials + b.partials
         return Histogram(a.bins, a.counts + b.counts, bound, min(a.lo, b.lo), max(a.hi, b.hi), a.zeros + b.zeros,
-                         sums, a.channel_n + b.channel_n, a.at_bound + b.at_bound)
+                         sums, a.channel_n + b.channel_n, a.at_bound + b.at_bound, partials)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         meta = np.array([self.bound, self.lo, self.hi, self.zeros, self.channel_n, self.at_bound], dtype=np.float64)

@@ -1,6 +1,6 @@
-"""--ray: the allocation's sensitivity runs as Ray tasks on a local Ray of two workers, with the
-same plan and sensitivity bytes as in one process; an address nobody answers at and a missing Ray
-are one-line errors."""
+"""--ray: calibration observed in shards and the allocation's sensitivity runs as Ray tasks on a
+local Ray of two workers, with the same statistics, sensitivity and plan bytes as in one process;
+an address nobody answers at and a missing Ray are one-line errors."""
 
 import shutil
 import sys
@@ -36,6 +36,18 @@ def test_sensitivity_on_two_local_ray_workers_gives_the_same_plan(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("plan.json", "sensitivity.json", "allocation.json"):
         assert (here / name).read_bytes() == (there / name).read_bytes(), name
+
+
+def test_calibration_in_four_shards_on_ray_writes_the_one_pass_statistics(tmp_path):
+    """Four shards of whole batches (two workers), merged: histograms (entropy needs them) and the
+    channel means bias correction reads (int4 weights) are those of one pass, bit for bit."""
+    common = ("calibrate", ASSETS / "fashion_cnn.onnx", "--data", ASSETS / "fashion_calib.npz",
+              "--weights", "int4", "--method", "entropy")
+    assert ptq(*common, "-o", tmp_path / "one").returncode == 0
+    r = ptq(*common, "-o", tmp_path / "shards", "--ray", "auto", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    for name in ("stats.npz", "plan.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "shards" / name).read_bytes(), name
 
 
 def test_an_address_that_does_not_answer_fails_in_one_line_within_seconds(tmp_path):

@@ -178,3 +178,29 @@ def test_doubling_bins_a_value_at_the_bound_where_the_doubled_bound_puts_it():
     late.update(np.array([3.0], np.float32))
     late.update(np.array([1.0], np.float32))  # binned at bound 4 directly
     np.testing.assert_array_equal(early.counts, late.counts)
+
+
+def test_shard_bounds_cut_at_whole_batches_and_cover_every_sample():
+    from ptqcli.calibrate.collect import shard_bounds
+
+    assert shard_bounds(100, 16, 4) == [(0, 16), (16, 32), (48, 32), (80, 20)]  # 7 batches
+    assert shard_bounds(10, 16, 4) == [(0, 10)]
+    for total, batch, shards in ((257, 16, 4), (64, 8, 3), (5, 1, 8)):
+        bounds = shard_bounds(total, batch, shards)
+        assert all(start % batch == 0 for start, _ in bounds)
+        assert sum(count for _, count in bounds) == total and bounds[0][0] == 0
+
+
+def test_merged_channel_sums_are_the_one_pass_sums_bit_for_bit():
+    rng = np.random.default_rng(0)
+    runs = [rng.normal(0, 10 ** rng.uniform(-3, 3), (8, 5)).astype(np.float32) for _ in range(9)]
+    one = Histogram.empty(64)
+    for x in runs:
+        one.update(x)
+        one.update_channels(x, 1)
+    parts = [Histogram.empty(64, partials=True) for _ in range(3)]
+    for i, x in enumerate(runs):
+        parts[i // 3].update(x)
+        parts[i // 3].update_channels(x, 1)
+    merged = parts[0].merged(parts[1]).merged(parts[2])
+    assert merged.channel_sum.tobytes() == one.channel_sum.tobytes() and merged.channel_n == one.channel_n
