@@ -136,10 +136,16 @@ def with_outputs(model: ModelProto, names: list[str]) -> ModelProto:
     """A copy of the model that also returns the given intermediate tensors."""
     out = clone(model)
     existing = {o.name for o in out.graph.output}
-    out.graph.output.extend(
-        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in existing
-    )
+    out.graph.output.extend(_output(model, n) for n in names if n not in existing)
     return out
+
+
+def _output(model: ModelProto, name: str):
+    """An output declaration of `name`, of the element type the model's value_info gives it (float
+    when it does not say: what most tensors asked for are)."""
+    known = next((vi.type.tensor_type.elem_type for vi in (*model.graph.value_info, *model.graph.input)
+                  if vi.name == name and vi.type.HasField("tensor_type")), TensorProto.FLOAT)
+    return helper.make_tensor_value_info(name, known or TensorProto.FLOAT, None)
 
 
 def truncated(model: ModelProto, outputs: list[str]) -> ModelProto:
@@ -159,7 +165,7 @@ def truncated(model: ModelProto, outputs: list[str]) -> ModelProto:
     for field in (out.graph.input, out.graph.initializer):
         keep_only(field, lambda t: t.name in needed)
     del out.graph.output[:]
-    out.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs)
+    out.graph.output.extend(_output(model, n) for n in outputs)
     return out
 
 

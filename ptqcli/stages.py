@@ -73,6 +73,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
             plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
         if has_data:
             plan = fit_integer_lstms(g, plan, data, inputs, progress)
+            plan = quantize_branches(g, plan, quant, data, inputs, run, progress)
         rundir.write_float_model(run, g.model)
         rundir.write_npz(run / rundir.STATS, save_stats(stats))
         rundir.write_plan(run, plan)
@@ -242,6 +243,63 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     return requantize_biases(g, replace(plan, tensors=tensors_out), stats, quant)
 
 
+def quantize_branches(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfig, inputs, run: Path,
+                      progress: Progress = silent) -> Plan:
+    """Each If branch that holds layers calibrated as a model of its own (calibrate/branches.py) in
+    the run's branches/ directory, on what it reads on the calibration batches that take it; the
+    plan records where, or why a branch stays float."""
+    from .calibrate.branches import branch_graph, branch_model, branches, captured_feeds
+
+    found = branches(g)
+    if not found:
+        return plan
+    batches = list(iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model))
+    feeds = captured_feeds(g, found, batches)
+    records, notes, float_nodes = {}, list(plan.notes), dict(plan.float_nodes)
+    for branch in found:
+        taken, home = feeds[branch.key], Path(run) / "branches" / branch.key
+        where = f"{branch.attribute} of If '{branch.node}'"
+        record = {"node": branch.node, "branch": branch.attribute, "samples": len(taken)}
+        try:
+            if not taken:
+                raise PtqError("no calibration sample takes it")
+            (home / "data").mkdir(parents=True, exist_ok=True)
+            for i, feed in enumerate(taken):
+                np.savez(home / "data" / f"feed_{i:04d}.npz", **feed)
+            save_model(branch_model(g, branch, taken[0]), home / "model.onnx")
+            inner = calibrate(home / "model.onnx", quant, DataConfig(path=str(home / "data"), whole_feeds=True,
+                                                                     num_samples=len(taken)), home / "run", progress)
+        except PtqError as exc:
+            records[branch.key] = {**record, "float": str(exc)}
+            notes.append(f"{where} stays float: {exc}")
+            continue
+        records[branch.key] = {**record, "run": f"branches/{branch.key}/run"}
+        notes.append(f"{where} quantized as a model of its own on the {len(taken)} calibration batches that take "
+                     f"it: {len(inner.layers)} layers (branches/{branch.key}/run)")
+        prefix = f"{branch.node}/{branch_graph(g, branch).name}/"
+        float_nodes = {k: v for k, v in float_nodes.items() if not (k.startswith(prefix) and "subgraphs stay" in v)}
+    return replace(plan, config={**plan.config, "branches": records}, notes=notes, float_nodes=float_nodes)
+
+
+def with_quantized_branches(model, run: Path, plan: Plan, contrib_ops: bool) -> dict[str, str]:
+    """The quantized graphs of the plan's calibrated If branches put into `model` in place (theirs
+    too, recursively); what became of each branch, by key (a branch that cannot go in stays float)."""
+    from .calibrate.branches import spliced
+
+    outcome = {}
+    for key, record in plan.config.get("branches", {}).items():
+        if "run" not in record:
+            outcome[key] = f"float: {record['float']}"
+            continue
+        inner = rundir.load_run(run / record["run"])
+        branch = export_qdq(inner.graph, inner.plan, contrib_ops)
+        nested = with_quantized_branches(branch, run / record["run"], inner.plan, contrib_ops)
+        why = spliced(model, record["node"], record["branch"], branch)
+        outcome[key] = f"float: {why}" if why else f"quantized: {len(inner.plan.layers)} layers"
+        outcome.update({f"{key}/{k}": v for k, v in nested.items()})
+    return outcome
+
+
 def fit_integer_lstms(g: Graph, plan: Plan, data: DataConfig, inputs, progress: Progress = silent) -> Plan:
     """The tables of ptqcli's integer LSTM operator (calibrate/lstm.py) for the plan's int8 LSTMs,
     kept in the plan for a native export."""
@@ -344,6 +402,9 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     check_writable(out_path)
     run, plan, g = loaded.path, loaded.plan, loaded.graph
     quantized = export_qdq(g, plan, contrib_ops=fmt != "onnx")
+    branch_outcome = with_quantized_branches(quantized, run, plan, contrib_ops=fmt != "onnx")
+    if branch_outcome:
+        rundir.write_json(run / "branches.json", branch_outcome)
     native = None
     if fmt == "native":
         from .export.native import export_native

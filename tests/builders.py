@@ -337,3 +337,38 @@ def fused_attention_model(seed: int = 0, seq: int = 8, hidden: int = 16, heads: 
                                helper.make_tensor_value_info("mask_index", TensorProto.INT32, ["N"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", seq, hidden])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def flagged_conv_model(seed: int = 0, channels: int = 4) -> ModelProto:
+    """x[N, 3, 8, 8], flag[] (bool) -> Conv -> Transpose -> If(flag): then a Conv -> Relu -> Conv
+    branch, else a Conv branch (different weights), each reading the transposed tensor from the main
+    graph -> GlobalAveragePool -> y. Weights live in the main graph (then) and in the branch (else), as
+    exporters write them."""
+    rng = np.random.default_rng(seed)
+    c = channels
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+
+    n = helper.make_node
+    then_branch = helper.make_graph(
+        [n("Transpose", ["t"], ["t_back"], name="then_back", perm=[0, 1, 3, 2]),
+         n("Conv", ["t_back", "w_then1"], ["a"], name="then_conv1", pads=[1, 1, 1, 1]),
+         n("Relu", ["a"], ["a_relu"], name="then_relu"),
+         n("Conv", ["a_relu", "w_then2"], ["then_out"], name="then_conv2", pads=[1, 1, 1, 1])],
+        "then_graph", [], [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, ["N", c, 8, 8])])
+    else_branch = helper.make_graph(
+        [n("Transpose", ["t"], ["t_back2"], name="else_back", perm=[0, 1, 3, 2]),
+         n("Conv", ["t_back2", "w_else"], ["else_out"], name="else_conv", pads=[1, 1, 1, 1])],
+        "else_graph", [], [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, ["N", c, 8, 8])],
+        [w("w_else", c, c, 3, 3)])
+    nodes = [n("Conv", ["x", "w_in"], ["h"], name="conv_in", pads=[1, 1, 1, 1]),
+             n("Transpose", ["h"], ["t"], name="to_t", perm=[0, 1, 3, 2]),
+             n("If", ["flag"], ["b"], name="branch", then_branch=then_branch, else_branch=else_branch),
+             n("GlobalAveragePool", ["b"], ["y"], name="gap")]
+    graph = helper.make_graph(nodes, "branching",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8]),
+                               helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 1, 1])],
+                              [w("w_in", c, 3, 3, 3), w("w_then1", c, c, 3, 3), w("w_then2", c, c, 3, 3)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

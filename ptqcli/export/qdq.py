@@ -23,7 +23,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
-from ..graph import (Graph, check_output, default_opset, make_initializer, set_opset, shell, subgraph_reads,
+from ..graph import (Graph, check_output, default_opset, make_initializer, set_opset, shell, subgraph_reads, subgraphs,
                      without_weight_data)
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import codes, quantize
@@ -347,12 +347,49 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
         for out in outputs:
             nodes.extend(after.get(out, []))
     del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    model.graph.node.extend(stop_dq_before_subgraphs(nodes))
     if any(n.domain == "com.microsoft" for n in nodes) and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     model.graph.initializer.extend(list(initializers.values()) + new_inits)
     check_output(model, g.model, "the exported model")
     return model
+
+
+# The ops ORT's QDQPropagationTransformer carries a DequantizeLinear forward through.
+DQ_PROPAGATING = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice")
+
+
+def stop_dq_before_subgraphs(nodes: list[NodeProto]) -> list[NodeProto]:
+    """`nodes` with no DequantizeLinear reaching a control-flow node's subgraph through ops ORT
+    propagates it across: ORT (1.20-1.23) would insert a Q/DQ pair on that edge, which it indexes as
+    one of the node's explicit inputs, and abort. The first op of such a chain reads the float
+    tensor the QuantizeLinear quantized instead (its value is then the float model's, which only
+    removes a rounding), and a Q/DQ pair nothing reads any more is dropped."""
+    from ..calibrate.branches import outer_reads
+
+    producers = {out: n for n in nodes for out in n.output if out}
+    implicit = set()
+    for node in nodes:
+        for sub in subgraphs(node):
+            implicit |= outer_reads(sub)
+    detached = []
+    for name in sorted(implicit):
+        chain, node = [], producers.get(name)
+        while node is not None and node.op_type in DQ_PROPAGATING:
+            chain.append(node)
+            node = producers.get(node.input[0])
+        if chain and node is not None and node.op_type == "DequantizeLinear":
+            q = producers.get(node.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                chain[-1].input[0] = q.input[0]
+                detached.append((node, q))
+    for dq, q in detached:
+        used = {name for n in nodes for name in (*n.input, *subgraph_reads(n))}
+        if dq.output[0] not in used:
+            nodes = [n for n in nodes if n is not dq]
+            if not any(q.output[0] in n.input for n in nodes):
+                nodes = [n for n in nodes if n is not q]
+    return nodes
 
 
 def _binarized(g: Graph, plan: Plan, node: NodeProto) -> tuple[list[NodeProto], list[NodeProto], list[TensorProto]]:

@@ -12,7 +12,7 @@ LAYERS = [
               "metrics", "numeric", "runtime", "nativelib", "prepare"]),
     ("data", ["calibrate.data"]),
     ("observe", ["calibrate.collect", "calibrate.moments", "calibrate.segments", "calibrate.observers", "calibrate.select"]),
-    ("plan", ["calibrate.planner", "calibrate.lstm", "calibrate.bias_correction", "calibrate.probe", "calibrate.settle", "calibrate.smooth",
+    ("plan", ["calibrate.planner", "calibrate.lstm", "calibrate.branches", "calibrate.bias_correction", "calibrate.probe", "calibrate.settle", "calibrate.smooth",
               "rundir"]),
     ("transform", ["calibrate.layerwise", "calibrate.gptq", "calibrate.synthetic", "masks", "allocate"]),
     ("export", ["export.qdq", "export.nbits", "export.container", "export.native", "export.native_ref", "export.binarize",
