@@ -18,7 +18,8 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 from . import nativelib
 from .errors import PtqError
 from .parallel import session_threads
-from .graph import clone, keep_only, model_bytes_or_path, reads, shell, subgraph_reads, through_file, write_external
+from .graph import (clone, keep_only, model_bytes_or_path, reads, shell, subgraph_reads, subgraphs, through_file,
+                    write_external)
 
 
 def uses_native_ops(model: ModelProto) -> bool:
@@ -186,11 +187,17 @@ def optimized_graph(source: bytes | str, options: ort.SessionOptions, what: str)
 
 
 def optimized_op_counts(model: ModelProto | None = None, optimized: ModelProto | None = None) -> dict[str, int]:
-    """Op types of the graph ORT actually runs after its optimizations (the kernel path)."""
+    """Op types of the graph ORT actually runs after its optimizations (the kernel path), subgraphs included."""
     optimized = optimized if optimized is not None else optimized_model(model)
     counts: dict[str, int] = {}
-    for node in optimized.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+
+    def count(graph) -> None:  # the subgraphs' ops too: a quantized If branch runs its own kernels
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for sub in subgraphs(node):
+                count(sub)
+
+    count(optimized.graph)
     return dict(sorted(counts.items()))
 
 
