@@ -44,6 +44,7 @@ def main() -> None:
     for label, (model, calib, _) in model_sets(names, "calib_64").items():
         base = WORK / label / "calibrated"
         shutil.rmtree(WORK / label, ignore_errors=True)
+        (WORK / label).mkdir(parents=True)
         proc, _, _ = harness.spawn([str(PTQ), "calibrate", str(model), "--data", str(calib), "-o", str(base)],
                                    WORK / f"{label}.calibrate.log", WORK, 2, 8.0, 3600)
         if proc.returncode != 0:
