@@ -5,7 +5,8 @@ The idea is that of the integer-only RNN papers (iRNN): with int8 weights and in
 pre-activations are int32 sums that a per-row fixed-point multiplier turns into Q3.12 values;
 sigmoid and tanh are read off piecewise-linear tables (knots, values and slopes, all integers);
 the cell state is int16 in a fixed-point format chosen from the cell values calibration saw; the
-hidden state is o * tanh(c) in Q0.15, and int8 (scale 1/127) where it feeds the recurrence.
+hidden state is o * tanh(c) in Q0.15, and feeds the recurrence as that int16 (int8 x int16
+products summed in int64), so that no rounding of h is summed over every unit at every step.
 
 Where the knots go is fitted post-training: the optimal knot density of a piecewise-linear
 interpolant under an input density p is proportional to (p f''^2)^(1/5), so knots follow the
@@ -28,7 +29,6 @@ OUT_FRAC = 15  # sigmoid / tanh values: Q0.15
 ACC_SHIFT = 24  # fractional bits of the per-row multipliers beyond GATE_FRAC
 SLOPE_FRAC = 16
 INT16_MAX = 32767
-H_LEVELS = 127  # the recurrent input h in int8 with scale 1 / 127
 SEGMENTS = 16
 TABLES = ("sigmoid", "tanh", "cell_tanh")  # gates i, o, f; gate c; tanh of the cell
 
@@ -124,7 +124,7 @@ class IntLstmDirection:
     w: np.ndarray  # int8 [4H, F]
     r: np.ndarray  # int8 [4H, H]
     w_mult: np.ndarray  # int64 [4H]: x_scale * w_scale * 2^(GATE_FRAC + ACC_SHIFT)
-    r_mult: np.ndarray  # int64 [4H]: r_scale / 127 * 2^(GATE_FRAC + ACC_SHIFT)
+    r_mult: np.ndarray  # int64 [4H]: r_scale * 2^(GATE_FRAC + ACC_SHIFT - OUT_FRAC) (h in Q0.15)
     bias: np.ndarray  # int64 [4H]: (Wb + Rb) * 2^(GATE_FRAC + ACC_SHIFT)
     tables: tuple[Pwl, Pwl, Pwl]  # sigmoid, tanh, cell tanh
 
@@ -140,7 +140,7 @@ def multipliers(x_scale: float, w_scale: np.ndarray, r_scale: np.ndarray, bias: 
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     one = 2.0 ** (GATE_FRAC + ACC_SHIFT)
     return (np.rint(np.float64(x_scale) * w_scale.astype(np.float64) * one).astype(np.int64),
-            np.rint(r_scale.astype(np.float64) / H_LEVELS * one).astype(np.int64),
+            np.rint(r_scale.astype(np.float64) / 2.0**OUT_FRAC * one).astype(np.int64),
             np.rint(bias.astype(np.float64) * one).astype(np.int64))
 
 
@@ -153,15 +153,19 @@ def cell_frac_for(cell_absmax: float) -> int:
 
 # --------------------------------------------------------------------------- float LSTM
 
-def float_lstm_gates(x: np.ndarray, w: np.ndarray, r: np.ndarray, b: np.ndarray, reverse: bool = False
+def float_lstm_gates(x: np.ndarray, w: np.ndarray, r: np.ndarray, b: np.ndarray, reverse: bool = False,
+                     h0: np.ndarray | None = None, c0: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One direction of a float LSTM over x [T, N, F] (ONNX gate order i, o, f, c): the sigmoid
-    gates' pre-activations [T, N, 3H], the candidate's [T, N, H] and the cell states [T, N, H]."""
+    """One direction of a float LSTM over x [T, N, F] from h0, c0 [N, H] (zeros if None; ONNX gate
+    order i, o, f, c): the sigmoid gates' pre-activations [T, N, 3H], the candidate's [T, N, H] and
+    the cell states [T + 1, N, H], the initial one first."""
     t_len, n, _ = x.shape
     hidden = r.shape[1]
-    h = np.zeros((n, hidden)); c = np.zeros((n, hidden))
+    h = np.zeros((n, hidden)) if h0 is None else h0.astype(np.float64)
+    c = np.zeros((n, hidden)) if c0 is None else c0.astype(np.float64)
+    cells = [c]
     bias = b[: 4 * hidden] + b[4 * hidden:]
-    sig, cand, cells = [], [], []
+    sig, cand = [], []
     xw = x.astype(np.float64) @ w.T.astype(np.float64)
     for t in (range(t_len - 1, -1, -1) if reverse else range(t_len)):
         z = xw[t] + h @ r.T + bias
@@ -170,6 +174,8 @@ def float_lstm_gates(x: np.ndarray, w: np.ndarray, r: np.ndarray, b: np.ndarray,
         c = _function("sigmoid", f) * c + _function("sigmoid", i) * np.tanh(g)
         h = _function("sigmoid", o) * np.tanh(c)
         cells.append(c)
+    if not sig:
+        return np.zeros((0, n, 3 * hidden)), np.zeros((0, n, hidden)), np.stack(cells)
     return np.stack(sig), np.stack(cand), np.stack(cells)
 
 
@@ -181,17 +187,16 @@ def _rshift_round(v: np.ndarray, bits: int) -> np.ndarray:
 
 def int_lstm_direction(x_q: np.ndarray, d: IntLstmDirection, cell_frac: int, h0_q: np.ndarray, c0: np.ndarray,
                        reverse: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One direction of IntLSTM: x_q int8 codes [T, N, F], initial h (int8 codes) and c (Q cell_frac).
+    """One direction of IntLSTM: x_q int8 codes [T, N, F], initial h (Q0.15) and c (Q cell_frac).
     Returns h in Q0.15 [T, N, H] (sequence order), and the last h (Q0.15) and c."""
     t_len, n, _ = x_q.shape
     hidden = d.r.shape[1]
     sig, tanh_g, tanh_c = d.tables
-    h_q, c = h0_q.astype(np.int64), c0.astype(np.int64)
-    h15 = np.zeros((n, hidden), np.int64)
+    h15, c = h0_q.astype(np.int64), c0.astype(np.int64)
     out = np.zeros((t_len, n, hidden), np.int64)
     w, r = d.w.astype(np.int64), d.r.astype(np.int64)
     for t in (range(t_len - 1, -1, -1) if reverse else range(t_len)):
-        acc = (x_q[t].astype(np.int64) @ w.T) * d.w_mult + (h_q @ r.T) * d.r_mult + d.bias
+        acc = (x_q[t].astype(np.int64) @ w.T) * d.w_mult + (h15 @ r.T) * d.r_mult + d.bias
         z = np.clip(_rshift_round(acc, ACC_SHIFT), -32768, INT16_MAX)
         i, o, f = (pwl_eval(sig, z[:, k * hidden:(k + 1) * hidden]) for k in range(3))
         g = pwl_eval(tanh_g, z[:, 3 * hidden:])
@@ -199,7 +204,6 @@ def int_lstm_direction(x_q: np.ndarray, d: IntLstmDirection, cell_frac: int, h0_
                     -INT16_MAX, INT16_MAX)
         full = o * pwl_eval(tanh_c, c)  # Q0.30
         h15 = _rshift_round(full, OUT_FRAC)
-        h_q = np.clip(_rshift_round(full * H_LEVELS, 2 * OUT_FRAC), -H_LEVELS, H_LEVELS)
         out[t] = h15
     return out, h15, c
 
@@ -219,7 +223,7 @@ def int_lstm(params: IntLstm, x: np.ndarray, h0: np.ndarray | None = None, c0: n
     ys, hs, cs = [], [], []
     for k, d in enumerate(params.directions):
         h_init = np.zeros((n, hidden), np.int64) if h0 is None else np.clip(
-            np.rint(h0[k].astype(np.float32) * np.float32(H_LEVELS)), -H_LEVELS, H_LEVELS).astype(np.int64)
+            np.rint(h0[k].astype(np.float32) * np.float32(2.0**OUT_FRAC)), -INT16_MAX, INT16_MAX).astype(np.int64)
         c_init = np.zeros((n, hidden), np.int64) if c0 is None else np.clip(
             np.rint(c0[k].astype(np.float32) * np.float32(2.0**params.cell_frac)), -INT16_MAX, INT16_MAX).astype(np.int64)
         reverse = direction == "reverse" or (direction == "bidirectional" and k == 1)
@@ -240,21 +244,26 @@ def strictly_increasing(knots: np.ndarray) -> np.ndarray:
 
 
 def fit(w_codes: np.ndarray, w_scale: np.ndarray, r_codes: np.ndarray, r_scale: np.ndarray, bias: np.ndarray | None,
-        xs: list[np.ndarray], direction: str, segments: int = SEGMENTS) -> IntLstm:
+        xs: list[np.ndarray], direction: str, segments: int = SEGMENTS,
+        states: list[tuple[np.ndarray | None, np.ndarray | None]] | None = None) -> IntLstm:
     """IntLSTM parameters for an LSTM with int8 weights (codes [D, 4H, F] and [D, 4H, H], one scale
-    per gate row shared by the directions), fitted on its float inputs `xs` (each [T, N, F]): the
-    input's int8 scale from their largest magnitude, the cell format and the three tables from the
-    gate pre-activations and cell values the LSTM computes on them with those weights."""
+    per gate row shared by the directions), fitted on its float inputs `xs` (each [T, N, F]) and the
+    initial states it was given with each (`states`: (h0, c0), each [D, N, H] or None): the input's
+    int8 scale from their largest magnitude, the cell format and the three tables from the gate
+    pre-activations and cell values (initial ones included) the LSTM computes with those weights.
+    A decoder started from an encoder's state meets cell values a zero start never reaches."""
     dirs, rows, _ = w_codes.shape
     hidden = rows // 4
     bias = np.zeros((dirs, 8 * hidden), np.float32) if bias is None else bias.reshape(dirs, 8 * hidden)
     w = w_codes.astype(np.float64) * w_scale.reshape(1, -1, 1)
     r = r_codes.astype(np.float64) * r_scale.reshape(1, -1, 1)
     x_scale = max(max(float(np.abs(x).max()) for x in xs), 1e-8) / 127
+    states = states or [(None, None)] * len(xs)
     fitted = []
     for d in range(dirs):
         reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
-        runs = [float_lstm_gates(x, w[d], r[d], bias[d], reverse) for x in xs]
+        runs = [float_lstm_gates(x, w[d], r[d], bias[d], reverse, None if h0 is None else h0[d],
+                                 None if c0 is None else c0[d]) for x, (h0, c0) in zip(xs, states)]
         fitted.append(tuple(np.concatenate([run[part].ravel() for run in runs]) for part in range(3)))
     cell_frac = cell_frac_for(max(float(np.abs(cells).max()) for _, _, cells in fitted))
     out = []

@@ -18,7 +18,6 @@ constexpr int kAccShift = 24;
 constexpr int kOutFrac = 15;
 constexpr int kSlopeFrac = 16;
 constexpr int64_t kInt16Max = 32767;
-constexpr int64_t kHLevels = 127;
 
 int64_t rshift_round(int64_t v, int bits) { return (v + (int64_t{1} << (bits - 1))) >> bits; }
 int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
@@ -124,9 +123,8 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
     xq[i] = static_cast<int8_t>(clamp(static_cast<int64_t>(std::nearbyint(x_data[i] * inverse)), -127, 127));
 
   const float out_scale = std::ldexp(1.0f, -kOutFrac), cell_scale = std::ldexp(1.0f, -static_cast<int>(cell_frac_));
-  const float cell_one = std::ldexp(1.0f, static_cast<int>(cell_frac_));
+  const float cell_one = std::ldexp(1.0f, static_cast<int>(cell_frac_)), out_one = std::ldexp(1.0f, kOutFrac);
   std::vector<int64_t> z(static_cast<size_t>(rows));
-  std::vector<int8_t> hq(static_cast<size_t>(h));
   std::vector<int64_t> cell(static_cast<size_t>(h)), h15(static_cast<size_t>(h));
   for (int64_t d = 0; d < dirs; ++d) {
     const bool backwards = reverse_ && (d == 1 || !forward_);
@@ -143,20 +141,21 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
     for (int64_t n = 0; n < batch; ++n) {
       for (int64_t j = 0; j < h; ++j) {
         const int64_t at = (d * batch + n) * h + j;
-        hq[j] = h0 ? static_cast<int8_t>(clamp(static_cast<int64_t>(std::nearbyint(h0.GetTensorData<float>()[at] * 127.0f)), -kHLevels, kHLevels)) : 0;
+        h15[j] = h0 ? clamp(static_cast<int64_t>(std::nearbyint(h0.GetTensorData<float>()[at] * out_one)), -kInt16Max,
+                            kInt16Max) : 0;
         cell[j] = c0 ? clamp(static_cast<int64_t>(std::nearbyint(c0.GetTensorData<float>()[at] * cell_one)), -kInt16Max, kInt16Max) : 0;
-        h15[j] = 0;
       }
       for (int64_t s = 0; s < steps; ++s) {
         const int64_t t = backwards ? steps - 1 - s : s;
         const int8_t* xt = xq.data() + (t * batch + n) * features;
         for (int64_t row = 0; row < rows; ++row) {
-          int32_t accx = 0, acch = 0;
+          int32_t accx = 0;
+          int64_t acch = 0;  // int8 x Q0.15 over the hidden units: past int32 from 512 units
           const int8_t* wr = wd + row * features;
           for (int64_t f = 0; f < features; ++f) accx += int32_t{wr[f]} * int32_t{xt[f]};
           const int8_t* rr = rd + row * h;
-          for (int64_t j = 0; j < h; ++j) acch += int32_t{rr[j]} * int32_t{hq[j]};
-          const int64_t acc = int64_t{accx} * wm[row] + int64_t{acch} * rm[row] + bd[row];
+          for (int64_t j = 0; j < h; ++j) acch += int64_t{rr[j]} * h15[j];
+          const int64_t acc = int64_t{accx} * wm[row] + acch * rm[row] + bd[row];
           z[row] = clamp(rshift_round(acc, kAccShift), -32768, kInt16Max);
         }
         for (int64_t j = 0; j < h; ++j) {
@@ -167,7 +166,6 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
                           -kInt16Max, kInt16Max);
           const int64_t full = o_gate * tables[2](cell[j]);
           h15[j] = rshift_round(full, kOutFrac);
-          hq[j] = static_cast<int8_t>(clamp(rshift_round(full * kHLevels, 2 * kOutFrac), -kHLevels, kHLevels));
           if (y_out) y_out[((t * dirs + d) * batch + n) * h + j] = static_cast<float>(h15[j]) * out_scale;
         }
       }

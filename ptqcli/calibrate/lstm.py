@@ -43,13 +43,19 @@ def weight_codes(g: Graph, plan: Plan, name: str) -> tuple[np.ndarray, np.ndarra
         np.asarray(tq.scale, np.float32).reshape(-1)
 
 
+def _fed(node) -> tuple[str, str, str]:
+    """The LSTM's input sequence, initial h and initial c ("" where not given)."""
+    padded = list(node.input) + [""] * 7
+    return padded[0], padded[5], padded[6]
+
+
 def fit_lstms(g: Graph, plan: Plan, batches: list[Batch]) -> dict[str, dict]:
     """The fitted tables of every eligible LSTM (tables_record), by node name."""
     layers, _ = eligible(g, plan)
     if not layers:
         return {}
-    inputs = {layer.node: g.node_by_name[layer.node].input[0] for layer in layers}
-    wanted = sorted(set(inputs.values()))
+    inputs = {layer.node: _fed(g.node_by_name[layer.node]) for layer in layers}
+    wanted = sorted({name for names in inputs.values() for name in names if name})
     sess = session(g.model, outputs=wanted, only=True)
     seen: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
     for batch in batches:
@@ -60,6 +66,9 @@ def fit_lstms(g: Graph, plan: Plan, batches: list[Batch]) -> dict[str, dict]:
         node = g.node_by_name[layer.node]
         (w, w_scale), (r, r_scale) = (weight_codes(g, plan, name) for name in layer.weights)
         bias = g.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        records[layer.node] = tables_record(fit(w, w_scale, r, r_scale, bias, seen[inputs[layer.node]],
-                                                attr(node, "direction", "forward")))
+        x, h0, c0 = inputs[layer.node]
+        runs = len(seen[x])
+        states = list(zip(seen[h0] if h0 else [None] * runs, seen[c0] if c0 else [None] * runs))
+        records[layer.node] = tables_record(fit(w, w_scale, r, r_scale, bias, seen[x],
+                                                attr(node, "direction", "forward"), states=states))
     return records
