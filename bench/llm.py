@@ -86,7 +86,8 @@ PTQ_ROWS["ptq-gptq-g128-native"] = PTQ_ROWS["ptq-gptq-g128"]
 EXPORT_ARGS = {name: ["--format", "native"] for name in ("ptq-gptq-g32-native", "ptq-gptq-g128-native")}
 # GPTQ with act-order (channels by decreasing Hessian diagonal, static block scales); not in the
 # default set of rows (--rows names it).
-OPTIONAL_ROWS = {"ptq-gptq-ao-g128": PTQ_ROWS["ptq-gptq-g128"] + ["--act-order"],
+OPTIONAL_ROWS = {"ptq-gptq-ao-g32": PTQ_ROWS["ptq-gptq-g32"] + ["--act-order"],
+                 "ptq-gptq-ao-g128": PTQ_ROWS["ptq-gptq-g128"] + ["--act-order"],
                  "ptq-gptq-ao-fz-g128": PTQ_ROWS["ptq-gptq-fz-g128"] + ["--act-order"]}
 ALLOCATE = {name: ["--budget-bits", "4.5", "--weight-candidates", MIX_CANDIDATES, "--samples", "2"]
             for name in ("ptq-gptq-fz-mix-4.5", "ptq-gptq-mix-4.5")}
