@@ -49,7 +49,7 @@ FloatZeroOpt = Annotated[Optional[bool], typer.Option("--float-zero-points", hel
 WeightZeroOpt = Annotated[Optional[bool], typer.Option("--weight-zero-points/--symmetric-weights", help="Give each weight channel or block a zero point [default: symmetric].")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run independent work as Ray tasks: auto (a local Ray of --workers CPUs) or a running cluster's address host:port; needs pip install 'ptqcli[ray]'.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="With --ray auto: CPUs of the local Ray (each task one CPU, one ORT thread).")]
-ActOrderOpt = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: round input channels in order of decreasing Hessian diagonal, block scales fitted first [default: off].")]
+ActOrderOpt = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: round input channels in order of decreasing Hessian diagonal, block scales fitted first [default: on].")]
 AccuracyOpt = Annotated[Optional[int], typer.Option("--accuracy-level", help="MatMulNBits compute type: 0 as the input, 4 int8 (fastest on CPU) [default: 4].")]
 RoundingItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Optimisation steps: per layer for adaround/adaquant [default: 1000], per batch for --synthetic bn [default: 500].")]
 BiasCorrOpt = Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Remove the output mean shift of weight quantization [default: on below 8 bits].")]

@@ -160,8 +160,9 @@ class QuantConfig:
     accuracy_level: int = 4
     # Weight-only block-wise MatMuls: unrounded float zero points (implies zero points).
     float_zero_points: bool = False
-    # GPTQ: input channels in order of decreasing Hessian diagonal (static block scales).
-    act_order: bool = False
+    # GPTQ: input channels in order of decreasing Hessian diagonal (static block scales). On
+    # SmolLM2-135M int4 it cut the perplexity rise from +14.4% to +9.8% (g32) and +27.3% to +18.0% (g128).
+    act_order: bool = True
 
     def __post_init__(self) -> None:
         parse_weight_format(self.weights)

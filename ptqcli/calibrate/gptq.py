@@ -28,7 +28,7 @@ from ..quant import block_ranges, channel_ranges, scale_zero_point
 class GptqConfig:
     damp: float = 0.01  # fraction of the mean diagonal of H added to it
     columns: int = 128  # lazy-update width (rounded up to a multiple of the block size)
-    act_order: bool = False
+    act_order: bool = True
 
 
 def _scales(w_kn: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:

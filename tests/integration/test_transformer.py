@@ -196,13 +196,14 @@ def test_weight_only_int4_blocks_export_as_matmul_nbits_and_gptq_beats_nearest(e
     dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 6 and all(any(a.name == "block_size" and a.i == 16 for a in n.attribute) for n in dq)
     np.testing.assert_allclose(_cosine(model, standard, tmp / "eval.npz").mean(), cosines["gptq"], atol=1e-4)
-    # --act-order: channels by decreasing Hessian diagonal, recorded in the run; still far better than nearest.
-    ordered = tmp_path / "ordered.onnx"
-    r = ptq("quantize", model, *common, "--rounding", "gptq", "--act-order", "-o", ordered)
+    # act-order is the default (recorded in the run); --no-act-order rounds channels in their own order.
+    assert json.loads((tmp_path / "gptq.onnx.run" / "rounding.json").read_text())["act_order"] is True
+    in_order = tmp_path / "in_order.onnx"
+    r = ptq("quantize", model, *common, "--rounding", "gptq", "--no-act-order", "-o", in_order)
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "ordered.onnx.run" / "rounding.json").read_text())["act_order"] is True
-    assert ordered.read_bytes() != (tmp_path / "gptq.onnx").read_bytes()
-    assert 1 - _cosine(model, ordered, tmp / "eval.npz").mean() < 0.5 * (1 - cosines["nearest"])
+    assert json.loads((tmp_path / "in_order.onnx.run" / "rounding.json").read_text())["act_order"] is False
+    assert in_order.read_bytes() != (tmp_path / "gptq.onnx").read_bytes()
+    assert 1 - _cosine(model, in_order, tmp / "eval.npz").mean() < 0.5 * (1 - cosines["nearest"])
 
 
 @pytest.mark.parametrize("args, message", [
