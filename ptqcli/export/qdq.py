@@ -361,7 +361,7 @@ DQ_PROPAGATING = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Sl
 
 def stop_dq_before_subgraphs(nodes: list[NodeProto]) -> list[NodeProto]:
     """`nodes` with no DequantizeLinear reaching a control-flow node's subgraph through ops ORT
-    propagates it across: ORT (1.20-1.23) would insert a Q/DQ pair on that edge, which it indexes as
+    propagates it across: ORT (1.32 here) would insert a Q/DQ pair on that edge, which it indexes as
     one of the node's explicit inputs, and abort. The first op of such a chain reads the float
     tensor the QuantizeLinear quantized instead (its value is then the float model's, which only
     removes a rounding), and a Q/DQ pair nothing reads any more is dropped."""

@@ -1,6 +1,6 @@
 """If branches quantized as models of their own: the branch the calibration data takes gets a QDQ
 graph inside the If, the other stays float and the run says why; the model stays valid, and ORT
-loads it (a DequantizeLinear feeding the If through a Transpose made ORT 1.2x abort)."""
+loads it (a DequantizeLinear feeding the If through a Transpose made ORT 1.32 abort)."""
 
 import json
 import subprocess
