@@ -364,6 +364,17 @@ def subgraph_reads(node: NodeProto) -> set[str]:
     return names
 
 
+def outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads from the scopes around it."""
+    defined = ({t.name for t in graph.initializer} | {i.name for i in graph.input}
+               | {out for node in graph.node for out in node.output})
+    read = {name for node in graph.node for name in node.input if name}
+    for node in graph.node:
+        for sub in subgraphs(node):
+            read |= outer_reads(sub)
+    return read - defined
+
+
 def reads(model: ModelProto) -> set[str]:
     """Every tensor some node reads, in the main graph or in its subgraphs."""
     return {name for n in model.graph.node for name in (*n.input, *subgraph_reads(n))}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
@@ -74,10 +75,24 @@ def _ray(workers: Workers):
     else:
         _check_reachable(workers.ray)
         try:
-            ray.init(address=workers.ray, log_to_driver=False, runtime_env=env)
+            with _stderr_silenced():  # Ray's C++ client logs every retry to the terminal
+                ray.init(address=workers.ray, log_to_driver=False, runtime_env=env)
         except Exception as exc:  # noqa: BLE001  (Ray raises several kinds; the user needs one line)
             raise PtqError(f"--ray {workers.ray}: cannot join the Ray cluster there: {str(exc).splitlines()[0]}") from None
     return ray
+
+
+@contextmanager
+def _stderr_silenced():
+    """File descriptor 2 sent to /dev/null for the duration (C++ libraries write to it directly)."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _check_reachable(address: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import GraphProto, ModelProto, helper
 
-from ..graph import Graph, fragment, subgraphs
+from ..graph import Graph, fragment, outer_reads, subgraphs
 from ..runtime import feeds_for, session
 from .data import Batch
 from .select import subgraph_layers
@@ -40,17 +40,6 @@ class Branch:
     @property
     def taken_when(self) -> bool:
         return self.attribute == "then_branch"
-
-
-def outer_reads(graph: GraphProto) -> set[str]:
-    """Names a (sub)graph reads from the scopes around it."""
-    defined = ({t.name for t in graph.initializer} | {i.name for i in graph.input}
-               | {out for node in graph.node for out in node.output})
-    read = {name for node in graph.node for name in node.input if name}
-    for node in graph.node:
-        for sub in subgraphs(node):
-            read |= outer_reads(sub)
-    return read - defined
 
 
 def branches(g: Graph) -> list[Branch]:

@@ -23,7 +23,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
-from ..graph import (Graph, check_output, default_opset, make_initializer, set_opset, shell, subgraph_reads, subgraphs,
+from ..graph import (Graph, check_output, default_opset, make_initializer, set_opset, shell, outer_reads, subgraph_reads, subgraphs,
                      without_weight_data)
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import codes, quantize
@@ -365,8 +365,6 @@ def stop_dq_before_subgraphs(nodes: list[NodeProto]) -> list[NodeProto]:
     one of the node's explicit inputs, and abort. The first op of such a chain reads the float
     tensor the QuantizeLinear quantized instead (its value is then the float model's, which only
     removes a rounding), and a Q/DQ pair nothing reads any more is dropped."""
-    from ..calibrate.branches import outer_reads
-
     producers = {out: n for n in nodes for out in n.output if out}
     implicit = set()
     for node in nodes:
