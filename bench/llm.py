@@ -84,11 +84,11 @@ PTQ_ROWS["ptq-gptq-mix-4.5"] = PTQ_ROWS["ptq-gptq-g128"]
 PTQ_ROWS["ptq-gptq-g32-native"] = PTQ_ROWS["ptq-gptq-g32"]
 PTQ_ROWS["ptq-gptq-g128-native"] = PTQ_ROWS["ptq-gptq-g128"]
 EXPORT_ARGS = {name: ["--format", "native"] for name in ("ptq-gptq-g32-native", "ptq-gptq-g128-native")}
-# GPTQ with act-order (channels by decreasing Hessian diagonal, static block scales); not in the
-# default set of rows (--rows names it).
-OPTIONAL_ROWS = {"ptq-gptq-ao-g32": PTQ_ROWS["ptq-gptq-g32"] + ["--act-order"],
-                 "ptq-gptq-ao-g128": PTQ_ROWS["ptq-gptq-g128"] + ["--act-order"],
-                 "ptq-gptq-ao-fz-g128": PTQ_ROWS["ptq-gptq-fz-g128"] + ["--act-order"]}
+# Variants not in the default set of rows (--rows names them): GPTQ without act-order (channels in
+# their own order, scales fitted as the pass reaches each block), and without smoothing (no
+# activation-aware scaling of input channels before rounding).
+OPTIONAL_ROWS = {f"ptq-gptq-{tag}-g{block}": PTQ_ROWS[f"ptq-gptq-g{block}"] + [flag]
+                 for tag, flag in (("noao", "--no-act-order"), ("nosmooth", "--no-smooth")) for block in (32, 128)}
 ALLOCATE = {name: ["--budget-bits", "4.5", "--weight-candidates", MIX_CANDIDATES, "--samples", "2"]
             for name in ("ptq-gptq-fz-mix-4.5", "ptq-gptq-mix-4.5")}
 ORT_ROWS = {

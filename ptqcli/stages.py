@@ -201,7 +201,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     already-quantized prefix makes them: the graph runs segment by segment over the calibration
     batches (calibrate/segments.py), each segment with the weights rounded before it, other quantized
     weights on their grids, and the plan's activation quantizers applied."""
-    from .calibrate.gptq import GptqConfig, eligible, round_layer
+    from .calibrate.gptq import GptqConfig, eligible, round_layers
     from .calibrate.probe import act_gate, probe_model
     from .calibrate.segments import grams_in_order
 
@@ -233,9 +233,11 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     cfg, report = GptqConfig(act_order=quant.act_order), []
     with progress("gptq: layers", len(readers)) as advance:
         for tensor, gram in grams_in_order(prefix, readers, states, current, advance):
-            for layer, in_axis in readers[tensor]:
-                tensors_out[layer.weight] = round_layer(g.constant(layer.weight), in_axis, plan.tensors[layer.weight],
-                                                        gram, cfg)
+            group = readers[tensor]
+            rounded = round_layers([g.constant(layer.weight) for layer, _ in group], [axis for _, axis in group],
+                                   [plan.tensors[layer.weight] for layer, _ in group], gram, cfg)
+            for (layer, _), tq in zip(group, rounded):
+                tensors_out[layer.weight] = tq
                 report.append({"node": layer.node, "weight": layer.weight})
     name = "rounding.json" if only is None else "rounding.allocate.json"
     rundir.write_json(run / name, {"method": "gptq", "damp": cfg.damp, "act_order": cfg.act_order,

@@ -151,3 +151,44 @@ def test_gptq_keeps_float_zero_points_and_so_recovers_min_offset_blocks(in_axis)
     out = round_layer(w, in_axis, tq, (x.T @ x).astype(np.float64), GptqConfig())
     assert out.spec.float_zero and out.zero_point.dtype == np.float32
     np.testing.assert_allclose(out.value, w, atol=1e-6)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_of_layers_sharing_an_input_gives_each_its_own_result(act_order):
+    """q/k/v-like layers (two in [K, N] layout, one in [N, K]) rounded in one pass side by side come
+    out as each rounded alone; a layer on another grid is rounded apart."""
+    from ptqcli.calibrate.gptq import round_layer, round_layers
+
+    rng = np.random.default_rng(11)
+    k, block = 96, 32
+    x = rng.normal(size=(400, k)).astype(np.float32) * rng.uniform(0.2, 3.0, k).astype(np.float32)
+    h = (x.T @ x).astype(np.float64)
+    kn = [rng.normal(size=(k, n)).astype(np.float32) for n in (24, 8, 16, 40)]
+    axes, bits = [0, 1, 0, 0], [4, 4, 4, 3]
+    weights = [w if a == 0 else w.T.copy() for w, a in zip(kn, axes)]
+    tqs = []
+    for w, a, b in zip(kn, axes, bits):
+        tq = _block_quant(w, b, False, block)
+        tqs.append(tq if a == 0 else TensorQuant("weight", QuantSpec(b, True, False, axis=1, block_size=block),
+                                                 tq.scale.T.copy(), tq.zero_point.T.copy(), {}))
+    cfg = GptqConfig(act_order=act_order)
+    together = round_layers(weights, axes, tqs, h, cfg)
+    for w, a, tq, got in zip(weights, axes, tqs, together):
+        alone = round_layer(w, a, tq, h, cfg)
+        assert got.value.shape == w.shape and got.scale.shape == tq.scale.shape and got.spec == tq.spec
+        np.testing.assert_allclose(got.value, alone.value, rtol=0, atol=1e-5 * np.abs(w).max())
+        np.testing.assert_array_equal(got.scale, alone.scale)
+        np.testing.assert_array_equal(got.zero_point, alone.zero_point)
+        assert got.source["rounding"] == "learned"
+
+
+def test_upper_factor_of_the_inverse_hessian_is_the_cholesky_factor_of_its_inverse():
+    from ptqcli.calibrate.gptq import upper_factor_of_inverse
+
+    rng = np.random.default_rng(2)
+    for k in (7, 200, 300):  # below, at and past the size where the triangular inverse splits
+        x = rng.normal(size=(2 * k, k)) * rng.uniform(0.1, 3.0, k)
+        h = x.T @ x + 0.01 * np.eye(k)
+        u = upper_factor_of_inverse(h)
+        assert np.allclose(np.triu(u), u) and np.all(np.diag(u) > 0)
+        np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=0, atol=1e-9 * np.abs(u).max())
