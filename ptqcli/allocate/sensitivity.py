@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from onnx import helper
 
 from ..calibrate.collect import Stats
 from ..calibrate.data import Batch
@@ -79,34 +80,59 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
                    values: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """{layer node: {candidate label: mean damage}} for every layer of the plan (and each of the
     `options`, or of its own when they are given per layer), against the float model; `values` are
-    the float weights the layers are quantized from (masked ones)."""
+    the float weights the layers are quantized from (masked ones).
+
+    A layer's quantization changes nothing before its input, so the probe model is walked once in
+    graph order (calibrate/segments.py), cut at the layers' inputs, with every batch's tensors
+    carried from piece to piece; at each cut, each layer there is measured by running only the rest
+    of the model from what the walk holds. The runs cost a suffix of the network each instead of
+    the whole of it."""
+    from ..calibrate.segments import advance as walk, cut, rest, segment_model
+
     per_layer = options if isinstance(options, dict) else {layer.node: options for layer in plan.layers}
     needs_gates = any(c.a_bits != 8 for opts in per_layer.values() for c in opts)
     gated = sorted({l.activation for l in plan.layers if l.activation}) if needs_gates else []
-    sess = session(probe_model(g, plan, gated))
+    probe = Graph(probe_model(g, plan, gated))
     output = g.output_names[0]
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
     closed = {k: v for t in gated for k, v in gate_feeds(t, False).items()}
-    references = [sess.run([output], {**b.feeds, **float_weights, **closed})[0] for b in batches]
+    states = [{**b.feeds, **float_weights, **closed} for b in batches]
+    references = list(walk(probe, rest(cut(probe.graph, [output]), -1), [dict(s) for s in states], lambda n: None))
     samples = sum(len(r) for r in references)
+    measured = [layer for layer in plan.layers if layer.node in per_layer]
+    # Where each layer is measured from: its input, unless that is not computed before the output is
+    # (no input, a model input, a branch computed after the output): then from the start.
+    made_at = {out: i for i, node in enumerate(probe.graph.node) for out in node.output if out}
+    at = {layer.node: layer.activation if made_at.get(layer.activation, len(made_at)) < made_at.get(output, -1) else None
+          for layer in measured}
+    segments = cut(probe.graph, [*filter(None, at.values()), output])
     table: dict[str, dict[str, float]] = {}
-    for layer in plan.layers:
-        row = {}
-        if layer.node not in per_layer:
-            continue
-        for option in per_layer[layer.node]:
-            feeds = {**float_weights, **closed,
-                     layer.weight: fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg,
-                                                     (values or {}).get(layer.weight))}
-            if option.a_bits != 8 and layer.activation in gated:
-                feeds.update(act_gate(layer.activation, option.a_bits, stats, cfg))
-            total = sum(output_damage(ref, sess.run([output], {**b.feeds, **feeds})[0])
-                        for b, ref in zip(batches, references))
-            row[option.label] = total / samples
-            advance(1)
-        table[layer.node] = row
-    return table
 
+    def measure(here: list, tail) -> None:
+        types = {name: helper.np_dtype_to_tensor_dtype(states[0][name].dtype) for name in tail.reads}
+        sess = session(segment_model(probe, tail, types, lambda n: None), spinning=False)
+        for layer in here:
+            row = {}
+            for option in per_layer[layer.node]:
+                feeds = {layer.weight: fake_quant_weight(g, layer.node, layer.weight, option.weights, cfg,
+                                                         (values or {}).get(layer.weight))}
+                if option.a_bits != 8 and layer.activation in gated:
+                    feeds.update(act_gate(layer.activation, option.a_bits, stats, cfg))
+                total = sum(output_damage(ref, sess.run([output], {n: feeds.get(n, state[n]) for n in tail.reads})[0])
+                            for state, ref in zip(states, references))
+                row[option.label] = total / samples
+                advance(1)
+            table[layer.node] = row
+
+    if any(a is None for a in at.values()):
+        measure([layer for layer in measured if at[layer.node] is None], rest(segments, -1))
+    for k, segment in enumerate(segments[:-1]):
+        for _ in walk(probe, segment, states, lambda n: None):
+            pass
+        here = [layer for layer in measured if at[layer.node] == segment.target]
+        if here:
+            measure(here, rest(segments, k))
+    return {layer.node: table[layer.node] for layer in measured}
 
 
 def weight_only_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches: list[Batch],

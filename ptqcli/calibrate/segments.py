@@ -78,32 +78,51 @@ def segment_model(g: Graph, segment: Segment, types: dict[str, int],
                     else with_data(g.initializers[name], g.weights_dir)
                     for name in sorted(names) if name in g.initializers]
     inputs = [helper.make_tensor_value_info(name, types[name], None) for name in segment.reads]
-    outputs = [helper.make_tensor_value_info(name, g.value_types.get(name, TensorProto.UNDEFINED), None)
+    # A tensor the model declares no type for is float (what the probe model's fake-quantizers add).
+    outputs = [helper.make_tensor_value_info(name, g.value_types.get(name) or TensorProto.FLOAT, None)
                for name in dict.fromkeys([*segment.writes, segment.target]) if name not in segment.reads]
     return fragment(g.model, segment.nodes, inputs, outputs, initializers)
 
 
+def advance(g: Graph, segment: Segment, states: list[dict[str, np.ndarray]],
+            weight: Callable[[str], np.ndarray | None]) -> Iterator[np.ndarray]:
+    """Run `segment` (built now, with the initializers `weight` gives: see segment_model) on every
+    state in turn, updating each in place (what later segments read added, what none does dropped),
+    and yield each state's value of the segment's target."""
+    types = {name: helper.np_dtype_to_tensor_dtype(states[0][name].dtype) for name in segment.reads}
+    # A target the model reads as given needs no session (and ORT makes none without outputs).
+    sess = session(segment_model(g, segment, types, weight), spinning=False) if segment.nodes else None
+    outputs = [o.name for o in sess.get_outputs()] if sess else []
+    for state in states:
+        values = dict(zip(outputs, sess.run(outputs, {name: state[name] for name in segment.reads}))) if sess else {}
+        target = values[segment.target] if segment.target in values else state[segment.target]
+        state.update((name, values[name]) for name in segment.writes)
+        for name in segment.frees:
+            state.pop(name, None)
+        yield target
+
+
+def rest(segments: list[Segment], k: int) -> Segment:
+    """Everything after segment k as one segment: it reads from the states segment k left what
+    the later segments read and did not make, and computes the last segment's target."""
+    later = segments[k + 1:]
+    made = {out for seg in later for node in seg.nodes for out in node.output if out}
+    reads = sorted({name for seg in later for name in seg.reads} - made)
+    nodes = tuple(node for seg in later for node in seg.nodes)
+    return Segment(later[-1].target, nodes, tuple(reads), (), ())
+
+
 def grams_in_order(g: Graph, targets: Iterable[str], states: list[dict[str, np.ndarray]],
                    weight: Callable[[str], np.ndarray | None],
-                   advance: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, np.ndarray]]:
+                   advance_progress: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, np.ndarray]]:
     """Each target's Gram matrix (moments.gram, summed) over every state (one per calibration
     batch, starting as the batch's feeds), target after target in graph order.
     The segment that computes a target is built when it is reached, with the initializers
     `weight` gives then: a caller that changes weights between targets feeds each later segment
     the changed ones. `states` are advanced in place."""
     for segment in cut(g.graph, targets):
-        types = {name: helper.np_dtype_to_tensor_dtype(states[0][name].dtype) for name in segment.reads}
-        # A target the model reads as given needs no session (and ORT makes none without outputs).
-        sess = session(segment_model(g, segment, types, weight), spinning=False) if segment.nodes else None
-        outputs = [o.name for o in sess.get_outputs()] if sess else []
         total = None
-        for state in states:
-            values = dict(zip(outputs, sess.run(outputs, {name: state[name] for name in segment.reads}))) if sess else {}
-            target = values[segment.target] if segment.target in values else state[segment.target]
+        for target in advance(g, segment, states, weight):
             total = gram(target) if total is None else np.add(total, gram(target), out=total)
-            state.update((name, values[name]) for name in segment.writes)
-            for name in segment.frees:
-                state.pop(name, None)
-        del sess
-        advance(1)
+        advance_progress(1)
         yield segment.target, total

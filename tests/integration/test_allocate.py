@@ -91,3 +91,44 @@ def test_level_set_formats_join_the_candidates(run):
     damage = json.loads((run / "sensitivity.json").read_text())["damage"]
     assert set(damage["conv2"]) == {"int8/A8", "int4/A8", "pow2:4/A8", "exp:3/A8", "ternary/A8"}
     assert damage["conv2"]["int8/A8"] < damage["conv2"]["ternary/A8"]
+
+
+def test_damage_measured_from_each_layers_input_equals_whole_model_runs(tmp_path):
+    """Sensitivity walks the model once and runs only what follows each layer: on an encoder with
+    residual branches (activation candidates gated too), every row equals the obvious measurement,
+    the whole probe model run per layer and candidate."""
+    import numpy as np
+    import onnx
+
+    from builders import encoder_model
+    from ptqcli.allocate.sensitivity import candidates, fake_quant_weight, measure_damage, output_damage
+    from ptqcli.calibrate.data import iter_batches, model_inputs
+    from ptqcli.calibrate.probe import act_gate, gate_feeds, probe_model
+    from ptqcli.runtime import session
+
+    model = tmp_path / "encoder.onnx"
+    onnx.save(encoder_model(), str(model))
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(1).normal(size=(12, 16, 32)).astype(np.float32))
+    stages.calibrate(model, QuantConfig(), DataConfig(path=str(data), num_samples=12, batch_size=4), tmp_path / "run")
+    ctx = load_context(tmp_path / "run")
+    batches = list(iter_batches(ctx.data.path, model_inputs(ctx.graph), ctx.data, limit=8, model=ctx.graph.model))
+    options = candidates(["int8", "int4", "int2"], [8, 4])
+    table = measure_damage(ctx.graph, ctx.plan, ctx.stats, ctx.quant, batches, options)
+
+    g, plan = ctx.graph, ctx.plan
+    gated = sorted({layer.activation for layer in plan.layers if layer.activation})
+    sess = session(probe_model(g, plan, gated))
+    output = g.output_names[0]
+    base = {**{layer.weight: g.constant(layer.weight) for layer in plan.layers},
+            **{k: v for t in gated for k, v in gate_feeds(t, False).items()}}
+    refs = [sess.run([output], {**b.feeds, **base})[0] for b in batches]
+    assert [layer.node for layer in plan.layers] == list(table) and len(table) >= 6
+    for layer in plan.layers:
+        for option in options:
+            feeds = {**base, layer.weight: fake_quant_weight(g, layer.node, layer.weight, option.weights, ctx.quant)}
+            if option.a_bits != 8:
+                feeds.update(act_gate(layer.activation, option.a_bits, ctx.stats, ctx.quant))
+            want = sum(output_damage(r, sess.run([output], {**b.feeds, **feeds})[0]) for b, r in zip(batches, refs)) / 8
+            assert want > 0
+            assert abs(table[layer.node][option.label] - want) <= 1e-4 * want, (layer.node, option.label)
