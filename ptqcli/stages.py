@@ -55,7 +55,9 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         g = load_prepared(model_path)
         inputs = model_inputs(g)
         smoothing = {}
-        if quant.smooth and has_data:
+        # Weight-only GPTQ chooses its smoothing in its own pass over the data (gptq_rounding).
+        smooth_later = quant.smooth and has_data and quant.acts.value == "none" and quant.rounding.value == "gptq"
+        if quant.smooth and has_data and not smooth_later:
             g, smoothing = smooth(g, quant, data, inputs, activation_moments(g, quant, data, inputs, progress))
         # The plan and card record what `auto` resolved to, so a recipe replays identically.
         chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
@@ -68,7 +70,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         plan = build_plan(g, sel, stats, quant, extra)
         plan = settle_activations(g, plan, quant, data, inputs, progress)
         if quant.rounding.value == "gptq":
-            plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress)
+            g, plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress, smooth=smooth_later)
         elif quant.rounding.value != "nearest":
             plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
         if has_data:
@@ -195,15 +197,24 @@ def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, p
 
 
 def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
-                  progress: Progress = silent, only: set[str] | None = None) -> Plan:
+                  progress: Progress = silent, only: set[str] | None = None, smooth: bool = False
+                  ) -> tuple[Graph, Plan]:
     """GPTQ over the plan's MatMul/Gemm layers (those of the weights in `only`, if given;
     calibrate/gptq.py), in graph order, each layer's Hessian taken from its inputs as the
     already-quantized prefix makes them: the graph runs segment by segment over the calibration
     batches (calibrate/segments.py), each segment with the weights rounded before it, other quantized
-    weights on their grids, and the plan's activation quantizers applied."""
+    weights on their grids, and the plan's activation quantizers applied.
+
+    With `smooth` (weight-only plans), activation-aware scaling (calibrate/smooth.py) is chosen on
+    the way, from the same pass: when the walk reaches a smoothing group's tensor, its factors s are
+    chosen on the moments the quantized prefix gives it, the group's weights are rounded as
+    diag(s) W against H / (s s^T), later segments compute with diag(s)^-1 Q, and the factors are
+    folded into the float graph when the walk is over. Returns the graph (smoothed, if it was) and
+    the plan."""
     from .calibrate.gptq import GptqConfig, eligible, round_layers
     from .calibrate.probe import act_gate, probe_model
-    from .calibrate.segments import grams_in_order
+    from .calibrate.segments import moments_in_order
+    from .calibrate.smooth import factors, folded, smoothing_groups
 
     layers = [(layer, axis) for layer, axis in eligible(g, plan) if only is None or layer.weight in only]
     if not layers:
@@ -221,28 +232,51 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
         readers.setdefault(seen_as[layer.activation], []).append((layer, axis))
     todo = {layer.weight for layer, _ in layers}
     tensors_out = dict(plan.tensors)
+    # Groups whose every GEMM is rounded here: another's weight would be scaled under a plan fitted before.
+    groups = {grp.tensor: grp for grp in (smoothing_groups(g) if smooth and not gated else [])
+              if set(grp.weights) <= {layer.weight for layer, _ in readers.get(grp.tensor, [])}}
+    scaled: dict[str, np.ndarray] = {}  # weight -> its smoothing factors, shaped to multiply it
+    chosen, smoothing = {}, {}
 
     def current(name: str) -> np.ndarray | None:
         tq = tensors_out.get(name)
         if tq is None or tq.role != "weight" or (name in todo and tq is plan.tensors[name]):
             return None  # float: not quantized, or not rounded yet
-        return tq.on_grid(g.constant(name))
+        # The walk runs the graph as it was: a smoothed layer computes X (diag(s)^-1 Q).
+        return tq.on_grid(g.constant(name)) / scaled[name] if name in scaled else tq.on_grid(g.constant(name))
 
     # One state per calibration batch: its feeds, then what each segment leaves for the next.
     states = [{**batch.feeds, **gates} for batch in iter_batches(data.path, inputs, data, limit=samples, model=g.model)]
     cfg, report = GptqConfig(act_order=quant.act_order), []
     with progress("gptq: layers", len(readers)) as advance:
-        for tensor, gram in grams_in_order(prefix, readers, states, current, advance):
+        for tensor, moments in moments_in_order(prefix, readers, states, current, advance):
             group = readers[tensor]
-            rounded = round_layers([g.constant(layer.weight) for layer, _ in group], [axis for _, axis in group],
-                                   [plan.tensors[layer.weight] for layer, _ in group], gram, cfg)
+            weights, hessian = [g.constant(layer.weight) for layer, _ in group], moments.gram
+            if tensor in groups:
+                s, smoothing[tensor] = factors(g, groups[tensor], moments, quant)
+                if s is not None:
+                    chosen[tensor], hessian = s, hessian / np.outer(s, s)
+                    shaped = [s.reshape((-1, 1) if axis == 0 else (1, -1)) for _, axis in group]
+                    scaled.update((layer.weight, f) for (layer, _), f in zip(group, shaped))
+                    weights = [w * f for w, f in zip(weights, shaped)]
+            rounded = round_layers(weights, [axis for _, axis in group],
+                                   [plan.tensors[layer.weight] for layer, _ in group], hessian, cfg)
             for (layer, _), tq in zip(group, rounded):
                 tensors_out[layer.weight] = tq
                 report.append({"node": layer.node, "weight": layer.weight})
     name = "rounding.json" if only is None else "rounding.allocate.json"
     rundir.write_json(run / name, {"method": "gptq", "damp": cfg.damp, "act_order": cfg.act_order,
                                    "samples": samples, "hessians": "quantized prefix", "layers": report})
-    return requantize_biases(g, replace(plan, tensors=tensors_out), stats, quant)
+    plan = replace(plan, tensors=tensors_out)
+    if chosen:
+        check = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8), model=g.model))
+        g = folded(g, list(groups.values()), chosen, check)
+        # a group whose tensor has other readers is read under a new name by its GEMMs
+        plan = replace(plan, layers=[replace(layer, activation=g.node_by_name[layer.node].input[0])
+                                     if layer.activation in chosen else layer for layer in plan.layers])
+    if smoothing:
+        plan = replace(plan, config={**plan.config, "smoothing": smoothing})
+    return g, requantize_biases(g, plan, stats, quant)
 
 
 def quantize_branches(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfig, inputs, run: Path,
@@ -364,7 +398,7 @@ def reround(run_dir: str | Path, plan: Plan, progress: Progress = silent) -> Pla
         return plan
     inputs = model_inputs(run.graph)
     if plan.quant.rounding.value == "gptq":
-        plan = gptq_rounding(run.graph, plan, run.stats, plan.quant, run.data, inputs, run.path, progress, only=changed)
+        _, plan = gptq_rounding(run.graph, plan, run.stats, plan.quant, run.data, inputs, run.path, progress, only=changed)
     else:
         plan = optimise_rounding(run.graph, plan, run.stats, plan.quant, run.data, inputs, run.path, progress, changed)
     rundir.write_plan(run.path, plan)

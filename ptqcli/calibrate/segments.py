@@ -19,7 +19,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 from ..graph import Graph, fragment, make_initializer, subgraph_reads, with_data
 from ..runtime import session
-from .moments import gram
+from .moments import ChannelMoments, gram
 
 @dataclass(frozen=True)
 class Segment:
@@ -112,17 +112,21 @@ def rest(segments: list[Segment], k: int) -> Segment:
     return Segment(later[-1].target, nodes, tuple(reads), (), ())
 
 
-def grams_in_order(g: Graph, targets: Iterable[str], states: list[dict[str, np.ndarray]],
-                   weight: Callable[[str], np.ndarray | None],
-                   advance_progress: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, np.ndarray]]:
-    """Each target's Gram matrix (moments.gram, summed) over every state (one per calibration
-    batch, starting as the batch's feeds), target after target in graph order.
+def moments_in_order(g: Graph, targets: Iterable[str], states: list[dict[str, np.ndarray]],
+                     weight: Callable[[str], np.ndarray | None],
+                     advance_progress: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, ChannelMoments]]:
+    """Each target's Gram matrix (moments.gram, summed) and per-channel extremes over every state
+    (one per calibration batch, starting as the batch's feeds), target after target in graph order.
     The segment that computes a target is built when it is reached, with the initializers
     `weight` gives then: a caller that changes weights between targets feeds each later segment
     the changed ones. `states` are advanced in place."""
     for segment in cut(g.graph, targets):
-        total = None
+        total = lo = hi = None
         for target in advance(g, segment, states, weight):
-            total = gram(target) if total is None else np.add(total, gram(target), out=total)
+            rows = target.reshape(-1, target.shape[-1])
+            total = gram(rows) if total is None else np.add(total, gram(rows), out=total)
+            lo = rows.min(axis=0) if lo is None else np.minimum(lo, rows.min(axis=0))
+            hi = rows.max(axis=0) if hi is None else np.maximum(hi, rows.max(axis=0))
         advance_progress(1)
-        yield segment.target, total
+        lo, hi = lo.astype(np.float32), hi.astype(np.float32)
+        yield segment.target, ChannelMoments(np.maximum(-lo, hi), lo, hi, total)

@@ -216,10 +216,23 @@ def _as_rows(g: Graph, grp: SmoothGroup) -> list[np.ndarray]:
     return [np.moveaxis(g.constant(w), axis, 0).astype(np.float32) for w, axis in zip(grp.weights, grp.in_axes)]
 
 
+def _weight_absmax(weights: list[np.ndarray]) -> np.ndarray:
+    """Per input channel, the largest magnitude over the group's [K, N] weights."""
+    return np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+
+
+def factors(g: Graph, grp: SmoothGroup, stats: ChannelMoments, cfg: QuantConfig) -> tuple[np.ndarray | None, dict]:
+    """The group's smoothing factors s (None: leave it as it is) at the alpha `choose` picks, and its report."""
+    alpha, report = choose(g, grp, stats, cfg)
+    if alpha is None:
+        return None, report
+    return smoothing_scales(stats.absmax, _weight_absmax(_as_rows(g, grp)), alpha), report
+
+
 def choose(g: Graph, grp: SmoothGroup, stats: ChannelMoments, cfg: QuantConfig) -> tuple[float | None, dict]:
     """The alpha with the least group loss (None: leave the activation as it is), and the losses."""
     weights = _as_rows(g, grp)
-    w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    w_absmax = _weight_absmax(weights)
     if cfg.acts.value == "none" and stats.gram is not None:
         # Weight-only: the loss is a quadratic form per column, measured on a sample of columns
         # (a language model's head has 49,152) with each weight's signal power computed once.
@@ -297,26 +310,27 @@ def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], moments: dict[str, 
     groups = smoothing_groups(g)
     if not groups:
         return g, {}
-    report, factors = {}, {}
+    report, chosen = {}, {}
     for grp in groups:
-        stats = moments[grp.tensor]
-        alpha, report[grp.tensor] = choose(g, grp, stats, cfg)
-        if alpha is not None:
-            w_absmax = np.max([np.abs(w).max(axis=1) for w in _as_rows(g, grp)], axis=0)
-            factors[grp.tensor] = smoothing_scales(stats.absmax, w_absmax, alpha)
-    if not factors:
-        return g, report
-    # The original's outputs are taken first; then the factors are folded into the model itself (no
-    # copy: a language model's weights twice over would be the run's peak memory). The original
-    # Graph `g` is spent: its caches describe the model before smoothing.
+        s, report[grp.tensor] = factors(g, grp, moments[grp.tensor], cfg)
+        if s is not None:
+            chosen[grp.tensor] = s
+    return (folded(g, groups, chosen, batches) if chosen else g), report
+
+
+def folded(g: Graph, groups: list[SmoothGroup], chosen: dict[str, np.ndarray], batches: list[Batch]) -> Graph:
+    """The graph with each group's factors (by tensor) folded in, checked against the original on a
+    few samples of `batches`. The original's outputs are taken first; then the factors are folded
+    into `g`'s model itself (no copy: a language model's weights twice over would be the run's peak
+    memory), so `g` is spent: its caches describe the model before smoothing."""
     feeds, references = reference_outputs(g, batches)
     model = g.model
     for grp in groups:
-        if grp.tensor in factors:
-            fold(model, g, grp, factors[grp.tensor])
+        if grp.tensor in chosen:
+            fold(model, g, grp, chosen[grp.tensor])
     smoothed = Graph(model, g.source, list(g.notes), dict(g.facts))
     check_equal(smoothed, feeds, references)
-    return smoothed, report
+    return smoothed
 
 
 def moments_wanted(g: Graph, cfg: QuantConfig) -> tuple[list[str], set[str], set[str]]:

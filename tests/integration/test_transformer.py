@@ -196,6 +196,9 @@ def test_weight_only_int4_blocks_export_as_matmul_nbits_and_gptq_beats_nearest(e
     dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 6 and all(any(a.name == "block_size" and a.i == 16 for a in n.attribute) for n in dq)
     np.testing.assert_allclose(_cosine(model, standard, tmp / "eval.npz").mean(), cosines["gptq"], atol=1e-4)
+    # Smoothing chosen in GPTQ's own pass over the data (on the quantized prefix) and folded in after.
+    smoothing = json.loads((tmp_path / "gptq.onnx.run" / "plan.json").read_text())["config"]["smoothing"]
+    assert any(entry["alpha"] is not None for entry in smoothing.values()), smoothing
     # act-order is the default (recorded in the run); --no-act-order rounds channels in their own order.
     assert json.loads((tmp_path / "gptq.onnx.run" / "rounding.json").read_text())["act_order"] is True
     in_order = tmp_path / "in_order.onnx"

@@ -4,7 +4,7 @@ segment built after weights change computes with the changed weights."""
 import numpy as np
 import pytest
 
-from ptqcli.calibrate.segments import cut, grams_in_order
+from ptqcli.calibrate.segments import cut, moments_in_order
 from ptqcli.graph import clone, make_initializer
 from ptqcli.prepare import prepare
 from ptqcli.runtime import session, with_outputs
@@ -36,13 +36,16 @@ def _gemm_inputs(g):
     return found
 
 
-def _grams_of(model, tensors, batches):
+def _grams_of(model, tensors, batches, extremes=None):
     sess = session(with_outputs(model, tensors))
     total = {t: 0.0 for t in tensors}
     for feeds in batches:
         for t, value in zip(tensors, sess.run(tensors, feeds)):
             rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
             total[t] = total[t] + rows.T @ rows
+            if extremes is not None:
+                lo, hi = extremes.get(t, (np.inf, -np.inf))
+                extremes[t] = (np.minimum(lo, rows.min(axis=0)), np.maximum(hi, rows.max(axis=0)))
     return total
 
 
@@ -63,7 +66,7 @@ def test_segments_cover_each_needed_node_once_and_read_only_what_earlier_ones_le
 
 
 @pytest.mark.parametrize("build, feeds", CASES)
-def test_grams_equal_the_whole_models_and_follow_weights_changed_on_the_way(build, feeds):
+def test_moments_equal_the_whole_models_and_follow_weights_changed_on_the_way(build, feeds):
     g = prepare(build())
     readers = _gemm_inputs(g)
     batches = feeds(g.model)
@@ -74,9 +77,9 @@ def test_grams_equal_the_whole_models_and_follow_weights_changed_on_the_way(buil
         return changed.get(name)
 
     states = [dict(b) for b in batches]
-    got = {}
-    for tensor, gram in grams_in_order(g, readers, states, weight):
-        got[tensor] = gram
+    got, seen = {}, {}
+    for tensor, moments in moments_in_order(g, readers, states, weight):
+        got[tensor], seen[tensor] = moments.gram, moments
         for name in readers[tensor][1]:  # the layers reading this tensor change before the next segment
             w = g.constant(name)
             changed[name] = (w * rng.uniform(0.5, 1.5, w.shape)).astype(np.float32)
@@ -85,9 +88,14 @@ def test_grams_equal_the_whole_models_and_follow_weights_changed_on_the_way(buil
     for i, t in enumerate(model.graph.initializer):
         if t.name in changed:
             model.graph.initializer[i].CopyFrom(make_initializer(t.name, changed[t.name]))
-    expected = _grams_of(model, list(readers), batches)
+    extremes = {}
+    expected = _grams_of(model, list(readers), batches, extremes)
     float_grams = _grams_of(g.model, list(readers), batches)
     for tensor in readers:
         np.testing.assert_allclose(got[tensor], expected[tensor], rtol=2e-4, atol=1e-3 * np.abs(expected[tensor]).max())
+        lo, hi = extremes[tensor]
+        np.testing.assert_allclose(seen[tensor].lo, lo, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(seen[tensor].hi, hi, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(seen[tensor].absmax, np.maximum(-lo, hi), rtol=1e-5, atol=1e-6)
     # the changes reached some later target (else this test would not tell the two apart)
     assert any(not np.allclose(expected[t], float_grams[t], rtol=1e-2) for t in readers)
