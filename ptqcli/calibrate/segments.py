@@ -112,6 +112,20 @@ def rest(segments: list[Segment], k: int) -> Segment:
     return Segment(later[-1].target, nodes, tuple(reads), (), ())
 
 
+def run_piecewise(g: Graph, feeds: list[dict[str, np.ndarray]], outputs: list[str],
+                  cuts: Iterable[str] = ()) -> list[list[np.ndarray]]:
+    """The model's `outputs` on each of `feeds`, computed segment by segment (cut at `cuts` as well),
+    so that a session never holds more than one segment's weights: a language model run whole
+    needs its weights again in ORT (and their packed copies) beside the caller's."""
+    states = [dict(feed) for feed in feeds]
+    got: list[dict[str, np.ndarray]] = [{} for _ in feeds]
+    for segment in cut(g.graph, [*cuts, *outputs]):
+        for found, value in zip(got, advance(g, segment, states, lambda name: None)):
+            if segment.target in outputs:
+                found[segment.target] = value
+    return [[found[name] for name in outputs] for found in got]
+
+
 def moments_in_order(g: Graph, targets: Iterable[str], states: list[dict[str, np.ndarray]],
                      weight: Callable[[str], np.ndarray | None],
                      advance_progress: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, ChannelMoments]]:

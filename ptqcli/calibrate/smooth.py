@@ -31,9 +31,9 @@ from ..graph import Graph
 from ..metrics import relative_error
 from ..ops import normalization, op_info
 from ..quant import dequantize, quantize, scale_zero_point
-from ..runtime import run_session, session
 from .data import Batch
 from .moments import ChannelMoments
+from .segments import run_piecewise
 from .planner import activation_spec, quantize_weight, weight_spec
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -323,13 +323,14 @@ def folded(g: Graph, groups: list[SmoothGroup], chosen: dict[str, np.ndarray], b
     few samples of `batches`. The original's outputs are taken first; then the factors are folded
     into `g`'s model itself (no copy: a language model's weights twice over would be the run's peak
     memory), so `g` is spent: its caches describe the model before smoothing."""
-    feeds, references = reference_outputs(g, batches)
+    cuts = [grp.tensor for grp in groups]  # both graphs compute them
+    feeds, references = reference_outputs(g, batches, cuts)
     model = g.model
     for grp in groups:
         if grp.tensor in chosen:
             fold(model, g, grp, chosen[grp.tensor])
     smoothed = Graph(model, g.source, list(g.notes), dict(g.facts))
-    check_equal(smoothed, feeds, references)
+    check_equal(smoothed, feeds, references, cuts)
     return smoothed
 
 
@@ -341,21 +342,21 @@ def moments_wanted(g: Graph, cfg: QuantConfig) -> tuple[list[str], set[str], set
     return tensors, set(tensors) if weight_only else set(), set() if weight_only else set(tensors)
 
 
-def reference_outputs(original: Graph, batches: list[Batch], samples: int = 4) -> tuple[list[dict], list[list]]:
-    """The feeds of a few samples, one at a time, and the original model's float outputs on them."""
+def reference_outputs(original: Graph, batches: list[Batch], cuts: list[str], samples: int = 4
+                      ) -> tuple[list[dict], list[list]]:
+    """The feeds of a few samples, one at a time, and the original model's float outputs on them,
+    computed piece by piece (cut at `cuts`, see segments.run_piecewise)."""
     outputs = [o for o in original.output_names if original.is_float(o)]
     feeds = [b.rows(i, i + 1).feeds for b in batches for i in range(b.size)][:samples]
-    sess = session(original.model)
-    return feeds, [run_session(sess, outputs, f) for f in feeds]
+    return feeds, run_piecewise(original, feeds, outputs, cuts)
 
 
-def check_equal(smoothed: Graph, feeds: list[dict], references: list[list]) -> None:
+def check_equal(smoothed: Graph, feeds: list[dict], references: list[list], cuts: list[str]) -> None:
     """The smoothed model's float outputs against the original's (`reference_outputs`), one sample
-    at a time: a language model's logits for a batch would cost gigabytes."""
+    at a time (a language model's logits for a batch would cost gigabytes), piece by piece."""
     outputs = [o for o in smoothed.output_names if smoothed.is_float(o)]
-    sess = session(smoothed.model)
-    for feed, reference in zip(feeds, references):
-        for name, x, y in zip(outputs, reference, run_session(sess, outputs, feed)):
+    for reference, got in zip(references, run_piecewise(smoothed, feeds, outputs, cuts)):
+        for name, x, y in zip(outputs, reference, got):
             err = relative_error(x, y) / len(x)
             if not err <= EQUAL_WITHIN:
                 raise PtqError(f"smoothing changed float output {name} (relative error {err:.2e}); "
