@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, TextIO
+from typing import Any, Mapping, TextIO
 
 import numpy as np
 
@@ -29,6 +29,14 @@ MOVED_TO_FLOAT = "moved to float by `ptq allocate --max-drop`"
 # between a DequantizeLinear and a QuantizeLinear, ORT quantizes a float Conv's or Gemm's weights
 # itself (its WeightBiasQuantization pass), so a layer meant to run in float would not.
 FLOAT_INPUT_REASONS = ("excluded by the recipe", MOVED_TO_FLOAT)
+
+# Scales and zero points of more values than this are kept in the params file beside plan.json.
+GRID_IN_JSON = 4096
+
+
+def grid_keys(tensor: str) -> tuple[str, str]:
+    """The params-file names of a tensor's scale and zero point."""
+    return f"{tensor}#scale", f"{tensor}#zero_point"
 
 
 @dataclass(frozen=True)
@@ -56,29 +64,44 @@ class TensorQuant:
         return dequantize(quantize(source, self.scale, self.zero_point, self.spec), self.scale, self.zero_point,
                           self.spec)
 
-    def to_dict(self, include_value: bool = True) -> dict:
+    def to_dict(self, include_value: bool = True, grid_apart: str | None = None) -> dict:
+        """`grid_apart`: the scale and zero point are the arrays `grid_keys(grid_apart)` of the
+        params file instead of JSON lists (see Plan.arrays_apart)."""
+        scale_key, zero_key = grid_keys(grid_apart) if grid_apart is not None else (None, None)
         return {
             "role": self.role,
             "spec": self.spec.to_dict(),
             # float32 -> Python float is exact, and the JSON text of a double round-trips exactly.
-            "scale": np.asarray(self.scale, dtype=np.float32).ravel().astype(float).tolist(),
+            "scale": {"params": scale_key} if scale_key
+            else np.asarray(self.scale, dtype=np.float32).ravel().astype(float).tolist(),
             "scale_shape": list(np.shape(self.scale)),
-            "zero_point": np.asarray(self.zero_point).ravel().astype(float if self.spec.float_zero else int).tolist(),
+            "zero_point": {"params": zero_key} if zero_key
+            else np.asarray(self.zero_point).ravel().astype(float if self.spec.float_zero else int).tolist(),
             "source": self.source,
             **({} if self.value is None or not include_value
                else {"value": np.asarray(self.value, dtype=np.float32).ravel().astype(float).tolist()}),
         }
 
     @staticmethod
-    def from_dict(d: dict) -> "TensorQuant":
+    def from_dict(d: dict, arrays: Mapping[str, np.ndarray] | None = None) -> "TensorQuant":
+        """`arrays`: the params file, where a large plan keeps scales and zero points."""
         shape = tuple(d.get("scale_shape", []))
         value = None if d.get("value") is None else np.asarray(d["value"], dtype=np.float32)
         spec = QuantSpec.from_dict(d["spec"])
+
+        def read(field: str):
+            kept = d[field]
+            if not isinstance(kept, dict):
+                return kept
+            if arrays is None or kept.get("params") not in arrays:
+                raise KeyError(f"{field} {kept.get('params')!r} (the params file beside plan.json lacks it)")
+            return arrays[kept["params"]]
+
         return TensorQuant(
             role=d["role"],
             spec=spec,
-            scale=np.asarray(d["scale"], dtype=np.float32).reshape(shape),
-            zero_point=np.asarray(d["zero_point"], dtype=np.float32 if spec.float_zero else np.int64).reshape(shape),
+            scale=np.asarray(read("scale"), dtype=np.float32).reshape(shape),
+            zero_point=np.asarray(read("zero_point"), dtype=np.float32 if spec.float_zero else np.int64).reshape(shape),
             source=dict(d.get("source", {})),
             value=value,
         )
@@ -155,24 +178,42 @@ class Plan:
         """Tensors whose values the plan replaces (corrected biases, learned weights)."""
         return {k: v.value for k, v in self.tensors.items() if v.value is not None}
 
+    def grids_apart(self) -> list[str]:
+        """Tensors whose scales and zero points are kept out of the JSON (a language model's block
+        scales run to millions: as JSON text they took seconds to write and to read back)."""
+        # A key that is also a tensor's name would be read back as that tensor's value.
+        return [k for k, v in self.tensors.items()
+                if np.size(v.scale) > GRID_IN_JSON and not self.tensors.keys() & set(grid_keys(k))]
+
+    def arrays_apart(self) -> dict[str, np.ndarray]:
+        """What the params file beside the JSON holds: replaced values by tensor name, and the
+        grids of `grids_apart` under `grid_keys`."""
+        arrays = self.values()
+        for name in self.grids_apart():
+            scale_key, zero_key = grid_keys(name)
+            arrays[scale_key] = np.asarray(self.tensors[name].scale)
+            arrays[zero_key] = np.asarray(self.tensors[name].zero_point)
+        return arrays
+
     def to_json(self, include_values: bool = True) -> str:
         """`include_values=False` leaves replaced values out (they go to an .npz beside the JSON)."""
         return json.dumps(self._doc(include_values), indent=1, sort_keys=False)
 
-    def dump_json(self, out: TextIO, include_values: bool = True) -> None:
-        """to_json written to `out` as it is encoded: a language model's plan holds millions of
-        block scales, and its JSON text whole (with the encoder's pieces) would take gigabytes."""
-        json.dump(self._doc(include_values), out, indent=1, sort_keys=False)
+    def dump_json(self, out: TextIO, include_values: bool = True, grids_apart: bool = False) -> None:
+        """to_json written to `out` as it is encoded. With `grids_apart` the large grids are
+        references to the params file (arrays_apart)."""
+        json.dump(self._doc(include_values, set(self.grids_apart()) if grids_apart else set()), out, indent=1,
+                  sort_keys=False)
         out.write("\n")
 
-    def _doc(self, include_values: bool) -> dict:
+    def _doc(self, include_values: bool, grids_apart: set[str] = frozenset()) -> dict:
         return {
             "version": self.version,
             "config": self.config,
             "notes": self.notes,
             "layers": [layer.to_dict() for layer in self.layers],
             "float_nodes": self.float_nodes,
-            "tensors": {k: v.to_dict(include_values) for k, v in self.tensors.items()},
+            "tensors": {k: v.to_dict(include_values, k if k in grids_apart else None) for k, v in self.tensors.items()},
             "binary_inputs": {k: np.asarray(v, dtype=np.float32).astype(float).tolist()
                               for k, v in self.binary_inputs.items()},
         }
@@ -182,7 +223,8 @@ class Plan:
         return replace(self, tensors=tensors)
 
     @staticmethod
-    def from_json(text: str) -> "Plan":
+    def from_json(text: str, arrays: Mapping[str, np.ndarray] | None = None) -> "Plan":
+        """The plan of `text`; `arrays` is its params file (arrays_apart), when it has one."""
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -192,7 +234,7 @@ class Plan:
             raise PtqError(f"plan.json has version {version!r}; this ptqcli reads version {PLAN_VERSION}")
         try:
             return Plan(
-                tensors={k: TensorQuant.from_dict(v) for k, v in doc["tensors"].items()},
+                tensors={k: TensorQuant.from_dict(v, arrays) for k, v in doc["tensors"].items()},
                 layers=[Layer.from_dict(d) for d in doc["layers"]],
                 float_nodes=dict(doc["float_nodes"]),
                 config=dict(doc["config"]),

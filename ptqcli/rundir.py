@@ -99,22 +99,23 @@ def _as_text(binary, write) -> None:
 
 
 def write_plan(run: Path, plan: Plan, name: str = PLAN) -> None:
-    """plan.json (or another plan file), plus its params .npz for the values it replaces (learned and
-    masked weights can be large)."""
-    values = plan.values()
-    if values:
-        write_npz(_params_path(run, name), values)
+    """plan.json (or another plan file), plus its params .npz for what is large: the values it
+    replaces (learned and masked weights) and the scales of block-wise grids (Plan.arrays_apart)."""
+    arrays = plan.arrays_apart()
+    if arrays:
+        write_npz(_params_path(run, name), arrays)
     else:
         _params_path(run, name).unlink(missing_ok=True)
-    write_atomic(run / name, lambda f: _as_text(f, lambda text: plan.dump_json(text, include_values=False)))
+    write_atomic(run / name, lambda f: _as_text(f, lambda text: plan.dump_json(text, include_values=False,
+                                                                                grids_apart=True)))
 
 
 def read_plan(run: Path, name: str = PLAN) -> Plan:
-    plan = Plan.from_json((run / name).read_text())
+    params = {}
     if _params_path(run, name).is_file():
-        with np.load(_params_path(run, name)) as params:
-            plan = plan.with_values({k: params[k] for k in params.files})
-    return plan
+        with np.load(_params_path(run, name)) as stored:
+            params = {k: stored[k] for k in stored.files}
+    return Plan.from_json((run / name).read_text(), params).with_values(params)
 
 
 def write_float_model(run: Path, model) -> None:

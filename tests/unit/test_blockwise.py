@@ -1,6 +1,8 @@
 """Block-wise weights: MatMulNBits packing checked by running ORT's own kernel, and GPTQ against a
 slow obvious reference."""
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -192,3 +194,35 @@ def test_upper_factor_of_the_inverse_hessian_is_the_cholesky_factor_of_its_inver
         u = upper_factor_of_inverse(h)
         assert np.allclose(np.triu(u), u) and np.all(np.diag(u) > 0)
         np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=0, atol=1e-9 * np.abs(u).max())
+
+
+def test_large_grids_are_stored_beside_the_plan_and_read_back_exactly(tmp_path):
+    """A plan's block scales past GRID_IN_JSON values go to the params file (the JSON names them);
+    small ones stay in the JSON; both read back bit for bit, values too."""
+    from ptqcli import rundir
+    from ptqcli.plan import GRID_IN_JSON, Plan
+
+    rng = np.random.default_rng(4)
+    big = rng.normal(size=(4 * GRID_IN_JSON, 32)).astype(np.float32)
+    small = rng.normal(size=(64, 16)).astype(np.float32)
+    tensors = {"big": _block_quant(big, 4, False, 32), "small": _block_quant(small, 4, False, 32),
+               "big#scale": _block_quant(small, 4, False, 32)}  # a name a params key could take
+    tensors["big"] = TensorQuant("weight", tensors["big"].spec, tensors["big"].scale, tensors["big"].zero_point,
+                                 {"method": "gptq"}, value=big)
+    plan = Plan(tensors=tensors, layers=[], float_nodes={}, config={})
+    huge = Plan(tensors={"huge": _block_quant(big, 4, False, 32)}, layers=[], float_nodes={}, config={})
+    rundir.write_plan(tmp_path, plan)
+    rundir.write_plan(tmp_path, huge, "plan.huge.json")
+    doc = json.loads((tmp_path / "plan.huge.json").read_text())
+    assert doc["tensors"]["huge"]["scale"] == {"params": "huge#scale"}  # a reference, not 4,096 numbers
+    assert json.loads((tmp_path / "plan.json").read_text())["tensors"]["big"]["scale"] != {"params": "big#scale"}
+    for written, name in ((plan, "plan.json"), (huge, "plan.huge.json")):
+        again = rundir.read_plan(tmp_path, name)
+        for key, tq in written.tensors.items():
+            got = again.tensors[key]
+            np.testing.assert_array_equal(got.scale, tq.scale)
+            np.testing.assert_array_equal(got.zero_point, tq.zero_point)
+            assert got.zero_point.dtype == tq.zero_point.dtype and got.spec == tq.spec
+            assert (got.value is None) == (tq.value is None)
+            if tq.value is not None:
+                np.testing.assert_array_equal(got.value, tq.value)

@@ -82,6 +82,13 @@ CASES = [
     conv("conv-dilation-asympads", R((1, 2, 9, 9)), R((3, 2, 3, 3)), R((3,)), dilations=[2, 2], pads=[2, 1, 0, 1]),
     conv("conv-groups", R((2, 4, 6, 6)), R((6, 2, 3, 3)), R((6,)), group=2, pads=[1, 1, 1, 1]),
     conv("conv-depthwise-x2", R((2, 4, 6, 6)), R((8, 1, 3, 3)), R((8,)), group=4, strides=[2, 2], pads=[1, 1, 1, 1]),
+    # depthwise (one output channel per input channel) runs tap by tap instead of as patches
+    conv("conv-depthwise", R((2, 5, 7, 7)), R((5, 1, 3, 3)), R((5,)), group=5, pads=[1, 1, 1, 1]),
+    conv("conv-depthwise-5x5-stride2", R((2, 4, 9, 8)), R((4, 1, 5, 5)), group=4, strides=[2, 2], pads=[2, 1, 2, 2]),
+    conv("conv-depthwise-dilated", R((1, 3, 8, 8)), R((3, 1, 3, 3)), R((3,)), group=3, dilations=[2, 2],
+         pads=[2, 1, 1, 2]),
+    conv("conv-depthwise-same-upper", R((1, 3, 8, 7)), R((3, 1, 3, 3)), group=3, strides=[2, 2], auto_pad="SAME_UPPER"),
+    conv("conv-depthwise-1d", R((2, 4, 11)), R((4, 1, 3)), R((4,)), group=4, strides=[2], pads=[1, 0]),
     conv("conv-same-upper", R((1, 3, 7, 7)), R((2, 3, 3, 3)), auto_pad="SAME_UPPER", strides=[2, 2]),
     conv("conv-same-lower", R((1, 3, 6, 6)), R((2, 3, 4, 4)), R((2,)), auto_pad="SAME_LOWER", strides=[2, 2]),
     conv("conv-same-upper-even-kernel", R((1, 2, 5, 6)), R((2, 2, 2, 4)), auto_pad="SAME_UPPER"),
