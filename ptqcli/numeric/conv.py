@@ -79,50 +79,12 @@ def _bias_cotangent(g: np.ndarray) -> np.ndarray:
     return g.sum(axis=non_channel_axes(g.ndim))
 
 
-def _depthwise(x_shape: tuple[int, ...], w_shape: tuple[int, ...], groups: int) -> bool:
-    """One input channel per group and one output channel per input channel."""
-    return groups > 1 and groups == x_shape[1] == w_shape[0] and w_shape[1] == 1
-
-
-def _tap_weights(w: np.ndarray, offsets: tuple[int, ...], ndim: int) -> np.ndarray:
-    """Tap `offsets` of a depthwise (C, 1, *kernel) weight, shaped to broadcast over (N, C, ...)."""
-    return channel_view(w[(slice(None), 0) + offsets], ndim)
-
-
-def _depthwise_forward(xp: np.ndarray, w: np.ndarray, win: Window) -> np.ndarray:
-    """A depthwise Conv as one multiply-add of a shifted view per tap: the patches (taps times the
-    input) and a batch of one-row matrix products per channel cost more than the arithmetic."""
-    y = None
-    for offsets, index in tap_slices(win):
-        term = xp[index] * _tap_weights(w, offsets, xp.ndim)
-        y = term if y is None else np.add(y, term, out=y)
-    return y
-
-
-def _depthwise_data_cotangent(g: np.ndarray, w: np.ndarray, shape: tuple[int, ...], win: Window) -> np.ndarray:
-    full = np.zeros(shape[:2] + tuple(win.padded(shape[2:])), dtype=g.dtype)
-    for offsets, index in tap_slices(win):
-        full[index] += g * _tap_weights(w, offsets, g.ndim)
-    return crop_spatial(full, win.begin, win.end)
-
-
-def _depthwise_weight_cotangent(g: np.ndarray, xp: np.ndarray, w_shape: tuple[int, ...], win: Window) -> np.ndarray:
-    dw = np.empty(w_shape, dtype=g.dtype)
-    axes = non_channel_axes(g.ndim)
-    for offsets, index in tap_slices(win):
-        dw[(slice(None), 0) + offsets] = np.sum(g * xp[index], axis=axes)
-    return dw
-
-
 def _conv_forward(inputs, attrs, wants):
     x, w, b = inputs[0], inputs[1], slot(inputs, 2)
     groups = int(attrs.get("group", 1))
     win = conv_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w.shape[2:])
-    if _depthwise(x.shape, w.shape, groups):
-        y = _depthwise_forward(pad_spatial(x, win.begin, win.end), w, win)
-    else:
-        patches = _patches(pad_spatial(x, win.begin, win.end), win, groups)
-        y = _ungrouped(grouped_rows(w, groups) @ patches, x.shape[0], win.out)
+    patches = _patches(pad_spatial(x, win.begin, win.end), win, groups)
+    y = _ungrouped(grouped_rows(w, groups) @ patches, x.shape[0], win.out)
     if b is not None:
         y += channel_view(b, y.ndim)
     ctx = _ConvCtx(x if wanted(wants, 1) else None, w if wanted(wants, 0) else None,
@@ -131,11 +93,6 @@ def _conv_forward(inputs, attrs, wants):
 
 
 def _conv_vjp(ctx: _ConvCtx, g, wants):
-    if _depthwise(ctx.x_shape, ctx.w_shape, ctx.groups):
-        dx = _depthwise_data_cotangent(g, ctx.w, ctx.x_shape, ctx.win) if wanted(wants, 0) else None
-        dw = (_depthwise_weight_cotangent(g, pad_spatial(ctx.x, ctx.win.begin, ctx.win.end), ctx.w_shape, ctx.win)
-              if wanted(wants, 1) else None)
-        return dx, dw, _bias_cotangent(g) if wanted(wants, 2) else None
     gm = _grouped(g, ctx.groups)  # (G, M / G, N * windows)
     dx = dw = db = None
     if wanted(wants, 0):
