@@ -5,7 +5,8 @@ quantization: layer-wise calibration and integer programming", 2021), in numpy.
 Layers are visited in graph order. Each layer's inputs come from the already-quantized prefix
 of the model and its target from the float model, both at the same sampled output positions:
     minimise  || W x_float - W~ x_quantized ||^2
-One ORT session serves every layer (weights are graph inputs; see allocate/sensitivity.py).
+The quantized inputs come from one walk of the probe model (weights are graph inputs, see
+calibrate/probe.py) in pieces, each layer's rounded weight fed to the pieces after it.
 Only sampled patch columns are kept, so memory does not grow with the feature-map size.
 """
 
@@ -27,7 +28,7 @@ from ..geometry import per_row, rows_to_weight, sampled_columns, supported, weig
 from ..graph import Graph
 from ..numeric.optim import adam_init, adam_step
 from ..plan import Plan, TensorQuant
-from ..runtime import feeds_for, session, truncated
+from ..runtime import feeds_for, session
 from ..formats import code_levels
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound, eq. 23)
@@ -197,10 +198,17 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
              ) -> tuple[Plan, list[dict]]:
     """The plan with every supported layer's weights re-rounded (or those of the weights in `only`,
     the others then fed quantized as the plan has them); per-layer losses before/after (each
-    layer's row also goes to `progress` as it is done)."""
+    layer's row also goes to `progress` as it is done).
+
+    The quantized inputs come from one walk of the probe model (calibrate/segments.py), cut at the
+    layers' inputs: each batch's tensors are carried from piece to piece, and a layer's rounded
+    weight replaces its float one in every batch's state before the piece that reads it runs. The
+    prefix is paid for once, not once per layer."""
+    from .segments import advance, cut
+
     todo = rounded_layers(g, plan, only)
     gated = sorted({l.activation for l in plan.layers if l.activation})
-    probe = probe_model(g, plan, gated)
+    probe = Graph(probe_model(g, plan, gated))
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
     # Where the plan replaces a weight (masked or re-fitted), rounding starts from that; its exact
     # zeros stay zero, so N:M masks survive rounding.
@@ -213,41 +221,58 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
     if only is not None:
         current.update({name: tq.on_grid(float_weights[name]) for name, tq in plan.of_role("weight").items()
                         if name in float_weights and name not in only})
+    states = [{**batch.feeds, **current, **gates} for batch in batches]
+    at: dict[str, list[int]] = {}  # each layer's quantized input (after its fake-quantizer) -> layers reading it
+    for index, layer in enumerate(todo):
+        at.setdefault(layer.activation + "__fq", []).append(index)
     report: list[dict] = []
     out_plan = plan
     with tempfile.TemporaryDirectory(prefix="ptq-columns-") as scratch:
         float_columns = _float_columns(g, todo, float_weights, batches, cfg, Path(scratch))
-        for index, layer in enumerate(todo):
-            started = time.perf_counter()
-            node, wq, w = g.node_by_name[layer.node], plan.tensors[layer.weight], float_weights[layer.weight]
-            xq = _quantized_columns(probe, layer, node, w.shape, index, {**current, **gates}, batches, cfg,
-                                    float_columns[index].shape)
-            target = _targets(weight_rows(node, w).astype(np.float64), float_columns[index])
-            rows = weight_rows(node, start.get(layer.weight, w)).astype(np.float64)
-            frozen = rows == 0
-            float_columns[index] = None  # unmapped: read pages of every layer would otherwise count as resident
-            scale = per_row(node, wq.scale, w.shape).astype(np.float64)
-            levels = code_levels(wq.spec)
-            nearest = nearest_level(rows / scale, levels)
-            before = _mean_error(nearest * scale, xq, target)
-            rng = np.random.default_rng([cfg.seed, index])
-            if cfg.method == "adaquant":
-                ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng, frozen=frozen)
-            else:
-                ints, new_scale = adaround_rows(rows, scale, levels, xq, target, cfg, rng, frozen=frozen), scale
-            after = _mean_error(ints * new_scale, xq, target)
-            if after > before:  # never worse than nearest on the data it was fitted to
-                ints, new_scale, after = nearest, scale, before
-            values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
-            tq = _with_values(wq, values, new_scale, node, w.shape)
-            out_plan = out_plan.with_tensor(layer.weight, tq)
-            current[layer.weight] = tq.on_grid(values)
-            report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
-                           "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2]),
-                           "peak_rss_mb": _peak_rss_mb()})
-            if progress is not None:
-                progress(report[-1])
-    return out_plan, report
+        for segment in cut(probe.graph, at):
+            here = at[segment.target]
+            columns = {i: np.empty(float_columns[i].shape, dtype=np.float32) for i in here}
+            filled = dict.fromkeys(here, 0)
+            for b, x in enumerate(advance(probe, segment, states, lambda name: None)):
+                for i in here:
+                    node, w_shape = g.node_by_name[todo[i].node], float_weights[todo[i].weight].shape
+                    block = sampled_columns(node, x, w_shape, cfg.positions, _positions(cfg, i, b))
+                    columns[i][filled[i]:filled[i] + len(block)] = block
+                    filled[i] += len(block)
+            for i in here:
+                layer = todo[i]
+                started = time.perf_counter()
+                node, wq, w = g.node_by_name[layer.node], plan.tensors[layer.weight], float_weights[layer.weight]
+                xq = np.moveaxis(columns.pop(i), 0, 2)  # (G, K, S)
+                target = _targets(weight_rows(node, w).astype(np.float64), float_columns[i])
+                rows = weight_rows(node, start.get(layer.weight, w)).astype(np.float64)
+                frozen = rows == 0
+                float_columns[i] = None  # unmapped: read pages of every layer would otherwise count as resident
+                scale = per_row(node, wq.scale, w.shape).astype(np.float64)
+                levels = code_levels(wq.spec)
+                nearest = nearest_level(rows / scale, levels)
+                before = _mean_error(nearest * scale, xq, target)
+                rng = np.random.default_rng([cfg.seed, i])
+                if cfg.method == "adaquant":
+                    ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng, frozen=frozen)
+                else:
+                    ints, new_scale = adaround_rows(rows, scale, levels, xq, target, cfg, rng, frozen=frozen), scale
+                after = _mean_error(ints * new_scale, xq, target)
+                if after > before:  # never worse than nearest on the data it was fitted to
+                    ints, new_scale, after = nearest, scale, before
+                values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
+                tq = _with_values(wq, values, new_scale, node, w.shape)
+                out_plan = out_plan.with_tensor(layer.weight, tq)
+                rounded = tq.on_grid(values)
+                for state in states:  # the pieces that read this weight have not run yet
+                    state[layer.weight] = rounded
+                report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
+                               "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2]),
+                               "peak_rss_mb": _peak_rss_mb()})
+                if progress is not None:
+                    progress(report[-1])
+    order = {layer.node: i for i, layer in enumerate(todo)}
+    return out_plan, sorted(report, key=lambda row: order[row["node"]])
 
 
 def _peak_rss_mb() -> float | None:
@@ -294,23 +319,6 @@ def _float_columns(g: Graph, layers, weights, batches: list[Batch], cfg: Roundin
             f.close()
     return [np.memmap(scratch / f"{i}.f32", dtype=np.float32, mode="r", shape=(counts[i],) + inner[i])
             for i in range(len(layers))]
-
-
-def _quantized_columns(probe, layer, node, w_shape, index: int, feeds: dict, batches: list[Batch],
-                       cfg: RoundingConfig, shape: tuple[int, ...]) -> np.ndarray:
-    """The layer's input columns with the already-rounded prefix, (G, K, S) over sample-major
-    storage of `shape` (its float columns' shape: the same positions). Only the prefix the layer
-    needs runs; each batch's columns go straight into place."""
-    output = layer.activation + "__fq"
-    sess = session(truncated(probe, [output]))
-    columns = np.empty(shape, dtype=np.float32)
-    start = 0
-    for b, batch in enumerate(batches):
-        x = sess.run([output], feeds_for(sess, {**batch.feeds, **feeds}))[0]
-        block = sampled_columns(node, x, w_shape, cfg.positions, _positions(cfg, index, b))
-        columns[start:start + len(block)] = block
-        start += len(block)
-    return np.moveaxis(columns, 0, 2)
 
 
 def _targets(rows: np.ndarray, float_columns: np.ndarray) -> np.ndarray:
