@@ -95,6 +95,30 @@ def nearest_level(r: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return levels[index]
 
 
+@dataclass(frozen=True)
+class OutputMoments:
+    """A linear layer's output error over its columns as a quadratic form in its weights: for
+    each output row w (of group g), mean over columns of (w x - t)^2 = w H w^T - 2 w . C + T."""
+
+    hess: np.ndarray  # (G, K, K): mean of x x^T over the columns
+    cross: np.ndarray  # (G, M, K): mean of t x^T
+    power: np.ndarray  # (G, M): mean of t^2
+
+
+def output_moments(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024) -> OutputMoments:
+    """OutputMoments of x_q (G, K, S) and target (G, M, S), summed in float64 over column chunks
+    (a float64 copy of a depthwise layer's columns would take half a gigabyte)."""
+    g, k, columns = x_q.shape
+    hess, cross = np.zeros((g, k, k)), np.zeros((g, target.shape[1], k))
+    power = np.zeros(target.shape[:2])
+    for lo in range(0, columns, chunk):
+        x, t = x_q[..., lo:lo + chunk].astype(np.float64), target[..., lo:lo + chunk].astype(np.float64)
+        hess += x @ x.transpose(0, 2, 1)
+        cross += t @ x.transpose(0, 2, 1)
+        power += np.sum(t * t, axis=2)
+    return OutputMoments(hess / columns, cross / columns, power / columns)
+
+
 def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: np.ndarray, target: np.ndarray,
                   cfg: RoundingConfig, rng: np.random.Generator,
                   report: Callable[[int, float], None] = lambda i, loss: None,
@@ -106,31 +130,40 @@ def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: 
     columns; target (G, M, S) float outputs. Each weight chooses between the two levels around it.
     Loss: mean squared output error + lambda * sum of (1 - |2h(V) - 1|^beta), beta annealed from
     beta[0] to beta[1] after a warm-up without it. `frozen` weights (masked zeros) stay at lo = 0.
+
+    The output error of a linear layer is a quadratic form in its weights, so every step uses the
+    exact error over all columns (OutputMoments, computed once) instead of a sampled minibatch: a
+    step costs M K^2 instead of M K B, and reads no columns (a depthwise layer's minibatches of
+    hundreds of tiny products, gathered anew each step, were the slowest part of rounding). The
+    steps are deterministic; `rng` is unused.
     """
-    lo, gap = (a.astype(np.float32) for a in bracket(rows / scale, levels))
-    v = _init_v((rows / scale - lo) / gap).astype(np.float32)
+    moments = output_moments(x_q, target)
+    lo, gap = bracket(rows / scale, levels)
+    v = _init_v((rows / scale - lo) / gap)
     if frozen is not None:
-        gap = np.where(frozen, np.float32(0), gap)  # lo is the zero level there: no choice left
-    scale32 = scale.astype(np.float32)
+        gap = np.where(frozen, 0.0, gap)  # lo is the zero level there: no choice left
+    scale = scale.astype(np.float64)
     state = adam_init(v)
     warm = int(cfg.warmup * cfg.iters)
-    for it, (xb, tb) in enumerate(_minibatches(x_q, target, cfg, rng)):
+    for it in range(cfg.iters):
         beta = None
         if it >= warm:
             beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * (it - warm) / max(cfg.iters - warm, 1)
-        loss, grad_v = adaround_loss_grad(v, lo, gap, scale32, xb, tb, cfg.reg_weight, beta)
+        loss, grad_v = adaround_loss_grad(v, lo, gap, scale, moments, cfg.reg_weight, beta)
         v, state = adam_step(v, grad_v, state, cfg.lr)
         if it % 50 == 0 or it == cfg.iters - 1:
             report(it, loss)
     return (lo + gap * (_h(v) >= 0.5)).astype(rows.dtype)
 
 
-def adaround_loss_grad(v, lo, gap, scale, xb, tb, reg_weight: float, beta: float | None):
+def adaround_loss_grad(v, lo, gap, scale, moments: OutputMoments, reg_weight: float, beta: float | None):
     """Reconstruction loss (+ the rounding regulariser when beta is given) and its gradient in V."""
     h = _h(v)
-    err = ((lo + gap * h) * scale) @ xb - tb  # (G, M, B)
-    loss = float(np.mean(err**2))
-    grad_w = 2 * err @ xb.transpose(0, 2, 1) / err.size  # d loss / d W~
+    w = (lo + gap * h) * scale  # (G, M, K)
+    wh = w @ moments.hess
+    per_row = np.sum(w * wh, axis=2) - 2 * np.sum(w * moments.cross, axis=2) + moments.power
+    loss = float(np.mean(per_row))
+    grad_w = 2 * (wh - moments.cross) / per_row.size  # d loss / d W~
     grad_v = grad_w * scale * gap * _dh(v)
     if beta is not None:
         d = 2 * h - 1

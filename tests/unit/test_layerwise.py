@@ -5,7 +5,7 @@ import pytest
 from onnx import helper
 
 from ptqcli.calibrate.layerwise import (
-    RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, bracket, nearest_level, _h,
+    RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, bracket, nearest_level, output_moments, _h,
 )
 from ptqcli.geometry import layer_columns, rows_to_weight, sampled_columns, weight_rows
 from ptqcli.numeric import forward
@@ -33,11 +33,15 @@ def test_gradient_matches_finite_differences(beta):
     rng = np.random.default_rng(1)
     floor = np.floor(rows / scale)
     v = rng.normal(0, 1, rows.shape)
-    _, grad = adaround_loss_grad(v, floor, 1.0, scale, x_q, target, 0.01, beta)
+    moments = output_moments(x_q, target)
+    loss, grad = adaround_loss_grad(v, floor, 1.0, scale, moments, 0.01, None)
+    w = (floor + _h(v)) * scale  # the loss is the mean squared output error over every column
+    assert loss == pytest.approx(np.mean((w @ x_q - target) ** 2), rel=1e-9)
+    _, grad = adaround_loss_grad(v, floor, 1.0, scale, moments, 0.01, beta)
     direction = rng.normal(size=v.shape)
     eps = 1e-6
-    up, _ = adaround_loss_grad(v + eps * direction, floor, 1.0, scale, x_q, target, 0.01, beta)
-    down, _ = adaround_loss_grad(v - eps * direction, floor, 1.0, scale, x_q, target, 0.01, beta)
+    up, _ = adaround_loss_grad(v + eps * direction, floor, 1.0, scale, moments, 0.01, beta)
+    down, _ = adaround_loss_grad(v - eps * direction, floor, 1.0, scale, moments, 0.01, beta)
     assert (up - down) / (2 * eps) == pytest.approx(np.sum(grad * direction), rel=1e-4)
 
 
@@ -173,10 +177,11 @@ def test_gradient_matches_finite_differences_on_a_level_grid():
     lo, gap = bracket(rows / scale, levels)
     rng = np.random.default_rng(2)
     v = rng.normal(0, 1, rows.shape)
-    _, grad = adaround_loss_grad(v, lo, gap, scale, x_q, target, 0.01, 3.0)
+    moments = output_moments(x_q, target)
+    _, grad = adaround_loss_grad(v, lo, gap, scale, moments, 0.01, 3.0)
     direction, eps = rng.normal(size=v.shape), 1e-6
-    up, _ = adaround_loss_grad(v + eps * direction, lo, gap, scale, x_q, target, 0.01, 3.0)
-    down, _ = adaround_loss_grad(v - eps * direction, lo, gap, scale, x_q, target, 0.01, 3.0)
+    up, _ = adaround_loss_grad(v + eps * direction, lo, gap, scale, moments, 0.01, 3.0)
+    down, _ = adaround_loss_grad(v - eps * direction, lo, gap, scale, moments, 0.01, 3.0)
     assert (up - down) / (2 * eps) == pytest.approx(np.sum(grad * direction), rel=1e-4)
 
 
