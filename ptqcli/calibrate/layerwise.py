@@ -104,10 +104,37 @@ class OutputMoments:
     cross: np.ndarray  # (G, M, K): mean of t x^T
     power: np.ndarray  # (G, M): mean of t^2
 
+    def loss_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
+        """Mean squared output error of weights w (G, M, K) and its gradient in w."""
+        wh = w @ self.hess
+        per_row = np.sum(w * wh, axis=2) - 2 * np.sum(w * self.cross, axis=2) + self.power
+        return float(np.mean(per_row)), 2 * (wh - self.cross) / per_row.size
+
+
+@dataclass(frozen=True)
+class OutputColumns:
+    """The same error from the columns themselves: cheaper than the quadratic form when a layer
+    has fewer columns than inputs (a classifier's Gemm sees one column per sample)."""
+
+    x: np.ndarray  # (G, K, S)
+    target: np.ndarray  # (G, M, S)
+
+    def loss_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
+        err = w @ self.x - self.target
+        return float(np.mean(err**2)), 2 * err @ self.x.transpose(0, 2, 1) / err.size
+
+
+def output_error(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024) -> OutputMoments | OutputColumns:
+    """The exact output error over all columns of x_q (G, K, S) against target (G, M, S), in the
+    cheaper form: a step costs M K^2 as a quadratic form and M K S from the columns. Sums are
+    float64, taken over column chunks (a float64 copy of a depthwise layer's columns would take
+    half a gigabyte)."""
+    if x_q.shape[2] <= x_q.shape[1]:
+        return OutputColumns(x_q.astype(np.float64), target.astype(np.float64))
+    return output_moments(x_q, target, chunk)
+
 
 def output_moments(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024) -> OutputMoments:
-    """OutputMoments of x_q (G, K, S) and target (G, M, S), summed in float64 over column chunks
-    (a float64 copy of a depthwise layer's columns would take half a gigabyte)."""
     g, k, columns = x_q.shape
     hess, cross = np.zeros((g, k, k)), np.zeros((g, target.shape[1], k))
     power = np.zeros(target.shape[:2])
@@ -132,12 +159,13 @@ def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: 
     beta[0] to beta[1] after a warm-up without it. `frozen` weights (masked zeros) stay at lo = 0.
 
     The output error of a linear layer is a quadratic form in its weights, so every step uses the
-    exact error over all columns (OutputMoments, computed once) instead of a sampled minibatch: a
-    step costs M K^2 instead of M K B, and reads no columns (a depthwise layer's minibatches of
+    exact error over all columns (output_error: as a quadratic form computed once, or from the
+    columns where there are fewer columns than inputs) instead of a sampled minibatch: a step costs
+    M K^2 (or M K S) instead of M K B, and gathers nothing (a depthwise layer's minibatches of
     hundreds of tiny products, gathered anew each step, were the slowest part of rounding). The
     steps are deterministic; `rng` is unused.
     """
-    moments = output_moments(x_q, target)
+    error = output_error(x_q, target)
     lo, gap = bracket(rows / scale, levels)
     v = _init_v((rows / scale - lo) / gap)
     if frozen is not None:
@@ -149,21 +177,18 @@ def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: 
         beta = None
         if it >= warm:
             beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * (it - warm) / max(cfg.iters - warm, 1)
-        loss, grad_v = adaround_loss_grad(v, lo, gap, scale, moments, cfg.reg_weight, beta)
+        loss, grad_v = adaround_loss_grad(v, lo, gap, scale, error, cfg.reg_weight, beta)
         v, state = adam_step(v, grad_v, state, cfg.lr)
         if it % 50 == 0 or it == cfg.iters - 1:
             report(it, loss)
     return (lo + gap * (_h(v) >= 0.5)).astype(rows.dtype)
 
 
-def adaround_loss_grad(v, lo, gap, scale, moments: OutputMoments, reg_weight: float, beta: float | None):
+def adaround_loss_grad(v, lo, gap, scale, error: OutputMoments | OutputColumns, reg_weight: float,
+                       beta: float | None):
     """Reconstruction loss (+ the rounding regulariser when beta is given) and its gradient in V."""
     h = _h(v)
-    w = (lo + gap * h) * scale  # (G, M, K)
-    wh = w @ moments.hess
-    per_row = np.sum(w * wh, axis=2) - 2 * np.sum(w * moments.cross, axis=2) + moments.power
-    loss = float(np.mean(per_row))
-    grad_w = 2 * (wh - moments.cross) / per_row.size  # d loss / d W~
+    loss, grad_w = error.loss_grad((lo + gap * h) * scale)  # d loss / d W~
     grad_v = grad_w * scale * gap * _dh(v)
     if beta is not None:
         d = 2 * h - 1

@@ -5,7 +5,8 @@ import pytest
 from onnx import helper
 
 from ptqcli.calibrate.layerwise import (
-    RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, bracket, nearest_level, output_moments, _h,
+    OutputColumns, OutputMoments, RoundingConfig, adaquant_rows, adaround_loss_grad, adaround_rows, bracket,
+    nearest_level, output_error, output_moments, _h,
 )
 from ptqcli.geometry import layer_columns, rows_to_weight, sampled_columns, weight_rows
 from ptqcli.numeric import forward
@@ -33,7 +34,7 @@ def test_gradient_matches_finite_differences(beta):
     rng = np.random.default_rng(1)
     floor = np.floor(rows / scale)
     v = rng.normal(0, 1, rows.shape)
-    moments = output_moments(x_q, target)
+    moments = output_error(x_q, target)
     loss, grad = adaround_loss_grad(v, floor, 1.0, scale, moments, 0.01, None)
     w = (floor + _h(v)) * scale  # the loss is the mean squared output error over every column
     assert loss == pytest.approx(np.mean((w @ x_q - target) ** 2), rel=1e-9)
@@ -177,7 +178,7 @@ def test_gradient_matches_finite_differences_on_a_level_grid():
     lo, gap = bracket(rows / scale, levels)
     rng = np.random.default_rng(2)
     v = rng.normal(0, 1, rows.shape)
-    moments = output_moments(x_q, target)
+    moments = output_error(x_q, target)
     _, grad = adaround_loss_grad(v, lo, gap, scale, moments, 0.01, 3.0)
     direction, eps = rng.normal(size=v.shape), 1e-6
     up, _ = adaround_loss_grad(v + eps * direction, lo, gap, scale, moments, 0.01, 3.0)
@@ -195,3 +196,19 @@ def test_adaround_on_power_of_two_levels_beats_nearest_level():
     held_out = (_mixing(0, k) @ np.random.default_rng(99).normal(size=(k, 3000)))[None]
     err = lambda q: np.mean(((q * scale) @ held_out - rows @ held_out) ** 2)  # noqa: E731
     assert err(values) < 0.8 * err(nearest_level(rows / scale, levels))
+
+
+def test_output_error_as_quadratic_form_equals_the_columns():
+    """Both forms of a layer's exact output error give the same loss and gradient (the quadratic
+    form summed over chunks of columns); the quadratic form is chosen when there are more columns
+    than inputs, the columns otherwise."""
+    rows, scale, x_q, target = _problem(cols=300)
+    w = np.random.default_rng(5).normal(0, 0.3, rows.shape)
+    assert isinstance(output_error(x_q, target), OutputMoments)
+    assert isinstance(output_error(x_q[..., :20], target[..., :20]), OutputColumns)
+    for cols in (300, 20):
+        quadratic = output_moments(x_q[..., :cols], target[..., :cols], chunk=7)
+        loss_a, grad_a = quadratic.loss_grad(w)
+        loss_b, grad_b = OutputColumns(x_q[..., :cols], target[..., :cols]).loss_grad(w)
+        assert loss_a == pytest.approx(loss_b, rel=1e-9)
+        np.testing.assert_allclose(grad_a, grad_b, rtol=1e-9, atol=1e-12)
