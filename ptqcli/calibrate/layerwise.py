@@ -67,13 +67,14 @@ def _minibatches(x_q: np.ndarray, target: np.ndarray, cfg: RoundingConfig, rng: 
 
 
 def _h(v: np.ndarray) -> np.ndarray:
-    return np.clip(1 / (1 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+    return _soft(v)[0]
 
 
-def _dh(v: np.ndarray) -> np.ndarray:
+def _soft(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rectified sigmoid h(V) and its derivative, from one exponential."""
     s = 1 / (1 + np.exp(-v))
     raw = s * (ZETA - GAMMA) + GAMMA
-    return s * (1 - s) * (ZETA - GAMMA) * ((raw > 0) & (raw < 1))
+    return np.clip(raw, 0.0, 1.0), s * (1 - s) * (ZETA - GAMMA) * ((raw > 0) & (raw < 1))
 
 
 def _init_v(rest: np.ndarray) -> np.ndarray:
@@ -107,7 +108,8 @@ class OutputMoments:
     def loss_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
         """Mean squared output error of weights w (G, M, K) and its gradient in w."""
         wh = w @ self.hess
-        per_row = np.sum(w * wh, axis=2) - 2 * np.sum(w * self.cross, axis=2) + self.power
+        per_row = (np.sum(w * wh, axis=2, dtype=np.float64) - 2 * np.sum(w * self.cross, axis=2, dtype=np.float64)
+                   + self.power)
         return float(np.mean(per_row)), 2 * (wh - self.cross) / per_row.size
 
 
@@ -121,20 +123,22 @@ class OutputColumns:
 
     def loss_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
         err = w @ self.x - self.target
-        return float(np.mean(err**2)), 2 * err @ self.x.transpose(0, 2, 1) / err.size
+        return float(np.mean(np.square(err, dtype=np.float64))), 2 * err @ self.x.transpose(0, 2, 1) / err.size
 
 
-def output_error(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024) -> OutputMoments | OutputColumns:
+def output_error(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024, dtype=np.float32
+                 ) -> OutputMoments | OutputColumns:
     """The exact output error over all columns of x_q (G, K, S) against target (G, M, S), in the
     cheaper form: a step costs M K^2 as a quadratic form and M K S from the columns. Sums are
     float64, taken over column chunks (a float64 copy of a depthwise layer's columns would take
-    half a gigabyte)."""
+    half a gigabyte); the steps run in `dtype`: in float32 the gradient 2 (w H - C) keeps all that
+    matters to a rounding choice, at half the cost."""
     if x_q.shape[2] <= x_q.shape[1]:
-        return OutputColumns(x_q.astype(np.float64), target.astype(np.float64))
-    return output_moments(x_q, target, chunk)
+        return OutputColumns(np.asarray(x_q, dtype=dtype), np.asarray(target, dtype=dtype))
+    return output_moments(x_q, target, chunk, dtype)
 
 
-def output_moments(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024) -> OutputMoments:
+def output_moments(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024, dtype=np.float32) -> OutputMoments:
     g, k, columns = x_q.shape
     hess, cross = np.zeros((g, k, k)), np.zeros((g, target.shape[1], k))
     power = np.zeros(target.shape[:2])
@@ -143,7 +147,7 @@ def output_moments(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024) -> Ou
         hess += x @ x.transpose(0, 2, 1)
         cross += t @ x.transpose(0, 2, 1)
         power += np.sum(t * t, axis=2)
-    return OutputMoments(hess / columns, cross / columns, power / columns)
+    return OutputMoments((hess / columns).astype(dtype), (cross / columns).astype(dtype), power / columns)
 
 
 def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: np.ndarray, target: np.ndarray,
@@ -166,11 +170,11 @@ def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: 
     steps are deterministic; `rng` is unused.
     """
     error = output_error(x_q, target)
-    lo, gap = bracket(rows / scale, levels)
-    v = _init_v((rows / scale - lo) / gap)
+    lo, gap = (a.astype(np.float32) for a in bracket(rows / scale, levels))
+    v = _init_v((rows / scale - lo) / gap).astype(np.float32)
     if frozen is not None:
-        gap = np.where(frozen, 0.0, gap)  # lo is the zero level there: no choice left
-    scale = scale.astype(np.float64)
+        gap = np.where(frozen, np.float32(0), gap)  # lo is the zero level there: no choice left
+    scale = scale.astype(np.float32)
     state = adam_init(v)
     warm = int(cfg.warmup * cfg.iters)
     for it in range(cfg.iters):
@@ -187,13 +191,15 @@ def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: 
 def adaround_loss_grad(v, lo, gap, scale, error: OutputMoments | OutputColumns, reg_weight: float,
                        beta: float | None):
     """Reconstruction loss (+ the rounding regulariser when beta is given) and its gradient in V."""
-    h = _h(v)
+    h, dh = _soft(v)
     loss, grad_w = error.loss_grad((lo + gap * h) * scale)  # d loss / d W~
-    grad_v = grad_w * scale * gap * _dh(v)
+    grad_v = grad_w * scale * gap * dh
     if beta is not None:
         d = 2 * h - 1
-        loss += reg_weight * float(np.sum(1 - np.abs(d) ** beta))
-        grad_v = grad_v - reg_weight * beta * np.abs(d) ** (beta - 1) * np.sign(d) * 2 * _dh(v)
+        size = np.abs(d)
+        power = size ** (beta - 1)  # |d|^beta as power * |d|: one float power per step, not two
+        loss += reg_weight * float(np.sum(1 - power * size))
+        grad_v -= reg_weight * beta * power * np.sign(d) * 2 * dh
     return loss, grad_v
 
 

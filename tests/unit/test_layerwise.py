@@ -34,7 +34,7 @@ def test_gradient_matches_finite_differences(beta):
     rng = np.random.default_rng(1)
     floor = np.floor(rows / scale)
     v = rng.normal(0, 1, rows.shape)
-    moments = output_error(x_q, target)
+    moments = output_error(x_q, target, dtype=np.float64)
     loss, grad = adaround_loss_grad(v, floor, 1.0, scale, moments, 0.01, None)
     w = (floor + _h(v)) * scale  # the loss is the mean squared output error over every column
     assert loss == pytest.approx(np.mean((w @ x_q - target) ** 2), rel=1e-9)
@@ -178,7 +178,7 @@ def test_gradient_matches_finite_differences_on_a_level_grid():
     lo, gap = bracket(rows / scale, levels)
     rng = np.random.default_rng(2)
     v = rng.normal(0, 1, rows.shape)
-    moments = output_error(x_q, target)
+    moments = output_error(x_q, target, dtype=np.float64)
     _, grad = adaround_loss_grad(v, lo, gap, scale, moments, 0.01, 3.0)
     direction, eps = rng.normal(size=v.shape), 1e-6
     up, _ = adaround_loss_grad(v + eps * direction, lo, gap, scale, moments, 0.01, 3.0)
@@ -207,7 +207,7 @@ def test_output_error_as_quadratic_form_equals_the_columns():
     assert isinstance(output_error(x_q, target), OutputMoments)
     assert isinstance(output_error(x_q[..., :20], target[..., :20]), OutputColumns)
     for cols in (300, 20):
-        quadratic = output_moments(x_q[..., :cols], target[..., :cols], chunk=7)
+        quadratic = output_moments(x_q[..., :cols], target[..., :cols], chunk=7, dtype=np.float64)
         loss_a, grad_a = quadratic.loss_grad(w)
         loss_b, grad_b = OutputColumns(x_q[..., :cols], target[..., :cols]).loss_grad(w)
         assert loss_a == pytest.approx(loss_b, rel=1e-9)
