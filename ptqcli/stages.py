@@ -144,8 +144,12 @@ def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, moments: dict
 
     if not smoothing_groups(g):
         return g, {}
-    check = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8), model=g.model))
-    return smooth_graph(g, quant, check, moments)
+    return smooth_graph(g, quant, smoothing_check_batches(g, data, inputs), moments)
+
+
+def smoothing_check_batches(g: Graph, data: DataConfig, inputs) -> list:
+    """The few calibration batches a smoothed float model is checked against the original on."""
+    return list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8), model=g.model))
 
 
 def settle_activations(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfig, inputs,
@@ -242,8 +246,9 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
         tq = tensors_out.get(name)
         if tq is None or tq.role != "weight" or (name in todo and tq is plan.tensors[name]):
             return None  # float: not quantized, or not rounded yet
+        value = tq.on_grid(g.constant(name))
         # The walk runs the graph as it was: a smoothed layer computes X (diag(s)^-1 Q).
-        return tq.on_grid(g.constant(name)) / scaled[name] if name in scaled else tq.on_grid(g.constant(name))
+        return value / scaled[name] if name in scaled else value
 
     # One state per calibration batch: its feeds, then what each segment leaves for the next.
     states = [{**batch.feeds, **gates} for batch in iter_batches(data.path, inputs, data, limit=samples, model=g.model)]
@@ -269,8 +274,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
                                    "samples": samples, "hessians": "quantized prefix", "layers": report})
     plan = replace(plan, tensors=tensors_out)
     if chosen:
-        check = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, 8), model=g.model))
-        g = folded(g, list(groups.values()), chosen, check)
+        g = folded(g, list(groups.values()), chosen, smoothing_check_batches(g, data, inputs))
         # a group whose tensor has other readers is read under a new name by its GEMMs
         plan = replace(plan, layers=[replace(layer, activation=g.node_by_name[layer.node].input[0])
                                      if layer.activation in chosen else layer for layer in plan.layers])

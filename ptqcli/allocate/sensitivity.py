@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from onnx import helper
 
 from ..calibrate.collect import Stats
 from ..calibrate.data import Batch
@@ -26,7 +25,6 @@ from ..ops import op_info
 from ..metrics import as_probs, kl, relative_error
 from ..plan import Plan
 from ..quant import dequantize, quantize
-from ..runtime import session
 
 
 
@@ -87,7 +85,7 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
     carried from piece to piece; at each cut, each layer there is measured by running only the rest
     of the model from what the walk holds. The runs cost a suffix of the network each instead of
     the whole of it."""
-    from ..calibrate.segments import advance as walk, cut, rest, segment_model
+    from ..calibrate.segments import advance as walk, cut, rest, run_piecewise, segment_session
 
     per_layer = options if isinstance(options, dict) else {layer.node: options for layer in plan.layers}
     needs_gates = any(c.a_bits != 8 for opts in per_layer.values() for c in opts)
@@ -97,7 +95,7 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
     closed = {k: v for t in gated for k, v in gate_feeds(t, False).items()}
     states = [{**b.feeds, **float_weights, **closed} for b in batches]
-    references = list(walk(probe, rest(cut(probe.graph, [output]), -1), [dict(s) for s in states], lambda n: None))
+    references = [outputs[0] for outputs in run_piecewise(probe, states, [output])]
     samples = sum(len(r) for r in references)
     measured = [layer for layer in plan.layers if layer.node in per_layer]
     # Where each layer is measured from: its input, unless that is not computed before the output is
@@ -109,8 +107,7 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
     table: dict[str, dict[str, float]] = {}
 
     def measure(here: list, tail) -> None:
-        types = {name: helper.np_dtype_to_tensor_dtype(states[0][name].dtype) for name in tail.reads}
-        sess = session(segment_model(probe, tail, types, lambda n: None), spinning=False)
+        sess = segment_session(probe, tail, states[0], lambda name: None)
         for layer in here:
             row = {}
             for option in per_layer[layer.node]:

@@ -84,14 +84,20 @@ def segment_model(g: Graph, segment: Segment, types: dict[str, int],
     return fragment(g.model, segment.nodes, inputs, outputs, initializers)
 
 
+def segment_session(g: Graph, segment: Segment, state: dict[str, np.ndarray],
+                    weight: Callable[[str], np.ndarray | None]):
+    """A session of `segment_model`, its inputs typed as `state` holds them."""
+    types = {name: helper.np_dtype_to_tensor_dtype(state[name].dtype) for name in segment.reads}
+    return session(segment_model(g, segment, types, weight), spinning=False)
+
+
 def advance(g: Graph, segment: Segment, states: list[dict[str, np.ndarray]],
             weight: Callable[[str], np.ndarray | None]) -> Iterator[np.ndarray]:
     """Run `segment` (built now, with the initializers `weight` gives: see segment_model) on every
     state in turn, updating each in place (what later segments read added, what none does dropped),
     and yield each state's value of the segment's target."""
-    types = {name: helper.np_dtype_to_tensor_dtype(states[0][name].dtype) for name in segment.reads}
     # A target the model reads as given needs no session (and ORT makes none without outputs).
-    sess = session(segment_model(g, segment, types, weight), spinning=False) if segment.nodes else None
+    sess = segment_session(g, segment, states[0], weight) if segment.nodes else None
     outputs = [o.name for o in sess.get_outputs()] if sess else []
     for state in states:
         values = dict(zip(outputs, sess.run(outputs, {name: state[name] for name in segment.reads}))) if sess else {}
