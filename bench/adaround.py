@@ -32,9 +32,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 # name: (rounding, bias correction)
 # Layer-wise rounding runs without bias correction, as `ptq calibrate` does by default: it already
 # fits each layer to its quantized inputs, and correcting afterwards measured worse.
+# "default": what `ptq quantize --weights W --data D` does, every rounding option left to ptqcli
+# (--iters and --samples other than the calibration sample count do not apply to it).
 VARIANTS = {"nearest": ("nearest", False), "bc": ("nearest", True), "adaround": ("adaround", False),
-            "adaquant": ("adaquant", False)}
-LABELS = {"nearest": "nearest", "bc": "nearest + bias corr.", "adaround": "adaround", "adaquant": "adaquant"}
+            "adaquant": ("adaquant", False), "default": ("default", None)}
+LABELS = {"nearest": "nearest", "bc": "nearest + bias corr.", "adaround": "adaround", "adaquant": "adaquant",
+          "default": "ptqcli default"}
 TITLE = "# Layer-wise rounding: nearest, bias correction, AdaRound, AdaQuant"
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -77,16 +80,18 @@ def child(args) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        quant = QuantConfig(weights=args.weights, rounding=args.rounding, rounding_iters=args.iters,
-                            rounding_samples=args.samples, bias_correction=args.bias_correction == "on")
+        quant = QuantConfig(weights=args.weights) if args.rounding == "default" else QuantConfig(
+            weights=args.weights, rounding=args.rounding, rounding_iters=args.iters, rounding_samples=args.samples,
+            bias_correction=args.bias_correction == "on")
         start = time.perf_counter()
-        stages.calibrate(args.model, quant, DataConfig(path=args.calib, num_samples=args.samples), run, _progress)
+        plan = stages.calibrate(args.model, quant, DataConfig(path=args.calib, num_samples=args.samples), run, _progress)
         seconds = time.perf_counter() - start
         _log(f"calibrate finished in {seconds:.1f}s; exporting and evaluating")
         _, fidelity = stages.export(run, Path(tmp) / "q.onnx", args.eval, args.eval_samples, _progress)
         layers = json.loads((run / "rounding.json").read_text())["layers"] if (run / "rounding.json").is_file() else []
     out = next(iter(fidelity.outputs.values()))
-    print(json.dumps({"seconds": seconds, "accuracy": fidelity.accuracy, "agreement": out.get("top1_agreement"),
+    chosen = plan.quant.rounding.value + (" + bias corr." if plan.quant.corrects_bias else "")
+    print(json.dumps({"seconds": seconds, "chosen": chosen, "accuracy": fidelity.accuracy, "agreement": out.get("top1_agreement"),
                       "kl": out.get("kl"), "layers": layers}))
 
 
@@ -197,7 +202,8 @@ def main() -> None:
                 rounding, corrected = VARIANTS[variant]
                 r = run_child(model, calib, evaluation, weights, rounding, corrected, args)
                 slowest = max((l["seconds"] for l in r["layers"]), default=None)
-                row = (f"{weights}/A8", LABELS[variant],
+                label = LABELS[variant] + (f" ({r['chosen']})" if variant == "default" and "chosen" in r else "")
+                row = (f"{weights}/A8", label,
                        f"{100 * r['accuracy']['quantized']:.2f}" if r["accuracy"] else "-",
                        f"{100 * r['agreement']:.2f}", f"{r['kl']:.4f}", f"{r['seconds']:.1f}", f"{r['wall']:.1f}",
                        f"{r['peak_mb']:.0f}", "-" if slowest is None else f"{slowest:.1f}")
@@ -207,7 +213,7 @@ def main() -> None:
                 if r["accuracy"] and r["accuracy"].get("float") is not None:
                     float_acc = r["accuracy"]["float"]
                 if r["layers"]:
-                    details += _layer_lines(f"{weights}/A8 {LABELS[variant]}", r["layers"])
+                    details += _layer_lines(f"{weights}/A8 {label}", r["layers"])
                 caption = f"float top-1 {100 * float_acc:.2f}%" if float_acc is not None else ""
                 done = len(rows)
                 state = "" if done == total else f" **Incomplete: {done} of {total} configurations finished.**"

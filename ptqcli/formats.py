@@ -268,14 +268,17 @@ class Format:
     native: str | None = None
     native_bits: int = 0
     fixed_width: bool = False  # named without a width: "binary", not "binary:1"
+    # `--rounding auto` learns this scheme's rounding below 8 bits. Binary and ternary weights are
+    # nearly all sign: their networks are trained for it, and rounding them layer-wise is untested.
+    learned_rounding: bool = True
 
 
 FORMATS: dict[str, Format] = {
     "int": Format(tuple(range(2, 9)), None, None, native="Int4", native_bits=4),
     "binary": Format((1,), lambda spec: np.array([1.0]), _fit_binary, native="Int4", native_bits=1,
-                     fixed_width=True),
+                     fixed_width=True, learned_rounding=False),
     "ternary": Format((2,), lambda spec: np.array([0.0, 1.0]), _fit_fixed_levels, native="Int4", native_bits=2,
-                      fixed_width=True),
+                      fixed_width=True, learned_rounding=False),
     "pow2": Format(tuple(range(2, 6)), lambda spec: _exponent_levels(2.0, spec.bits), _fit_fixed_levels,
                    native="Shift", native_bits=4),
     "exp": Format(tuple(range(2, 6)), lambda spec: _exponent_levels(spec.base, spec.bits), _fit_exp),
@@ -324,6 +327,14 @@ def parse_weight_format(text: str) -> tuple[str, int]:
             and int(bits) in FORMATS[scheme].bits:
         return scheme, int(bits)
     raise PtqError(f"unknown weight format {text!r} (known: {WEIGHT_FORMATS})")
+
+
+def learns_rounding(text: str) -> bool:
+    """Whether `--rounding auto` rounds weights of this format layer by layer: below 8 bits, where
+    nearest rounding costs accuracy (EfficientNet-Lite0 W4A8: 67.8% top-1 with nearest and bias
+    correction, 87.0% with AdaRound; bench/results/adaround-128.md)."""
+    scheme, bits = parse_weight_format(text)
+    return bits < 8 and FORMATS[scheme].learned_rounding
 
 
 def native_family(spec: QuantSpec) -> str | None:

@@ -13,7 +13,8 @@ from .calibrate.data import count_samples, iter_batches, model_inputs
 from .parallel import Workers
 from .calibrate.planner import build_plan, requantize_biases
 from .calibrate.select import select
-from .config import DataConfig, QuantConfig, ReduceRange, cpu_name, to_jsonable
+from .config import DataConfig, QuantConfig, ReduceRange, Rounding, cpu_name, to_jsonable
+from .formats import learns_rounding
 from .errors import PtqError
 from .export.card import CardInputs, build_card, write_card
 from .export.fidelity import INTEGER_KERNELS, Fidelity, measure
@@ -41,7 +42,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
     """Prepare the model, observe activations on the data in one pass (in shards on Ray when
     `workers` says so), write the plan."""
     has_data = data.path is not None or data.synthetic is not None
-    if not has_data and (quant.static_acts or quant.rounding.value != "nearest"):
+    if not has_data and (quant.static_acts or quant.rounding.value not in ("nearest", "auto")):
         needs = f"--acts {quant.acts.value}" if quant.static_acts else f"{quant.rounding.value} rounding"
         instead = "--acts dynamic for weights alone" if quant.static_acts else "--rounding nearest"
         raise PtqError(f"{needs} needs calibration data: pass --data PATH or --synthetic bn|gaussian|uniform "
@@ -54,6 +55,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
             data = replace(data, path=str(synthesize(model_path, data, quant.seed, run, progress)))
         g = load_prepared(model_path)
         inputs = model_inputs(g)
+        quant, rounding_choice = resolved_rounding(g, quant, has_data)
         smoothing = {}
         # Weight-only GPTQ chooses its smoothing in its own pass over the data (gptq_rounding).
         smooth_later = quant.smooth and has_data and quant.acts.value == "none" and quant.rounding.value == "gptq"
@@ -64,7 +66,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
         sel = select(g, quant)
         stats, seen = observe(g, sel, quant, data, inputs, progress, workers, run) if has_data else ({}, 0)
-        extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose}
+        extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose,
+                 "rounding_choice": rounding_choice}
         if smoothing:
             extra["smoothing"] = smoothing
         plan = build_plan(g, sel, stats, quant, extra)
@@ -88,6 +91,24 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
             "samples_seen": seen,
         })
         return plan
+
+
+def resolved_rounding(g: Graph, quant: QuantConfig, has_data: bool) -> tuple[QuantConfig, str]:
+    """`quant` with `--rounding auto` made concrete, and why (the plan and card record both, so a
+    recipe replays the same rounding). Auto rounds layer by layer when there is data and a weight
+    format below 8 bits: GPTQ when weights alone are quantized and every layer is a MatMul/Gemm with a
+    2-D weight (a language model's path, where GPTQ's Hessian walk is the measured best), AdaRound
+    otherwise (it takes convolutions and quantized activations)."""
+    if quant.rounding is not Rounding.auto:
+        return quant, "set by the user"
+    if not has_data or not any(learns_rounding(f) for f in (quant.weights, *quant.layer_weights.values())):
+        why = "no calibration data" if not has_data else "no weight format below 8 bits"
+        return replace(quant, rounding=Rounding.nearest), f"auto: nearest ({why})"
+    layers = select(g, quant).layers
+    if not quant.static_acts and layers and all(
+            l.op_type in ("MatMul", "Gemm") and g.constant(l.weight).ndim == 2 for l in layers):
+        return replace(quant, rounding=Rounding.gptq), "auto: gptq (weight-only MatMul/Gemm layers below 8 bits)"
+    return replace(quant, rounding=Rounding.adaround), "auto: adaround (weights below 8 bits, calibration data)"
 
 
 def observe(g: Graph, sel, quant: QuantConfig, data: DataConfig, inputs, progress: Progress = silent,
@@ -217,7 +238,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     the plan."""
     from .calibrate.gptq import GptqConfig, eligible, round_layers
     from .calibrate.probe import act_gate, probe_model
-    from .calibrate.segments import moments_in_order
+    from .calibrate.segments import BatchStates, moments_in_order
     from .calibrate.smooth import factors, folded, smoothing_groups
 
     layers = [(layer, axis) for layer, axis in eligible(g, plan) if only is None or layer.weight in only]
@@ -251,7 +272,8 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
         return value / scaled[name] if name in scaled else value
 
     # One state per calibration batch: its feeds, then what each segment leaves for the next.
-    states = [{**batch.feeds, **gates} for batch in iter_batches(data.path, inputs, data, limit=samples, model=g.model)]
+    states = BatchStates([batch.feeds for batch in iter_batches(data.path, inputs, data, limit=samples, model=g.model)],
+                         shared=gates)
     cfg, report = GptqConfig(act_order=quant.act_order), []
     with progress("gptq: layers", len(readers)) as advance:
         for tensor, moments in moments_in_order(prefix, readers, states, current, advance):

@@ -85,7 +85,7 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
     carried from piece to piece; at each cut, each layer there is measured by running only the rest
     of the model from what the walk holds. The runs cost a suffix of the network each instead of
     the whole of it."""
-    from ..calibrate.segments import advance as walk, cut, rest, run_piecewise, segment_session
+    from ..calibrate.segments import BatchStates, advance as walk, cut, rest, run_piecewise, segment_session
 
     per_layer = options if isinstance(options, dict) else {layer.node: options for layer in plan.layers}
     needs_gates = any(c.a_bits != 8 for opts in per_layer.values() for c in opts)
@@ -94,8 +94,9 @@ def measure_damage(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig, batches
     output = g.output_names[0]
     float_weights = {l.weight: g.constant(l.weight) for l in plan.layers}
     closed = {k: v for t in gated for k, v in gate_feeds(t, False).items()}
-    states = [{**b.feeds, **float_weights, **closed} for b in batches]
-    references = [outputs[0] for outputs in run_piecewise(probe, states, [output])]
+    shared = {**float_weights, **closed}
+    references = [outputs[0] for outputs in run_piecewise(probe, [b.feeds for b in batches], [output], shared=shared)]
+    states = BatchStates([b.feeds for b in batches], shared)
     samples = sum(len(r) for r in references)
     measured = [layer for layer in plan.layers if layer.node in per_layer]
     # Where each layer is measured from: its input, unless that is not computed before the output is

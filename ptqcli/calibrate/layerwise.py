@@ -268,7 +268,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
     layers' inputs: each batch's tensors are carried from piece to piece, and a layer's rounded
     weight replaces its float one in every batch's state before the piece that reads it runs. The
     prefix is paid for once, not once per layer."""
-    from .segments import advance, cut
+    from .segments import BatchStates, advance, cut
 
     todo = rounded_layers(g, plan, only)
     gated = sorted({l.activation for l in plan.layers if l.activation})
@@ -285,7 +285,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
     if only is not None:
         current.update({name: tq.on_grid(float_weights[name]) for name, tq in plan.of_role("weight").items()
                         if name in float_weights and name not in only})
-    states = [{**batch.feeds, **current, **gates} for batch in batches]
+    states = BatchStates([batch.feeds for batch in batches], shared={**current, **gates})
     at: dict[str, list[int]] = {}  # each layer's quantized input (after its fake-quantizer) -> layers reading it
     for index, layer in enumerate(todo):
         at.setdefault(layer.activation + "__fq", []).append(index)
@@ -328,8 +328,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
                 tq = _with_values(wq, values, new_scale, node, w.shape)
                 out_plan = out_plan.with_tensor(layer.weight, tq)
                 rounded = tq.on_grid(values)
-                for state in states:  # the pieces that read this weight have not run yet
-                    state[layer.weight] = rounded
+                states.shared[layer.weight] = rounded  # the pieces that read it have not run yet
                 report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
                                "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2]),
                                "peak_rss_mb": _peak_rss_mb()})

@@ -11,7 +11,11 @@ weights the caller holds at that moment.
 
 from __future__ import annotations
 
+import tempfile
+from collections import ChainMap
+from collections.abc import MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -32,6 +36,87 @@ class Segment:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     frees: tuple[str, ...]  # tensors no later segment reads: dropped once this one has run
+
+
+# Tensors a walk's batch states hold in memory before new ones go to files: a CNN's early feature
+# maps at a few hundred samples are several times this, and every batch's are held at once.
+STATE_BYTES_IN_MEMORY = 256 << 20
+# Smaller tensors always stay in memory (masks, positions, small states): files would cost more.
+SPILL_AT_BYTES = 1 << 20
+
+
+class _BatchTensors(MutableMapping):
+    """One batch's own tensors, in memory while the store's budget allows, else each in a file of
+    the store's scratch directory, read back memory-mapped."""
+
+    def __init__(self, store: "BatchStates", tensors: dict[str, np.ndarray]):
+        self.store, self.memory, self.files = store, {}, {}
+        self.update(tensors)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.memory:
+            return self.memory[name]
+        if name in self.files:
+            return np.load(self.files[name], mmap_mode="r")
+        raise KeyError(name)
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self.pop(name, None)
+        value = np.asarray(value)
+        if value.nbytes < SPILL_AT_BYTES or self.store.held + value.nbytes <= self.store.budget:
+            self.memory[name] = value
+            self.store.held += value.nbytes
+        else:
+            self.files[name] = self.store.new_file()
+            np.save(self.files[name], value)
+
+    def __delitem__(self, name: str) -> None:
+        if name in self.memory:
+            self.store.held -= self.memory.pop(name).nbytes
+        elif name in self.files:
+            self.files.pop(name).unlink()
+        else:
+            raise KeyError(name)
+
+    def __iter__(self):
+        return iter([*self.memory, *self.files])
+
+    def __len__(self) -> int:
+        return len(self.memory) + len(self.files)
+
+
+class BatchStates:
+    """Every calibration batch's state during a walk (its feeds, then what each segment leaves for
+    later ones) over the tensors all batches share (weights fed as inputs, activation gates), held
+    once in `shared`. Past `budget` bytes of batch tensors, new ones go to files in a scratch
+    directory: a walk over many batches of a wide model then holds about one batch's tensors at a
+    time, whatever the number of batches. Each state is a mapping: its own tensors over the shared."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]], shared: dict[str, np.ndarray] | None = None,
+                 budget: int = STATE_BYTES_IN_MEMORY):
+        self.shared, self.budget, self.held = dict(shared or {}), budget, 0
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        self._files = 0
+        self._states = [ChainMap(_BatchTensors(self, dict(feed)), self.shared) for feed in feeds]
+
+    def new_file(self) -> Path:
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="ptq-states-")
+        self._files += 1
+        return Path(self._scratch.name) / f"{self._files}.npy"
+
+    @property
+    def spilled(self) -> bool:
+        return self._scratch is not None
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __getitem__(self, index: int) -> ChainMap:
+        return self._states[index]
+
+    def __iter__(self) -> Iterator[ChainMap]:
+        return iter(self._states)
 
 
 def _node_reads(node: NodeProto) -> set[str]:
@@ -91,7 +176,7 @@ def segment_session(g: Graph, segment: Segment, state: dict[str, np.ndarray],
     return session(segment_model(g, segment, types, weight), spinning=False)
 
 
-def advance(g: Graph, segment: Segment, states: list[dict[str, np.ndarray]],
+def advance(g: Graph, segment: Segment, states: "BatchStates | list[dict[str, np.ndarray]]",
             weight: Callable[[str], np.ndarray | None]) -> Iterator[np.ndarray]:
     """Run `segment` (built now, with the initializers `weight` gives: see segment_model) on every
     state in turn, updating each in place (what later segments read added, what none does dropped),
@@ -119,11 +204,12 @@ def rest(segments: list[Segment], k: int) -> Segment:
 
 
 def run_piecewise(g: Graph, feeds: list[dict[str, np.ndarray]], outputs: list[str],
-                  cuts: Iterable[str] = ()) -> list[list[np.ndarray]]:
-    """The model's `outputs` on each of `feeds`, computed segment by segment (cut at `cuts` as well),
-    so that a session never holds more than one segment's weights: a language model run whole
-    needs its weights again in ORT (and their packed copies) beside the caller's."""
-    states = [dict(feed) for feed in feeds]
+                  cuts: Iterable[str] = (), shared: dict[str, np.ndarray] | None = None) -> list[list[np.ndarray]]:
+    """The model's `outputs` on each of `feeds` (and the inputs every run shares), computed segment by
+    segment (cut at `cuts` as well), so that a session never holds more than one segment's weights:
+    a language model run whole needs its weights again in ORT (and their packed copies) beside the
+    caller's."""
+    states = BatchStates(feeds, shared)
     got: list[dict[str, np.ndarray]] = [{} for _ in feeds]
     for segment in cut(g.graph, [*cuts, *outputs]):
         for found, value in zip(got, advance(g, segment, states, lambda name: None)):

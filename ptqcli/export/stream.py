@@ -18,7 +18,7 @@ from onnx import NodeProto, TensorProto, helper
 
 from ..calibrate.planner import configured_formats, quantize_embedding, quantize_weight, weight_axis, weight_spec
 from ..calibrate.select import select
-from ..config import DataConfig, QuantConfig, to_jsonable
+from ..config import DataConfig, QuantConfig, Rounding, to_jsonable
 from ..errors import PtqError
 from ..formats import NBITS_WIDTHS, format_block_size, parse_weight_format
 from ..files import check_writable
@@ -50,7 +50,7 @@ def streaming_problem(quant: QuantConfig, data: DataConfig, fmt: str) -> str | N
         return "calibration data (streaming quantizes weights alone, without data)"
     if quant.acts.value != "none":
         return f"--acts {quant.acts.value} (streaming is weight-only: --acts none)"
-    if quant.rounding.value != "nearest":
+    if quant.rounding.value not in ("nearest", "auto"):  # auto without data is nearest
         return f"--rounding {quant.rounding.value} (it needs calibration data; streaming rounds to nearest)"
     if quant.block_size is None:
         return "per-channel weights (streaming writes MatMulNBits: give --block-size)"
@@ -76,6 +76,7 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
     problem = streaming_problem(quant, data, "qdq")
     if problem is not None:
         raise PtqError(f"cannot stream this quantization: {problem}")
+    quant = replace(quant, rounding=Rounding.nearest)  # what auto is without data
     target = Path(out_path)
     check_writable(target)
     g = Graph(load_model(model_path, weights=False), source=str(model_path), weights_dir=str(Path(model_path).parent))

@@ -57,8 +57,9 @@ def test_unsupported_shapes_give_none():
 def test_layerwise_rounding_turns_default_bias_correction_off():
     from ptqcli.config import QuantConfig
 
-    assert QuantConfig(weights="int4").corrects_bias
+    assert QuantConfig(weights="int4", rounding="nearest").corrects_bias
     assert not QuantConfig(weights="int4", rounding="adaround").corrects_bias
     assert not QuantConfig(weights="pow2:4", rounding="adaquant").corrects_bias
     assert QuantConfig(weights="int4", rounding="adaround", bias_correction=True).corrects_bias
-    assert not QuantConfig(weights="int8").corrects_bias
+    assert not QuantConfig(weights="int8", rounding="nearest").corrects_bias
+    assert QuantConfig(weights="int4").corrects_bias  # auto, unresolved (no calibration): as nearest

@@ -1,6 +1,8 @@
 """A graph run segment by segment gives each target the Gram matrix the whole model gives it, and a
 segment built after weights change computes with the changed weights."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,25 @@ def test_moments_equal_the_whole_models_and_follow_weights_changed_on_the_way(bu
         np.testing.assert_allclose(seen[tensor].absmax, np.maximum(-lo, hi), rtol=1e-5, atol=1e-6)
     # the changes reached some later target (else this test would not tell the two apart)
     assert any(not np.allclose(expected[t], float_grams[t], rtol=1e-2) for t in readers)
+
+
+@pytest.mark.parametrize("build, feeds", CASES)
+def test_states_past_their_memory_budget_go_to_files_and_the_walk_gives_the_same_bytes(build, feeds, monkeypatch):
+    import ptqcli.calibrate.segments as segments
+
+    g = prepare(build())
+    readers = _gemm_inputs(g)
+    batches = feeds(g.model)
+    in_memory = {t: m.gram for t, m in moments_in_order(g, readers, segments.BatchStates(batches), lambda n: None)}
+    monkeypatch.setattr(segments, "SPILL_AT_BYTES", 0)  # these tensors are small: spill every one
+    spilled_states = segments.BatchStates(batches, budget=0)
+    spilled = {t: m.gram for t, m in moments_in_order(g, readers, spilled_states, lambda n: None)}
+    assert spilled_states.spilled and spilled_states.held == 0
+    assert all(isinstance(v, np.memmap) for state in spilled_states for k, v in state.maps[0].items())
+    assert list(spilled) == list(in_memory)
+    for t in in_memory:
+        assert spilled[t].tobytes() == in_memory[t].tobytes()
+    # what no later segment reads was dropped from the files too
+    assert all(len(state.maps[0].files) == len(state.maps[0]) for state in spilled_states)
+    left = {p.name for p in Path(spilled_states._scratch.name).iterdir()}
+    assert left == {f.name for state in spilled_states for f in state.maps[0].files.values()}
