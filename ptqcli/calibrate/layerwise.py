@@ -22,7 +22,7 @@ import numpy as np
 
 from .collect import Stats
 from .probe import act_gate, gate_feeds, probe_model
-from .data import Batch
+from .data import Batch, bounded_runs, rows_within
 from ..config import QuantConfig
 from ..geometry import per_row, rows_to_weight, sampled_columns, supported, weight_rows
 from ..graph import Graph
@@ -138,27 +138,45 @@ def output_error(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024, dtype=n
     return output_moments(x_q, target, chunk, dtype)
 
 
+class MomentSums:
+    """OutputMoments summed over column chunks as they arrive (float64 sums), so that a layer whose
+    columns outnumber its inputs never needs all its columns at once: a depthwise layer's (S, G, K)
+    columns at 128 samples take 450 MB, its G (K, K) moments a few."""
+
+    def __init__(self, groups: int, k: int, m: int):
+        self.hess, self.cross = np.zeros((groups, k, k)), np.zeros((groups, m, k))
+        self.power, self.columns = np.zeros((groups, m)), 0
+
+    def add(self, x: np.ndarray, target: np.ndarray) -> None:
+        """Columns x (G, K, s) and the float outputs they should give, target (G, M, s)."""
+        x, t = x.astype(np.float64), target.astype(np.float64)
+        self.hess += x @ x.transpose(0, 2, 1)
+        self.cross += t @ x.transpose(0, 2, 1)
+        self.power += np.sum(t * t, axis=2)
+        self.columns += x.shape[2]
+
+    def moments(self, dtype=np.float32) -> OutputMoments:
+        n = self.columns
+        return OutputMoments((self.hess / n).astype(dtype), (self.cross / n).astype(dtype), self.power / n)
+
+
 def output_moments(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024, dtype=np.float32) -> OutputMoments:
-    g, k, columns = x_q.shape
-    hess, cross = np.zeros((g, k, k)), np.zeros((g, target.shape[1], k))
-    power = np.zeros(target.shape[:2])
-    for lo in range(0, columns, chunk):
-        x, t = x_q[..., lo:lo + chunk].astype(np.float64), target[..., lo:lo + chunk].astype(np.float64)
-        hess += x @ x.transpose(0, 2, 1)
-        cross += t @ x.transpose(0, 2, 1)
-        power += np.sum(t * t, axis=2)
-    return OutputMoments((hess / columns).astype(dtype), (cross / columns).astype(dtype), power / columns)
+    sums = MomentSums(x_q.shape[0], x_q.shape[1], target.shape[1])
+    for lo in range(0, x_q.shape[2], chunk):
+        sums.add(x_q[..., lo:lo + chunk], target[..., lo:lo + chunk])
+    return sums.moments(dtype)
 
 
-def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: np.ndarray, target: np.ndarray,
-                  cfg: RoundingConfig, rng: np.random.Generator,
-                  report: Callable[[int, float], None] = lambda i, loss: None,
+def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, error: OutputMoments | OutputColumns,
+                  cfg: RoundingConfig, report: Callable[[int, float], None] = lambda i, loss: None,
                   frozen: np.ndarray | None = None) -> np.ndarray:
     """Grid values (in units of `scale`, same shape as `rows`) chosen by AdaRound.
 
     rows (G, M, K) float weights; scale (G, M, 1) per output row; levels the sorted grid (integers
-    for int formats, the scheme's levels for binary/ternary/pow2/exp); x_q (G, K, S) quantized-input
-    columns; target (G, M, S) float outputs. Each weight chooses between the two levels around it.
+    for int formats, the scheme's levels for binary/ternary/pow2/exp); `error` the layer's output
+    error (output_error of its quantized-input columns x_q (G, K, S) against the float outputs
+    (G, M, S), or MomentSums gathered chunk by chunk). Each weight chooses between the two levels
+    around it.
     Loss: mean squared output error + lambda * sum of (1 - |2h(V) - 1|^beta), beta annealed from
     beta[0] to beta[1] after a warm-up without it. `frozen` weights (masked zeros) stay at lo = 0.
 
@@ -167,9 +185,8 @@ def adaround_rows(rows: np.ndarray, scale: np.ndarray, levels: np.ndarray, x_q: 
     columns where there are fewer columns than inputs) instead of a sampled minibatch: a step costs
     M K^2 (or M K S) instead of M K B, and gathers nothing (a depthwise layer's minibatches of
     hundreds of tiny products, gathered anew each step, were the slowest part of rounding). The
-    steps are deterministic; `rng` is unused.
+    steps are deterministic.
     """
-    error = output_error(x_q, target)
     lo, gap = (a.astype(np.float32) for a in bracket(rows / scale, levels))
     v = _init_v((rows / scale - lo) / gap).astype(np.float32)
     if frozen is not None:
@@ -285,43 +302,49 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
     if only is not None:
         current.update({name: tq.on_grid(float_weights[name]) for name, tq in plan.of_role("weight").items()
                         if name in float_weights and name not in only})
-    states = BatchStates([batch.feeds for batch in batches], shared={**current, **gates})
     at: dict[str, list[int]] = {}  # each layer's quantized input (after its fake-quantizer) -> layers reading it
     for index, layer in enumerate(todo):
         at.setdefault(layer.activation + "__fq", []).append(index)
     report: list[dict] = []
     out_plan = plan
     with tempfile.TemporaryDirectory(prefix="ptq-columns-") as scratch:
-        float_columns = _float_columns(g, todo, float_weights, batches, cfg, Path(scratch))
+        float_columns, runs = _float_columns(g, todo, float_weights, batches, cfg, Path(scratch))
+        states = BatchStates([run.feeds for run in runs], shared={**current, **gates})
         for segment in cut(probe.graph, at):
             here = at[segment.target]
-            columns = {i: np.empty(float_columns[i].shape, dtype=np.float32) for i in here}
-            filled = dict.fromkeys(here, 0)
+            gathered = {i: _gatherer(g.node_by_name[todo[i].node], float_weights[todo[i].weight], float_columns[i], cfg)
+                        for i in here}
             for b, x in enumerate(advance(probe, segment, states, lambda name: None)):
                 for i in here:
                     node, w_shape = g.node_by_name[todo[i].node], float_weights[todo[i].weight].shape
-                    block = sampled_columns(node, x, w_shape, cfg.positions, _positions(cfg, i, b))
-                    columns[i][filled[i]:filled[i] + len(block)] = block
-                    filled[i] += len(block)
+                    gathered[i].add(sampled_columns(node, x, w_shape, cfg.positions, _positions(cfg, i, b)))
             for i in here:
                 layer = todo[i]
                 started = time.perf_counter()
                 node, wq, w = g.node_by_name[layer.node], plan.tensors[layer.weight], float_weights[layer.weight]
-                xq = np.moveaxis(columns.pop(i), 0, 2)  # (G, K, S)
-                target = _targets(weight_rows(node, w).astype(np.float64), float_columns[i])
+                got = gathered.pop(i)
+                if isinstance(got, _StreamedMoments):
+                    exact, columns = got.sums.moments(np.float64), got.sums.columns
+                    error, loss_of = got.sums.moments(), lambda q: exact.loss_grad(q)[0]  # noqa: E731
+                else:
+                    xq, target = got.finish()
+                    error, columns = None, xq.shape[2]
+                    loss_of = lambda q: _mean_error(q, xq, target)  # noqa: E731
+                del got  # it maps the float pass's file: read pages would count as resident
                 rows = weight_rows(node, start.get(layer.weight, w)).astype(np.float64)
                 frozen = rows == 0
                 float_columns[i] = None  # unmapped: read pages of every layer would otherwise count as resident
                 scale = per_row(node, wq.scale, w.shape).astype(np.float64)
                 levels = code_levels(wq.spec)
                 nearest = nearest_level(rows / scale, levels)
-                before = _mean_error(nearest * scale, xq, target)
-                rng = np.random.default_rng([cfg.seed, i])
+                before = loss_of(nearest * scale)
                 if cfg.method == "adaquant":
+                    rng = np.random.default_rng([cfg.seed, i])
                     ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng, frozen=frozen)
                 else:
-                    ints, new_scale = adaround_rows(rows, scale, levels, xq, target, cfg, rng, frozen=frozen), scale
-                after = _mean_error(ints * new_scale, xq, target)
+                    error = output_error(xq, target) if error is None else error
+                    ints, new_scale = adaround_rows(rows, scale, levels, error, cfg, frozen=frozen), scale
+                after = loss_of(ints * new_scale)
                 if after > before:  # never worse than nearest on the data it was fitted to
                     ints, new_scale, after = nearest, scale, before
                 values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
@@ -330,7 +353,7 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
                 rounded = tq.on_grid(values)
                 states.shared[layer.weight] = rounded  # the pieces that read it have not run yet
                 report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
-                               "seconds": round(time.perf_counter() - started, 3), "columns": int(xq.shape[2]),
+                               "seconds": round(time.perf_counter() - started, 3), "columns": int(columns),
                                "peak_rss_mb": _peak_rss_mb()})
                 if progress is not None:
                     progress(report[-1])
@@ -362,16 +385,21 @@ def _positions(cfg: RoundingConfig, layer_index: int, batch_index: int) -> np.ra
 
 
 def _float_columns(g: Graph, layers, weights, batches: list[Batch], cfg: RoundingConfig,
-                   scratch: Path) -> list[np.ndarray]:
+                   scratch: Path) -> tuple[list[np.ndarray], list[Batch]]:
     """Every layer's sampled float input columns, from one pass of the float model, written to
-    disk and memory-mapped sample-major (S, G, K)."""
+    disk and memory-mapped sample-major (S, G, K); and the runs the batches were cut into so that
+    one run's layer inputs stay within data.RUN_BYTES (the quantized pass samples the same runs)."""
     activations = sorted({l.activation for l in layers})
     sess = session(g.model, outputs=activations, only=True)
     files = [open(scratch / f"{i}.f32", "wb") for i in range(len(layers))]
     counts, inner = [0] * len(layers), [()] * len(layers)  # columns written; each column's (G, K)
+    runs, rows = [], None
     try:
-        for b, batch in enumerate(batches):
+        for b, batch in enumerate(bounded_runs(batches, lambda: rows)):
+            runs.append(batch)
             values = dict(zip(activations, sess.run(activations, feeds_for(sess, batch.feeds))))
+            if rows is None:  # the first run (one sample) tells how many a run may hold
+                rows = rows_within(values.values(), 1)
             for i, layer in enumerate(layers):
                 node, shape = g.node_by_name[layer.node], weights[layer.weight].shape
                 block = sampled_columns(node, values[layer.activation], shape, cfg.positions, _positions(cfg, i, b))
@@ -381,7 +409,48 @@ def _float_columns(g: Graph, layers, weights, batches: list[Batch], cfg: Roundin
         for f in files:
             f.close()
     return [np.memmap(scratch / f"{i}.f32", dtype=np.float32, mode="r", shape=(counts[i],) + inner[i])
-            for i in range(len(layers))]
+            for i in range(len(layers))], runs
+
+
+class _Columns:
+    """A layer's quantized input columns, all kept (AdaQuant's minibatches, or an error computed
+    from the columns where they are fewer than the layer's inputs)."""
+
+    def __init__(self, rows: np.ndarray, float_columns: np.ndarray):
+        self.rows, self.float_columns, self.filled = rows, float_columns, 0
+        self.x = np.empty(float_columns.shape, dtype=np.float32)
+
+    def add(self, block: np.ndarray) -> None:
+        self.x[self.filled:self.filled + len(block)] = block
+        self.filled += len(block)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """Columns (G, K, S) and the float outputs they should give (G, M, S)."""
+        return np.moveaxis(self.x, 0, 2), _targets(self.rows, self.float_columns)
+
+
+class _StreamedMoments:
+    """A layer's output error as a quadratic form, summed batch by batch during the walk against the
+    float outputs of the same sampled columns (read from the float pass's file in step)."""
+
+    def __init__(self, rows: np.ndarray, float_columns: np.ndarray):
+        self.rows32, self.float_columns, self.filled = rows.astype(np.float32), float_columns, 0
+        self.sums = MomentSums(rows.shape[0], rows.shape[2], rows.shape[1])
+
+    def add(self, block: np.ndarray) -> None:
+        fx = np.asarray(self.float_columns[self.filled:self.filled + len(block)])
+        self.filled += len(block)
+        self.sums.add(np.moveaxis(block, 0, 2), self.rows32 @ np.moveaxis(fx, 0, 2))
+
+
+def _gatherer(node, w: np.ndarray, float_columns: np.ndarray, cfg: RoundingConfig) -> _Columns | _StreamedMoments:
+    """How a layer's walk output is kept: AdaRound's quadratic form where columns outnumber inputs
+    (output_error's choice), else the columns."""
+    rows = weight_rows(node, w).astype(np.float64)
+    samples, _, k = float_columns.shape
+    if cfg.method == "adaround" and samples > k:
+        return _StreamedMoments(rows, float_columns)
+    return _Columns(rows, float_columns)
 
 
 def _targets(rows: np.ndarray, float_columns: np.ndarray) -> np.ndarray:

@@ -49,7 +49,7 @@ def test_gradient_matches_finite_differences(beta):
 def test_adaround_beats_nearest_on_held_out_inputs_and_ends_hard():
     rows, scale, x_q, target = _problem()
     cfg = RoundingConfig(iters=800)
-    ints = adaround_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(0))
+    ints = adaround_rows(rows, scale, INT4, output_error(x_q, target), cfg)
     floor = np.floor(rows / scale)
     assert set(np.unique(ints - floor)) <= {0.0, 1.0}  # every weight rounded up or down
     k = rows.shape[2]
@@ -64,7 +64,7 @@ def test_regulariser_drives_h_to_zero_or_one():
     cfg = RoundingConfig(iters=600)
     floor = np.floor(rows / scale)
     # Re-run the loop and inspect V at the end through the deterministic result.
-    ints = adaround_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(3))
+    ints = adaround_rows(rows, scale, INT4, output_error(x_q, target), cfg)
     assert np.all((ints == floor) | (ints == floor + 1) | (ints == -7) | (ints == 7))
     assert _h(np.array([-10.0, 10.0])).tolist() == [0.0, 1.0]
 
@@ -72,8 +72,8 @@ def test_regulariser_drives_h_to_zero_or_one():
 def test_same_seed_same_weights():
     rows, scale, x_q, target = _problem(cols=400)
     cfg = RoundingConfig(iters=100)
-    a = adaround_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(7))
-    b = adaround_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(7))
+    a = adaround_rows(rows, scale, INT4, output_error(x_q, target), cfg)
+    b = adaround_rows(rows, scale, INT4, output_error(x_q, target), cfg)
     np.testing.assert_array_equal(a, b)
     qa, sa = adaquant_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(7))
     qb, sb = adaquant_rows(rows, scale, INT4, x_q, target, cfg, np.random.default_rng(7))
@@ -99,7 +99,7 @@ def test_masked_zeros_stay_zero_and_the_rest_compensates():
     masked = rows * keep
     nearest = np.clip(np.rint(masked / scale), -7, 7)
     err = lambda q, s=scale: np.mean(((q * s) @ x_q - target) ** 2)  # noqa: E731
-    ints = adaround_rows(masked, scale, INT4, x_q, target, RoundingConfig(iters=400), np.random.default_rng(0),
+    ints = adaround_rows(masked, scale, INT4, output_error(x_q, target), RoundingConfig(iters=400),
                          frozen=~keep)
     assert np.all(ints[~keep] == 0) and err(ints) < err(nearest)
     q, s = adaquant_rows(masked, scale, INT4, x_q, target, RoundingConfig(iters=400, method="adaquant"),
@@ -188,7 +188,7 @@ def test_gradient_matches_finite_differences_on_a_level_grid():
 
 def test_adaround_on_power_of_two_levels_beats_nearest_level():
     rows, scale, levels, x_q, target = _pow2_problem()
-    values = adaround_rows(rows, scale, levels, x_q, target, RoundingConfig(iters=800), np.random.default_rng(0))
+    values = adaround_rows(rows, scale, levels, output_error(x_q, target), RoundingConfig(iters=800))
     lo, gap = bracket(rows / scale, levels)
     assert np.all((values == lo) | (values == lo + gap))  # one of the two levels around each weight
     assert set(np.unique(values)) <= set(levels)
