@@ -174,7 +174,7 @@ def quantize_and_measure(model: Path, calib: Path, samples: int, fmt: str, evalu
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         weights, bias_correction = FORMATS[fmt]
-        stages.calibrate(model, QuantConfig(weights=weights, bias_correction=bias_correction),
+        stages.calibrate(model, QuantConfig(weights=weights, rounding="nearest", bias_correction=bias_correction),
                          DataConfig(path=str(calib), num_samples=samples), run_dir)
         _, fidelity = stages.export(run_dir, Path(tmp) / "q.onnx", eval_data=str(evaluation), eval_samples=eval_samples)
     out = next(iter(fidelity.outputs.values()))

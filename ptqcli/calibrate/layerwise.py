@@ -330,10 +330,8 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
                     xq, target = got.finish()
                     error, columns = None, xq.shape[2]
                     loss_of = lambda q: _mean_error(q, xq, target)  # noqa: E731
-                del got  # it maps the float pass's file: read pages would count as resident
                 rows = weight_rows(node, start.get(layer.weight, w)).astype(np.float64)
                 frozen = rows == 0
-                float_columns[i] = None  # unmapped: read pages of every layer would otherwise count as resident
                 scale = per_row(node, wq.scale, w.shape).astype(np.float64)
                 levels = code_levels(wq.spec)
                 nearest = nearest_level(rows / scale, levels)
@@ -385,9 +383,9 @@ def _positions(cfg: RoundingConfig, layer_index: int, batch_index: int) -> np.ra
 
 
 def _float_columns(g: Graph, layers, weights, batches: list[Batch], cfg: RoundingConfig,
-                   scratch: Path) -> tuple[list[np.ndarray], list[Batch]]:
+                   scratch: Path) -> tuple[list[ColumnFile], list[Batch]]:
     """Every layer's sampled float input columns, from one pass of the float model, written to
-    disk and memory-mapped sample-major (S, G, K); and the runs the batches were cut into so that
+    disk sample-major (S, G, K); and the runs the batches were cut into so that
     one run's layer inputs stay within data.RUN_BYTES (the quantized pass samples the same runs)."""
     activations = sorted({l.activation for l in layers})
     sess = session(g.model, outputs=activations, only=True)
@@ -408,15 +406,30 @@ def _float_columns(g: Graph, layers, weights, batches: list[Batch], cfg: Roundin
     finally:
         for f in files:
             f.close()
-    return [np.memmap(scratch / f"{i}.f32", dtype=np.float32, mode="r", shape=(counts[i],) + inner[i])
-            for i in range(len(layers))], runs
+    return [ColumnFile(scratch / f"{i}.f32", (counts[i],) + inner[i]) for i in range(len(layers))], runs
+
+
+@dataclass(frozen=True)
+class ColumnFile:
+    """Float32 columns (S, G, K) on disk, read a slice of columns at a time. Read, not mapped: the
+    pages a mapping has touched count as resident until it is dropped, and a depthwise layer's
+    columns at 256 samples fill 900 MB."""
+
+    path: Path
+    shape: tuple[int, ...]
+
+    def __getitem__(self, columns: slice) -> np.ndarray:
+        lo, hi, _ = columns.indices(self.shape[0])
+        per_column = int(np.prod(self.shape[1:]))
+        values = np.fromfile(self.path, dtype=np.float32, count=max(hi - lo, 0) * per_column, offset=lo * per_column * 4)
+        return values.reshape((-1,) + tuple(self.shape[1:]))
 
 
 class _Columns:
     """A layer's quantized input columns, all kept (AdaQuant's minibatches, or an error computed
     from the columns where they are fewer than the layer's inputs)."""
 
-    def __init__(self, rows: np.ndarray, float_columns: np.ndarray):
+    def __init__(self, rows: np.ndarray, float_columns: ColumnFile):
         self.rows, self.float_columns, self.filled = rows, float_columns, 0
         self.x = np.empty(float_columns.shape, dtype=np.float32)
 
@@ -433,17 +446,17 @@ class _StreamedMoments:
     """A layer's output error as a quadratic form, summed batch by batch during the walk against the
     float outputs of the same sampled columns (read from the float pass's file in step)."""
 
-    def __init__(self, rows: np.ndarray, float_columns: np.ndarray):
+    def __init__(self, rows: np.ndarray, float_columns: ColumnFile):
         self.rows32, self.float_columns, self.filled = rows.astype(np.float32), float_columns, 0
         self.sums = MomentSums(rows.shape[0], rows.shape[2], rows.shape[1])
 
     def add(self, block: np.ndarray) -> None:
-        fx = np.asarray(self.float_columns[self.filled:self.filled + len(block)])
+        fx = self.float_columns[self.filled:self.filled + len(block)]
         self.filled += len(block)
         self.sums.add(np.moveaxis(block, 0, 2), self.rows32 @ np.moveaxis(fx, 0, 2))
 
 
-def _gatherer(node, w: np.ndarray, float_columns: np.ndarray, cfg: RoundingConfig) -> _Columns | _StreamedMoments:
+def _gatherer(node, w: np.ndarray, float_columns: ColumnFile, cfg: RoundingConfig) -> _Columns | _StreamedMoments:
     """How a layer's walk output is kept: AdaRound's quadratic form where columns outnumber inputs
     (output_error's choice), else the columns."""
     rows = weight_rows(node, w).astype(np.float64)
@@ -453,13 +466,13 @@ def _gatherer(node, w: np.ndarray, float_columns: np.ndarray, cfg: RoundingConfi
     return _Columns(rows, float_columns)
 
 
-def _targets(rows: np.ndarray, float_columns: np.ndarray) -> np.ndarray:
+def _targets(rows: np.ndarray, float_columns: ColumnFile) -> np.ndarray:
     """The float layer's outputs rows @ x_float, (G, M, S) over sample-major float32 storage."""
     out = np.empty((float_columns.shape[0],) + rows.shape[:2], dtype=np.float32)
     rows32 = rows.astype(np.float32)  # float64 rows would make numpy copy each chunk to float64
     step = 1024  # bounded working memory however many columns there are
     for start in range(0, len(out), step):
-        chunk = np.moveaxis(np.asarray(float_columns[start:start + step]), 0, 2)
+        chunk = np.moveaxis(float_columns[start:start + step], 0, 2)
         out[start:start + step] = np.moveaxis(rows32 @ chunk, 2, 0)
     return np.moveaxis(out, 0, 2)
 

@@ -67,6 +67,14 @@ def test_bias_correction_recovers_low_bit_accuracy(tmp_path):
                              eval_samples=2000)
         results[corrected] = f.accuracy["quantized"]
     assert results[True] > results[False] + 0.05
+    # The default with data below 8 bits is layer-wise rounding: well above nearest + bias correction.
+    run = tmp_path / "run_default"
+    plan = stages.calibrate(ASSETS / "fashion_cnn.onnx", QuantConfig(weights="int3"),
+                            DataConfig(path=str(ASSETS / "fashion_calib.npz"), num_samples=256), run)
+    _, f = stages.export(run, tmp_path / "q_default.onnx", eval_data=str(ASSETS / "fashion_test.npz"), eval_samples=2000)
+    assert plan.quant.rounding.value == "adaround" and plan.config["rounding_choice"].startswith("auto: adaround")
+    assert (run / "rounding.json").is_file() and not plan.quant.corrects_bias
+    assert f.accuracy["quantized"] > results[True] + 0.05
     assert QuantConfig(weights="int3", rounding="nearest").corrects_bias
     assert not QuantConfig(weights="int8", rounding="nearest").corrects_bias
 
