@@ -117,7 +117,9 @@ def main() -> None:
         sections[name] = body + ["| " + " | ".join(row) + " |" for row in rows] + [""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     title = ["# Weight formats (A8 activations): rounding variants (nearest, bias correction, AdaRound)", ""]
-    args.out.write_text("\n".join(title + [line for body in sections.values() for line in body]))
+    old = args.out.read_text().splitlines() if args.out.exists() else []
+    preamble = old[2:next((i for i, line in enumerate(old) if line.startswith("## ")), len(old))]  # how rows were run
+    args.out.write_text("\n".join(title + preamble + [line for body in sections.values() for line in body]))
 
 
 def _rows(section: list[str]) -> dict[tuple[str, str], tuple[str, ...]]:
