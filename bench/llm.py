@@ -62,15 +62,15 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "llm.md"
 PTQ = ROOT / ".venv" / "bin" / "ptq"
 
 PTQ_ROWS = {
-    "ptq-rtn-g32": ["--block-size", "32", "--weight-zero-points"],
+    "ptq-rtn-g32": ["--block-size", "32", "--weight-zero-points", "--rounding", "nearest"],
     "ptq-gptq-g32": ["--block-size", "32", "--weight-zero-points", "--rounding", "gptq"],
-    "ptq-rtn-g128": ["--block-size", "128", "--weight-zero-points"],
+    "ptq-rtn-g128": ["--block-size", "128", "--weight-zero-points", "--rounding", "nearest"],
     "ptq-gptq-g128": ["--block-size", "128", "--weight-zero-points", "--rounding", "gptq"],
     "ptq-gptq-sym-g128": ["--block-size", "128", "--rounding", "gptq"],
     "ptq-gptq-int3-g32": ["--block-size", "32", "--weight-zero-points", "--rounding", "gptq", "--weights", "int3"],
-    "ptq-rtn-fz-g32": ["--block-size", "32", "--float-zero-points"],
+    "ptq-rtn-fz-g32": ["--block-size", "32", "--float-zero-points", "--rounding", "nearest"],
     "ptq-gptq-fz-g32": ["--block-size", "32", "--float-zero-points", "--rounding", "gptq"],
-    "ptq-rtn-fz-g128": ["--block-size", "128", "--float-zero-points"],
+    "ptq-rtn-fz-g128": ["--block-size", "128", "--float-zero-points", "--rounding", "nearest"],
     "ptq-gptq-fz-g128": ["--block-size", "128", "--float-zero-points", "--rounding", "gptq"],
 }
 # Allocated mixes: the calibrated run above, then `ptq allocate --budget-bits` over these candidates
