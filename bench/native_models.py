@@ -211,7 +211,7 @@ def main() -> None:
              f"Sessions: CPUExecutionProvider, intra_op_num_threads={args.threads} (and 1 for the 1-thread columns), "
              "threads not spinning between runs.", "",
              f"ptqcli: `ptq calibrate --weights int4|int8|binary|pow2:4` with its defaults (uint8 activations, "
-             f"per-channel weights, minmax, bias correction below 8 bits; binary and shift keep the first and last "
+             f"per-channel weights, minmax, below 8 bits layer-wise rounding (`--rounding auto`: AdaRound, 200 steps) except for binary, which rounds to nearest with bias correction; binary and shift keep the first and last "
              f"layers at 8 bits) on {args.calib_samples} calibration samples, exported as QDQ (default container) or "
              "native. ORT int8: `quantize_static` on the same samples for the CNNs (QDQ, uint8 activations, int8 "
              "per-channel weights), `quantize_dynamic` (per channel) for the encoder. Quality on up to "
