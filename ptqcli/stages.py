@@ -9,7 +9,7 @@ import numpy as np
 
 from . import __version__
 from .calibrate.collect import Shard, collect, collect_shards, save_stats, shard_bounds
-from .calibrate.data import count_samples, iter_batches, model_inputs
+from .calibrate.data import count_samples, iter_batches, model_inputs, runs_within_memory
 from .parallel import Workers
 from .calibrate.planner import build_plan, requantize_biases
 from .calibrate.select import select
@@ -72,6 +72,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
             extra["smoothing"] = smoothing
         plan = build_plan(g, sel, stats, quant, extra)
         plan = settle_activations(g, plan, quant, data, inputs, progress)
+        if has_data and quant.rounding.value == "nearest" and quant.corrects_bias and quant.static_acts:
+            plan = prefix_bias_correction(g, plan, stats, quant, data, inputs, progress)
         if quant.rounding.value == "gptq":
             g, plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress, smooth=smooth_later)
         elif quant.rounding.value != "nearest":
@@ -360,6 +362,57 @@ def with_quantized_branches(model, run: Path, plan: Plan, contrib_ops: bool) -> 
         outcome[key] = f"float: {why}" if why else f"quantized: {len(inner.plan.layers)} layers"
         outcome.update({f"{key}/{k}": v for k, v in nested.items()})
     return outcome
+
+
+def prefix_bias_correction(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs,
+                           progress: Progress = silent) -> Plan:
+    """Bias correction against the quantized prefix: each corrected layer's input mean is taken
+    where the already-quantized model (weights on their grids, activation quantizers, the biases
+    corrected before it) gives it, in one walk cut at those inputs (calibrate/segments.py), and
+    the bias removes W E[x] - Q(W) E[x_q]. With the float model's means alone it removed only the
+    layer's own weight error, not the mean error the layers before it pass on."""
+    from .calibrate.planner import quantize_bias
+    from .calibrate.probe import act_gate, probe_model
+    from .calibrate.segments import BatchStates, channel_means_in_order
+
+    acts, weights = plan.of_role("activation"), plan.of_role("weight")
+    def channel_axis(layer) -> int | None:
+        info = op_info(layer.op_type)
+        return None if info is None or info.act_channel_axis is None else info.act_channel_axis(g.node_by_name[layer.node])
+
+    layers = [l for l in plan.layers if l.bias in plan.tensors and plan.tensors[l.bias].source.get("bias_correction")
+              and l.activation in acts and l.node not in plan.binary_inputs and channel_axis(l) is not None]
+    if not layers:
+        return plan
+    gated = sorted({l.activation for l in plan.layers if l.activation in acts})
+    prefix = Graph(probe_model(g, plan, gated, weights_as_inputs=False), weights_dir=g.weights_dir)
+    gates = {}
+    for tensor in gated:
+        gates.update(act_gate(tensor, acts[tensor].spec.bits, stats, quant))
+    readers: dict[str, list] = {}
+    for layer in layers:
+        readers.setdefault(f"{layer.activation}__fq", []).append(layer)
+    axes = {t: channel_axis(ls[0]) for t, ls in readers.items()}
+    biases: dict[str, np.ndarray] = {}
+
+    def current(name: str) -> np.ndarray | None:
+        if name in biases:
+            return biases[name]
+        return weights[name].on_grid(g.constant(name)) if name in weights else None
+
+    samples = min(data.num_samples, quant.rounding_samples)
+    batches = list(iter_batches(data.path, inputs, data, limit=samples, model=g.model))
+    runs = runs_within_memory(g, batches, sorted({l.activation for l in layers}))
+    states = BatchStates([run.feeds for run in runs], shared=gates)
+    means = {}
+    with progress("bias correction on the quantized prefix", len(readers)) as advance:
+        for tensor, mean in channel_means_in_order(prefix, axes, states, current, advance):
+            for layer in readers[tensor]:
+                means[layer.activation] = mean
+                bq = quantize_bias(g, layer, acts, weights, stats, quant, mean)
+                if bq is not None and bq.value is not None:
+                    biases[layer.bias] = bq.value
+    return requantize_biases(g, plan, stats, quant, means)
 
 
 def fit_integer_lstms(g: Graph, plan: Plan, data: DataConfig, inputs, progress: Progress = silent) -> Plan:

@@ -619,6 +619,19 @@ def bounded_runs(batches: Iterable[Batch], rows: Callable[[], int | None]) -> It
             start = stop
 
 
+def runs_within_memory(g: Graph, batches: list[Batch], tensors: list[str]) -> list[Batch]:
+    """The batches cut into runs whose `tensors` take at most RUN_BYTES together, as one sample of the
+    float model measures them: a walk that keeps what each run leaves behind (calibrate/segments.py)
+    then holds runs of that size in ORT's arenas, not whole batches of a wide network's early maps."""
+    if not batches or not tensors:
+        return batches
+    sess = session(g.model, outputs=tensors, only=True)
+    first = batches[0].rows(0, 1)
+    rows = rows_within(sess.run(tensors, {k: v for k, v in first.feeds.items()
+                                          if k in {i.name for i in sess.get_inputs()}}), 1)
+    return list(bounded_runs(batches, lambda: rows))
+
+
 def rows_within(outputs, samples: int) -> int:
     """Samples a run may hold when `samples` of them produced these outputs (arrays; the sequences
     and maps of ai.onnx.ml classifiers count as nothing)."""

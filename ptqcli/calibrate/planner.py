@@ -15,7 +15,7 @@ from ..graph import Graph
 from ..ops import channel_axis, op_info, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import block_ranges, channel_ranges, dequantize, grid_sqnr_db, quantize, scale_zero_point, sqnr_db
-from .bias_correction import output_shift
+from .bias_correction import output_shift, prefix_shift
 from .collect import Stats
 from .observers import choose_range
 from .select import Selection
@@ -286,37 +286,41 @@ def _recipe_formats(sel: Selection, cfg: QuantConfig) -> dict[str, str]:
 
 
 def quantize_bias(g: Graph, layer: Layer, acts: dict[str, TensorQuant], weights: dict[str, TensorQuant],
-                  stats: Stats, cfg: QuantConfig) -> TensorQuant | None:
-    """The layer's int32 bias quantizer (bias-corrected when configured), or None if it must stay float."""
+                  stats: Stats, cfg: QuantConfig, prefix_mean: np.ndarray | None = None) -> TensorQuant | None:
+    """The layer's int32 bias quantizer (bias-corrected when configured: against the quantized
+    prefix's input mean when it is given), or None if it must stay float."""
     bq = bias_quant(layer, acts, weights)
     if bq is None:
         return None
     b = g.constant(layer.bias)
     if cfg.corrects_bias:
-        bq = corrected_bias(g, layer, weights[layer.weight], stats, bq, b)
+        bq = corrected_bias(g, layer, weights[layer.weight], stats, bq, b, prefix_mean)
     if _bias_fits(b if bq.value is None else bq.value, bq):
         return bq
     # Too large for int32 at this scale: the bias stays float, corrected if it was.
     return None if bq.value is None else replace(bq, role="value")
 
 
-def requantize_biases(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig) -> Plan:
-    """Biases re-derived after weights changed (learned rounding, moved scales)."""
+def requantize_biases(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig,
+                      prefix_means: dict[str, np.ndarray] | None = None) -> Plan:
+    """Biases re-derived after weights changed (learned rounding, moved scales), corrected against
+    the quantized prefix's input means where `prefix_means` has them (by activation)."""
     acts, weights = plan.of_role("activation"), plan.of_role("weight")
     tensors = {k: v for k, v in plan.tensors.items() if v.role not in ("bias", "value")}
     for layer in plan.layers:
         if layer.node in plan.binary_inputs:
             continue
         if layer.bias is not None and layer.activation in acts and layer.weight in weights:
-            bq = quantize_bias(g, layer, acts, weights, stats, cfg)
+            bq = quantize_bias(g, layer, acts, weights, stats, cfg, (prefix_means or {}).get(layer.activation))
             if bq is not None:
                 tensors[layer.bias] = bq
     return replace(plan, tensors=tensors)
 
 
 def corrected_bias(g: Graph, layer: Layer, wq: TensorQuant, stats: Stats, bq: TensorQuant,
-                   b: np.ndarray) -> TensorQuant:
-    """The bias quantizer, carrying b + (W - Q(W)) E[x] when the input's channel means are known."""
+                   b: np.ndarray, prefix_mean: np.ndarray | None = None) -> TensorQuant:
+    """The bias quantizer, carrying b + (W - Q(W)) E[x] when the input's channel means are known, or
+    b + W E[x] - Q(W) E[x_q] when the quantized prefix's input mean E[x_q] is given."""
     h = stats.get(layer.activation) if layer.activation else None
     mean = h.channel_mean if h is not None else None
     if mean is None:
@@ -324,11 +328,12 @@ def corrected_bias(g: Graph, layer: Layer, wq: TensorQuant, stats: Stats, bq: Te
     w = g.constant(layer.weight)
     source = w if wq.value is None else wq.value
     on_grid = dequantize(quantize(source, wq.scale, wq.zero_point, wq.spec), wq.scale, wq.zero_point, wq.spec)
-    shift = output_shift(g.node_by_name[layer.node], w, on_grid, mean)
+    node = g.node_by_name[layer.node]
+    shift = output_shift(node, w, on_grid, mean) if prefix_mean is None else prefix_shift(node, w, on_grid, mean, prefix_mean)
     if shift is None or shift.shape != b.shape:
         return bq
     return replace(bq, value=(b.astype(np.float64) + shift).astype(np.float32),
-                   source={**bq.source, "bias_correction": True})
+                   source={**bq.source, "bias_correction": True if prefix_mean is None else "quantized prefix"})
 
 
 def kept_layers(entries: tuple[str, ...], layers: list[Layer], outputs: set[str]) -> dict[str, int]:

@@ -236,3 +236,21 @@ def moments_in_order(g: Graph, targets: Iterable[str], states: list[dict[str, np
         advance_progress(1)
         lo, hi = lo.astype(np.float32), hi.astype(np.float32)
         yield segment.target, ChannelMoments(np.maximum(-lo, hi), lo, hi, total)
+
+
+def channel_means_in_order(g: Graph, targets: dict[str, int], states: "BatchStates | list[dict[str, np.ndarray]]",
+                           weight: Callable[[str], np.ndarray | None],
+                           advance_progress: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, np.ndarray]]:
+    """Each target's mean along its channel axis (`targets`: tensor -> axis) over every state, in
+    graph order, float64; segments are built when reached, with the initializers `weight` gives
+    then (as moments_in_order)."""
+    for segment in cut(g.graph, targets):
+        axis, total, count = targets[segment.target], None, 0
+        for value in advance(g, segment, states, weight):
+            axis_here = axis % value.ndim
+            others = tuple(i for i in range(value.ndim) if i != axis_here)
+            sums = np.sum(value, axis=others, dtype=np.float64)
+            total = sums if total is None else total + sums
+            count += value.size // max(value.shape[axis_here], 1)
+        advance_progress(1)
+        yield segment.target, total / max(count, 1)

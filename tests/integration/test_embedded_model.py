@@ -94,3 +94,34 @@ def test_adaround_w4a8_close_to_float_and_deterministic(tmp_path):
     report = json.loads((run / "rounding.json").read_text())
     assert all(layer["loss_after"] <= layer["loss_nearest"] for layer in report["layers"])
     assert (run / "params.npz").is_file()  # learned weights live beside plan.json
+
+
+@pytest.mark.slow
+def test_bias_correction_on_the_quantized_prefix_leaves_less_mean_error_than_on_float_means(tmp_path):
+    """Nearest W3A8: biases corrected against the quantized prefix's input means leave the model's
+    logits with less mean error on held-out images than corrections from the float means alone."""
+    import numpy as np
+
+    from ptqcli.allocate.target import deployed
+    from ptqcli.calibrate.planner import requantize_biases
+    from ptqcli.rundir import load_run
+    from ptqcli.runtime import session
+
+    run = tmp_path / "run"
+    plan = stages.calibrate(ASSETS / "fashion_cnn.onnx", QuantConfig(weights="int3", rounding="nearest"),
+                            DataConfig(path=str(ASSETS / "fashion_calib.npz"), num_samples=256), run)
+    sources = [t.source.get("bias_correction") for t in plan.of_role("bias").values()]
+    assert sources and all(s == "quantized prefix" for s in sources)
+    loaded = load_run(run)
+    float_means = requantize_biases(loaded.graph, loaded.plan, loaded.stats, loaded.plan.quant)
+    assert all(t.source.get("bias_correction") is True for t in float_means.of_role("bias").values())
+    test = np.load(ASSETS / "fashion_test.npz")
+    x = test[next(k for k in test.files if k != "labels")][:1000]
+    name = loaded.graph.model.graph.input[0].name
+    reference = session(loaded.graph.model).run(None, {name: x})[0]
+
+    def mean_error(p):
+        out = session(deployed(loaded, p)).run(None, {name: x})[0]
+        return float(np.linalg.norm((out - reference).mean(axis=0)))
+
+    assert mean_error(loaded.plan) < 0.8 * mean_error(float_means)
