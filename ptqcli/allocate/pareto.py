@@ -18,7 +18,8 @@ from ..export.measures import weight_storage
 from ..export import container
 from ..stages import evaluate, eval_source
 from ..rundir import Run
-from .stage import AllocationConfig, Budget, layer_options, plan_for, solve
+from ..parallel import run_all
+from .stage import AllocationConfig, Budget, layer_options, load_base, plan_for, solve
 from .sensitivity import Candidate
 
 
@@ -49,31 +50,41 @@ def _measure(ctx: Run, choice: dict[str, str], eval_data: str | None, eval_sampl
     return weight_storage(ctx.graph, plan)["quantized_bytes"], quality, metric
 
 
+def _measure_in_task(job: tuple[str, dict[str, str], str | None, int]) -> tuple[int, float, str]:
+    """One Ray task of the sweep: the run read from its directory, one plan exported and evaluated."""
+    run_dir, choice, eval_data, eval_samples = job
+    return _measure(load_base(run_dir), choice, eval_data, eval_samples)
+
+
 def sweep(ctx: Run, cfg: AllocationConfig, eval_data: str | None, eval_samples: int, points: int = 6,
           advance: Callable[[int], None] = lambda n: None) -> list[Point]:
+    """Uniform widths, then ILP and greedy mixes at budgets spread between them, each plan exported
+    and evaluated; on Ray (cfg.workers) the evaluations run as tasks, each reading the run itself,
+    with the same points as one process gives."""
     options = layer_options(ctx, cfg)
     uniform = [f for f in ("int8", "int4", "int3") if f in cfg.weight_formats]
-    results: list[Point] = []
-    budgets: list[float] = []
+    plans: list[tuple[str, str, float | None, dict[str, str], float]] = []  # method, label, budget, choice, damage
     for fmt in uniform:
         choice = {node: (opts[0].label if len(opts) == 1 else Candidate(fmt, 8).label) for node, opts in options.items()}
-        size, quality, metric = _measure(ctx, choice, eval_data, eval_samples)
-        damage = _damage(ctx, cfg, choice)
-        results.append(Point("uniform", fmt, None, size, damage, quality, metric))
-        budgets.append(float(size))
-        advance(1)
+        plans.append(("uniform", fmt, None, choice, _damage(ctx, cfg, choice)))
+    # Budgets from the uniform plans' sizes (no evaluation needed to know a plan's size).
+    budgets = [float(weight_storage(ctx.graph, plan_for(ctx, choice))["quantized_bytes"]) for *_, choice, _ in plans]
     low = min(budgets) * 0.8
     budgets += [low + (max(budgets) - low) * k / (points - 1) for k in range(points)]
     for budget in sorted(set(budgets)):
         for method in ("ilp", "greedy"):
             try:
-                solution, damage, _ = solve(ctx, Budget("size", budget), cfg, method=method)
+                solution, _, _ = solve(ctx, Budget("size", budget), cfg, method=method)
             except PtqError:
                 continue  # below the smallest feasible size
-            size, quality, metric = _measure(ctx, solution.choice, eval_data, eval_samples)
-            results.append(Point(method, f"{budget / 1e3:.1f} kB", budget, size, solution.damage, quality, metric))
-            advance(1)
-    return results
+            plans.append((method, f"{budget / 1e3:.1f} kB", budget, solution.choice, solution.damage))
+    if cfg.workers.ray is None:
+        measured = run_all(lambda p: _measure(ctx, p[3], eval_data, eval_samples), plans, cfg.workers, advance)
+    else:
+        jobs = [(str(ctx.path), choice, eval_data, eval_samples) for *_, choice, _ in plans]
+        measured = run_all(_measure_in_task, jobs, cfg.workers, advance)
+    return [Point(method, label, budget, size, damage, quality, metric)
+            for (method, label, budget, _, damage), (size, quality, metric) in zip(plans, measured)]
 
 
 def _damage(ctx: Run, cfg: AllocationConfig, choice: dict[str, str]) -> float:

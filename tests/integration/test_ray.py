@@ -1,5 +1,6 @@
-"""--ray: calibration observed in shards and the allocation's sensitivity runs as Ray tasks on a
-local Ray of two workers, with the same statistics, sensitivity and plan bytes as in one process;
+"""--ray: calibration observed in shards, the allocation's sensitivity runs and the Pareto sweep's
+evaluations as Ray tasks on a local Ray of two workers, with the same statistics, sensitivity,
+plan bytes and Pareto points as in one process;
 an address nobody answers at and a missing Ray are one-line errors."""
 
 import shutil
@@ -36,6 +37,17 @@ def test_sensitivity_on_two_local_ray_workers_gives_the_same_plan(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("plan.json", "sensitivity.json", "allocation.json"):
         assert (here / name).read_bytes() == (there / name).read_bytes(), name
+
+
+def test_pareto_evaluations_on_two_local_ray_workers_give_the_same_points(tmp_path):
+    here, there = _calibrated(tmp_path), tmp_path / "on_ray"
+    shutil.copytree(here, there)
+    args = ("--pareto", "--eval-data", ASSETS / "fashion_test.npz", "--eval-samples", 200, "--weight-candidates", "8,4")
+    assert ptq("allocate", here, *args).returncode == 0
+    r = ptq("allocate", there, *args, "--ray", "auto", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    points = (here / "pareto.csv").read_text()
+    assert points.count("\n") > 4 and points == (there / "pareto.csv").read_text()
 
 
 def test_calibration_in_four_shards_on_ray_writes_the_one_pass_statistics(tmp_path):
