@@ -117,11 +117,6 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
     """A copy of the QDQ model with every supported layer replaced by its ptqcli operator."""
     model = clone(qdq)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    producers = {out: n for n in model.graph.node for out in n.output}
-    consumers: dict[str, list[NodeProto]] = {}
-    for n in model.graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
     report = NativeReport({}, {})
     new_inits: list = []
     nodes: list[NodeProto] = []
@@ -140,9 +135,7 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
             if replacement is not None:
                 dropped.update(BinaryNames(node.name).output_nodes)
         else:
-            replacement = _replace(node, layer, g, plan, new_inits, report)
-            if replacement is not None and replacement.op_type.endswith("Conv"):
-                _absorb_pad(replacement, producers, consumers, inits)
+            replacement = _replace(node, layer, g, plan, new_inits, report)  # zero Pads: folded by prepare
         nodes.append(replacement or node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -226,36 +219,6 @@ def _replace_lstm(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits
     return helper.make_node(INT_LSTM, inputs, list(node.output), name=node.name, domain=DOMAIN,
                             hidden_size=attr(original, "hidden_size"), x_scale=params.x_scale,
                             cell_frac=params.cell_frac, direction=attr(original, "direction", "forward"))
-
-
-def _absorb_pad(conv: NodeProto, producers, consumers, inits) -> None:
-    """A zero Pad in front of a native conv's integer input (QuantizeLinear(Pad(x))) joins the
-    conv's own pads: the QuantizeLinear then reads x, and the conv pads with X_zero_point, which
-    is what the quantized zero the Pad wrote was. Same values, one pass over the tensor fewer."""
-    quantize_node = producers.get(conv.input[0])
-    if quantize_node is None or quantize_node.op_type != "QuantizeLinear":
-        return
-    pad = producers.get(quantize_node.input[0])
-    if pad is None or pad.op_type != "Pad" or attr(pad, "mode", "constant") != "constant":
-        return
-    if len(pad.input) < 2 or pad.input[1] not in inits or len(consumers.get(pad.output[0], [])) != 1:
-        return
-    if len(pad.input) > 2 and pad.input[2] and (pad.input[2] not in inits or np.any(inits[pad.input[2]] != 0)):
-        return
-    if len(pad.input) > 3 and pad.input[3]:
-        return  # explicit axes: not worth reading
-    amounts = np.asarray(inits[pad.input[1]]).astype(int).ravel()
-    if amounts.size != 8 or np.any(amounts < 0) or np.any(amounts[[0, 1, 4, 5]] != 0):
-        return
-    # The quantized padded tensor may feed nothing else (only DequantizeLinears that this layer alone read).
-    for reader in consumers.get(conv.input[0], []):
-        if reader.op_type != "DequantizeLinear" or any(c.name != conv.name for c in consumers.get(reader.output[0], [])):
-            return
-    quantize_node.input[0] = pad.input[0]
-    pads = next(a for a in conv.attribute if a.name == "pads")
-    top, left, bottom, right = list(pads.ints)
-    del pads.ints[:]
-    pads.ints.extend([top + int(amounts[2]), left + int(amounts[3]), bottom + int(amounts[6]), right + int(amounts[7])])
 
 
 def _code_rows(node: NodeProto, tq: TensorQuant, w: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
