@@ -301,8 +301,15 @@ def divisions_as_products(model: ModelProto) -> tuple[ModelProto, int]:
     x * clip(x + 3, 0, 6) / 6 would otherwise leave the integer path between two convolutions.
     The result differs from the division by float rounding only."""
     consts = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n.op_type)
+    # x / sqrt(2) inside an erf GELU stays a division: ORT fuses the pattern into one Gelu only then,
+    # and Erf has no quantized form for a product to serve.
     targets = [n for n in model.graph.node if n.op_type == "Div" and n.domain in ("", "ai.onnx") and len(n.input) == 2
-               and n.input[1] in consts and consts[n.input[1]].data_type in (TensorProto.FLOAT, TensorProto.DOUBLE)]
+               and n.input[1] in consts and consts[n.input[1]].data_type in (TensorProto.FLOAT, TensorProto.DOUBLE)
+               and readers.get(n.output[0]) != ["Erf"]]
     targets = [n for n in targets if np.all(numpy_helper.to_array(consts[n.input[1]]) != 0)]
     if not targets:
         return model, 0
