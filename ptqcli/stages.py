@@ -239,7 +239,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     folded into the float graph when the walk is over. Returns the graph (smoothed, if it was) and
     the plan."""
     from .calibrate.gptq import GptqConfig, eligible, round_layers
-    from .calibrate.probe import act_gate, probe_model
+    from .calibrate.probe import quantized_prefix
     from .calibrate.segments import BatchStates, moments_in_order
     from .calibrate.smooth import factors, folded, smoothing_groups
 
@@ -247,12 +247,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     if not layers:
         raise PtqError("--rounding gptq found no MatMul/Gemm layer with a 2-D weight on an integer grid")
     samples = min(data.num_samples, quant.rounding_samples)
-    gated = sorted({l.activation for l in plan.layers if l.activation in plan.tensors})
-    prefix, gates = g, {}
-    if gated:  # quantized activations are part of the prefix too
-        prefix = Graph(probe_model(g, plan, gated, weights_as_inputs=False), weights_dir=g.weights_dir)
-        for tensor in gated:
-            gates.update(act_gate(tensor, plan.tensors[tensor].spec.bits, stats, quant))
+    prefix, gates, gated = quantized_prefix(g, plan, stats, quant)  # quantized activations are part of it too
     seen_as = {t: f"{t}__fq" if t in gated else t for t in {layer.activation for layer, _ in layers}}
     readers: dict[str, list] = {}
     for layer, axis in layers:
@@ -372,10 +367,11 @@ def prefix_bias_correction(g: Graph, plan: Plan, stats, quant: QuantConfig, data
     the bias removes W E[x] - Q(W) E[x_q]. With the float model's means alone it removed only the
     layer's own weight error, not the mean error the layers before it pass on."""
     from .calibrate.planner import quantize_bias
-    from .calibrate.probe import act_gate, probe_model
+    from .calibrate.probe import quantized_prefix
     from .calibrate.segments import BatchStates, channel_means_in_order
 
     acts, weights = plan.of_role("activation"), plan.of_role("weight")
+
     def channel_axis(layer) -> int | None:
         info = op_info(layer.op_type)
         return None if info is None or info.act_channel_axis is None else info.act_channel_axis(g.node_by_name[layer.node])
@@ -384,11 +380,7 @@ def prefix_bias_correction(g: Graph, plan: Plan, stats, quant: QuantConfig, data
               and l.activation in acts and l.node not in plan.binary_inputs and channel_axis(l) is not None]
     if not layers:
         return plan
-    gated = sorted({l.activation for l in plan.layers if l.activation in acts})
-    prefix = Graph(probe_model(g, plan, gated, weights_as_inputs=False), weights_dir=g.weights_dir)
-    gates = {}
-    for tensor in gated:
-        gates.update(act_gate(tensor, acts[tensor].spec.bits, stats, quant))
+    prefix, gates, _ = quantized_prefix(g, plan, stats, quant)
     readers: dict[str, list] = {}
     for layer in layers:
         readers.setdefault(f"{layer.activation}__fq", []).append(layer)

@@ -79,3 +79,17 @@ def act_gate(tensor: str, bits: int, stats: Stats, cfg: QuantConfig) -> dict[str
     lo, hi = choose_range(stats[tensor], cfg.method.value, spec.qmax - spec.qmin + 1, spec.symmetric, cfg.percentile)
     scale, zp = scale_zero_point(np.asarray(lo), np.asarray(hi), spec)
     return gate_feeds(tensor, True, float(scale), float(zp), spec.qmin, spec.qmax)
+
+
+def quantized_prefix(g: Graph, plan: Plan, stats: Stats, cfg: QuantConfig) -> tuple[Graph, dict[str, np.ndarray], list[str]]:
+    """The graph a walk over the already-quantized model runs (calibrate/segments.py): the plan's
+    activation quantizers as gated fake-quantizers (weights stay initializers, given by the walk's
+    caller as each segment is built), the feeds that open those gates, and the gated tensors, each
+    read as `<tensor>__fq` after its quantizer. Without quantized activations: `g` itself."""
+    gated = sorted({l.activation for l in plan.layers if l.activation in plan.tensors})
+    if not gated:
+        return g, {}, []
+    gates: dict[str, np.ndarray] = {}
+    for tensor in gated:
+        gates.update(act_gate(tensor, plan.tensors[tensor].spec.bits, stats, cfg))
+    return Graph(probe_model(g, plan, gated, weights_as_inputs=False), weights_dir=g.weights_dir), gates, gated
