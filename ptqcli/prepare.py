@@ -375,10 +375,7 @@ def fold_pads_into_convs(model: ModelProto) -> tuple[ModelProto, int]:
             node.attribute.append(helper.make_attribute("pads", [int(a + b) for a, b in zip(current, extra)]))
             node.input[0] = source
         kept.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    del out.graph.value_info[:]  # shapes are re-inferred after the rewrite
-    return _drop_unused_initializers(out), len(folds)
+    return _with_nodes(out, kept), len(folds)
 
 
 def fold_batchnorm(model: ModelProto) -> tuple[ModelProto, int]:
@@ -418,10 +415,16 @@ def fold_batchnorm(model: ModelProto) -> tuple[ModelProto, int]:
             node.input[2] = bias_name
             node.output[0] = new_out
         kept.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    del out.graph.value_info[:]  # shapes are re-inferred after the rewrite
-    return _drop_unused_initializers(out), len(removed)
+    return _with_nodes(out, kept), len(removed)
+
+
+def _with_nodes(model: ModelProto, nodes: list) -> ModelProto:
+    """`model` (a copy the caller owns) holding `nodes` instead of its own, its value infos dropped
+    (shapes are re-inferred after a rewrite) and the initializers nothing reads any more."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.value_info[:]
+    return _drop_unused_initializers(model)
 
 
 def _can_fold(g: Graph, producer, bn, graph_outputs) -> bool:
