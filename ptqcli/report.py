@@ -94,7 +94,7 @@ def plan_table(plan: Plan) -> Table:
     table.add_row("calibration samples", str(plan.config.get("samples_seen")))
     if q.get("rounding"):
         chosen = plan.config.get("rounding_choice", "")
-        table.add_row("rounding", q["rounding"] + (f" ({chosen})" if chosen.startswith("auto") else ""))
+        table.add_row("rounding", chosen if chosen.startswith("auto") else q["rounding"])
     table.add_row("layers / weights / biases", f"{len(plan.layers)} / {len(weights)} / {len(biases)}")
     table.add_row("activation tensors", str(len(acts)))
     worst = sorted((t.source.get("sqnr_db") or np.inf, n) for n, t in weights.items())[:3]
