@@ -24,7 +24,7 @@ from onnx import ModelProto, TensorProto, helper
 from ..config import DataConfig
 from ..errors import PtqError
 from ..graph import Graph
-from ..runtime import run_session, session
+from ..runtime import feeds_for, run_session, session
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 ARRAY_SUFFIXES = {".npy", ".npz"}
@@ -627,8 +627,7 @@ def runs_within_memory(g: Graph, batches: list[Batch], tensors: list[str]) -> li
         return batches
     sess = session(g.model, outputs=tensors, only=True)
     first = batches[0].rows(0, 1)
-    rows = rows_within(sess.run(tensors, {k: v for k, v in first.feeds.items()
-                                          if k in {i.name for i in sess.get_inputs()}}), 1)
+    rows = rows_within(sess.run(tensors, feeds_for(sess, first.feeds)), 1)
     return list(bounded_runs(batches, lambda: rows))
 
 

@@ -126,6 +126,12 @@ class OutputColumns:
         return float(np.mean(np.square(err, dtype=np.float64))), 2 * err @ self.x.transpose(0, 2, 1) / err.size
 
 
+def as_quadratic_form(columns: int, inputs: int) -> bool:
+    """Whether a layer's exact output error is cheaper as a quadratic form (a step costs M K^2)
+    than from its columns (M K S): when its sampled columns outnumber its inputs."""
+    return columns > inputs
+
+
 def output_error(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024, dtype=np.float32
                  ) -> OutputMoments | OutputColumns:
     """The exact output error over all columns of x_q (G, K, S) against target (G, M, S), in the
@@ -133,7 +139,7 @@ def output_error(x_q: np.ndarray, target: np.ndarray, chunk: int = 1024, dtype=n
     float64, taken over column chunks (a float64 copy of a depthwise layer's columns would take
     half a gigabyte); the steps run in `dtype`: in float32 the gradient 2 (w H - C) keeps all that
     matters to a rounding choice, at half the cost."""
-    if x_q.shape[2] <= x_q.shape[1]:
+    if not as_quadratic_form(x_q.shape[2], x_q.shape[1]):
         return OutputColumns(np.asarray(x_q, dtype=dtype), np.asarray(target, dtype=dtype))
     return output_moments(x_q, target, chunk, dtype)
 
@@ -457,11 +463,11 @@ class _StreamedMoments:
 
 
 def _gatherer(node, w: np.ndarray, float_columns: ColumnFile, cfg: RoundingConfig) -> _Columns | _StreamedMoments:
-    """How a layer's walk output is kept: AdaRound's quadratic form where columns outnumber inputs
-    (output_error's choice), else the columns."""
+    """How a layer's walk output is kept: AdaRound's quadratic form where output_error would choose
+    it, else the columns."""
     rows = weight_rows(node, w).astype(np.float64)
     samples, _, k = float_columns.shape
-    if cfg.method == "adaround" and samples > k:
+    if cfg.method == "adaround" and as_quadratic_form(samples, k):
         return _StreamedMoments(rows, float_columns)
     return _Columns(rows, float_columns)
 
