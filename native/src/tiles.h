@@ -34,6 +34,40 @@ inline void decode_quad(const uint8_t* at, __m256i lut, __m256i& low, __m256i& h
   }
 }
 
+// Rows m.. m + MR of a tile's outputs, columns n0 .. n0 + cols, from `lanes` (row i, column j at
+// lanes[i][j]) into the output, in whatever layout it has.
+template <int MR, int W>
+inline void store_tile(ptq::OutputView out, int64_t m, int64_t n0, int64_t cols, const float (&lanes)[MR][W]) {
+  if (out.col_stride == 1) {
+    for (int i = 0; i < MR; ++i) std::memcpy(out.y + (m + i) * out.row_stride + n0, lanes[i], cols * sizeof(float));
+    return;
+  }
+  int64_t j0 = 0;
+  if constexpr (MR % 4 == 0) {
+    // Outputs of consecutive rows adjacent in memory (a conv's pixels): 4 x 4 blocks transposed,
+    // so each channel gets four pixels in one store.
+    if (out.row_stride == 1) {
+      for (; j0 + 4 <= cols; j0 += 4)
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i += 4) {
+          __m128 r0 = _mm_load_ps(lanes[i] + j0), r1 = _mm_load_ps(lanes[i + 1] + j0);
+          __m128 r2 = _mm_load_ps(lanes[i + 2] + j0), r3 = _mm_load_ps(lanes[i + 3] + j0);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          float* y = out.y + (n0 + j0) * out.col_stride + m + i;
+          _mm_storeu_ps(y, r0);
+          _mm_storeu_ps(y + out.col_stride, r1);
+          _mm_storeu_ps(y + 2 * out.col_stride, r2);
+          _mm_storeu_ps(y + 3 * out.col_stride, r3);
+        }
+    }
+  }
+  for (int64_t j = j0; j < cols; ++j) {
+    float* y = out.y + (n0 + j) * out.col_stride + m * out.row_stride;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) y[i * out.row_stride] = lanes[i][j];
+  }
+}
+
 // A tile is MR rows x NP panels: per row 2 * NP vectors of 8 int32 sums (vector v holds channels
 // 8v..8v+7 of the tile). Products of a chunk of quads add up in narrow sums (Isa::dot), widened
 // into the int32 sums once per chunk (Isa::widen); U independent narrow chains per sum (quad q
@@ -140,34 +174,7 @@ inline void nibble_tile(const NibbleCtx& c, int64_t m, int64_t panel) {
     if (c.bias && !whole)
       for (int64_t j = 0; j < cols; ++j) lanes[i][j] += c.bias[n0 + j];
   }
-  if (c.out.col_stride == 1) {
-    for (int i = 0; i < MR; ++i) std::memcpy(c.out.y + (m + i) * c.out.row_stride + n0, lanes[i], cols * sizeof(float));
-    return;
-  }
-  int64_t j0 = 0;
-  if constexpr (MR % 4 == 0) {
-    // Outputs of consecutive rows adjacent in memory (a conv's pixels): 4 x 4 blocks transposed,
-    // so each channel gets four pixels in one store.
-    if (c.out.row_stride == 1) {
-      for (; j0 + 4 <= cols; j0 += 4)
-#pragma GCC unroll 4
-        for (int i = 0; i < MR; i += 4) {
-          __m128 r0 = _mm_load_ps(lanes[i] + j0), r1 = _mm_load_ps(lanes[i + 1] + j0);
-          __m128 r2 = _mm_load_ps(lanes[i + 2] + j0), r3 = _mm_load_ps(lanes[i + 3] + j0);
-          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-          float* y = c.out.y + (n0 + j0) * c.out.col_stride + m + i;
-          _mm_storeu_ps(y, r0);
-          _mm_storeu_ps(y + c.out.col_stride, r1);
-          _mm_storeu_ps(y + 2 * c.out.col_stride, r2);
-          _mm_storeu_ps(y + 3 * c.out.col_stride, r3);
-        }
-    }
-  }
-  for (int64_t j = j0; j < cols; ++j) {
-    float* y = c.out.y + (n0 + j) * c.out.col_stride + m * c.out.row_stride;
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) y[i * c.out.row_stride] = lanes[i][j];
-  }
+  store_tile<MR, V * 8>(c.out, m, n0, cols, lanes);
 }
 
 // Rows [m0, m1) x the panels that hold columns [n0, n1); n0 on a panel boundary. Single rows take

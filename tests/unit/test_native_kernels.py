@@ -78,7 +78,8 @@ def int4_matmul(rng, op, x_shape, n, group_size, asymmetric, dtype, with_bias):
     return got.reshape(-1, n), want
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 70, 9), (3, 33, 5), (17, 130, 7), (4, 64, 2), (64, 257, 33)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 70, 9), (3, 33, 5), (17, 130, 7), (4, 64, 2), (64, 257, 33),
+                                   (13, 256, 80)])
 @pytest.mark.parametrize("group_size", [0, 32, 64])
 @pytest.mark.parametrize("asymmetric", [False, True])
 def test_int4_matmul_float_input_is_exact(m, k, n, group_size, asymmetric):
@@ -182,6 +183,8 @@ CONV_CASES = [
     (6, 8, 4, (3, 2), (1, 2), (2, 0, 1, 1), (2, 1), 2),  # grouped, asymmetric pads, dilated
     (5, 6, 7, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # pointwise
     (20, 9, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # pointwise, whole 16 x 16 blocks and remainders
+    (12, 9, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # pointwise, two-panel tiles, an odd panel, leftover pixels
+    (4, 7, 33, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # two-panel tiles into a 1-channel remainder
     (64, 5, 8, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 2),  # grouped pointwise
     (6, 11, 6, (5, 3), (2, 3), (2, 0, 1, 2), (1, 2), 6),  # depthwise, strided, dilated, uneven pads
     (4, 5, 4, (3, 3), (1, 1), (3, 3, 3, 3), (1, 1), 4),  # depthwise, pads wider than the kernel reach
