@@ -28,7 +28,10 @@ Rows (`--rows`, comma-separated; all by default):
   blocks of 32-256 (MIX_CANDIDATES; scales and zero points counted), GPTQ redone on the layers it
   changed; the allocation's time is in the quantize columns and in the row's notes.
   `ptq-gptq-g32-native`, `ptq-gptq-g128-native`: the GPTQ runs exported with `--format native`
-  (ptqcli's Int4MatMul with group_size 32 / 128 in place of MatMulNBits).
+  (ptqcli's Int4MatMul with group_size 32 / 128 in place of MatMulNBits). `ptq-gptq-g32-tied`,
+  `ptq-gptq-g128-tied`: the GPTQ runs with `--embeddings tied` (the token embedding, which the model's
+  output projection holds transposed, looked up in that projection's MatMulNBits codes instead of
+  stored again as int8 rows).
 
 Columns: perplexity on `--eval` windows of eval.npz (next-token cross-entropy over every position but
 the last, exp of the mean) and its rise over fp32; batch-1 latency of a 256-token forward pass
@@ -84,6 +87,9 @@ PTQ_ROWS["ptq-gptq-mix-4.5"] = PTQ_ROWS["ptq-gptq-g128"]
 PTQ_ROWS["ptq-gptq-g32-native"] = PTQ_ROWS["ptq-gptq-g32"]
 PTQ_ROWS["ptq-gptq-g128-native"] = PTQ_ROWS["ptq-gptq-g128"]
 EXPORT_ARGS = {name: ["--format", "native"] for name in ("ptq-gptq-g32-native", "ptq-gptq-g128-native")}
+# The GPTQ runs with --embeddings tied: the token embedding is looked up in the output projection's codes.
+PTQ_ROWS["ptq-gptq-g32-tied"] = PTQ_ROWS["ptq-gptq-g32"] + ["--embeddings", "tied"]
+PTQ_ROWS["ptq-gptq-g128-tied"] = PTQ_ROWS["ptq-gptq-g128"] + ["--embeddings", "tied"]
 # Variants not in the default set of rows (--rows names them): GPTQ without act-order (channels in
 # their own order, scales fitted as the pass reaches each block), and without smoothing (no
 # activation-aware scaling of input channels before rounding).

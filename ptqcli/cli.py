@@ -27,6 +27,7 @@ err = Console(stderr=True)
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
 RunArg = Annotated[Path, typer.Argument(help="Run directory written by `ptq calibrate`.", show_default=False)]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Calibration data: .npy, .npz, image folder, or folder of arrays.")]
+SyntheticBackendOpt = Annotated[Optional[str], typer.Option("--synthetic-backend", help="What computes the gradients of --synthetic bn: auto (jax when installed, pip install 'ptqcli[jax]', and covering the model; else numpy), numpy or jax [default: auto].")]
 SyntheticOpt = Annotated[Optional[str], typer.Option("--synthetic", help="No data: bn (fitted to the model's BatchNorm statistics), gaussian or uniform.")]
 NumSamplesOpt = Annotated[Optional[int], typer.Option("--num-samples", help="Calibration samples to read [default: 256].")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Samples per ORT run (models with a fixed batch use theirs) [default: 16].")]
@@ -60,7 +61,7 @@ ExcludeNodesOpt = Annotated[Optional[str], typer.Option("--exclude-nodes", help=
 ExcludeOpsOpt = Annotated[Optional[str], typer.Option("--exclude-ops", help="Comma-separated op types to keep in float.")]
 KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Layers kept on a wider integer grid, comma-separated: first, last, lm_head (the last layer writing a model output) or node names, each =BITS (default 8), e.g. lm_head=8.")]
 ActDamageOpt = Annotated[Optional[float], typer.Option("--act-damage-limit", help="An activation no Conv/Gemm/MatMul reads stays float when quantizing it alone costs more than this output error (squared error over signal power); inf quantizes every one [default: 3e-4].")]
-EmbeddingsOpt = Annotated[Optional[str], typer.Option("--embeddings", help="Embedding tables (read only by Gather): int8 with one scale per row, int4 in blocks of --block-size (32 without it) along each row, looked up by ORT's GatherBlockQuantized, or float [default: int8].")]
+EmbeddingsOpt = Annotated[Optional[str], typer.Option("--embeddings", help="Embedding tables (read only by Gather): int8 with one scale per row, int4 in blocks of --block-size (32 without it) along each row, looked up by ORT's GatherBlockQuantized, float, or tied: a table that is the transpose of a block-wise MatMul weight (tied input and output embeddings) takes that weight's grid and, exported as MatMulNBits, is looked up in its codes, so the file holds them once (int8 rows where there is no such weight) [default: int8].")]
 SmoothOpt = Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="SmoothQuant: move activation outliers of normalized tensors into the weights of the GEMMs that read them, strength chosen per tensor [default: on].")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [default: 0].")]
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file with [quant] and [data] tables holding any of these options.")]
@@ -129,7 +130,8 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std, layout, color, weights, acts, granularity,
              act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed, binary_acts=None,
              act_damage_limit=None, smooth=None, block_size=None, weight_zero_points=None, accuracy_level=None,
-             feedback=None, whole_feeds=None, embeddings=None, keep=None, float_zero_points=None, act_order=None):
+             feedback=None, whole_feeds=None, embeddings=None, keep=None, float_zero_points=None, act_order=None,
+             synthetic_backend=None):
     from .export.card import load_recipe
 
     doc = load_recipe(str(recipe) if recipe else None)
@@ -143,7 +145,7 @@ def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std
         accuracy_level=accuracy_level, keep=_names(keep), float_zero_points=float_zero_points,
         act_order=act_order), "quant options")
     data_cfg = merge(DataConfig, doc.get("data", {}), dict(
-        path=data, synthetic=synthetic, synthetic_iters=iters if synthetic else None, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
+        path=data, synthetic=synthetic, synthetic_iters=iters if synthetic else None, synthetic_backend=synthetic_backend, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), layout=layout, color=color, feedback=feedback,
         whole_feeds=whole_feeds), "data options")
     return quant, data_cfg
@@ -162,7 +164,8 @@ def inspect(model: ModelArg):
 @app.command()
 @user_errors
 def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--output", help="Run directory.")],
-              data: DataOpt = None, synthetic: SyntheticOpt = None, num_samples: NumSamplesOpt = None,
+              data: DataOpt = None, synthetic: SyntheticOpt = None, synthetic_backend: SyntheticBackendOpt = None,
+              num_samples: NumSamplesOpt = None,
               batch_size: BatchOpt = None,
               resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
               color: ColorOpt = None, feedback: FeedbackOpt = None, whole_feeds: WholeFeedsOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
@@ -183,7 +186,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
                                block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep,
-                               float_zero_points, act_order)
+                               float_zero_points, act_order, synthetic_backend)
     plan = stages.calibrate(model, quant, data_cfg, output, rich_progress, Workers(ray, workers))
     out.print(plan_table(plan))
     out.print(f"run directory: [bold]{output}[/bold]")
@@ -298,7 +301,8 @@ def run_command(model: ModelArg,
 @user_errors
 def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--output", help="Quantized model to write.")],
              run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory [default: OUTPUT.run/].")] = None,
-             data: DataOpt = None, synthetic: SyntheticOpt = None, num_samples: NumSamplesOpt = None,
+             data: DataOpt = None, synthetic: SyntheticOpt = None, synthetic_backend: SyntheticBackendOpt = None,
+              num_samples: NumSamplesOpt = None,
              batch_size: BatchOpt = None,
              resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, layout: LayoutOpt = None,
              color: ColorOpt = None, feedback: FeedbackOpt = None, whole_feeds: WholeFeedsOpt = None, weights: WeightsOpt = None, acts: ActsOpt = None,
@@ -323,7 +327,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
                                block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep,
-                               float_zero_points, act_order)
+                               float_zero_points, act_order, synthetic_backend)
     if _streams(model, quant, data_cfg, fmt, stream, eval_data, run_dir):
         check_writable(output)
         plan = stages.quantize_streaming(model, output, quant, data_cfg, rich_progress)

@@ -18,6 +18,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+EMBEDDING_CHOICES = ("int8", "int4", "float", "tied")
+
+
 class ActFormat(str, Enum):
     uint8 = "uint8"
     int8 = "int8"
@@ -79,6 +82,9 @@ class DataConfig:
     # Data-free calibration: bn (fitted to the model's BatchNorm statistics), gaussian, uniform.
     synthetic: str | None = None
     synthetic_iters: int = 500
+    # What computes the gradients of --synthetic bn: auto (jax when it is installed and covers the
+    # model, else numpy), numpy or jax.
+    synthetic_backend: str = "auto"
     # Streaming models: "OUTPUT=INPUT" pairs. Each data file is one stream of consecutive steps; a
     # step's INPUT is the float model's OUTPUT of the step before (the file's value at the first).
     feedback: tuple[str, ...] = ()
@@ -108,6 +114,8 @@ class DataConfig:
             raise PtqError("--std values must be non-zero")
         if self.synthetic not in (None, "bn", "gaussian", "uniform"):
             raise PtqError(f"--synthetic must be bn, gaussian or uniform (got {self.synthetic})")
+        if self.synthetic_backend not in ("auto", "numpy", "jax"):
+            raise PtqError(f"--synthetic-backend must be auto, numpy or jax (got {self.synthetic_backend})")
 
 
 @dataclass(frozen=True)
@@ -152,7 +160,9 @@ class QuantConfig:
     # picks each tensor's strength runs on the activation rows of this many samples.
     smooth: bool = True
     # Embedding tables (a float table that only Gathers read by id): int8 with one scale per row,
-    # int4 in blocks along each row (GatherBlockQuantized), or left float.
+    # int4 in blocks along each row (GatherBlockQuantized), left float, or tied: a table that is the
+    # transpose of a block-wise MatMul weight (an output projection sharing the token embeddings)
+    # takes that weight's grid and, where the weight is exported as MatMulNBits, its stored codes.
     embeddings: str = "int8"
     smooth_samples: int = 16
     # Block-wise weight scales for MatMul/Gemm layers (blocks along the input channels, as
@@ -193,8 +203,8 @@ class QuantConfig:
             object.__setattr__(self, "binary_acts", tuple(n.strip() for n in self.binary_acts.split(",") if n.strip()))
         if "all" in self.binary_acts and len(self.binary_acts) > 1:
             raise PtqError("binary_acts is either 'all' or a list of node names, not both")
-        if self.embeddings not in ("int8", "int4", "float"):
-            raise PtqError(f"--embeddings takes int8, int4 or float (got {self.embeddings})")
+        if self.embeddings not in EMBEDDING_CHOICES:
+            raise PtqError(f"--embeddings takes {', '.join(EMBEDDING_CHOICES)} (got {self.embeddings})")
         if self.act_damage_limit is not None and not self.act_damage_limit >= 0:
             raise PtqError(f"act_damage_limit must be a non-negative number (got {self.act_damage_limit})")
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):

@@ -160,3 +160,23 @@ def tiny_language_model(seed: int = 0) -> ModelProto:
         n("MatMul", ["y", const("lm_head", table.T.copy())], ["logits"], name="lm_head"),
     ]
     return _token_model(nodes, inits, "tiny_lm", "logits", VOCAB)
+
+
+def tied_head_language_model(seed: int = 0, vocab: int = 160, hidden: int = 48,
+                             head_factors: np.ndarray | None = None) -> ModelProto:
+    """Token ids -> embedding -> a residual linear layer -> logits from an output projection that
+    holds the embedding table's transpose as its own copy (tied weights as exporters write them),
+    its rows times `head_factors` where given (a normalization's scale folded into it)."""
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0, 1.0, (vocab, hidden)).astype(np.float32)
+    head = table.T.copy() if head_factors is None else (head_factors[:, None] * table.T).astype(np.float32)
+    inits = [numpy_helper.from_array(table, "embed"), numpy_helper.from_array(head, "lm_head"),
+             numpy_helper.from_array(rng.normal(0, hidden ** -0.5, (hidden, hidden)).astype(np.float32), "w_mid")]
+    n = helper.make_node
+    nodes = [
+        n("Gather", ["embed", "input_ids"], ["h"], name="embed"),
+        n("MatMul", ["h", "w_mid"], ["m"], name="mid"),
+        n("Add", ["h", "m"], ["y"], name="residual"),
+        n("MatMul", ["y", "lm_head"], ["logits"], name="lm_head"),
+    ]
+    return _token_model(nodes, inits, "tied_lm", "logits", vocab)

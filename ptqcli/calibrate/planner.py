@@ -18,7 +18,7 @@ from ..quant import block_ranges, channel_ranges, dequantize, grid_sqnr_db, quan
 from .bias_correction import output_shift, prefix_shift
 from .collect import Stats
 from .observers import choose_range
-from .select import Selection
+from .select import Selection, transposed_twin
 
 
 def weight_spec(cfg: QuantConfig, axis: int | None, bits: int | None = None, scheme: str | None = None,
@@ -104,10 +104,26 @@ CONSTANT_SQNR_DB = 40.0
 EMBEDDING_BLOCK = 32
 
 
-def quantize_embedding(table: np.ndarray, cfg: QuantConfig) -> TensorQuant:
+def tied_grid(weight: TensorQuant) -> QuantSpec | None:
+    """The grid of a table tied to `weight` ([K, N], blocks along K): the same blocks along each of
+    its rows, where ORT's GatherBlockQuantized can read MatMulNBits' codes of them (4 or 8 bits,
+    integer zero points); else None."""
+    spec = weight.spec
+    if spec.scheme != "int" or not spec.block_size or spec.bits not in (4, 8) or spec.float_zero:
+        return None
+    return replace(spec, axis=1)
+
+
+def quantize_embedding(table: np.ndarray, cfg: QuantConfig, twin: tuple[str, TensorQuant] | None = None) -> TensorQuant:
     """An embedding table on a symmetric int8 grid with one scale per row (per token), or with
     --embeddings int4 on 4-bit blocks along each row (zero points as the weights have them), the
-    layout ORT's GatherBlockQuantized reads; a row of odd width, which it cannot pack, stays int8."""
+    layout ORT's GatherBlockQuantized reads; a row of odd width, which it cannot pack, stays int8.
+    With --embeddings tied and `twin` (the name and grid of the MatMul weight holding the table's
+    transpose), the twin's grid along rows, marked `tied_to` it for export."""
+    grid = tied_grid(twin[1]) if cfg.embeddings == "tied" and twin is not None else None
+    if grid is not None:
+        tq = quantize_weight(table, grid, cfg.weight_method.value)
+        return replace(tq, role="embedding", source={**tq.source, "tied_to": twin[0]})
     if cfg.embeddings == "int4" and table.shape[1] % 2 == 0:
         block = min(cfg.block_size or EMBEDDING_BLOCK, 1 << (int(table.shape[1]).bit_length() - 1))
         spec = QuantSpec(bits=4, signed=True, symmetric=cfg.weight_symmetric, axis=1, block_size=max(block, 16))
@@ -215,7 +231,9 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             tq = quantize_weight(w, spec, cfg.weight_method.value)
             weights[name] = replace(tq, value=w) if name in weight_values else tq
     constants = {name: tq for name in sel.constants if (tq := quantize_constant(g.constant(name), cfg)) is not None}
-    constants.update({name: quantize_embedding(g.constant(name), cfg) for name in sel.embeddings})
+    for name in sel.embeddings:
+        twin = transposed_twin(g, name, sel.layers) if cfg.embeddings == "tied" else None
+        constants[name] = quantize_embedding(g.constant(name), cfg, (twin, weights[twin]) if twin in weights else None)
     binarized = binary_inputs(g, sel, weights, stats, cfg)
     biases = {}
     for layer in sel.layers:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..config import QuantConfig
 from ..graph import Graph, subgraphs
 from ..ops import LAYOUT_OPS, activation_slots, attr, is_fusable_activation, op_info
@@ -94,6 +96,35 @@ def embedding_tables(g: Graph, cfg: QuantConfig) -> tuple[str, ...]:
                for r in readers):
             found.append(name)
     return tuple(found)
+
+
+def twin_factors(weight: np.ndarray, table: np.ndarray) -> np.ndarray | None:
+    """Per-row factors s with weight == s[:, None] * table.T (each to within float32 rounding of the
+    product), or None: a weight [K, N] that holds an embedding table's transpose, possibly with a
+    normalization's per-channel scale folded into its rows (smoothing does that)."""
+    if weight.shape != table.shape[::-1]:
+        return None
+    rows = table.T
+    peak = np.argmax(np.abs(rows), axis=1)
+    pivot = rows[np.arange(len(rows)), peak]
+    if not np.all(pivot):
+        return None
+    factors = (weight[np.arange(len(rows)), peak] / pivot).astype(np.float32)
+    scaled = factors[:, None] * rows
+    return factors if np.allclose(weight, scaled, rtol=1e-6, atol=0) else None
+
+
+def transposed_twin(g: Graph, table: str, layers: list[Layer]) -> str | None:
+    """The weight of a MatMul layer that holds the transpose of embedding `table` (an output
+    projection tied to the token embeddings, exported as its own copy), up to per-row factors
+    (twin_factors), or None."""
+    dims = tuple(g.initializers[table].dims)
+    candidates = [layer.weight for layer in layers if layer.op_type == "MatMul" and layer.weight in g.initializers
+                  and tuple(g.initializers[layer.weight].dims) == dims[::-1]]
+    if not candidates:
+        return None
+    values = g.constant(table)
+    return next((w for w in candidates if twin_factors(g.constant(w), values) is not None), None)
 
 
 def subgraph_layers(node, constants: set[str], path: str = "") -> dict[str, str]:

@@ -60,6 +60,54 @@ def packed_zero_points(zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
     return pack_rows(zp, spec.bits)
 
 
+def stored_names(weight: str) -> tuple[str, str]:
+    """The initializers MatMulNBits reads a weight's codes B and scales from."""
+    return f"{weight}_nbits_B", f"{weight}_nbits_scales"
+
+
+def tied_lookup(node: NodeProto, weight: str, tq: TensorQuant, factors: np.ndarray
+                ) -> tuple[list[TensorProto], list[NodeProto]]:
+    """A Gather of rows of a table whose transpose, times per-row `factors` [K], is `weight` (on grid
+    `tq`, [K, N], exported as MatMulNBits), read from that weight's stored codes: B [N, k_blocks,
+    blob] is a table of rows of blocks, which GatherBlockQuantized looks up directly (quantize axis
+    2); a row's blocks are then joined into its K values and divided by the factors. The scales are
+    read through a Reshape of MatMulNBits' own (ORT folds it into a small copy at load); zero
+    points, packed differently, are stored once more (N x k_blocks bytes)."""
+    spec = tq.spec
+    k_blocks, n = np.shape(tq.scale)
+    k = len(factors)
+    codes_name, scales_name = stored_names(weight)
+    ids, y, at = node.input[1], node.output[0], f"{node.name}_tied"
+    inits = [numpy_helper.from_array(np.array([n, k_blocks, 1], dtype=np.int64), f"{at}_scale_shape"),
+             numpy_helper.from_array(np.array([k_blocks * spec.block_size], dtype=np.int64), f"{at}_row_width")]
+    gathered = [codes_name, ids, f"{at}_scales"]
+    if not spec.symmetric:  # without them GatherBlockQuantized takes the middle code, as MatMulNBits does
+        zero = np.asarray(tq.zero_point).T.astype(np.int64) + (1 << (spec.bits - 1))
+        inits.append(numpy_helper.from_array(zero.astype(np.uint8).reshape(n, k_blocks, 1), f"{at}_zero_points"))
+        gathered.append(f"{at}_zero_points")
+    make = helper.make_node
+    nodes = [
+        make("Reshape", [scales_name, f"{at}_scale_shape"], [f"{at}_scales"], name=f"{at}_scales"),
+        make("GatherBlockQuantized", gathered, [f"{at}_blocks"], name=node.name, domain="com.microsoft",
+             block_size=spec.block_size, gather_axis=0, quantize_axis=2, bits=spec.bits),
+        make("Shape", [ids], [f"{at}_ids_shape"], name=f"{at}_ids_shape"),
+        make("Concat", [f"{at}_ids_shape", f"{at}_row_width"], [f"{at}_shape"], name=f"{at}_shape", axis=0),
+        make("Reshape", [f"{at}_blocks", f"{at}_shape"], [f"{at}_rows"], name=f"{at}_rows"),
+    ]
+    rows = f"{at}_rows"
+    if k < k_blocks * spec.block_size:  # MatMulNBits pads a short last block; the lookup drops it
+        inits += [numpy_helper.from_array(np.array([v], dtype=np.int64), f"{at}_{part}")
+                  for part, v in (("start", 0), ("end", k), ("axis", -1))]
+        nodes.append(make("Slice", [rows, f"{at}_start", f"{at}_end", f"{at}_axis"], [f"{at}_cut"], name=f"{at}_cut"))
+        rows = f"{at}_cut"
+    if np.all(factors == 1):
+        nodes.append(make("Identity", [rows], [y], name=f"{at}_out"))
+    else:
+        inits.append(numpy_helper.from_array((1 / factors.astype(np.float64)).astype(np.float32), f"{at}_unscale"))
+        nodes.append(make("Mul", [rows, f"{at}_unscale"], [y], name=f"{at}_unscaled"))
+    return inits, nodes
+
+
 def matmul_nbits(node: NodeProto, layer: Layer, tq: TensorQuant, w: np.ndarray,
                  accuracy_level: int) -> tuple[list[TensorProto], NodeProto]:
     """The initializers and the MatMulNBits node that replace `node` (A @ W, W [K, N])."""
@@ -67,11 +115,12 @@ def matmul_nbits(node: NodeProto, layer: Layer, tq: TensorQuant, w: np.ndarray,
     source = w if tq.value is None else tq.value.reshape(w.shape)
     q = codes(source, tq.scale, tq.zero_point, spec, np.int16)
     k, n = w.shape
+    codes_name, scales_name = stored_names(layer.weight)
     prefix = f"{layer.weight}_nbits"
     scales = np.ascontiguousarray(np.asarray(tq.scale, dtype=np.float32).T)  # [N, k_blocks]
-    inits = [numpy_helper.from_array(packed_weight(q, spec), f"{prefix}_B"),
-             numpy_helper.from_array(scales, f"{prefix}_scales")]
-    inputs = [layer.activation, f"{prefix}_B", f"{prefix}_scales"]
+    inits = [numpy_helper.from_array(packed_weight(q, spec), codes_name),
+             numpy_helper.from_array(scales, scales_name)]
+    inputs = [layer.activation, codes_name, scales_name]
     if spec.float_zero:  # unpacked, in the scales' type and layout, on the unsigned code scale
         zero = np.asarray(tq.zero_point, dtype=np.float32).T + np.float32(1 << (spec.bits - 1))
         inits.append(numpy_helper.from_array(np.ascontiguousarray(zero, dtype=np.float32), f"{prefix}_zero_points"))

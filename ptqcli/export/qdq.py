@@ -25,6 +25,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from ..errors import PtqError
 from ..graph import (Graph, check_output, default_opset, make_initializer, set_opset, shell, outer_reads, subgraph_reads, subgraphs,
                      without_weight_data)
+from ..calibrate.select import twin_factors
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import codes, quantize
 from . import binarize, nbits
@@ -170,7 +171,8 @@ class EmbeddingTable:
     codes: str
     scales: str
     zero_points: str | None = None
-    block_size: int | None = None  # int4 blocks along each row, read by GatherBlockQuantized
+    block_size: int | None = None  # blocks along each row, read by GatherBlockQuantized
+    bits: int = 8
 
 
 def embedding_table(name: str, tq: TensorQuant, table: np.ndarray) -> tuple[list[TensorProto], EmbeddingTable]:
@@ -190,7 +192,7 @@ def embedding_table(name: str, tq: TensorQuant, table: np.ndarray) -> tuple[list
         zero_points = f"{name}_zero_points"
         inits.append(numpy_helper.from_array(nbits.packed_zero_points(np.asarray(tq.zero_point).T, tq.spec),
                                              zero_points))
-    return inits, replace(stored, zero_points=zero_points, block_size=tq.spec.block_size)
+    return inits, replace(stored, zero_points=zero_points, block_size=tq.spec.block_size, bits=tq.spec.bits)
 
 
 def embedding_lookup(node: NodeProto, table: EmbeddingTable) -> list[NodeProto]:
@@ -202,13 +204,29 @@ def embedding_lookup(node: NodeProto, table: EmbeddingTable) -> list[NodeProto]:
     if table.block_size is not None:
         inputs = [table.codes, ids, table.scales] + ([table.zero_points] if table.zero_points else [])
         return [n("GatherBlockQuantized", inputs, [y], name=node.name, domain="com.microsoft",
-                  block_size=table.block_size, gather_axis=0, quantize_axis=1, bits=4)]
+                  block_size=table.block_size, gather_axis=0, quantize_axis=1, bits=table.bits)]
     return [
         n("Gather", [table.codes, ids], [f"{y}_codes"], name=f"{node.name}_codes", axis=0),
         n("Cast", [f"{y}_codes"], [f"{y}_codes_float"], name=f"{node.name}_cast", to=TensorProto.FLOAT),
         n("Gather", [table.scales, ids], [f"{y}_row_scale"], name=f"{node.name}_row_scale", axis=0),
         n("Mul", [f"{y}_codes_float", f"{y}_row_scale"], [y], name=node.name),
     ]
+
+
+def tied_tables(g: Graph, plan: Plan, packed: dict[str, Layer]) -> dict[str, tuple[str, np.ndarray]]:
+    """{table: (weight, factors)} of the embedding tables planned tied to a weight that MatMulNBits
+    stores on the same grid, and still its transpose up to the per-row factors a smoothing folded
+    into it (select.twin_factors): their lookups read that weight's codes. Any other table is
+    stored on its own grid."""
+    stored = {layer.weight for layer in packed.values()}
+    found = {}
+    for name, tq in plan.of_role("embedding").items():
+        weight = tq.source.get("tied_to")
+        if weight in stored and replace(plan.tensors[weight].spec, axis=1) == tq.spec:
+            factors = twin_factors(g.constant(weight), g.constant(name))
+            if factors is not None:
+                found[name] = (weight, factors)
+    return found
 
 
 def nbits_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
@@ -286,8 +304,12 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     # Subgraphs read weights by name from the enclosing graph and are not rewired: they keep the float copy.
     read_inside = set().union(*(subgraph_reads(n) for n in model.graph.node))
     embeddings = {}
+    tied = tied_tables(g, plan, packed)
     for name, tq in plan.tensors.items():
         if tq.role == "embedding":
+            if name in tied:
+                initializers.pop(name)
+                continue
             inits, embeddings[name] = embedding_table(name, tq, numpy_helper.to_array(initializers.pop(name)))
             new_inits += inits
             continue
@@ -332,6 +354,11 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
             nodes += _dynamic_matmul(node, layer)
         elif node.op_type == "Gather" and node.input[0] in embeddings:
             nodes += embedding_lookup(node, embeddings[node.input[0]])
+        elif node.op_type == "Gather" and node.input[0] in tied:
+            weight, factors = tied[node.input[0]]
+            inits, lookup = nbits.tied_lookup(node, weight, plan.tensors[weight], factors)
+            new_inits += inits
+            nodes += lookup
         elif node.name in attentions:
             layer = attentions[node.name]
             if layer.activation not in plan.tensors and layer.activation not in quantized_inputs:
