@@ -134,7 +134,7 @@ def _transpose_pads(attrs, full: list[int], sizes, strides) -> tuple[tuple[int, 
     return tuple(begin), tuple(t - b for t, b in zip(total, begin))
 
 
-def _transpose_window(attrs, sizes, kernel) -> tuple[Window, tuple[int, ...]]:
+def transpose_window(attrs, sizes, kernel) -> tuple[Window, tuple[int, ...]]:
     """ConvTranspose as the adjoint of a Conv whose windows are the input positions; and the
     output's spatial sizes (the full result, extended by output_padding, minus the cut pads)."""
     nd = len(sizes)
@@ -150,7 +150,7 @@ def _transpose_window(attrs, sizes, kernel) -> tuple[Window, tuple[int, ...]]:
 def _conv_transpose_forward(inputs, attrs, wants):
     x, w, b = inputs[0], inputs[1], slot(inputs, 2)
     groups = int(attrs.get("group", 1))
-    win, out = _transpose_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w.shape[2:])
+    win, out = transpose_window(attrs, x.shape[2:], attrs.get("kernel_shape") or w.shape[2:])
     cols = grouped_rows(w, groups).transpose(0, 2, 1) @ _grouped(x, groups)  # (G, M / G * taps, N * positions)
     y = np.ascontiguousarray(_patches_adjoint(cols, (x.shape[0], w.shape[1] * groups) + out, win, groups))
     if b is not None:

@@ -28,7 +28,7 @@ def _flatten_forward(inputs, attrs, wants):
     return (x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:])),), x.shape
 
 
-def _axes(inputs, attrs) -> list[int] | None:
+def axes_operand(inputs, attrs) -> list[int] | None:
     """Axes from input 1 (opset 13+) or the attribute (older opsets)."""
     axes = slot(inputs, 1)
     axes = axes if axes is not None else attrs.get("axes")
@@ -36,13 +36,13 @@ def _axes(inputs, attrs) -> list[int] | None:
 
 
 def _squeeze_forward(inputs, attrs, wants):
-    x, axes = inputs[0], _axes(inputs, attrs)
+    x, axes = inputs[0], axes_operand(inputs, attrs)
     axes = None if axes is None else tuple(normalize_axis(a, x.ndim) for a in axes)
     return (np.squeeze(x, axis=axes),), x.shape
 
 
 def _unsqueeze_forward(inputs, attrs, wants):
-    x, axes = inputs[0], _axes(inputs, attrs)
+    x, axes = inputs[0], axes_operand(inputs, attrs)
     rank = x.ndim + len(axes)
     return (np.expand_dims(x, tuple(normalize_axis(a, rank) for a in axes)),), x.shape
 
@@ -83,7 +83,7 @@ def _concat_vjp(ctx, g, wants):
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
 
 
-def _pad_widths(inputs, attrs, ndim: int) -> tuple[list[int], list[int]]:
+def pad_widths(inputs, attrs, ndim: int) -> tuple[list[int], list[int]]:
     """(begin, end) per axis from the pads input (opset 11+) or attribute, over ``axes`` (opset 18)."""
     pads = slot(inputs, 1)
     pads = [int(p) for p in (pads if pads is not None else attrs.get("pads", ()))]
@@ -100,7 +100,7 @@ def _pad_forward(inputs, attrs, wants):
     mode = attrs.get("mode", "constant")
     if mode not in _PAD_MODES:
         raise unsupported("Pad", f"mode={mode}")
-    begin, end = _pad_widths(inputs, attrs, x.ndim)
+    begin, end = pad_widths(inputs, attrs, x.ndim)
     # Negative pads crop; crop first, then pad what is positive.
     crop = tuple(slice(max(-b, 0), n - max(-e, 0)) for b, e, n in zip(begin, end, x.shape))
     widths = [(max(b, 0), max(e, 0)) for b, e in zip(begin, end)]
@@ -136,7 +136,7 @@ def _pad_vjp(ctx, g, wants):
     return (dx,)
 
 
-def _slice_bounds(n: int, start: int, end: int, step: int) -> slice:
+def slice_bounds(n: int, start: int, end: int, step: int) -> slice:
     """One axis of ONNX Slice as a Python slice: negative indices count from the end, then clamp
     (to [0, n] going forward, to [0, n-1] and [-1, n-1] going backward)."""
     start = start + n if start < 0 else start
@@ -155,7 +155,7 @@ def _slice_forward(inputs, attrs, wants):
     steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
     index = [slice(None)] * x.ndim
     for axis, start, end, step in zip(axes, starts, ends, steps):
-        index[axis] = _slice_bounds(x.shape[axis], start, end, step)
+        index[axis] = slice_bounds(x.shape[axis], start, end, step)
     index = tuple(index)
     return (x[index],), (x.shape, index)
 

@@ -35,7 +35,7 @@ def _leaky_relu_vjp(ctx, g, wants):
     return (np.where(positive, g, alpha * g),)
 
 
-def _clip_bounds(inputs, attrs):
+def clip_bounds(inputs, attrs):
     """Bounds from the min/max inputs (opset 11+), else the attributes (older opsets), else none."""
     lo, hi = slot(inputs, 1), slot(inputs, 2)
     lo = lo if lo is not None else attrs.get("min")
@@ -45,7 +45,7 @@ def _clip_bounds(inputs, attrs):
 
 def _clip_forward(inputs, attrs, wants):
     x = inputs[0]
-    lo, hi = _clip_bounds(inputs, attrs)
+    lo, hi = clip_bounds(inputs, attrs)
     y = x if lo is None and hi is None else np.clip(x, lo, hi).astype(x.dtype, copy=False)
     if not wanted(wants, 0):
         return (y,), None

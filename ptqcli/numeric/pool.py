@@ -21,7 +21,7 @@ class _PoolCtx:
     weights: np.ndarray  # MaxPool: the winning tap per output; AveragePool: the divisor per window
 
 
-def _pool_window(op_type: str, attrs, sizes) -> tuple[Window, tuple[int, ...]]:
+def pool_window(op_type: str, attrs, sizes) -> tuple[Window, tuple[int, ...]]:
     """The pool's windows and its explicit end padding.
 
     ``ceil_mode`` adds a last partial window when it starts inside the input or its leading
@@ -49,7 +49,7 @@ def _pool_window(op_type: str, attrs, sizes) -> tuple[Window, tuple[int, ...]]:
 
 def _max_pool_forward(inputs, attrs, wants):
     x = inputs[0]
-    win, _ = _pool_window("MaxPool", attrs, x.shape[2:])
+    win, _ = pool_window("MaxPool", attrs, x.shape[2:])
     xp = pad_spatial(x, win.begin, win.end, -np.inf)
     taps = [xp[index] for _, index in tap_slices(win)]
     best = taps[0].copy()
@@ -73,7 +73,7 @@ def _max_pool_vjp(ctx: _PoolCtx, g, wants):
     return (crop_spatial(dxp, ctx.win.begin, ctx.win.end),)
 
 
-def _divisor(sizes, win: Window, explicit_end, include_pad: bool, dtype) -> np.ndarray:
+def pool_divisor(sizes, win: Window, explicit_end, include_pad: bool, dtype) -> np.ndarray:
     """How many values each window averages: the window clipped to the input, or to the input plus
     its explicit padding when ``count_include_pad``; never the ceil-mode overhang."""
     mask = pad_spatial(np.ones(sizes, dtype=dtype), win.begin, explicit_end, 1.0 if include_pad else 0.0)
@@ -87,12 +87,12 @@ def _divisor(sizes, win: Window, explicit_end, include_pad: bool, dtype) -> np.n
 
 def _average_pool_forward(inputs, attrs, wants):
     x = inputs[0]
-    win, explicit_end = _pool_window("AveragePool", attrs, x.shape[2:])
+    win, explicit_end = pool_window("AveragePool", attrs, x.shape[2:])
     xp = pad_spatial(x, win.begin, win.end, 0.0)
     total = None
     for _, index in tap_slices(win):
         total = xp[index].copy() if total is None else np.add(total, xp[index], out=total)
-    divisor = _divisor(x.shape[2:], win, explicit_end, bool(attrs.get("count_include_pad", 0)), x.dtype)
+    divisor = pool_divisor(x.shape[2:], win, explicit_end, bool(attrs.get("count_include_pad", 0)), x.dtype)
     y = total / divisor
     return (y,), (_PoolCtx(x.shape, win, divisor) if wanted(wants, 0) else None)
 
