@@ -218,7 +218,7 @@ def synthesize(model_path: str | Path, data: DataConfig, seed: int, run: Path, p
             done["steps"] = max(done["steps"], steps)
 
         for _ in iter_generate(load_model(model_path), data.synthetic, data.num_samples, 32, data.synthetic_iters,
-                               seed=seed, out_path=out, progress=report):
+                               seed=seed, out_path=out, progress=report, backend=data.synthetic_backend):
             pass
     return out
 

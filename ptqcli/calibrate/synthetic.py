@@ -4,9 +4,12 @@ Each batch starts as Gaussian noise in the model's input shape. Adam then moves 
 input of every BatchNormalization node, the per-channel batch mean and standard deviation match
 the running mean and variance stored in that node: the statistics of the data the model was
 trained on ("The Knowledge Within: Methods for Data-Free Model Compression", Haroush et al.,
-CVPR 2020; ZeroQ and DeepInversion fit the same objective). Gradients come from the numpy
-executor's tape with only the input's cotangent asked for, so no Conv activations are kept:
-only the BatchNorm inputs the loss reads, one-byte activation masks and pooling winners.
+CVPR 2020; ZeroQ and DeepInversion fit the same objective). The gradient comes from one of two
+backends. ``numpy``: the numpy executor's tape with only the input's cotangent asked for, so no
+Conv activations are kept, only the BatchNorm inputs the loss reads, one-byte activation masks and
+pooling winners. ``jax`` (``pip install ptqcli[jax]``): the same graph and the same loss expression
+traced by jax (``numeric/jax_program.py``) and compiled by XLA, several times faster on CPU.
+``auto`` takes jax when it is installed and implements every op of the model, numpy otherwise.
 
 The plain baselines, ``gaussian`` (N(0, 1)) and ``uniform`` (U(-1, 1)), are deliberately not
 rescaled to the model's input range: they show what calibrating on noise gives.
@@ -22,6 +25,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,6 +40,7 @@ from ..numeric.optim import adam_init, adam_step
 from .data import InputSpec, model_inputs
 
 KINDS = ("bn", "gaussian", "uniform")
+BACKENDS = ("auto", "numpy", "jax")
 LOSS_KEY = "synthetic_loss"  # (batches, 2): initial and final BatchNorm loss; NaN for the baselines
 SIZES_KEY = "synthetic_sizes"  # samples in each stored batch
 RECIPE_KEY = "synthetic_recipe"  # JSON of the settings the stored batches were made with
@@ -177,16 +182,34 @@ def bn_program(model: ModelProto | str | Path, dtype=None) -> tuple[Program, lis
 # --------------------------------------------------------------------------- #
 
 
-def _stat_gaps(x: np.ndarray, target: BNTarget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+# The objective is written once, with array methods and operators only: numpy evaluates it here,
+# and the jax backend traces the very same functions (bn_term_value, stacked_terms) to differentiate
+# them. bn_term_grad is the numpy backend's hand-derived reverse of bn_term_value.
+
+
+def _stat_gaps(x, target: BNTarget):
     mean, var = batch_stats(x)
-    std = np.sqrt(var + target.epsilon)
+    std = (var + target.epsilon) ** 0.5
     return mean - target.mean, std - target.std, std
 
 
-def bn_term(x: np.ndarray, target: BNTarget) -> float:
-    """||mean_b - running_mean||^2 + ||std_b - running_std||^2 for one BatchNorm input."""
+def bn_term_value(x, target: BNTarget):
+    """||mean_b - running_mean||^2 + ||std_b - running_std||^2 for one BatchNorm input, as an array
+    scalar of x's kind (numpy or jax)."""
     d_mean, d_std, _ = _stat_gaps(x, target)
-    return float(d_mean @ d_mean + d_std @ d_std)
+    return d_mean @ d_mean + d_std @ d_std
+
+
+def stacked_terms(values, targets: list[BNTarget], size: int, count: int) -> list:
+    """The BatchNorm loss of each run of ``size`` of the ``count`` samples whose BatchNorm inputs
+    are ``values``: batches optimised together, each with its own statistics."""
+    return [sum(bn_term_value(values[t.tensor][start:start + size], t) for t in targets)
+            for start in range(0, count, size)]
+
+
+def bn_term(x: np.ndarray, target: BNTarget) -> float:
+    """:func:`bn_term_value` as a float."""
+    return float(bn_term_value(x, target))
 
 
 def bn_term_grad(x: np.ndarray, target: BNTarget) -> tuple[float, np.ndarray]:
@@ -228,7 +251,7 @@ def stacked_loss_and_grad(program: Program, targets: list[BNTarget], input_name:
 def bn_loss_value(program: Program, targets: list[BNTarget], input_name: str, x: np.ndarray) -> float:
     """The BatchNorm statistics loss alone, from a forward pass that keeps nothing for a backward."""
     values = program.run({input_name: x})
-    return sum(bn_term(values[t.tensor], t) for t in targets)
+    return float(stacked_terms(values, targets, len(x), len(x))[0])
 
 
 def bn_loss(model: ModelProto | str | Path, inputs: np.ndarray, batch_size: int = 32) -> list[float]:
@@ -236,6 +259,75 @@ def bn_loss(model: ModelProto | str | Path, inputs: np.ndarray, batch_size: int 
     program, targets, name = bn_program(model)
     return [bn_loss_value(program, targets, name, inputs[i:i + batch_size])
             for i in range(0, len(inputs), batch_size)]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The BatchNorm statistics loss of one model on one backend.
+
+    ``losses_and_grad(x, size)``: the loss of each run of ``size`` samples of ``x`` and the
+    gradient of their sum with respect to ``x``. ``losses(x, size)``: the losses alone.
+    """
+
+    backend: str  # "numpy" or "jax"
+    losses_and_grad: Callable[[np.ndarray, int], tuple[list[float], np.ndarray]]
+    losses: Callable[[np.ndarray, int], list[float]]
+
+
+def _numpy_losses(program: Program, targets: list[BNTarget], input_name: str, x: np.ndarray, size: int
+                  ) -> list[float]:
+    return [bn_loss_value(program, targets, input_name, x[start:start + size]) for start in range(0, len(x), size)]
+
+
+def _numpy_objective(model: ModelProto) -> Objective:
+    fit = bn_program(model)
+    return Objective("numpy", partial(stacked_loss_and_grad, *fit), partial(_numpy_losses, *fit))
+
+
+def _jax_program():
+    """The jax translation module, or None when jax is not installed."""
+    try:
+        from ..numeric import jax_program
+    except ImportError:
+        return None
+    return jax_program
+
+
+def _jax_objective(jax_program, model: ModelProto) -> Objective:
+    targets = bn_targets(model)
+    spec = synthetic_input(model)
+    if spec.dtype != np.float32:
+        raise PtqError(f"the jax backend computes in float32; input '{spec.name}' is {spec.dtype} "
+                       "(use --synthetic-backend numpy)")
+    graph = jax_program.JaxGraph(bn_input_model(model, targets, spec.name))
+    step = jax_program.input_gradient(graph, spec.name, partial(stacked_terms, targets=targets))
+
+    def losses(x: np.ndarray, size: int) -> list[float]:
+        # The same compiled step as the fit's (its gradient unused) rather than a second compilation.
+        return step(x, size)[0]
+
+    return Objective("jax", step, losses)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise PtqError(f"synthetic data backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+
+
+def bn_objective(model: ModelProto | str | Path, backend: str = "auto") -> Objective:
+    """The BatchNorm loss of ``model`` on ``backend``: numpy, jax, or auto (jax when it is installed
+    and implements every op the loss needs and the input is float32, numpy otherwise)."""
+    _check_backend(backend)
+    model = _as_model(model)
+    jax_program = None if backend == "numpy" else _jax_program()
+    if backend == "jax" and jax_program is None:
+        raise PtqError("the jax backend needs jax: pip install 'ptqcli[jax]' (or use --synthetic-backend numpy)")
+    if backend == "auto" and jax_program is not None:
+        spec = synthetic_input(model)
+        needed = bn_input_model(model, bn_targets(model), spec.name)
+        if spec.dtype != np.float32 or jax_program.uncovered_ops(needed):
+            jax_program = None
+    return _numpy_objective(model) if jax_program is None else _jax_objective(jax_program, model)
 
 
 def prior_loss_and_grad(x: np.ndarray, tv_weight: float, l2_weight: float) -> tuple[float, np.ndarray | None]:
@@ -270,19 +362,17 @@ def prior_loss_and_grad(x: np.ndarray, tv_weight: float, l2_weight: float) -> tu
 # --------------------------------------------------------------------------- #
 
 
-def fit_batch(program: Program, targets: list[BNTarget], input_name: str, x: np.ndarray, iters: int,
-              lr: float, tv_weight: float = 0.0, l2_weight: float = 0.0,
-              report: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, float, float]:
+def fit_batch(objective: Objective, x: np.ndarray, iters: int, lr: float, tv_weight: float = 0.0,
+              l2_weight: float = 0.0, report: Callable[[int, float], None] | None = None
+              ) -> tuple[np.ndarray, float, float]:
     """Optimise one batch; returns it with its BatchNorm loss before the first and after the last step."""
     reports = None if report is None else [report]
-    (x,), (initial,), (final,) = fit_batches(program, targets, input_name, [x], iters, lr, tv_weight, l2_weight,
-                                             reports)
+    (x,), (initial,), (final,) = fit_batches(objective, [x], iters, lr, tv_weight, l2_weight, reports)
     return x, initial, final
 
 
-def fit_batches(program: Program, targets: list[BNTarget], input_name: str, xs: list[np.ndarray], iters: int,
-                lr: float, tv_weight: float = 0.0, l2_weight: float = 0.0,
-                reports: list[Callable[[int, float], None]] | None = None
+def fit_batches(objective: Objective, xs: list[np.ndarray], iters: int, lr: float, tv_weight: float = 0.0,
+                l2_weight: float = 0.0, reports: list[Callable[[int, float], None]] | None = None
                 ) -> tuple[list[np.ndarray], list[float], list[float]]:
     """Optimise batches of one size together: one forward and backward pass over all of them, each
     with its own BatchNorm statistics, loss, priors and (elementwise) Adam state, so each comes out
@@ -293,7 +383,7 @@ def fit_batches(program: Program, targets: list[BNTarget], input_name: str, xs: 
     state = adam_init(x)
     initial = None
     for it in range(1, iters + 1):
-        losses, g = stacked_loss_and_grad(program, targets, input_name, x, size)
+        losses, g = objective.losses_and_grad(x, size)
         for part, start in enumerate(range(0, len(x), size)):
             _, g_prior = prior_loss_and_grad(x[start:start + size], tv_weight, l2_weight)
             if g_prior is not None:
@@ -302,7 +392,7 @@ def fit_batches(program: Program, targets: list[BNTarget], input_name: str, xs: 
                 reports[part](it, losses[part])
         initial = losses if initial is None else initial
         x, state = adam_step(x, g, state, lr)
-    final = [bn_loss_value(program, targets, input_name, x[start:start + size]) for start in range(0, len(x), size)]
+    final = objective.losses(x, size)
     return [x[start:start + size] for start in range(0, len(x), size)], (final if initial is None else initial), final
 
 
@@ -356,13 +446,31 @@ def _model_digest(model: ModelProto) -> str:
 
 
 def recipe(model: ModelProto, spec: InputSpec, kind: str, batch_size: int, iters: int, lr: float,
-           seed: int, tv_weight: float, l2_weight: float) -> dict:
-    """What the content of a batch depends on (besides its index and size)."""
+           seed: int, tv_weight: float, l2_weight: float, backend: str = "numpy") -> dict:
+    """What the content of a batch depends on (besides its index and size). ``backend`` is the one
+    that computed the gradients: the two round differently, so a file is resumed only on its own."""
     made = {"format": 1, "kind": kind, "seed": seed, "batch_size": batch_size, "input": spec.name,
             "sample_shape": list(spec.sample_shape()), "dtype": spec.dtype.str}
     if kind == "bn":
-        made.update(model=_model_digest(model), iters=iters, lr=lr, tv_weight=tv_weight, l2_weight=l2_weight)
+        made.update(model=_model_digest(model), iters=iters, lr=lr, tv_weight=tv_weight, l2_weight=l2_weight,
+                    backend=backend)
     return made
+
+
+def _read_recipe(npz) -> dict:
+    made = json.loads(str(npz[RECIPE_KEY]))
+    if made.get("kind") == "bn":
+        made.setdefault("backend", "numpy")  # files from before the jax backend existed
+    return made
+
+
+def stored_backend(path: Path) -> str | None:
+    """The backend that made the batches in ``path``, if it is a synthetic data file of kind bn."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return _read_recipe(npz).get("backend")
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def load_finished(path: Path, made: dict, planned: list[int]) -> list[SyntheticBatch]:
@@ -372,7 +480,7 @@ def load_finished(path: Path, made: dict, planned: list[int]) -> list[SyntheticB
         return []
     try:
         with np.load(path, allow_pickle=False) as npz:
-            stored_recipe = json.loads(str(npz[RECIPE_KEY]))
+            stored_recipe = _read_recipe(npz)
             sizes, losses = npz[SIZES_KEY].tolist(), npz[LOSS_KEY]
             inputs = npz[made["input"]] if stored_recipe == made else None
     except (OSError, KeyError, ValueError) as exc:
@@ -414,9 +522,10 @@ def save_finished(path: Path, made: dict, batches: list[SyntheticBatch]) -> None
 
 
 def _check_args(kind: str, num_samples: int, batch_size: int, iters: int, lr: float,
-                tv_weight: float, l2_weight: float) -> None:
+                tv_weight: float, l2_weight: float, backend: str) -> None:
     if kind not in KINDS:
         raise PtqError(f"synthetic data kind must be one of {', '.join(KINDS)} (got {kind!r})")
+    _check_backend(backend)
     if num_samples < 1 or batch_size < 1:
         raise PtqError(f"synthetic data needs num_samples and batch_size >= 1 (got {num_samples}, {batch_size})")
     if iters < 0 or not lr > 0:
@@ -428,22 +537,26 @@ def _check_args(kind: str, num_samples: int, batch_size: int, iters: int, lr: fl
 def iter_generate(model: ModelProto | str | Path, kind: str = "bn", num_samples: int = 256,
                   batch_size: int = 32, iters: int = 500, lr: float = 0.1, seed: int = 0,
                   tv_weight: float = 0.0, l2_weight: float = 0.0, out_path: str | Path | None = None,
-                  progress: ProgressFn | None = None) -> Iterator[SyntheticBatch]:
+                  progress: ProgressFn | None = None, backend: str = "auto") -> Iterator[SyntheticBatch]:
     """Synthetic batches in turn, each written to ``out_path`` (if given) as soon as it is done.
 
     Batches already in ``out_path`` from an earlier run with the same settings are read back
-    instead of being made again. A model with a fixed batch dimension still gets ``batch_size``
-    samples per optimised batch: the numpy executor takes any batch.
+    instead of being made again; under ``backend="auto"`` the rest are made on the backend that
+    made those. A model with a fixed batch dimension still gets ``batch_size`` samples per
+    optimised batch: both backends take any batch.
     """
-    _check_args(kind, num_samples, batch_size, iters, lr, tv_weight, l2_weight)
+    _check_args(kind, num_samples, batch_size, iters, lr, tv_weight, l2_weight, backend)
     model = _as_model(model)
     spec = synthetic_input(model)
-    fit = bn_program(model) if kind == "bn" else None
-    planned = batch_sizes(num_samples, batch_size)
-    made = recipe(model, spec, kind, batch_size, iters, lr, seed, tv_weight, l2_weight)
     path = None if out_path is None else Path(out_path)
     if path is not None:
         check_writable(path)
+        if backend == "auto" and kind == "bn" and path.exists():
+            backend = stored_backend(path) or backend
+    objective = bn_objective(model, backend) if kind == "bn" else None
+    planned = batch_sizes(num_samples, batch_size)
+    made = recipe(model, spec, kind, batch_size, iters, lr, seed, tv_weight, l2_weight,
+                  objective.backend if objective else "numpy")
     finished = [] if path is None else load_finished(path, made, planned)
     last_step = steps_per_batch(kind, iters)
     for batch in finished:
@@ -452,14 +565,13 @@ def iter_generate(model: ModelProto | str | Path, kind: str = "bn", num_samples:
         yield batch
     for group in _groups(planned, len(finished)):
         xs = [initial_batch(kind, seed, index, (planned[index], *spec.sample_shape()), spec.dtype) for index in group]
-        if fit is None:
+        if objective is None:
             made_now = [SyntheticBatch(index, x, None, None) for index, x in zip(group, xs)]
             for index in group if progress is not None else ():
                 progress(index, last_step, math.nan)
         else:
-            program, targets, name = fit
             reports = None if progress is None else [(lambda it, loss, i=index: progress(i, it, loss)) for index in group]
-            xs, initial, final = fit_batches(program, targets, name, xs, iters, lr, tv_weight, l2_weight, reports)
+            xs, initial, final = fit_batches(objective, xs, iters, lr, tv_weight, l2_weight, reports)
             made_now = [SyntheticBatch(index, x, a, b) for index, x, a, b in zip(group, xs, initial, final)]
         finished.extend(made_now)
         if path is not None:
@@ -469,7 +581,8 @@ def iter_generate(model: ModelProto | str | Path, kind: str = "bn", num_samples:
 
 def generate(model: ModelProto | str | Path, kind: str = "bn", num_samples: int = 256, batch_size: int = 32,
              iters: int = 500, lr: float = 0.1, seed: int = 0, tv_weight: float = 0.0, l2_weight: float = 0.0,
-             out_path: str | Path | None = None, progress: ProgressFn | None = None) -> np.ndarray:
+             out_path: str | Path | None = None, progress: ProgressFn | None = None,
+             backend: str = "auto") -> np.ndarray:
     """``num_samples`` calibration inputs in the model's input shape and dtype, without data.
 
     ``kind="bn"`` fits each batch of ``batch_size`` to the statistics of every BatchNormalization
@@ -477,7 +590,8 @@ def generate(model: ModelProto | str | Path, kind: str = "bn", num_samples: int 
     noise baselines. ``model`` must be the model as exported, before BatchNorm folding. With
     ``out_path`` (.npz) every finished batch is saved (under the input's name, so the file is
     calibration data as it stands, with the per-batch losses beside it) and a rerun resumes from it.
+    ``backend`` computes the gradients: numpy, jax or auto (see :func:`bn_objective`).
     """
     batches = iter_generate(model, kind, num_samples, batch_size, iters, lr, seed, tv_weight, l2_weight,
-                            out_path, progress)
+                            out_path, progress, backend)
     return np.concatenate([b.inputs for b in batches])
