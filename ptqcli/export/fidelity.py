@@ -201,12 +201,27 @@ class Fidelity:
         return asdict(self)
 
 
+def observed_outputs(float_model: ModelProto, quant_model: ModelProto, plan: Plan) -> dict[str, str]:
+    """{layer output: the tensor its SQNR is measured on}: the output itself, or where the quantized
+    model's kernel absorbed the op after the layer (a bias Add fused into MatMulIntegerToFloat), the
+    output of that op, its only reader."""
+    produced = {name for node in quant_model.graph.node for name in node.output}
+    readers = Graph(float_model).consumers
+    observed = {}
+    for layer in plan.layers:
+        after = readers.get(layer.output, [])
+        absorbed = layer.output not in produced and len(after) == 1 and after[0].output[0] in produced
+        observed[layer.output] = after[0].output[0] if absorbed else layer.output
+    return observed
+
+
 def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batches: Iterable[Batch],
             held_out: bool, advance: Callable[[int], None] = lambda n: None) -> Fidelity:
     # Tensors only: the sequences of maps an ai.onnx.ml classifier also returns (ZipMap) repeat
     # its probability tensor.
     outputs = [o.name for o in float_model.graph.output if o.type.HasField("tensor_type")]
-    layer_outputs = [layer.output for layer in plan.layers if layer.output not in outputs]
+    observed = observed_outputs(float_model, quant_model, plan)
+    layer_outputs = list(dict.fromkeys(name for name in observed.values() if name not in outputs))
     float_sess = session(float_model, outputs=layer_outputs)
     quant_sess = session(quant_model)
     quant_probe = session(quant_model, outputs=layer_outputs) if layer_outputs else None
@@ -244,9 +259,9 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
             correct["quantized"] += int(np.sum(top1(qv[outputs[0]]) == labels))
         advance(batch.size)
     layers = [
-        {"node": layer.node, "op_type": layer.op_type, "output": layer.output,
-         "output_shape": shapes.get(layer.output),
-         "sqnr_db": (layer_stats.get(layer.output) or out_stats[layer.output]).sqnr_db()}
+        {"node": layer.node, "op_type": layer.op_type, "output": observed[layer.output],
+         "output_shape": shapes.get(observed[layer.output]),
+         "sqnr_db": (layer_stats.get(observed[layer.output]) or out_stats[observed[layer.output]]).sqnr_db()}
         for layer in plan.layers
     ]
     accuracy = {k: v / labelled for k, v in correct.items()} if labelled else {}

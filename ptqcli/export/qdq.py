@@ -108,6 +108,69 @@ def _activation_qdq(name: str, tq: TensorQuant) -> tuple[list[TensorProto], list
     return _scale_zp(name, tq), [quant, _dequantize_node(name, tq)]
 
 
+def rescaled_dequantize(g: Graph, plan: Plan, node: NodeProto) -> tuple[list[TensorProto], NodeProto, str] | None:
+    """A Mul of a quantized activation (one scale) by a constant vector along its last axis (the Mul
+    smoothing adds to give a normalization's other readers their values back) as a second
+    DequantizeLinear of the same codes with the vector folded into per-channel scales: one op fewer
+    for every run, and the same values up to the rounding of the scale's product. Returns its
+    initializers, the node, and the constant it no longer reads."""
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    for slot in (0, 1):
+        tensor, factor = node.input[slot], node.input[1 - slot]
+        tq, values = plan.tensors.get(tensor), g.constant(factor)
+        shape = g.value_shapes.get(tensor)
+        if (tq is None or tq.role != "activation" or tq.spec.axis is not None or values is None or values.ndim != 1
+                or not shape or shape[-1] != len(values) or len(g.consumers.get(factor, [])) != 1
+                or g.value_types.get(node.output[0]) != TensorProto.FLOAT):
+            continue
+        names, at = qdq_names(tensor), f"{node.name}_rescaled"
+        scale = (np.float64(np.asarray(tq.scale).reshape(())) * values.astype(np.float64)).astype(np.float32)
+        zero = np.full(len(values), np.asarray(tq.zero_point).reshape(()), dtype=np.int64)
+        inits = [numpy_helper.from_array(scale, f"{at}_scale"), _int_tensor(f"{at}_zero_point", zero, tq.spec)]
+        dq = helper.make_node("DequantizeLinear", [names.quantized, f"{at}_scale", f"{at}_zero_point"],
+                              list(node.output), name=node.name, axis=-1)
+        return inits, dq, factor
+    return None
+
+
+def biased_layers(g: Graph, plan: Plan) -> dict[str, tuple[Layer, NodeProto]]:
+    """{node: (layer, its bias Add)} of the MatMuls ORT would run as MatMulIntegerToFloat with the
+    bias added by a separate Add: an 8-bit weight [K, N] (one scale or one per output column), an
+    input on one 8-bit grid, and a float output read only by an Add of a constant [N] vector. Written
+    as MatMulIntegerToFloat with that vector as its bias, the Add is gone (ORT fuses it only on its
+    dynamic-quantization path)."""
+    found = {}
+    for layer in plan.layers:
+        node, w = g.node_by_name[layer.node], g.constant(layer.weight) if layer.weight else None
+        wq, xq = plan.tensors.get(layer.weight), plan.tensors.get(layer.activation)
+        readers = g.consumers.get(layer.output, [])
+        if (layer.op_type != "MatMul" or w is None or w.ndim != 2 or wq is None or xq is None or len(readers) != 1
+                or layer.output in plan.tensors or layer.output in g.output_names or node.input[0] != layer.activation):
+            continue
+        if not (wq.spec.scheme == "int" and wq.spec.storage_bits == 8 and wq.spec.block_size is None
+                and wq.spec.axis in (None, 1, -1) and wq.value is None and xq.spec.storage_bits == 8
+                and xq.spec.axis is None and not xq.spec.float_zero):
+            continue
+        add = readers[0]
+        if add.op_type != "Add" or add.name in plan.float_nodes or len(add.input) != 2:
+            continue
+        bias = add.input[1] if add.input[0] == layer.output else add.input[0]
+        b = g.constant(bias)
+        if b is not None and b.shape == (w.shape[1],) and bias not in plan.tensors and g.is_float(bias):
+            found[layer.node] = (layer, add)
+    return found
+
+
+def _matmul_to_float(layer: Layer, add: NodeProto) -> NodeProto:
+    """MatMulIntegerToFloat of a layer's quantized input and weight, with its bias Add's vector."""
+    x, w = qdq_names(layer.activation), qdq_names(layer.weight)
+    bias = add.input[1] if add.input[0] == layer.output else add.input[0]
+    return helper.make_node("MatMulIntegerToFloat", [x.quantized, w.quantized, x.scale, w.scale, x.zero_point,
+                                                     w.zero_point, bias],
+                            list(add.output), name=layer.node, domain="com.microsoft")
+
+
 def dynamic_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
     """{node: layer} of the MatMuls that run on integers quantized at run time: 8-bit integer
     weights of shape [K, N] and a float input the plan leaves unquantized."""
@@ -296,8 +359,11 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     producers = {out for n in model.graph.node for out in n.output}
     dynamic = dynamic_layers(g, plan)
     attentions = attention_layers(g, plan)
-    # A weight only integer kernels read needs no DequantizeLinear: MatMulInteger and QAttention take its codes.
-    direct = {**dynamic, **packed, **attentions}
+    biased = biased_layers(g, plan) if contrib_ops else {}
+    absorbed_adds = {add.name for _, add in biased.values()}
+    # A weight only integer kernels read needs no DequantizeLinear: MatMulInteger, MatMulIntegerToFloat
+    # and QAttention take its codes.
+    direct = {**dynamic, **packed, **attentions, **{name: layer for name, (layer, _) in biased.items()}}
     integer_only = {layer.weight for layer in direct.values()} - {
         layer.weight for layer in plan.layers if layer.node not in direct}
     quantized_inputs: set[str] = set()
@@ -346,6 +412,10 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
                                                     plan.quant.accuracy_level)
             new_inits += inits
             nodes.append(packed_node)
+        elif node.name in biased:
+            nodes.append(_matmul_to_float(*biased[node.name]))
+        elif node.name in absorbed_adds:
+            pass  # its vector is the bias of the MatMulIntegerToFloat before it
         elif node.name in dynamic:
             layer = dynamic[node.name]
             if layer.activation not in quantized_inputs:
@@ -369,6 +439,11 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
             before, behind, inits = _binarized(g, plan, node)
             nodes += before + [node] + behind
             new_inits += inits
+        elif node.name not in excluded and (rescaled := rescaled_dequantize(g, plan, g.node_by_name[node.name])):
+            inits, dq, unread = rescaled
+            new_inits += inits
+            initializers.pop(unread, None)
+            nodes.append(dq)
         else:
             nodes.append(node)
         for out in outputs:
