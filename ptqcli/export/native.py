@@ -28,7 +28,7 @@ from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
 from .nbits import NBITS_SUFFIX
-from .qdq import qdq_names
+from .qdq import absorbable_bias, qdq_names
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,10 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
             if replacement is not None:
                 dropped.update(BinaryNames(node.name).output_nodes)
         else:
-            replacement = _replace(node, layer, g, plan, new_inits, report)  # zero Pads: folded by prepare
+            absorbed = absorbable_bias(g, plan, layer) if layer.bias is None else None
+            replacement = _replace(node, layer, g, plan, new_inits, report, absorbed)  # zero Pads: folded by prepare
+            if replacement is not None and absorbed is not None:
+                dropped.add(absorbed[0].name)
         nodes.append(replacement or node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -146,10 +149,12 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
     return model, report
 
 
-def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, report) -> NodeProto | None:
+def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, report,
+             absorbed: tuple[NodeProto, str] | None = None) -> NodeProto | None:
     """`node` is the QDQ model's layer: the float op (reading DequantizeLinear outputs) or the
     MatMulNBits of a block-wise weight-only MatMul; the operator replacing it takes the layer's
-    own op type and node name."""
+    own op type and node name. `absorbed`: the bias Add after a MatMul (qdq.absorbable_bias) and its
+    vector, which the operator adds itself, writing the Add's output."""
     tq = plan.tensors[layer.weight]
     family = _family(tq)
     if family is None:
@@ -177,6 +182,9 @@ def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, rep
     if why_b:
         report.kept[node.name] = why_b
         return None
+    outputs = list(node.output)
+    if absorbed is not None:
+        bias, outputs = g.constant(absorbed[1]).astype(np.float32), list(absorbed[0].output)
     prefix = f"{node.name}_native"
     group_size = tq.spec.block_size or 0
     kp = ref.padded_k(k, group_size)
@@ -193,7 +201,7 @@ def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, rep
         inputs.pop()
     op_type = family.prefix + node.op_type
     report.replaced[node.name] = op_type
-    return helper.make_node(op_type, inputs, list(node.output), name=node.name, domain=DOMAIN, K=k, N=n,
+    return helper.make_node(op_type, inputs, outputs, name=node.name, domain=DOMAIN, K=k, N=n,
                             group_size=group_size, **kernel_attributes(node, w))
 
 

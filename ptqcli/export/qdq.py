@@ -134,31 +134,39 @@ def rescaled_dequantize(g: Graph, plan: Plan, node: NodeProto) -> tuple[list[Ten
     return None
 
 
+def absorbable_bias(g: Graph, plan: Plan, layer: Layer) -> tuple[NodeProto, str] | None:
+    """The Add of a constant [N] vector that alone reads a MatMul layer's float output ([K, N]
+    weight), and that vector's name: a kernel with a bias input can add it itself (ORT fuses such an
+    Add only on its dynamic-quantization path)."""
+    readers = g.consumers.get(layer.output, [])
+    w = g.constant(layer.weight) if layer.weight else None
+    if (layer.op_type != "MatMul" or w is None or w.ndim != 2 or len(readers) != 1 or layer.output in plan.tensors
+            or layer.output in g.output_names):
+        return None
+    add = readers[0]
+    if add.op_type != "Add" or add.name in plan.float_nodes or len(add.input) != 2:
+        return None
+    bias = add.input[1] if add.input[0] == layer.output else add.input[0]
+    b = g.constant(bias)
+    if b is None or b.shape != (w.shape[1],) or bias in plan.tensors or not g.is_float(bias):
+        return None
+    return add, bias
+
+
 def biased_layers(g: Graph, plan: Plan) -> dict[str, tuple[Layer, NodeProto]]:
-    """{node: (layer, its bias Add)} of the MatMuls ORT would run as MatMulIntegerToFloat with the
-    bias added by a separate Add: an 8-bit weight [K, N] (one scale or one per output column), an
-    input on one 8-bit grid, and a float output read only by an Add of a constant [N] vector. Written
-    as MatMulIntegerToFloat with that vector as its bias, the Add is gone (ORT fuses it only on its
-    dynamic-quantization path)."""
+    """{node: (layer, its bias Add)} of the MatMuls ORT would run as MatMulIntegerToFloat followed by
+    that Add (absorbable_bias): an 8-bit weight (one scale or one per output column) and an input
+    on one 8-bit grid. Written as MatMulIntegerToFloat with the Add's vector as its bias."""
     found = {}
     for layer in plan.layers:
-        node, w = g.node_by_name[layer.node], g.constant(layer.weight) if layer.weight else None
         wq, xq = plan.tensors.get(layer.weight), plan.tensors.get(layer.activation)
-        readers = g.consumers.get(layer.output, [])
-        if (layer.op_type != "MatMul" or w is None or w.ndim != 2 or wq is None or xq is None or len(readers) != 1
-                or layer.output in plan.tensors or layer.output in g.output_names or node.input[0] != layer.activation):
+        if (wq is None or xq is None or g.node_by_name[layer.node].input[0] != layer.activation
+                or not (wq.spec.scheme == "int" and wq.spec.storage_bits == 8 and wq.spec.block_size is None
+                        and wq.spec.axis in (None, 1, -1) and wq.value is None and xq.spec.storage_bits == 8
+                        and xq.spec.axis is None and not xq.spec.float_zero)):
             continue
-        if not (wq.spec.scheme == "int" and wq.spec.storage_bits == 8 and wq.spec.block_size is None
-                and wq.spec.axis in (None, 1, -1) and wq.value is None and xq.spec.storage_bits == 8
-                and xq.spec.axis is None and not xq.spec.float_zero):
-            continue
-        add = readers[0]
-        if add.op_type != "Add" or add.name in plan.float_nodes or len(add.input) != 2:
-            continue
-        bias = add.input[1] if add.input[0] == layer.output else add.input[0]
-        b = g.constant(bias)
-        if b is not None and b.shape == (w.shape[1],) and bias not in plan.tensors and g.is_float(bias):
-            found[layer.node] = (layer, add)
+        if (absorbed := absorbable_bias(g, plan, layer)) is not None:
+            found[layer.node] = (layer, absorbed[0])
     return found
 
 

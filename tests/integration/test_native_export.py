@@ -217,3 +217,31 @@ def test_block_wise_weight_only_matmuls_become_int4_matmul_with_groups(tmp_path,
     got = nativelib.session(native).run(None, feeds)[0]
     cosine = np.sum(expected * got) / np.linalg.norm(expected) / np.linalg.norm(got)
     assert cosine > 0.9999  # both quantize activations to int8 on the fly, in blocks or rows
+
+
+def test_a_matmuls_bias_add_is_added_by_its_native_operator(tmp_path):
+    """An encoder's projections are MatMul + Add of a bias vector: the native operator takes the
+    vector as its Bias and writes the Add's output, so the Add is gone; outputs stay the QDQ export's."""
+    import onnxruntime as ort
+
+    from transformer_builders import encoder_model, token_data
+
+    model = tmp_path / "encoder.onnx"
+    onnx.save(encoder_model(), str(model))
+    np.savez(tmp_path / "calib.npz", **token_data(64, seed=1))
+    run = tmp_path / "run"
+    stages.calibrate(model, QuantConfig(weights="int4", rounding="nearest"),
+                     DataConfig(path=str(tmp_path / "calib.npz"), num_samples=64), run)
+    qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
+    stages.export(run, qdq, None, 0)
+    stages.export(run, native, None, 0, fmt="native")
+    nodes = onnx.load(str(native)).graph.node
+    operators = {n.name: n for n in nodes if n.op_type == "Int4MatMul"}
+    assert {"q_proj", "o_proj", "ffn_out"} <= set(operators)
+    assert all(len(n.input) == 7 and n.input[6] for n in operators.values())  # each with its Bias
+    assert operators["o_proj"].output[0] == "o" and not any(n.name == "o_bias" for n in nodes)
+    feeds = token_data(16, seed=2)
+    expected = ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"]).run(["hidden"], feeds)[0]
+    got = nativelib.session(native).run(["hidden"], feeds)[0]
+    cosine = np.sum(expected * got) / np.linalg.norm(expected) / np.linalg.norm(got)
+    assert cosine > 0.999
