@@ -153,15 +153,17 @@ def absorbable_bias(g: Graph, plan: Plan, layer: Layer) -> tuple[NodeProto, str]
     return add, bias
 
 
-def biased_layers(g: Graph, plan: Plan) -> dict[str, tuple[Layer, NodeProto]]:
+def biased_layers(g: Graph, plan: Plan, int8_codes: frozenset = frozenset()) -> dict[str, tuple[Layer, NodeProto]]:
     """{node: (layer, its bias Add)} of the MatMuls ORT would run as MatMulIntegerToFloat followed by
-    that Add (absorbable_bias): an 8-bit weight (one scale or one per output column) and an input
-    on one 8-bit grid. Written as MatMulIntegerToFloat with the Add's vector as its bias."""
+    that Add (absorbable_bias): an 8-bit weight (one scale or one per output column; or sub-8-bit
+    codes of a layer in `int8_codes`, which the container stores as int8) and an input on one 8-bit
+    grid. Written as MatMulIntegerToFloat with the Add's vector as its bias."""
     found = {}
     for layer in plan.layers:
         wq, xq = plan.tensors.get(layer.weight), plan.tensors.get(layer.activation)
+        stored_bits = 8 if layer.node in int8_codes else (wq.spec.storage_bits if wq is not None else None)
         if (wq is None or xq is None or g.node_by_name[layer.node].input[0] != layer.activation
-                or not (wq.spec.scheme == "int" and wq.spec.storage_bits == 8 and wq.spec.block_size is None
+                or not (wq.spec.scheme == "int" and stored_bits == 8 and wq.spec.block_size is None
                         and wq.spec.axis in (None, 1, -1) and wq.value is None and xq.spec.storage_bits == 8
                         and xq.spec.axis is None and not xq.spec.float_zero)):
             continue
@@ -343,8 +345,9 @@ def required_opset(model: ModelProto, plan: Plan, packed: frozenset = frozenset(
     return max(default_opset(model), INT4_OPSET if needs_21 else 13)
 
 
-def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
-    """`contrib_ops=False` keeps to standard ONNX ops (no MatMulNBits)."""
+def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True, int8_codes: frozenset = frozenset()) -> ModelProto:
+    """`contrib_ops=False` keeps to standard ONNX ops (no MatMulNBits). `int8_codes`: layers whose
+    sub-8-bit codes will be stored as int8 (container.widen), so integer kernels may read them."""
     packed = nbits_layers(g, plan) if contrib_ops else {}
     opset = required_opset(g.model, plan, frozenset(l.weight for l in packed.values()))
     # Built from the weightless shell: the float weights that stay are copied once, at the end, and
@@ -367,7 +370,7 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
     producers = {out for n in model.graph.node for out in n.output}
     dynamic = dynamic_layers(g, plan)
     attentions = attention_layers(g, plan)
-    biased = biased_layers(g, plan) if contrib_ops else {}
+    biased = biased_layers(g, plan, int8_codes) if contrib_ops else {}
     absorbed_adds = {add.name for _, add in biased.values()}
     # A weight only integer kernels read needs no DequantizeLinear: MatMulInteger, MatMulIntegerToFloat
     # and QAttention take its codes.

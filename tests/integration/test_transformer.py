@@ -107,6 +107,23 @@ def test_bias_adds_and_smoothing_restores_fold_into_the_integer_kernels(encoder)
     assert measured["o_proj"]["output"] == "o"  # after the bias the kernel now adds
 
 
+@pytest.mark.parametrize("container,fused", [("auto", 6), ("int4", 0)])
+def test_int4_codes_stored_as_int8_take_the_same_bias_fusion(encoder, container, fused):
+    """W4A8: where the container stores the codes as int8 (the default for layers with 8-bit inputs),
+    MatMulIntegerToFloat reads them and adds the bias; kept in int4 (--container int4) they are
+    dequantized for a float MatMul, and the bias Adds stay."""
+    model, tmp = encoder
+    name = f"w4_{container}"
+    stages.calibrate(model, QuantConfig(weights="int4", rounding="nearest"),
+                     DataConfig(path=str(tmp / "calib.npz"), num_samples=128), tmp / f"{name}.run")
+    out = tmp / f"{name}.onnx"
+    stages.export(tmp / f"{name}.run", out, str(tmp / "eval.npz"), 64, container=container, latency=False)
+    nodes = onnx.load(str(out)).graph.node
+    assert sum(n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7 for n in nodes) == fused
+    assert any(n.name == "o_bias" for n in nodes) == (fused == 0)
+    assert np.mean(_cosine(model, out, tmp / "eval.npz")) > 0.95  # nearest int4 on a 32-wide layer
+
+
 def test_smoothing_folds_into_the_layernorms_and_keeps_the_float_model(encoder):
     model, tmp = encoder
     g = Graph(onnx.load(str(model)))
