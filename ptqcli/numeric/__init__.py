@@ -9,6 +9,8 @@ optimisation), and reference results for kernel tests.
 - ``run_graph(model, feeds, keep)``: a whole model; ``grad_graph(model, feeds, cotangents)``: its
   reverse pass. ``Program`` / ``Tape`` split those into build-once, run-many steps.
 - ``batch_stats`` / ``batch_stats_vjp``: per-channel batch mean and variance, and their reverse.
+- ``jax_program`` (not imported here: jax is optional): the same graphs as jax functions, for
+  gradients compiled by XLA.
 """
 
 from .core import OpImpl, unbroadcast

@@ -3,7 +3,7 @@
 The numpy operators (``REGISTRY``) remain the reference: this table mirrors the ones the
 convolutional networks use, one small function per op, and reads attributes, windows and padding
 through the same helpers, so the two agree on ONNX semantics by construction. Gradients come from
-``jax.grad``, never from hand-written adjoints.
+``jax.grad``; the depthwise convolution alone states its reverse, for speed (``_depthwise_backward``).
 
 Only modules that ask for the jax backend import this one: jax is an optional dependency
 (``pip install ptqcli[jax]``).
@@ -38,8 +38,6 @@ from .window import conv_window, tap_slices
 
 # One op: (inputs in the node's slots, None for omitted ones; attributes) -> outputs.
 JaxOp = Callable[[list, Mapping[str, Any]], tuple]
-
-FLOAT = jnp.float32
 
 
 def _one(fn) -> JaxOp:
