@@ -450,7 +450,8 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True, int8_codes: froze
             before, behind, inits = _binarized(g, plan, node)
             nodes += before + [node] + behind
             new_inits += inits
-        elif node.name not in excluded and (rescaled := rescaled_dequantize(g, plan, g.node_by_name[node.name])):
+        elif (node.name in g.node_by_name and node.name not in excluded
+              and (rescaled := rescaled_dequantize(g, plan, g.node_by_name[node.name]))):
             inits, dq, unread = rescaled
             new_inits += inits
             initializers.pop(unread, None)

@@ -332,3 +332,24 @@ def test_keep_lm_head_leaves_the_output_projection_at_int8(tmp_path):
         r = ptq("quantize", model, *common, "--keep", keep, "-o", bad)
         assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not bad.exists()
+
+
+def test_a_block_wise_int3_language_model_exports_through_the_opset_converter(tmp_path):
+    """int3 blocks need opset-21 DequantizeLinear: the opset converter rewrites the model's
+    ReduceMean and adds nodes that have no name; the export passes over them."""
+    from transformer_builders import tiny_language_model
+
+    model = tmp_path / "lm.onnx"
+    onnx.save(tiny_language_model(), str(model))
+    np.savez(tmp_path / "calib.npz", **token_data(32, seed=1))
+    out = tmp_path / "lm.int3.onnx"
+    r = ptq("quantize", model, "--data", tmp_path / "calib.npz", "--acts", "none", "--weights", "int3",
+            "--block-size", "16", "--weight-zero-points", "--rounding", "nearest", "-o", out, "--no-latency")
+    assert r.returncode == 0, r.stderr
+    quantized = onnx.load(str(out))
+    assert any(not n.name for n in quantized.graph.node)  # what the converter added
+    assert max(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    feeds = token_data(8, seed=2)
+    f = _outputs_named(model, feeds, "logits")
+    q = _outputs_named(out, feeds, "logits")
+    assert np.sum(f * q) / np.linalg.norm(f) / np.linalg.norm(q) > 0.9
