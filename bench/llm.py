@@ -31,7 +31,8 @@ Rows (`--rows`, comma-separated; all by default):
   (ptqcli's Int4MatMul with group_size 32 / 128 in place of MatMulNBits). `ptq-gptq-g32-tied`,
   `ptq-gptq-g128-tied`: the GPTQ runs with `--embeddings tied` (the token embedding, which the model's
   output projection holds transposed, looked up in that projection's MatMulNBits codes instead of
-  stored again as int8 rows).
+  stored again as int8 rows); `ptq-gptq-g128-tied8`: the same with `--keep lm_head=8` (the projection,
+  and so the table, in 8-bit blocks).
 
 Columns: perplexity on `--eval` windows of eval.npz (next-token cross-entropy over every position but
 the last, exp of the mean) and its rise over fp32; batch-1 latency of a 256-token forward pass
@@ -90,6 +91,8 @@ EXPORT_ARGS = {name: ["--format", "native"] for name in ("ptq-gptq-g32-native", 
 # The GPTQ runs with --embeddings tied: the token embedding is looked up in the output projection's codes.
 PTQ_ROWS["ptq-gptq-g32-tied"] = PTQ_ROWS["ptq-gptq-g32"] + ["--embeddings", "tied"]
 PTQ_ROWS["ptq-gptq-g128-tied"] = PTQ_ROWS["ptq-gptq-g128"] + ["--embeddings", "tied"]
+# ... and with the output projection kept at 8 bits, which the table then shares.
+PTQ_ROWS["ptq-gptq-g128-tied8"] = PTQ_ROWS["ptq-gptq-g128-tied"] + ["--keep", "lm_head=8"]
 # Variants not in the default set of rows (--rows names them): GPTQ without act-order (channels in
 # their own order, scales fitted as the pass reaches each block), and without smoothing (no
 # activation-aware scaling of input channels before rounding).

@@ -75,7 +75,7 @@ def _layer(seed=0, k=128, n=48, rows=3000):
 def test_gptq_equals_the_textbook_algorithm():
     train, _, w = _layer()
     spec = QuantSpec(bits=4, signed=True, symmetric=True, axis=0, block_size=32)
-    result = gptq(w, train.T @ train, spec, GptqConfig(columns=64, act_order=False))
+    result = gptq(w, train.T @ train, spec, GptqConfig(columns=64, act_order=False, clip_search=False))
     np.testing.assert_allclose(result.value, _obvious_gptq(w, train.T @ train, spec), atol=1e-5)
     # The rounded weights lie on the recorded grid: quantizing them again changes nothing.
     again = dequantize(quantize(result.value, result.scale, result.zero_point, spec), result.scale, result.zero_point, spec)
@@ -226,3 +226,36 @@ def test_large_grids_are_stored_beside_the_plan_and_read_back_exactly(tmp_path):
             assert (got.value is None) == (tq.value is None)
             if tq.value is not None:
                 np.testing.assert_array_equal(got.value, tq.value)
+
+
+def test_gptq_scale_search_never_raises_a_groups_weighted_error_and_clips_outlier_blocks():
+    """Each block's grid is its whole range or a shrink of it, whichever has the least H-diagonal-
+    weighted rounding error: never worse than the whole range, and better where a block holds a
+    lone large weight."""
+    from ptqcli.calibrate.gptq import _group_errors, _scales
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.02, (128, 24)).astype(np.float32)
+    w[3, :8] = 0.3  # one outlier in the first block of 8 columns
+    importance = rng.uniform(0.1, 2.0, 128)
+    spec = QuantSpec(bits=4, signed=True, symmetric=False, axis=0, block_size=32)
+    whole = _scales(w, spec)
+    searched = _scales(w, spec, importance)
+    before = _group_errors(w, *whole, spec, importance)
+    after = _group_errors(w, *searched, spec, importance)
+    assert np.all(after <= before) and np.any(after < 0.9 * before)
+    assert np.all(searched[0] <= whole[0])  # only ever a shrink of the range
+
+
+def test_gptq_scale_search_in_column_runs_gives_the_same_grid(monkeypatch):
+    from ptqcli.calibrate import gptq as gptq_module
+
+    rng = np.random.default_rng(6)
+    w = rng.normal(0, 0.02, (64, 40)).astype(np.float32)
+    importance = rng.uniform(0.1, 2.0, 64)
+    spec = QuantSpec(bits=4, signed=True, symmetric=False, axis=0, block_size=32)
+    whole = gptq_module._scales(w, spec, importance)
+    monkeypatch.setattr(gptq_module, "SEARCH_VALUES", 64 * 7)  # runs of 7 columns
+    runs = gptq_module._scales(w, spec, importance)
+    for a, b in zip(whole, runs):
+        np.testing.assert_array_equal(a, b)
