@@ -194,7 +194,7 @@ def test_a_jax_fit_reduces_the_loss_as_the_numpy_one_does():
 
 
 def test_same_seed_gives_the_same_bytes_on_jax():
-    kwargs = dict(num_samples=6, batch_size=4, iters=4, lr=0.1, tv_weight=0.01, l2_weight=0.01, backend="jax")
+    kwargs = dict(num_samples=4, batch_size=4, iters=4, lr=0.1, tv_weight=0.01, l2_weight=0.01, backend="jax")
     a = synthetic.generate(FASHION, seed=3, **kwargs)
     b = synthetic.generate(FASHION, seed=3, **kwargs)
     assert a.tobytes() == b.tobytes()
