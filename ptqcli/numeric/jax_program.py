@@ -50,6 +50,11 @@ def _one(fn) -> JaxOp:
 # --------------------------------------------------------------------------- #
 
 
+def _pad_spatial(x, win, value: float):
+    """window.pad_spatial for jax arrays: the trailing spatial axes padded as the window says."""
+    return jnp.pad(x, [(0, 0)] * (x.ndim - len(win.begin)) + list(zip(win.begin, win.end)), constant_values=value)
+
+
 def _add_bias(y, b):
     return y if b is None else y + channel_view(b, y.ndim)
 
@@ -225,10 +230,6 @@ def _batch_norm(inputs, attrs):
 # --------------------------------------------------------------------------- #
 # Pooling
 # --------------------------------------------------------------------------- #
-
-
-def _pad_spatial(x, win, value: float):
-    return jnp.pad(x, [(0, 0)] * (x.ndim - len(win.begin)) + list(zip(win.begin, win.end)), constant_values=value)
 
 
 def _max_pool(inputs, attrs):
