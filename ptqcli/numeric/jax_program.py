@@ -30,7 +30,7 @@ from ..errors import PtqError
 from ..graph import MIN_OPSET, clone, default_opset, set_opset
 from .core import channel_view, normalize_axis, slot, unsupported
 from .conv import transpose_window
-from .layout import axes_operand, pad_widths, slice_bounds
+from .layout import axes_operand, pad_plan, slice_bounds
 from .pointwise import clip_bounds
 from .pool import pool_divisor, pool_window
 from .registry import forward, node_attrs
@@ -305,21 +305,9 @@ def _concat(inputs, attrs):
     return (jnp.concatenate(inputs, axis=normalize_axis(int(attrs["axis"]), inputs[0].ndim)),)
 
 
-_PAD_MODES = ("constant", "reflect", "edge", "wrap")
-
-
 def _pad(inputs, attrs):
     x = inputs[0]
-    mode = attrs.get("mode", "constant")
-    if mode not in _PAD_MODES:
-        raise unsupported("Pad", f"mode={mode}")
-    begin, end = pad_widths(inputs, attrs, x.ndim)
-    # Negative pads crop; crop first, then pad what is positive.
-    crop = tuple(slice(max(-b, 0), n - max(-e, 0)) for b, e, n in zip(begin, end, x.shape))
-    widths = [(max(b, 0), max(e, 0)) for b, e in zip(begin, end)]
-    value = slot(inputs, 2)
-    value = attrs.get("value", 0.0) if value is None or np.size(value) == 0 else value.reshape(())
-    options = {"constant_values": value} if mode == "constant" else {}
+    crop, widths, mode, options = pad_plan(inputs, attrs, x.shape)
     return (jnp.pad(x[crop], widths, mode=mode, **options),)
 
 

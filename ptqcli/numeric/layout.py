@@ -80,7 +80,7 @@ def _concat_vjp(ctx, g, wants):
     return tuple(p if wanted(wants, i) else None for i, p in enumerate(parts))
 
 
-_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
+PAD_MODES = ("constant", "reflect", "edge", "wrap")  # numpy.pad takes ONNX's names as they are
 
 
 def pad_widths(inputs, attrs, ndim: int) -> tuple[list[int], list[int]]:
@@ -95,26 +95,33 @@ def pad_widths(inputs, attrs, ndim: int) -> tuple[list[int], list[int]]:
     return begin, end
 
 
-def _pad_forward(inputs, attrs, wants):
-    x = inputs[0]
+def pad_plan(inputs, attrs, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], list[tuple[int, int]], str, dict]:
+    """A Pad as numpy.pad (or jax.numpy.pad) takes it: the crop its negative pads make, the widths
+    of its positive ones, its mode, and the options of that mode (the constant value)."""
     mode = attrs.get("mode", "constant")
-    if mode not in _PAD_MODES:
+    if mode not in PAD_MODES:
         raise unsupported("Pad", f"mode={mode}")
-    begin, end = pad_widths(inputs, attrs, x.ndim)
+    begin, end = pad_widths(inputs, attrs, len(shape))
     # Negative pads crop; crop first, then pad what is positive.
-    crop = tuple(slice(max(-b, 0), n - max(-e, 0)) for b, e, n in zip(begin, end, x.shape))
+    crop = tuple(slice(max(-b, 0), n - max(-e, 0)) for b, e, n in zip(begin, end, shape))
     widths = [(max(b, 0), max(e, 0)) for b, e in zip(begin, end)]
     value = slot(inputs, 2)
-    value = attrs.get("value", 0.0) if value is None or np.size(value) == 0 else np.ravel(value)[0]
-    options = {"constant_values": value} if mode == "constant" else {}
-    y = np.pad(x[crop], widths, mode=_PAD_MODES[mode], **options)
+    # reshape, not indexing: under jax the value is a traced array
+    value = attrs.get("value", 0.0) if value is None or np.size(value) == 0 else value.reshape(())
+    return crop, widths, mode, ({"constant_values": value} if mode == "constant" else {})
+
+
+def _pad_forward(inputs, attrs, wants):
+    x = inputs[0]
+    crop, widths, mode, options = pad_plan(inputs, attrs, x.shape)
+    y = np.pad(x[crop], widths, mode=mode, **options)
     return (y,), (x.shape, crop, widths, mode)
 
 
 def _unpad_axis(g: np.ndarray, axis: int, size: int, width: tuple[int, int], mode: str) -> np.ndarray:
     """Adjoint of padding one axis in a reflect/edge/wrap mode: each padded position is a copy of
     one source position, so sum back through a (padded, size) 0/1 matrix."""
-    source = np.pad(np.arange(size), width, mode=_PAD_MODES[mode])
+    source = np.pad(np.arange(size), width, mode=mode)
     pick = np.zeros((source.size, size), dtype=g.dtype)
     pick[np.arange(source.size), source] = 1
     return np.moveaxis(np.tensordot(g, pick, axes=([axis], [0])), -1, axis)
