@@ -30,7 +30,7 @@ from ..errors import PtqError
 from ..graph import MIN_OPSET, clone, default_opset, set_opset
 from .core import channel_view, normalize_axis, slot, unsupported
 from .conv import transpose_window
-from .layout import axes_operand, pad_plan, slice_bounds
+from .layout import axes_operand, pad_plan, slice_index
 from .pointwise import clip_bounds
 from .pool import pool_divisor, pool_window
 from .registry import forward, node_attrs
@@ -312,15 +312,7 @@ def _pad(inputs, attrs):
 
 
 def _slice(inputs, attrs):
-    x = inputs[0]
-    starts, ends = [int(v) for v in inputs[1]], [int(v) for v in inputs[2]]
-    axes, steps = slot(inputs, 3), slot(inputs, 4)
-    axes = range(len(starts)) if axes is None else [normalize_axis(int(a), x.ndim) for a in axes]
-    steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
-    index = [slice(None)] * x.ndim
-    for axis, start, end, step in zip(axes, starts, ends, steps):
-        index[axis] = slice_bounds(x.shape[axis], start, end, step)
-    return (x[tuple(index)],)
+    return (inputs[0][slice_index(inputs, inputs[0].shape)],)
 
 
 OPS: dict[str, JaxOp] = {

@@ -154,16 +154,21 @@ def slice_bounds(n: int, start: int, end: int, step: int) -> slice:
     return slice(start, None if end < 0 else end, step)
 
 
-def _slice_forward(inputs, attrs, wants):
-    x = inputs[0]
+def slice_index(inputs, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A Slice's starts, ends, axes and steps as one index into an array of `shape`."""
     starts, ends = [int(v) for v in inputs[1]], [int(v) for v in inputs[2]]
     axes, steps = slot(inputs, 3), slot(inputs, 4)
-    axes = range(len(starts)) if axes is None else [normalize_axis(int(a), x.ndim) for a in axes]
+    axes = range(len(starts)) if axes is None else [normalize_axis(int(a), len(shape)) for a in axes]
     steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
-    index = [slice(None)] * x.ndim
+    index = [slice(None)] * len(shape)
     for axis, start, end, step in zip(axes, starts, ends, steps):
-        index[axis] = slice_bounds(x.shape[axis], start, end, step)
-    index = tuple(index)
+        index[axis] = slice_bounds(shape[axis], start, end, step)
+    return tuple(index)
+
+
+def _slice_forward(inputs, attrs, wants):
+    x = inputs[0]
+    index = slice_index(inputs, x.shape)
     return (x[index],), (x.shape, index)
 
 
