@@ -508,10 +508,7 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     loaded = rundir.load_run(run_dir)
     check_writable(out_path)
     run, plan, g = loaded.path, loaded.plan, loaded.graph
-    # The native operators replace the layers they run whatever their container; for ORT's kernels,
-    # sub-8-bit codes the container stores as int8 are as good as 8-bit ones.
-    int8_codes = frozenset(containers.choose(plan, container).widened) if fmt == "qdq" else frozenset()
-    quantized = export_qdq(g, plan, contrib_ops=fmt != "onnx", int8_codes=int8_codes)
+    quantized = export_qdq(g, plan, contrib_ops=fmt != "onnx")
     branch_outcome = with_quantized_branches(quantized, run, plan, contrib_ops=fmt != "onnx")
     if branch_outcome:
         rundir.write_json(run / "branches.json", branch_outcome)

@@ -131,6 +131,6 @@ def stored_types(model: ModelProto, plan: Plan) -> dict[str, str]:
 
 def export(g: Graph, plan: Plan, mode: str = "auto", contrib_ops: bool = True) -> tuple[ModelProto, Choice, int]:
     """The QDQ model with each layer's codes in the container `mode` chooses; the choice; the bytes it adds."""
+    model = export_qdq(g, plan, contrib_ops=contrib_ops)
     choice = choose(plan, mode)
-    model = export_qdq(g, plan, contrib_ops=contrib_ops, int8_codes=frozenset(choice.widened))
     return model, choice, widen(model, plan, choice)

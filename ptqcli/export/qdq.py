@@ -108,36 +108,9 @@ def _activation_qdq(name: str, tq: TensorQuant) -> tuple[list[TensorProto], list
     return _scale_zp(name, tq), [quant, _dequantize_node(name, tq)]
 
 
-def rescaled_dequantize(g: Graph, plan: Plan, node: NodeProto) -> tuple[list[TensorProto], NodeProto, str] | None:
-    """A Mul of a quantized activation (one scale) by a constant vector along its last axis (the Mul
-    smoothing adds to give a normalization's other readers their values back) as a second
-    DequantizeLinear of the same codes with the vector folded into per-channel scales: one op fewer
-    for every run, and the same values up to the rounding of the scale's product. Returns its
-    initializers, the node, and the constant it no longer reads."""
-    if node.op_type != "Mul" or len(node.input) != 2:
-        return None
-    for slot in (0, 1):
-        tensor, factor = node.input[slot], node.input[1 - slot]
-        tq, values = plan.tensors.get(tensor), g.constant(factor)
-        shape = g.value_shapes.get(tensor)
-        if (tq is None or tq.role != "activation" or tq.spec.axis is not None or values is None or values.ndim != 1
-                or not shape or shape[-1] != len(values) or len(g.consumers.get(factor, [])) != 1
-                or g.value_types.get(node.output[0]) != TensorProto.FLOAT):
-            continue
-        names, at = qdq_names(tensor), f"{node.name}_rescaled"
-        scale = (np.float64(np.asarray(tq.scale).reshape(())) * values.astype(np.float64)).astype(np.float32)
-        zero = np.full(len(values), np.asarray(tq.zero_point).reshape(()), dtype=np.int64)
-        inits = [numpy_helper.from_array(scale, f"{at}_scale"), _int_tensor(f"{at}_zero_point", zero, tq.spec)]
-        dq = helper.make_node("DequantizeLinear", [names.quantized, f"{at}_scale", f"{at}_zero_point"],
-                              list(node.output), name=node.name, axis=-1)
-        return inits, dq, factor
-    return None
-
-
 def absorbable_bias(g: Graph, plan: Plan, layer: Layer) -> tuple[NodeProto, str] | None:
     """The Add of a constant [N] vector that alone reads a MatMul layer's float output ([K, N]
-    weight), and that vector's name: a kernel with a bias input can add it itself (ORT fuses such an
-    Add only on its dynamic-quantization path)."""
+    weight), and that vector's name: an operator with a bias input can add it itself."""
     readers = g.consumers.get(layer.output, [])
     w = g.constant(layer.weight) if layer.weight else None
     if (layer.op_type != "MatMul" or w is None or w.ndim != 2 or len(readers) != 1 or layer.output in plan.tensors
@@ -151,34 +124,6 @@ def absorbable_bias(g: Graph, plan: Plan, layer: Layer) -> tuple[NodeProto, str]
     if b is None or b.shape != (w.shape[1],) or bias in plan.tensors or not g.is_float(bias):
         return None
     return add, bias
-
-
-def biased_layers(g: Graph, plan: Plan, int8_codes: frozenset = frozenset()) -> dict[str, tuple[Layer, NodeProto]]:
-    """{node: (layer, its bias Add)} of the MatMuls ORT would run as MatMulIntegerToFloat followed by
-    that Add (absorbable_bias): an 8-bit weight (one scale or one per output column; or sub-8-bit
-    codes of a layer in `int8_codes`, which the container stores as int8) and an input on one 8-bit
-    grid. Written as MatMulIntegerToFloat with the Add's vector as its bias."""
-    found = {}
-    for layer in plan.layers:
-        wq, xq = plan.tensors.get(layer.weight), plan.tensors.get(layer.activation)
-        stored_bits = 8 if layer.node in int8_codes else (wq.spec.storage_bits if wq is not None else None)
-        if (wq is None or xq is None or g.node_by_name[layer.node].input[0] != layer.activation
-                or not (wq.spec.scheme == "int" and stored_bits == 8 and wq.spec.block_size is None
-                        and wq.spec.axis in (None, 1, -1) and wq.value is None and xq.spec.storage_bits == 8
-                        and xq.spec.axis is None and not xq.spec.float_zero)):
-            continue
-        if (absorbed := absorbable_bias(g, plan, layer)) is not None:
-            found[layer.node] = (layer, absorbed[0])
-    return found
-
-
-def _matmul_to_float(layer: Layer, add: NodeProto) -> NodeProto:
-    """MatMulIntegerToFloat of a layer's quantized input and weight, with its bias Add's vector."""
-    x, w = qdq_names(layer.activation), qdq_names(layer.weight)
-    bias = add.input[1] if add.input[0] == layer.output else add.input[0]
-    return helper.make_node("MatMulIntegerToFloat", [x.quantized, w.quantized, x.scale, w.scale, x.zero_point,
-                                                     w.zero_point, bias],
-                            list(add.output), name=layer.node, domain="com.microsoft")
 
 
 def dynamic_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
@@ -345,9 +290,8 @@ def required_opset(model: ModelProto, plan: Plan, packed: frozenset = frozenset(
     return max(default_opset(model), INT4_OPSET if needs_21 else 13)
 
 
-def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True, int8_codes: frozenset = frozenset()) -> ModelProto:
-    """`contrib_ops=False` keeps to standard ONNX ops (no MatMulNBits). `int8_codes`: layers whose
-    sub-8-bit codes will be stored as int8 (container.widen), so integer kernels may read them."""
+def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
+    """`contrib_ops=False` keeps to standard ONNX ops (no MatMulNBits)."""
     packed = nbits_layers(g, plan) if contrib_ops else {}
     opset = required_opset(g.model, plan, frozenset(l.weight for l in packed.values()))
     # Built from the weightless shell: the float weights that stay are copied once, at the end, and
@@ -370,11 +314,8 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True, int8_codes: froze
     producers = {out for n in model.graph.node for out in n.output}
     dynamic = dynamic_layers(g, plan)
     attentions = attention_layers(g, plan)
-    biased = biased_layers(g, plan, int8_codes) if contrib_ops else {}
-    absorbed_adds = {add.name for _, add in biased.values()}
-    # A weight only integer kernels read needs no DequantizeLinear: MatMulInteger, MatMulIntegerToFloat
-    # and QAttention take its codes.
-    direct = {**dynamic, **packed, **attentions, **{name: layer for name, (layer, _) in biased.items()}}
+    # A weight only integer kernels read needs no DequantizeLinear: MatMulInteger and QAttention take its codes.
+    direct = {**dynamic, **packed, **attentions}
     integer_only = {layer.weight for layer in direct.values()} - {
         layer.weight for layer in plan.layers if layer.node not in direct}
     quantized_inputs: set[str] = set()
@@ -423,10 +364,6 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True, int8_codes: froze
                                                     plan.quant.accuracy_level)
             new_inits += inits
             nodes.append(packed_node)
-        elif node.name in biased:
-            nodes.append(_matmul_to_float(*biased[node.name]))
-        elif node.name in absorbed_adds:
-            pass  # its vector is the bias of the MatMulIntegerToFloat before it
         elif node.name in dynamic:
             layer = dynamic[node.name]
             if layer.activation not in quantized_inputs:
@@ -450,12 +387,6 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True, int8_codes: froze
             before, behind, inits = _binarized(g, plan, node)
             nodes += before + [node] + behind
             new_inits += inits
-        elif (node.name in g.node_by_name and node.name not in excluded
-              and (rescaled := rescaled_dequantize(g, plan, g.node_by_name[node.name]))):
-            inits, dq, unread = rescaled
-            new_inits += inits
-            initializers.pop(unread, None)
-            nodes.append(dq)
         else:
             nodes.append(node)
         for out in outputs:

@@ -70,60 +70,6 @@ def test_the_plan_quantizes_gemm_inputs_only(encoder):
     assert np.mean(_cosine(encoder[0], out, encoder[1] / "eval.npz")) > 0.999
 
 
-def test_bias_adds_and_smoothing_restores_fold_into_the_integer_kernels(encoder):
-    """W8A8 QDQ for ORT: a MatMul whose float output only a bias Add reads is written as
-    MatMulIntegerToFloat with that bias (ORT leaves the Add apart on this path), and the Mul that gives
-    a smoothed normalization's residual readers their values back becomes a DequantizeLinear with the
-    factors in its per-channel scales (a standard op: the standard-ops export, --format onnx, has it
-    too, and keeps the bias Adds); the two models compute the same outputs, and every layer still
-    gets its SQNR row."""
-    from ptqcli.export.qdq import export_qdq
-
-    plan, out = _quantize(encoder, "fused", QuantConfig())
-    fused = onnx.load(str(out))
-    ops = Counter(n.op_type for n in fused.graph.node)
-    biased = [n for n in fused.graph.node if n.op_type == "MatMulIntegerToFloat"]
-    assert len(biased) == 6 and all(len(n.input) == 7 and n.input[6] for n in biased)
-    produced = {o for n in fused.graph.node for o in n.output}
-    assert not produced & {"q_mm", "o_mm", "f_mm"}  # the MatMuls' outputs before their bias Adds are gone
-    restores = [n for n in fused.graph.node if n.name.endswith("__unsmoothed")]
-    assert restores and all(n.op_type == "DequantizeLinear" for n in restores)
-    assert all(len(onnx.numpy_helper.to_array(next(t for t in fused.graph.initializer if t.name == n.input[1])))
-               == 32 for n in restores)  # one scale per hidden channel
-    kernels = optimized_op_counts(fused)
-    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) == 6, kernels
-    run = rundir.load_run(encoder[1] / "fused.run")
-    standard = export_qdq(run.graph, plan, contrib_ops=False)
-    assert not any(n.op_type == "MatMulIntegerToFloat" for n in standard.graph.node)
-    assert sum(n.op_type == "DequantizeLinear" and n.name.endswith("__unsmoothed") for n in standard.graph.node) == 2
-    standard_path = encoder[1] / "standard.onnx"
-    onnx.save(standard, str(standard_path))
-    feeds = dict(np.load(encoder[1] / "eval.npz"))
-    np.testing.assert_allclose(_outputs(out, feeds), _outputs(standard_path, feeds), rtol=1e-3, atol=1e-3)
-    card = json.loads(out.with_name("fused.card.json").read_text())
-    rows = {row["node"]: row for row in card["layers"]}
-    assert set(rows) == {layer.node for layer in plan.layers} and all(r["output_sqnr_db"] > 10 for r in rows.values())
-    measured = {row["node"]: row for row in json.loads((encoder[1] / "fused.run" / "fidelity.json").read_text())["layers"]}
-    assert measured["o_proj"]["output"] == "o"  # after the bias the kernel now adds
-
-
-@pytest.mark.parametrize("container,fused", [("auto", 6), ("int4", 0)])
-def test_int4_codes_stored_as_int8_take_the_same_bias_fusion(encoder, container, fused):
-    """W4A8: where the container stores the codes as int8 (the default for layers with 8-bit inputs),
-    MatMulIntegerToFloat reads them and adds the bias; kept in int4 (--container int4) they are
-    dequantized for a float MatMul, and the bias Adds stay."""
-    model, tmp = encoder
-    name = f"w4_{container}"
-    stages.calibrate(model, QuantConfig(weights="int4", rounding="nearest"),
-                     DataConfig(path=str(tmp / "calib.npz"), num_samples=128), tmp / f"{name}.run")
-    out = tmp / f"{name}.onnx"
-    stages.export(tmp / f"{name}.run", out, str(tmp / "eval.npz"), 64, container=container, latency=False)
-    nodes = onnx.load(str(out)).graph.node
-    assert sum(n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7 for n in nodes) == fused
-    assert any(n.name == "o_bias" for n in nodes) == (fused == 0)
-    assert np.mean(_cosine(model, out, tmp / "eval.npz")) > 0.95  # nearest int4 on a 32-wide layer
-
-
 def test_smoothing_folds_into_the_layernorms_and_keeps_the_float_model(encoder):
     model, tmp = encoder
     g = Graph(onnx.load(str(model)))
