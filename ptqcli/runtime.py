@@ -115,6 +115,12 @@ def _loaded(source: bytes | str, options: ort.SessionOptions, what: str) -> ort.
         raise PtqError(f"ONNX Runtime cannot load {what}: {first}") from None
 
 
+def tensor_outputs(sess: ort.InferenceSession) -> list[str]:
+    """The session's outputs that are tensors: a ZipMap's sequence of maps (scikit-learn
+    classifiers) repeats the probability tensor and is neither compared nor stacked."""
+    return [o.name for o in sess.get_outputs() if o.type.startswith("tensor")]
+
+
 def run_session(sess: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """session.run, with a failing node reported as one line (ORT's own log of it silenced)."""
     quiet = ort.RunOptions()

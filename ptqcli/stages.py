@@ -29,7 +29,7 @@ from .prepare import prepare
 from .progress import Progress, silent
 from . import rundir
 from .ops import op_info
-from .runtime import optimized_model, optimized_op_counts, release_memory, run_session, session
+from .runtime import optimized_model, optimized_op_counts, release_memory, run_session, session, tensor_outputs
 
 def load_prepared(model_path: str | Path) -> Graph:
     g = prepare(load_model(model_path), source=str(model_path))
@@ -591,7 +591,7 @@ def run_model(model_path: str | Path, data: DataConfig, progress: Progress = sil
     g = Graph(load_model(model_path))
     sess = session(g.model)
     inputs = model_inputs(g)
-    names = [o.name for o in sess.get_outputs()]
+    names = tensor_outputs(sess)
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
     correct, labelled, seen, times, batch_size = 0, True, 0, [], 1
     with progress("running", data.num_samples) as advance:

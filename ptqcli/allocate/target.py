@@ -22,7 +22,7 @@ from ..export import container
 from ..plan import Plan
 from ..progress import Progress, silent
 from ..rundir import Run
-from ..runtime import run_session, session
+from ..runtime import run_session, session, tensor_outputs
 from ..stages import eval_source
 from .fallback import KINDS, PROOF_BUDGET, Moves, Search, candidates, check_destination, fewest_moves, moved_to
 from .scores import Outputs, Score, accuracy, cosine, user_metric
@@ -113,7 +113,7 @@ def outputs_of(model: ModelProto, batches: list[Batch]) -> Outputs:
     """Every graph output over all the batches, from a session with default options (ORT's fusions
     and integer kernels, as the model is deployed)."""
     sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
+    names = tensor_outputs(sess)
     runs = [run_session(sess, names, b.feeds) for b in batches]
     try:
         return {name: np.concatenate([values[i] for values in runs]) for i, name in enumerate(names)}

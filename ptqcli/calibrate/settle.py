@@ -33,7 +33,7 @@ from ..graph import Graph
 from ..metrics import relative_error
 from ..ops import activation_slots, integer_layer_op, is_fusable_activation, op_info, preserves_scale
 from ..plan import Plan
-from ..runtime import run_session, session
+from ..runtime import run_session, session, tensor_outputs
 from .data import Batch, model_inputs
 from .probe import gate_feeds, probe_model
 
@@ -185,7 +185,7 @@ def activation_damage(g: Graph, plan: Plan, tensors: list[str], batches: list[Ba
     if not tensors:
         return {}
     sess = session(probe_model(g, plan, tensors, weights_as_inputs=False))
-    outputs = [o.name for o in sess.get_outputs()]
+    outputs = tensor_outputs(sess)
     closed = {k: v for t in tensors for k, v in gate_feeds(t, False).items()}
     # Runs of a few samples each, so that a clear case is decided on the first quarter of them.
     fixed = any(spec.fixed_batch for spec in model_inputs(g))  # a fixed batch is fed whole

@@ -32,3 +32,37 @@ def test_a_classifier_with_a_zipmap_output_passes_through(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "nothing" in r.stdout.lower() or "0 / 0 / 0" in r.stdout
     assert onnx.load(str(out)).graph.output[1].type.HasField("sequence_type")
+
+
+def _mlp_classifier():
+    """scikit-learn's MLPClassifier as skl2onnx writes it: MatMul/Add/Relu layers, a Softmax, and
+    the probabilities both as a tensor and as a ZipMap."""
+    rng = np.random.default_rng(2)
+    n = helper.make_node
+    inits = [helper.make_tensor(name, TensorProto.FLOAT, v.shape, v.ravel().tolist()) for name, v in (
+        ("w1", rng.normal(0, 0.5, (8, 16))), ("b1", rng.normal(0, 0.1, 16)),
+        ("w2", rng.normal(0, 0.5, (16, 3))), ("b2", rng.normal(0, 0.1, 3)))]
+    nodes = [
+        n("MatMul", ["x", "w1"], ["h_mm"], name="mm1"), n("Add", ["h_mm", "b1"], ["h_b"], name="add1"),
+        n("Relu", ["h_b"], ["h"], name="relu1"),
+        n("MatMul", ["h", "w2"], ["o_mm"], name="mm2"), n("Add", ["o_mm", "b2"], ["o"], name="add2"),
+        n("Softmax", ["o"], ["probs"], name="softmax", axis=1),
+        n("ZipMap", ["probs"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+    ]
+    seq = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3]),
+                               helper.make_value_info("probabilities", seq)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("ai.onnx.ml", 1)])
+
+
+def test_an_mlp_with_a_zipmap_output_quantizes_its_layers(tmp_path):
+    """The activation measurement compares the tensor outputs and passes over the sequence of maps."""
+    model, data, out = tmp_path / "mlp.onnx", tmp_path / "x.npy", tmp_path / "q.onnx"
+    onnx.save(_mlp_classifier(), str(model))
+    np.save(data, np.random.default_rng(3).normal(0, 1, (64, 8)).astype(np.float32))
+    r = ptq("quantize", model, "--data", data, "-o", out)
+    assert r.returncode == 0, r.stderr
+    quantized = onnx.load(str(out))
+    assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
+    assert quantized.graph.output[1].type.HasField("sequence_type")
