@@ -23,15 +23,56 @@ class Selection:
     embeddings: tuple[str, ...] = ()
 
 
+GELU_REASON = "part of an erf GELU, which ORT runs as one float Gelu kernel (with the bias Add before it)"
+
+
+def erf_gelus(g: Graph) -> list[str]:
+    """The nodes of each erf GELU, y = x * 0.5 * (1 + erf(x / sqrt(2))) (or with the 0.5 first), and
+    the Add of a constant vector that writes x where only the GELU reads it: ORT fuses them into one
+    Gelu (BiasGelu) kernel in float, which quantizing any of their tensors would split into slower
+    integer elementwise ops."""
+    found = []
+    for erf in (n for n in g.graph.node if n.op_type == "Erf"):
+        scale = g.producer.get(erf.input[0])
+        if scale is None or scale.op_type not in ("Div", "Mul") or not any(i in g.initializers for i in scale.input):
+            continue
+        x = next(i for i in scale.input if i not in g.initializers)
+        one = g.consumers.get(erf.output[0], [])
+        if len(one) != 1 or one[0].op_type != "Add":
+            continue
+        chain, frontier = [scale, erf, one[0]], one[0].output[0]
+        while len(after := g.consumers.get(frontier, [])) == 1 and after[0].op_type == "Mul" and len(chain) < 5:
+            chain.append(after[0])
+            frontier = after[0].output[0]
+        if len(chain) < 4:
+            continue
+        product = chain[3]
+        other = next((i for i in product.input if i != one[0].output[0]), None)
+        halved = g.producer.get(other) if other != x else None
+        if halved is not None and halved.op_type == "Mul" and x in halved.input \
+                and any(i in g.initializers for i in halved.input):
+            chain.append(halved)  # the 0.5 taken before the product
+        elif other != x:
+            continue  # not x times the erf term
+        bias = g.producer.get(x)
+        if (bias is not None and bias.op_type == "Add" and any(i in g.initializers for i in bias.input)
+                and {r.name for r in g.consumers.get(x, [])} <= {n.name for n in chain}):
+            chain.insert(0, bias)
+        found += [n.name for n in chain]
+    return found
+
+
 def select(g: Graph, cfg: QuantConfig) -> Selection:
     layers: list[Layer] = []
     acts: dict[str, None] = {}  # an ordered set
-    float_nodes: dict[str, str] = {}
+    float_nodes: dict[str, str] = dict.fromkeys(erf_gelus(g), GELU_REASON) if cfg.static_acts else {}
     constants: dict[str, None] = {}  # an ordered set
     excluded_nodes, excluded_ops = set(cfg.exclude_nodes), set(cfg.exclude_ops)
     outputs = set(g.output_names)
     for node in g.graph.node:
         info = op_info(node.op_type, node.domain)
+        if node.name in float_nodes:
+            continue
         if node.name in excluded_nodes or node.op_type in excluded_ops:
             float_nodes[node.name] = "excluded by the recipe"
             continue
