@@ -28,7 +28,7 @@ from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
 from .nbits import NBITS_SUFFIX
-from .qdq import absorbable_bias, qdq_names
+from .qdq import qdq_names
 
 
 @dataclass(frozen=True)
@@ -149,11 +149,29 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
     return model, report
 
 
+def absorbable_bias(g: Graph, plan: Plan, layer: Layer) -> tuple[NodeProto, str] | None:
+    """The Add of a constant [N] vector that alone reads a MatMul layer's float output ([K, N]
+    weight), and that vector's name: an operator with a bias input can add it itself."""
+    readers = g.consumers.get(layer.output, [])
+    w = g.constant(layer.weight) if layer.weight else None
+    if (layer.op_type != "MatMul" or w is None or w.ndim != 2 or len(readers) != 1 or layer.output in plan.tensors
+            or layer.output in g.output_names):
+        return None
+    add = readers[0]
+    if add.op_type != "Add" or add.name in plan.float_nodes or len(add.input) != 2:
+        return None
+    bias = add.input[1] if add.input[0] == layer.output else add.input[0]
+    b = g.constant(bias)
+    if b is None or b.shape != (w.shape[1],) or bias in plan.tensors or not g.is_float(bias):
+        return None
+    return add, bias
+
+
 def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, report,
              absorbed: tuple[NodeProto, str] | None = None) -> NodeProto | None:
     """`node` is the QDQ model's layer: the float op (reading DequantizeLinear outputs) or the
     MatMulNBits of a block-wise weight-only MatMul; the operator replacing it takes the layer's
-    own op type and node name. `absorbed`: the bias Add after a MatMul (qdq.absorbable_bias) and its
+    own op type and node name. `absorbed`: the bias Add after a MatMul (absorbable_bias) and its
     vector, which the operator adds itself, writing the Add's output."""
     tq = plan.tensors[layer.weight]
     family = _family(tq)

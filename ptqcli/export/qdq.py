@@ -108,24 +108,6 @@ def _activation_qdq(name: str, tq: TensorQuant) -> tuple[list[TensorProto], list
     return _scale_zp(name, tq), [quant, _dequantize_node(name, tq)]
 
 
-def absorbable_bias(g: Graph, plan: Plan, layer: Layer) -> tuple[NodeProto, str] | None:
-    """The Add of a constant [N] vector that alone reads a MatMul layer's float output ([K, N]
-    weight), and that vector's name: an operator with a bias input can add it itself."""
-    readers = g.consumers.get(layer.output, [])
-    w = g.constant(layer.weight) if layer.weight else None
-    if (layer.op_type != "MatMul" or w is None or w.ndim != 2 or len(readers) != 1 or layer.output in plan.tensors
-            or layer.output in g.output_names):
-        return None
-    add = readers[0]
-    if add.op_type != "Add" or add.name in plan.float_nodes or len(add.input) != 2:
-        return None
-    bias = add.input[1] if add.input[0] == layer.output else add.input[0]
-    b = g.constant(bias)
-    if b is None or b.shape != (w.shape[1],) or bias in plan.tensors or not g.is_float(bias):
-        return None
-    return add, bias
-
-
 def dynamic_layers(g: Graph, plan: Plan) -> dict[str, Layer]:
     """{node: layer} of the MatMuls that run on integers quantized at run time: 8-bit integer
     weights of shape [K, N] and a float input the plan leaves unquantized."""
