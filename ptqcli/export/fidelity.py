@@ -203,7 +203,7 @@ class Fidelity:
 
 def observed_outputs(float_model: ModelProto, quant_model: ModelProto, plan: Plan) -> dict[str, str]:
     """{layer output: the tensor its SQNR is measured on}: the output itself, or where the quantized
-    model's kernel absorbed the op after the layer (a bias Add fused into MatMulIntegerToFloat), the
+    model's operator absorbed the op after the layer (a bias Add a native operator adds itself), the
     output of that op, its only reader."""
     produced = {name for node in quant_model.graph.node for name in node.output}
     readers = Graph(float_model).consumers

@@ -153,16 +153,16 @@ def absorbable_bias(g: Graph, plan: Plan, layer: Layer) -> tuple[NodeProto, str]
     """The Add of a constant [N] vector that alone reads a MatMul layer's float output ([K, N]
     weight), and that vector's name: an operator with a bias input can add it itself."""
     readers = g.consumers.get(layer.output, [])
-    w = g.constant(layer.weight) if layer.weight else None
-    if (layer.op_type != "MatMul" or w is None or w.ndim != 2 or len(readers) != 1 or layer.output in plan.tensors
+    dims = tuple(g.initializers[layer.weight].dims) if layer.weight in g.initializers else ()
+    if (layer.op_type != "MatMul" or len(dims) != 2 or len(readers) != 1 or layer.output in plan.tensors
             or layer.output in g.output_names):
         return None
     add = readers[0]
     if add.op_type != "Add" or add.name in plan.float_nodes or len(add.input) != 2:
         return None
     bias = add.input[1] if add.input[0] == layer.output else add.input[0]
-    b = g.constant(bias)
-    if b is None or b.shape != (w.shape[1],) or bias in plan.tensors or not g.is_float(bias):
+    if (bias not in g.initializers or tuple(g.initializers[bias].dims) != dims[1:] or bias in plan.tensors
+            or not g.is_float(bias)):
         return None
     return add, bias
 

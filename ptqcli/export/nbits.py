@@ -94,17 +94,15 @@ def tied_lookup(node: NodeProto, weight: str, tq: TensorQuant, factors: np.ndarr
         make("Concat", [f"{at}_ids_shape", f"{at}_row_width"], [f"{at}_shape"], name=f"{at}_shape", axis=0),
         make("Reshape", [f"{at}_blocks", f"{at}_shape"], [f"{at}_rows"], name=f"{at}_rows"),
     ]
-    rows = f"{at}_rows"
     if k < k_blocks * spec.block_size:  # MatMulNBits pads a short last block; the lookup drops it
         inits += [numpy_helper.from_array(np.array([v], dtype=np.int64), f"{at}_{part}")
                   for part, v in (("start", 0), ("end", k), ("axis", -1))]
-        nodes.append(make("Slice", [rows, f"{at}_start", f"{at}_end", f"{at}_axis"], [f"{at}_cut"], name=f"{at}_cut"))
-        rows = f"{at}_cut"
-    if np.all(factors == 1):
-        nodes.append(make("Identity", [rows], [y], name=f"{at}_out"))
-    else:
+        nodes.append(make("Slice", [nodes[-1].output[0], f"{at}_start", f"{at}_end", f"{at}_axis"], [f"{at}_cut"],
+                          name=f"{at}_cut"))
+    if not np.all(factors == 1):
         inits.append(numpy_helper.from_array((1 / factors.astype(np.float64)).astype(np.float32), f"{at}_unscale"))
-        nodes.append(make("Mul", [rows, f"{at}_unscale"], [y], name=f"{at}_unscaled"))
+        nodes.append(make("Mul", [nodes[-1].output[0], f"{at}_unscale"], [f"{at}_unscaled"], name=f"{at}_unscaled"))
+    nodes[-1].output[0] = y  # the last step writes the Gather's output
     return inits, nodes
 
 
