@@ -70,8 +70,9 @@ EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to 
 StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Weight-only int2/4/8 blocks (--acts none --block-size B, no data) read, quantized and written one tensor at a time, for models larger than memory [default: on for models over 2 GiB when the options allow it].")]
 LatencyOpt = Annotated[bool, typer.Option("--latency/--no-latency", help="Time the float and quantized models at batch 1 for the card, taking turns on the same real samples (about 3 s).")]
 ContainerOpt = Annotated[str, typer.Option(
-    "--container", help="Integer type holding sub-8-bit weight codes: auto (int8 where ORT's integer kernels then run, "
-                        "i.e. the layer's input is quantized; else the smallest), int8, or int4 (the smallest file).")]
+    "--container", help="Integer type holding sub-8-bit weight codes: auto (int4 in the file, widened to int8 when ORT loads "
+                        "it where its integer kernels then run, i.e. the layer's input is quantized), int8 (widened in the "
+                        "file, for runtimes that do not fold constants), or int4 (no widening).")]
 FormatOpt = Annotated[str, typer.Option(
     "--format", help="qdq: QuantizeLinear/DequantizeLinear pairs any ONNX Runtime runs (block-wise weight-only MatMuls "
                      "as its MatMulNBits); onnx: standard ONNX ops only (block-wise DequantizeLinear, opset 21); native: int2-int4, "
@@ -245,18 +246,18 @@ def _print_native(output: Path) -> None:
 
 
 def _print_container(output: Path) -> None:
-    """Which sub-8-bit layers were stored as int8 codes for ORT's integer kernels, and which of them did not fuse."""
+    """Which sub-8-bit layers are read as int8 codes by ORT's integer kernels, and which of them did not fuse."""
     import json
 
     from .export.card import card_paths
+    from .export.card_render import container_summary
 
     container = json.loads(card_paths(output)["json"].read_text())["model"].get("container")
     if not container or not container["int8"]:
         return
-    out.print(f"weight containers ({container['mode']}): {len(container['int8'])} sub-8-bit layers stored as int8 codes "
-              f"for ORT's integer kernels (+{container['extra_bytes']:,} bytes; --container int4 for the smallest file)")
+    out.print(container_summary(container))
     for node, kernel in container.get("not_fused", {}).items():
-        out.print(f"  [yellow]stored as int8 but not fused:[/yellow] {node} ({kernel})")
+        out.print(f"  [yellow]read as int8 but not fused:[/yellow] {node} ({kernel})")
 
 
 @app.command("run")

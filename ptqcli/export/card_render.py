@@ -83,13 +83,22 @@ def render_markdown(card: dict, plot_name: str) -> str:
     return "\n".join(lines)
 
 
+def container_summary(c: dict) -> str:
+    """One line on how the sub-8-bit weight codes are stored and what that costs."""
+    if c.get("widened_at", "file") == "load":
+        wide = (f"{len(c['int8'])} sub-8-bit layers stored as int4 and widened to int8 codes when ORT loads the model "
+                f"(a Cast it folds, +{c['extra_bytes']:,} bytes), for its integer kernels")
+    else:
+        wide = f"{len(c['int8'])} sub-8-bit layers stored as 8-bit codes for ORT's integer kernels (+{c['extra_bytes']:,} bytes)"
+    return f"weight containers ({c['mode']}): {wide}, {len(c['smallest'])} in their smallest container"
+
+
 def _container_lines(c: dict | None) -> list[str]:
     """How sub-8-bit weight codes are stored, and what that costs."""
     if not c or not (c["int8"] or c["smallest"]):
         return []
-    lines = [f"- weight containers ({c['mode']}): {len(c['int8'])} sub-8-bit layers stored as 8-bit codes for ORT's "
-             f"integer kernels (+{c['extra_bytes']:,} bytes), {len(c['smallest'])} in their smallest container"]
-    lines += [f"  - stored as 8-bit but not fused: {node} ({kernel})" for node, kernel in c.get("not_fused", {}).items()]
+    lines = [f"- {container_summary(c)}"]
+    lines += [f"  - read as 8-bit but not fused: {node} ({kernel})" for node, kernel in c.get("not_fused", {}).items()]
     return lines
 
 

@@ -4,17 +4,19 @@ will run it.
 Stock ONNX Runtime's CPU integer kernels (QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat)
 take 8-bit weights. It never fuses a DequantizeLinear of int4 codes into them: such a layer runs in
 float, its weights dequantized on every run (EfficientNet-Lite0 W4A8 ran 4x slower than float
-that way). The same codes stored as int8 (int4 code k as int8 k, uint4 as uint8, same scale and
-zero point) are the same levels and the same model, and ORT fuses the layer into its integer
-kernel, at half a byte more per weight.
+that way). The same codes as int8 (int4 code k as int8 k, uint4 as uint8, same scale and zero
+point) are the same levels and the same model, and ORT fuses the layer into its integer kernel.
+They need not be int8 in the file: a Cast of a constant is folded when ORT loads the model, so
+int4 codes behind a Cast to int8 reach the fusion as an int8 initializer.
 
 Modes (`ptq export --container`):
-  auto  int8 where an integer kernel then runs: the layer reads an 8-bit quantized activation.
-        Elsewhere the smallest container: a weight-only layer gains nothing from int8 codes (ORT
-        dequantizes, folds or repacks them whatever holds them), so int8 would only cost size. Weight-only int4 MatMuls are MatMulNBits' to
-        run (see `weight_only`).
-  int8  every sub-8-bit weight, wherever it is read.
-  int4  each format's smallest container (int4 for 2-4-bit integers): the smallest file.
+  auto  int4 in the file and int8 at load (the Cast) where an integer kernel then runs: the layer
+        reads an 8-bit quantized activation. Elsewhere the smallest container: a weight-only layer
+        gains nothing from int8 codes (ORT dequantizes, folds or repacks them whatever holds
+        them). Weight-only int4 MatMuls are MatMulNBits' to run (see `weight_only`).
+  int8  every sub-8-bit weight as int8 in the file, wherever it is read: for runtimes that do not
+        fold constants, at half a byte more per weight.
+  int4  each format's smallest container (int4 for 2-4-bit integers) and no Cast.
 
 Level-set formats (binary, ternary, pow2 up to 4 bits) are int8 codes already; exp and wider pow2
 levels need int16, which no int8 container holds exactly, so they stay. Whether the kernel ran is
@@ -26,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import ModelProto, TensorProto, numpy_helper
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
 from ..graph import Graph
@@ -42,7 +44,7 @@ NAMES = {TensorProto.INT4: "int4", TensorProto.UINT4: "uint4", TensorProto.INT8:
 @dataclass
 class Choice:
     mode: str
-    widened: dict[str, str] = field(default_factory=dict)  # node -> why its codes are stored in 8 bits
+    widened: dict[str, str] = field(default_factory=dict)  # node -> why its codes are read as 8 bits
     kept: dict[str, str] = field(default_factory=dict)     # sub-8-bit node left in the smallest container -> why
 
 
@@ -82,6 +84,8 @@ def choose(plan: Plan, mode: str, elsewhere: frozenset = frozenset()) -> Choice:
             choice.widened[layer.node] = "--container int8"
         elif integer_input(plan, layer):
             choice.widened[layer.node] = f"its input is 8-bit: ORT's integer {layer.op_type} kernel takes int8 codes"
+            if mode == "auto":
+                choice.widened[layer.node] += " (widened when ORT loads the model)"
         else:
             choice.kept[layer.node] = weight_only(layer)
     # One initializer per weight: a weight that one reader widens is widened for all of them.
@@ -93,38 +97,71 @@ def choose(plan: Plan, mode: str, elsewhere: frozenset = frozenset()) -> Choice:
     return choice
 
 
+def widened_at(mode: str) -> str:
+    """Where the chosen codes become 8-bit: in the file (`--container int8`) or when ORT loads it."""
+    return "file" if mode == "int8" else "load"
+
+
 def widen(model: ModelProto, plan: Plan, choice: Choice) -> int:
-    """Store the chosen layers' int4/uint4 codes and zero points as int8/uint8, in place. Returns the
-    bytes this adds to the model file."""
+    """Have the chosen layers' int4/uint4 codes and zero points read as int8/uint8, in place: stored
+    so, or behind a Cast that ORT folds at load. Returns the bytes this adds to the model file."""
     weights = {layer.weight for layer in plan.layers if layer.node in choice.widened}
     names = {getattr(qdq_names(w), part) for w in weights for part in ("quantized", "zero_point")}
+    narrow = [(i, t) for i, t in enumerate(model.graph.initializer) if t.name in names and t.data_type in WIDER]
+    if widened_at(choice.mode) == "load":
+        return _cast_at_load(model, [t for _, t in narrow])
     added = 0
-    for i, tensor in enumerate(model.graph.initializer):
-        if tensor.name in names and tensor.data_type in WIDER:
-            kind, dtype = WIDER[tensor.data_type]
-            values = numpy_helper.to_array(tensor)
-            wide = numpy_helper.from_array(values.astype(dtype), tensor.name)
-            assert wide.data_type == kind
-            added += wide.ByteSize() - tensor.ByteSize()
-            model.graph.initializer[i].CopyFrom(wide)
+    for i, tensor in narrow:
+        kind, dtype = WIDER[tensor.data_type]
+        wide = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(dtype), tensor.name)
+        assert wide.data_type == kind
+        added += wide.ByteSize() - tensor.ByteSize()
+        model.graph.initializer[i].CopyFrom(wide)
     return added
+
+
+def _cast_at_load(model: ModelProto, tensors: list[TensorProto]) -> int:
+    """Every reader of each tensor reads a Cast of it to its 8-bit type instead; the Casts go first, as
+    their inputs are initializers. Returns the bytes this adds to the serialized graph."""
+    wide = {t.name: f"{t.name}_8bit" for t in tensors}
+    casts = [helper.make_node("Cast", [t.name], [wide[t.name]], name=f"{t.name}_Cast", to=WIDER[t.data_type][0])
+             for t in tensors]
+    readers = [node for node in model.graph.node if any(x in wide for x in node.input)]
+    before = sum(_field_bytes(node) for node in readers)
+    for node in readers:
+        node.input[:] = [wide.get(x, x) for x in node.input]
+    added = sum(_field_bytes(node) for node in readers + casts) - before
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return added
+
+
+def _field_bytes(message) -> int:
+    """A message's bytes as a field of its parent: tag, length and body."""
+    size = message.ByteSize()
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
 def record(choice: Choice, extra_bytes: int) -> dict:
     """The card's account of the choice and its size cost."""
     return {"mode": choice.mode, "int8": dict(choice.widened), "smallest": dict(choice.kept),
-            "extra_bytes": int(extra_bytes)}
+            "extra_bytes": int(extra_bytes), "widened_at": widened_at(choice.mode)}
 
 
 def stored_types(model: ModelProto, plan: Plan) -> dict[str, str]:
-    """{node: the ONNX type holding its weight}: the codes' initializer behind a DequantizeLinear,
-    or the weight itself when it stayed float."""
+    """{node: the ONNX type holding its weight}: the codes' initializer behind a DequantizeLinear
+    (with the type a Cast widens it to at load), or the weight itself when it stayed float."""
     inits = {t.name: t.data_type for t in model.graph.initializer}
+    cast_to = {n.input[0]: NAMES[n.attribute[0].i] for n in model.graph.node
+               if n.op_type == "Cast" and n.input and n.input[0] in inits}
     out = {}
     for layer in plan.layers:
         for name in (qdq_names(layer.weight).quantized, layer.weight):
             if name in inits:
                 out[layer.node] = NAMES.get(inits[name], TensorProto.DataType.Name(inits[name]).lower())
+                if name in cast_to:
+                    out[layer.node] += f", {cast_to[name]} at load"
                 break
     return out
 
