@@ -77,9 +77,11 @@ class FeedsRunner:
 
 
 def variants(label: str) -> list[tuple[str, dict, str]]:
-    """(row, QuantConfig options, export format) of ptqcli's rows."""
+    """(row, QuantConfig options, export format) of ptqcli's rows. "native" chooses per layer
+    (--native-layers fastest); "native, all layers" runs ptqcli's operators wherever they can."""
     rows = [("ptqcli W8A8 QDQ", {"weights": "int8"}, "qdq"), ("ptqcli W4A8 QDQ", {"weights": "int4"}, "qdq"),
-            ("ptqcli W4A8 native", {"weights": "int4"}, "native")]
+            ("ptqcli W4A8 native", {"weights": "int4"}, "native"),
+            ("ptqcli W4A8 native, all layers", {"weights": "int4"}, "native-all")]
     if label != "minilm":
         rows += [("ptqcli binary native", {"weights": "binary", "keep": ("first", "last")}, "native"),
                  ("ptqcli shift native", {"weights": "pow2:4", "keep": ("first", "last")}, "native")]
@@ -98,7 +100,8 @@ def quantize_rows(label: str, model: Path, calib_path: Path, args, tmp: Path, co
                                                                        num_samples=args.calib_samples), runs[key])
             seconds[name] = time.perf_counter() - start
         paths[name] = tmp / f"{label}.{name.split()[1].replace(':', '')}.{fmt}.onnx"
-        stages.export(runs[key], paths[name], fmt=fmt, latency=False)
+        stages.export(runs[key], paths[name], fmt=fmt.removesuffix("-all"), latency=False,
+                      native_layers="all" if fmt.endswith("-all") else "fastest")
     return paths, seconds
 
 

@@ -73,6 +73,10 @@ ContainerOpt = Annotated[str, typer.Option(
     "--container", help="Integer type holding sub-8-bit weight codes: auto (int4 in the file, widened to int8 when ORT loads "
                         "it where its integer kernels then run, i.e. the layer's input is quantized), int8 (widened in the "
                         "file, for runtimes that do not fold constants), or int4 (no widening).")]
+NativeLayersOpt = Annotated[str, typer.Option(
+    "--native-layers", help="With --format native: fastest (layers reading an 8-bit quantized activation go to ORT's "
+                            "integer kernels, which run them faster, the rest to ptqcli's operators) or all (every "
+                            "layer a ptqcli operator takes).")]
 FormatOpt = Annotated[str, typer.Option(
     "--format", help="qdq: QuantizeLinear/DequantizeLinear pairs any ONNX Runtime runs (block-wise weight-only MatMuls "
                      "as its MatMulNBits); onnx: standard ONNX ops only (block-wise DequantizeLinear, opset 21); native: int2-int4, "
@@ -197,11 +201,12 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
 @user_errors
 def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", help="Quantized model to write.")],
            eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
-           latency: LatencyOpt = True, container: ContainerOpt = "auto"):
+           latency: LatencyOpt = True, container: ContainerOpt = "auto", native_layers: NativeLayersOpt = "fastest"):
     """Write the quantized model from a run directory and measure its fidelity against the float model."""
     from . import stages
 
-    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container)
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container,
+                                native_layers)
     _print_fidelity(fidelity)
     _print_native(output)
     _print_container(output)
@@ -230,7 +235,8 @@ def _streams(model: Path, quant, data_cfg, fmt: str, stream: bool | None, eval_d
 
 
 def _print_native(output: Path) -> None:
-    """Which layers a native export turned into ptqcli operators, and why the others stayed QDQ."""
+    """Which layers a native export turned into ptqcli operators, and why the others stayed QDQ
+    (layers kept for one reason listed together)."""
     import json
     from collections import Counter
 
@@ -240,9 +246,13 @@ def _print_native(output: Path) -> None:
     if not native:
         return
     ops = Counter(native["replaced"].values())
-    out.print("native operators: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
+    out.print("native operators: " + (", ".join(f"{op} x{n}" for op, n in sorted(ops.items())) or "none"))
+    by_reason: dict[str, list[str]] = {}
     for node, why in native["kept"].items():
-        out.print(f"  kept as QDQ: {node} ({why})")
+        by_reason.setdefault(why, []).append(node)
+    for why, nodes in by_reason.items():
+        named = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+        out.print(f"  kept as QDQ: {named} ({why})")
 
 
 def _print_container(output: Path) -> None:
@@ -315,7 +325,8 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
              block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None, keep: KeepOpt = None,
              float_zero_points: FloatZeroOpt = None, act_order: ActOrderOpt = None,
              eval_data: EvalDataOpt = None, eval_samples: EvalSamplesOpt = 1000, fmt: FormatOpt = "qdq",
-             latency: LatencyOpt = True, container: ContainerOpt = "auto", stream: StreamOpt = None):
+             latency: LatencyOpt = True, container: ContainerOpt = "auto", stream: StreamOpt = None,
+             native_layers: NativeLayersOpt = "fastest"):
     """Calibrate and export in one go."""
     from dataclasses import replace
 
@@ -340,11 +351,11 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     check_writable(output)
     if eval_data is not None:
         stages.check_data(model, eval_data, replace(data_cfg, path=eval_data), eval_samples)
-    if container not in stages.CONTAINERS:
-        raise PtqError(f"unknown container '{container}' (known: {', '.join(stages.CONTAINERS)})")
+    stages.check_export_options(fmt, container, native_layers)
     plan = stages.calibrate(model, quant, data_cfg, run, rich_progress)
     out.print(plan_table(plan))
-    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container)
+    _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container,
+                                native_layers)
     _print_fidelity(fidelity)
     _print_native(output)
     _print_container(output)

@@ -492,19 +492,26 @@ def layer_input_axes(g: Graph, sel, quant: QuantConfig) -> dict[str, int]:
 
 
 EXPORT_FORMATS = ("qdq", "onnx", "native")
-CONTAINERS = containers.MODES
+def check_export_options(fmt: str, container: str, native_layers: str) -> None:
+    """Refuse an unknown export choice before any work is done."""
+    from .export.native import LAYER_CHOICES
+
+    for option, value, known in (("export format", fmt, EXPORT_FORMATS), ("container", container, containers.MODES),
+                                 ("--native-layers", native_layers, LAYER_CHOICES)):
+        if value not in known:
+            raise PtqError(f"unknown {option} '{value}' (known: {', '.join(known)})")
 
 
 def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = None, eval_samples: int = 1000,
            progress: Progress = silent, fmt: str = "qdq", latency: bool = True,
-           container: str = "auto") -> tuple[Plan, Fidelity | None]:
+           container: str = "auto", native_layers: str = "fastest") -> tuple[Plan, Fidelity | None]:
     """Build the quantized model (QDQ, or with ptqcli's native operators), measure it against the float
     model on held-out data (and time both at batch 1 unless `latency` is off), then write the model,
     fidelity.json and the card. Everything is measured before anything is written, so bad evaluation
     data leaves nothing behind. `container` stores sub-8-bit weight codes for the kernel that will run
-    them (export/container.py)."""
-    if fmt not in EXPORT_FORMATS:
-        raise PtqError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
+    them (export/container.py); `native_layers` says which layers the native format replaces
+    (export/native.py)."""
+    check_export_options(fmt, container, native_layers)
     loaded = rundir.load_run(run_dir)
     check_writable(out_path)
     run, plan, g = loaded.path, loaded.plan, loaded.graph
@@ -514,17 +521,18 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
         rundir.write_json(run / "branches.json", branch_outcome)
     native = None
     if fmt == "native":
-        from .export.native import export_native
+        from .export.native import export_native, left_to_ort
         from .nativelib import require_library
 
         require_library()
-        quantized, report = export_native(quantized, g, plan)
-        if not report.replaced:
+        leave = left_to_ort(plan, native_layers)
+        quantized, report = export_native(quantized, g, plan, leave)
+        if not report.replaced and not leave:
             first = next(iter(report.kept.items()), None)
             why = f"; {first[0]}: {first[1]}" if first else ""
             raise PtqError("no layer has a native kernel (native export runs int2-int4, binary, ternary and pow2 up to "
                            f"4 bits, and int8 LSTMs){why}; use --format qdq")
-        native = {"replaced": report.replaced, "kept": report.kept}
+        native = {"replaced": report.replaced, "kept": report.kept, "layers": native_layers}
     choice = containers.choose(plan, container, frozenset(native["replaced"] if native else ()))
     extra_bytes = containers.widen(quantized, plan, choice)
     # Loaded by ORT before anything is measured or written: a model it refuses is never saved.

@@ -6,6 +6,14 @@ Int4*; pow2 up to 4 bits: Shift*) and its input is either
 float (then quantized per row by the operator) or an 8-bit per-tensor QuantizeLinear output (then
 consumed as integers with that scale and zero point, exactly like the QDQ pair it replaces). A zero
 Pad between that QuantizeLinear and its float source joins the convolution's own pads.
+
+Layer choice (`ptq export --native-layers`): with `fastest`, a Conv/Gemm/MatMul whose input is an
+8-bit quantized activation and whose weights are int2-int4 codes stays QDQ, for ORT's integer
+kernels (QLinearConv, QGemm, MatMulIntegerToFloat) to run on the codes widened at load
+(export/container.py): on every model measured they ran it faster than the native operator
+(bench/results/native_models.md), from a file of about the same size. Level-set codes (binary,
+ternary, pow2) are 8-bit in a QDQ file, so those layers stay native. `all` replaces every layer a
+kernel takes.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Callable
 import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
+from ..errors import PtqError
 from ..geometry import MATRIX_OPS, flat_rows, geometry, kernel_attributes, native_unsupported
 from ..graph import Graph, clone, keep_only, reads
 from ..ops import attr
@@ -27,6 +36,7 @@ from ..calibrate.lstm import eligible as lstm_eligible, weight_codes
 from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
+from .container import integer_input
 from .nbits import NBITS_SUFFIX
 from .qdq import qdq_names
 
@@ -113,8 +123,32 @@ def _weight(g: Graph, layer: Layer, tq: TensorQuant) -> np.ndarray:
     return np.asarray(original if tq.value is None else tq.value, dtype=np.float32).reshape(original.shape)
 
 
-def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, NativeReport]:
-    """A copy of the QDQ model with every supported layer replaced by its ptqcli operator."""
+LAYER_CHOICES = ("fastest", "all")
+ORT_INTEGER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def left_to_ort(plan: Plan, choice: str) -> dict[str, str]:
+    """{node: why} of the layers `choice` leaves to ORT's integer kernels (see the module's doc)."""
+    if choice not in LAYER_CHOICES:
+        raise PtqError(f"unknown --native-layers '{choice}' (known: {', '.join(LAYER_CHOICES)})")
+    if choice == "all":
+        return {}
+    left = {}
+    for layer in plan.layers:
+        tq = plan.tensors.get(layer.weight)
+        if (layer.op_type in ORT_INTEGER_OPS and tq is not None and tq.role == "weight" and _family(tq) is not None
+                and not tq.spec.block_size and tq.spec.scheme == "int" and tq.spec.storage_bits == 4
+                and integer_input(plan, layer)):
+            left[layer.node] = (f"ORT's integer {layer.op_type} kernel runs its 8-bit input faster "
+                                "(--native-layers all to replace it)")
+    return left
+
+
+def export_native(qdq: ModelProto, g: Graph, plan: Plan,
+                  leave: dict[str, str] | None = None) -> tuple[ModelProto, NativeReport]:
+    """A copy of the QDQ model with every supported layer replaced by its ptqcli operator, except
+    those in `leave` ({node: why}, left_to_ort)."""
+    leave = leave or {}
     model = clone(qdq)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     report = NativeReport({}, {})
@@ -126,7 +160,10 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan) -> tuple[ModelProto, Na
         if node.name in dropped:
             continue
         layer = layers.get(node.name.removesuffix(NBITS_SUFFIX) if node.op_type == "MatMulNBits" else node.name)
-        if layer is not None and node.op_type == "LSTM":
+        if layer is not None and layer.node in leave:
+            report.kept[layer.node] = leave[layer.node]
+            replacement = None
+        elif layer is not None and node.op_type == "LSTM":
             replacement = _replace_lstm(node, layer, g, plan, new_inits, report)
         elif layer is None or node.op_type not in (*MATRIX_OPS, "MatMulNBits") or layer.weight not in plan.tensors:
             replacement = None

@@ -43,7 +43,7 @@ def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, acts, o
     stages.calibrate(FASHION, quant, DataConfig(path=str(CALIB), num_samples=256), run)
     qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
     stages.export(run, qdq, str(TEST), 1000)
-    stages.export(run, native, str(TEST), 1000, fmt="native")
+    stages.export(run, native, str(TEST), 1000, fmt="native", native_layers="all")
 
     data = np.load(TEST)
     x, labels = data["input"][:1000].astype(np.float32), data["labels"][:1000]
@@ -88,7 +88,7 @@ def test_native_export_of_an_int8_plan_is_a_one_line_error(tmp_path, tiny_cnn, t
     run = tmp_path / "run"
     stages.calibrate(tiny_cnn, QuantConfig(), DataConfig(path=str(tiny_data), num_samples=32), run)
     out = tmp_path / "m.onnx"
-    result = CliRunner().invoke(app, ["export", str(run), "-o", str(out), "--format", "native"])
+    result = CliRunner().invoke(app, ["export", str(run), "-o", str(out), "--format", "native", "--native-layers", "all"])
     assert result.exit_code == 1
     assert "no layer has a native kernel" in result.output and "Traceback" not in result.output
     assert not out.exists()
@@ -100,7 +100,7 @@ def test_ptq_run_opens_native_models_and_reports_top1(tmp_path, tiny_cnn, tiny_d
     run = tmp_path / "run"
     stages.calibrate(FASHION, QuantConfig(weights="int4"), DataConfig(path=str(CALIB), num_samples=64), run)
     native = tmp_path / "n.onnx"
-    exported = CliRunner().invoke(app, ["export", str(run), "-o", str(native), "--format", "native"])
+    exported = CliRunner().invoke(app, ["export", str(run), "-o", str(native), "--format", "native", "--native-layers", "all"])
     assert exported.exit_code == 0, exported.output
     assert "native operators: Int4Conv x3, Int4Gemm x2" in exported.output
     saved = tmp_path / "outs.npz"
@@ -122,7 +122,7 @@ def test_ptq_run_reports_a_failing_operator_in_one_line(tmp_path):
     run = tmp_path / "run"
     stages.calibrate(FASHION, QuantConfig(weights="int4"), DataConfig(path=str(CALIB), num_samples=32), run)
     native = tmp_path / "n.onnx"
-    stages.export(run, native, None, 0, fmt="native")
+    stages.export(run, native, None, 0, fmt="native", native_layers="all")
     model = onnx.load(native)
     conv = next(n for n in model.graph.node if n.op_type == "Int4Conv")
     next(a for a in conv.attribute if a.name == "K").i = 7  # no longer matches the input channels
@@ -168,7 +168,7 @@ def test_zero_pads_in_front_of_native_convs_join_their_pads(tmp_path, mode, valu
     stages.calibrate(model_path, QuantConfig(weights="int4"), DataConfig(path=str(data_path), num_samples=32), run)
     qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
     stages.export(run, qdq)
-    stages.export(run, native, fmt="native")
+    stages.export(run, native, fmt="native", native_layers="all")
 
     model = onnx.load(native)
     ops = [n.op_type for n in model.graph.node]
@@ -204,7 +204,7 @@ def test_block_wise_weight_only_matmuls_become_int4_matmul_with_groups(tmp_path,
     assert r.returncode == 0, r.stderr
     nbits, native = tmp_path / "nbits.onnx", tmp_path / "native.onnx"
     assert ptq("export", run, "-o", nbits, "--no-latency").returncode == 0
-    r = ptq("export", run, "-o", native, "--format", "native", "--no-latency")
+    r = ptq("export", run, "-o", native, "--format", "native", "--native-layers", "all", "--no-latency")
     if not replaced:
         assert r.returncode == 1 and "no layer has a native kernel" in r.stderr and not native.exists()
         return
@@ -235,7 +235,7 @@ def test_a_matmuls_bias_add_is_added_by_its_native_operator(tmp_path):
                      DataConfig(path=str(tmp_path / "calib.npz"), num_samples=64), run)
     qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
     stages.export(run, qdq, None, 0)
-    stages.export(run, native, None, 0, fmt="native")
+    stages.export(run, native, None, 0, fmt="native", native_layers="all")
     nodes = onnx.load(str(native)).graph.node
     operators = {n.name: n for n in nodes if n.op_type == "Int4MatMul"}
     assert {"q_proj", "o_proj", "ffn_in", "ffn_out"} <= set(operators)
@@ -248,3 +248,41 @@ def test_a_matmuls_bias_add_is_added_by_its_native_operator(tmp_path):
     got = nativelib.session(native).run(["hidden"], feeds)[0]
     cosine = np.sum(expected * got) / np.linalg.norm(expected) / np.linalg.norm(got)
     assert cosine > 0.999
+
+
+def test_fastest_leaves_layers_on_8bit_inputs_to_orts_integer_kernels(tmp_path):
+    """The default layer choice: the embedded CNN at W4A8 reads 8-bit activations everywhere, so ORT's
+    QLinearConv/QGemm run every layer, on int4 codes widened at load (the file stays int4-sized);
+    weight-only layers still go to the native operators."""
+    run = tmp_path / "run"
+    stages.calibrate(FASHION, QuantConfig(weights="int4"), DataConfig(path=str(CALIB), num_samples=64), run)
+    fastest, every = tmp_path / "fastest.onnx", tmp_path / "all.onnx"
+    result = CliRunner().invoke(app, ["export", str(run), "-o", str(fastest), "--format", "native", "--no-latency",
+                                      "--eval-data", str(TEST), "--eval-samples", "300"])
+    assert result.exit_code == 0, result.output
+    assert "native operators: none" in result.output
+    printed = " ".join(result.output.split())
+    assert "kept as QDQ: conv1, conv2, conv3 (ORT's integer Conv kernel runs its 8-bit input faster" in printed
+    assert "kept as QDQ: fc1, fc2 (ORT's integer Gemm kernel" in printed
+    stages.export(run, every, str(TEST), 300, fmt="native", latency=False, native_layers="all")
+    card = json.loads((tmp_path / "fastest.card.json").read_text())
+    assert card["model"]["native"]["layers"] == "fastest" and card["model"]["native"]["replaced"] == {}
+    assert [row["kernel"] for row in card["layers"]] == ["QLinearConv"] * 3 + ["QGemm"] * 2
+    assert card["model"]["container"]["widened_at"] == "load" and len(card["model"]["container"]["int8"]) == 5
+    # int4 codes in the file: near the native packing, well below the codes stored as int8
+    wide = tmp_path / "int8.onnx"
+    stages.export(run, wide, None, 0, latency=False, container="int8")
+    assert fastest.stat().st_size < 0.7 * wide.stat().st_size
+    assert fastest.stat().st_size < 1.25 * every.stat().st_size
+    every_card = json.loads((tmp_path / "all.card.json").read_text())
+    assert every_card["results"]["accuracy"]["quantized"] == pytest.approx(
+        card["results"]["accuracy"]["quantized"], abs=0.01)
+
+    weight_only = tmp_path / "wo"
+    stages.calibrate(FASHION, QuantConfig(weights="int4", acts="none"), DataConfig(path=str(CALIB), num_samples=32),
+                     weight_only)
+    out = tmp_path / "wo.onnx"
+    stages.export(weight_only, out, None, 0, fmt="native", latency=False)
+    assert {n.op_type for n in onnx.load(out).graph.node if n.domain == "ptqcli"} == {"Int4Conv", "Int4Gemm"}
+    bad = CliRunner().invoke(app, ["export", str(run), "-o", str(out), "--format", "native", "--native-layers", "some"])
+    assert bad.exit_code == 1 and "unknown --native-layers 'some' (known: fastest, all)" in bad.output
