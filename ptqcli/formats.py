@@ -160,6 +160,14 @@ def code_levels(spec: QuantSpec) -> np.ndarray:
     return np.unique(np.concatenate([-codes, codes])).astype(np.float64)
 
 
+MAX_INDEXED_LEVELS = 16
+
+
+def indexable(spec: QuantSpec) -> bool:
+    """Level-set codes that 4-bit indices into the level table can store (export/container.py)."""
+    return spec.scheme != "int" and not spec.block_size and len(code_levels(spec)) <= MAX_INDEXED_LEVELS
+
+
 def snap(w: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """w on the grid, in float: sign x scale x nearest magnitude."""
     s = _per_channel(scale, w.ndim, spec.axis)

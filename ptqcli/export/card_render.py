@@ -84,18 +84,25 @@ def render_markdown(card: dict, plot_name: str) -> str:
 
 
 def container_summary(c: dict) -> str:
-    """One line on how the sub-8-bit weight codes are stored and what that costs."""
-    if c.get("widened_at", "file") == "load":
-        wide = (f"{len(c['int8'])} sub-8-bit layers stored as int4 and widened to int8 codes when ORT loads the model "
-                f"(a Cast it folds, +{c['extra_bytes']:,} bytes), for its integer kernels")
-    else:
-        wide = f"{len(c['int8'])} sub-8-bit layers stored as 8-bit codes for ORT's integer kernels (+{c['extra_bytes']:,} bytes)"
-    return f"weight containers ({c['mode']}): {wide}, {len(c['smallest'])} in their smallest container"
+    """One line on how the sub-8-bit weight codes are stored and what that costs or saves."""
+    parts = []
+    if c["int8"] and c.get("widened_at", "file") == "load":
+        parts.append(f"{len(c['int8'])} sub-8-bit layers stored as int4 and widened to int8 codes when ORT loads the "
+                     f"model (a Cast it folds, +{c['extra_bytes']:,} bytes), for its integer kernels")
+    elif c["int8"]:
+        parts.append(f"{len(c['int8'])} sub-8-bit layers stored as 8-bit codes for ORT's integer kernels "
+                     f"(+{c['extra_bytes']:,} bytes)")
+    if c.get("indexed"):
+        parts.append(f"{len(c['indexed'])} level-set layers as 4-bit indices decoded at load "
+                     f"(-{c['saved_bytes']:,} bytes)")
+    if c["smallest"]:
+        parts.append(f"{len(c['smallest'])} in their smallest container")
+    return f"weight containers ({c['mode']}): " + ", ".join(parts)
 
 
 def _container_lines(c: dict | None) -> list[str]:
     """How sub-8-bit weight codes are stored, and what that costs."""
-    if not c or not (c["int8"] or c["smallest"]):
+    if not c or not (c["int8"] or c["smallest"] or c.get("indexed")):
         return []
     lines = [f"- {container_summary(c)}"]
     lines += [f"  - read as 8-bit but not fused: {node} ({kernel})" for node, kernel in c.get("not_fused", {}).items()]

@@ -18,9 +18,12 @@ Modes (`ptq export --container`):
         fold constants, at half a byte more per weight.
   int4  each format's smallest container (int4 for 2-4-bit integers) and no Cast.
 
-Level-set formats (binary, ternary, pow2 up to 4 bits) are int8 codes already; exp and wider pow2
-levels need int16, which no int8 container holds exactly, so they stay. Whether the kernel ran is
-measured, not assumed: export/measures.layer_kernels reads it from ORT's optimized graph.
+Level-set formats (binary, ternary, pow2, exp) have codes that are not consecutive integers: int8
+(int16 for exp and wider pow2 levels). With at most 16 levels, auto and int4 store each code as a
+4-bit index into the format's level table, and a Gather that ORT folds at load turns the indices
+back into the codes: the same kernel (ORT fuses int8 ones), half the bytes or less. Whether the
+kernel ran is measured, not assumed: export/measures.layer_kernels reads it from ORT's optimized
+graph.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
-from ..graph import Graph
+from ..formats import code_levels, indexable
+from ..graph import Graph, make_initializer
 from ..plan import Layer, Plan
 from .qdq import export_qdq, qdq_names
 
@@ -46,6 +50,7 @@ class Choice:
     mode: str
     widened: dict[str, str] = field(default_factory=dict)  # node -> why its codes are read as 8 bits
     kept: dict[str, str] = field(default_factory=dict)     # sub-8-bit node left in the smallest container -> why
+    indexed: dict[str, str] = field(default_factory=dict)  # level-set node whose codes are 4-bit indices -> why
 
 
 def integer_input(plan: Plan, layer: Layer) -> bool:
@@ -74,7 +79,12 @@ def choose(plan: Plan, mode: str, elsewhere: frozenset = frozenset()) -> Choice:
     choice = Choice(mode)
     for layer in plan.layers:
         tq = plan.tensors.get(layer.weight)
-        if tq is None or tq.role != "weight" or tq.spec.storage_bits != 4 or layer.node in elsewhere:
+        if tq is None or tq.role != "weight" or layer.node in elsewhere:
+            continue
+        if mode != "int8" and indexable(tq.spec):
+            choice.indexed[layer.node] = (f"{len(code_levels(tq.spec))} levels: 4-bit indices into the level table, "
+                                          "decoded when ORT loads the model")
+        if tq.spec.storage_bits != 4:
             continue
         if tq.spec.block_size:
             choice.kept[layer.node] = "block-wise scales: no integer kernel takes them"
@@ -95,6 +105,38 @@ def choose(plan: Plan, mode: str, elsewhere: frozenset = frozenset()) -> Choice:
         choice.widened[node] = "shares its weight with a layer stored as int8"
         del choice.kept[node]
     return choice
+
+
+def index_levels(model: ModelProto, plan: Plan, choice: Choice) -> int:
+    """Store the chosen level-set codes as uint4 indices into their level table, in place, decoded by
+    a Cast and a Gather that write the codes' old name (ORT folds both at load). Returns the bytes
+    this saves."""
+    specs = {layer.weight: plan.tensors[layer.weight].spec for layer in plan.layers if layer.node in choice.indexed}
+    codes_of = {qdq_names(w).quantized: spec for w, spec in specs.items()}
+    saved, nodes = 0, []
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name not in codes_of:
+            continue
+        codes = numpy_helper.to_array(tensor)
+        table = code_levels(codes_of[tensor.name]).astype(codes.dtype)
+        index = np.searchsorted(table, codes)
+        if not np.array_equal(table[np.minimum(index, len(table) - 1)], codes):
+            continue  # not the plan's codes (another operator stores this weight)
+        name = tensor.name
+        stored = [make_initializer(f"{name}_index", index.astype(np.uint8), TensorProto.UINT4),
+                  numpy_helper.from_array(table, f"{name}_levels")]
+        saved += tensor.ByteSize() - sum(t.ByteSize() for t in stored)
+        model.graph.initializer[i].CopyFrom(stored[0])
+        model.graph.initializer.append(stored[1])
+        nodes += [helper.make_node("Cast", [f"{name}_index"], [f"{name}_index_int32"], name=f"{name}_index_Cast",
+                                   to=TensorProto.INT32),
+                  helper.make_node("Gather", [f"{name}_levels", f"{name}_index_int32"], [name], name=f"{name}_decode",
+                                   axis=0)]
+    saved -= sum(_field_bytes(n) for n in nodes)
+    decoded = nodes + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(decoded)
+    return saved
 
 
 def widened_at(mode: str) -> str:
@@ -143,21 +185,27 @@ def _field_bytes(message) -> int:
     return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
-def record(choice: Choice, extra_bytes: int) -> dict:
-    """The card's account of the choice and its size cost."""
+def record(choice: Choice, extra_bytes: int, saved_bytes: int = 0) -> dict:
+    """The card's account of the choice, its size cost and what the level-set indices saved."""
     return {"mode": choice.mode, "int8": dict(choice.widened), "smallest": dict(choice.kept),
-            "extra_bytes": int(extra_bytes), "widened_at": widened_at(choice.mode)}
+            "extra_bytes": int(extra_bytes), "widened_at": widened_at(choice.mode),
+            **({"indexed": dict(choice.indexed), "saved_bytes": int(saved_bytes)} if choice.indexed else {})}
 
 
 def stored_types(model: ModelProto, plan: Plan) -> dict[str, str]:
     """{node: the ONNX type holding its weight}: the codes' initializer behind a DequantizeLinear
-    (with the type a Cast widens it to at load), or the weight itself when it stayed float."""
+    (with the type a Cast widens it to at load, or the level table its indices decode through), or
+    the weight itself when it stayed float."""
     inits = {t.name: t.data_type for t in model.graph.initializer}
     cast_to = {n.input[0]: NAMES[n.attribute[0].i] for n in model.graph.node
                if n.op_type == "Cast" and n.input and n.input[0] in inits}
     out = {}
     for layer in plan.layers:
-        for name in (qdq_names(layer.weight).quantized, layer.weight):
+        codes = qdq_names(layer.weight).quantized
+        if f"{codes}_index" in inits and f"{codes}_levels" in inits:
+            out[layer.node] = f"uint4 indices, {NAMES[inits[f'{codes}_levels']]} levels at load"
+            continue
+        for name in (codes, layer.weight):
             if name in inits:
                 out[layer.node] = NAMES.get(inits[name], TensorProto.DataType.Name(inits[name]).lower())
                 if name in cast_to:
@@ -170,4 +218,5 @@ def export(g: Graph, plan: Plan, mode: str = "auto", contrib_ops: bool = True) -
     """The QDQ model with each layer's codes in the container `mode` chooses; the choice; the bytes it adds."""
     model = export_qdq(g, plan, contrib_ops=contrib_ops)
     choice = choose(plan, mode)
+    index_levels(model, plan, choice)
     return model, choice, widen(model, plan, choice)

@@ -140,8 +140,8 @@ def layer_kernels(exported: ModelProto, optimized: ModelProto, plan: Plan) -> di
 def _stored_weight(layer, by_name, producers, inits) -> str | None:
     """The initializer that holds a layer's weight in the exported model: the layer's node (or what
     replaced it: MatMulNBits, MatMulInteger) reads it at input 1, directly or through a DequantizeLinear.
-    Codes widened at load (export/container.py) are followed to the Cast's output: ORT folds it into
-    an initializer of that name."""
+    Codes widened or decoded at load (export/container.py: a Cast, a Gather of a level table) are
+    followed to that node's output: ORT folds it into an initializer of that name."""
     node = next((by_name[n] for n in (layer.node, f"{layer.node}_MatMulNBits", f"{layer.node}_MatMulInteger")
                  if n in by_name), None)
     if node is None or len(node.input) < 2:
@@ -150,7 +150,13 @@ def _stored_weight(layer, by_name, producers, inits) -> str | None:
     dq = producers.get(name)
     if dq is not None and dq.op_type == "DequantizeLinear":
         name = dq.input[0]
-    cast = producers.get(name)
-    if cast is not None and cast.op_type == "Cast" and cast.input[0] in inits:
-        return name
-    return name if name in inits else None
+    return name if _constant_at_load(name, producers, inits) else None
+
+
+def _constant_at_load(name: str, producers, inits) -> bool:
+    """An initializer, or a Cast or Gather of such (folded by ORT when it loads the model)."""
+    if name in inits:
+        return True
+    node = producers.get(name)
+    return (node is not None and node.op_type in ("Cast", "Gather")
+            and all(_constant_at_load(x, producers, inits) for x in node.input))

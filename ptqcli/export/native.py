@@ -8,12 +8,11 @@ consumed as integers with that scale and zero point, exactly like the QDQ pair i
 Pad between that QuantizeLinear and its float source joins the convolution's own pads.
 
 Layer choice (`ptq export --native-layers`): with `fastest`, a Conv/Gemm/MatMul whose input is an
-8-bit quantized activation and whose weights are int2-int4 codes stays QDQ, for ORT's integer
-kernels (QLinearConv, QGemm, MatMulIntegerToFloat) to run on the codes widened at load
-(export/container.py): on every model measured they ran it faster than the native operator
-(bench/results/native_models.md), from a file of about the same size. Level-set codes (binary,
-ternary, pow2) are 8-bit in a QDQ file, so those layers stay native. `all` replaces every layer a
-kernel takes.
+8-bit quantized activation and whose weights are int2-int4 codes, or level-set codes (binary,
+ternary, pow2) stored as 4-bit indices, stays QDQ, for ORT's integer kernels (QLinearConv, QGemm,
+MatMulIntegerToFloat) to run on the codes widened or decoded at load (export/container.py): on
+every model measured they ran it faster than the native operator (bench/results/native_models.md),
+from a file of about the same size. `all` replaces every layer a kernel takes.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from ..plan import Layer, Plan, TensorQuant
 from ..quant import codes
 from ..recurrent import from_record, operator_inputs
 from ..calibrate.lstm import eligible as lstm_eligible, weight_codes
-from ..formats import native_family
+from ..formats import indexable, native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
 from .container import integer_input
@@ -137,8 +136,8 @@ def left_to_ort(plan: Plan, choice: str) -> dict[str, str]:
     for layer in plan.layers:
         tq = plan.tensors.get(layer.weight)
         if (layer.op_type in ORT_INTEGER_OPS and tq is not None and tq.role == "weight" and _family(tq) is not None
-                and not tq.spec.block_size and tq.spec.scheme == "int" and tq.spec.storage_bits == 4
-                and integer_input(plan, layer)):
+                and not tq.spec.block_size and tq.spec.storage_bits <= 8 and integer_input(plan, layer)
+                and (tq.spec.storage_bits == 4 or indexable(tq.spec))):
             left[layer.node] = (f"ORT's integer {layer.op_type} kernel runs its 8-bit input faster "
                                 "(--native-layers all to replace it)")
     return left

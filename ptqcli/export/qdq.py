@@ -29,7 +29,7 @@ from ..calibrate.select import twin_factors
 from ..plan import Layer, Plan, TensorQuant
 from ..quant import codes, quantize
 from . import binarize, nbits
-from ..formats import QuantSpec
+from ..formats import QuantSpec, indexable
 
 # DequantizeLinear of int4/uint4 needs opset 21.
 INT4_OPSET = 21
@@ -265,9 +265,10 @@ def _dynamic_matmul(node: NodeProto, layer: Layer) -> list[NodeProto]:
 
 
 def required_opset(model: ModelProto, plan: Plan, packed: frozenset = frozenset()) -> int:
-    """int4, int16 and block-wise DequantizeLinear arrived in opset 21 (`packed` weights go to
-    MatMulNBits instead, and embedding tables to Gather or GatherBlockQuantized)."""
-    needs_21 = any(t.spec.storage_bits in (4, 16) or t.spec.block_size
+    """int4, int16 and block-wise DequantizeLinear arrived in opset 21, and so did Casts of the 4-bit
+    indices level-set codes may be stored as (`packed` weights go to MatMulNBits instead, and
+    embedding tables to Gather or GatherBlockQuantized)."""
+    needs_21 = any(t.spec.storage_bits in (4, 16) or t.spec.block_size or indexable(t.spec)
                    for name, t in plan.tensors.items() if name not in packed and t.role != "embedding")
     return max(default_opset(model), INT4_OPSET if needs_21 else 13)
 

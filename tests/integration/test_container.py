@@ -168,3 +168,42 @@ def test_an_unknown_container_is_refused(tmp_path, tiny_cnn, tiny_data):
     assert_user_error(ptq("quantize", tiny_cnn, "--data", tiny_data, "--container", "int2", "-o", out),
                       "unknown container 'int2' (known: auto, int4, int8)")
     assert not out.exists() and not (tmp_path / "m.onnx.run").exists()
+
+
+@pytest.mark.parametrize("weights, table_type, fused, layers", [
+    ("pow2:4", TensorProto.INT8, True, LAYERS),
+    ("ternary", TensorProto.INT8, True, LAYERS[1:-1]),  # ternary keeps the first and last layers at int8
+    ("exp:3", TensorProto.INT16, False, LAYERS)])
+def test_level_set_codes_are_stored_as_4bit_indices_and_decoded_at_load(tmp_path, weights, table_type, fused, layers):
+    run = tmp_path / "run"
+    r = ptq("calibrate", MODEL, "--data", CALIB, "--num-samples", 64, "--weights", weights, "-o", run)
+    assert r.returncode == 0, r.stderr
+    paths = {mode: tmp_path / f"{mode}.onnx" for mode in ("auto", "int8")}
+    for mode, out in paths.items():
+        r = ptq("export", run, "-o", out, "--container", mode, "--no-latency")
+        assert r.returncode == 0, r.stderr
+    cards = {mode: read_card(card_paths(out)["json"]) for mode, out in paths.items()}
+    auto, wide = initializers(paths["auto"]), initializers(paths["int8"])
+    for node in layers:
+        codes = f"{weight_name(node)}_quantized"
+        index, table = auto[f"{codes}_index"], auto[f"{codes}_levels"]
+        assert codes not in auto and index.data_type == TensorProto.UINT4 and table.data_type == table_type
+        levels = numpy_helper.to_array(table)
+        assert len(levels) <= 16 and np.all(np.diff(levels) > 0)
+        # the indices pick out exactly the codes the int8 container stores
+        np.testing.assert_array_equal(levels[numpy_helper.to_array(index).astype(np.int64)],
+                                      numpy_helper.to_array(wide[codes]))
+    container = cards["auto"]["model"]["container"]
+    assert sorted(container["indexed"]) == sorted(layers) and container["saved_bytes"] > 0
+    assert "indexed" not in cards["int8"]["model"]["container"]
+    assert paths["int8"].stat().st_size - paths["auto"].stat().st_size == pytest.approx(container["saved_bytes"], abs=16)
+    assert [row["node"] for row in cards["auto"]["layers"] if row["container"].startswith("uint4 indices")] == layers
+    kernels = [[row["kernel"] for row in cards[mode]["layers"]] for mode in paths]
+    assert kernels[0] == kernels[1]  # the same kernels run, from the smaller file
+    assert all(k in INTEGER_KERNELS for k in kernels[0]) == fused
+    ops = optimized_op_counts(onnx.load(str(paths["auto"])))
+    assert "Gather" not in ops and "Cast" not in ops  # decoded once, when ORT loaded the model
+    feeds = {"input": np.load(TEST)["input"][:16]}
+    for optimize in (False, True):
+        runs = [session(onnx.load(str(p)), optimize=optimize).run(None, feeds)[0] for p in paths.values()]
+        np.testing.assert_array_equal(runs[0], runs[1])

@@ -286,3 +286,17 @@ def test_fastest_leaves_layers_on_8bit_inputs_to_orts_integer_kernels(tmp_path):
     assert {n.op_type for n in onnx.load(out).graph.node if n.domain == "ptqcli"} == {"Int4Conv", "Int4Gemm"}
     bad = CliRunner().invoke(app, ["export", str(run), "-o", str(out), "--format", "native", "--native-layers", "some"])
     assert bad.exit_code == 1 and "unknown --native-layers 'some' (known: fastest, all)" in bad.output
+
+
+def test_fastest_leaves_pow2_layers_on_8bit_inputs_to_ort_from_4bit_indices(tmp_path):
+    run = tmp_path / "run"
+    stages.calibrate(FASHION, QuantConfig(weights="pow2:4"), DataConfig(path=str(CALIB), num_samples=64), run)
+    fastest, every = tmp_path / "fastest.onnx", tmp_path / "all.onnx"
+    stages.export(run, fastest, str(TEST), 300, fmt="native", latency=False)
+    stages.export(run, every, str(TEST), 300, fmt="native", latency=False, native_layers="all")
+    ops = [{n.op_type for n in onnx.load(p).graph.node if n.domain == "ptqcli"} for p in (fastest, every)]
+    assert ops == [set(), {"ShiftConv", "ShiftGemm"}]
+    card = json.loads((tmp_path / "fastest.card.json").read_text())
+    assert [row["kernel"] for row in card["layers"]] == ["QLinearConv"] * 3 + ["QGemm"] * 2
+    assert len(card["model"]["container"]["indexed"]) == 5
+    assert fastest.stat().st_size < 1.25 * every.stat().st_size
