@@ -159,6 +159,10 @@ class QuantConfig:
     # SmoothQuant on normalized activations read by GEMMs (calibrate/smooth.py); the loss that
     # picks each tensor's strength runs on the activation rows of this many samples.
     smooth: bool = True
+    # The same for Conv inputs written by a Mul by a constant (the end of a hard-swish): evens out
+    # depthwise-separable CNNs' channels, but the hard-swish before each smoothed Conv input then
+    # runs in float (smooth.float_tails), which costs speed: off unless asked.
+    smooth_convs: bool = False
     # Embedding tables (a float table that only Gathers read by id): int8 with one scale per row,
     # int4 in blocks along each row (GatherBlockQuantized), left float, or tied: a table that is the
     # transpose of a block-wise MatMul weight (an output projection sharing the token embeddings)

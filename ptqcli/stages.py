@@ -13,6 +13,7 @@ from .calibrate.data import count_samples, iter_batches, model_inputs, runs_with
 from .parallel import Workers
 from .calibrate.planner import build_plan, requantize_biases
 from .calibrate.select import select
+from .calibrate.smooth import float_tails
 from .config import DataConfig, QuantConfig, ReduceRange, Rounding, cpu_name, to_jsonable
 from .formats import learns_rounding
 from .errors import PtqError
@@ -64,7 +65,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         # The plan and card record what `auto` resolved to, so a recipe replays identically.
         chose = "probed this CPU's int8 kernels" if quant.reduce_range is ReduceRange.auto else "set by the user"
         quant = replace(quant, reduce_range=ReduceRange.on if quant.resolved_reduce_range() else ReduceRange.off)
-        sel = select(g, quant)
+        sel = select(g, quant, float_tails(smoothing))
         stats, seen = observe(g, sel, quant, data, inputs, progress, workers, run) if has_data else ({}, 0)
         extra = {"data": to_jsonable(recorded), "samples_seen": seen, "reduce_range_choice": chose,
                  "rounding_choice": rounding_choice}
@@ -152,12 +153,12 @@ def activation_moments(g: Graph, quant: QuantConfig, data: DataConfig, inputs, p
     from .calibrate.moments import channel_moments
     from .calibrate.smooth import moments_wanted
 
-    tensors, grams, rows_of = moments_wanted(g, quant)
+    tensors, grams, rows_of, axes = moments_wanted(g, quant)
     if not tensors and not grams:
         return {}
     with progress("activation moments", samples_to_read(data, inputs, data.num_samples)) as advance:
         batches = iter_batches(data.path, inputs, data, limit=data.num_samples, model=g.model)
-        moments, _ = channel_moments(g, tensors, batches, grams, rows_of, quant.smooth_samples, advance)
+        moments, _ = channel_moments(g, tensors, batches, grams, rows_of, quant.smooth_samples, advance, axes)
     return moments
 
 
@@ -165,7 +166,7 @@ def smooth(g: Graph, quant: QuantConfig, data: DataConfig, inputs, moments: dict
     """SmoothQuant folded into the float graph before anything is observed (calibrate/smooth.py)."""
     from .calibrate.smooth import smooth as smooth_graph, smoothing_groups
 
-    if not smoothing_groups(g):
+    if not smoothing_groups(g, quant.smooth_convs):
         return g, {}
     return smooth_graph(g, quant, smoothing_check_batches(g, data, inputs), moments)
 

@@ -316,6 +316,43 @@ def hardswish_cnn_model(seed: int = 0, channels: int = 8) -> ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
+def depthwise_hardswish_model(seed: int = 0, channels: int = 16) -> ModelProto:
+    """Conv whose output channels differ in scale by three decades (as BatchNorm folding leaves a
+    depthwise-separable net's) -> hard-swish (x * clip(x + 3, 0, 6) / 6) -> depthwise 3x3 Conv ->
+    hard-swish -> 1x1 Conv -> GAP -> Flatten."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    spread = np.logspace(-1.5, 1.5, c).astype(np.float32)[rng.permutation(c)]
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (c, 3, 3, 3)).astype(np.float32) * spread[:, None, None, None], "w1"),
+        numpy_helper.from_array((rng.normal(0, 0.1, c) * spread).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (c, 1, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b2"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, c, 1, 1)).astype(np.float32), "w3"),
+        numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+    ]
+    n = helper.make_node
+
+    def hardswish(x: str, y: str) -> list:
+        return [n("Add", [x, "three"], [f"{y}_x3"], name=f"{y}_add"),
+                n("Clip", [f"{y}_x3", "lo", "hi"], [f"{y}_gate"], name=f"{y}_clip"),
+                n("Mul", [x, f"{y}_gate"], [f"{y}_xg"], name=f"{y}_mul"),
+                n("Div", [f"{y}_xg", "six"], [y], name=f"{y}_div")]
+
+    nodes = [n("Conv", ["input", "w1", "b1"], ["x"], name="conv1", pads=[1, 1, 1, 1]), *hardswish("x", "hs1"),
+             n("Conv", ["hs1", "w2", "b2"], ["d"], name="depthwise", pads=[1, 1, 1, 1], group=c), *hardswish("d", "hs2"),
+             n("Conv", ["hs2", "w3"], ["c3"], name="pointwise"),
+             n("GlobalAveragePool", ["c3"], ["pooled"], name="gap"),
+             n("Flatten", ["pooled"], ["out"], name="flatten")]
+    graph = helper.make_graph(nodes, "depthwise_hardswish",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def fused_attention_model(seed: int = 0, seq: int = 8, hidden: int = 16, heads: int = 2) -> ModelProto:
     """A block as ORT's transformer optimizer writes it: com.microsoft Attention (QKV weight
     [hidden, 3 * hidden], bias, mask index) -> MatMul -> Add residual."""

@@ -24,7 +24,8 @@ from .data import Batch
 
 @dataclass(frozen=True)
 class ChannelMoments:
-    """What the pass saw of one activation, channels on its last axis."""
+    """What the pass saw of one activation, per channel (its last axis unless channel_moments was
+    told otherwise)."""
 
     absmax: np.ndarray  # per channel, over every sample
     lo: np.ndarray  # per-channel minimum and maximum
@@ -34,12 +35,22 @@ class ChannelMoments:
 
 
 
+# Sample rows kept per sample and tensor, at most (evenly strided beyond): a sentence has a few
+# hundred, a CNN's feature map (channels not last) 10^5 pixels, of which a sample of a few hundred
+# describes the channels' spread well enough.
+ROWS_PER_SAMPLE = 1024
+PIXELS_PER_SAMPLE = 256
+
+
 def channel_moments(g: Graph, tensors: list[str], batches: Iterable[Batch], grams: set[str] = frozenset(),
                     rows_of: set[str] = frozenset(), row_samples: int = 0,
-                    advance: Callable[[int], None] = lambda n: None) -> tuple[dict[str, ChannelMoments], int]:
+                    advance: Callable[[int], None] = lambda n: None,
+                    channel_axes: dict[str, int] | None = None) -> tuple[dict[str, ChannelMoments], int]:
     """Per-channel extremes of `tensors` over all batches, Gram matrices of those in `grams` (which
-    need not be in `tensors`), the rows of the first `row_samples` samples of those in `rows_of`;
-    and the samples seen."""
+    need not be in `tensors`), the rows of the first `row_samples` samples of those in `rows_of`
+    (evenly strided beyond ROWS_PER_SAMPLE, or PIXELS_PER_SAMPLE, a sample); and the samples seen.
+    Channels are each tensor's last axis, or the one `channel_axes` names."""
+    channel_axes = channel_axes or {}
     outputs = list(dict.fromkeys([*tensors, *rows_of, *grams]))
     sess = session_with_weights(truncated(shell(g.model), outputs), g.model, spinning=False)
     absmax: dict[str, np.ndarray] = {}
@@ -52,6 +63,8 @@ def channel_moments(g: Graph, tensors: list[str], batches: Iterable[Batch], gram
     # computing them: runs do not overlap, so only one run's outputs are ever held.
     for batch, values in stream(sess, outputs, batches, overlap=False):
         for name, value in zip(outputs, values):
+            if name in channel_axes:
+                value = np.moveaxis(value, channel_axes[name], -1)
             if name in grams:
                 _accumulate(sums, name, gram(value))
             if name not in tensors and name not in rows_of:
@@ -62,7 +75,10 @@ def channel_moments(g: Graph, tensors: list[str], batches: Iterable[Batch], gram
             hi[name] = np.maximum(hi.get(name, -np.inf), flat.max(axis=0))
             if name in rows and seen < row_samples:
                 keep = min(batch.size, row_samples - seen)
-                rows[name].append(value[:keep].reshape(-1, value.shape[-1]).astype(np.float32))
+                kept = value[:keep].reshape(-1, value.shape[-1])
+                cap = PIXELS_PER_SAMPLE if name in channel_axes else ROWS_PER_SAMPLE
+                step = max(1, -(-len(kept) // (cap * keep)))
+                rows[name].append(kept[::step].astype(np.float32))
         del values  # before the next run is computed
         seen += batch.size
         advance(batch.size)

@@ -62,10 +62,13 @@ def erf_gelus(g: Graph) -> list[str]:
     return found
 
 
-def select(g: Graph, cfg: QuantConfig) -> Selection:
+def select(g: Graph, cfg: QuantConfig, keep_float: dict[str, str] | None = None) -> Selection:
+    """`keep_float`: {node: why} of nodes an earlier step needs in float (smooth.float_tails)."""
     layers: list[Layer] = []
     acts: dict[str, None] = {}  # an ordered set
     float_nodes: dict[str, str] = dict.fromkeys(erf_gelus(g), GELU_REASON) if cfg.static_acts else {}
+    if cfg.static_acts:
+        float_nodes.update(keep_float or {})
     constants: dict[str, None] = {}  # an ordered set
     excluded_nodes, excluded_ops = set(cfg.exclude_nodes), set(cfg.exclude_ops)
     outputs = set(g.output_names)

@@ -13,6 +13,13 @@ no node is added. Where X has other readers (the residual Add of a post-norm enc
 the original through one Mul by s. The smoothed
 float model is checked against the original on calibration samples before anything is quantized.
 
+Convolutions get the same treatment (the per-tensor activation problem of depthwise-separable
+CNNs, whose channels' ranges differ by orders of magnitude): an activation written by a Mul by a
+constant (the end of a hard-swish, x * relu6(x + 3) / 6) and read by Convs (dense or depthwise)
+has that constant turned into a per-channel one, and the Convs' weights absorb s along their input
+channels. A depthwise Conv's weights are scaled per output channel, which per-channel weight
+scales absorb at no cost, so its grid of alphas reaches 1 (every channel's range equalized).
+
 In weight-only plans the same search is activation-aware weight scaling (as in AWQ): X stays float,
 and the factors only decide which input channels' weights get the finer grid, judged by the GEMMs'
 output error with their weights on the planned (block-wise) grid.
@@ -37,6 +44,8 @@ from .segments import run_piecewise
 from .planner import activation_spec, quantize_weight, weight_spec
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+CONV_ALPHAS = (*ALPHAS, 0.9, 1.0)
+CHANNELS_LAST, CHANNELS_FIRST = -1, 1  # where a group's activation has its channels (GEMM, Conv)
 LOSS_COLUMNS = 2048  # output columns per product in the loss
 SAMPLED_COLUMNS = 512  # columns per weight in the weight-only loss
 # The smoothed model may differ from the original by float rounding only (relative squared error).
@@ -52,6 +61,9 @@ class SmoothGroup:
     weights: tuple[str, ...]  # their constant weights, one each
     in_axes: tuple[int, ...]  # each weight's axis over input channels
     shared: bool  # `tensor` has readers besides the GEMMs (or is a graph output)
+    channel_axis: int = CHANNELS_LAST  # of `tensor`: CHANNELS_FIRST when Convs read it
+    depthwise: tuple[bool, ...] = ()  # per weight, for Convs: one input channel per output channel
+    spatial_dims: int = 0  # axes after the channels (a Conv's input: 2 for NCHW)
 
 
 def _gemm_weight(g: Graph, node, tensor: str) -> tuple[str, int] | None:
@@ -67,6 +79,48 @@ def _gemm_weight(g: Graph, node, tensor: str) -> tuple[str, int] | None:
     if w is None or w.ndim != 2 or not g.is_float(weight) or len(g.consumers.get(weight, [])) != 1:
         return None
     return weight, info.weight_in_axis(node) % 2
+
+
+def _conv_weight(g: Graph, node, tensor: str) -> tuple[str, int, bool] | None:
+    """(weight, input-channel axis, depthwise) of a dense or depthwise Conv that reads `tensor` as
+    its input and a constant weight nothing else reads."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or node.input[0] != tensor or len(node.input) < 2:
+        return None
+    weight = node.input[1]
+    w = g.constant(weight) if weight in g.initializers else None
+    if w is None or w.ndim < 3 or not g.is_float(weight) or len(g.consumers.get(weight, [])) != 1:
+        return None
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if group == 1:
+        return weight, 1, False
+    if w.shape[1] == 1 and group == w.shape[0]:
+        return weight, 0, True
+    return None
+
+
+def _scalar_mul_tail(g: Graph, node) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]] | None:
+    """A Mul by a one-element constant: per-channel factors along any axis can replace it."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    slots = [i for i, name in enumerate(node.input) if name in g.initializers and g.is_float(name)
+             and g.constant(name).size == 1]
+    return ((node.name,), ((node.name, slots[0]),)) if len(slots) == 1 else None
+
+
+def _conv_group(g: Graph, node) -> SmoothGroup | None:
+    """The Convs reading a scalar Mul's output (_scalar_mul_tail), all with the same input channels."""
+    tail = _scalar_mul_tail(g, node)
+    if tail is None:
+        return None
+    tensor = node.output[0]
+    readers = g.consumers.get(tensor, [])
+    found = [(r.name, *hit) for r in readers if (hit := _conv_weight(g, r, tensor)) is not None]
+    channels = {g.constant(w).shape[axis] for _, w, axis, _ in found}
+    if not found or len(channels) != 1:
+        return None
+    names, weights, axes, depthwise = zip(*found)
+    return SmoothGroup(tensor, *tail, names, weights, axes, len(readers) > len(found) or tensor in g.output_names,
+                       CHANNELS_FIRST, depthwise, g.constant(weights[0]).ndim - 2)
 
 
 def _channel_vector(g: Graph, name: str) -> np.ndarray | None:
@@ -118,15 +172,21 @@ def _decomposed_tail(g: Graph, node) -> tuple[tuple[str, ...], tuple[tuple[str, 
     return (mul.name, node.name), ((mul.name, gamma), (node.name, slot)), k
 
 
-def smoothing_groups(g: Graph) -> list[SmoothGroup]:
+def smoothing_groups(g: Graph, convs: bool = False) -> list[SmoothGroup]:
     """Every per-channel affine tail (a normalization's scale and bias, fused or decomposed) whose
-    output some GEMMs read directly with constant weights."""
+    output some GEMMs read directly with constant weights, and with `convs` every scalar Mul whose
+    output Convs read (_conv_group)."""
     groups = []
     outputs = set(g.output_names)
     for node in g.graph.node:
         if not node.output:
             continue
         tail = _normalization_tail(g, node) or _decomposed_tail(g, node)
+        if convs and (tail is None or tail[2] == 1):
+            conv = _conv_group(g, node)
+            if conv is not None:
+                groups.append(conv)
+                continue
         if tail is None:
             continue
         nodes, params, channels = tail
@@ -158,13 +218,17 @@ def _fake_quant_weight(w: np.ndarray, cfg: QuantConfig) -> np.ndarray:
     return dequantize(quantize(w, tq.scale, tq.zero_point, tq.spec), tq.scale, tq.zero_point, tq.spec)
 
 
-def group_loss(stats: ChannelMoments, weights: list[np.ndarray], s: np.ndarray, cfg: QuantConfig) -> float:
+def group_loss(stats: ChannelMoments, weights: list[np.ndarray], s: np.ndarray, cfg: QuantConfig,
+               per_row: bool = True, depthwise: tuple[bool, ...] = ()) -> float:
     """Summed relative output error of the group's GEMMs with X / s and diag(s) W quantized; the
     activation's per-tensor range is its min-max over all samples, from the per-channel extremes.
     Weight-only plans (`acts none`) leave X in float: the factors then only decide which input
     channels' weights get the finer grid, as activation-aware weight quantization (AWQ) does; with
     X's Gram matrix at hand `choose` measures that error as a quadratic form instead (`_gram_loss`:
-    over every sample, and cheaper than the products when there are more rows than channels)."""
+    over every sample, and cheaper than the products when there are more rows than channels).
+    `per_row` off: one relative error over all rows (a CNN's pixels, many of them near zero,
+    whose relative errors would swamp the rest). A `depthwise` weight [C, taps] multiplies each
+    channel by its own taps (its grid one scale per channel)."""
     x = stats.rows / s
     xq = x
     if cfg.acts.value != "none":
@@ -172,7 +236,14 @@ def group_loss(stats: ChannelMoments, weights: list[np.ndarray], s: np.ndarray, 
         scale, zp = scale_zero_point(np.asarray((stats.lo / s).min()), np.asarray((stats.hi / s).max()), spec)
         xq = dequantize(quantize(x, scale, zp, spec), scale, zp, spec)
     total = 0.0
-    for w in weights:  # [K, N]
+    for w, alone in zip(weights, depthwise or (False,) * len(weights)):  # [K, N]
+        if alone:
+            wq = _fake_quant_weight((w * s[:, None]).T, cfg).T
+            ref = stats.rows[:, :, None] * w[None]
+            err = np.sum(np.square(ref - xq[:, :, None] * wq[None], dtype=np.float64), axis=(1, 2))
+            power = np.sum(np.square(ref, dtype=np.float64), axis=(1, 2))
+            total += float(np.sum(err / np.maximum(power, 1e-30)) if per_row else err.sum() / max(power.sum(), 1e-30))
+            continue
         # Per row, squared error over signal power, summed over column chunks: a language model's
         # head ([K, 49152]) would otherwise need gigabytes for one product.
         err = np.zeros(len(x))
@@ -182,7 +253,7 @@ def group_loss(stats: ChannelMoments, weights: list[np.ndarray], s: np.ndarray, 
             ref = stats.rows @ part
             err += np.sum(np.square(ref - xq @ _fake_quant_weight(part * s[:, None], cfg), dtype=np.float64), axis=1)
             power += np.sum(np.square(ref, dtype=np.float64), axis=1)
-        total += float(np.sum(err / np.maximum(power, 1e-30)))
+        total += float(np.sum(err / np.maximum(power, 1e-30)) if per_row else err.sum() / max(power.sum(), 1e-30))
     return total
 
 
@@ -212,8 +283,11 @@ def loss_columns(w: np.ndarray, cfg: QuantConfig) -> np.ndarray:
 
 
 def _as_rows(g: Graph, grp: SmoothGroup) -> list[np.ndarray]:
-    """Each weight as [K, N], input channels first."""
-    return [np.moveaxis(g.constant(w), axis, 0).astype(np.float32) for w, axis in zip(grp.weights, grp.in_axes)]
+    """Each weight as [K, N], input channels first. A Conv's taps count as columns (the loss then
+    treats each tap's product on its own); a depthwise Conv's are [C, taps], each input channel
+    reaching only its own output channel (group_loss knows them by grp.depthwise)."""
+    return [np.moveaxis(k, axis, 0).reshape(k.shape[axis], -1).astype(np.float32)
+            for k, axis in ((g.constant(w), axis) for w, axis in zip(grp.weights, grp.in_axes))]
 
 
 def _weight_absmax(weights: list[np.ndarray]) -> np.ndarray:
@@ -243,13 +317,24 @@ def choose(g: Graph, grp: SmoothGroup, stats: ChannelMoments, cfg: QuantConfig) 
             return sum(_gram_loss(stats.gram, w, s, cfg, p) for w, p in zip(sampled, powers))
     else:
         def loss(s: np.ndarray) -> float:
-            return group_loss(stats, weights, s, cfg)
+            return group_loss(stats, weights, s, cfg, grp.channel_axis == CHANNELS_LAST, grp.depthwise)
     losses = {None: loss(np.ones_like(stats.absmax))}
-    for alpha in ALPHAS:
+    for alpha in CONV_ALPHAS if grp.channel_axis == CHANNELS_FIRST else ALPHAS:
         losses[alpha] = loss(smoothing_scales(stats.absmax, w_absmax, alpha))
     best = min(losses, key=lambda a: (losses[a], -1 if a is None else a))
     report = {"alpha": best, "loss": losses[best], "loss_unsmoothed": losses[None], "gemms": list(grp.gemms)}
+    if grp.channel_axis == CHANNELS_FIRST:
+        report["tail"] = list(grp.tail)
     return best, report
+
+
+TAIL_REASON = "applies the smoothing factors of the Conv input it writes: in float, so that no grid sees its channels before"
+
+
+def float_tails(report: dict) -> dict[str, str]:
+    """{node: why} of the tails that must run in float: a Conv group's scalar Mul turned per-channel
+    (its input has the uneven channels the factors even out, and an integer Mul would quantize it)."""
+    return {node: TAIL_REASON for entry in report.values() if entry["alpha"] is not None for node in entry.get("tail", ())}
 
 
 def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
@@ -269,7 +354,7 @@ def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
             if node.name == grp.tail[-1]:
                 node.output[0] = smoothed
         factor = f"{grp.tensor}__smoothing_factor"
-        graph.initializer.append(numpy_helper.from_array(s.astype(np.float32), factor))
+        graph.initializer.append(numpy_helper.from_array(_along_channels(s, grp).astype(np.float32), factor))
         restore = helper.make_node("Mul", [smoothed, factor], [grp.tensor], name=f"{grp.tensor}__unsmoothed")
         nodes.insert(last + 1, restore)
         _copy_value_info(graph, grp.tensor, smoothed)
@@ -278,7 +363,7 @@ def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
     for name, slot in grp.params:
         source = g.node_by_name[name].input[slot]
         old = g.constant(source)
-        scaled = (old / s.astype(np.float64)).astype(old.dtype)
+        scaled = (old / _along_channels(s.astype(np.float64), grp)).astype(old.dtype)
         if len(g.consumers.get(source, [])) == 1:
             # Rewritten in place: rebuilding the initializer list would copy every weight of the model.
             inits[source].CopyFrom(numpy_helper.from_array(scaled, source))
@@ -288,9 +373,17 @@ def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
         next(n for n in graph.node if n.name == name).input[slot] = new_name
     for weight, axis in zip(grp.weights, grp.in_axes):
         w = g.constant(weight)
-        shape = [1, 1]
+        shape = [1] * w.ndim
         shape[axis] = -1
         inits[weight].CopyFrom(numpy_helper.from_array((w * s.reshape(shape).astype(np.float64)).astype(w.dtype), weight))
+
+
+def _along_channels(s: np.ndarray, grp: SmoothGroup) -> np.ndarray:
+    """Factors shaped to broadcast along the group tensor's channel axis: [C] for channels last,
+    [C, 1, ..., 1] for a Conv's input (the tensor's rank from its weights)."""
+    if grp.channel_axis == CHANNELS_LAST:
+        return s
+    return s.reshape(-1, *([1] * grp.spatial_dims))
 
 
 def _copy_value_info(graph, tensor: str, copy: str) -> None:
@@ -305,9 +398,12 @@ def _copy_value_info(graph, tensor: str, copy: str) -> None:
 def smooth(g: Graph, cfg: QuantConfig, batches: list[Batch], moments: dict[str, ChannelMoments]
            ) -> tuple[Graph, dict]:
     """The smoothed graph (`g`'s model, changed in place: do not use `g` afterwards), and per
-    activation the alpha chosen and the losses it was chosen on. `moments` are each group tensor's (see `moments_wanted`); `batches` (a few) check
+    activation the alpha chosen and the losses it was chosen on (Conv groups with cfg.smooth_convs). `moments` are each group tensor's (see `moments_wanted`); `batches` (a few) check
     that the smoothed float model equals the original."""
-    groups = smoothing_groups(g)
+    groups = smoothing_groups(g, cfg.smooth_convs)
+    if not groups:
+        return g, {}
+    groups = [grp for grp in groups if grp.tensor in moments]
     if not groups:
         return g, {}
     report, chosen = {}, {}
@@ -334,12 +430,16 @@ def folded(g: Graph, groups: list[SmoothGroup], chosen: dict[str, np.ndarray], b
     return smoothed
 
 
-def moments_wanted(g: Graph, cfg: QuantConfig) -> tuple[list[str], set[str], set[str]]:
+def moments_wanted(g: Graph, cfg: QuantConfig) -> tuple[list[str], set[str], set[str], dict[str, int]]:
     """The group tensors smoothing reads moments of, those it needs Gram matrices of (weight-only
-    plans) and those it needs sample rows of (plans that quantize activations)."""
-    tensors = [grp.tensor for grp in smoothing_groups(g)]
+    plans), those it needs sample rows of (plans that quantize activations), and the channel axis
+    of those whose channels are not last. Weight-only plans leave Conv inputs alone: only a
+    quantized activation gains from flatter channels."""
     weight_only = cfg.acts.value == "none"
-    return tensors, set(tensors) if weight_only else set(), set() if weight_only else set(tensors)
+    groups = smoothing_groups(g, cfg.smooth_convs and not weight_only)
+    tensors = [grp.tensor for grp in groups]
+    axes = {grp.tensor: grp.channel_axis for grp in groups if grp.channel_axis != CHANNELS_LAST}
+    return tensors, set(tensors) if weight_only else set(), set() if weight_only else set(tensors), axes
 
 
 def reference_outputs(original: Graph, batches: list[Batch], cuts: list[str], samples: int = 4
