@@ -2,7 +2,9 @@
 
 Ray is an optional extra (`pip install 'ptqcli[ray]'`). Work is shipped as a module-level function
 and small arguments (paths, names): a task reads the model and data itself, so a cluster's workers
-need ptqcli installed and the run directory and data on a path they can read. Results come back
+need ptqcli installed and the run directory and data on a path they can read. (Layer-wise
+rounding ships each layer's arrays instead: they come from a walk of the quantized prefix that
+only the caller has made.) Results come back
 in the order the pieces were given, whichever worker ran them, so a run on Ray writes the same
 bytes as one in this process.
 """

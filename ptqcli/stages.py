@@ -78,7 +78,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
         if quant.rounding.value == "gptq":
             g, plan = gptq_rounding(g, plan, stats, quant, data, inputs, run, progress, smooth=smooth_later)
         elif quant.rounding.value != "nearest":
-            plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress)
+            plan = optimise_rounding(g, plan, stats, quant, data, inputs, run, progress, workers=workers)
         if has_data:
             plan = fit_integer_lstms(g, plan, data, inputs, progress)
             plan = quantize_branches(g, plan, quant, data, inputs, run, progress)
@@ -424,9 +424,9 @@ def fit_integer_lstms(g: Graph, plan: Plan, data: DataConfig, inputs, progress: 
 
 
 def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataConfig, inputs, run: Path,
-                      progress: Progress = silent, only: set[str] | None = None) -> Plan:
+                      progress: Progress = silent, only: set[str] | None = None, workers: Workers = Workers()) -> Plan:
     """AdaRound / AdaQuant over the plan's layers (those of the weights in `only`, if given), then
-    biases re-derived for the new weights."""
+    biases re-derived for the new weights; layers that read the same input on `workers`."""
     from .calibrate.layerwise import RoundingConfig, optimise, rounded_layers
 
     batches = list(iter_batches(data.path, inputs, data, limit=min(data.num_samples, quant.rounding_samples), model=g.model))
@@ -434,7 +434,7 @@ def optimise_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: Dat
     with progress(f"{quant.rounding.value}: layers", len(rounded_layers(g, plan, only))) as advance:
         plan, report = optimise(g, plan, stats, quant, batches, cfg,
                                 lambda row: advance(1, f"{row['node']} loss {row['loss_nearest']:.3g} -> "
-                                                       f"{row['loss_after']:.3g}"), only)
+                                                       f"{row['loss_after']:.3g}"), only, workers)
     name = "rounding.json" if only is None else "rounding.allocate.json"
     rundir.write_json(run / name, {"method": cfg.method, "iters": cfg.iters, "layers": report})
     return requantize_biases(g, plan, stats, quant)

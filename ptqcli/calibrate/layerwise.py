@@ -27,6 +27,7 @@ from ..config import QuantConfig
 from ..geometry import per_row, rows_to_weight, sampled_columns, supported, weight_rows
 from ..graph import Graph
 from ..numeric.optim import adam_init, adam_step
+from ..parallel import Workers, run_all
 from ..plan import Plan, TensorQuant
 from ..runtime import feeds_for, session
 from ..formats import code_levels
@@ -281,8 +282,8 @@ def _mean_error(weights: np.ndarray, x: np.ndarray, target: np.ndarray) -> float
 
 
 def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: list[Batch], cfg: RoundingConfig,
-             progress: Callable[[dict], object] | None = None, only: set[str] | None = None
-             ) -> tuple[Plan, list[dict]]:
+             progress: Callable[[dict], object] | None = None, only: set[str] | None = None,
+             workers: Workers = Workers()) -> tuple[Plan, list[dict]]:
     """The plan with every supported layer's weights re-rounded (or those of the weights in `only`,
     the others then fed quantized as the plan has them); per-layer losses before/after (each
     layer's row also goes to `progress` as it is done).
@@ -324,45 +325,81 @@ def optimise(g: Graph, plan: Plan, stats: Stats, quant: QuantConfig, batches: li
                 for i in here:
                     node, w_shape = g.node_by_name[todo[i].node], float_weights[todo[i].weight].shape
                     gathered[i].add(sampled_columns(node, x, w_shape, cfg.positions, _positions(cfg, i, b)))
-            for i in here:
-                layer = todo[i]
-                started = time.perf_counter()
-                node, wq, w = g.node_by_name[layer.node], plan.tensors[layer.weight], float_weights[layer.weight]
-                got = gathered.pop(i)
-                if isinstance(got, _StreamedMoments):
-                    exact, columns = got.sums.moments(np.float64), got.sums.columns
-                    error, loss_of = got.sums.moments(), lambda q: exact.loss_grad(q)[0]  # noqa: E731
-                else:
-                    xq, target = got.finish()
-                    error, columns = None, xq.shape[2]
-                    loss_of = lambda q: _mean_error(q, xq, target)  # noqa: E731
-                rows = weight_rows(node, start.get(layer.weight, w)).astype(np.float64)
-                frozen = rows == 0
-                scale = per_row(node, wq.scale, w.shape).astype(np.float64)
-                levels = code_levels(wq.spec)
-                nearest = nearest_level(rows / scale, levels)
-                before = loss_of(nearest * scale)
-                if cfg.method == "adaquant":
-                    rng = np.random.default_rng([cfg.seed, i])
-                    ints, new_scale = adaquant_rows(rows, scale, levels, xq, target, cfg, rng, frozen=frozen)
-                else:
-                    error = output_error(xq, target) if error is None else error
-                    ints, new_scale = adaround_rows(rows, scale, levels, error, cfg, frozen=frozen), scale
-                after = loss_of(ints * new_scale)
+            jobs = [_job(g, todo[i], i, plan, float_weights, start, gathered.pop(i), cfg) for i in here]
+            # Layers reading the same input are independent: on Ray (`workers`) they round side by side.
+            for job, (ints, new_scale, seconds) in zip(jobs, run_all(round_job, jobs, workers)):
+                layer, w = todo[job.index], float_weights[todo[job.index].weight]
+                node, wq = g.node_by_name[layer.node], plan.tensors[layer.weight]
+                before = job.loss_of(job.nearest * job.scale)
+                after = job.loss_of(ints * new_scale)
                 if after > before:  # never worse than nearest on the data it was fitted to
-                    ints, new_scale, after = nearest, scale, before
+                    ints, new_scale, after = job.nearest, job.scale, before
                 values = rows_to_weight(node, ints * new_scale, w.shape).astype(np.float32)
                 tq = _with_values(wq, values, new_scale, node, w.shape)
                 out_plan = out_plan.with_tensor(layer.weight, tq)
                 rounded = tq.on_grid(values)
                 states.shared[layer.weight] = rounded  # the pieces that read it have not run yet
                 report.append({"node": layer.node, "method": cfg.method, "loss_nearest": before, "loss_after": after,
-                               "seconds": round(time.perf_counter() - started, 3), "columns": int(columns),
+                               "seconds": round(seconds, 3), "columns": int(job.columns),
                                "peak_rss_mb": _peak_rss_mb()})
                 if progress is not None:
                     progress(report[-1])
     order = {layer.node: i for i, layer in enumerate(todo)}
     return out_plan, sorted(report, key=lambda row: order[row["node"]])
+
+
+@dataclass(frozen=True)
+class RoundingJob:
+    """What one layer's rounding reads: its float weight rows (G, M, K) and their scales and grid,
+    and its output error (the quadratic form, or the sampled input columns and float targets)."""
+
+    index: int  # the layer's place among those rounded
+    rows: np.ndarray
+    scale: np.ndarray
+    levels: np.ndarray
+    frozen: np.ndarray  # masked zeros
+    error: "OutputMoments | None"
+    exact: "OutputMoments | None"  # the same in float64, for the losses reported
+    xq: np.ndarray | None
+    target: np.ndarray | None
+    columns: int
+    cfg: RoundingConfig
+
+    @property
+    def nearest(self) -> np.ndarray:
+        return nearest_level(self.rows / self.scale, self.levels)
+
+    def loss_of(self, weights: np.ndarray) -> float:
+        if self.exact is not None:
+            return self.exact.loss_grad(weights)[0]
+        return _mean_error(weights, self.xq, self.target)
+
+
+def _job(g: Graph, layer, index: int, plan: Plan, float_weights: dict, start: dict, got, cfg: RoundingConfig
+         ) -> RoundingJob:
+    node, wq, w = g.node_by_name[layer.node], plan.tensors[layer.weight], float_weights[layer.weight]
+    if isinstance(got, _StreamedMoments):
+        exact, error, xq, target, columns = got.sums.moments(np.float64), got.sums.moments(), None, None, got.sums.columns
+    else:
+        xq, target = got.finish()
+        exact, columns = None, xq.shape[2]
+        error = None if cfg.method == "adaquant" else output_error(xq, target)
+    rows = weight_rows(node, start.get(layer.weight, w)).astype(np.float64)
+    return RoundingJob(index, rows, per_row(node, wq.scale, w.shape).astype(np.float64), code_levels(wq.spec),
+                       rows == 0, error, exact, xq, target, columns, cfg)
+
+
+def round_job(job: RoundingJob) -> tuple[np.ndarray, np.ndarray, float]:
+    """One layer rounded (AdaRound or AdaQuant): its grid values, scales and the seconds it took.
+    A module-level function of its argument alone, so that it can run as a Ray task."""
+    started = time.perf_counter()
+    cfg = job.cfg
+    if cfg.method == "adaquant":
+        rng = np.random.default_rng([cfg.seed, job.index])
+        ints, scale = adaquant_rows(job.rows, job.scale, job.levels, job.xq, job.target, cfg, rng, frozen=job.frozen)
+    else:
+        ints, scale = adaround_rows(job.rows, job.scale, job.levels, job.error, cfg, frozen=job.frozen), job.scale
+    return ints, scale, time.perf_counter() - started
 
 
 def _peak_rss_mb() -> float | None:

@@ -76,3 +76,28 @@ def test_without_ray_installed_the_error_says_how_to_install_it(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as without the extra
     r = ptq("allocate", run, "--budget-bits", "5", "--ray", "auto")
     assert r.returncode == 1 and "pip install 'ptqcli[ray]'" in r.stderr
+
+
+def test_layers_sharing_an_input_round_on_two_local_ray_workers_to_the_same_plan(tmp_path):
+    """An encoder's q/k/v (and its two feed-forward halves' inputs) are rounded side by side as Ray
+    tasks; the plan is the one process's, bit for bit."""
+    import json
+
+    import numpy as np
+    import onnx
+
+    from builders import encoder_model
+
+    model, data = tmp_path / "encoder.onnx", tmp_path / "x.npy"
+    onnx.save(encoder_model(), str(model))
+    np.save(data, np.random.default_rng(0).normal(0, 1, (32, 16, 32)).astype(np.float32))
+    common = ("calibrate", model, "--data", data, "--num-samples", 32, "--weights", "int4", "--rounding", "adaround",
+              "--iters", 100)
+    assert ptq(*common, "-o", tmp_path / "one").returncode == 0
+    r = ptq(*common, "-o", tmp_path / "ray", "--ray", "auto", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    for name in ("plan.json", "params.npz"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+    rounded = json.loads((tmp_path / "ray" / "rounding.json").read_text())["layers"]
+    assert {"q_proj", "k_proj", "v_proj"} <= {row["node"] for row in rounded}
+    assert all(row["loss_after"] <= row["loss_nearest"] for row in rounded)
