@@ -135,7 +135,9 @@ def without_idle(g: Graph, plan: Plan) -> Plan:
         idle |= {name for name in plan.of_role("constant") if not _integer_readers(g, plan, name)}
         if not idle:
             return plan
-        record.update({name: {"quantized": False, "reason": "no integer kernel reads or writes it"} for name in idle})
+        # In the plan's order: a set's order changes with each process's string hashing.
+        record.update({name: {"quantized": False, "reason": "no integer kernel reads or writes it"}
+                       for name in plan.tensors if name in idle})
         plan = replace(plan, tensors={k: v for k, v in plan.tensors.items() if k not in idle},
                        config={**plan.config, "activation_damage": record})
 

@@ -193,3 +193,34 @@ def test_export_after_the_source_model_moved(tmp_path, tiny_cnn, tiny_data):
     assert r.returncode == 0, r.stderr
     card = json.loads((tmp_path / "q.card.json").read_text())
     assert card["model"]["input"]["path"] == str(tiny_cnn.resolve()) and card["model"]["input"]["bytes"] > 0
+
+
+def test_two_processes_with_different_string_hashing_write_the_same_run(tmp_path):
+    """Same inputs, same bytes, whatever order Python's sets come out in: two installed `ptq`
+    processes whose string hashing differs (PYTHONHASHSEED) calibrate an encoder, whose attention
+    leaves activations no integer kernel reads (recorded in the plan)."""
+    import os
+    import subprocess
+
+    import numpy as np
+    import onnx
+
+    from builders import encoder_model
+    from cli_runner import PTQ
+
+    model, data = tmp_path / "encoder.onnx", tmp_path / "x.npy"
+    onnx.save(encoder_model(), str(model))
+    np.save(data, np.random.default_rng(0).normal(0, 1, (32, 16, 32)).astype(np.float32))
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        for args in (["calibrate", str(model), "--data", str(data), "--num-samples", "32", "-o", str(tmp_path / f"run{seed}")],
+                     ["export", str(tmp_path / f"run{seed}"), "-o", str(tmp_path / f"q{seed}.onnx"), "--no-latency"]):
+            r = subprocess.run([PTQ, *args], capture_output=True, text=True, timeout=600, env=env)
+            assert r.returncode == 0, r.stderr
+    assert (tmp_path / "q1.onnx").read_bytes() == (tmp_path / "q2.onnx").read_bytes()
+    plan = (tmp_path / "run1" / "plan.json").read_text()
+    assert "no integer kernel reads or writes it" in plan
+    written = sorted(p.name for p in (tmp_path / "run1").iterdir() if p.suffix in (".json", ".npz") and p.name != "run.json")
+    assert "plan.json" in written and "stats.npz" in written
+    for name in written:
+        assert (tmp_path / "run1" / name).read_bytes() == (tmp_path / "run2" / name).read_bytes(), name
