@@ -15,11 +15,29 @@ namespace ptq {
 namespace {
 
 constexpr int kAccShift = 24;
+// int8 x Q0.15 products summed in int32 this many at a time (127 * 32767 * 512 < 2^31), then in
+// int64: the same integers as summing in int64 throughout, but in loops the compiler vectorises
+// (int16 x int16 -> int32 pairs).
+constexpr int64_t kInt32Run = 512;
 constexpr int kOutFrac = 15;
 constexpr int kSlopeFrac = 16;
 constexpr int64_t kInt16Max = 32767;
 
 int64_t rshift_round(int64_t v, int bits) { return (v + (int64_t{1} << (bits - 1))) >> bits; }
+
+// sum of a[j] * b[j] over j < n, exact: int32 partial sums of at most kInt32Run products.
+int64_t dot16(const int16_t* a, const int16_t* b, int64_t n) {
+  int64_t total = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += kInt32Run) {
+    const int64_t j1 = std::min(n, j0 + kInt32Run);
+    int32_t part = 0;
+    for (int64_t j = j0; j < j1; ++j) part += int32_t{a[j]} * int32_t{b[j]};
+    total += part;
+  }
+  return total;
+}
+
+std::vector<int16_t> widened(const int8_t* v, int64_t n) { return std::vector<int16_t>(v, v + n); }
 int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
 
 struct Table {
@@ -118,18 +136,20 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
 
   const float* x_data = x.GetTensorData<float>();
   const float inverse = 1.0f / x_scale_;
-  std::vector<int8_t> xq(static_cast<size_t>(steps * batch * features));
+  std::vector<int16_t> xq(static_cast<size_t>(steps * batch * features));  // int8 values, 16 bits wide
   for (size_t i = 0; i < xq.size(); ++i)
-    xq[i] = static_cast<int8_t>(clamp(static_cast<int64_t>(std::nearbyint(x_data[i] * inverse)), -127, 127));
+    xq[i] = static_cast<int16_t>(clamp(static_cast<int64_t>(std::nearbyint(x_data[i] * inverse)), -127, 127));
 
   const float out_scale = std::ldexp(1.0f, -kOutFrac), cell_scale = std::ldexp(1.0f, -static_cast<int>(cell_frac_));
   const float cell_one = std::ldexp(1.0f, static_cast<int>(cell_frac_)), out_one = std::ldexp(1.0f, kOutFrac);
   std::vector<int64_t> z(static_cast<size_t>(rows));
-  std::vector<int64_t> cell(static_cast<size_t>(h)), h15(static_cast<size_t>(h));
+  std::vector<int64_t> cell(static_cast<size_t>(h));
+  std::vector<int16_t> h15(static_cast<size_t>(h));  // Q0.15, within +-32767
+  std::vector<int64_t> xproj(static_cast<size_t>(steps * rows));  // W x of every step: no h in it
   for (int64_t d = 0; d < dirs; ++d) {
     const bool backwards = reverse_ && (d == 1 || !forward_);
-    const int8_t* wd = w.GetTensorData<int8_t>() + d * rows * features;
-    const int8_t* rd = r.GetTensorData<int8_t>() + d * rows * h;
+    const std::vector<int16_t> wd = widened(w.GetTensorData<int8_t>() + d * rows * features, rows * features);
+    const std::vector<int16_t> rd = widened(r.GetTensorData<int8_t>() + d * rows * h, rows * h);
     const int64_t* wm = w_mult.GetTensorData<int64_t>() + d * rows;
     const int64_t* rm = r_mult.GetTensorData<int64_t>() + d * rows;
     const int64_t* bd = bias.GetTensorData<int64_t>() + d * rows;
@@ -141,21 +161,19 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
     for (int64_t n = 0; n < batch; ++n) {
       for (int64_t j = 0; j < h; ++j) {
         const int64_t at = (d * batch + n) * h + j;
-        h15[j] = h0 ? clamp(static_cast<int64_t>(std::nearbyint(h0.GetTensorData<float>()[at] * out_one)), -kInt16Max,
-                            kInt16Max) : 0;
+        h15[j] = static_cast<int16_t>(
+            h0 ? clamp(static_cast<int64_t>(std::nearbyint(h0.GetTensorData<float>()[at] * out_one)), -kInt16Max, kInt16Max)
+               : 0);
         cell[j] = c0 ? clamp(static_cast<int64_t>(std::nearbyint(c0.GetTensorData<float>()[at] * cell_one)), -kInt16Max, kInt16Max) : 0;
       }
+      for (int64_t t = 0; t < steps; ++t)
+        for (int64_t row = 0; row < rows; ++row)
+          xproj[t * rows + row] = dot16(wd.data() + row * features, xq.data() + (t * batch + n) * features, features);
       for (int64_t s = 0; s < steps; ++s) {
         const int64_t t = backwards ? steps - 1 - s : s;
-        const int8_t* xt = xq.data() + (t * batch + n) * features;
         for (int64_t row = 0; row < rows; ++row) {
-          int32_t accx = 0;
-          int64_t acch = 0;  // int8 x Q0.15 over the hidden units: past int32 from 512 units
-          const int8_t* wr = wd + row * features;
-          for (int64_t f = 0; f < features; ++f) accx += int32_t{wr[f]} * int32_t{xt[f]};
-          const int8_t* rr = rd + row * h;
-          for (int64_t j = 0; j < h; ++j) acch += int64_t{rr[j]} * h15[j];
-          const int64_t acc = int64_t{accx} * wm[row] + acch * rm[row] + bd[row];
+          const int64_t acch = dot16(rd.data() + row * h, h15.data(), h);
+          const int64_t acc = xproj[t * rows + row] * wm[row] + acch * rm[row] + bd[row];
           z[row] = clamp(rshift_round(acc, kAccShift), -32768, kInt16Max);
         }
         for (int64_t j = 0; j < h; ++j) {
@@ -165,7 +183,7 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
                               rshift_round(i_gate * g, 2 * kOutFrac - static_cast<int>(cell_frac_)),
                           -kInt16Max, kInt16Max);
           const int64_t full = o_gate * tables[2](cell[j]);
-          h15[j] = rshift_round(full, kOutFrac);
+          h15[j] = static_cast<int16_t>(rshift_round(full, kOutFrac));
           if (y_out) y_out[((t * dirs + d) * batch + n) * h + j] = static_cast<float>(h15[j]) * out_scale;
         }
       }

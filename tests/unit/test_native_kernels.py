@@ -1,5 +1,7 @@
 """Every native operator equals its numpy reference bit for bit, run through real ONNX Runtime sessions."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -420,6 +422,23 @@ def test_int_lstm_fuzz(direction, hidden, features, steps, batch, states, fitted
         feeds["initial_c"] = rng.normal(0, 2, (dirs, batch, hidden)).astype(np.float32)
     got = nativelib.session(int_lstm_model(params, direction, states).SerializeToString(), threads=2).run(None, feeds)
     expected = rc.int_lstm(params, x, feeds.get("initial_h"), feeds.get("initial_c"), direction)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_int_lstm_sums_over_more_hidden_units_than_one_int32_run_exactly():
+    """520 hidden units with R at +127 and the state at +1 (32767 in Q0.15): the largest sums the
+    kernel meets, past its 512-product int32 runs, against the reference's int64 arithmetic."""
+    rng = np.random.default_rng(7)
+    hidden, features = 520, 3
+    params = random_int_lstm(rng, 1, hidden, features, fitted=False)
+    direction = params.directions[0]
+    params = replace(params, directions=(replace(direction, r=np.full_like(direction.r, 127)),))
+    x = rng.normal(0, 3, (2, 1, features)).astype(np.float32)
+    feeds = {"X": x, "initial_h": np.ones((1, 1, hidden), np.float32),
+             "initial_c": rng.normal(0, 2, (1, 1, hidden)).astype(np.float32)}
+    got = nativelib.session(int_lstm_model(params, "forward", True).SerializeToString(), threads=2).run(None, feeds)
+    expected = rc.int_lstm(params, x, feeds["initial_h"], feeds["initial_c"], "forward")
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
 
