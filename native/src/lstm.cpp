@@ -79,6 +79,13 @@ IntLstmKernel::IntLstmKernel(const OrtKernelInfo* raw) {
   } else {
     throw error(node_, "direction must be forward, reverse or bidirectional");
   }
+  int w_constant = 0, r_constant = 0;
+  const Ort::ConstValue w = info.GetTensorConstantInput(1, &w_constant);
+  const Ort::ConstValue r = info.GetTensorConstantInput(2, &r_constant);
+  if (w_constant && r_constant) {
+    w16_ = widened(w.GetTensorData<int8_t>(), static_cast<int64_t>(w.GetTensorTypeAndShapeInfo().GetElementCount()));
+    r16_ = widened(r.GetTensorData<int8_t>(), static_cast<int64_t>(r.GetTensorTypeAndShapeInfo().GetElementCount()));
+  }
 }
 
 OrtStatusPtr IntLstmKernel::ComputeV2(OrtKernelContext* raw) {
@@ -146,10 +153,14 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
   std::vector<int64_t> cell(static_cast<size_t>(h));
   std::vector<int16_t> h15(static_cast<size_t>(h));  // Q0.15, within +-32767
   std::vector<int64_t> xproj(static_cast<size_t>(steps * rows));  // W x of every step: no h in it
+  const bool cached = static_cast<int64_t>(w16_.size()) == dirs * rows * features &&
+                      static_cast<int64_t>(r16_.size()) == dirs * rows * h;
+  const std::vector<int16_t> w_all = cached ? std::vector<int16_t>() : widened(w.GetTensorData<int8_t>(), dirs * rows * features);
+  const std::vector<int16_t> r_all = cached ? std::vector<int16_t>() : widened(r.GetTensorData<int8_t>(), dirs * rows * h);
   for (int64_t d = 0; d < dirs; ++d) {
     const bool backwards = reverse_ && (d == 1 || !forward_);
-    const std::vector<int16_t> wd = widened(w.GetTensorData<int8_t>() + d * rows * features, rows * features);
-    const std::vector<int16_t> rd = widened(r.GetTensorData<int8_t>() + d * rows * h, rows * h);
+    const int16_t* wd = (cached ? w16_.data() : w_all.data()) + d * rows * features;
+    const int16_t* rd = (cached ? r16_.data() : r_all.data()) + d * rows * h;
     const int64_t* wm = w_mult.GetTensorData<int64_t>() + d * rows;
     const int64_t* rm = r_mult.GetTensorData<int64_t>() + d * rows;
     const int64_t* bd = bias.GetTensorData<int64_t>() + d * rows;
@@ -168,11 +179,11 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
       }
       for (int64_t t = 0; t < steps; ++t)
         for (int64_t row = 0; row < rows; ++row)
-          xproj[t * rows + row] = dot16(wd.data() + row * features, xq.data() + (t * batch + n) * features, features);
+          xproj[t * rows + row] = dot16(wd + row * features, xq.data() + (t * batch + n) * features, features);
       for (int64_t s = 0; s < steps; ++s) {
         const int64_t t = backwards ? steps - 1 - s : s;
         for (int64_t row = 0; row < rows; ++row) {
-          const int64_t acch = dot16(rd.data() + row * h, h15.data(), h);
+          const int64_t acch = dot16(rd + row * h, h15.data(), h);
           const int64_t acc = xproj[t * rows + row] * wm[row] + acch * rm[row] + bd[row];
           z[row] = clamp(rshift_round(acc, kAccShift), -32768, kInt16Max);
         }

@@ -6,7 +6,9 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ptq {
 
@@ -22,6 +24,8 @@ class IntLstmKernel {
   int64_t cell_frac_ = 0;
   float x_scale_ = 1.0f;
   bool forward_ = true, reverse_ = false;
+  // W and R widened to int16 once, when the model holds them as constants (else on every run).
+  std::vector<int16_t> w16_, r16_;
 };
 
 struct IntLstmOp : Ort::CustomOpBase<IntLstmOp, IntLstmKernel, true> {
