@@ -537,13 +537,14 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     choice = containers.choose(plan, container, frozenset(native["replaced"] if native else ()))
     saved_bytes = containers.index_levels(quantized, plan, choice)
     extra_bytes = containers.widen(quantized, plan, choice)
+    decoded_bytes = containers.decode_at_load(quantized, plan, choice)
     # Loaded by ORT before anything is measured or written: a model it refuses is never saved.
     kernels = layer_kernels(quantized, optimized_model(quantized, "the exported model"), plan)
     source, skip, held_out = eval_source(plan, eval_data, g)
     fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
     inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source, skip, latency)
     stored = containers.stored_types(quantized, plan)
-    held = {**containers.record(choice, extra_bytes, saved_bytes),
+    held = {**containers.record(choice, extra_bytes, saved_bytes, decoded_bytes),
             "not_fused": {n: kernels.get(n, "unknown") for n in choice.widened if kernels.get(n) not in INTEGER_KERNELS}}
     save_model(quantized, out_path)
     if fidelity is not None:

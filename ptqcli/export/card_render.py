@@ -95,6 +95,8 @@ def container_summary(c: dict) -> str:
     if c.get("indexed"):
         parts.append(f"{len(c['indexed'])} level-set layers as 4-bit indices decoded at load "
                      f"(-{c['saved_bytes']:,} bytes)")
+    if c.get("decoded"):
+        parts.append(f"{len(c['decoded'])} weight-only layers decoded to float weights when ORT loads the model")
     if c["smallest"]:
         parts.append(f"{len(c['smallest'])} in their smallest container")
     return f"weight containers ({c['mode']}): " + ", ".join(parts)
@@ -102,7 +104,7 @@ def container_summary(c: dict) -> str:
 
 def _container_lines(c: dict | None) -> list[str]:
     """How sub-8-bit weight codes are stored, and what that costs."""
-    if not c or not (c["int8"] or c["smallest"] or c.get("indexed")):
+    if not c or not (c["int8"] or c["smallest"] or c.get("indexed") or c.get("decoded")):
         return []
     lines = [f"- {container_summary(c)}"]
     lines += [f"  - read as 8-bit but not fused: {node} ({kernel})" for node, kernel in c.get("not_fused", {}).items()]

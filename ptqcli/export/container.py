@@ -14,9 +14,12 @@ Modes (`ptq export --container`):
         reads an 8-bit quantized activation. Elsewhere the smallest container: a weight-only layer
         gains nothing from int8 codes (ORT dequantizes, folds or repacks them whatever holds
         them). Weight-only int4 MatMuls are MatMulNBits' to run (see `weight_only`).
+        A Conv or Gemm on a float input (weight-only) has its codes decoded to float weights when
+        ORT loads the model instead (decode_at_load: a Cast and a Mul it folds), so it runs at
+        float speed from the small file rather than dequantizing its weights on every run.
   int8  every sub-8-bit weight as int8 in the file, wherever it is read: for runtimes that do not
         fold constants, at half a byte more per weight.
-  int4  each format's smallest container (int4 for 2-4-bit integers) and no Cast.
+  int4  each format's smallest container (int4 for 2-4-bit integers), no Cast, nothing decoded at load.
 
 Level-set formats (binary, ternary, pow2, exp) have codes that are not consecutive integers: int8
 (int16 for exp and wider pow2 levels). With at most 16 levels, auto and int4 store each code as a
@@ -51,6 +54,7 @@ class Choice:
     widened: dict[str, str] = field(default_factory=dict)  # node -> why its codes are read as 8 bits
     kept: dict[str, str] = field(default_factory=dict)     # sub-8-bit node left in the smallest container -> why
     indexed: dict[str, str] = field(default_factory=dict)  # level-set node whose codes are 4-bit indices -> why
+    decoded: dict[str, str] = field(default_factory=dict)  # weight-only node decoded to float at load -> why
 
 
 def integer_input(plan: Plan, layer: Layer) -> bool:
@@ -71,6 +75,18 @@ def weight_only(layer: Layer) -> str:
     return "its input is not an 8-bit quantized activation: no integer kernel would run"
 
 
+DECODED_REASON = ("weight-only: its codes decoded to float weights when ORT loads the model (a Cast and Mul "
+                  "it folds), float speed from the small file")
+
+
+def decodable(plan: Plan, layer: Layer) -> bool:
+    """A weight-only layer ORT would dequantize on every run: a Conv or Gemm (MatMuls go to
+    MatMulNBits) on a float input, with one scale per channel or tensor."""
+    tq = plan.tensors.get(layer.weight)
+    return (tq is not None and tq.role == "weight" and layer.op_type != "MatMul" and not tq.spec.block_size
+            and tq.spec.bits < 16 and not integer_input(plan, layer) and layer.node not in plan.binary_inputs)
+
+
 def choose(plan: Plan, mode: str, elsewhere: frozenset = frozenset()) -> Choice:
     """Which layers' sub-8-bit weights are stored as 8-bit codes (`elsewhere`: layers whose weights
     another operator stores, e.g. the native ones)."""
@@ -84,6 +100,9 @@ def choose(plan: Plan, mode: str, elsewhere: frozenset = frozenset()) -> Choice:
         if mode != "int8" and indexable(tq.spec):
             choice.indexed[layer.node] = (f"{len(code_levels(tq.spec))} levels: 4-bit indices into the level table, "
                                           "decoded when ORT loads the model")
+        if mode == "auto" and decodable(plan, layer):
+            choice.decoded[layer.node] = DECODED_REASON
+            continue
         if tq.spec.storage_bits != 4:
             continue
         if tq.spec.block_size:
@@ -139,6 +158,63 @@ def index_levels(model: ModelProto, plan: Plan, choice: Choice) -> int:
     return saved
 
 
+def decode_at_load(model: ModelProto, plan: Plan, choice: Choice) -> int:
+    """Each chosen layer's weight DequantizeLinear (x - zero) * scale rewritten as a Cast to float,
+    a Sub of the zero point (when not all zero) and a Mul by the scale shaped for its axis, in
+    place: the same float32 values (the codes and zero points are small integers), from nodes ORT
+    folds into the weight when it loads the model, where it keeps a DequantizeLinear for the
+    fusions it may find. Returns the bytes this adds to the serialized graph."""
+    codes = {qdq_names(name).quantized for layer in plan.layers if layer.node in choice.decoded
+             for name in layer.weights}
+    if not codes:
+        return 0
+    inits = {t.name: t for t in model.graph.initializer}
+    count = len(model.graph.initializer)
+    nodes, added = [], 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in codes:
+            nodes.append(node)
+            continue
+        made = _decoded(model, node, inits)
+        added += sum(_field_bytes(n) for n in made) - _field_bytes(node)
+        nodes += made
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    added += sum(_field_bytes(t) for t in model.graph.initializer[count:])
+    # The scales and zero points only the DequantizeLinears read are now read in their new shapes.
+    read = {name for node in model.graph.node for name in node.input}
+    unread = [i for i, t in enumerate(model.graph.initializer[:count]) if t.name not in read]
+    for i in reversed(unread):
+        added -= _field_bytes(model.graph.initializer[i])
+        del model.graph.initializer[i]
+    return added
+
+
+def _decoded(model: ModelProto, dq, inits: dict) -> list:
+    """The nodes computing a DequantizeLinear's output from constants ORT folds (decode_at_load)."""
+    codes, scale = dq.input[0], dq.input[1]
+    zero = dq.input[2] if len(dq.input) > 2 else ""
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    rank = len(inits[codes].dims) if codes in inits else None
+    scale_value = numpy_helper.to_array(inits[scale])
+    shape = [1] * (rank or 1)
+    if scale_value.ndim == 1 and rank:
+        shape[axis % rank] = -1
+    out, made = dq.output[0], []
+    shaped = f"{scale}_at_load"
+    model.graph.initializer.append(numpy_helper.from_array(scale_value.reshape(shape if scale_value.ndim else ()), shaped))
+    made.append(helper.make_node("Cast", [codes], [f"{out}_codes_float"], name=f"{dq.name}_Cast", to=TensorProto.FLOAT))
+    source = f"{out}_codes_float"
+    zero_value = numpy_helper.to_array(inits[zero]).astype(np.float32) if zero in inits else None
+    if zero_value is not None and np.any(zero_value):
+        centred = f"{zero}_at_load"
+        model.graph.initializer.append(numpy_helper.from_array(zero_value.reshape(shape if zero_value.ndim else ()), centred))
+        made.append(helper.make_node("Sub", [source, centred], [f"{out}_centred"], name=f"{dq.name}_Sub"))
+        source = f"{out}_centred"
+    made.append(helper.make_node("Mul", [source, shaped], [out], name=dq.name))
+    return made
+
+
 def widened_at(mode: str) -> str:
     """Where the chosen codes become 8-bit: in the file (`--container int8`) or when ORT loads it."""
     return "file" if mode == "int8" else "load"
@@ -185,11 +261,13 @@ def _field_bytes(message) -> int:
     return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
-def record(choice: Choice, extra_bytes: int, saved_bytes: int = 0) -> dict:
-    """The card's account of the choice, its size cost and what the level-set indices saved."""
+def record(choice: Choice, extra_bytes: int, saved_bytes: int = 0, decoded_bytes: int = 0) -> dict:
+    """The card's account of the choice, its size cost, what the level-set indices saved and what
+    decoding at load changed (a few bytes either way)."""
     return {"mode": choice.mode, "int8": dict(choice.widened), "smallest": dict(choice.kept),
             "extra_bytes": int(extra_bytes), "widened_at": widened_at(choice.mode),
-            **({"indexed": dict(choice.indexed), "saved_bytes": int(saved_bytes)} if choice.indexed else {})}
+            **({"indexed": dict(choice.indexed), "saved_bytes": int(saved_bytes)} if choice.indexed else {}),
+            **({"decoded": dict(choice.decoded), "decoded_bytes": int(decoded_bytes)} if choice.decoded else {})}
 
 
 def stored_types(model: ModelProto, plan: Plan) -> dict[str, str]:
@@ -219,4 +297,4 @@ def export(g: Graph, plan: Plan, mode: str = "auto", contrib_ops: bool = True) -
     model = export_qdq(g, plan, contrib_ops=contrib_ops)
     choice = choose(plan, mode)
     index_levels(model, plan, choice)
-    return model, choice, widen(model, plan, choice)
+    return model, choice, widen(model, plan, choice) + decode_at_load(model, plan, choice)

@@ -127,11 +127,15 @@ def layer_kernels(exported: ModelProto, optimized: ModelProto, plan: Plan) -> di
             if stored and layer.node in optimized_names:  # ORT rewrote the weight: folded to float, or repacked
                 op = optimized_names[layer.node].op_type
                 kernels[layer.node] = f"{op} (float, folded)" if op == layer.op_type else op
+            elif stored and stored not in inits:  # decoded to float at load, then laid out anew (NCHWc)
+                kernels[layer.node] = f"{layer.op_type} (float, folded)"
             continue
         node = found[0]
         if node.op_type == "DequantizeLinear":
             after = readers.get(node.output[0], [])
             kernels[layer.node] = f"{after[0].op_type if after else layer.op_type} (float)"
+        elif stored not in inits and node.op_type == layer.op_type:  # decoded to float weights at load
+            kernels[layer.node] = f"{layer.op_type} (float, folded)"
         else:
             kernels[layer.node] = node.op_type
     return kernels
@@ -154,9 +158,9 @@ def _stored_weight(layer, by_name, producers, inits) -> str | None:
 
 
 def _constant_at_load(name: str, producers, inits) -> bool:
-    """An initializer, or a Cast or Gather of such (folded by ORT when it loads the model)."""
+    """An initializer, or a Cast, Gather, Sub or Mul of such (folded by ORT when it loads the model)."""
     if name in inits:
         return True
     node = producers.get(name)
-    return (node is not None and node.op_type in ("Cast", "Gather")
+    return (node is not None and node.op_type in ("Cast", "Gather", "Sub", "Mul")
             and all(_constant_at_load(x, producers, inits) for x in node.input))

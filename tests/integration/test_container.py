@@ -125,21 +125,31 @@ def test_accuracy_of_the_fused_models_matches_the_emulated_one(w4a8):
     assert abs(accuracy["auto"]["quantized"] - accuracy["int4"]["quantized"]) <= 0.01  # 4 of 400: integer vs float
 
 
-def test_weight_only_layers_keep_int4_unless_asked_and_the_check_says_what_did_not_fuse(tmp_path, tiny_cnn):
-    """Dynamic activations leave every layer of the tiny CNN weight-only: no integer Conv/Gemm kernel."""
-    cards = {}
-    for mode in ("auto", "int8"):
+def test_weight_only_layers_are_decoded_at_load_unless_asked_and_the_check_says_what_did_not_fuse(tmp_path, tiny_cnn):
+    """Dynamic activations leave every layer of the tiny CNN weight-only: no integer Conv/Gemm kernel.
+    auto keeps their int4 codes in the file and has ORT fold them into float weights when it loads
+    the model (no dequantization on every run); --container int4 leaves the DequantizeLinears."""
+    cards, models = {}, {}
+    for mode in ("auto", "int8", "int4"):
         out = tmp_path / f"{mode}.onnx"
         r = ptq("quantize", tiny_cnn, "--acts", "dynamic", "--weights", "int4", "--container", mode, "-o", out,
                 "--no-latency")
         assert r.returncode == 0, r.stderr
-        cards[mode] = read_card(card_paths(out)["json"])
-        printed = r.stdout
-    assert "read as int8 but not fused: conv1" in printed  # the int8 run's console says so too
+        cards[mode], models[mode] = read_card(card_paths(out)["json"]), out
+        if mode == "int8":
+            assert "read as int8 but not fused: conv1" in r.stdout  # the int8 run's console says so too
     auto = cards["auto"]["model"]["container"]
-    assert auto["int8"] == {} and set(auto["smallest"]) == {"conv1", "conv2", "fc"}
-    assert all("not an 8-bit quantized activation" in why for why in auto["smallest"].values())
-    assert [row["container"] for row in cards["auto"]["layers"]] == ["int4"] * 3
+    assert auto["int8"] == {} and auto["smallest"] == {} and set(auto["decoded"]) == {"conv1", "conv2", "fc"}
+    assert [row["container"] for row in cards["auto"]["layers"]] == ["int4, float32 at load"] * 3
+    assert [row["kernel"] for row in cards["auto"]["layers"]] == ["Conv (float, folded)"] * 2 + ["Gemm (float, folded)"]
+    ops = optimized_op_counts(onnx.load(str(models["auto"])))
+    assert "DequantizeLinear" not in ops and "Cast" not in ops and "Mul" not in ops  # all folded at load
+    assert all(row["kernel"].endswith("(float)") for row in cards["int4"]["layers"])  # dequantized every run
+    # the same float weights either way: decoding at load is DequantizeLinear's arithmetic
+    feeds = {"input": np.random.default_rng(0).normal(0, 1, (4, 3, 8, 8)).astype(np.float32)}
+    runs = [session(onnx.load(str(models[m])), optimize=False).run(None, feeds)[0] for m in ("auto", "int4")]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert "decoded" not in cards["int4"]["model"]["container"]
     forced = cards["int8"]["model"]["container"]
     assert set(forced["int8"]) == {"conv1", "conv2", "fc"} and forced["extra_bytes"] > 0
     # int8 codes on a float input buy no integer kernel here, and the card says so
