@@ -163,21 +163,25 @@ def decode_at_load(model: ModelProto, plan: Plan, choice: Choice) -> int:
     a Sub of the zero point (when not all zero) and a Mul by the scale shaped for its axis, in
     place: the same float32 values (the codes and zero points are small integers), from nodes ORT
     folds into the weight when it loads the model, where it keeps a DequantizeLinear for the
-    fusions it may find. Returns the bytes this adds to the serialized graph."""
-    codes = {qdq_names(name).quantized for layer in plan.layers if layer.node in choice.decoded
-             for name in layer.weights}
-    if not codes:
+    fusions it may find. A chosen layer with no such DequantizeLinear (another operator reads its
+    codes) leaves the choice. Returns the bytes this adds to the serialized graph."""
+    codes_of = {qdq_names(name).quantized: layer.node for layer in plan.layers if layer.node in choice.decoded
+                for name in layer.weights}
+    if not codes_of:
         return 0
     inits = {t.name: t for t in model.graph.initializer}
     count = len(model.graph.initializer)
-    nodes, added = [], 0
+    nodes, added, done = [], 0, set()
     for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in codes:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in codes_of:
             nodes.append(node)
             continue
         made = _decoded(model, node, inits)
         added += sum(_field_bytes(n) for n in made) - _field_bytes(node)
         nodes += made
+        done.add(codes_of[node.input[0]])
+    for node in set(choice.decoded) - done:
+        del choice.decoded[node]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     added += sum(_field_bytes(t) for t in model.graph.initializer[count:])
@@ -195,10 +199,11 @@ def _decoded(model: ModelProto, dq, inits: dict) -> list:
     codes, scale = dq.input[0], dq.input[1]
     zero = dq.input[2] if len(dq.input) > 2 else ""
     axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    rank = len(inits[codes].dims) if codes in inits else None
+    stored = inits.get(codes, inits.get(f"{codes}_index"))  # level-set codes come from their indices
+    rank = len(stored.dims)
     scale_value = numpy_helper.to_array(inits[scale])
-    shape = [1] * (rank or 1)
-    if scale_value.ndim == 1 and rank:
+    shape = [1] * rank
+    if scale_value.ndim == 1:
         shape[axis % rank] = -1
     out, made = dq.output[0], []
     shaped = f"{scale}_at_load"

@@ -12,6 +12,7 @@ from ..geometry import layer_macs
 from ..graph import Graph
 from ..plan import Plan
 from ..runtime import session
+from .fidelity import INTEGER_KERNELS
 
 FLOAT_BITS = 32
 
@@ -134,8 +135,8 @@ def layer_kernels(exported: ModelProto, optimized: ModelProto, plan: Plan) -> di
         if node.op_type == "DequantizeLinear":
             after = readers.get(node.output[0], [])
             kernels[layer.node] = f"{after[0].op_type if after else layer.op_type} (float)"
-        elif stored not in inits and node.op_type == layer.op_type:  # decoded to float weights at load
-            kernels[layer.node] = f"{layer.op_type} (float, folded)"
+        elif stored not in inits and node.op_type not in INTEGER_KERNELS:  # decoded to float weights at load
+            kernels[layer.node] = f"{node.op_type} (float, folded)"
         else:
             kernels[layer.node] = node.op_type
     return kernels

@@ -217,3 +217,23 @@ def test_level_set_codes_are_stored_as_4bit_indices_and_decoded_at_load(tmp_path
     for optimize in (False, True):
         runs = [session(onnx.load(str(p)), optimize=optimize).run(None, feeds)[0] for p in paths.values()]
         np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_weight_only_level_set_layers_decode_from_their_indices_at_load(tmp_path):
+    """pow2 weights on float inputs: 4-bit indices in the file, a Gather, then the Cast and Mul that
+    turn the codes into float weights, all folded when ORT loads the model."""
+    out = tmp_path / "pow2.onnx"
+    r = ptq("quantize", MODEL, "--data", CALIB, "--num-samples", 64, "--weights", "pow2:4", "--acts", "none", "-o", out,
+            "--no-latency", "--eval-data", TEST, "--eval-samples", 200)
+    assert r.returncode == 0, r.stderr
+    card = read_card(card_paths(out)["json"])
+    container = card["model"]["container"]
+    assert sorted(container["decoded"]) == sorted(container["indexed"]) == sorted(LAYERS)
+    assert [row["kernel"] for row in card["layers"]] == ["Conv (float, folded)"] * 3 + ["FusedGemm (float, folded)", "Gemm (float, folded)"]
+    ops = optimized_op_counts(onnx.load(str(out)))
+    assert not {"DequantizeLinear", "Gather", "Cast"} & set(ops)
+    plain = tmp_path / "plain.onnx"
+    assert ptq("export", tmp_path / "pow2.onnx.run", "-o", plain, "--container", "int8", "--no-latency").returncode == 0
+    feeds = {"input": np.load(TEST)["input"][:16]}
+    runs = [session(onnx.load(str(p)), optimize=False).run(None, feeds)[0] for p in (out, plain)]
+    np.testing.assert_array_equal(runs[0], runs[1])
