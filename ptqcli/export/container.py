@@ -208,9 +208,11 @@ def _decoded(model: ModelProto, dq, inits: dict) -> list:
     out, made = dq.output[0], []
     shaped = f"{scale}_at_load"
     model.graph.initializer.append(numpy_helper.from_array(scale_value.reshape(shape if scale_value.ndim else ()), shaped))
-    made.append(helper.make_node("Cast", [codes], [f"{out}_codes_float"], name=f"{dq.name}_Cast", to=TensorProto.FLOAT))
+    # In the scale's float type, as DequantizeLinear's output is (float16 graphs keep float16).
+    made.append(helper.make_node("Cast", [codes], [f"{out}_codes_float"], name=f"{dq.name}_Cast",
+                                 to=inits[scale].data_type))
     source = f"{out}_codes_float"
-    zero_value = numpy_helper.to_array(inits[zero]).astype(np.float32) if zero in inits else None
+    zero_value = numpy_helper.to_array(inits[zero]).astype(scale_value.dtype) if zero in inits else None
     if zero_value is not None and np.any(zero_value):
         centred = f"{zero}_at_load"
         model.graph.initializer.append(numpy_helper.from_array(zero_value.reshape(shape if zero_value.ndim else ()), centred))
