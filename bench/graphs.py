@@ -69,6 +69,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "graphs.md"
 PTQ = ROOT / ".venv" / "bin" / "ptq"
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 QDQ = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+INTEGER_TYPES = (2, 3, 21, 22)  # TensorProto UINT8, INT8, UINT4, INT4
 
 
 # --------------------------------------------------------------------------- #
@@ -686,6 +687,10 @@ def quantized_ops(path: Path) -> dict:
                         collect(sg, depth + 1)
 
     collect(m.graph, 0)
+    # Weights ptqcli decodes when ORT loads the model (integer codes -> Cast -> Sub/Mul by constants)
+    integer = {t.name for g, _ in graphs for t in g.initializer if t.data_type in INTEGER_TYPES}
+    constants = {t.name for g, _ in graphs for t in g.initializer}
+    decoded, decoded_readers = set(), Counter()
     for g, depth in graphs:
         for n in g.node:
             ops[n.op_type] += 1
@@ -693,7 +698,15 @@ def quantized_ops(path: Path) -> dict:
                 in_sub[n.op_type] += 1
             if n.op_type not in QDQ and any(producers.get(i) == "DequantizeLinear" for i in n.input if i):
                 consumers[n.op_type] += 1
+            if n.op_type in ("Cast", "Gather") and any(i in integer for i in n.input):
+                decoded.add(n.output[0])
+            elif n.op_type in ("Cast", "Sub", "Mul") and any(i in decoded for i in n.input) and \
+                    all(i in decoded or i in constants for i in n.input):
+                decoded.add(n.output[0])
+            elif any(i in decoded for i in n.input if i) and n.op_type not in QDQ:
+                decoded_readers[n.op_type] += 1
     return {"ops": dict(ops), "q": ops["QuantizeLinear"], "dq": ops["DequantizeLinear"],
+            "decoded": dict(decoded_readers),
             "dynq": ops["DynamicQuantizeLinear"], "integer": {k: v for k, v in ops.items() if tbench.is_integer_kernel(k)},
             "consumers": dict(consumers), "qdq_in_subgraphs": sum(in_sub.values()),
             "fp16": corpus.describe(path)["fp16"]}
@@ -880,7 +893,7 @@ def run_model(e, args) -> Result:
     except Exception as exc:  # noqa: BLE001
         res.eval_error = f"cannot read the output: {type(exc).__name__}: {exc}"
         return res
-    if not (res.q["q"] or res.q["dq"] or res.q["dynq"] or res.q["integer"]):
+    if not (res.q["q"] or res.q["dq"] or res.q["dynq"] or res.q["integer"] or res.q["decoded"]):
         res.outcome = "nothing quantized"  # written, but without a single Q/DQ or integer op
         plan = re.search(r"float nodes\s*│\s*(.+?)\s*│", proc.stdout + proc.stderr)
         res.error = f"plan: 0 layers; float nodes {plan.group(1)}" if plan else "no Q/DQ or integer op in the output"
@@ -928,6 +941,8 @@ def row_cells(r: Result, markdown: bool) -> list[str]:
         if r.q["qdq_in_subgraphs"]:
             qops += f", {r.q['qdq_in_subgraphs']} in subgraphs"
         qops += f"; reads DQ: {counter_text(r.q['consumers'], 5)}"
+        if r.q.get("decoded"):
+            qops += f"; integer weights decoded at load for: {counter_text(r.q['decoded'], 4)}"
         if r.eval:
             qops += f"; ORT integer kernels: {counter_text(r.eval['ort_integer'], 4)}"
     cos, sq, note = worst(r.eval)
