@@ -19,6 +19,7 @@ using DepthwiseAccumulateFloat = void (*)(const uint8_t* plane, uint8_t flip, co
 using DepthwisePatches = void (*)(const float* plane, const ConvShape&, const DepthwisePhases&, const float* weight,
                                   float* sums, float* scales, float* scratch);
 using QuantizeRow = void (*)(const float* x, int64_t k, int64_t kp, int8_t* q, float* scale);
+using DotRows16 = void (*)(const int16_t* m, const int16_t* v, int64_t rows, int64_t n, int64_t* out);
 using BinarizeRow = void (*)(const float* x, const uint8_t* valid, int64_t k, int64_t words, uint64_t* bits,
                              uint64_t* valid_bits, int32_t* count, float* scale);
 
@@ -31,6 +32,7 @@ struct Kernels {
   DepthwisePatches depthwise_patches;
   QuantizeRow quantize_row;
   BinarizeRow binarize_row;
+  DotRows16 dot_rows_i16;  // products.h
 };
 
 const Kernels& avx2_kernels();

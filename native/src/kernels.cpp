@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "depthwise.h"
+#include "products.h"
 #include "isa.h"
 
 namespace ptq {
@@ -209,7 +210,7 @@ void for_each_row(int64_t m, const ParallelFor& parallel, Body body) {
 const isa::Kernels& kernels() {
   static const isa::Kernels scalar{nibble_scalar,        binary_scalar,       depthwise_accumulate,
                                    depthwise_accumulate_float,  depthwise_quantized_patches,
-                                   quantize_row_scalar,  binarize_row_scalar};
+                                   quantize_row_scalar,  binarize_row_scalar, dot_rows_i16};
   switch (active_level()) {
     case Level::Avx512:
       return isa::avx512_kernels();
@@ -221,6 +222,10 @@ const isa::Kernels& kernels() {
 }
 
 }  // namespace
+
+void dot_rows16(const int16_t* m, const int16_t* v, int64_t rows, int64_t n, int64_t* out) {
+  kernels().dot_rows_i16(m, v, rows, n, out);
+}
 
 void quant_rowsums(const int8_t* q, int64_t m, int64_t kp, int64_t group, int32_t* rowsum, const ParallelFor& parallel) {
   const int64_t groups = kp / group;

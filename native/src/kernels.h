@@ -20,6 +20,10 @@ constexpr int64_t kBinaryWord = 64;   // K elements per 64-bit word of sign bits
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
+// out[r] = sum over j < n of m[r * n + j] * v[j], exact (int8 values in m, int16 in v; see
+// products.h), with the widest instructions this CPU has.
+void dot_rows16(const int16_t* m, const int16_t* v, int64_t rows, int64_t n, int64_t* out);
+
 // Where output element (m, n) goes: y[m * row_stride + n * col_stride].
 struct OutputView {
   float* y;

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "depthwise.h"
+#include "products.h"
 #include "isa.h"
 
 namespace {
@@ -73,7 +74,7 @@ namespace ptq::isa {
 const Kernels& avx2_kernels() {
   static const Kernels table{nibble_gemm_tiles,          binary_gemm_tiles,  depthwise_accumulate,
                              depthwise_accumulate_float, depthwise_quantized_patches,
-                             quantize_row_avx2,          binarize_row_avx2};
+                             quantize_row_avx2,          binarize_row_avx2,  dot_rows_i16};
   return table;
 }
 

@@ -5,6 +5,8 @@
 // tables are sigmoid (i, o, f), tanh (c) and the cell's tanh.
 #include "lstm.h"
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -15,27 +17,11 @@ namespace ptq {
 namespace {
 
 constexpr int kAccShift = 24;
-// int8 x Q0.15 products summed in int32 this many at a time (127 * 32767 * 512 < 2^31), then in
-// int64: the same integers as summing in int64 throughout, but in loops the compiler vectorises
-// (int16 x int16 -> int32 pairs).
-constexpr int64_t kInt32Run = 512;
 constexpr int kOutFrac = 15;
 constexpr int kSlopeFrac = 16;
 constexpr int64_t kInt16Max = 32767;
 
 int64_t rshift_round(int64_t v, int bits) { return (v + (int64_t{1} << (bits - 1))) >> bits; }
-
-// sum of a[j] * b[j] over j < n, exact: int32 partial sums of at most kInt32Run products.
-int64_t dot16(const int16_t* a, const int16_t* b, int64_t n) {
-  int64_t total = 0;
-  for (int64_t j0 = 0; j0 < n; j0 += kInt32Run) {
-    const int64_t j1 = std::min(n, j0 + kInt32Run);
-    int32_t part = 0;
-    for (int64_t j = j0; j < j1; ++j) part += int32_t{a[j]} * int32_t{b[j]};
-    total += part;
-  }
-  return total;
-}
 
 std::vector<int16_t> widened(const int8_t* v, int64_t n) { return std::vector<int16_t>(v, v + n); }
 int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
@@ -153,6 +139,7 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
   std::vector<int64_t> cell(static_cast<size_t>(h));
   std::vector<int16_t> h15(static_cast<size_t>(h));  // Q0.15, within +-32767
   std::vector<int64_t> xproj(static_cast<size_t>(steps * rows));  // W x of every step: no h in it
+  std::vector<int64_t> hproj(static_cast<size_t>(rows));  // R h of the current step
   const bool cached = static_cast<int64_t>(w16_.size()) == dirs * rows * features &&
                       static_cast<int64_t>(r16_.size()) == dirs * rows * h;
   const std::vector<int16_t> w_all = cached ? std::vector<int16_t>() : widened(w.GetTensorData<int8_t>(), dirs * rows * features);
@@ -178,13 +165,12 @@ void IntLstmKernel::compute(Ort::KernelContext& ctx) const {
         cell[j] = c0 ? clamp(static_cast<int64_t>(std::nearbyint(c0.GetTensorData<float>()[at] * cell_one)), -kInt16Max, kInt16Max) : 0;
       }
       for (int64_t t = 0; t < steps; ++t)
-        for (int64_t row = 0; row < rows; ++row)
-          xproj[t * rows + row] = dot16(wd + row * features, xq.data() + (t * batch + n) * features, features);
+        dot_rows16(wd, xq.data() + (t * batch + n) * features, rows, features, xproj.data() + t * rows);
       for (int64_t s = 0; s < steps; ++s) {
         const int64_t t = backwards ? steps - 1 - s : s;
+        dot_rows16(rd, h15.data(), rows, h, hproj.data());
         for (int64_t row = 0; row < rows; ++row) {
-          const int64_t acch = dot16(rd + row * h, h15.data(), h);
-          const int64_t acc = xproj[t * rows + row] * wm[row] + acch * rm[row] + bd[row];
+          const int64_t acc = xproj[t * rows + row] * wm[row] + hproj[row] * rm[row] + bd[row];
           z[row] = clamp(rshift_round(acc, kAccShift), -32768, kInt16Max);
         }
         for (int64_t j = 0; j < h; ++j) {
