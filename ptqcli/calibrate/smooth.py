@@ -242,7 +242,7 @@ def group_loss(stats: ChannelMoments, weights: list[np.ndarray], s: np.ndarray, 
             ref = stats.rows[:, :, None] * w[None]
             err = np.sum(np.square(ref - xq[:, :, None] * wq[None], dtype=np.float64), axis=(1, 2))
             power = np.sum(np.square(ref, dtype=np.float64), axis=(1, 2))
-            total += float(np.sum(err / np.maximum(power, 1e-30)) if per_row else err.sum() / max(power.sum(), 1e-30))
+            total += _relative(err, power, per_row)
             continue
         # Per row, squared error over signal power, summed over column chunks: a language model's
         # head ([K, 49152]) would otherwise need gigabytes for one product.
@@ -253,8 +253,13 @@ def group_loss(stats: ChannelMoments, weights: list[np.ndarray], s: np.ndarray, 
             ref = stats.rows @ part
             err += np.sum(np.square(ref - xq @ _fake_quant_weight(part * s[:, None], cfg), dtype=np.float64), axis=1)
             power += np.sum(np.square(ref, dtype=np.float64), axis=1)
-        total += float(np.sum(err / np.maximum(power, 1e-30)) if per_row else err.sum() / max(power.sum(), 1e-30))
+        total += _relative(err, power, per_row)
     return total
+
+
+def _relative(err: np.ndarray, power: np.ndarray, per_row: bool) -> float:
+    """Squared error over signal power: summed row by row, or over all rows at once."""
+    return float(np.sum(err / np.maximum(power, 1e-30)) if per_row else err.sum() / max(power.sum(), 1e-30))
 
 
 def _gram_loss(gram: np.ndarray, w: np.ndarray, s: np.ndarray, cfg: QuantConfig, power: float) -> float:
