@@ -75,6 +75,19 @@ def weight_only(layer: Layer) -> str:
     return "its input is not an 8-bit quantized activation: no integer kernel would run"
 
 
+INTEGER_KERNEL_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def small_codes_fuse(plan: Plan, layer: Layer) -> bool:
+    """Does ORT's integer kernel run this layer from sub-8-bit codes in the file under `auto`: int2-int4
+    codes widened to int8 at load, or level-set indices decoded to int8 codes at load, on an 8-bit
+    quantized input?"""
+    tq = plan.tensors.get(layer.weight)
+    return (layer.op_type in INTEGER_KERNEL_OPS and tq is not None and tq.role == "weight" and not tq.spec.block_size
+            and (tq.spec.storage_bits == 4 or (indexable(tq.spec) and tq.spec.storage_bits == 8))
+            and integer_input(plan, layer))
+
+
 DECODED_REASON = ("weight-only: its codes decoded to float weights when ORT loads the model (a Cast and Mul "
                   "it folds), float speed from the small file")
 

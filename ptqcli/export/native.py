@@ -32,10 +32,10 @@ from ..plan import Layer, Plan, TensorQuant
 from ..quant import codes
 from ..recurrent import from_record, operator_inputs
 from ..calibrate.lstm import eligible as lstm_eligible, weight_codes
-from ..formats import indexable, native_family
+from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
-from .container import integer_input
+from .container import small_codes_fuse
 from .nbits import NBITS_SUFFIX
 from .qdq import qdq_names
 
@@ -123,7 +123,6 @@ def _weight(g: Graph, layer: Layer, tq: TensorQuant) -> np.ndarray:
 
 
 LAYER_CHOICES = ("fastest", "all")
-ORT_INTEGER_OPS = ("Conv", "Gemm", "MatMul")
 
 
 def left_to_ort(plan: Plan, choice: str) -> dict[str, str]:
@@ -132,15 +131,9 @@ def left_to_ort(plan: Plan, choice: str) -> dict[str, str]:
         raise PtqError(f"unknown --native-layers '{choice}' (known: {', '.join(LAYER_CHOICES)})")
     if choice == "all":
         return {}
-    left = {}
-    for layer in plan.layers:
-        tq = plan.tensors.get(layer.weight)
-        if (layer.op_type in ORT_INTEGER_OPS and tq is not None and tq.role == "weight" and _family(tq) is not None
-                and not tq.spec.block_size and tq.spec.storage_bits <= 8 and integer_input(plan, layer)
-                and (tq.spec.storage_bits == 4 or indexable(tq.spec))):
-            left[layer.node] = (f"ORT's integer {layer.op_type} kernel runs its 8-bit input faster "
-                                "(--native-layers all to replace it)")
-    return left
+    return {layer.node: f"ORT's integer {layer.op_type} kernel runs its 8-bit input faster (--native-layers all "
+                        "to replace it)" for layer in plan.layers
+            if small_codes_fuse(plan, layer) and _family(plan.tensors[layer.weight]) is not None}
 
 
 def export_native(qdq: ModelProto, g: Graph, plan: Plan,
