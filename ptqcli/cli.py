@@ -71,9 +71,10 @@ EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to 
 StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Weight-only int2/4/8 blocks (--acts none --block-size B, no data) read, quantized and written one tensor at a time, for models larger than memory [default: on for models over 2 GiB when the options allow it].")]
 LatencyOpt = Annotated[bool, typer.Option("--latency/--no-latency", help="Time the float and quantized models at batch 1 for the card, taking turns on the same real samples (about 3 s).")]
 ContainerOpt = Annotated[str, typer.Option(
-    "--container", help="Integer type holding sub-8-bit weight codes: auto (int4 in the file, widened to int8 when ORT loads "
-                        "it where its integer kernels then run, i.e. the layer's input is quantized), int8 (widened in the "
-                        "file, for runtimes that do not fold constants), or int4 (no widening).")]
+    "--container", help="How weight codes are stored: auto (sub-8-bit codes stay small in the file; ORT widens them to "
+                        "int8 when it loads the model where its integer kernels run the layer, and decodes the weights "
+                        "of weight-only Conv/Gemm/recurrent layers to float then), int8 (widened in the file, for "
+                        "runtimes that do not fold constants), or int4 (nothing widened or decoded at load).")]
 NativeLayersOpt = Annotated[str, typer.Option(
     "--native-layers", help="With --format native: fastest (layers reading an 8-bit quantized activation go to ORT's "
                             "integer kernels, which run them faster, the rest to ptqcli's operators) or all (every "
