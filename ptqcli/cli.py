@@ -267,7 +267,7 @@ def _print_container(output: Path) -> None:
     from .export.card_render import container_summary
 
     container = json.loads(card_paths(output)["json"].read_text())["model"].get("container")
-    if not container or not (container["int8"] or container.get("indexed") or container.get("decoded")):
+    if not container or not any(container.get(key) for key in ("int8", "indexed", "decoded", "bias_fused")):
         return
     out.print(container_summary(container))
     for node, kernel in container.get("not_fused", {}).items():

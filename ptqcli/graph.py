@@ -389,6 +389,20 @@ def keep_only(repeated, keep) -> None:
             del repeated[i]
 
 
+def drop_unused(model: ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads, then initializers nothing reads (repeat until stable)."""
+    graph_outputs = {o.name for o in model.graph.output}
+    while True:
+        used = reads(model) | graph_outputs
+        live = [n for n in model.graph.node if any(o in used for o in n.output)]
+        if len(live) == len(model.graph.node):
+            break
+        del model.graph.node[:]
+        model.graph.node.extend(live)
+    used = reads(model) | graph_outputs
+    keep_only(model.graph.initializer, lambda t: t.name in used)
+
+
 def clone(model: ModelProto) -> ModelProto:
     copy = ModelProto()
     copy.CopyFrom(model)

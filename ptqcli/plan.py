@@ -28,7 +28,11 @@ MOVED_TO_FLOAT = "moved to float by `ptq allocate --max-drop`"
 # Float nodes kept for these reasons read their inputs' float values, not the dequantized ones:
 # between a DequantizeLinear and a QuantizeLinear, ORT quantizes a float Conv's or Gemm's weights
 # itself (its WeightBiasQuantization pass), so a layer meant to run in float would not.
-FLOAT_INPUT_REASONS = ("excluded by the recipe", MOVED_TO_FLOAT)
+# The Mul that gives a smoothed activation's other readers (a residual Add) the original back: reading
+# the codes would put the activation's rounding into the residual stream, and a DequantizeLinear in
+# front of every such Mul.
+RESTORES_SMOOTHED = "restores a smoothed activation for its float readers (the residual stream)"
+FLOAT_INPUT_REASONS = ("excluded by the recipe", MOVED_TO_FLOAT, RESTORES_SMOOTHED)
 
 # Scales and zero points of more values than this are kept in the params file beside plan.json.
 GRID_IN_JSON = 4096

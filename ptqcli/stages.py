@@ -534,22 +534,22 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
             raise PtqError("no layer has a native kernel (native export runs int2-int4, binary, ternary and pow2 up to "
                            f"4 bits, and int8 LSTMs){why}; use --format qdq")
         native = {"replaced": report.replaced, "kept": report.kept, "layers": native_layers}
-    choice = containers.choose(plan, container, frozenset(native["replaced"] if native else ()))
-    saved_bytes = containers.index_levels(quantized, plan, choice)
-    extra_bytes = containers.widen(quantized, plan, choice)
-    decoded_bytes = containers.decode_at_load(quantized, plan, choice)
+    stored = containers.store(quantized, g, plan, container, frozenset(native["replaced"] if native else ()),
+                              contrib_ops=fmt != "onnx")
     # Loaded by ORT before anything is measured or written: a model it refuses is never saved.
     kernels = layer_kernels(quantized, optimized_model(quantized, "the exported model"), plan)
     source, skip, held_out = eval_source(plan, eval_data, g)
     fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
     inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source, skip, latency)
-    stored = containers.stored_types(quantized, plan)
-    held = {**containers.record(choice, extra_bytes, saved_bytes, decoded_bytes),
-            "not_fused": {n: kernels.get(n, "unknown") for n in choice.widened if kernels.get(n) not in INTEGER_KERNELS}}
+    types = containers.stored_types(quantized, plan)
+    held = {**stored.record(), "not_fused": {n: kernels.get(n, "unknown") for n in stored.choice.widened
+                                             if kernels.get(n) not in INTEGER_KERNELS}}
+    if stored.bias_fused:
+        held["bias_fused"] = stored.bias_fused
     save_model(quantized, out_path)
     if fidelity is not None:
         rundir.write_json(run / rundir.FIDELITY, fidelity.to_dict())
-    write_card(build_card(replace(inputs, native=native, container=held, kernels=kernels, stored=stored)), out_path)
+    write_card(build_card(replace(inputs, native=native, container=held, kernels=kernels, stored=types)), out_path)
     return plan, fidelity
 
 

@@ -37,6 +37,7 @@ from ..errors import PtqError
 from ..graph import Graph
 from ..metrics import relative_error
 from ..ops import normalization, op_info
+from ..plan import RESTORES_SMOOTHED
 from ..quant import dequantize, quantize, scale_zero_point
 from .data import Batch
 from .moments import ChannelMoments
@@ -330,6 +331,8 @@ def choose(g: Graph, grp: SmoothGroup, stats: ChannelMoments, cfg: QuantConfig) 
     report = {"alpha": best, "loss": losses[best], "loss_unsmoothed": losses[None], "gemms": list(grp.gemms)}
     if grp.channel_axis == CHANNELS_FIRST:
         report["tail"] = list(grp.tail)
+    if grp.shared:
+        report["restore"] = restore_node(grp.tensor)
     return best, report
 
 
@@ -337,9 +340,17 @@ TAIL_REASON = "applies the smoothing factors of the Conv input it writes: in flo
 
 
 def float_tails(report: dict) -> dict[str, str]:
-    """{node: why} of the tails that must run in float: a Conv group's scalar Mul turned per-channel
-    (its input has the uneven channels the factors even out, and an integer Mul would quantize it)."""
-    return {node: TAIL_REASON for entry in report.values() if entry["alpha"] is not None for node in entry.get("tail", ())}
+    """{node: why} of the nodes that must run in float: a Conv group's scalar Mul turned per-channel
+    (its input has the uneven channels the factors even out, and an integer Mul would quantize it),
+    and the Muls that give a smoothed activation's other readers the original back, from its float value."""
+    smoothed = [entry for entry in report.values() if entry["alpha"] is not None]
+    return {**{node: TAIL_REASON for entry in smoothed for node in entry.get("tail", ())},
+            **{entry["restore"]: RESTORES_SMOOTHED for entry in smoothed if "restore" in entry}}
+
+
+def restore_node(tensor: str) -> str:
+    """The name of the Mul that writes `tensor` again from its smoothed version."""
+    return f"{tensor}__unsmoothed"
 
 
 def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
@@ -360,7 +371,7 @@ def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
                 node.output[0] = smoothed
         factor = f"{grp.tensor}__smoothing_factor"
         graph.initializer.append(numpy_helper.from_array(_along_channels(s, grp).astype(np.float32), factor))
-        restore = helper.make_node("Mul", [smoothed, factor], [grp.tensor], name=f"{grp.tensor}__unsmoothed")
+        restore = helper.make_node("Mul", [smoothed, factor], [grp.tensor], name=restore_node(grp.tensor))
         nodes.insert(last + 1, restore)
         _copy_value_info(graph, grp.tensor, smoothed)
         del graph.node[:]

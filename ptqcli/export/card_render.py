@@ -99,12 +99,19 @@ def container_summary(c: dict) -> str:
         parts.append(f"{len(c['decoded'])} weight-only layers decoded to float weights when ORT loads the model")
     if c["smallest"]:
         parts.append(f"{len(c['smallest'])} in their smallest container")
+    if c.get("bias_fused"):
+        parts.append(f"{len(c['bias_fused'])} integer MatMuls adding their bias in the kernel (MatMulIntegerToFloat)")
     return f"weight containers ({c['mode']}): " + ", ".join(parts)
+
+
+def container_news(c: dict | None) -> bool:
+    """Does the card's container record say more than that every weight kept its plain codes?"""
+    return bool(c) and any(c.get(key) for key in ("int8", "smallest", "indexed", "decoded", "bias_fused"))
 
 
 def _container_lines(c: dict | None) -> list[str]:
     """How sub-8-bit weight codes are stored, and what that costs."""
-    if not c or not (c["int8"] or c["smallest"] or c.get("indexed") or c.get("decoded")):
+    if not container_news(c):
         return []
     lines = [f"- {container_summary(c)}"]
     lines += [f"  - read as 8-bit but not fused: {node} ({kernel})" for node, kernel in c.get("not_fused", {}).items()]

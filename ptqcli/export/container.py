@@ -40,6 +40,7 @@ from ..errors import PtqError
 from ..formats import code_levels, indexable
 from ..graph import Graph, make_initializer
 from ..plan import Layer, Plan
+from .integer_kernels import fuse_biases, integer_input
 from .qdq import export_qdq, qdq_names
 
 MODES = ("auto", "int4", "int8")
@@ -55,14 +56,6 @@ class Choice:
     kept: dict[str, str] = field(default_factory=dict)     # sub-8-bit node left in the smallest container -> why
     indexed: dict[str, str] = field(default_factory=dict)  # level-set node whose codes are 4-bit indices -> why
     decoded: dict[str, str] = field(default_factory=dict)  # weight-only node decoded to float at load -> why
-
-
-def integer_input(plan: Plan, layer: Layer) -> bool:
-    """Does ORT get an integer kernel for this layer once its weights are 8-bit? Its input must be
-    an 8-bit, per-tensor quantized activation (the QDQ pair ORT fuses with the layer)."""
-    tq = plan.tensors.get(layer.activation) if layer.activation else None
-    return (tq is not None and tq.role == "activation" and tq.spec.scheme == "int" and tq.spec.bits == 8
-            and tq.spec.axis is None and layer.node not in plan.binary_inputs)
 
 
 def weight_only(layer: Layer) -> str:
@@ -312,9 +305,32 @@ def stored_types(model: ModelProto, plan: Plan) -> dict[str, str]:
     return out
 
 
-def export(g: Graph, plan: Plan, mode: str = "auto", contrib_ops: bool = True) -> tuple[ModelProto, Choice, int]:
-    """The QDQ model with each layer's codes in the container `mode` chooses; the choice; the bytes it adds."""
+@dataclass(frozen=True)
+class Stored:
+    """What `store` chose and what it cost or saved, in bytes of the model file."""
+
+    choice: Choice
+    extra_bytes: int
+    saved_bytes: int
+    decoded_bytes: int
+    bias_fused: list[str]
+
+    def record(self) -> dict:
+        return record(self.choice, self.extra_bytes, self.saved_bytes, self.decoded_bytes)
+
+
+def store(model: ModelProto, g: Graph, plan: Plan, mode: str = "auto", elsewhere: frozenset = frozenset(),
+          contrib_ops: bool = True) -> Stored:
+    """Each layer's codes put, in place, in the container `mode` chooses (`elsewhere`: layers another
+    operator stores); with contrib ops, integer MatMuls then take their bias (export/integer_kernels.py)."""
+    choice = choose(plan, mode, elsewhere)
+    saved = index_levels(model, plan, choice)
+    extra = widen(model, plan, choice)
+    decoded = decode_at_load(model, plan, choice)
+    return Stored(choice, extra, saved, decoded, fuse_biases(model, g, plan) if contrib_ops else [])
+
+
+def export(g: Graph, plan: Plan, mode: str = "auto", contrib_ops: bool = True) -> tuple[ModelProto, Stored]:
+    """The QDQ model with each layer's codes in the container `mode` chooses, and what was stored how."""
     model = export_qdq(g, plan, contrib_ops=contrib_ops)
-    choice = choose(plan, mode)
-    index_levels(model, plan, choice)
-    return model, choice, widen(model, plan, choice) + decode_at_load(model, plan, choice)
+    return model, store(model, g, plan, mode, contrib_ops=contrib_ops)

@@ -25,7 +25,7 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from ..errors import PtqError
 from ..geometry import MATRIX_OPS, flat_rows, geometry, kernel_attributes, native_unsupported
-from ..graph import Graph, clone, keep_only, reads
+from ..graph import Graph, clone, drop_unused
 from ..ops import attr
 from ..nativelib import DOMAIN, INT_LSTM
 from ..plan import Layer, Plan, TensorQuant
@@ -36,6 +36,7 @@ from ..formats import native_family
 from . import native_ref as ref
 from .binarize import BinaryNames
 from .container import small_codes_fuse
+from .integer_kernels import absorbable_bias
 from .nbits import NBITS_SUFFIX
 from .qdq import qdq_names
 
@@ -172,28 +173,10 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan,
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(new_inits)
-    _drop_unused(model)
+    drop_unused(model)
     if report.replaced:
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model, report
-
-
-def absorbable_bias(g: Graph, plan: Plan, layer: Layer) -> tuple[NodeProto, str] | None:
-    """The Add of a constant [N] vector that alone reads a MatMul layer's float output ([K, N]
-    weight), and that vector's name: an operator with a bias input can add it itself."""
-    readers = g.consumers.get(layer.output, [])
-    dims = tuple(g.initializers[layer.weight].dims) if layer.weight in g.initializers else ()
-    if (layer.op_type != "MatMul" or len(dims) != 2 or len(readers) != 1 or layer.output in plan.tensors
-            or layer.output in g.output_names):
-        return None
-    add = readers[0]
-    if add.op_type != "Add" or add.name in plan.float_nodes or len(add.input) != 2:
-        return None
-    bias = add.input[1] if add.input[0] == layer.output else add.input[0]
-    if (bias not in g.initializers or tuple(g.initializers[bias].dims) != dims[1:] or bias in plan.tensors
-            or not g.is_float(bias)):
-        return None
-    return add, bias
 
 
 def _replace(node: NodeProto, layer: Layer, g: Graph, plan: Plan, new_inits, report,
@@ -312,17 +295,3 @@ def _replace_binarized(node: NodeProto, layer: Layer, g: Graph, plan: Plan, init
     report.replaced[node.name] = op_type
     return helper.make_node(op_type, [names.centered] + [f"{prefix}_{key}" for key in ref.BINARY_INPUTS[1:]],
                             [layer.output], name=node.name, domain=DOMAIN, K=k, N=n, **kernel_attributes(node, w))
-
-
-def _drop_unused(model: ModelProto) -> None:
-    """Remove nodes whose outputs nothing reads, then initializers nothing reads (repeat until stable)."""
-    graph_outputs = {o.name for o in model.graph.output}
-    while True:
-        used = reads(model) | graph_outputs
-        live = [n for n in model.graph.node if any(o in used for o in n.output)]
-        if len(live) == len(model.graph.node):
-            break
-        del model.graph.node[:]
-        model.graph.node.extend(live)
-    used = reads(model) | graph_outputs
-    keep_only(model.graph.initializer, lambda t: t.name in used)

@@ -94,6 +94,36 @@ def test_smoothing_folds_into_the_layernorms_and_keeps_the_float_model(encoder):
     np.testing.assert_allclose(_outputs(smoothed_path, feeds), original, rtol=1e-4, atol=1e-5)
 
 
+def test_integer_matmuls_add_their_bias_and_the_residual_reads_float(encoder):
+    """Every projection is exported as a MatMulIntegerToFloat that adds its bias (the erf GELU's
+    included: ORT then runs a plain Gelu, not a BiasGelu), so no Add of a constant is left after
+    an integer MatMul; outputs match the standard-op export, whose Adds ORT runs apart. The Muls that give the
+    residual stream the smoothed LayerNorm outputs back read their float values, not the codes."""
+    model, tmp = encoder
+    run = tmp / "fused.run"
+    stages.calibrate(model, QuantConfig(), DataConfig(path=str(tmp / "calib.npz"), num_samples=128), run)
+    fused, standard = tmp / "fused.onnx", tmp / "standard.onnx"
+    stages.export(run, fused, None, 0, latency=False)
+    stages.export(run, standard, None, 0, fmt="onnx", latency=False)
+    graph = onnx.load(str(fused)).graph
+    producers = {out: n for n in graph.node for out in n.output}
+    matmuls = {n.name: n for n in graph.node if n.op_type == "MatMulIntegerToFloat"}
+    assert set(matmuls) == {"q_proj", "k_proj", "v_proj", "o_proj", "ffn_in", "ffn_out"}
+    assert all(len(n.input) == 7 and n.input[6] for n in matmuls.values())
+    constants = {t.name for t in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "Add" and set(n.input) & constants and any(
+        producers.get(x) is not None and producers[x].op_type == "MatMulIntegerToFloat" for x in n.input)]
+    restores = [n for n in graph.node if n.name.endswith("__unsmoothed")]
+    assert len(restores) == 2 and {producers[n.input[0]].op_type for n in restores} == {"LayerNormalization"}
+    kernels = optimized_op_counts(onnx.load(str(fused)))
+    assert kernels.get("Gelu") == 1 and "BiasGelu" not in kernels and kernels["MatMulIntegerToFloat"] == 6, kernels
+    assert optimized_op_counts(onnx.load(str(standard))).get("Add", 0) > kernels.get("Add", 0)
+    card = json.loads(fused.with_suffix(".card.json").read_text())
+    assert sorted(card["model"]["container"]["bias_fused"]) == sorted(matmuls)
+    feeds = dict(np.load(tmp / "eval.npz"))
+    np.testing.assert_allclose(_outputs(fused, feeds), _outputs(standard, feeds), rtol=1e-4, atol=1e-4)
+
+
 def test_smoothing_beats_no_smoothing_on_outlier_channels(encoder):
     _, smooth = _quantize(encoder, "with_smooth", QuantConfig())
     _, plain = _quantize(encoder, "without_smooth", QuantConfig(smooth=False))

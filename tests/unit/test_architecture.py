@@ -15,7 +15,7 @@ LAYERS = [
     ("plan", ["calibrate.planner", "calibrate.lstm", "calibrate.branches", "calibrate.bias_correction", "calibrate.probe", "calibrate.settle", "calibrate.smooth",
               "rundir"]),
     ("transform", ["calibrate.layerwise", "calibrate.gptq", "calibrate.synthetic", "masks", "allocate"]),
-    ("export", ["export.qdq", "export.nbits", "export.container", "export.native", "export.native_ref", "export.binarize",
+    ("export", ["export.qdq", "export.nbits", "export.integer_kernels", "export.container", "export.native", "export.native_ref", "export.binarize",
                 "export.stream"]),
     ("measure", ["export.fidelity", "export.measures", "export.card", "export.card_render", "export.gate"]),
     # Orchestration: the stages the CLI calls, the Pareto sweep (allocate, export and measure per
