@@ -9,7 +9,9 @@ almost nothing of the real values on a per-tensor 8-bit grid.
 
 First, an activation that no integer kernel would read or write is not quantized at all: a
 QuantizeLinear/DequantizeLinear pair around a float op costs time and adds error. A tensor buys a
-kernel when a Conv/Gemm/MatMul reads it, when a layer without a float-output integer kernel (Conv)
+kernel when a Conv/Gemm/MatMul reads it (a Conv only while its output stays quantized: QLinearConv
+writes integers, and a Conv whose output the damage measurement below sent back to float runs in
+float whatever its input), when a layer without a float-output integer kernel (Conv)
 writes it, or when it feeds an op ORT runs on integers (Add, Mul, Softmax, Concat, ...) whose other
 inputs and output are quantized too; a MatMul or Gemm writes float directly (MatMulIntegerToFloat,
 QGemm), so its output alone buys nothing (the bias Add of a transformer's projections).
@@ -37,20 +39,28 @@ from ..runtime import run_session, session, tensor_outputs
 from .data import Batch, model_inputs
 from .probe import gate_feeds, probe_model
 
-def feeds_gemm(g: Graph, tensor: str, float_nodes=()) -> bool:
+def feeds_gemm(g: Graph, tensor: str, float_nodes=(), quantized: set[str] | None = None) -> bool:
     """True when a Conv, Gemm or MatMul the plan does not keep in float reads the tensor, directly
     or through ops that only move its values (Reshape, Transpose, ...), which ORT runs on the
-    quantized values."""
+    quantized values. With `quantized` (the tensors the plan quantizes), a reader without a
+    float-output integer kernel (Conv: QLinearConv writes integers) counts only when its output is
+    quantized too: otherwise ORT runs it in float, and the quantized input buys nothing."""
     seen, todo = set(), [tensor]
     while todo:
         name = todo.pop()
         for user in g.consumers.get(name, []):
-            if integer_layer_op(user) and user.name not in float_nodes:
+            if integer_layer_op(user) and user.name not in float_nodes and (
+                    quantized is None or _float_output_kernel(user) or _quantized_after_fusion(g, user.output[0], quantized)):
                 return True
             if preserves_scale(user) and user.output and user.output[0] not in seen:
                 seen.add(user.output[0])
                 todo.append(user.output[0])
     return False
+
+
+def _float_output_kernel(node) -> bool:
+    info = op_info(node.op_type, node.domain)
+    return info is not None and info.float_output_kernel
 
 
 def _written_by_integer_layer(g: Graph, tensor: str, layer_nodes: set[str]) -> bool:
@@ -61,8 +71,7 @@ def _written_by_integer_layer(g: Graph, tensor: str, layer_nodes: set[str]) -> b
         node = g.producer.get(node.input[0])
     if node is None or node.name not in layer_nodes:
         return False
-    info = op_info(node.op_type, node.domain)
-    return info is not None and not info.float_output_kernel
+    return op_info(node.op_type, node.domain) is not None and not _float_output_kernel(node)
 
 
 def kernel_activations(g: Graph, plan: Plan) -> set[str]:
@@ -70,7 +79,8 @@ def kernel_activations(g: Graph, plan: Plan) -> set[str]:
     planned = {name for name, tq in plan.tensors.items() if tq.role == "activation"}
     constants = set(plan.of_role("constant"))
     layer_nodes = {layer.node for layer in plan.layers}
-    needed = {t for t in planned if feeds_gemm(g, t, plan.float_nodes) or _written_by_integer_layer(g, t, layer_nodes)}
+    needed = {t for t in planned
+              if feeds_gemm(g, t, plan.float_nodes, planned) or _written_by_integer_layer(g, t, layer_nodes)}
     changed = True
     while changed:
         changed = False

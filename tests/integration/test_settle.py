@@ -157,3 +157,33 @@ def test_a_gemm_input_that_alone_ruins_the_outputs_stays_float(tmp_path):
 
     r = ptq("gate", tmp_path / "every.card.json", "--max-drop", "100")
     assert r.returncode == 1 and "finite outputs" in r.stdout + r.stderr
+
+
+def test_a_conv_whose_output_went_float_leaves_its_input_float_too(tmp_path):
+    """QLinearConv writes integers: once the damage measurement sends a Conv's output back to float,
+    ORT runs that Conv in float whatever its input, so the quantized input buys nothing (a Q/DQ
+    pair and the weights dequantized on every run) and is dropped; the Conv becomes weight-only."""
+    from builders import conv_bn_relu_model
+    from dataclasses import replace
+
+    from ptqcli.calibrate.settle import without_idle
+
+    model = tmp_path / "cnn.onnx"
+    onnx.save(conv_bn_relu_model(), str(model))
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).normal(size=(32, 3, 8, 8)).astype(np.float32))
+    stages.calibrate(model, QuantConfig(act_damage_limit=None), DataConfig(path=str(tmp_path / "calib.npz")), tmp_path / "run")
+    run = rundir.load_run(tmp_path / "run")
+    g, plan = run.graph, run.plan
+    conv1 = next(layer for layer in plan.layers if layer.node == "conv1")
+    assert conv1.activation == "input" and without_idle(g, plan).tensors.keys() == plan.tensors.keys()
+    written, tensor = set(), conv1.output
+    while tensor is not None:  # the Conv's output and the Relu ORT fuses into it
+        written.add(tensor)
+        readers = g.consumers.get(tensor, [])
+        tensor = readers[0].output[0] if len(readers) == 1 and readers[0].op_type == "Relu" else None
+    assert written & set(plan.tensors)
+    settled = without_idle(g, replace(plan, tensors={k: v for k, v in plan.tensors.items() if k not in written}))
+    assert "input" not in settled.tensors
+    assert settled.config["activation_damage"]["input"] == {"quantized": False,
+                                                             "reason": "no integer kernel reads or writes it"}
+    assert {"w1", "w2"} <= set(settled.tensors)  # the weights stay quantized: conv1 is weight-only now
