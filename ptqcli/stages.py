@@ -100,17 +100,17 @@ def resolved_rounding(g: Graph, quant: QuantConfig, has_data: bool) -> tuple[Qua
     """`quant` with `--rounding auto` made concrete, and why (the plan and card record both, so a
     recipe replays the same rounding). Auto rounds layer by layer when there is data and a weight
     format below 8 bits: GPTQ when weights alone are quantized and every layer is a MatMul/Gemm with a
-    2-D weight (a language model's path, where GPTQ's Hessian walk is the measured best), AdaRound
-    otherwise (it takes convolutions and quantized activations)."""
+    2-D weight (language models and transformer encoders: GPTQ's Hessian walk, taken on the quantized
+    prefix's inputs, measured best on them with or without quantized activations, and several times
+    faster), AdaRound otherwise (it takes convolutions)."""
     if quant.rounding is not Rounding.auto:
         return quant, "set by the user"
     if not has_data or not any(learns_rounding(f) for f in (quant.weights, *quant.layer_weights.values())):
         why = "no calibration data" if not has_data else "no weight format below 8 bits"
         return replace(quant, rounding=Rounding.nearest), f"auto: nearest ({why})"
     layers = select(g, quant).layers
-    if not quant.static_acts and layers and all(
-            l.op_type in ("MatMul", "Gemm") and g.constant(l.weight).ndim == 2 for l in layers):
-        return replace(quant, rounding=Rounding.gptq), "auto: gptq (weight-only MatMul/Gemm layers below 8 bits)"
+    if layers and all(l.op_type in ("MatMul", "Gemm") and g.constant(l.weight).ndim == 2 for l in layers):
+        return replace(quant, rounding=Rounding.gptq), "auto: gptq (MatMul/Gemm layers only, weights below 8 bits)"
     return replace(quant, rounding=Rounding.adaround), "auto: adaround (weights below 8 bits, calibration data)"
 
 

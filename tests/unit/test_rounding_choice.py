@@ -1,5 +1,5 @@
-"""`--rounding auto`: layer-wise rounding below 8 bits when there is data (GPTQ for weight-only
-MatMul models, AdaRound otherwise), nearest otherwise; the plan records what it became and why."""
+"""`--rounding auto`: layer-wise rounding below 8 bits when there is data (GPTQ for models of
+MatMul/Gemm layers, AdaRound otherwise), nearest otherwise; the plan records what it became and why."""
 
 import pytest
 
@@ -21,7 +21,7 @@ from transformer_builders import tiny_language_model
     (conv_bn_relu_model, {"weights": "int4", "acts": "none"}, False, "nearest"),
     (tiny_language_model, {"weights": "int4", "acts": "none", "block_size": 16}, True, "gptq"),
     (tiny_language_model, {"weights": "int4", "acts": "dynamic"}, True, "gptq"),
-    (tiny_language_model, {"weights": "int4"}, True, "adaround"),  # static activations: AdaRound takes them
+    (tiny_language_model, {"weights": "int4"}, True, "gptq"),  # static activations too: H from the quantized prefix
     (tiny_language_model, {"weights": "int4", "acts": "none", "block_size": 16}, False, "nearest"),
 ])
 def test_auto_rounding_resolves_by_format_data_and_layers(build, options, has_data, expected):
