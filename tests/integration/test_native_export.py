@@ -165,7 +165,10 @@ def test_zero_pads_in_front_of_native_convs_join_their_pads(tmp_path, mode, valu
     x = np.random.default_rng(2).normal(0, 1, (32, 3, 11, 11)).astype(np.float32)
     np.save(data_path, x)
     run = tmp_path / "run"
-    stages.calibrate(model_path, QuantConfig(weights="int4"), DataConfig(path=str(data_path), num_samples=32), run)
+    # Every activation kept quantized (no damage measurement): both convs then read 8-bit inputs, which
+    # the native operators consume as the same integers the QDQ model computes with.
+    stages.calibrate(model_path, QuantConfig(weights="int4", act_damage_limit=None),
+                     DataConfig(path=str(data_path), num_samples=32), run)
     qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
     stages.export(run, qdq)
     stages.export(run, native, fmt="native", native_layers="all")
