@@ -38,7 +38,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
 from ..formats import code_levels, indexable
-from ..graph import Graph, make_initializer
+from ..graph import Graph, make_initializer, reads
 from ..plan import Layer, Plan
 from .integer_kernels import fuse_biases, integer_input
 from .qdq import export_qdq, qdq_names
@@ -191,8 +191,9 @@ def decode_at_load(model: ModelProto, plan: Plan, choice: Choice) -> int:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     added += sum(_field_bytes(t) for t in model.graph.initializer[count:])
-    # The scales and zero points only the DequantizeLinears read are now read in their new shapes.
-    read = {name for node in model.graph.node for name in node.input}
+    # The scales and zero points only the DequantizeLinears read are now read in their new shapes
+    # (what a subgraph reads from the enclosing graph stays).
+    read = reads(model)
     unread = [i for i, t in enumerate(model.graph.initializer[:count]) if t.name not in read]
     for i in reversed(unread):
         added -= _field_bytes(model.graph.initializer[i])

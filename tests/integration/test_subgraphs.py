@@ -58,3 +58,37 @@ def test_an_initializer_only_a_branch_reads_survives_preparation(tmp_path):
     assert "branch_only" in g.initializers
     x = np.ones((2, 4), np.float32)
     np.testing.assert_array_equal(session(g.model).run(None, {"x": x})[0], 2 * x)
+
+
+def test_decoding_weights_at_load_keeps_what_only_a_branch_reads(tmp_path):
+    """A weight-only Conv's weights are decoded at load, which drops the scale tensors nothing reads
+    any more; an initializer only an If branch reads is read, so it stays and the model loads
+    (silero-vad's op-15 export lost its branch constants that way)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    branch_only = numpy_helper.from_array(np.full((1, 4, 8, 8), 2.0, np.float32), "branch_only")
+    then_branch = helper.make_graph([helper.make_node("Mul", ["c", "branch_only"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4, 8, 8])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["c"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 4, 8, 8])])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["flag"], name="positive"),
+             helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then_branch, else_branch=else_branch)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.array(0, np.float32), "zero"), branch_only])
+    model, data, out = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    np.save(data, rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32))
+    r = ptq("quantize", model, "--data", data, "--acts", "none", "--weights", "int4", "-o", out)
+    assert r.returncode == 0, r.stderr
+    card = json.loads((tmp_path / "q.card.json").read_text())
+    assert set(card["model"]["container"]["decoded"]) == {"conv"}
+    quantized = onnx.load(str(out))
+    assert "branch_only" in {t.name for t in quantized.graph.initializer}
+    x = np.abs(rng.normal(0, 1, (2, 3, 8, 8))).astype(np.float32)
+    f, q = session(onnx.load(str(model))).run(None, {"x": x})[0], session(quantized).run(None, {"x": x})[0]
+    assert np.corrcoef(f.ravel(), q.ravel())[0, 1] > 0.99
