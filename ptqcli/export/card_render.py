@@ -96,7 +96,8 @@ def container_summary(c: dict) -> str:
         parts.append(f"{len(c['indexed'])} level-set layers as 4-bit indices decoded at load "
                      f"(-{c['saved_bytes']:,} bytes)")
     if c.get("decoded"):
-        parts.append(f"{len(c['decoded'])} weight-only layers decoded to float weights when ORT loads the model")
+        parts.append(f"{len(c['decoded'])} layers that run in float (weight-only, or no integer kernel) decoded to "
+                     "float weights when ORT loads the model")
     if c["smallest"]:
         parts.append(f"{len(c['smallest'])} in their smallest container")
     if c.get("bias_fused"):

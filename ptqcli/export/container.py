@@ -229,6 +229,29 @@ def _decoded(model: ModelProto, dq, inits: dict) -> list:
     return made
 
 
+UNFUSED_REASON = ("ORT ran it in float, dequantizing its weights on every run: decoded to float weights when ORT "
+                  "loads the model instead (the same values)")
+
+
+def decode_unfused(model: ModelProto, plan: Plan, choice: Choice, kernels: dict[str, str]) -> tuple[list[str], int]:
+    """The layers ORT's optimized graph shows running in float on weights it dequantizes on every
+    run (`kernels`: export/measures.layer_kernels, "<op> (float)"; a layer whose integer kernel did
+    not materialize: a Conv whose output stays float, an op ORT has no integer form of) get their
+    weights decoded at load as weight-only layers do, in place: the same float32 weights, folded
+    once. Codes widened for an integer kernel stay as they are (the card lists them as not fused).
+    Under `auto` only, as decode_at_load. Adds the layers to choice.decoded; returns them and the
+    bytes this adds."""
+    if choice.mode != "auto":
+        return [], 0
+    late = Choice(choice.mode, decoded={
+        layer.node: UNFUSED_REASON for layer in plan.layers
+        if kernels.get(layer.node, "").endswith(" (float)") and layer.node not in choice.widened
+        and layer.weight in plan.tensors and not plan.tensors[layer.weight].spec.block_size})
+    added = decode_at_load(model, plan, late)
+    choice.decoded.update(late.decoded)
+    return sorted(late.decoded), added
+
+
 def widened_at(mode: str) -> str:
     """Where the chosen codes become 8-bit: in the file (`--container int8`) or when ORT loads it."""
     return "file" if mode == "int8" else "load"

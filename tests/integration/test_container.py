@@ -206,11 +206,15 @@ def test_level_set_codes_are_stored_as_4bit_indices_and_decoded_at_load(tmp_path
     container = cards["auto"]["model"]["container"]
     assert sorted(container["indexed"]) == sorted(layers) and container["saved_bytes"] > 0
     assert "indexed" not in cards["int8"]["model"]["container"]
-    assert paths["int8"].stat().st_size - paths["auto"].stat().st_size == pytest.approx(container["saved_bytes"], abs=16)
+    saved = container["saved_bytes"] - container.get("decoded_bytes", 0)
+    assert paths["int8"].stat().st_size - paths["auto"].stat().st_size == pytest.approx(saved, abs=16)
     assert [row["node"] for row in cards["auto"]["layers"] if row["container"].startswith("uint4 indices")] == layers
     kernels = [[row["kernel"] for row in cards[mode]["layers"]] for mode in paths]
-    assert kernels[0] == kernels[1]  # the same kernels run, from the smaller file
-    assert all(k in INTEGER_KERNELS for k in kernels[0]) == fused
+    if fused:
+        assert kernels[0] == kernels[1] and all(k in INTEGER_KERNELS for k in kernels[0])  # from the smaller file
+    else:  # int16 codes: ORT runs them in float; under auto decoded once at load, not on every run
+        assert all(k.endswith("(float, folded)") for k in kernels[0]) and all(k.endswith("(float)") for k in kernels[1])
+        assert sorted(container["decoded"]) == sorted(LAYERS)
     ops = optimized_op_counts(onnx.load(str(paths["auto"])))
     assert "Gather" not in ops and "Cast" not in ops  # decoded once, when ORT loaded the model
     feeds = {"input": np.load(TEST)["input"][:16]}
@@ -237,3 +241,54 @@ def test_weight_only_level_set_layers_decode_from_their_indices_at_load(tmp_path
     feeds = {"input": np.load(TEST)["input"][:16]}
     runs = [session(onnx.load(str(p)), optimize=False).run(None, feeds)[0] for p in (out, plain)]
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_a_layer_ort_runs_in_float_gets_its_weights_decoded_at_load(tmp_path):
+    """Two Convs read one quantized tensor; one's output stays quantized (QLinearConv), the other's
+    does not, so ORT runs it in float and would dequantize its weights on every run. The export
+    reads that from ORT's optimized graph and decodes those weights at load instead: the card shows
+    it folded, with the reason, and the outputs are those ORT computes from the QDQ graph as written."""
+    import onnxruntime as ort
+    from dataclasses import replace
+
+    from onnx import TensorProto, helper, numpy_helper
+    from ptqcli import rundir, stages
+    from ptqcli.config import DataConfig, QuantConfig
+    from ptqcli.export.container import UNFUSED_REASON
+
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu_a"),
+             helper.make_node("Conv", ["r", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+             helper.make_node("Conv", ["rb", "wd"], ["y1"], name="conv_d", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["r", "wc"], ["c"], name="conv_c"),
+             helper.make_node("Sigmoid", ["c"], ["y2"], name="sigmoid_c")]
+    graph = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["N", 8, 8, 8]),
+                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [w("wa", (8, 3, 3, 3)), w("wb", (8, 8, 3, 3)), w("wc", (4, 8, 1, 1)), w("wd", (8, 8, 3, 3))])
+    model = tmp_path / "branches.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    x = rng.normal(size=(32, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    run = tmp_path / "run"
+    stages.calibrate(model, QuantConfig(act_damage_limit=None), DataConfig(path=str(tmp_path / "calib.npz")), run)
+    plan = rundir.read_plan(run)
+    assert {"r", "c"} <= set(plan.tensors)
+    # conv_c's output goes back to float (as a damage measurement may decide); conv_b keeps r quantized
+    rundir.write_plan(run, replace(plan, tensors={k: v for k, v in plan.tensors.items() if k not in ("c", "y2")}))
+    out = tmp_path / "q.onnx"
+    stages.export(run, out, None, 0, latency=False)
+    card = json.loads(out.with_suffix(".card.json").read_text())
+    kernels = {layer["node"]: layer["kernel"] for layer in card["layers"]}
+    assert kernels["conv_b"] == "QLinearConv" and kernels["conv_c"] == "Conv (float, folded)", kernels
+    assert card["model"]["container"]["decoded"]["conv_c"] == UNFUSED_REASON
+    feeds = {"x": x[:4]}
+    literal = ort.SessionOptions()
+    literal.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    expected = ort.InferenceSession(str(out), literal, providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
