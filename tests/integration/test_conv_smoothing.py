@@ -33,7 +33,9 @@ def test_smoothing_conv_inputs_evens_out_their_channels(tmp_path):
     # judged on samples neither the factors nor the ranges were fitted to
     assert all(run["fidelity"]["held_out"] for run in (plain, smoothed))
     sqnr = [run["fidelity"]["outputs"]["out"]["sqnr_db"] for run in (plain, smoothed)]
-    assert sqnr[1] > sqnr[0] + 4, sqnr  # held out: 32.7 -> 39.0 dB when written
+    # held out: 35.8 -> 38.9 dB (the depthwise Conv, whose output the damage measurement sends to
+    # float, runs in float in both; before its input went float too, 32.7 -> 39.0)
+    assert sqnr[1] > sqnr[0] + 2, sqnr
 
     report = smoothed["plan"]["config"]["smoothing"]
     assert set(report) == {"hs1", "hs2"} and all(entry["alpha"] is not None for entry in report.values())
