@@ -3,10 +3,10 @@
 ONNX Runtime turns DequantizeLinear(x) -> MatMul <- DequantizeLinear(W) into MatMulIntegerToFloat,
 but leaves the Add of the bias that follows as a node of its own: one more pass over the layer's
 output, on every layer of a transformer. MatMulIntegerToFloat takes a bias input, and ORT's own
-dynamic quantization fills it; here the export writes that node itself (MiniLM-L3's 15 bias Adds
-and its three GELU biases: W8A8 1.56x -> 1.71x fp32, measured interleaved), reading the same codes, scales and zero points the QDQ pairs
-held. The result is what ORT computed before, less one rounding of the output to float between the
-product and the bias.
+dynamic quantization fills it; here the export writes that node itself, reading the same codes,
+scales and zero points the QDQ pairs held (MiniLM-L3's 15 bias Adds and its three GELU biases:
+W8A8 1.56x -> 1.71x fp32, measured interleaved). The result is what ORT computed before, less one
+rounding of the output to float between the product and the bias.
 """
 
 from __future__ import annotations
