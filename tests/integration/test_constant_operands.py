@@ -59,3 +59,34 @@ def test_an_erf_gelus_division_stays_so_that_ort_fuses_the_gelu():
     assert g.facts["divisions_as_products"] == 0 and "Div" in {n.op_type for n in g.graph.node}
     fused = {n.op_type for n in optimized_model(g.model, "the prepared model").graph.node}
     assert "Erf" not in fused and fused & {"Gelu", "BiasGelu", "FastGelu"}, fused
+
+
+def test_a_sum_of_two_tensors_becomes_an_add_that_runs_on_integers(tmp_path):
+    """A residual join written as Sum (older exporters) is an Add after preparation, with the same
+    outputs, so that ORT's QLinearAdd takes it instead of a float Sum between Q/DQ pairs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = lambda name: numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["input", "w0"], ["a"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu0"),
+             helper.make_node("Conv", ["r", "w1"], ["b"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sum", ["r", "b"], ["s"], name="join"),
+             helper.make_node("Relu", ["s"], ["rs"], name="relu1"),
+             helper.make_node("Conv", ["rs", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                              [w("w0"), w("w1"), w("w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    g = prepare(model)
+    assert g.facts["sums_as_adds"] == 1 and "Sum" not in {n.op_type for n in g.graph.node}
+    x = rng.normal(0, 1, (4, 8, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(session(g.model).run(None, {"input": x})[0], session(model).run(None, {"input": x})[0])
+    path, data, out = tmp_path / "residual.onnx", tmp_path / "x.npy", tmp_path / "q.onnx"
+    onnx.save(model, str(path))
+    np.save(data, rng.normal(0, 1, (64, 8, 8, 8)).astype(np.float32))
+    # every activation quantized (no damage measurement), as a Sum could not be before
+    r = ptq("quantize", path, "--data", data, "--act-damage-limit", "inf", "-o", out)
+    assert r.returncode == 0, r.stderr
+    kernels = optimized_op_counts(onnx.load(str(out)))
+    assert kernels.get("QLinearAdd") == 1 and "Sum" not in kernels, kernels
