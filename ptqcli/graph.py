@@ -389,6 +389,12 @@ def keep_only(repeated, keep) -> None:
             del repeated[i]
 
 
+def import_domain(model: ModelProto, domain: str, version: int = 1) -> None:
+    """Declare an operator domain the model's nodes use (com.microsoft, ptqcli's), once."""
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
 def drop_unused(model: ModelProto) -> None:
     """Remove nodes whose outputs nothing reads, then initializers nothing reads (repeat until stable)."""
     graph_outputs = {o.name for o in model.graph.output}

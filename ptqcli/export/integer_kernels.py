@@ -14,7 +14,7 @@ from __future__ import annotations
 from onnx import ModelProto, NodeProto, TensorProto, helper
 
 from ..calibrate.select import GELU_REASON
-from ..graph import Graph, drop_unused
+from ..graph import Graph, drop_unused, import_domain
 from ..plan import Layer, Plan
 
 EIGHT_BIT = (TensorProto.INT8, TensorProto.UINT8)
@@ -100,7 +100,6 @@ def fuse_biases(model: ModelProto, g: Graph, plan: Plan) -> list[str]:
     nodes = [fused.get(n.name, n) for n in model.graph.node if n.name not in removed]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    import_domain(model, "com.microsoft")
     drop_unused(model)
     return sorted(fused)

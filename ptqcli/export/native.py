@@ -25,7 +25,7 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from ..errors import PtqError
 from ..geometry import MATRIX_OPS, flat_rows, geometry, kernel_attributes, native_unsupported
-from ..graph import Graph, clone, drop_unused
+from ..graph import Graph, clone, drop_unused, import_domain
 from ..ops import attr
 from ..nativelib import DOMAIN, INT_LSTM
 from ..plan import Layer, Plan, TensorQuant
@@ -175,7 +175,7 @@ def export_native(qdq: ModelProto, g: Graph, plan: Plan,
     model.graph.initializer.extend(new_inits)
     drop_unused(model)
     if report.replaced:
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        import_domain(model, DOMAIN)
     return model, report
 
 

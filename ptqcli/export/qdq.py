@@ -23,7 +23,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import PtqError
-from ..graph import (Graph, check_output, default_opset, make_initializer, set_opset, shell, outer_reads, subgraph_reads, subgraphs,
+from ..graph import (Graph, check_output, default_opset, import_domain, make_initializer, set_opset, shell, outer_reads, subgraph_reads, subgraphs,
                      without_weight_data)
 from ..calibrate.select import twin_factors
 from ..plan import Layer, Plan, TensorQuant
@@ -376,8 +376,8 @@ def export_qdq(g: Graph, plan: Plan, contrib_ops: bool = True) -> ModelProto:
             nodes.extend(after.get(out, []))
     del model.graph.node[:]
     model.graph.node.extend(stop_dq_before_subgraphs(nodes))
-    if any(n.domain == "com.microsoft" for n in nodes) and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if any(n.domain == "com.microsoft" for n in nodes):
+        import_domain(model, "com.microsoft")
     model.graph.initializer.extend(list(initializers.values()) + new_inits)
     check_output(model, g.model, "the exported model")
     return model

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper
+from onnx import NodeProto, TensorProto
 
 from ..calibrate.planner import configured_formats, quantize_embedding, quantize_weight, weight_axis, weight_spec
 from ..calibrate.select import select
@@ -22,7 +22,7 @@ from ..config import DataConfig, QuantConfig, Rounding, to_jsonable
 from ..errors import PtqError
 from ..formats import NBITS_WIDTHS, format_block_size, parse_weight_format
 from ..files import check_writable
-from ..graph import Graph, check_model, load_model, shell, staged, with_data, write_tensors
+from ..graph import Graph, check_model, import_domain, load_model, shell, staged, with_data, write_tensors
 from ..plan import Layer, Plan, TensorQuant
 from ..progress import Progress, silent
 from ..runtime import optimized_graph, optimized_op_counts, session_options
@@ -116,8 +116,7 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
         del out.graph.node[:]
         out.graph.node.extend(nodes)
         out.graph.initializer.extend(stubs)
-        if not any(o.domain == "com.microsoft" for o in out.opset_import):
-            out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        import_domain(out, "com.microsoft")
         path.write_bytes(out.SerializeToString(deterministic=True))
         check_model(path, "the quantized model")
         optimized = optimized_graph(str(path), session_options(out), "the quantized model")
