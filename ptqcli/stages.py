@@ -99,8 +99,8 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
 def resolved_rounding(g: Graph, quant: QuantConfig, has_data: bool) -> tuple[QuantConfig, str]:
     """`quant` with `--rounding auto` made concrete, and why (the plan and card record both, so a
     recipe replays the same rounding). Auto rounds layer by layer when there is data and a weight
-    format below 8 bits: GPTQ when weights alone are quantized and every layer is a MatMul/Gemm with a
-    2-D weight (language models and transformer encoders: GPTQ's Hessian walk, taken on the quantized
+    format below 8 bits: GPTQ when every layer is a MatMul/Gemm with a 2-D weight (language models
+    and transformer encoders: GPTQ's Hessian walk, taken on the quantized
     prefix's inputs, measured best on them with or without quantized activations, and several times
     faster), AdaRound otherwise (it takes convolutions)."""
     if quant.rounding is not Rounding.auto:
@@ -548,8 +548,6 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     types = containers.stored_types(quantized, plan)
     held = {**stored.record(), "not_fused": {n: kernels.get(n, "unknown") for n in stored.choice.widened
                                              if kernels.get(n) not in INTEGER_KERNELS}}
-    if stored.bias_fused:
-        held["bias_fused"] = stored.bias_fused
     save_model(quantized, out_path)
     if fidelity is not None:
         rundir.write_json(run / rundir.FIDELITY, fidelity.to_dict())

@@ -298,15 +298,6 @@ def _field_bytes(message) -> int:
     return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
-def record(choice: Choice, extra_bytes: int, saved_bytes: int = 0, decoded_bytes: int = 0) -> dict:
-    """The card's account of the choice, its size cost, what the level-set indices saved and what
-    decoding at load changed (a few bytes either way)."""
-    return {"mode": choice.mode, "int8": dict(choice.widened), "smallest": dict(choice.kept),
-            "extra_bytes": int(extra_bytes), "widened_at": widened_at(choice.mode),
-            **({"indexed": dict(choice.indexed), "saved_bytes": int(saved_bytes)} if choice.indexed else {}),
-            **({"decoded": dict(choice.decoded), "decoded_bytes": int(decoded_bytes)} if choice.decoded else {})}
-
-
 def stored_types(model: ModelProto, plan: Plan) -> dict[str, str]:
     """{node: the ONNX type holding its weight}: the codes' initializer behind a DequantizeLinear
     (with the type a Cast widens it to at load, or the level table its indices decode through), or
@@ -340,7 +331,14 @@ class Stored:
     bias_fused: list[str]
 
     def record(self) -> dict:
-        return record(self.choice, self.extra_bytes, self.saved_bytes, self.decoded_bytes)
+        """The card's account (model.container): the choice, its size cost, what the level-set
+        indices saved, what decoding at load changed (a few bytes either way), the fused biases."""
+        c = self.choice
+        return {"mode": c.mode, "int8": dict(c.widened), "smallest": dict(c.kept), "extra_bytes": int(self.extra_bytes),
+                "widened_at": widened_at(c.mode),
+                **({"indexed": dict(c.indexed), "saved_bytes": int(self.saved_bytes)} if c.indexed else {}),
+                **({"decoded": dict(c.decoded), "decoded_bytes": int(self.decoded_bytes)} if c.decoded else {}),
+                **({"bias_fused": self.bias_fused} if self.bias_fused else {})}
 
 
 def store(model: ModelProto, g: Graph, plan: Plan, mode: str = "auto", elsewhere: frozenset = frozenset(),
