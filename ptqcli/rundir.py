@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +28,8 @@ RUN_INFO = "run.json"
 FIDELITY = "fidelity.json"
 PARAMS = "params.npz"
 MASKS = "masks.npz"
+# The float weights an N:M mask was re-fitted to, kept because a learned rounding replaces them in the plan.
+REFITS = "refits.npz"
 # `ptq allocate`'s cache of measured per-layer damage.
 SENSITIVITY = "sensitivity.json"
 SYNTHETIC = "synthetic.npz"
@@ -135,16 +137,25 @@ def read_masks(run: Path) -> dict[str, np.ndarray]:
         return {k: arrays[k].astype(bool) for k in arrays.files}
 
 
+def read_refits(run: Path) -> dict[str, np.ndarray]:
+    if not (run / REFITS).is_file():
+        return {}
+    with np.load(run / REFITS) as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
 @dataclass(frozen=True)
 class Run:
     """A run directory as the stages see it: the prepared float model, the current plan with its
-    typed configs, the activation statistics and the N:M masks applied so far."""
+    typed configs, the activation statistics, the N:M masks applied so far and the float weights
+    re-fitted under them."""
 
     path: Path
     graph: Graph
     plan: Plan
     stats: Stats
     masks: dict[str, np.ndarray]
+    refits: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def quant(self) -> QuantConfig:
@@ -163,4 +174,4 @@ def load_run(path: str | os.PathLike, plan_name: str = PLAN) -> Run:
     run = existing_run_dir(path)
     with np.load(run / STATS) as arrays:
         stats = load_stats(arrays)
-    return Run(run, Graph(read_float_model(run)), read_plan(run, plan_name), stats, read_masks(run))
+    return Run(run, Graph(read_float_model(run)), read_plan(run, plan_name), stats, read_masks(run), read_refits(run))

@@ -184,11 +184,14 @@ def plan_for(ctx: Run, choice: dict[str, str], extra: dict | None = None) -> Pla
 
 def float_values(ctx: Run) -> dict[str, np.ndarray]:
     """The float weights each layer is quantized from when its format changes: a masked or re-fitted
-    value of the base plan, the float weight under the run's mask, or (None) the model's own."""
+    value of the base plan, the weights the run's mask was re-fitted to (a learned rounding has
+    replaced them in the plan), the float weight under the run's mask, or (None) the model's own."""
     values = {}
     for name, tq in ctx.plan.of_role("weight").items():
         if tq.value is not None and tq.source.get("rounding") != "learned":
             values[name] = np.asarray(tq.value, dtype=np.float32)
+        elif name in ctx.refits:
+            values[name] = np.asarray(ctx.refits[name], dtype=np.float32)
         elif name in ctx.masks:
             values[name] = (ctx.graph.constant(name) * ctx.masks[name]).astype(np.float32)
     return values

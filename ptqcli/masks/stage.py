@@ -174,6 +174,9 @@ def mask_run(run_dir: str | Path, cfg: MaskConfig) -> tuple[Plan, list[dict]]:
         rundir.write_plan(run.path, apply_masks(run, base, masks, refitted, label, cfg), rundir.BASE_PLAN)
         (run.path / SENSITIVITY).unlink(missing_ok=True)  # measured on the unmasked weights
     rundir.write_npz(run.path / MASKS, {**run.masks, **masks})
+    # A layer masked again without a re-fit gives up the one it had.
+    refits = {name: w for name, w in run.refits.items() if name not in masks}
+    rundir.write_npz(run.path / rundir.REFITS, {**refits, **refitted})
     rundir.write_json(run.path / "masks.json", {"nm": f"{cfg.n}:{cfg.m}", "transposable": cfg.transposable,
                                                 "method": cfg.method, "layers": report})
     return plan, report

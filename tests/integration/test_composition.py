@@ -133,5 +133,7 @@ def test_mask_a_rounded_run_before_or_after_allocation(run, tmp_path, order):
     qdq, fidelity, card = _export(run, tmp_path)
     _assert_masked_codes_are_zero(qdq, masks)
     _assert_card_sparsity(card, _masked_nodes(run, masks))
-    # dense float: 91.75%; 88.4-88.6% measured, the last sample or two depending on the CPU's int8 kernels
-    assert fidelity.accuracy["quantized"] > 0.88
+    # dense float: 91.75%; 91.2% measured in both orders. A layer allocation moves to another format
+    # is quantized anew from the weights its mask was re-fitted to: from the bare masked weights (the
+    # re-fit lost under a learned rounding) mask-then-allocate fell to 79.7%.
+    assert fidelity.accuracy["quantized"] > 0.90
