@@ -142,7 +142,9 @@ def _latency_line(lat: dict) -> str:
         return f"- latency ({where}): not measured"
     how = ""
     if lat.get("runs"):
-        how = (f"; median of {lat['runs']} runs each, float and quantized taking turns (threads sleeping between runs) on"
+        burst = lat.get("runs_per_turn", 1)
+        each = f"{lat['runs']} turns of {burst} runs" if burst > 1 else f"{lat['runs']} runs"
+        how = (f"; median of {each} each, float and quantized taking turns (threads sleeping between runs) on"
                f" {lat['samples']} {'real' if lat.get('real_samples') else 'all-zero'} sample(s)")
     speedup = f", speed-up {lat['speedup']:.2f}x" if lat.get("speedup") is not None else ""
     return (f"- latency ({where}): float {lat['float_ms']:.3f} ms, quantized {lat['quantized_ms']:.3f} ms"

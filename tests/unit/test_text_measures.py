@@ -196,6 +196,14 @@ def test_timed_models_take_turns_on_the_same_samples():
     assert len(take_turns(runners, samples, budget_s=60.0, min_runs=1, max_runs=4)["float"]) == 6
 
 
+def test_a_turn_runs_a_fast_model_several_times_in_a_row_and_records_the_time_per_run():
+    calls = []
+    runners = {name: (lambda feeds, name=name: calls.append(name)) for name in ("float", "quantized")}
+    times = take_turns(runners, [{"i": 0}], budget_s=0.0, min_runs=2, max_runs=2, repeats=3)
+    assert calls == ["float"] * 3 + ["quantized"] * 3 + ["quantized"] * 3 + ["float"] * 3
+    assert {name: len(t) for name, t in times.items()} == {"float": 2, "quantized": 2}
+
+
 def test_the_headline_quality_of_a_text_model_is_its_lowest_embedding_cosine():
     from ptqcli.export.fidelity import headline
 
