@@ -62,6 +62,7 @@ ExcludeOpsOpt = Annotated[Optional[str], typer.Option("--exclude-ops", help="Com
 KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Layers kept on a wider integer grid, comma-separated: first, last, lm_head (the last layer writing a model output) or node names, each =BITS (default 8), e.g. lm_head=8.")]
 ActDamageOpt = Annotated[Optional[float], typer.Option("--act-damage-limit", help="An activation no Conv/Gemm/MatMul reads stays float when quantizing it alone costs more than this output error (squared error over signal power); inf quantizes every one [default: 3e-4].")]
 EmbeddingsOpt = Annotated[Optional[str], typer.Option("--embeddings", help="Embedding tables (read only by Gather): int8 with one scale per row, int4 in blocks of --block-size (32 without it) along each row, looked up by ORT's GatherBlockQuantized, float, or tied: a table that is the transpose of a block-wise MatMul weight (tied input and output embeddings) takes that weight's grid and, exported as MatMulNBits, is looked up in its codes, so the file holds them once (int8 rows where there is no such weight) [default: int8].")]
+FloatStemOpt = Annotated[Optional[bool], typer.Option("--float-stem/--no-float-stem", help="Keep a stem Conv with fewer than 27 multiply-accumulates per output (one input channel, 3x3 or 5x5) in float, where ORT runs it faster than its integer kernel; --no-float-stem quantizes it too, for runtimes that want every layer on integers [default: on].")]
 SmoothConvsOpt = Annotated[Optional[bool], typer.Option("--smooth-convs/--no-smooth-convs", help="Smoothing for Conv inputs written by a Mul by a constant (the end of a hard-swish): evens out the channels of depthwise-separable CNNs (MobileNetV3, PP-LCNet, PicoDet), at the cost of running those hard-swishes in float [default: off].")]
 SmoothOpt = Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="SmoothQuant: move activation outliers of normalized tensors into the weights of the GEMMs that read them, strength chosen per tensor [default: on].")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [default: 0].")]
@@ -138,7 +139,7 @@ def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std
              act_symmetric, method, weight_method, rounding, iters, bias_correction, percentile, reduce_range, exclude_nodes, exclude_ops, seed, binary_acts=None,
              act_damage_limit=None, smooth=None, block_size=None, weight_zero_points=None, accuracy_level=None,
              feedback=None, whole_feeds=None, embeddings=None, keep=None, float_zero_points=None, act_order=None,
-             synthetic_backend=None, smooth_convs=None):
+             synthetic_backend=None, smooth_convs=None, float_stem=None):
     from .export.card import load_recipe
 
     doc = load_recipe(str(recipe) if recipe else None)
@@ -151,7 +152,7 @@ def _configs(recipe, data, synthetic, num_samples, batch_size, resize, mean, std
         embeddings=embeddings,
         weight_symmetric=None if weight_zero_points is None else not weight_zero_points,
         accuracy_level=accuracy_level, keep=_names(keep), float_zero_points=float_zero_points,
-        act_order=act_order), "quant options")
+        act_order=act_order, float_stem=float_stem), "quant options")
     data_cfg = merge(DataConfig, doc.get("data", {}), dict(
         path=data, synthetic=synthetic, synthetic_iters=iters if synthetic else None, synthetic_backend=synthetic_backend, num_samples=num_samples, batch_size=batch_size, resize=resize, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), layout=layout, color=color, feedback=feedback,
@@ -182,6 +183,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
               exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
               act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None, smooth_convs: SmoothConvsOpt = None,
+             float_stem: FloatStemOpt = None,
              embeddings: EmbeddingsOpt = None,
              block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None, keep: KeepOpt = None,
              float_zero_points: FloatZeroOpt = None, act_order: ActOrderOpt = None, ray: RayOpt = None,
@@ -195,7 +197,7 @@ def calibrate(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--out
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
                                block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep,
-                               float_zero_points, act_order, synthetic_backend, smooth_convs)
+                               float_zero_points, act_order, synthetic_backend, smooth_convs, float_stem)
     plan = stages.calibrate(model, quant, data_cfg, output, rich_progress, Workers(ray, workers))
     out.print(plan_table(plan))
     out.print(f"run directory: [bold]{output}[/bold]")
@@ -326,6 +328,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
               bias_correction: BiasCorrOpt = None, percentile: PercentileOpt = None, reduce_range: ReduceOpt = None, exclude_nodes: ExcludeNodesOpt = None,
              exclude_ops: ExcludeOpsOpt = None, binary_acts: BinaryActsOpt = None, seed: SeedOpt = None, recipe: RecipeOpt = None,
              act_damage_limit: ActDamageOpt = None, smooth: SmoothOpt = None, smooth_convs: SmoothConvsOpt = None,
+             float_stem: FloatStemOpt = None,
              embeddings: EmbeddingsOpt = None,
              block_size: BlockOpt = None, weight_zero_points: WeightZeroOpt = None, accuracy_level: AccuracyOpt = None, keep: KeepOpt = None,
              float_zero_points: FloatZeroOpt = None, act_order: ActOrderOpt = None,
@@ -344,7 +347,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
                                reduce_range, exclude_nodes,
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
                                block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep,
-                               float_zero_points, act_order, synthetic_backend, smooth_convs)
+                               float_zero_points, act_order, synthetic_backend, smooth_convs, float_stem)
     if _streams(model, quant, data_cfg, fmt, stream, eval_data, run_dir):
         check_writable(output)
         plan = stages.quantize_streaming(model, output, quant, data_cfg, rich_progress)

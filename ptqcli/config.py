@@ -163,6 +163,8 @@ class QuantConfig:
     # depthwise-separable CNNs' channels, but the hard-swish before each smoothed Conv input then
     # runs in float (smooth.float_tails), which costs speed: off unless asked.
     smooth_convs: bool = False
+    # A stem Conv too shallow for ORT's integer kernel to pay (calibrate/select.float_stems) stays float.
+    float_stem: bool = True
     # Embedding tables (a float table that only Gathers read by id): int8 with one scale per row,
     # int4 in blocks along each row (GatherBlockQuantized), left float, or tied: a table that is the
     # transpose of a block-wise MatMul weight (an output projection sharing the token embeddings)

@@ -32,7 +32,10 @@ MOVED_TO_FLOAT = "moved to float by `ptq allocate --max-drop`"
 # the codes would put the activation's rounding into the residual stream, and a DequantizeLinear in
 # front of every such Mul.
 RESTORES_SMOOTHED = "restores a smoothed activation for its float readers (the residual stream)"
-FLOAT_INPUT_REASONS = ("excluded by the recipe", MOVED_TO_FLOAT, RESTORES_SMOOTHED)
+# A shallow Conv on the model input (calibrate/select.float_stems).
+STEM_REASON = ("a stem Conv with few input channels: ORT runs it faster in float than as QLinearConv, and the "
+               "model input stays unrounded")
+FLOAT_INPUT_REASONS = ("excluded by the recipe", MOVED_TO_FLOAT, RESTORES_SMOOTHED, STEM_REASON)
 
 # Scales and zero points of more values than this are kept in the params file beside plan.json.
 GRID_IN_JSON = 4096

@@ -8,8 +8,8 @@ import numpy as np
 
 from ..config import QuantConfig
 from ..graph import Graph, subgraphs
-from ..ops import LAYOUT_OPS, activation_slots, attr, is_fusable_activation, op_info
-from ..plan import Layer
+from ..ops import LAYOUT_OPS, MATRIX_OPS, activation_slots, attr, is_fusable_activation, op_info
+from ..plan import STEM_REASON, Layer
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,47 @@ def erf_gelus(g: Graph) -> list[str]:
     return found
 
 
+# Multiply-accumulates per output value below which a stem Conv stays float. Batch 1, 2 threads,
+# ORT 1.32: a 3x3 Conv on a 28x28 input ran 7 us in float against 24 us quantized with one input
+# channel (9); the embedded model went from 0.83x to 1.21x fp32 with its stem in float. An RGB 3x3
+# stem (27) changed EfficientNet-Lite0 within noise (1.53 against 1.48 ms): it stays quantized.
+STEM_MAX_DEPTH = 27
+
+
+def float_stems(g: Graph) -> list[str]:
+    """The Convs that read the model's float input, through no other layer, with fewer than
+    STEM_MAX_DEPTH multiply-accumulates per output value: quantizing that input costs a
+    QuantizeLinear and a layout Transpose before an integer kernel too shallow to win them back."""
+    found = []
+    for node in g.graph.node:
+        weight = g.constant(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if weight is None or weight.ndim < 3 or int(np.prod(weight.shape[1:])) >= STEM_MAX_DEPTH:
+            continue
+        if attr(node, "group", 1) == 1 and g.is_float(node.input[0]) and _reads_model_input(g, node.input[0]):
+            found.append(node.name)
+    return found
+
+
+def _reads_model_input(g: Graph, tensor: str) -> bool:
+    """True when `tensor` is computed from the graph inputs and constants without a Conv, Gemm or
+    MatMul on the way (a normalisation or a layout change may come first)."""
+    inputs = {i.name for i in g.graph_inputs}
+    todo, seen, reached = [tensor], set(), False
+    while todo:
+        name = todo.pop()
+        if name in seen or name in g.initializers:
+            continue
+        seen.add(name)
+        node = g.producer.get(name)
+        if node is None:
+            reached |= name in inputs
+            continue
+        if node.op_type in MATRIX_OPS or subgraphs(node):
+            return False
+        todo.extend(i for i in node.input if i)
+    return reached
+
+
 def select(g: Graph, cfg: QuantConfig, keep_float: dict[str, str] | None = None) -> Selection:
     """`keep_float`: {node: why} of nodes an earlier step needs in float (smooth.float_tails)."""
     layers: list[Layer] = []
@@ -69,6 +110,8 @@ def select(g: Graph, cfg: QuantConfig, keep_float: dict[str, str] | None = None)
     float_nodes: dict[str, str] = dict.fromkeys(erf_gelus(g), GELU_REASON) if cfg.static_acts else {}
     if cfg.static_acts:
         float_nodes.update(keep_float or {})
+    if cfg.static_acts and cfg.act_bits == 8 and cfg.float_stem:
+        float_nodes.update(dict.fromkeys((n for n in float_stems(g) if n not in float_nodes), STEM_REASON))
     constants: dict[str, None] = {}  # an ordered set
     excluded_nodes, excluded_ops = set(cfg.exclude_nodes), set(cfg.exclude_ops)
     outputs = set(g.output_names)

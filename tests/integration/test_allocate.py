@@ -37,7 +37,8 @@ def test_budget_bits_with_pinned_first_and_last(run, tmp_path):
     assert "optimal" in r.stdout
     allocation = json.loads((run / "allocation.json").read_text())
     bits = {row["node"]: int(row["option"].split("/")[0][3:]) for row in allocation["layers"]}
-    assert bits["conv1"] == 8 and bits["fc2"] == 8
+    first = allocation["layers"][0]["node"]
+    assert first == "conv2" and bits[first] == 8 and bits["fc2"] == 8  # conv1, the stem, stays float
     params = {row["node"]: row["params"] for row in allocation["layers"]}
     assert sum(bits[n] * params[n] for n in bits) <= 4 * sum(params.values())
     assert len(set(bits.values())) > 1  # a real mix

@@ -27,7 +27,8 @@ def w4a8(tmp_path_factory):
     """The embedded CNN calibrated to int4 weights and uint8 activations, exported in every container."""
     tmp = tmp_path_factory.mktemp("w4a8")
     run = tmp / "run"
-    r = ptq("calibrate", MODEL, "--data", CALIB, "--num-samples", 128, "--weights", "int4", "-o", run)
+    # the stem too: every layer's container is under test
+    r = ptq("calibrate", MODEL, "--data", CALIB, "--num-samples", 128, "--weights", "int4", "--no-float-stem", "-o", run)
     assert r.returncode == 0, r.stderr
     models = {}
     for mode in MODES:
@@ -186,7 +187,7 @@ def test_an_unknown_container_is_refused(tmp_path, tiny_cnn, tiny_data):
     ("exp:3", TensorProto.INT16, False, LAYERS)])
 def test_level_set_codes_are_stored_as_4bit_indices_and_decoded_at_load(tmp_path, weights, table_type, fused, layers):
     run = tmp_path / "run"
-    r = ptq("calibrate", MODEL, "--data", CALIB, "--num-samples", 64, "--weights", weights, "-o", run)
+    r = ptq("calibrate", MODEL, "--data", CALIB, "--num-samples", 64, "--weights", weights, "--no-float-stem", "-o", run)
     assert r.returncode == 0, r.stderr
     paths = {mode: tmp_path / f"{mode}.onnx" for mode in ("auto", "int8")}
     for mode, out in paths.items():

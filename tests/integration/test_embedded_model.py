@@ -8,6 +8,8 @@ import pytest
 from conftest import ASSETS
 from ptqcli import stages
 from ptqcli.config import DataConfig, QuantConfig
+from ptqcli.plan import STEM_REASON
+from ptqcli.rundir import read_plan
 
 
 def test_assets_are_small_and_keep_batchnorm():
@@ -43,8 +45,11 @@ def test_w4a8_runs_and_reports_its_kernel_path(tmp_path):
                      DataConfig(path=str(ASSETS / "fashion_calib.npz"), num_samples=256), run)
     _, fidelity = stages.export(run, tmp_path / "q4.onnx", eval_data=str(ASSETS / "fashion_test.npz"),
                                 eval_samples=500)
-    # Stored as int8 codes (the default container), the int4 layers run on ORT's integer kernels.
-    assert fidelity.integer_kernels.get("QLinearConv") == 3 and fidelity.integer_kernels.get("QGemm") == 2
+    # Stored as int8 codes (the default container), the int4 layers run on ORT's integer kernels; the
+    # one-channel stem Conv runs in float, its input unquantized.
+    assert fidelity.integer_kernels.get("QLinearConv") == 2 and fidelity.integer_kernels.get("QGemm") == 2
+    plan = read_plan(run)
+    assert plan.float_nodes == {"conv1": STEM_REASON} and "input" not in plan.tensors
     assert fidelity.accuracy["quantized"] > 0.80
     _, smallest = stages.export(run, tmp_path / "q4s.onnx", eval_data=str(ASSETS / "fashion_test.npz"),
                                 eval_samples=500, container="int4")

@@ -39,7 +39,7 @@ def _top1(model_path, x):
 ])
 def test_embedded_model_native_matches_its_qdq_export(tmp_path, weights, acts, ops, binary_acts):
     run = tmp_path / "run"
-    quant = QuantConfig(weights=weights, acts=acts, binary_acts=binary_acts)
+    quant = QuantConfig(weights=weights, acts=acts, binary_acts=binary_acts, float_stem=False)  # every layer native
     stages.calibrate(FASHION, quant, DataConfig(path=str(CALIB), num_samples=256), run)
     qdq, native = tmp_path / "q.onnx", tmp_path / "n.onnx"
     stages.export(run, qdq, str(TEST), 1000)
@@ -98,7 +98,7 @@ def test_native_export_of_an_int8_plan_is_a_one_line_error(tmp_path, tiny_cnn, t
 
 def test_ptq_run_opens_native_models_and_reports_top1(tmp_path, tiny_cnn, tiny_data):
     run = tmp_path / "run"
-    stages.calibrate(FASHION, QuantConfig(weights="int4"), DataConfig(path=str(CALIB), num_samples=64), run)
+    stages.calibrate(FASHION, QuantConfig(weights="int4", float_stem=False), DataConfig(path=str(CALIB), num_samples=64), run)
     native = tmp_path / "n.onnx"
     exported = CliRunner().invoke(app, ["export", str(run), "-o", str(native), "--format", "native", "--native-layers", "all"])
     assert exported.exit_code == 0, exported.output
@@ -120,7 +120,7 @@ def test_ptq_run_opens_native_models_and_reports_top1(tmp_path, tiny_cnn, tiny_d
 
 def test_ptq_run_reports_a_failing_operator_in_one_line(tmp_path):
     run = tmp_path / "run"
-    stages.calibrate(FASHION, QuantConfig(weights="int4"), DataConfig(path=str(CALIB), num_samples=32), run)
+    stages.calibrate(FASHION, QuantConfig(weights="int4", float_stem=False), DataConfig(path=str(CALIB), num_samples=32), run)
     native = tmp_path / "n.onnx"
     stages.export(run, native, None, 0, fmt="native", native_layers="all")
     model = onnx.load(native)
@@ -257,7 +257,7 @@ def test_fastest_leaves_layers_on_8bit_inputs_to_orts_integer_kernels(tmp_path):
     QLinearConv/QGemm run every layer, on int4 codes widened at load (the file stays int4-sized);
     weight-only layers still go to the native operators."""
     run = tmp_path / "run"
-    stages.calibrate(FASHION, QuantConfig(weights="int4"), DataConfig(path=str(CALIB), num_samples=64), run)
+    stages.calibrate(FASHION, QuantConfig(weights="int4", float_stem=False), DataConfig(path=str(CALIB), num_samples=64), run)
     fastest, every = tmp_path / "fastest.onnx", tmp_path / "all.onnx"
     result = CliRunner().invoke(app, ["export", str(run), "-o", str(fastest), "--format", "native", "--no-latency",
                                       "--eval-data", str(TEST), "--eval-samples", "300"])
@@ -281,7 +281,7 @@ def test_fastest_leaves_layers_on_8bit_inputs_to_orts_integer_kernels(tmp_path):
         card["results"]["accuracy"]["quantized"], abs=0.01)
 
     weight_only = tmp_path / "wo"
-    stages.calibrate(FASHION, QuantConfig(weights="int4", acts="none"), DataConfig(path=str(CALIB), num_samples=32),
+    stages.calibrate(FASHION, QuantConfig(weights="int4", acts="none", float_stem=False), DataConfig(path=str(CALIB), num_samples=32),
                      weight_only)
     out = tmp_path / "wo.onnx"
     stages.export(weight_only, out, None, 0, fmt="native", latency=False)
@@ -292,7 +292,7 @@ def test_fastest_leaves_layers_on_8bit_inputs_to_orts_integer_kernels(tmp_path):
 
 def test_fastest_leaves_pow2_layers_on_8bit_inputs_to_ort_from_4bit_indices(tmp_path):
     run = tmp_path / "run"
-    stages.calibrate(FASHION, QuantConfig(weights="pow2:4"), DataConfig(path=str(CALIB), num_samples=64), run)
+    stages.calibrate(FASHION, QuantConfig(weights="pow2:4", float_stem=False), DataConfig(path=str(CALIB), num_samples=64), run)
     fastest, every = tmp_path / "fastest.onnx", tmp_path / "all.onnx"
     stages.export(run, fastest, str(TEST), 300, fmt="native", latency=False)
     stages.export(run, every, str(TEST), 300, fmt="native", latency=False, native_layers="all")
