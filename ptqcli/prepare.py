@@ -14,7 +14,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 from .graph import (MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, keep_only, reads, set_opset, subgraphs,
                     through_file, without_weight_data)
 from .errors import PtqError
-from .ops import op_info
+from .ops import attr, op_info
 from .runtime import session
 
 # Ops whose value differs between runs: folding them would freeze one draw.
@@ -55,6 +55,10 @@ def prepare(model: ModelProto, source: str = "") -> Graph:
     facts.update(constants_folded=folded, batchnorm_folded=bn, pads_folded=pads, divisions_as_products=divisions,
                  sums_as_adds=sums)
     model = infer_shapes(model)
+    model, shuffles = channel_shuffles_as_gathers(model)
+    if shuffles:
+        notes.append(f"{shuffles} channel shuffles (Reshape, Transpose, Reshape) written as one Gather each")
+    facts["shuffles_as_gathers"] = shuffles
     model = add_runtime_types(model)
     return Graph(model, source=source, notes=notes, facts=facts)
 
@@ -344,6 +348,83 @@ def sums_as_adds(model: ModelProto) -> tuple[ModelProto, int]:
         if node.name in targets:
             node.op_type = "Add"
     return model, len(targets)
+
+
+def channel_shuffles_as_gathers(model: ModelProto) -> tuple[ModelProto, int]:
+    """Reshape (one axis split into a x b) -> Transpose (the two swapped) -> Reshape (merged back),
+    ShuffleNet's channel shuffle, becomes one Gather of that axis's permutation: the same values.
+    ORT runs the 5-D Transpose of a quantized tensor slowly and keeps the NCHW layout around it; a
+    Gather of uint8 channels it runs fast (light ShuffleNet W8A8: 5.1 ms -> 1.9 ms, float 2.3 ms)."""
+    g = Graph(model)
+    shapes = g.value_shapes
+    found = []  # (first Reshape, Transpose, last Reshape, axis, a, b)
+    for first in g.graph.node:
+        split = _shuffle_split(g, first, shapes)
+        if split is None:
+            continue
+        axis, a, b = split
+        swap = _sole_reader(g, first.output[0])
+        if swap is None or swap.op_type != "Transpose":
+            continue
+        perm = list(attr(swap, "perm", ()))
+        if perm != [*range(axis), axis + 1, axis, *range(axis + 2, len(perm))]:
+            continue
+        last = _sole_reader(g, swap.output[0])
+        if last is None or last.op_type != "Reshape" or not _restores(g, last, shapes.get(first.input[0])):
+            continue
+        found.append((first, swap, last, axis, a, b))
+    if not found:
+        return model, 0
+    model = clone(model)
+    replaced = {}
+    for first, swap, last, axis, a, b in found:
+        order = np.arange(a * b, dtype=np.int64).reshape(a, b).T.reshape(-1)
+        name = f"{last.output[0]}_shuffle_order"
+        model.graph.initializer.append(numpy_helper.from_array(order, name))
+        replaced[first.name] = helper.make_node("Gather", [first.input[0], name], [last.output[0]], name=last.name,
+                                                axis=axis)
+    dropped = {n.name for first, swap, last, *_ in found for n in (swap, last)}
+    nodes = [replaced.get(n.name, n) for n in model.graph.node if n.name not in dropped]
+    gone = {out for first, swap, *_ in found for out in (first.output[0], swap.output[0])}
+    keep_only(model.graph.value_info, lambda vi: vi.name not in gone)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)  # the inferred shapes stay: every other tensor is as it was
+    return _drop_unused_initializers(model), len(found)
+
+
+def _sole_reader(g: Graph, tensor: str):
+    readers = g.consumers.get(tensor, [])
+    return readers[0] if len(readers) == 1 and tensor not in g.output_names else None
+
+
+def _same_dim(target: int, dim) -> bool:
+    """A Reshape target entry that keeps the input's dimension: equal, 0 (copy) or -1 (the rest)."""
+    return target in (0, -1) or (isinstance(dim, int) and dim > 0 and target == dim)
+
+
+def _shuffle_split(g: Graph, node, shapes) -> tuple[int, int, int] | None:
+    """(axis, a, b) when the Reshape splits one axis of its known-rank input into a x b and keeps
+    every other, at most one of them inferred (-1)."""
+    if node.op_type != "Reshape" or len(node.input) < 2 or attr(node, "allowzero", 0):
+        return None
+    target, dims = g.constant(node.input[1]), shapes.get(node.input[0])
+    if target is None or dims is None or target.ndim != 1 or len(target) != len(dims) + 1 or list(target).count(-1) > 1:
+        return None
+    target = [int(t) for t in target]
+    for axis, dim in enumerate(dims):
+        a, b = target[axis], target[axis + 1]
+        if isinstance(dim, int) and a > 1 and b > 1 and a * b == dim and \
+                all(_same_dim(t, d) for t, d in zip(target[:axis] + target[axis + 2:], dims[:axis] + dims[axis + 1:])):
+            return axis, a, b
+    return None
+
+
+def _restores(g: Graph, node, dims) -> bool:
+    """The Reshape's target is the original shape `dims` again."""
+    target = g.constant(node.input[1]) if len(node.input) > 1 else None
+    if target is None or dims is None or target.ndim != 1 or len(target) != len(dims) or attr(node, "allowzero", 0):
+        return False
+    return list(target).count(-1) <= 1 and all(_same_dim(int(t), d) for t, d in zip(target, dims))
 
 
 def fold_pads_into_convs(model: ModelProto) -> tuple[ModelProto, int]:
