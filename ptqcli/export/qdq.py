@@ -447,9 +447,9 @@ def pools_before_relus(nodes: list[NodeProto]) -> list[NodeProto]:
         if relu is None or relu.op_type != "Relu" or len(readers[rectified]) != 1 or id(relu) in dropped:
             continue
         source = producers.get(relu.input[0])
-        if source is not None and any(getattr(producers.get(i), "op_type", None) == "DequantizeLinear"
-                                      for i in (source.output[0], *source.input)):
-            continue  # written by an integer kernel: ORT already runs the MaxPool in its integer layout
+        if source is not None and (source.op_type == "DequantizeLinear" or any(
+                getattr(producers.get(i), "op_type", None) == "DequantizeLinear" for i in source.input)):
+            continue  # a quantized Relu input, or an integer kernel's: ORT pools in its integer layout already
         pooled = pool.output[0]
         pool.input[0], pool.output[0] = relu.input[0], f"{pooled}_before_relu"
         relu.input[0], relu.output[0] = pool.output[0], pooled
