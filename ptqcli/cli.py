@@ -213,9 +213,7 @@ def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", h
 
     _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container,
                                 native_layers)
-    _print_fidelity(fidelity)
-    _print_native(output)
-    _print_container(output)
+    _print_export(output, fidelity)
     out.print(f"wrote [bold]{output}[/bold]")
 
 
@@ -259,6 +257,31 @@ def _print_native(output: Path) -> None:
     for why, nodes in by_reason.items():
         named = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
         out.print(f"  kept as QDQ: {named} ({why})")
+
+
+def _print_export(output: Path, fidelity) -> None:
+    """What an export measured and chose: fidelity, native operators, weight containers, speed."""
+    _print_fidelity(fidelity)
+    _print_native(output)
+    _print_container(output)
+    _print_latency(output)
+
+
+def _print_latency(output: Path) -> None:
+    """The batch-1 speed-up the card measured, and a warning when the quantized model is the slower."""
+    import json
+
+    from .export.card import card_paths
+
+    lat = json.loads(card_paths(output)["json"].read_text())["results"].get("latency") or {}
+    if lat.get("speedup") is None:
+        return
+    line = (f"batch-1 latency on {lat['cpu']}: float {lat['float_ms']:.3f} ms, quantized {lat['quantized_ms']:.3f} ms, "
+            f"speed-up {lat['speedup']:.2f}x")
+    if lat["speedup"] < 1.0:
+        line = (f"[yellow]{line}: slower than float here; the kernel path above shows the ops ORT runs in float "
+                "between a DequantizeLinear and a QuantizeLinear[/yellow]")
+    out.print(line)
 
 
 def _print_container(output: Path) -> None:
@@ -364,9 +387,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
     out.print(plan_table(plan))
     _, fidelity = stages.export(run, output, eval_data, eval_samples, rich_progress, fmt, latency, container,
                                 native_layers)
-    _print_fidelity(fidelity)
-    _print_native(output)
-    _print_container(output)
+    _print_export(output, fidelity)
     out.print(f"wrote [bold]{output}[/bold] (run directory {run})")
 
 

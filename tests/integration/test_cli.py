@@ -60,6 +60,20 @@ def test_quantize_end_to_end_with_recipe(tmp_path, tiny_cnn, tiny_data):
     plan = (tmp_path / "q.onnx.run" / "plan.json").read_text()
     assert '"method": "percentile"' in plan and '"samples_seen": 32' in plan
     assert "top-1 agreement" in r.stdout and (tmp_path / "q.onnx.run" / "fidelity.json").is_file()
+    latency = json.loads((tmp_path / "q.card.json").read_text())["results"]["latency"]
+    assert f"speed-up {latency['speedup']:.2f}x" in " ".join(r.stdout.split())
+
+
+def test_an_export_slower_than_float_says_so(tmp_path, capsys):
+    from ptqcli.cli import _print_latency
+
+    out = tmp_path / "q.onnx"
+    for speedup, warned in ((0.8, True), (1.3, False)):
+        lat = {"cpu": "CPU", "batch": 1, "float_ms": 1.0, "quantized_ms": 1.0 / speedup, "speedup": speedup}
+        (tmp_path / "q.card.json").write_text(json.dumps({"results": {"latency": lat}}))
+        _print_latency(out)
+        printed = " ".join(capsys.readouterr().out.split())
+        assert f"speed-up {speedup:.2f}x" in printed and ("slower than float here" in printed) == warned
 
 
 def test_calibrate_then_export_is_byte_identical_across_runs(tmp_path, tiny_cnn, tiny_data):
