@@ -1,5 +1,5 @@
-"""A shallow stem Conv (one input channel) stays float, and the Relu -> MaxPool after it is written
-so that ORT runs the MaxPool in float instead of on uint8 in NCHW layout."""
+"""A shallow stem Conv (one input channel) stays float, and the Relu (or LeakyRelu) -> MaxPool after
+it is written so that ORT runs the MaxPool in float instead of on uint8 in NCHW layout."""
 
 import numpy as np
 import onnx
@@ -14,15 +14,15 @@ from ptqcli.plan import STEM_REASON
 from ptqcli.runtime import optimized_op_counts, session
 
 
-def _stem_model(channels: int = 1, kernel: int = 3, normalize: bool = False) -> onnx.ModelProto:
-    """input [N, C, 16, 16] (-> Sub mean) -> Conv -> Relu -> MaxPool -> Conv -> Relu -> GlobalAveragePool -> Flatten."""
+def _stem_model(channels: int = 1, kernel: int = 3, normalize: bool = False, act: str = "Relu") -> onnx.ModelProto:
+    """input [N, C, 16, 16] (-> Sub mean) -> Conv -> `act` -> MaxPool -> Conv -> Relu -> GlobalAveragePool -> Flatten."""
     rng = np.random.default_rng(0)
     c = lambda name, v: numpy_helper.from_array(np.asarray(v, dtype=np.float32), name)  # noqa: E731
     n = helper.make_node
     pad = kernel // 2
     nodes = [n("Sub", ["input", "mean"], ["x"], name="normalize")] if normalize else []
     nodes += [n("Conv", ["x" if normalize else "input", "w1", "b1"], ["c1"], name="stem", pads=[pad] * 4),
-              n("Relu", ["c1"], ["r1"], name="relu1"),
+              n(act, ["c1"], ["r1"], name="relu1"),
               n("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
               n("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
               n("Relu", ["c2"], ["r2"], name="relu2"),
@@ -53,11 +53,11 @@ def test_a_stem_stays_float_unless_asked_and_only_with_8bit_activations():
     assert "stem" in [layer.node for layer in select(g, QuantConfig(acts="none")).layers]  # weight-only
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=["Relu", "LeakyRelu"])
+def exported(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("stem")
     model, calib = tmp / "m.onnx", tmp / "calib.npy"
-    onnx.save(_stem_model(1), str(model))
+    onnx.save(_stem_model(1, act=request.param), str(model))
     x = np.random.default_rng(1).random((32, 1, 16, 16), dtype=np.float32)
     np.save(calib, x)
     paths = {}
@@ -72,11 +72,12 @@ def exported(tmp_path_factory):
 def test_the_pool_runs_before_the_relu_and_in_float(exported):
     model, paths, x = exported
     q = onnx.load(str(paths["float_stem"]))
-    order = [n.op_type for n in q.graph.node if n.op_type in ("Conv", "Relu", "MaxPool", "QuantizeLinear")]
-    assert order[:4] == ["Conv", "MaxPool", "Relu", "QuantizeLinear"]  # the stem's, then conv2's as before
-    assert {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"} == {"p1", "r2"}  # no Q/DQ on r1 any more
+    act = q.graph.node[[n.name for n in q.graph.node].index("relu1")].op_type
+    order = [n.op_type for n in q.graph.node if n.op_type in ("Conv", act, "MaxPool", "QuantizeLinear")]
+    assert order[:4] == ["Conv", "MaxPool", act, "QuantizeLinear"]  # the stem's, then conv2's as before
+    assert {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"} == {"p1", "r2"}  # no Q/DQ on c1, r1
     ops = optimized_op_counts(q)
-    assert ops.get("QLinearConv") == 1  # conv2
+    assert ops.get("QLinearConv") == 1 and "QLinearLeakyRelu" not in ops  # conv2; the activation in float
     # the stem's pool in float (ORT's blocked NCHWc layout); only conv2's pool runs on uint8, in NHWC
     assert ops.get("NhwcMaxPool") == 1 and ops.get("MaxPool") == 1
     # the same model: against the float model as close as with the stem quantized, the pool rewrite exact
@@ -89,6 +90,7 @@ def test_the_pool_runs_before_the_relu_and_in_float(exported):
 def test_a_quantized_stem_keeps_its_relu_before_the_pool(exported):
     _, paths, _ = exported
     q = onnx.load(str(paths["quantized_stem"]))
-    order = [n.op_type for n in q.graph.node if n.op_type in ("Conv", "Relu", "MaxPool")]
-    assert order == ["Conv", "Relu", "MaxPool", "Conv", "Relu", "MaxPool"]
+    order = [n.op_type for n in q.graph.node if n.op_type in ("Conv", "Relu", "LeakyRelu", "MaxPool")]
+    assert order[:3] == ["Conv", q.graph.node[[n.name for n in q.graph.node].index("relu1")].op_type, "MaxPool"]
+    assert order[3:] == ["Conv", "Relu", "MaxPool"]
     assert optimized_op_counts(q).get("QLinearConv") == 2
