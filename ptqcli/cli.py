@@ -536,10 +536,11 @@ def mask(target: Annotated[Path, typer.Argument(help="An ONNX model, or a run di
     else:
         if output is None:
             raise PtqError("masking a model needs -o RUN_DIR")
-        from .stages import load_prepared
+        from .stages import load_prepared, refuse_quantized
         from .calibrate.select import select
         from .config import QuantConfig
 
+        refuse_quantized(target)
         g = load_prepared(target)
         if refit and data is None:
             out.print("no --data: masks without a re-fit")

@@ -354,6 +354,14 @@ def subgraphs(node: NodeProto) -> list[onnx.GraphProto]:
     return [sub for a in node.attribute for sub in list(a.graphs) + ([a.g] if a.HasField("g") else [])]
 
 
+def nodes_within(graph: onnx.GraphProto) -> Iterator[NodeProto]:
+    """Every node of the graph, and of its control-flow nodes' subgraphs."""
+    for node in graph.node:
+        yield node
+        for sub in subgraphs(node):
+            yield from nodes_within(sub)
+
+
 def subgraph_reads(node: NodeProto) -> set[str]:
     """Names a control-flow node's subgraphs read from the enclosing graph (and their own)."""
     names: set[str] = set()

@@ -72,6 +72,16 @@ class OpInfo:
     quantize_constants: bool = False
 
 
+# ORT's kernels that compute on integers: what the fidelity table lists as the kernel path.
+ORT_INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+                   "MatMulIntegerToFloat", "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+                   "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
+                   "QAttention")
+# Ops that only a model quantized already holds (quantizing it again would stack a second grid on
+# the first, where the float original is what calibration needs).
+QUANTIZED_MODEL_OPS = frozenset(ORT_INTEGER_OPS + (
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeLSTM", "GatherBlockQuantized"))
+
 # The GEMM-class ops: weight rows, N:M layouts, native kernels and integer inputs are defined for them.
 MATRIX_OPS = ("Conv", "Gemm", "MatMul")
 

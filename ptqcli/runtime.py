@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+from collections import Counter
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 from . import nativelib
 from .errors import PtqError
 from .parallel import session_threads
-from .graph import (clone, keep_only, model_bytes_or_path, reads, shell, subgraph_reads, subgraphs, through_file,
+from .graph import (clone, keep_only, model_bytes_or_path, nodes_within, reads, shell, subgraph_reads, through_file,
                     write_external)
 
 
@@ -195,16 +196,8 @@ def optimized_graph(source: bytes | str, options: ort.SessionOptions, what: str)
 def optimized_op_counts(model: ModelProto | None = None, optimized: ModelProto | None = None) -> dict[str, int]:
     """Op types of the graph ORT actually runs after its optimizations (the kernel path), subgraphs included."""
     optimized = optimized if optimized is not None else optimized_model(model)
-    counts: dict[str, int] = {}
-
-    def count(graph) -> None:  # the subgraphs' ops too: a quantized If branch runs its own kernels
-        for node in graph.node:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-            for sub in subgraphs(node):
-                count(sub)
-
-    count(optimized.graph)
-    return dict(sorted(counts.items()))
+    # the subgraphs' ops too: a quantized If branch runs its own kernels
+    return dict(sorted(Counter(node.op_type for node in nodes_within(optimized.graph)).items()))
 
 
 @lru_cache(maxsize=1)

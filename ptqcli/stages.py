@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,19 +24,32 @@ from .export.measures import batch_latency, bops, latency_not_measured, layer_ke
 from .export import container as containers
 from .export.qdq import export_qdq
 from .files import check_writable
-from .graph import Graph, file_sha256, load_model, save_model
+from .graph import Graph, file_sha256, load_model, nodes_within, save_model
 from .metrics import top1
 from .plan import Plan
 from .prepare import prepare
 from .progress import Progress, silent
 from . import rundir
-from .ops import op_info
+from .nativelib import DOMAIN as NATIVE_DOMAIN
+from .ops import QUANTIZED_MODEL_OPS, op_info
 from .runtime import optimized_model, optimized_op_counts, release_memory, run_session, session, tensor_outputs
 
 def load_prepared(model_path: str | Path) -> Graph:
     g = prepare(load_model(model_path), source=str(model_path))
     release_memory()  # the model as loaded, and each preparing transform's copy of it
     return g
+
+
+def refuse_quantized(model_path: str | Path) -> None:
+    """A one-line error for a model that holds quantized ops already (QDQ pairs, ORT's integer
+    kernels, ptqcli's operators): its float original is what calibration needs."""
+    found = Counter(n.op_type for n in nodes_within(load_model(model_path, weights=False).graph)
+                    if (n.op_type in QUANTIZED_MODEL_OPS and n.domain in ("", "ai.onnx", "com.microsoft"))
+                    or n.domain == NATIVE_DOMAIN)
+    if found:
+        ops = ", ".join(f"{op} x{n}" for op, n in found.most_common(4)) + (", ..." if len(found) > 4 else "")
+        raise PtqError(f"{Path(model_path).name} is quantized already ({ops}): ptq quantizes float models, "
+                       "give it the float original")
 
 
 def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_dir: str | Path,
@@ -50,6 +64,7 @@ def calibrate(model_path: str | Path, quant: QuantConfig, data: DataConfig, run_
                        f"(or {instead})")
     if data.path is not None and data.synthetic is not None:
         raise PtqError("give --data or --synthetic, not both")
+    refuse_quantized(model_path)
     with rundir.new_run_dir(run_dir) as run:
         recorded = data  # a synthetic run records how its data was made, not where it was put
         if data.synthetic is not None:
@@ -561,6 +576,7 @@ def quantize_streaming(model_path: str | Path, out_path: str | Path, quant: Quan
     directory, and no latency or fidelity (they would load the float model whole)."""
     from .export.stream import stored_bytes, stream_quantize
 
+    refuse_quantized(model_path)
     done = stream_quantize(model_path, out_path, quant, data, progress)
     source = {"path": str(Path(model_path).resolve()), "sha256": file_sha256(model_path),
               "bytes": stored_bytes(model_path)}

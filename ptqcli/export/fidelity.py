@@ -17,14 +17,12 @@ from onnx import ModelProto
 from ..calibrate.data import Batch, bounded_runs, embedding_vocabularies, rows_within
 from ..graph import Graph
 from ..nativelib import OPERATORS
+from ..ops import ORT_INTEGER_OPS
 from ..metrics import as_probs, kl, masked_mean_pool, next_token_terms, sample_cosines, top1
 from ..plan import Plan
 from ..runtime import optimized_op_counts, session
 
-INTEGER_KERNELS = OPERATORS + ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
-                    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QLinearAdd",
-                    "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
-                    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QAttention")
+INTEGER_KERNELS = OPERATORS + ORT_INTEGER_OPS
 
 
 # How an output is compared with float. Class scores get top-1 agreement and KL; embeddings (the

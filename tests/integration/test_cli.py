@@ -238,3 +238,23 @@ def test_two_processes_with_different_string_hashing_write_the_same_run(tmp_path
     assert "plan.json" in written and "stats.npz" in written
     for name in written:
         assert (tmp_path / "run1" / name).read_bytes() == (tmp_path / "run2" / name).read_bytes(), name
+
+
+def test_a_model_quantized_already_is_refused_in_one_line(tmp_path, tiny_cnn, tiny_data):
+    """Its own QDQ export, the same with the pairs folded into ORT's integer ops, and in a mask run."""
+    import onnxruntime as ort
+
+    run, qdq = tmp_path / "run", tmp_path / "q.onnx"
+    assert ptq("quantize", tiny_cnn, "--data", tiny_data, "--run-dir", run, "-o", qdq).returncode == 0
+    integer = tmp_path / "integer.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(integer)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # no CPU-specific layouts
+    ort.InferenceSession(str(qdq), options, providers=["CPUExecutionProvider"])
+    for model, ops in ((qdq, "DequantizeLinear x"), (integer, "QLinearConv x")):
+        out = tmp_path / "again.onnx"
+        r = ptq("quantize", model, "--data", tiny_data, "-o", out)
+        assert_user_error(r, f"{model.name} is quantized already (", ops, "give it the float original")
+        assert not out.exists() and not (tmp_path / "again.onnx.run").exists()
+    assert_user_error(ptq("mask", qdq, "--nm", "2:4", "-o", tmp_path / "m"), "is quantized already")
+
