@@ -128,6 +128,18 @@ _add(
           "SLANet table structure recognizer: PP-LCNet backbone + attention decoder with a GRU cell in a Loop"),
     Entry("captcha_crnn", "captcha-whisperer==0.1.0", "captcha_whisperer/models/captcha_crnn.onnx",
           "CRNN captcha reader (CNN + bidirectional LSTM unrolled to Gemm/Sigmoid/Tanh, CTC over 37 symbols)"),
+    Entry("ddddocr_ocr", "ddddocr==1.6.1", "ddddocr/common.onnx",
+          "ddddocr's captcha OCR: one-channel 64xW input, CNN with SiLU, LSTM, CTC"),
+    Entry("ddddocr_ocr_int8", "ddddocr==1.6.1", "ddddocr/common_old.onnx",
+          "ddddocr's older OCR, shipped quantized already (ConvInteger, DynamicQuantizeLinear, DynamicQuantizeLSTM)"),
+    Entry("ddddocr_det", "ddddocr==1.6.1", "ddddocr/common_det.onnx",
+          "ddddocr's text detector, YOLOX-style: SiLU, SPP MaxPools, 416x416 pixels 0..255"),
+)
+
+# --- detection
+_add(
+    Entry("nudenet_yolov8n", "nudenet==3.4.2", "nudenet/320n.onnx",
+          "NudeNet's YOLOv8n detector: SiLU, C2f Split/Concat, DFL Softmax, dynamic batch and H/W"),
 )
 
 # --- faces
@@ -265,6 +277,10 @@ SHA256: dict[str, str] = {
     "sk_svc_wine": "c743400d1cc43581012e32864de571823916898c0955c144a2d82c8d6387e763",
     "ppocr_cls_fp16": "cc2d38c2362911a5bfa9866ea87b29469d069fa84556ef08cb8895b438af0e84",
     "minilm_fp16": "8642754e0f8163be6fa7e61d566188d008f6d1e6b149f2175a821120c7c33b1b",
+    "ddddocr_ocr": "33b5cd351ee94e73a6bf8fa18c415ed8b819b3ffd342e267c30d8ad8334e34e8",
+    "ddddocr_ocr_int8": "b8f2ad9cbc1f2e3922a6cb9459e30824e7e2467f3fb4fd61420640e34ea0bf68",
+    "ddddocr_det": "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6",
+    "nudenet_yolov8n": "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
 }
 
 BY_NAME = {e.name: e for e in ENTRIES}

@@ -476,6 +476,22 @@ def image_feeds(e, part: str, n: int, dtype=np.float32) -> list[dict] | None:
             for _ in range(4):
                 d.line(tuple(int(v) for v in rng.integers(0, 160, 4)), fill=(90, 90, 90), width=2)
             x = np.ascontiguousarray(np.asarray(_noisy(img, rng, 10), np.float32)[..., ::-1].transpose(2, 0, 1)[None])
+        elif base.startswith("ddddocr_ocr"):  # gray, height 64, pixels / 255 (the package's own preprocessing)
+            from PIL import Image, ImageDraw
+
+            img = Image.new("L", (160, 64), int(rng.integers(180, 256)))
+            d = ImageDraw.Draw(img)
+            chars = "".join(rng.choice(list("abcdefghijkmnpqrstuvwxyzABDEFGHJKLMNPQRTY23456789"), int(rng.integers(4, 7))))
+            for j, ch in enumerate(chars):
+                d.text((8 + j * 24 + rng.integers(-3, 4), 6 + rng.integers(-5, 6)), ch, font=font(36, bold=bool(j % 2)),
+                       fill=int(rng.integers(0, 110)))
+            for _ in range(3):
+                d.line(tuple(int(v) for v in rng.integers(0, 160, 4)), fill=int(rng.integers(60, 140)), width=2)
+            x = (np.asarray(img, np.float32) / 255.0)[None, None]
+        elif base == "ddddocr_det":  # pixels 0..255, no normalization
+            x = np.ascontiguousarray(np.asarray(_noisy(page(rng, sents, 416, 416), rng, 6), np.float32).transpose(2, 0, 1)[None])
+        elif base == "nudenet_yolov8n":
+            x = chw(face_image(rng, 320), (0.0,) * 3, (1.0,) * 3)
         elif base.startswith("mtcnn_"):
             size = {"mtcnn_pnet": 120, "mtcnn_rnet": 24, "mtcnn_onet": 48}[base]
             a = np.asarray(face_image(rng, size), np.float32)
@@ -639,6 +655,8 @@ def input_note(e) -> str:
         "layout_cdla": "rendered pages 608x800", "doc_orientation": "rendered pages 224x224 in 4 rotations",
         "slanet_table": "rendered ruled tables padded to 488x488", "captcha_crnn": "rendered captchas 160x60, BGR 0..255",
         "mtcnn_pnet": "drawn faces 120x120, NHWC", "mtcnn_rnet": "drawn faces 24x24", "mtcnn_onet": "drawn faces 48x48",
+        "ddddocr_ocr": "rendered captchas, gray 64x160 / 255", "ddddocr_ocr_int8": "rendered captchas, gray 64x160 / 255",
+        "ddddocr_det": "rendered pages 416x416, pixels 0..255", "nudenet_yolov8n": "drawn faces 320x320 / 255",
         "oww_melspec": "speech x32767, 1760 samples", "oww_embedding": "mel windows 76x32 of speech (melspec model)",
         "oww_hey_jarvis": "16 embeddings of speech (melspec + embedding models)",
         "gtcrn": "STFT frames of speech, caches from streaming the float model",
