@@ -99,9 +99,19 @@ def plan_table(plan: Plan) -> Table:
     table.add_row("activation tensors", str(len(acts)))
     worst = sorted((t.source.get("sqnr_db") or np.inf, n) for n, t in weights.items())[:3]
     table.add_row("lowest weight SQNR", ", ".join(f"{n} {s:.1f} dB" for s, n in worst) or "-")
+    counts = Counter(_reason_label(v) for v in plan.float_nodes.values())
     table.add_row("float nodes", str(len(plan.float_nodes)) + (
-        f" ({', '.join(sorted(set(v.split(' ')[0] for v in plan.float_nodes.values())))})" if plan.float_nodes else ""))
+        f" ({', '.join(f'{label} x{n}' for label, n in sorted(counts.items()))})" if counts else ""))
     return table
+
+
+def _reason_label(reason: str) -> str:
+    """A float node's reason in a few words: the op type an op-level reason starts with, else the
+    clause before the explanation ("a stem Conv with few input channels", "part of an erf GELU")."""
+    words = reason.split(" ")
+    if len(words) > 1 and words[0][:1].isupper() and words[1] in ("has", "of"):  # "Softmax has no ...", "MatMul of two ..."
+        return words[0]
+    return reason.split(":")[0].split(",")[0].split(" (")[0]
 
 
 def outputs_table(f: Fidelity) -> Table:

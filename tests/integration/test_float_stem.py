@@ -94,3 +94,13 @@ def test_a_quantized_stem_keeps_its_relu_before_the_pool(exported):
     assert order[:3] == ["Conv", q.graph.node[[n.name for n in q.graph.node].index("relu1")].op_type, "MaxPool"]
     assert order[3:] == ["Conv", "Relu", "MaxPool"]
     assert optimized_op_counts(q).get("QLinearConv") == 2
+
+
+def test_the_plan_table_names_why_nodes_stay_float():
+    from ptqcli.calibrate.select import GELU_REASON
+    from ptqcli.report import _reason_label
+
+    assert _reason_label(STEM_REASON) == "a stem Conv with few input channels"
+    assert _reason_label(GELU_REASON) == "part of an erf GELU"
+    assert _reason_label("Softmax has no quantized form here") == "Softmax"
+    assert _reason_label("MatMul of two activations: no faster on 8-bit integers") == "MatMul"
