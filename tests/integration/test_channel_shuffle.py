@@ -68,3 +68,22 @@ def test_the_quantized_shuffle_runs_on_uint8_without_a_transpose(tmp_path):
     # there is the model input's), conv2 writes the float graph output
     assert ops.get("QLinearConv") == 1 and ops.get("Gather") == 1 and ops.get("QuantizeLinear") == 1
     assert "Reshape" not in ops and ops.get("Transpose", 0) <= 2  # none 5-D
+
+
+def test_a_shuffle_of_the_last_axis_is_a_gather_of_that_axis():
+    """Channels-last exporters shuffle the last axis: [N, H, W, C] -> [N, H, W, g, C/g] -> swap -> back."""
+    n = helper.make_node
+    nodes = [n("Relu", ["input"], ["r"], name="relu"),
+             n("Reshape", ["r", "split"], ["s1"], name="split"),
+             n("Transpose", ["s1"], ["s2"], name="swap", perm=[0, 1, 2, 4, 3]),
+             n("Reshape", ["s2", "merge"], ["out"], name="merge")]
+    inits = [numpy_helper.from_array(np.array([-1, 8, 8, 2, 6], np.int64), "split"),
+             numpy_helper.from_array(np.array([0, 8, 8, 12], np.int64), "merge")]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8, 8, 12])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 8, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    g = prepare(model)
+    gather = next(n for n in g.graph.node if n.op_type == "Gather")
+    assert gather.attribute[0].i == 3 and "Transpose" not in {n.op_type for n in g.graph.node}
+    x = np.random.default_rng(3).normal(0, 1, (3, 8, 8, 12)).astype(np.float32)
+    np.testing.assert_array_equal(_outputs(g.model, x), _outputs(model, x))
