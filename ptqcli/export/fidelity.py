@@ -232,7 +232,9 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
     labelled = 0
     shapes: dict[str, list[int]] = {}
     rows = None
+    evaluated = 0  # input samples: an output's first axis may be time (a [T, N, C] sequence), not samples
     for batch in bounded_runs(batches, lambda: rows):
+        evaluated += batch.size
         fv = dict(zip(outputs + layer_outputs, float_sess.run(outputs + layer_outputs, batch.feeds)))
         if rows is None:  # the first run (one sample) tells how many samples a run may hold
             rows = rows_within(fv.values(), 1)
@@ -263,6 +265,5 @@ def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batche
         for layer in plan.layers
     ]
     accuracy = {k: v / labelled for k, v in correct.items()} if labelled else {}
-    samples = next(iter(out_stats.values())).count if out_stats else 0
-    return Fidelity(samples, held_out, {k: v.summary() for k, v in out_stats.items()}, layers, accuracy,
+    return Fidelity(evaluated, held_out, {k: v.summary() for k, v in out_stats.items()}, layers, accuracy,
                     optimized_op_counts(quant_model))

@@ -243,3 +243,19 @@ def test_token_sequences_of_different_lengths_are_padded_per_batch(tmp_path):
     padded = np.concatenate([sess.run(["sentence"], b.feeds)[0] for b in batches])
     alone = np.concatenate([sess.run(["sentence"], dict(np.load(f)))[0] for f in sorted(folder.iterdir())])
     np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_the_samples_measured_are_input_samples_when_an_output_is_time_major():
+    """An output [T, N, C] (a CTC recognizer's) has T rows per sample: the fidelity counts samples."""
+    from ptqcli.calibrate.data import Batch
+
+    n = helper.make_node
+    graph = helper.make_graph(
+        [n("Unsqueeze", ["x", "axes"], ["u"]), n("Tile", ["u", "reps"], ["seq"])], "time_major",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("seq", TensorProto.FLOAT, [5, "N", 4])],
+        [numpy_helper.from_array(np.array([0], np.int64), "axes"), numpy_helper.from_array(np.array([5, 1, 1], np.int64), "reps")])
+    model = prepare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])).model
+    x = np.random.default_rng(0).normal(0, 1, (6, 4)).astype(np.float32)
+    fidelity = measure(model, model, _empty_plan(), [Batch({"x": x}, None)], held_out=True)
+    assert fidelity.samples == 6  # not the output's rows, which are time steps
