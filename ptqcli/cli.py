@@ -273,14 +273,19 @@ def _print_latency(output: Path) -> None:
 
     from .export.card import card_paths
 
-    lat = json.loads(card_paths(output)["json"].read_text())["results"].get("latency") or {}
+    from .export.card_render import ops_summary
+
+    results = json.loads(card_paths(output)["json"].read_text())["results"]
+    lat = results.get("latency") or {}
     if lat.get("speedup") is None:
         return
     line = (f"batch-1 latency on {lat['cpu']}: float {lat['float_ms']:.3f} ms, quantized {lat['quantized_ms']:.3f} ms, "
             f"speed-up {lat['speedup']:.2f}x")
     if lat["speedup"] < 1.0:
-        line = (f"[yellow]{line}: slower than float here; the kernel path above shows the ops ORT runs in float "
-                "between a DequantizeLinear and a QuantizeLinear[/yellow]")
+        between = results.get("float_between_qdq") or {}
+        why = (f"; ORT runs these in float between a DequantizeLinear and a QuantizeLinear: {ops_summary(between)}"
+               if between else "")
+        line = f"[yellow]{line}: slower than float here{why}[/yellow]"
     out.print(line)
 
 

@@ -20,7 +20,7 @@ from .formats import learns_rounding
 from .errors import PtqError
 from .export.card import CardInputs, build_card, write_card
 from .export.fidelity import INTEGER_KERNELS, Fidelity, measure
-from .export.measures import batch_latency, bops, latency_not_measured, layer_kernels, weight_storage
+from .export.measures import batch_latency, bops, float_between_qdq, latency_not_measured, layer_kernels, weight_storage
 from .export import container as containers
 from .export.qdq import export_qdq
 from .files import check_writable
@@ -552,11 +552,15 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     stored = containers.store(quantized, g, plan, container, frozenset(native["replaced"] if native else ()),
                               contrib_ops=fmt != "onnx")
     # Loaded by ORT before anything is measured or written: a model it refuses is never saved.
-    kernels = layer_kernels(quantized, optimized_model(quantized, "the exported model"), plan)
+    optimized = optimized_model(quantized, "the exported model")
+    kernels = layer_kernels(quantized, optimized, plan)
     unfused, added = containers.decode_unfused(quantized, plan, stored.choice, kernels)
     if unfused:  # measured again: what ORT now runs on the decoded weights
         stored = replace(stored, decoded_bytes=stored.decoded_bytes + added)
-        kernels = layer_kernels(quantized, optimized_model(quantized, "the exported model"), plan)
+        optimized = optimized_model(quantized, "the exported model")
+        kernels = layer_kernels(quantized, optimized, plan)
+    between = float_between_qdq(optimized)
+    del optimized
     source, skip, held_out = eval_source(plan, eval_data, g)
     fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
     inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source, skip, latency)
@@ -566,7 +570,8 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
     save_model(quantized, out_path)
     if fidelity is not None:
         rundir.write_json(run / rundir.FIDELITY, fidelity.to_dict())
-    write_card(build_card(replace(inputs, native=native, container=held, kernels=kernels, stored=types)), out_path)
+    write_card(build_card(replace(inputs, native=native, container=held, kernels=kernels, stored=types,
+                                  float_between_qdq=between)), out_path)
     return plan, fidelity
 
 

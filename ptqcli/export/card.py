@@ -50,6 +50,8 @@ class CardInputs:
     container: dict | None = None
     stored: dict | None = None
     kernels: dict | None = None
+    # Ops ORT runs in float between a DequantizeLinear and a QuantizeLinear (measures.float_between_qdq).
+    float_between_qdq: dict | None = None
 
 
 def card_paths(model_path: str | Path) -> dict[str, Path]:
@@ -179,6 +181,7 @@ def build_card(c: CardInputs) -> dict:
             "bops": {k: c.bops[k] for k in ("float", "quantized", "reduction")},
             "latency": c.latency,
             "kernel_ops": c.kernel_ops,
+            **({"float_between_qdq": c.float_between_qdq} if c.float_between_qdq is not None else {}),
         },
     }
     validate_card(card)

@@ -67,6 +67,8 @@ def render_markdown(card: dict, plot_name: str) -> str:
         f" ({_num(bops['reduction'], '{:.1f}')}x)",
         _latency_line(lat),
         f"- ORT kernels: {', '.join(f'{k} x{v}' for k, v in r['kernel_ops'].items())}",
+        *([f"- in float between a DequantizeLinear and a QuantizeLinear: {ops_summary(r['float_between_qdq'])}"]
+          if r.get("float_between_qdq") else []),
         "",
         "## Layers",
         f"![bits and SQNR per layer]({plot_name})",
@@ -134,6 +136,11 @@ def _output_line(name: str, o: dict) -> str:
                      f" min {o['pooled_cosine_min']:.5f}")
     parts.append("identical to float (no SQNR)" if o["sqnr_db"] is None else f"SQNR {o['sqnr_db']:.2f} dB")
     return f"- output `{name}`{f' ({kind})' if kind else ''}: " + "; ".join(parts)
+
+
+def ops_summary(counts: dict) -> str:
+    """"HardSigmoid x28, Mul x28": op counts, the most frequent first."""
+    return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _latency_line(lat: dict) -> str:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable
 
 import numpy as np
 from onnx import ModelProto
 
 from ..geometry import layer_macs
-from ..graph import Graph
+from ..graph import Graph, nodes_within
 from ..plan import Plan
 from ..runtime import session
 from .fidelity import INTEGER_KERNELS
@@ -118,6 +119,38 @@ def latency_not_measured(cpu: str) -> dict:
 def _batch_size(feeds: dict[str, np.ndarray]) -> int:
     first = next(iter(feeds.values()))
     return int(first.shape[0]) if first.ndim else 1
+
+
+def float_between_qdq(optimized: ModelProto) -> dict[str, int]:
+    """{op type: count} of the nodes ORT's optimized graph runs in float between a DequantizeLinear
+    and a QuantizeLinear (on a path from one to the other; subgraphs included): each costs its own
+    float pass, and the path both conversions, where the values would otherwise stay on integers.
+    This is what makes a quantized model the slower."""
+    nodes = [n for n in nodes_within(optimized.graph) if n.op_type not in ("DequantizeLinear", "QuantizeLinear")]
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    producers = {out: node for node in nodes for out in node.output}
+    every = list(nodes_within(optimized.graph))
+    after_dq = _reached([n.output[0] for n in every if n.op_type == "DequantizeLinear"],
+                        lambda name: readers.get(name, []), lambda node: node.output)
+    before_q = _reached([n.input[0] for n in every if n.op_type == "QuantizeLinear"],
+                        lambda name: [producers[name]] if name in producers else [], lambda node: node.input)
+    return dict(sorted(Counter(n.op_type for n in nodes if id(n) in after_dq and id(n) in before_q).items()))
+
+
+def _reached(start: list[str], step, onward) -> set[int]:
+    """ids of the nodes a walk from the tensors `start` reaches, `step(tensor)` giving the next nodes
+    and `onward(node)` the tensors to go on from."""
+    seen: set[int] = set()
+    todo = list(start)
+    while todo:
+        for node in step(todo.pop()):
+            if id(node) not in seen:
+                seen.add(id(node))
+                todo.extend(name for name in onward(node) if name)
+    return seen
 
 
 def layer_kernels(exported: ModelProto, optimized: ModelProto, plan: Plan) -> dict[str, str]:

@@ -259,3 +259,20 @@ def test_the_samples_measured_are_input_samples_when_an_output_is_time_major():
     x = np.random.default_rng(0).normal(0, 1, (6, 4)).astype(np.float32)
     fidelity = measure(model, model, _empty_plan(), [Batch({"x": x}, None)], held_out=True)
     assert fidelity.samples == 6  # not the output's rows, which are time steps
+
+
+def test_the_ops_run_in_float_between_a_dequantize_and_a_quantize_are_counted():
+    """DequantizeLinear -> HardSigmoid -> Mul (with the dequantized value) -> QuantizeLinear: both
+    float ops sit between the two; a float op on the model input, before any DequantizeLinear, does not."""
+    from ptqcli.export.measures import float_between_qdq
+
+    n = helper.make_node
+    nodes = [n("Relu", ["x"], ["r"]), n("QuantizeLinear", ["r", "s", "z"], ["q"]),
+             n("DequantizeLinear", ["q", "s", "z"], ["d"]), n("HardSigmoid", ["d"], ["h"]),
+             n("Mul", ["d", "h"], ["m"]), n("QuantizeLinear", ["m", "s", "z"], ["q2"]),
+             n("DequantizeLinear", ["q2", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                              [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                               numpy_helper.from_array(np.array(0, np.uint8), "z")])
+    assert float_between_qdq(helper.make_model(graph)) == {"HardSigmoid": 1, "Mul": 1}
