@@ -304,6 +304,10 @@ def from_mapping(cls, mapping: dict, where: str):
     if unknown:
         raise PtqError(f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()}
+    switches = {f.name for f in fields(cls) if str(f.type).replace(" ", "") in ("bool", "bool|None", "Optional[bool]")}
+    for key in sorted(switches & set(values)):
+        if values[key] is not None and not isinstance(values[key], bool):
+            raise PtqError(f"{where}: {key} must be true or false (got {values[key]!r})")
     try:
         return cls(**values)
     except TypeError as exc:

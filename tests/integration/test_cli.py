@@ -170,6 +170,15 @@ def test_bad_recipe_key(tmp_path, tiny_cnn, tiny_data):
                       "unknown option(s) bits")
 
 
+def test_a_recipe_switch_that_is_not_true_or_false(tmp_path, tiny_cnn, tiny_data):
+    recipe = tmp_path / "r.toml"
+    for section, line, key in (("quant", 'float_stem = "yes"', "float_stem"), ("data", "whole_feeds = 1", "whole_feeds")):
+        recipe.write_text(f"[{section}]\n{line}\n")
+        r = ptq("calibrate", tiny_cnn, "--data", tiny_data, "--recipe", recipe, "-o", tmp_path / "run")
+        assert_user_error(r, f"{key} must be true or false")
+        assert not (tmp_path / "run").exists()
+
+
 def test_usage_error_exit_code_is_2(tiny_cnn):
     assert ptq("calibrate", tiny_cnn, "--method", "magic", "-o", "x").returncode == 2
 
