@@ -272,7 +272,6 @@ def _print_latency(output: Path) -> None:
     import json
 
     from .export.card import card_paths
-
     from .export.card_render import ops_summary
 
     results = json.loads(card_paths(output)["json"].read_text())["results"]

@@ -413,8 +413,14 @@ def drop_unused(model: ModelProto) -> None:
             break
         del model.graph.node[:]
         model.graph.node.extend(live)
-    used = reads(model) | graph_outputs
+    drop_unused_initializers(model)
+
+
+def drop_unused_initializers(model: ModelProto) -> ModelProto:
+    """`model` (changed in place) without the initializers no node reads and no output names."""
+    used = reads(model) | {o.name for o in model.graph.output}
     keep_only(model.graph.initializer, lambda t: t.name in used)
+    return model
 
 
 def clone(model: ModelProto) -> ModelProto:

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .graph import (MIN_OPSET, Graph, check_model, clone, default_opset, is_huge, keep_only, reads, set_opset, subgraphs,
-                    through_file, without_weight_data)
+from .graph import (MIN_OPSET, Graph, check_model, clone, default_opset, drop_unused_initializers, is_huge, keep_only,
+                    set_opset, subgraphs, through_file, without_weight_data)
 from .errors import PtqError
 from .ops import attr, op_info
 from .runtime import session
@@ -275,7 +275,7 @@ def fold_constants(model: ModelProto) -> tuple[ModelProto, int]:
     del out.graph.node[:]
     out.graph.node.extend(kept)
     out.graph.initializer.extend(new_inits)
-    return _drop_unused_initializers(out), folded
+    return drop_unused_initializers(out), folded
 
 
 def _evaluate_node(evaluator_cls, node, consts) -> list | None:
@@ -295,12 +295,6 @@ def _evaluate_node(evaluator_cls, node, consts) -> list | None:
     if any(np.asarray(v).size > _MAX_FOLDED_ELEMENTS for v in values):
         return None
     return values
-
-
-def _drop_unused_initializers(model: ModelProto) -> ModelProto:
-    used = reads(model) | {o.name for o in model.graph.output}
-    keep_only(model.graph.initializer, lambda t: t.name in used)
-    return model
 
 
 def divisions_as_products(model: ModelProto) -> tuple[ModelProto, int]:
@@ -389,7 +383,7 @@ def channel_shuffles_as_gathers(model: ModelProto) -> tuple[ModelProto, int]:
     keep_only(model.graph.value_info, lambda vi: vi.name not in gone)
     del model.graph.node[:]
     model.graph.node.extend(nodes)  # the inferred shapes stay: every other tensor is as it was
-    return _drop_unused_initializers(model), len(found)
+    return drop_unused_initializers(model), len(found)
 
 
 def _sole_reader(g: Graph, tensor: str):
@@ -524,7 +518,7 @@ def _with_nodes(model: ModelProto, nodes: list) -> ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]
-    return _drop_unused_initializers(model)
+    return drop_unused_initializers(model)
 
 
 def _can_fold(g: Graph, producer, bn, graph_outputs) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-from collections import Counter
 import tempfile
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 

@@ -19,6 +19,7 @@ from .config import DataConfig, QuantConfig, ReduceRange, Rounding, cpu_name, to
 from .formats import learns_rounding
 from .errors import PtqError
 from .export.card import CardInputs, build_card, write_card
+from .export.card_render import ops_summary
 from .export.fidelity import INTEGER_KERNELS, Fidelity, measure
 from .export.measures import batch_latency, bops, float_between_qdq, latency_not_measured, layer_kernels, weight_storage
 from .export import container as containers
@@ -47,8 +48,7 @@ def refuse_quantized(model_path: str | Path) -> None:
                     if (n.op_type in QUANTIZED_MODEL_OPS and n.domain in ("", "ai.onnx", "com.microsoft"))
                     or n.domain == NATIVE_DOMAIN)
     if found:
-        ops = ", ".join(f"{op} x{n}" for op, n in found.most_common(4)) + (", ..." if len(found) > 4 else "")
-        raise PtqError(f"{Path(model_path).name} is quantized already ({ops}): ptq quantizes float models, "
+        raise PtqError(f"{Path(model_path).name} is quantized already ({ops_summary(found, 4)}): ptq quantizes float models, "
                        "give it the float original")
 
 
@@ -560,7 +560,7 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
         optimized = optimized_model(quantized, "the exported model")
         kernels = layer_kernels(quantized, optimized, plan)
     between = float_between_qdq(optimized)
-    del optimized
+    del optimized  # a copy of the model's graph: not held through the fidelity pass
     source, skip, held_out = eval_source(plan, eval_data, g)
     fidelity = evaluate(g, quantized, plan, source, skip, held_out, eval_samples, progress)
     inputs = card_inputs(run, g, plan, quantized, Path(out_path), fidelity, source, skip, latency)

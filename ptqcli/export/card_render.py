@@ -138,9 +138,11 @@ def _output_line(name: str, o: dict) -> str:
     return f"- output `{name}`{f' ({kind})' if kind else ''}: " + "; ".join(parts)
 
 
-def ops_summary(counts: dict) -> str:
-    """"HardSigmoid x28, Mul x28": op counts, the most frequent first."""
-    return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+def ops_summary(counts: dict, limit: int | None = None) -> str:
+    """"HardSigmoid x28, Mul x28": op counts, the most frequent first (the first `limit`, then "...")."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{op} x{n}" for op, n in ranked[:limit])
+    return shown + (", ..." if limit is not None and len(ranked) > limit else "")
 
 
 def _latency_line(lat: dict) -> str:

@@ -59,8 +59,8 @@ def latency_ms(models: dict[str, ModelProto], samples: list[dict[str, np.ndarray
                min_runs: int = 10, max_runs: int = 200) -> tuple[dict[str, float], int, int]:
     """Median wall time of one run of each model with default session options (what a user deploys)
     but for spinning threads (runtime.without_spinning), the turns each model took and the runs in a
-    turn. The models take
-    turns on the same samples (see take_turns), a model faster than MIN_TURN_MS several runs a turn."""
+    turn. The models take turns on the same samples (see take_turns), a model faster than
+    MIN_TURN_MS several runs a turn."""
     runners = {name: _runner(session(model, spinning=False)) for name, model in models.items()}
     warm: list[float] = []
     for run in runners.values():  # warm-up: the first runs allocate buffers and pack weights
@@ -126,13 +126,13 @@ def float_between_qdq(optimized: ModelProto) -> dict[str, int]:
     and a QuantizeLinear (on a path from one to the other; subgraphs included): each costs its own
     float pass, and the path both conversions, where the values would otherwise stay on integers.
     This is what makes a quantized model the slower."""
-    nodes = [n for n in nodes_within(optimized.graph) if n.op_type not in ("DequantizeLinear", "QuantizeLinear")]
+    every = list(nodes_within(optimized.graph))
+    nodes = [n for n in every if n.op_type not in ("DequantizeLinear", "QuantizeLinear")]
     readers: dict[str, list] = {}
     for node in nodes:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     producers = {out: node for node in nodes for out in node.output}
-    every = list(nodes_within(optimized.graph))
     after_dq = _reached([n.output[0] for n in every if n.op_type == "DequantizeLinear"],
                         lambda name: readers.get(name, []), lambda node: node.output)
     before_q = _reached([n.input[0] for n in every if n.op_type == "QuantizeLinear"],
