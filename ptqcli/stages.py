@@ -254,10 +254,10 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     diag(s) W against H / (s s^T), later segments compute with diag(s)^-1 Q, and the factors are
     folded into the float graph when the walk is over. Returns the graph (smoothed, if it was) and
     the plan."""
-    from .calibrate.gptq import GptqConfig, eligible, round_layers
+    from .calibrate.gptq import GptqConfig, eligible, smoothing_shapes, walk
     from .calibrate.probe import quantized_prefix
-    from .calibrate.segments import BatchStates, moments_in_order
-    from .calibrate.smooth import factors, folded, smoothing_groups
+    from .calibrate.segments import BatchStates
+    from .calibrate.smooth import folded, smoothing_groups
 
     layers = [(layer, axis) for layer, axis in eligible(g, plan) if only is None or layer.weight in only]
     if not layers:
@@ -270,9 +270,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
         readers.setdefault(seen_as[layer.activation], []).append((layer, axis))
     todo = {layer.weight for layer, _ in layers}
     tensors_out = dict(plan.tensors)
-    # Groups whose every GEMM is rounded here: another's weight would be scaled under a plan fitted before.
-    groups = {grp.tensor: grp for grp in (smoothing_groups(g) if smooth and not gated else [])
-              if set(grp.weights) <= {layer.weight for layer, _ in readers.get(grp.tensor, [])}}
+    groups = gptq_smoothing_groups(smoothing_groups(g) if smooth and not gated else [], readers)
     scaled: dict[str, np.ndarray] = {}  # weight -> its smoothing factors, shaped to multiply it
     chosen, smoothing = {}, {}
 
@@ -289,19 +287,14 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
                          shared=gates)
     cfg, report = GptqConfig(act_order=quant.act_order), []
     with progress("gptq: layers", len(readers)) as advance:
-        for tensor, moments in moments_in_order(prefix, readers, states, current, advance):
-            group = readers[tensor]
-            weights, hessian = [g.constant(layer.weight) for layer, _ in group], moments.gram
-            if tensor in groups:
-                s, smoothing[tensor] = factors(g, groups[tensor], moments, quant)
-                if s is not None:
-                    chosen[tensor], hessian = s, hessian / np.outer(s, s)
-                    shaped = [s.reshape((-1, 1) if axis == 0 else (1, -1)) for _, axis in group]
-                    scaled.update((layer.weight, f) for (layer, _), f in zip(group, shaped))
-                    weights = [w * f for w, f in zip(weights, shaped)]
-            rounded = round_layers(weights, [axis for _, axis in group],
-                                   [plan.tensors[layer.weight] for layer, _ in group], hessian, cfg)
-            for (layer, _), tq in zip(group, rounded):
+        for step in walk(g, prefix, readers, states, lambda group: [plan.tensors[layer.weight] for layer, _ in group],
+                         current, groups, quant, cfg, advance):
+            if step.smoothing is not None:
+                smoothing[step.tensor] = step.smoothing
+            if step.factors is not None:
+                chosen[step.tensor] = step.factors
+                scaled.update((layer.weight, f) for (layer, _), f in zip(step.layers, smoothing_shapes(step.factors, step.layers)))
+            for (layer, _), tq in zip(step.layers, step.tqs):
                 tensors_out[layer.weight] = tq
                 report.append({"node": layer.node, "weight": layer.weight})
     name = "rounding.json" if only is None else "rounding.allocate.json"
@@ -316,6 +309,14 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     if smoothing:
         plan = replace(plan, config={**plan.config, "smoothing": smoothing})
     return g, requantize_biases(g, plan, stats, quant)
+
+
+def gptq_smoothing_groups(groups: list, readers: dict[str, list]) -> dict:
+    """{tensor: group} of the smoothing groups whose every GEMM the GPTQ walk rounds (`readers`:
+    tensor -> its (layer, in_axis) pairs): another's weight would be scaled under a grid fitted
+    before."""
+    return {grp.tensor: grp for grp in groups
+            if set(grp.weights) <= {layer.weight for layer, _ in readers.get(grp.tensor, [])}}
 
 
 def quantize_branches(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfig, inputs, run: Path,

@@ -220,3 +220,45 @@ def _in_layout(out: TensorQuant, in_axis: int, tq: TensorQuant) -> TensorQuant:
     zero = out.zero_point.T if spec.block_size else out.zero_point
     return TensorQuant("weight", spec, np.ascontiguousarray(scale), np.ascontiguousarray(zero), source,
                        value=np.ascontiguousarray(out.value.T))
+
+
+@dataclass(frozen=True)
+class Rounded:
+    """One step of `walk`: the layers reading `tensor`, rounded, and the smoothing factors their
+    weights were multiplied by before rounding (None: not smoothed)."""
+
+    tensor: str
+    layers: list  # (layer, in_axis) pairs
+    tqs: list[TensorQuant]
+    factors: np.ndarray | None
+    smoothing: dict | None  # the smoothing choice's report, for groups that were offered one
+
+
+def smoothing_shapes(s: np.ndarray, layers: list) -> list[np.ndarray]:
+    """Factors s [K] shaped to multiply each layer's weight along its input channels."""
+    return [s.reshape((-1, 1) if axis == 0 else (1, -1)) for _, axis in layers]
+
+
+def walk(g, prefix, readers: dict[str, list], states, grids, current, groups: dict, quant, cfg: GptqConfig,
+         advance=lambda n: None):
+    """GPTQ over `readers` (tensor -> the (layer, in_axis) pairs reading it) in graph order, each group's
+    Hessian taken from what the prefix graph computes for its tensor over the batch `states` (see
+    segments.moments_in_order; `current(weight)` gives the values each later segment is built with,
+    so the caller decides what the quantized prefix holds). `grids(layers)` gives each layer's
+    TensorQuant whose spec GPTQ rounds onto. A tensor in `groups` (tensor -> smooth.SmoothGroup) has
+    its smoothing factors chosen on those same moments first; its weights are then rounded as
+    diag(s) W against H / (s s^T). Yields a `Rounded` per tensor, before the walk goes on."""
+    from .segments import moments_in_order
+    from .smooth import factors
+
+    for tensor, moments in moments_in_order(prefix, readers, states, current, advance):
+        layers = readers[tensor]
+        weights, hessian = [g.constant(layer.weight) for layer, _ in layers], moments.gram
+        s = report = None
+        if tensor in groups:
+            s, report = factors(g, groups[tensor], moments, quant)
+            if s is not None:
+                hessian = hessian / np.outer(s, s)
+                weights = [w * f for w, f in zip(weights, smoothing_shapes(s, layers))]
+        rounded = round_layers(weights, [axis for _, axis in layers], grids(layers), hessian, cfg)
+        yield Rounded(tensor, layers, rounded, s, report)
