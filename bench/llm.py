@@ -98,6 +98,12 @@ PTQ_ROWS["ptq-gptq-g128-tied8"] = PTQ_ROWS["ptq-gptq-g128-tied"] + ["--keep", "l
 # activation-aware scaling of input channels before rounding).
 OPTIONAL_ROWS = {f"ptq-gptq-{tag}-g{block}": PTQ_ROWS[f"ptq-gptq-g{block}"] + [flag]
                  for tag, flag in (("noao", "--no-act-order"), ("nosmooth", "--no-smooth")) for block in (32, 128)}
+# GPTQ by `ptq quantize --stream` (export/stream.py): the model read from disk a segment at a time and
+# each layer written as soon as it is rounded, for models larger than memory. One step: quantize
+# and export together.
+PTQ_ROWS["ptq-gptq-g32-stream"] = PTQ_ROWS["ptq-gptq-g32"]
+PTQ_ROWS["ptq-gptq-g128-stream"] = PTQ_ROWS["ptq-gptq-g128"]
+STREAM_ROWS = {"ptq-gptq-g32-stream", "ptq-gptq-g128-stream"}
 ALLOCATE = {name: ["--budget-bits", "4.5", "--weight-candidates", MIX_CANDIDATES, "--samples", "2"]
             for name in ("ptq-gptq-fz-mix-4.5", "ptq-gptq-mix-4.5")}
 ORT_ROWS = {
@@ -176,6 +182,10 @@ def quantize(row: Row, args) -> None:
     out.unlink(missing_ok=True)
     if row.name in ORT_ROWS:
         steps = [("quantize", [sys.executable, __file__, "--_child", row.name, "--_output", str(out)])]
+    elif row.name in STREAM_ROWS:
+        steps = [("quantize", [str(args.ptq), "quantize", str(external_copy()), "--data", str(args.calib_path),
+                               "--num-samples", str(args.calib), "--acts", "none", "--weights", "int4",
+                               *PTQ_ROWS[row.name], "--stream", "-o", str(out)])]
     else:
         run = WORK / f"{row.name}.run"
         shutil.rmtree(run, ignore_errors=True)
@@ -205,6 +215,19 @@ def quantize(row: Row, args) -> None:
         row.error = "no model written"
         return
     row.path = out
+
+
+def external_copy() -> Path:
+    """The model with its weights in a `.data` file beside it, as large models are stored (the
+    streamed rows read it tensor by tensor; the model file alone would hold every weight)."""
+    path = WORK / "external" / "model.onnx"
+    if not path.exists():
+        import onnx
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(onnx.load(str(lm_data.model_path())), str(path), save_as_external_data=True,
+                  location="model.onnx.data", size_threshold=1024)
+    return path
 
 
 def file_mb(path: Path) -> float:

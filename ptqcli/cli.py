@@ -69,7 +69,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [def
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML file with [quant] and [data] tables holding any of these options.")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data for fidelity (an .npz may carry `labels`).")]
 EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Samples to measure fidelity on.")]
-StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Weight-only int2/4/8 blocks (--acts none --block-size B, no data) read, quantized and written one tensor at a time, for models larger than memory [default: on for models over 2 GiB when the options allow it].")]
+StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Weight-only int2/4/8 blocks (--acts none --block-size B) read, quantized and written one tensor at a time, for models larger than memory; with --data, rounded by GPTQ as the data runs through the model a segment at a time [default: on for models over 2 GiB when the options allow it].")]
 LatencyOpt = Annotated[bool, typer.Option("--latency/--no-latency", help="Time the float and quantized models at batch 1 for the card, taking turns on the same real samples (about 3 s).")]
 ContainerOpt = Annotated[str, typer.Option(
     "--container", help="How weight codes are stored: auto (sub-8-bit codes stay small in the file; ORT widens them to "

@@ -131,12 +131,15 @@ def token_data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"input_ids": ids.astype(np.int64), "attention_mask": mask}
 
 
-def tiny_language_model(seed: int = 0) -> ModelProto:
+def tiny_language_model(seed: int = 0, outlier_gain: float = 1.0) -> ModelProto:
     """Token ids -> embedding -> RMSNorm (decomposed: ... * gamma) -> SiLU MLP with a residual ->
     next-token logits over the vocabulary from a tied-transpose head: a language model's shape
-    without attention, for measuring perplexity."""
+    without attention, for measuring perplexity. `outlier_gain` scales gamma's OUTLIERS channels,
+    as trained models' normalizations have a few large ones."""
     rng = np.random.default_rng(seed)
     inits = []
+    gamma = rng.uniform(0.5, 1.5, HIDDEN)
+    gamma[list(OUTLIERS)] *= outlier_gain
 
     def const(name, value, dtype=np.float32):
         inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
@@ -151,7 +154,7 @@ def tiny_language_model(seed: int = 0) -> ModelProto:
         n("Add", ["ms", const("eps", 1e-5)], ["ms_eps"], name="rms_eps"),
         n("Sqrt", ["ms_eps"], ["rms"], name="rms_sqrt"),
         n("Div", ["h", "rms"], ["normed"], name="rms_div"),
-        n("Mul", ["normed", const("gamma", rng.uniform(0.5, 1.5, HIDDEN))], ["x"], name="rms_gamma"),
+        n("Mul", ["normed", const("gamma", gamma)], ["x"], name="rms_gamma"),
         n("MatMul", ["x", const("w_up", rng.normal(0, HIDDEN ** -0.5, (HIDDEN, FFN)))], ["up"], name="up_proj"),
         n("Sigmoid", ["up"], ["gate"], name="silu_sigmoid"),
         n("Mul", ["up", "gate"], ["act"], name="silu_mul"),

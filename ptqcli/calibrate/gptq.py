@@ -66,12 +66,20 @@ def _scales(w_kn: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = N
 def _group_errors(w_kn: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec,
                   importance: np.ndarray) -> np.ndarray:
     """Per scale group (shaped like `scale`), the importance-weighted squared rounding error."""
-    weighted = importance[:, None] * np.square(w_kn - dequantize(quantize(w_kn, scale, zero, spec), scale, zero, spec))
     if not spec.block_size:
+        weighted = importance[:, None] * np.square(w_kn - dequantize(quantize(w_kn, scale, zero, spec), scale, zero, spec))
         return weighted.sum(axis=0).reshape(np.shape(scale))
-    k, bs = len(w_kn), spec.block_size
-    padded = np.pad(weighted, ((0, -k % bs), (0, 0)))
-    return padded.reshape(-1, bs, w_kn.shape[1]).sum(axis=1)
+    # Blocks as an axis of their own, so that each block's scale broadcasts over it instead of being
+    # repeated to the weight's shape; in float32, the values QuantizeLinear and DequantizeLinear give.
+    k, n, bs = len(w_kn), w_kn.shape[1], spec.block_size
+    pad = -k % bs
+    blocks = (np.pad(w_kn, ((0, pad), (0, 0))) if pad else w_kn).reshape(-1, bs, n)
+    s, z = np.asarray(scale, dtype=np.float32)[:, None, :], np.asarray(zero, dtype=np.float32)[:, None, :]
+    q = np.rint(blocks / s + z) if spec.float_zero else np.rint(blocks / s) + z
+    np.clip(q, spec.qmin, spec.qmax, out=q)
+    error = blocks - (q - z) * s
+    weights = (np.pad(importance, (0, pad)) if pad else importance).reshape(-1, bs, 1)
+    return (weights * np.square(error, out=error)).sum(axis=1)
 
 
 def _round_row(row: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec) -> np.ndarray:
@@ -79,7 +87,7 @@ def _round_row(row: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: Quant
     QuantizeLinear and DequantizeLinear compute it (float32 division, round half to even); inlined
     because it runs once per input channel."""
     q = np.clip(np.rint(row / scale + zero) if spec.float_zero else np.rint(row / scale) + zero, spec.qmin, spec.qmax)
-    return ((q - zero) * scale).astype(np.float32)
+    return ((q - zero) * scale).astype(np.float32, copy=False)
 
 
 def upper_factor_of_inverse(h: np.ndarray) -> np.ndarray:

@@ -355,9 +355,22 @@ def restore_node(tensor: str) -> str:
 
 def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
     """Divide the tail's per-channel parameters by s and multiply the GEMM weights' input rows by s,
-    in place. When the tail's output has other readers, the GEMMs read the smoothed tensor under a
-    new name and one Mul by s gives the others the original back: cheaper than a second copy of the
-    normalization, and the residual Add it feeds still fuses with the next one."""
+    in place (see fold_tail)."""
+    fold_tail(model, g, grp, s)
+    inits = {t.name: t for t in model.graph.initializer}
+    for weight, axis in zip(grp.weights, grp.in_axes):
+        w = g.constant(weight)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        inits[weight].CopyFrom(numpy_helper.from_array((w * s.reshape(shape).astype(np.float64)).astype(w.dtype), weight))
+
+
+def fold_tail(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
+    """Divide the tail's per-channel parameters by s, in place (`model` holds them as initializers;
+    `g` is the graph before smoothing). When the tail's output has other readers, the GEMMs read the
+    smoothed tensor under a new name and one Mul by s gives the others the original back: cheaper
+    than a second copy of the normalization, and the residual Add it feeds still fuses with the
+    next one."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     if grp.shared:
@@ -387,11 +400,6 @@ def fold(model: ModelProto, g: Graph, grp: SmoothGroup, s: np.ndarray) -> None:
         new_name = f"{name}__{slot}_smoothed"
         graph.initializer.append(numpy_helper.from_array(scaled, new_name))
         next(n for n in graph.node if n.name == name).input[slot] = new_name
-    for weight, axis in zip(grp.weights, grp.in_axes):
-        w = g.constant(weight)
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        inits[weight].CopyFrom(numpy_helper.from_array((w * s.reshape(shape).astype(np.float64)).astype(w.dtype), weight))
 
 
 def _along_channels(s: np.ndarray, grp: SmoothGroup) -> np.ndarray:

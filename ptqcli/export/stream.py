@@ -4,13 +4,21 @@ The graph is read without its weight data. Each MatMul weight is read from disk,
 blocks, packed as MatMulNBits and appended to the output's data file before the next one is read;
 token embedding tables become int8 rows the same way, and every other tensor is copied through.
 Peak memory is one weight and its codes whatever the model's size, so a model over protobuf's
-2 GB, or larger than the machine's memory, quantizes. What needs activations (calibration data,
-GPTQ, smoothing, static activations) holds the model in memory and is not done here.
+2 GB, or larger than the machine's memory, quantizes.
+
+With calibration data the weights are rounded by GPTQ (calibrate/gptq.walk) on the way: the
+calibration batches run through the model segment by segment, each segment built from the weights
+on disk (and the rounded ones of the layers before it) when the walk reaches it, and each group of
+layers is packed and written as soon as it is rounded. Memory is then one segment's weights, one
+group's Hessian and weights, and the batches' activations (past a budget, in scratch files).
+Smoothing factors chosen on the walk are folded into the normalizations' parameters, which stay
+in memory until the end (they are vectors). Static activations hold the model in memory and are
+not done here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +54,14 @@ def stored_bytes(path: str | Path) -> int:
 def streaming_problem(quant: QuantConfig, data: DataConfig, fmt: str) -> str | None:
     """Why this configuration cannot be streamed weight by weight (None: it can)."""
     scheme, bits = parse_weight_format(quant.weights)
-    if data.path is not None or data.synthetic is not None:
-        return "calibration data (streaming quantizes weights alone, without data)"
+    if data.synthetic is not None:
+        return "--synthetic data (it is made from BatchNorm statistics of a model held in memory)"
     if quant.acts.value != "none":
         return f"--acts {quant.acts.value} (streaming is weight-only: --acts none)"
-    if quant.rounding.value not in ("nearest", "auto"):  # auto without data is nearest
-        return f"--rounding {quant.rounding.value} (it needs calibration data; streaming rounds to nearest)"
+    if data.path is None and quant.rounding.value not in ("nearest", "auto"):  # auto without data is nearest
+        return f"--rounding {quant.rounding.value} without calibration data (streaming rounds to nearest, or by GPTQ with --data)"
+    if data.path is not None and quant.rounding.value not in ("gptq", "auto"):
+        return f"--rounding {quant.rounding.value} with calibration data (streaming rounds by GPTQ: --rounding gptq)"
     if quant.block_size is None:
         return "per-channel weights (streaming writes MatMulNBits: give --block-size)"
     if scheme != "int" or bits not in NBITS_WIDTHS:
@@ -71,27 +81,40 @@ class Streamed:
 def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantConfig, data: DataConfig,
                     progress: Progress = silent) -> Streamed:
     """Quantize the MatMul weights of `model_path` into MatMulNBits blocks, reading and writing one
-    tensor at a time; the model is checked by onnx.checker and loaded by ORT before it replaces
-    `out_path` (with its `.data` file beside it)."""
+    tensor at a time (rounded by GPTQ when `data` has a path); the model is checked by
+    onnx.checker and loaded by ORT before it replaces `out_path` (with its `.data` file beside it)."""
     problem = streaming_problem(quant, data, "qdq")
     if problem is not None:
         raise PtqError(f"cannot stream this quantization: {problem}")
-    quant = replace(quant, rounding=Rounding.nearest)  # what auto is without data
+    by_gptq = data.path is not None
+    quant = replace(quant, rounding=Rounding.gptq if by_gptq else Rounding.nearest)  # what auto resolves to
     target = Path(out_path)
     check_writable(target)
     g = Graph(load_model(model_path, weights=False), source=str(model_path), weights_dir=str(Path(model_path).parent))
     sel = select(g, quant)
     layers, float_nodes = _packable(g, sel.layers)
+    if by_gptq and not layers:
+        raise PtqError("--rounding gptq found no MatMul layer with a [K, N] weight to round")
     formats = configured_formats(g, sel, quant)
     tables = set(sel.embeddings) - {layer.weight for layer in layers.values()}
     by_weight = {layer.weight: layer for layer in layers.values()}
     replaced: dict[str, list[NodeProto]] = {}
     tensors: dict[str, TensorQuant] = {}
+    walk = _gptq_walk(g, list(layers.values()), formats, quant, data, progress) if by_gptq else None
+    out = walk.out if walk else shell(g.model)
 
     def initializers():
-        with progress("quantizing weight by weight", len(g.graph.initializer)) as advance:
+        if walk is not None:
+            for layer, tq in walk.rounded():
+                inits, node = nbits.matmul_nbits(g.node_by_name[layer.node], layer, tq, tq.value, quant.accuracy_level)
+                tensors[layer.weight], replaced[layer.node] = _summary(tq), [node]
+                yield from inits
+        kept = {t.name for t in out.graph.initializer}  # written from the output model below (smoothed)
+        with progress("writing weights" if walk else "quantizing weight by weight", len(g.graph.initializer)) as advance:
             for t in g.graph.initializer:
-                if t.name in by_weight:
+                if t.name in tensors or t.name in kept:
+                    pass
+                elif t.name in by_weight:
                     layer = by_weight[t.name]
                     inits, tensors[t.name], node = _packed(g, layer, formats.get(t.name), quant)
                     replaced[layer.node] = [node]
@@ -108,22 +131,112 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
                 else:
                     yield with_data(t, g.weights_dir)
                 advance(1)
+        yield from out.graph.initializer
 
-    out = shell(g.model)
     with staged(target) as path:
         stubs = write_tensors(initializers(), path.parent / (target.name + ".data"))
-        nodes = [new for node in out.graph.node for new in replaced.get(node.name, [node])]
+        nodes = [new for node in out.graph.node for new in _replacing(node, replaced.get(node.name))]
         del out.graph.node[:]
         out.graph.node.extend(nodes)
+        del out.graph.initializer[:]
         out.graph.initializer.extend(stubs)
         import_domain(out, "com.microsoft")
         path.write_bytes(out.SerializeToString(deterministic=True))
         check_model(path, "the quantized model")
         optimized = optimized_graph(str(path), session_options(out), "the quantized model")
-    config = {"quant": to_jsonable(quant), "data": to_jsonable(data), "prepare": {}, "samples_seen": 0,
-              "streamed": True}
-    plan = Plan(tensors, sel.layers, {**sel.float_nodes, **float_nodes}, config)
+    config = {"quant": to_jsonable(quant), "data": to_jsonable(data), "prepare": {}, "streamed": True,
+              "samples_seen": walk.samples if walk else 0,
+              "rounding_choice": "calibration data: gptq" if walk else "no calibration data: nearest"}
+    plan_layers = sel.layers
+    if walk is not None and walk.smoothing:
+        config["smoothing"] = walk.smoothing
+        plan_layers = [replace(layer, activation=walk.reads.get(layer.node, layer.activation)) for layer in plan_layers]
+    plan = Plan(tensors, plan_layers, {**sel.float_nodes, **float_nodes}, config)
     return Streamed(plan, g, optimized_op_counts(optimized=optimized))
+
+
+def _replacing(node: NodeProto, replacement: list[NodeProto] | None) -> list[NodeProto]:
+    """What the output model runs for `node`: itself, or its replacement; a MatMulNBits reads what
+    the node reads now (smoothing may have renamed its input)."""
+    if replacement is None:
+        return [node]
+    if len(replacement) == 1 and replacement[0].op_type == "MatMulNBits":
+        replacement[0].input[0] = node.input[0]
+    return replacement
+
+
+@dataclass
+class _GptqWalk:
+    """GPTQ over a model read from disk (see the module's docstring). `out` is the output model
+    without weights but for the smoothing groups' parameters, which the walk divides by its
+    factors; `rounded()` runs the walk, yielding each layer as soon as it is rounded."""
+
+    g: Graph
+    readers: dict[str, list]
+    formats: dict[str, str]  # weight -> its format, where the config sets one apart
+    groups: dict
+    quant: QuantConfig
+    data: DataConfig
+    samples: int
+    out: object
+    progress: Progress
+    smoothing: dict = field(default_factory=dict)  # tensor -> the smoothing choice's report
+    reads: dict = field(default_factory=dict)      # node -> the tensor it reads once smoothed
+
+    def _grids(self, layers: list) -> list[TensorQuant]:
+        """The grids the layers are rounded onto: their formats' (GPTQ fits the scales again)."""
+        return [_summary(_fitted(self.g, layer, self.formats.get(layer.weight), self.quant)[0]) for layer, _ in layers]
+
+    def rounded(self):
+        from ..calibrate.data import iter_batches, model_inputs
+        from ..calibrate.gptq import GptqConfig, smoothing_shapes, walk
+        from ..calibrate.segments import BatchStates
+        from ..calibrate.smooth import fold_tail
+
+        g, pending, chosen = self.g, {}, {}
+
+        def current(name: str) -> np.ndarray | None:
+            # Each rounded weight is read by the one segment after its layer, built once: dropped then.
+            return pending.pop(name, None)
+
+        batches = list(iter_batches(self.data.path, model_inputs(g), self.data, limit=self.samples, model=g.model))
+        self.samples = sum(b.size for b in batches)  # what was read: the data may hold fewer
+        states = BatchStates([b.feeds for b in batches])
+        del batches
+        cfg = GptqConfig(act_order=self.quant.act_order)
+        with self.progress("gptq: layers", len(self.readers)) as advance:
+            for step in walk(g, g, self.readers, states, self._grids,
+                             current, self.groups, self.quant, cfg, advance):
+                if step.smoothing is not None:
+                    self.smoothing[step.tensor] = step.smoothing
+                shapes = smoothing_shapes(step.factors, step.layers) if step.factors is not None else None
+                if step.factors is not None:
+                    chosen[step.tensor] = step.factors
+                for i, ((layer, _), tq) in enumerate(zip(step.layers, step.tqs)):
+                    # The walk runs the graph as it was: a smoothed layer computes X (diag(s)^-1 Q).
+                    pending[layer.weight] = tq.value / shapes[i] if shapes else tq.value
+                    yield layer, tq
+        for tensor, s in chosen.items():
+            fold_tail(self.out, g, self.groups[tensor], s)
+        gemms = {layer.node for group in self.readers.values() for layer, _ in group if layer.activation in chosen}
+        self.reads = {node.name: node.input[0] for node in self.out.graph.node if node.name in gemms}
+
+
+def _gptq_walk(g: Graph, layers: list[Layer], formats: dict[str, str], quant: QuantConfig, data: DataConfig,
+               progress: Progress) -> _GptqWalk:
+    """The walk over the packable `layers`, grouped by the tensor they read; the output model holds
+    the parameters of the smoothing groups it may fold factors into."""
+    from ..calibrate.smooth import smoothing_groups
+    from ..stages import gptq_smoothing_groups
+
+    readers: dict[str, list] = {}
+    for layer in layers:
+        readers.setdefault(layer.activation, []).append((layer, 0))  # MatMul weights [K, N]
+    groups = gptq_smoothing_groups(smoothing_groups(g) if quant.smooth else [], readers)
+    params = sorted({g.node_by_name[node].input[slot] for grp in groups.values() for node, slot in grp.params})
+    out = shell(g.model, [with_data(g.initializers[name], g.weights_dir) for name in params])
+    return _GptqWalk(g, readers, formats, groups, quant, data, min(data.num_samples, quant.rounding_samples), out,
+                     progress)
 
 
 def _packable(g: Graph, layers: list[Layer]) -> tuple[dict[str, Layer], dict[str, str]]:
@@ -141,10 +254,9 @@ def _packable(g: Graph, layers: list[Layer]) -> tuple[dict[str, Layer], dict[str
     return found, stays
 
 
-def _packed(g: Graph, layer: Layer, fmt: str | None, quant: QuantConfig
-            ) -> tuple[list[TensorProto], TensorQuant, NodeProto]:
-    """The layer's weight read from disk and quantized as the in-memory plan would (same spec,
-    same fit), packed for MatMulNBits."""
+def _fitted(g: Graph, layer: Layer, fmt: str | None, quant: QuantConfig) -> tuple[TensorQuant, np.ndarray]:
+    """The layer's weight read from disk and fitted to nearest on its format's grid, as the
+    in-memory plan fits it, and the weight."""
     node = g.node_by_name[layer.node]
     w = g.constant(layer.weight)
     axis, block = weight_axis(node, w, quant, format_block_size(fmt) if fmt else None)
@@ -152,13 +264,20 @@ def _packed(g: Graph, layer: Layer, fmt: str | None, quant: QuantConfig
     tq = quantize_weight(w, weight_spec(quant, axis, bits, scheme, block), quant.weight_method.value)
     if not nbits.takes(layer, tq, w):
         raise PtqError(f"layer {layer.node}: {tq.spec.label} weights have no MatMulNBits form")
-    inits, packed = nbits.matmul_nbits(node, layer, tq, w, quant.accuracy_level)
+    return tq, w
+
+
+def _packed(g: Graph, layer: Layer, fmt: str | None, quant: QuantConfig
+            ) -> tuple[list[TensorProto], TensorQuant, NodeProto]:
+    """The layer's weight fitted to nearest (`_fitted`), packed for MatMulNBits."""
+    tq, w = _fitted(g, layer, fmt, quant)
+    inits, packed = nbits.matmul_nbits(g.node_by_name[layer.node], layer, tq, w, quant.accuracy_level)
     return inits, _summary(tq), packed
 
 
 def _summary(tq: TensorQuant) -> TensorQuant:
-    """What the card reads of a quantized tensor (format, fit): its scales and zero points are in
-    the written model, and a language model's would take hundreds of MB to keep."""
+    """What the card reads of a quantized tensor (format, fit): its scales, zero points and rounded
+    values are in the written model, and a language model's would take hundreds of MB to keep."""
     none = np.zeros((0,), dtype=np.float32)
-    return replace(tq, scale=none, zero_point=none.astype(np.int64), source={**tq.source, "sparsity": None})
+    return replace(tq, scale=none, zero_point=none.astype(np.int64), value=None, source={**tq.source, "sparsity": None})
 
