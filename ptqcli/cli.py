@@ -232,9 +232,9 @@ def _streams(model: Path, quant, data_cfg, fmt: str, stream: bool | None, eval_d
         out.print(f"{model.name} holds {size / 2**30:.1f} GiB: quantizing weight by weight (--no-stream to hold it in memory)")
     if problem is not None:
         raise PtqError(f"--stream cannot take {problem}")
-    if eval_data is not None or run_dir is not None:
-        raise PtqError("--stream writes no run directory and measures no fidelity (either would hold the float model "
-                       "whole): drop --eval-data/--run-dir, or use --no-stream")
+    if run_dir is not None:
+        raise PtqError("--stream writes no run directory (it would hold the float model whole): drop --run-dir, "
+                       "or use --no-stream")
     return True
 
 
@@ -377,10 +377,11 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
                                float_zero_points, act_order, synthetic_backend, smooth_convs, float_stem)
     if _streams(model, quant, data_cfg, fmt, stream, eval_data, run_dir):
         check_writable(output)
-        plan = stages.quantize_streaming(model, output, quant, data_cfg, rich_progress)
+        plan, fidelity = stages.quantize_streaming(model, output, quant, data_cfg, rich_progress, eval_data, eval_samples)
         out.print(plan_table(plan))
+        _print_fidelity(fidelity)
         out.print(f"wrote [bold]{output}[/bold] and {output.name}.data, one tensor at a time (no run directory; "
-                  "latency and fidelity not measured: they would load the float model whole)")
+                  "latency not measured: it would load the float model whole)")
         return
     run = run_dir or output.with_name(output.name + ".run")
     check_writable(output)

@@ -175,6 +175,8 @@ def fidelity_tables(f: Fidelity, max_layers: int = 40) -> list[Table]:
     float_ops = {k: v for k, v in f.kernel_ops.items() if k not in f.integer_kernels}
     kernels.add_row("other ops", ", ".join(f"{k} x{v}" for k, v in float_ops.items()))
     tables.append(kernels)
+    if not f.layers:  # not observed (a model measured segment by segment from disk)
+        return tables
     layers = Table(title="per-layer output SQNR (emulated path)")
     for col in ("node", "op", "SQNR dB"):
         layers.add_column(col, justify="right" if col == "SQNR dB" else "left")

@@ -19,7 +19,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 from . import nativelib
 from .errors import PtqError
 from .parallel import session_threads
-from .graph import (clone, keep_only, model_bytes_or_path, nodes_within, reads, shell, subgraph_reads, through_file,
+from .graph import (clone, keep_only, load_model, model_bytes_or_path, nodes_within, reads, shell, subgraph_reads, through_file,
                     write_external)
 
 
@@ -106,6 +106,11 @@ def _libc():
 
 
 _LIBC = _libc()
+
+
+def file_session(path: str | Path, what: str) -> ort.InferenceSession:
+    """A CPU session of a model file, ORT reading its external data itself (nothing loaded here)."""
+    return _loaded(str(path), session_options(load_model(path, weights=False)), what)
 
 
 def _loaded(source: bytes | str, options: ort.SessionOptions, what: str) -> ort.InferenceSession:

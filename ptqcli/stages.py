@@ -254,7 +254,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     diag(s) W against H / (s s^T), later segments compute with diag(s)^-1 Q, and the factors are
     folded into the float graph when the walk is over. Returns the graph (smoothed, if it was) and
     the plan."""
-    from .calibrate.gptq import GptqConfig, eligible, smoothing_shapes, walk
+    from .calibrate.gptq import GptqConfig, eligible, smoothing_groups_rounded, smoothing_shapes, walk
     from .calibrate.probe import quantized_prefix
     from .calibrate.segments import BatchStates
     from .calibrate.smooth import folded, smoothing_groups
@@ -270,7 +270,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
         readers.setdefault(seen_as[layer.activation], []).append((layer, axis))
     todo = {layer.weight for layer, _ in layers}
     tensors_out = dict(plan.tensors)
-    groups = gptq_smoothing_groups(smoothing_groups(g) if smooth and not gated else [], readers)
+    groups = smoothing_groups_rounded(smoothing_groups(g) if smooth and not gated else [], readers)
     scaled: dict[str, np.ndarray] = {}  # weight -> its smoothing factors, shaped to multiply it
     chosen, smoothing = {}, {}
 
@@ -309,14 +309,6 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     if smoothing:
         plan = replace(plan, config={**plan.config, "smoothing": smoothing})
     return g, requantize_biases(g, plan, stats, quant)
-
-
-def gptq_smoothing_groups(groups: list, readers: dict[str, list]) -> dict:
-    """{tensor: group} of the smoothing groups whose every GEMM the GPTQ walk rounds (`readers`:
-    tensor -> its (layer, in_axis) pairs): another's weight would be scaled under a grid fitted
-    before."""
-    return {grp.tensor: grp for grp in groups
-            if set(grp.weights) <= {layer.weight for layer, _ in readers.get(grp.tensor, [])}}
 
 
 def quantize_branches(g: Graph, plan: Plan, quant: QuantConfig, data: DataConfig, inputs, run: Path,
@@ -577,28 +569,51 @@ def export(run_dir: str | Path, out_path: str | Path, eval_data: str | None = No
 
 
 def quantize_streaming(model_path: str | Path, out_path: str | Path, quant: QuantConfig, data: DataConfig,
-                       progress: Progress = silent) -> Plan:
+                       progress: Progress = silent, eval_data: str | None = None,
+                       eval_samples: int = 1000) -> tuple[Plan, Fidelity | None]:
     """Weight-only quantization one tensor at a time (export/stream.py), with its card: no run
-    directory, and no latency or fidelity (they would load the float model whole)."""
+    directory and no latency (it would load the float model whole); fidelity on `eval_data`, the
+    float model run segment by segment."""
     from .export.stream import stored_bytes, stream_quantize
 
     refuse_quantized(model_path)
-    done = stream_quantize(model_path, out_path, quant, data, progress)
+    if eval_data is not None:
+        check_data(model_path, eval_data, replace(data, path=eval_data), eval_samples)
+    measure = None if eval_data is None else (
+        lambda g, path, plan, cuts, kernel_ops: measured_piecewise(g, path, plan, replace(data, path=eval_data),
+                                                                   eval_samples, cuts, kernel_ops, progress))
+    done = stream_quantize(model_path, out_path, quant, data, progress, measure)
     source = {"path": str(Path(model_path).resolve()), "sha256": file_sha256(model_path),
               "bytes": stored_bytes(model_path)}
     g, plan = done.graph, done.plan
-    inputs = CardInputs(source_model=source, output_model=Path(out_path), graph=g, plan=plan, fidelity=None,
-                        eval_source=None, size=weight_storage(g, plan), bops=bops(g, plan, []),
+    inputs = CardInputs(source_model=source, output_model=Path(out_path), graph=g, plan=plan, fidelity=done.fidelity,
+                        eval_source=eval_data, size=weight_storage(g, plan), bops=bops(g, plan, []),
                         latency=latency_not_measured(cpu_name()), kernel_ops=done.kernel_ops)
     write_card(build_card(inputs), out_path)
-    return plan
+    return plan, done.fidelity
+
+
+def measured_piecewise(g: Graph, path: Path, plan: Plan, data: DataConfig, samples: int, cuts: list[str],
+                       kernel_ops: dict[str, int], progress: Progress = silent) -> Fidelity:
+    """A written model against the float one `g` (weights on disk) on held-out data, the float one
+    run segment by segment (export/fidelity.measure_piecewise)."""
+    from .export.fidelity import measure_piecewise
+    from .runtime import file_session
+
+    with progress("measuring fidelity (float model segment by segment)", samples) as advance:
+        batches = iter_batches(data.path, model_inputs(g), data, limit=samples, model=g.model)
+        fidelity = measure_piecewise(g, file_session(path, "the quantized model"), plan, batches, True, cuts,
+                                     kernel_ops, advance)
+    if not fidelity.samples:
+        raise PtqError(f"--eval-data {data.path} holds no samples")
+    return fidelity
 
 
 def check_data(model_path: str | Path, path: str, cfg: DataConfig, limit: int) -> None:
     """Read and check the samples that will be fed, without running the model, so that `ptq quantize`
     refuses bad evaluation data before calibration writes anything. The model as stored is enough:
     its inputs and embedding tables are what preparation keeps."""
-    g = Graph(load_model(model_path))
+    g = Graph(load_model(model_path, weights=not cfg.feedback))  # only feedback runs the model
     for _ in iter_batches(path, model_inputs(g), cfg, limit=limit, model=g.model):
         pass
 

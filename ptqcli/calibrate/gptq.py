@@ -22,7 +22,7 @@ import numpy as np
 
 from ..formats import QuantSpec
 from ..plan import TensorQuant
-from ..quant import block_ranges, channel_ranges, dequantize, quantize, scale_zero_point
+from ..quant import _ratio_db, block_ranges, channel_ranges, dequantize, quantize, scale_zero_point
 
 
 @dataclass(frozen=True)
@@ -204,11 +204,25 @@ def round_layers(weights: list[np.ndarray], in_axes: list[int], tqs: list[Tensor
         # In [K, N] layout blocks run along axis 0 and output channels along axis 1.
         rounded = gptq(np.concatenate(kn, axis=1), h, replace(spec, axis=0 if spec.block_size else 1), cfg)
         edges = np.cumsum([0] + [w.shape[1] for w in kn])
-        for i, lo, hi in zip(members, edges[:-1], edges[1:]):
+        for i, lo, hi, w in zip(members, edges[:-1], edges[1:], kn):
             part = replace(rounded, scale=rounded.scale[..., lo:hi], zero_point=rounded.zero_point[..., lo:hi],
-                           value=rounded.value[:, lo:hi])
+                           value=rounded.value[:, lo:hi],
+                           source={**rounded.source, "sqnr_db": weight_sqnr_db(w, rounded.value[:, lo:hi])})
             out[i] = _in_layout(part, in_axes[i], tqs[i])
     return out
+
+
+def weight_sqnr_db(w_kn: np.ndarray, rounded: np.ndarray) -> float | None:
+    """SQNR of the rounded weights against the weights GPTQ was given, a slice of columns at a
+    time (float64 copies of an output projection would be hundreds of MB); None when exact."""
+    columns = max(1, SEARCH_VALUES // max(len(w_kn), 1))
+    signal = noise = 0.0
+    for c in range(0, w_kn.shape[1], columns):
+        part = w_kn[:, c:c + columns].astype(np.float64)
+        signal += float(np.sum(np.square(part)))
+        noise += float(np.sum(np.square(part - rounded[:, c:c + columns])))
+    db = _ratio_db(signal, noise)
+    return float(db) if np.isfinite(db) else None
 
 
 def round_layer(w: np.ndarray, in_axis: int, tq: TensorQuant, h: np.ndarray, cfg: GptqConfig) -> TensorQuant:
@@ -270,3 +284,10 @@ def walk(g, prefix, readers: dict[str, list], states, grids, current, groups: di
                 weights = [w * f for w, f in zip(weights, smoothing_shapes(s, layers))]
         rounded = round_layers(weights, [axis for _, axis in layers], grids(layers), hessian, cfg)
         yield Rounded(tensor, layers, rounded, s, report)
+
+
+def smoothing_groups_rounded(groups: list, readers: dict[str, list]) -> dict:
+    """{tensor: group} of the smoothing groups whose every GEMM the walk rounds (`readers`: tensor ->
+    its (layer, in_axis) pairs): another's weight would be scaled under a grid fitted before."""
+    return {grp.tensor: grp for grp in groups
+            if set(grp.weights) <= {layer.weight for layer, _ in readers.get(grp.tensor, [])}}

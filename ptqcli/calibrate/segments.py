@@ -209,13 +209,26 @@ def run_piecewise(g: Graph, feeds: list[dict[str, np.ndarray]], outputs: list[st
     segment (cut at `cuts` as well), so that a session never holds more than one segment's weights:
     a language model run whole needs its weights again in ORT (and their packed copies) beside the
     caller's."""
+    return [[found[name] for name in outputs] for found in outputs_piecewise(g, feeds, outputs, cuts, shared)]
+
+
+def outputs_piecewise(g: Graph, feeds: Iterable[dict[str, np.ndarray]], outputs: list[str], cuts: Iterable[str] = (),
+                      shared: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """As run_piecewise, each feed's {output: value} yielded as soon as the last segment computes
+    it: the output computed last is never held for every feed at once (a language model's logits
+    over many windows are gigabytes); those computed before it wait in the feeds' states, in
+    files past the states' budget. Segments are built from the initializers `g` holds or refers to
+    on disk, one at a time."""
     states = BatchStates(feeds, shared)
-    got: list[dict[str, np.ndarray]] = [{} for _ in feeds]
-    for segment in cut(g.graph, [*cuts, *outputs]):
-        for found, value in zip(got, advance(g, segment, states, lambda name: None)):
-            if segment.target in outputs:
-                found[segment.target] = value
-    return [[found[name] for name in outputs] for found in got]
+    segments = cut(g.graph, [*cuts, *outputs])
+    kept = {name: f"{name}__piecewise_output" for name in outputs}
+    for segment in segments[:-1]:
+        for state, value in zip(states, advance(g, segment, states, lambda name: None)):
+            if segment.target in kept:
+                state[kept[segment.target]] = value
+    last = segments[-1]
+    for state, value in zip(states, advance(g, last, states, lambda name: None)):
+        yield {name: value if name == last.target else state.pop(kept[name]) for name in outputs}
 
 
 def moments_in_order(g: Graph, targets: Iterable[str], states: list[dict[str, np.ndarray]],

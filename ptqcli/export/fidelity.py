@@ -213,57 +213,103 @@ def observed_outputs(float_model: ModelProto, quant_model: ModelProto, plan: Pla
     return observed
 
 
+@dataclass
+class _Tally:
+    """Float and quantized values of a model's outputs (and of layer outputs) compared batch by batch."""
+
+    outputs: list[str]
+    layer_outputs: list[str]
+    token_inputs: set[str]
+    vocabulary: int | None
+    out_stats: dict = field(default_factory=dict)
+    layer_stats: dict = field(default_factory=dict)
+    correct: dict = field(default_factory=lambda: {"float": 0, "quantized": 0})
+    labelled: int = 0
+    shapes: dict = field(default_factory=dict)
+    evaluated: int = 0  # input samples: an output's first axis may be time (a [T, N, C] sequence), not samples
+
+    @classmethod
+    def of(cls, float_graph: Graph, outputs: list[str], layer_outputs: list[str]) -> "_Tally":
+        vocabularies = embedding_vocabularies(float_graph)
+        return cls(outputs, layer_outputs, set(vocabularies), min(vocabularies.values()) if vocabularies else None,
+                   {name: _Running() for name in outputs}, {name: _Running() for name in layer_outputs})
+
+    def add(self, batch: Batch, fv: dict[str, np.ndarray], qv: dict[str, np.ndarray]) -> None:
+        self.evaluated += batch.size
+        if not self.shapes:  # the first batch tells what each output is
+            self.shapes = {name: list(value.shape[1:]) for name, value in fv.items()}
+            for name in self.outputs:
+                self.out_stats[name].kind = output_kind(fv[name], bool(self.token_inputs), batch.labels is not None,
+                                                        self.vocabulary)
+        mask_name = attention_mask_name(batch.feeds, self.token_inputs) if self.token_inputs else None
+        mask = (mask_name, batch.feeds[mask_name]) if mask_name else None
+        ids = next((batch.feeds[t] for t in self.token_inputs if t in batch.feeds), None)
+        for name in self.outputs:
+            self.out_stats[name].update(fv[name], qv[name], mask, ids)
+        for name in self.layer_outputs:
+            self.layer_stats[name].update(fv[name], qv[name])
+        if batch.labels is not None:
+            labels = batch.labels.reshape(-1)
+            self.labelled += len(labels)
+            self.correct["float"] += int(np.sum(top1(fv[self.outputs[0]]) == labels))
+            self.correct["quantized"] += int(np.sum(top1(qv[self.outputs[0]]) == labels))
+
+    def fidelity(self, plan: Plan, observed: dict[str, str] | None, held_out: bool,
+                 kernel_ops: dict[str, int]) -> Fidelity:
+        """The comparison as a Fidelity, with each layer's SQNR on the tensor `observed` names for
+        its output (None: layers were not observed, and the Fidelity lists none)."""
+        layers = [{"node": layer.node, "op_type": layer.op_type, "output": observed[layer.output],
+                   "output_shape": self.shapes.get(observed[layer.output]),
+                   "sqnr_db": (self.layer_stats.get(observed[layer.output]) or self.out_stats[observed[layer.output]]).sqnr_db()}
+                  for layer in plan.layers] if observed is not None else []
+        accuracy = {k: v / self.labelled for k, v in self.correct.items()} if self.labelled else {}
+        return Fidelity(self.evaluated, held_out, {k: v.summary() for k, v in self.out_stats.items()}, layers,
+                        accuracy, kernel_ops)
+
+
+def tensor_outputs_of(model: ModelProto) -> list[str]:
+    """The graph outputs that are tensors: the sequences of maps an ai.onnx.ml classifier also
+    returns (ZipMap) repeat its probability tensor."""
+    return [o.name for o in model.graph.output if o.type.HasField("tensor_type")]
+
+
 def measure(float_model: ModelProto, quant_model: ModelProto, plan: Plan, batches: Iterable[Batch],
             held_out: bool, advance: Callable[[int], None] = lambda n: None) -> Fidelity:
-    # Tensors only: the sequences of maps an ai.onnx.ml classifier also returns (ZipMap) repeat
-    # its probability tensor.
-    outputs = [o.name for o in float_model.graph.output if o.type.HasField("tensor_type")]
+    outputs = tensor_outputs_of(float_model)
     observed = observed_outputs(float_model, quant_model, plan)
     layer_outputs = list(dict.fromkeys(name for name in observed.values() if name not in outputs))
     float_sess = session(float_model, outputs=layer_outputs)
     quant_sess = session(quant_model)
     quant_probe = session(quant_model, outputs=layer_outputs) if layer_outputs else None
-    vocabularies = embedding_vocabularies(Graph(float_model))
-    token_inputs = set(vocabularies)
-    vocabulary = min(vocabularies.values()) if vocabularies else None
-    out_stats = {name: _Running() for name in outputs}
-    layer_stats = {name: _Running() for name in layer_outputs}
-    correct = {"float": 0, "quantized": 0}
-    labelled = 0
-    shapes: dict[str, list[int]] = {}
+    tally = _Tally.of(Graph(float_model), outputs, layer_outputs)
     rows = None
-    evaluated = 0  # input samples: an output's first axis may be time (a [T, N, C] sequence), not samples
     for batch in bounded_runs(batches, lambda: rows):
-        evaluated += batch.size
         fv = dict(zip(outputs + layer_outputs, float_sess.run(outputs + layer_outputs, batch.feeds)))
         if rows is None:  # the first run (one sample) tells how many samples a run may hold
             rows = rows_within(fv.values(), 1)
-        if not shapes:  # the first batch tells what each output is
-            shapes = {name: list(value.shape[1:]) for name, value in fv.items()}
-            for name in outputs:
-                out_stats[name].kind = output_kind(fv[name], bool(token_inputs), batch.labels is not None, vocabulary)
         qv = dict(zip(outputs, quant_sess.run(outputs, batch.feeds)))
         if quant_probe is not None:
             qv.update(zip(layer_outputs, quant_probe.run(layer_outputs, batch.feeds)))
-        mask_name = attention_mask_name(batch.feeds, token_inputs) if token_inputs else None
-        mask = (mask_name, batch.feeds[mask_name]) if mask_name else None
-        ids = next((batch.feeds[t] for t in token_inputs if t in batch.feeds), None)
-        for name in outputs:
-            out_stats[name].update(fv[name], qv[name], mask, ids)
-        for name in layer_outputs:
-            layer_stats[name].update(fv[name], qv[name])
-        if batch.labels is not None:
-            labels = batch.labels.reshape(-1)
-            labelled += len(labels)
-            correct["float"] += int(np.sum(top1(fv[outputs[0]]) == labels))
-            correct["quantized"] += int(np.sum(top1(qv[outputs[0]]) == labels))
+        tally.add(batch, fv, qv)
         advance(batch.size)
-    layers = [
-        {"node": layer.node, "op_type": layer.op_type, "output": observed[layer.output],
-         "output_shape": shapes.get(observed[layer.output]),
-         "sqnr_db": (layer_stats.get(observed[layer.output]) or out_stats[observed[layer.output]]).sqnr_db()}
-        for layer in plan.layers
-    ]
-    accuracy = {k: v / labelled for k, v in correct.items()} if labelled else {}
-    return Fidelity(evaluated, held_out, {k: v.summary() for k, v in out_stats.items()}, layers, accuracy,
-                    optimized_op_counts(quant_model))
+    return tally.fidelity(plan, observed, held_out, optimized_op_counts(quant_model))
+
+
+def measure_piecewise(float_graph: Graph, quant_sess, plan: Plan, batches: Iterable[Batch], held_out: bool,
+                      cuts: Iterable[str], kernel_ops: dict[str, int],
+                      advance: Callable[[int], None] = lambda n: None) -> Fidelity:
+    """The model outputs alone (no layer SQNR), the float model computed segment by segment (cut at
+    `cuts`, each segment's weights read from disk when it is built: see segments.outputs_piecewise)
+    and the quantized one by `quant_sess`, a sample at a time: for a model too large to be held in
+    memory, whose quantized form is a fraction of it."""
+    from ..calibrate.segments import outputs_piecewise
+    from ..runtime import run_session
+
+    outputs = tensor_outputs_of(float_graph.model)
+    runs = list(bounded_runs(batches, lambda: 1))
+    tally = _Tally.of(float_graph, outputs, [])
+    for run, fv in zip(runs, outputs_piecewise(float_graph, [r.feeds for r in runs], outputs, cuts)):
+        tally.add(run, fv, dict(zip(outputs, run_session(quant_sess, outputs, run.feeds))))
+        advance(run.size)
+    return tally.fidelity(plan, None, held_out, kernel_ops)
+

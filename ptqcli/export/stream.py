@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from onnx import NodeProto, TensorProto
@@ -56,6 +57,8 @@ def streaming_problem(quant: QuantConfig, data: DataConfig, fmt: str) -> str | N
     scheme, bits = parse_weight_format(quant.weights)
     if data.synthetic is not None:
         return "--synthetic data (it is made from BatchNorm statistics of a model held in memory)"
+    if data.feedback:
+        return "--feedback (each step runs the float model whole)"
     if quant.acts.value != "none":
         return f"--acts {quant.acts.value} (streaming is weight-only: --acts none)"
     if data.path is None and quant.rounding.value not in ("nearest", "auto"):  # auto without data is nearest
@@ -76,13 +79,18 @@ class Streamed:
     plan: Plan                 # what was done, for the card (no run directory is written)
     graph: Graph               # the source graph, without its weight data
     kernel_ops: dict[str, int]  # op types of the graph ORT runs, from loading the written model
+    fidelity: object = None  # what the caller's `measure` gave (stages: a Fidelity on --eval-data)
 
 
 def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantConfig, data: DataConfig,
-                    progress: Progress = silent) -> Streamed:
+                    progress: Progress = silent, measure: Callable | None = None) -> Streamed:
     """Quantize the MatMul weights of `model_path` into MatMulNBits blocks, reading and writing one
     tensor at a time (rounded by GPTQ when `data` has a path); the model is checked by
-    onnx.checker and loaded by ORT before it replaces `out_path` (with its `.data` file beside it)."""
+    onnx.checker and loaded by ORT, and given to `measure(graph, path, plan, cuts, kernel_ops)` (the
+    source graph without weights, the written file, the plan, tensors to cut a float run at, the
+    op types ORT runs) when given,
+    before it replaces `out_path` (with its `.data` file beside it); `measure`'s result is the
+    Streamed's fidelity."""
     problem = streaming_problem(quant, data, "qdq")
     if problem is not None:
         raise PtqError(f"cannot stream this quantization: {problem}")
@@ -144,15 +152,18 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
         path.write_bytes(out.SerializeToString(deterministic=True))
         check_model(path, "the quantized model")
         optimized = optimized_graph(str(path), session_options(out), "the quantized model")
-    config = {"quant": to_jsonable(quant), "data": to_jsonable(data), "prepare": {}, "streamed": True,
-              "samples_seen": walk.samples if walk else 0,
-              "rounding_choice": "calibration data: gptq" if walk else "no calibration data: nearest"}
-    plan_layers = sel.layers
-    if walk is not None and walk.smoothing:
-        config["smoothing"] = walk.smoothing
-        plan_layers = [replace(layer, activation=walk.reads.get(layer.node, layer.activation)) for layer in plan_layers]
-    plan = Plan(tensors, plan_layers, {**sel.float_nodes, **float_nodes}, config)
-    return Streamed(plan, g, optimized_op_counts(optimized=optimized))
+        config = {"quant": to_jsonable(quant), "data": to_jsonable(data), "prepare": {}, "streamed": True,
+                  "samples_seen": walk.samples if walk else 0,
+                  "rounding_choice": "calibration data: gptq" if walk else "no calibration data: nearest"}
+        plan_layers = sel.layers
+        if walk is not None and walk.smoothing:
+            config["smoothing"] = walk.smoothing
+            plan_layers = [replace(layer, activation=walk.reads.get(layer.node, layer.activation)) for layer in plan_layers]
+        plan = Plan(tensors, plan_layers, {**sel.float_nodes, **float_nodes}, config)
+        kernel_ops = optimized_op_counts(optimized=optimized)
+        cuts = [layer.activation for layer in layers.values()]
+        fidelity = None if measure is None else measure(g, path, plan, cuts, kernel_ops)
+    return Streamed(plan, g, kernel_ops, fidelity)
 
 
 def _replacing(node: NodeProto, replacement: list[NodeProto] | None) -> list[NodeProto]:
@@ -227,12 +238,12 @@ def _gptq_walk(g: Graph, layers: list[Layer], formats: dict[str, str], quant: Qu
     """The walk over the packable `layers`, grouped by the tensor they read; the output model holds
     the parameters of the smoothing groups it may fold factors into."""
     from ..calibrate.smooth import smoothing_groups
-    from ..stages import gptq_smoothing_groups
+    from ..calibrate.gptq import smoothing_groups_rounded
 
     readers: dict[str, list] = {}
     for layer in layers:
         readers.setdefault(layer.activation, []).append((layer, 0))  # MatMul weights [K, N]
-    groups = gptq_smoothing_groups(smoothing_groups(g) if quant.smooth else [], readers)
+    groups = smoothing_groups_rounded(smoothing_groups(g) if quant.smooth else [], readers)
     params = sorted({g.node_by_name[node].input[slot] for grp in groups.values() for node, slot in grp.params})
     out = shell(g.model, [with_data(g.initializers[name], g.weights_dir) for name in params])
     return _GptqWalk(g, readers, formats, groups, quant, data, min(data.num_samples, quant.rounding_samples), out,

@@ -93,6 +93,40 @@ def test_streamed_gptq_writes_what_the_in_memory_gptq_writes(tmp_path):
     assert (tmp_path / "again" / "streamed.onnx.data").read_bytes() == (tmp_path / "streamed.onnx.data").read_bytes()
 
 
+def test_streamed_quantization_measures_perplexity_as_the_in_memory_export_does(tmp_path):
+    """--eval-data with --stream: the float model run segment by segment from disk, the written one
+    whole; the same perplexities and KL as the in-memory export's fidelity pass, no layer SQNRs."""
+    model = _external(tiny_language_model(outlier_gain=20.0), tmp_path / "lm.onnx")
+    np.savez(tmp_path / "calib.npz", **token_data(16, seed=1))
+    np.savez(tmp_path / "eval.npz", **token_data(8, seed=2))
+    common = ("--acts", "none", "--weights", "int4", "--block-size", "16", "--data", tmp_path / "calib.npz",
+              "--eval-data", tmp_path / "eval.npz")
+    r = ptq("quantize", model, *common, "--stream", "-o", tmp_path / "streamed.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "perplexity" in r.stdout and "per-layer output SQNR" not in r.stdout
+    assert ptq("quantize", model, *common, "--no-stream", "--no-latency", "-o", tmp_path / "held.onnx").returncode == 0
+    streamed, held = (json.loads((tmp_path / f"{name}.card.json").read_text())["results"]
+                      for name in ("streamed", "held"))
+    assert streamed["evaluation"] == {"source": str(tmp_path / "eval.npz"), "samples": 8, "held_out": True}
+    a, b = streamed["outputs"]["logits"], held["outputs"]["logits"]
+    assert a["tokens"] == b["tokens"] > 0
+    for key in ("perplexity_float", "perplexity_quantized", "next_token_kl", "cosine"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    assert a["perplexity_quantized"] != a["perplexity_float"]
+
+
+def test_streamed_evaluation_data_out_of_range_is_one_line(tmp_path):
+    model = _external(tiny_language_model(), tmp_path / "lm.onnx")
+    bad = token_data(4, seed=2)
+    bad["input_ids"][0, 0] = 10_000
+    np.savez(tmp_path / "eval.npz", **bad)
+    out = tmp_path / "q.onnx"
+    r = ptq("quantize", model, "--acts", "none", "--weights", "int4", "--block-size", "16", "--stream",
+            "--eval-data", tmp_path / "eval.npz", "-o", out)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "input_ids" in r.stderr, r.stderr
+    assert not out.exists() and not (tmp_path / "q.onnx.data").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--data", "CALIB", "--rounding", "adaround"), "--rounding adaround with calibration data"),
     (("--data", "CALIB", "--rounding", "nearest"), "--rounding nearest with calibration data"),
