@@ -32,7 +32,10 @@ Rows (`--rows`, comma-separated; all by default):
   `ptq-gptq-g128-tied`: the GPTQ runs with `--embeddings tied` (the token embedding, which the model's
   output projection holds transposed, looked up in that projection's MatMulNBits codes instead of
   stored again as int8 rows); `ptq-gptq-g128-tied8`: the same with `--keep lm_head=8` (the projection,
-  and so the table, in 8-bit blocks).
+  and so the table, in 8-bit blocks). `ptq-gptq-g32-stream`, `ptq-gptq-g128-stream`: the GPTQ runs by
+  `ptq quantize --stream` (one step, no run directory) on a copy of the model with its weights in an
+  external file: read, rounded and written a segment at a time (its time and memory in the quantize
+  columns).
 
 Columns: perplexity on `--eval` windows of eval.npz (next-token cross-entropy over every position but
 the last, exp of the mean) and its rise over fp32; batch-1 latency of a 256-token forward pass
