@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from onnx import NodeProto, TensorProto
+from onnx import ModelProto, NodeProto, TensorProto
 
 from ..calibrate.planner import configured_formats, quantize_embedding, quantize_weight, weight_axis, weight_spec
 from ..calibrate.select import select
@@ -85,12 +85,11 @@ class Streamed:
 def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantConfig, data: DataConfig,
                     progress: Progress = silent, measure: Callable | None = None) -> Streamed:
     """Quantize the MatMul weights of `model_path` into MatMulNBits blocks, reading and writing one
-    tensor at a time (rounded by GPTQ when `data` has a path); the model is checked by
-    onnx.checker and loaded by ORT, and given to `measure(graph, path, plan, cuts, kernel_ops)` (the
-    source graph without weights, the written file, the plan, tensors to cut a float run at, the
-    op types ORT runs) when given,
-    before it replaces `out_path` (with its `.data` file beside it); `measure`'s result is the
-    Streamed's fidelity."""
+    tensor at a time (rounded by GPTQ when `data` has a path). Before the model replaces `out_path`
+    (with its `.data` file beside it) it is checked by onnx.checker, loaded by ORT, and given to
+    `measure(graph, path, plan, cuts, kernel_ops)` when that is given (the source graph without
+    weights, the written file, the plan, the tensors to cut a float run at, the op types ORT runs),
+    whose result is the Streamed's fidelity."""
     problem = streaming_problem(quant, data, "qdq")
     if problem is not None:
         raise PtqError(f"cannot stream this quantization: {problem}")
@@ -189,7 +188,7 @@ class _GptqWalk:
     quant: QuantConfig
     data: DataConfig
     samples: int
-    out: object
+    out: ModelProto
     progress: Progress
     smoothing: dict = field(default_factory=dict)  # tensor -> the smoothing choice's report
     reads: dict = field(default_factory=dict)      # node -> the tensor it reads once smoothed
