@@ -43,7 +43,7 @@ ActsOpt = Annotated[Optional[ActFormat], typer.Option("--acts", help="Activation
 GranularityOpt = Annotated[Optional[Granularity], typer.Option("--granularity", help="Weight scales per channel or per tensor [default: channel].")]
 ActSymOpt = Annotated[Optional[bool], typer.Option("--act-symmetric/--act-asymmetric", help="Symmetric int8 activations.")]
 MethodOpt = Annotated[Optional[Method], typer.Option("--method", help="Activation range method [default: minmax].")]
-WeightMethodOpt = Annotated[Optional[WeightMethod], typer.Option("--weight-method", help="Weight range: minmax, or mse (per-channel clipping) [default: minmax].")]
+WeightMethodOpt = Annotated[Optional[WeightMethod], typer.Option("--weight-method", help="Weight range: minmax, or mse (per-channel clipping; with --block-size each block's grid refined without data: least squares, or with --float-zero-points an HQQ-style robust zero point) [default: minmax].")]
 RoundingOpt = Annotated[Optional[str], typer.Option("--rounding", help="Weight rounding: auto, nearest, adaround, adaquant, gptq [default: auto: with data and weights below 8 bits, gptq for weight-only MatMul models, adaround otherwise; nearest else].")]
 BlockOpt = Annotated[Optional[int], typer.Option("--block-size", help="Block-wise weight scales for MatMul/Gemm layers: one per this many input channels (16, 32, 64, 128, ...); weight-only MatMuls export as MatMulNBits.")]
 FloatZeroOpt = Annotated[Optional[bool], typer.Option("--float-zero-points", help="Weight-only block-wise MatMuls (MatMulNBits): each block's zero point in float, unrounded, so the grid fits the block's range exactly (implies --weight-zero-points).")]

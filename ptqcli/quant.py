@@ -171,3 +171,106 @@ def _ratio_db(signal: float, noise: float) -> float:
     if signal == 0.0:
         return float("-inf")
     return 10.0 * np.log10(signal / noise)
+
+
+# Rounds of refined_block_grid's least-squares refinement: the error stops falling after a few.
+REFINE_ROUNDS = 8
+# Its robust refinement of float zero points (half-quadratic, as HQQ, Badri & Shaji 2023): an l_p
+# loss (p < 1) on the rounding error, which lets a block's few large errors stay large instead of
+# pulling its zero point; the shrinkage threshold falls by GROWTH a round, for up to ROBUST_ROUNDS
+# rounds while the mean absolute error falls.
+ROBUST_P, ROBUST_BETA, ROBUST_GROWTH, ROBUST_ROUNDS = 0.7, 10.0, 1.01, 20
+
+
+def refined_block_grid(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Block-wise scales and zero points (shaped as block_ranges gives them) refined from each
+    block's range without data. Float zero points: the range's grid with its zero point rounded to
+    an integer, then the zero point alone moved by the robust refinement (ROBUST_*). Integer zero
+    points and symmetric grids: codes and grid refined in turn, the codes rounded on the grid, then
+    the grid that maps them back to the weights best (a least-squares line per block: its slope the
+    scale, its offset the zero point, rounded to an integer and the scale fitted again for it; a
+    symmetric grid fits the scale alone), each block keeping the grid of least squared error it
+    met. Measured on SmolLM2-135M int4 (perplexity, fp32 21.56): float zeros g32 23.04 -> 23.23,
+    g128 38.00 -> 31.48 (least squares there: 22.80 and 36.18); integer zeros g32 29.85 -> 29.20,
+    g128 33.60 -> 33.98. Done a slice of columns at a time (a language model's output projection
+    at once would take gigabytes of temporaries)."""
+    axis = spec.axis % w.ndim
+    moved = np.moveaxis(w, axis, 0)
+    rows = moved.reshape(moved.shape[0], -1).astype(np.float32, copy=False)
+    k, bs = rows.shape[0], spec.block_size
+    blocks = -(-k // bs)
+    lo, hi = block_ranges(rows, 0, bs)
+    scale, zero = scale_zero_point(lo, hi, spec)
+    scale, zero = scale.copy(), zero.copy()
+    valid = (np.arange(blocks * bs) < k).astype(np.float32).reshape(blocks, bs, 1)
+    step = max(1, SLICE_VALUES // (blocks * bs))
+    refine = _robust_zero if spec.float_zero and not spec.symmetric else _least_squares_grid
+    for start in range(0, rows.shape[1], step):
+        cols = slice(start, start + step)
+        part = np.pad(rows[:, cols], ((0, blocks * bs - k), (0, 0))).reshape(blocks, bs, -1)
+        scale[:, cols], zero[:, cols] = refine(part, valid, scale[:, cols], zero[:, cols], spec)
+    shape = (blocks, *moved.shape[1:])
+    return (np.moveaxis(scale.reshape(shape), 0, axis), np.moveaxis(zero.reshape(shape), 0, axis))
+
+
+def _block_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Codes of weights [blocks, block, columns] on grids [blocks, columns], rounded as
+    QuantizeLinear rounds them (float32)."""
+    s3, z3 = scale[:, None, :], zero[:, None, :].astype(np.float32)
+    q = np.rint(w / s3 + z3) if spec.float_zero else np.rint(w / s3) + z3
+    return np.clip(q, spec.qmin, spec.qmax)
+
+
+def _robust_zero(w: np.ndarray, valid: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Float zero points [blocks, columns] for weights [blocks, block, columns] (`valid`: 1 on real
+    rows, 0 on a short last block's padding), the scales kept: see ROBUST_*."""
+    count, s3 = valid.sum(axis=1), scale[:, None, :]
+    z, beta, least = np.rint(zero).astype(np.float32), ROBUST_BETA, np.inf
+    for _ in range(ROBUST_ROUNDS):
+        q = _block_codes(w, scale, z, spec)
+        error = w - (q - z[:, None, :]) * s3
+        magnitude = np.abs(error)
+        # the l_p proximal step: each error shrunk towards zero, small ones all the way
+        kept = np.sign(error) * np.maximum(magnitude - np.power(magnitude + 1e-8, ROBUST_P - 1) / beta, 0)
+        z = (np.sum(valid * (q - (w - kept) / s3), axis=1) / count).astype(np.float32)
+        beta *= ROBUST_GROWTH
+        mean_error = float(np.sum(valid * magnitude))
+        if mean_error >= least:
+            break
+        least = mean_error
+    return scale, z
+
+
+def _least_squares_grid(w: np.ndarray, valid: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and integer zero points (or scales alone, symmetric) [blocks, columns] for weights
+    [blocks, block, columns] (`valid` as in _robust_zero): see refined_block_grid."""
+    count = valid.sum(axis=1)
+
+    def error(s: np.ndarray, z: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return np.sum(valid * np.square(w - (q - z[:, None, :].astype(np.float32)) * s[:, None, :]), axis=1)
+
+    best_s, best_z = scale, zero
+    q = _block_codes(w, scale, zero, spec)
+    least = error(scale, zero, q)
+    for _ in range(REFINE_ROUNDS):
+        if spec.symmetric:
+            s_new = np.sum(valid * w * q, axis=1) / np.maximum(np.sum(valid * q * q, axis=1), 1e-30)
+            z_new = best_z
+        else:
+            q_mean, w_mean = np.sum(valid * q, axis=1) / count, np.sum(valid * w, axis=1) / count
+            dq = valid * (q - q_mean[:, None, :])
+            slope = np.sum(dq * w, axis=1) / np.maximum(np.sum(dq * dq, axis=1), 1e-30)
+            slope = np.where(slope > 0, slope, best_s)
+            z_new = np.clip(np.rint(q_mean - w_mean / slope), spec.qmin, spec.qmax)
+            centred = valid * (q - z_new[:, None, :])
+            s_new = np.sum(centred * w, axis=1) / np.maximum(np.sum(centred * centred, axis=1), 1e-30)
+        ok = np.isfinite(s_new) & (s_new > _MIN_SCALE) & np.isfinite(z_new)
+        s_new = np.where(ok, s_new, best_s).astype(np.float32)
+        z_new = np.where(ok, z_new, best_z).astype(best_z.dtype)
+        q = _block_codes(w, s_new, z_new, spec)
+        err = error(s_new, z_new, q)
+        better = err < least
+        best_s, best_z, least = np.where(better, s_new, best_s), np.where(better, z_new, best_z), np.minimum(err, least)
+    return best_s.astype(np.float32), best_z

@@ -14,7 +14,8 @@ from ..geometry import native_unsupported
 from ..graph import Graph
 from ..ops import channel_axis, op_info, preserves_scale
 from ..plan import Layer, Plan, TensorQuant
-from ..quant import block_ranges, channel_ranges, dequantize, grid_sqnr_db, quantize, scale_zero_point, sqnr_db
+from ..quant import (block_ranges, channel_ranges, dequantize, grid_sqnr_db, quantize, refined_block_grid,
+                     scale_zero_point, sqnr_db)
 from .bias_correction import output_shift, prefix_shift
 from .collect import Stats
 from .observers import choose_range
@@ -70,11 +71,14 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec, method: str = "minmax") -> T
         zp = np.zeros(np.shape(scale), dtype=np.int64)
         damage = sqnr_db(w, dequantize(quantize(w, scale, zp, fitted), scale, zp, fitted))
         return TensorQuant("weight", fitted, scale, zp, {"method": "mse-fit", "sqnr_db": _finite(damage)})
-    lo, hi = block_ranges(w, spec.axis, spec.block_size) if spec.block_size else channel_ranges(w, spec.axis)
-    if method == "mse" and not spec.block_size:
-        ratio = clip_ratio(w, spec)
-        lo, hi = lo * ratio, hi * ratio
-    scale, zp = scale_zero_point(lo, hi, spec)
+    if method == "mse" and spec.block_size:
+        scale, zp = refined_block_grid(w, spec)
+    else:
+        lo, hi = block_ranges(w, spec.axis, spec.block_size) if spec.block_size else channel_ranges(w, spec.axis)
+        if method == "mse":
+            ratio = clip_ratio(w, spec)
+            lo, hi = lo * ratio, hi * ratio
+        scale, zp = scale_zero_point(lo, hi, spec)
     damage = grid_sqnr_db(w, scale, zp, spec)
     return TensorQuant("weight", spec, scale, zp, {"method": method, "sqnr_db": _finite(damage)})
 

@@ -2,6 +2,7 @@
 slow obvious reference."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -259,3 +260,54 @@ def test_gptq_scale_search_in_column_runs_gives_the_same_grid(monkeypatch):
     runs = gptq_module._scales(w, spec, importance)
     for a, b in zip(whole, runs):
         np.testing.assert_array_equal(a, b)
+
+
+def _heavy_tailed(k, n, seed=0):
+    """Weights with a few large values per block, as trained language models' are."""
+    return (np.random.default_rng(seed).standard_t(3, (k, n)) * 0.02).astype(np.float32)
+
+
+def _block_errors(w, scale, zero, spec):
+    err = np.square(w - dequantize(quantize(w, scale, zero, spec), scale, zero, spec))
+    k, bs = w.shape[0], spec.block_size
+    return np.pad(err, ((0, -k % bs), (0, 0))).reshape(-1, bs, w.shape[1]).sum(axis=1)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("k", [256, 80])  # 80: a short last block of 16
+def test_refined_grids_never_raise_a_blocks_error_and_lower_the_total(symmetric, k):
+    from ptqcli.quant import refined_block_grid
+
+    w = _heavy_tailed(k, 48)
+    spec = QuantSpec(bits=4, signed=True, symmetric=symmetric, axis=0, block_size=32)
+    start = scale_zero_point(*block_ranges(w, 0, 32), spec)
+    scale, zero = refined_block_grid(w, spec)
+    assert scale.shape == zero.shape == (-(-k // 32), 48) and zero.dtype == np.int64
+    before, after = _block_errors(w, *start, spec), _block_errors(w, scale, zero, spec)
+    assert np.all(after <= before)
+    assert after.sum() < 0.98 * before.sum()  # 4-5% lower on these weights
+    if symmetric:
+        assert np.all(zero == 0)
+    # the same grid for the weight stored transposed (blocks along axis 1, as a Gemm with transB)
+    t_scale, t_zero = refined_block_grid(np.ascontiguousarray(w.T), replace(spec, axis=1))
+    # (sums over another memory layout round differently in the last bit)
+    np.testing.assert_allclose(t_scale, scale.T, rtol=1e-5)
+    assert np.mean(t_zero == zero.T) > 0.98
+
+
+def test_robust_float_zero_points_keep_the_scales_and_lower_the_absolute_error():
+    from ptqcli.quant import refined_block_grid
+
+    w = _heavy_tailed(256, 48, seed=1)
+    spec = QuantSpec(bits=4, signed=True, symmetric=False, axis=0, block_size=64, float_zero=True)
+    start = scale_zero_point(*block_ranges(w, 0, 64), spec)
+    scale, zero = refined_block_grid(w, spec)
+    np.testing.assert_array_equal(scale, start[0])
+    assert zero.dtype == np.float32 and not np.all(zero == np.rint(zero))
+
+    def absolute(s, z):
+        return float(np.abs(w - dequantize(quantize(w, s, z, spec), s, z, spec)).sum())
+
+    assert absolute(scale, zero) < absolute(start[0], np.rint(start[1]))
+    again = refined_block_grid(w, spec)
+    np.testing.assert_array_equal(again[1], zero)
