@@ -35,7 +35,9 @@ Rows (`--rows`, comma-separated; all by default):
   and so the table, in 8-bit blocks). `ptq-gptq-g32-stream`, `ptq-gptq-g128-stream`: the GPTQ runs by
   `ptq quantize --stream` (one step, no run directory) on a copy of the model with its weights in an
   external file: read, rounded and written a segment at a time (its time and memory in the quantize
-  columns).
+  columns). `ptq-nodata-{minmax,mse}[-fz]-g{32,128}`: `ptq quantize --stream` without calibration data,
+  each block's range as it is (minmax) or refined (`--weight-method mse`), integer or float (`-fz`)
+  zero points.
 
 Columns: perplexity on `--eval` windows of eval.npz (next-token cross-entropy over every position but
 the last, exp of the mean) and its rise over fp32; batch-1 latency of a 256-token forward pass
@@ -107,6 +109,15 @@ OPTIONAL_ROWS = {f"ptq-gptq-{tag}-g{block}": PTQ_ROWS[f"ptq-gptq-g{block}"] + [f
 PTQ_ROWS["ptq-gptq-g32-stream"] = PTQ_ROWS["ptq-gptq-g32"]
 PTQ_ROWS["ptq-gptq-g128-stream"] = PTQ_ROWS["ptq-gptq-g128"]
 STREAM_ROWS = {"ptq-gptq-g32-stream", "ptq-gptq-g128-stream"}
+# Without calibration data (`ptq quantize --stream`, no --data): the blocks' ranges as they are, and
+# refined by --weight-method mse (least squares; with float zero points an HQQ-style robust zero
+# point), beside ORT's HQQ, which uses no data either.
+NO_DATA_ROWS = {
+    f"ptq-nodata-{method}{zeros}-g{block}": ["--block-size", str(block), flag, "--weight-method", method]
+    for method in ("minmax", "mse") for zeros, flag in (("", "--weight-zero-points"), ("-fz", "--float-zero-points"))
+    for block in (32, 128)
+}
+PTQ_ROWS.update(NO_DATA_ROWS)
 ALLOCATE = {name: ["--budget-bits", "4.5", "--weight-candidates", MIX_CANDIDATES, "--samples", "2"]
             for name in ("ptq-gptq-fz-mix-4.5", "ptq-gptq-mix-4.5")}
 ORT_ROWS = {
@@ -185,6 +196,9 @@ def quantize(row: Row, args) -> None:
     out.unlink(missing_ok=True)
     if row.name in ORT_ROWS:
         steps = [("quantize", [sys.executable, __file__, "--_child", row.name, "--_output", str(out)])]
+    elif row.name in NO_DATA_ROWS:
+        steps = [("quantize", [str(args.ptq), "quantize", str(external_copy()), "--acts", "none", "--weights", "int4",
+                               *PTQ_ROWS[row.name], "--stream", "-o", str(out)])]
     elif row.name in STREAM_ROWS:
         steps = [("quantize", [str(args.ptq), "quantize", str(external_copy()), "--data", str(args.calib_path),
                                "--num-samples", str(args.calib), "--acts", "none", "--weights", "int4",
