@@ -97,13 +97,18 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
     quant = replace(quant, rounding=Rounding.gptq if by_gptq else Rounding.nearest)  # what auto resolves to
     target = Path(out_path)
     check_writable(target)
-    g = Graph(load_model(model_path, weights=False), source=str(model_path), weights_dir=str(Path(model_path).parent))
+    source = load_model(model_path, weights=False)
+    check_model(Path(model_path), Path(model_path).name)  # else a broken input reads as a broken output
+    g = Graph(source, source=str(model_path), weights_dir=str(Path(model_path).parent))
     sel = select(g, quant)
     layers, float_nodes = _packable(g, sel.layers)
     if by_gptq and not layers:
         raise PtqError("--rounding gptq found no MatMul layer with a [K, N] weight to round")
     formats = configured_formats(g, sel, quant)
     tables = set(sel.embeddings) - {layer.weight for layer in layers.values()}
+    if not layers and not tables:
+        why = "; ".join(sorted(set(float_nodes.values()))) or "the model has no MatMul or Gemm with a constant weight"
+        raise PtqError(f"nothing to stream: {why} (--no-stream quantizes other layers)")
     by_weight = {layer.weight: layer for layer in layers.values()}
     replaced: dict[str, list[NodeProto]] = {}
     tensors: dict[str, TensorQuant] = {}

@@ -250,3 +250,16 @@ def test_gptq_on_a_model_over_2_gb_in_less_than_half_its_size(tmp_path):
               for name, path in (("gptq", gptq), ("nearest", nearest))}
     # 0.06 against 0.58 when written: the inputs span 64 directions, which GPTQ's updates exploit
     assert errors["gptq"] < 0.5 * errors["nearest"], errors
+
+
+def test_a_model_with_nothing_to_stream_is_one_line(tmp_path):
+    """Only a Conv: streaming packs MatMul weights, so it refuses instead of copying the model."""
+    w = numpy_helper.from_array(np.random.default_rng(0).random((4, 3, 3, 3), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], [w])
+    model = _external(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "conv.onnx")
+    out = tmp_path / "q.onnx"
+    r = ptq("quantize", model, "--acts", "none", "--weights", "int4", "--block-size", "32", "--stream", "-o", out)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "nothing to stream" in r.stderr, r.stderr
+    assert not out.exists() and not (tmp_path / "q.onnx.data").exists()
