@@ -588,7 +588,8 @@ def quantize_streaming(model_path: str | Path, out_path: str | Path, quant: Quan
     g, plan = done.graph, done.plan
     inputs = CardInputs(source_model=source, output_model=Path(out_path), graph=g, plan=plan, fidelity=done.fidelity,
                         eval_source=eval_data, size=weight_storage(g, plan), bops=bops(g, plan, []),
-                        latency=latency_not_measured(cpu_name()), kernel_ops=done.kernel_ops)
+                        latency=latency_not_measured(cpu_name()), kernel_ops=done.kernel_ops,
+                        kernels=layer_kernels(load_model(out_path, weights=False), done.optimized, plan))
     write_card(build_card(inputs), out_path)
     return plan, done.fidelity
 

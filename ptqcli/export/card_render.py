@@ -63,8 +63,9 @@ def render_markdown(card: dict, plot_name: str) -> str:
     lines += [
         f"- weights: {size['float_bytes']:,} bytes float -> {size['quantized_bytes']:,} bytes"
         f" ({_num(size['compression'], '{:.2f}')}x)",
-        f"- bit-operations per sample: {bops['float']:.3e} float -> {bops['quantized']:.3e}"
-        f" ({_num(bops['reduction'], '{:.1f}')}x)",
+        (f"- bit-operations per sample: {bops['float']:.3e} float -> {bops['quantized']:.3e}"
+         f" ({_num(bops['reduction'], '{:.1f}')}x)" if bops["float"] else
+         "- bit-operations per sample: not counted (no layer output shapes were measured)"),
         _latency_line(lat),
         f"- ORT kernels: {', '.join(f'{k} x{v}' for k, v in r['kernel_ops'].items())}",
         *([f"- in float between a DequantizeLinear and a QuantizeLinear: {ops_summary(r['float_between_qdq'])}"]

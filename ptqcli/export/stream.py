@@ -80,6 +80,7 @@ class Streamed:
     graph: Graph               # the source graph, without its weight data
     kernel_ops: dict[str, int]  # op types of the graph ORT runs, from loading the written model
     fidelity: object = None  # what the caller's `measure` gave (stages: a Fidelity on --eval-data)
+    optimized: ModelProto | None = None  # the graph ORT runs, without weights
 
 
 def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantConfig, data: DataConfig,
@@ -167,7 +168,7 @@ def stream_quantize(model_path: str | Path, out_path: str | Path, quant: QuantCo
         kernel_ops = optimized_op_counts(optimized=optimized)
         cuts = [layer.activation for layer in layers.values()]
         fidelity = None if measure is None else measure(g, path, plan, cuts, kernel_ops)
-    return Streamed(plan, g, kernel_ops, fidelity)
+    return Streamed(plan, g, kernel_ops, fidelity, optimized)
 
 
 def _replacing(node: NodeProto, replacement: list[NodeProto] | None) -> list[NodeProto]:

@@ -87,6 +87,11 @@ def test_streamed_gptq_writes_what_the_in_memory_gptq_writes(tmp_path):
     assert card["calibration"]["samples"] == 16
     assert {row["node"]: row["rounding"] for row in card["layers"]} == {"up_proj": "gptq", "down_proj": "gptq",
                                                                         "lm_head": "gptq"}
+    assert {row["kernel"] for row in card["layers"]} == {"MatMulNBits"}
+    held_card = json.loads((tmp_path / "held.card.json").read_text())
+    # the rounded weights' own SQNR, the same either way
+    assert [row["weight_sqnr_db"] for row in card["layers"]] == [row["weight_sqnr_db"] for row in held_card["layers"]]
+    assert "bit-operations per sample: not counted" in (tmp_path / "streamed.card.md").read_text()
     (tmp_path / "again").mkdir()
     again = tmp_path / "again" / "streamed.onnx"
     assert ptq("quantize", model, *common, "--stream", "-o", again).returncode == 0
