@@ -104,9 +104,20 @@ def channel_ranges(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndar
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when exact)."""
-    signal = float(np.sum(np.square(reference, dtype=np.float64)))
-    noise = float(np.sum(np.square(reference.astype(np.float64) - approx.astype(np.float64))))
+    """Signal-to-quantization-noise ratio in dB (inf when exact). Past SLICE_VALUES values, summed
+    over slices of the first axis: a language model's output projection in float64 at once would
+    take hundreds of MB twice over."""
+    reference, approx = np.asarray(reference), np.asarray(approx)
+    if reference.size <= SLICE_VALUES or reference.ndim == 0 or approx.shape != reference.shape:
+        signal = float(np.sum(np.square(reference, dtype=np.float64)))
+        noise = float(np.sum(np.square(reference.astype(np.float64) - approx.astype(np.float64))))
+        return _ratio_db(signal, noise)
+    rows = max(1, SLICE_VALUES // (reference.size // len(reference)))
+    signal = noise = 0.0
+    for start in range(0, len(reference), rows):
+        part = reference[start:start + rows].astype(np.float64)
+        signal += float(np.sum(np.square(part)))
+        noise += float(np.sum(np.square(part - approx[start:start + rows].astype(np.float64))))
     return _ratio_db(signal, noise)
 
 
@@ -202,19 +213,25 @@ def refined_block_grid(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.n
     lo, hi = block_ranges(rows, 0, bs)
     scale, zero = scale_zero_point(lo, hi, spec)
     scale, zero = scale.copy(), zero.copy()
-    valid = (np.arange(blocks * bs) < k).astype(np.float32).reshape(blocks, bs, 1)
+    valid = as_blocks(np.ones((k, 1), dtype=np.float32), bs)
     step = max(1, SLICE_VALUES // (blocks * bs))
     refine = _robust_zero if spec.float_zero and not spec.symmetric else _least_squares_grid
     for start in range(0, rows.shape[1], step):
         cols = slice(start, start + step)
-        part = np.pad(rows[:, cols], ((0, blocks * bs - k), (0, 0))).reshape(blocks, bs, -1)
-        scale[:, cols], zero[:, cols] = refine(part, valid, scale[:, cols], zero[:, cols], spec)
+        scale[:, cols], zero[:, cols] = refine(as_blocks(rows[:, cols], bs), valid, scale[:, cols], zero[:, cols], spec)
     shape = (blocks, *moved.shape[1:])
     return (np.moveaxis(scale.reshape(shape), 0, axis), np.moveaxis(zero.reshape(shape), 0, axis))
 
 
-def _block_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """Codes of weights [blocks, block, columns] on grids [blocks, columns], rounded as
+def as_blocks(rows: np.ndarray, block_size: int) -> np.ndarray:
+    """A [K, N] weight as [blocks, block_size, N] (a short last block padded with zeros), so that
+    each block's scale [blocks, N] broadcasts over its values instead of being repeated to K."""
+    pad = -len(rows) % block_size
+    return (np.pad(rows, ((0, pad), (0, 0))) if pad else rows).reshape(-1, block_size, rows.shape[1])
+
+
+def block_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Codes of weights [blocks, block, columns] (as_blocks) on grids [blocks, columns], rounded as
     QuantizeLinear rounds them (float32)."""
     s3, z3 = scale[:, None, :], zero[:, None, :].astype(np.float32)
     q = np.rint(w / s3 + z3) if spec.float_zero else np.rint(w / s3) + z3
@@ -228,7 +245,7 @@ def _robust_zero(w: np.ndarray, valid: np.ndarray, scale: np.ndarray, zero: np.n
     count, s3 = valid.sum(axis=1), scale[:, None, :]
     z, beta, least = np.rint(zero).astype(np.float32), ROBUST_BETA, np.inf
     for _ in range(ROBUST_ROUNDS):
-        q = _block_codes(w, scale, z, spec)
+        q = block_codes(w, scale, z, spec)
         error = w - (q - z[:, None, :]) * s3
         magnitude = np.abs(error)
         # the l_p proximal step: each error shrunk towards zero, small ones all the way
@@ -252,7 +269,7 @@ def _least_squares_grid(w: np.ndarray, valid: np.ndarray, scale: np.ndarray, zer
         return np.sum(valid * np.square(w - (q - z[:, None, :].astype(np.float32)) * s[:, None, :]), axis=1)
 
     best_s, best_z = scale, zero
-    q = _block_codes(w, scale, zero, spec)
+    q = block_codes(w, scale, zero, spec)
     least = error(scale, zero, q)
     for _ in range(REFINE_ROUNDS):
         if spec.symmetric:
@@ -269,7 +286,7 @@ def _least_squares_grid(w: np.ndarray, valid: np.ndarray, scale: np.ndarray, zer
         ok = np.isfinite(s_new) & (s_new > _MIN_SCALE) & np.isfinite(z_new)
         s_new = np.where(ok, s_new, best_s).astype(np.float32)
         z_new = np.where(ok, z_new, best_z).astype(best_z.dtype)
-        q = _block_codes(w, s_new, z_new, spec)
+        q = block_codes(w, s_new, z_new, spec)
         err = error(s_new, z_new, q)
         better = err < least
         best_s, best_z, least = np.where(better, s_new, best_s), np.where(better, z_new, best_z), np.minimum(err, least)

@@ -254,7 +254,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
     diag(s) W against H / (s s^T), later segments compute with diag(s)^-1 Q, and the factors are
     folded into the float graph when the walk is over. Returns the graph (smoothed, if it was) and
     the plan."""
-    from .calibrate.gptq import GptqConfig, eligible, smoothing_groups_rounded, smoothing_shapes, walk
+    from .calibrate.gptq import GptqConfig, eligible, smoothing_groups_rounded, walk
     from .calibrate.probe import quantized_prefix
     from .calibrate.segments import BatchStates
     from .calibrate.smooth import folded, smoothing_groups
@@ -293,7 +293,7 @@ def gptq_rounding(g: Graph, plan: Plan, stats, quant: QuantConfig, data: DataCon
                 smoothing[step.tensor] = step.smoothing
             if step.factors is not None:
                 chosen[step.tensor] = step.factors
-                scaled.update((layer.weight, f) for (layer, _), f in zip(step.layers, smoothing_shapes(step.factors, step.layers)))
+                scaled.update((layer.weight, f) for (layer, _), f in zip(step.layers, step.shaped_factors()))
             for (layer, _), tq in zip(step.layers, step.tqs):
                 tensors_out[layer.weight] = tq
                 report.append({"node": layer.node, "weight": layer.weight})

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..formats import QuantSpec
 from ..plan import TensorQuant
-from ..quant import _ratio_db, block_ranges, channel_ranges, dequantize, quantize, scale_zero_point
+from ..quant import as_blocks, block_codes, block_ranges, channel_ranges, dequantize, quantize, scale_zero_point, sqnr_db
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,11 @@ def _group_errors(w_kn: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: Q
     if not spec.block_size:
         weighted = importance[:, None] * np.square(w_kn - dequantize(quantize(w_kn, scale, zero, spec), scale, zero, spec))
         return weighted.sum(axis=0).reshape(np.shape(scale))
-    # Blocks as an axis of their own, so that each block's scale broadcasts over it instead of being
-    # repeated to the weight's shape; in float32, the values QuantizeLinear and DequantizeLinear give.
-    k, n, bs = len(w_kn), w_kn.shape[1], spec.block_size
-    pad = -k % bs
-    blocks = (np.pad(w_kn, ((0, pad), (0, 0))) if pad else w_kn).reshape(-1, bs, n)
-    s, z = np.asarray(scale, dtype=np.float32)[:, None, :], np.asarray(zero, dtype=np.float32)[:, None, :]
-    q = np.rint(blocks / s + z) if spec.float_zero else np.rint(blocks / s) + z
-    np.clip(q, spec.qmin, spec.qmax, out=q)
-    error = blocks - (q - z) * s
-    weights = (np.pad(importance, (0, pad)) if pad else importance).reshape(-1, bs, 1)
+    # In float32, the values QuantizeLinear and DequantizeLinear give.
+    blocks = as_blocks(w_kn, spec.block_size)
+    s, z = np.asarray(scale, dtype=np.float32), np.asarray(zero, dtype=np.float32)
+    error = blocks - (block_codes(blocks, s, z, spec) - z[:, None, :]) * s[:, None, :]
+    weights = as_blocks(importance[:, None], spec.block_size)
     return (weights * np.square(error, out=error)).sum(axis=1)
 
 
@@ -207,21 +202,12 @@ def round_layers(weights: list[np.ndarray], in_axes: list[int], tqs: list[Tensor
         for i, lo, hi, w in zip(members, edges[:-1], edges[1:], kn):
             part = replace(rounded, scale=rounded.scale[..., lo:hi], zero_point=rounded.zero_point[..., lo:hi],
                            value=rounded.value[:, lo:hi],
-                           source={**rounded.source, "sqnr_db": weight_sqnr_db(w, rounded.value[:, lo:hi])})
+                           source={**rounded.source, "sqnr_db": _finite(sqnr_db(w, rounded.value[:, lo:hi]))})
             out[i] = _in_layout(part, in_axes[i], tqs[i])
     return out
 
 
-def weight_sqnr_db(w_kn: np.ndarray, rounded: np.ndarray) -> float | None:
-    """SQNR of the rounded weights against the weights GPTQ was given, a slice of columns at a
-    time (float64 copies of an output projection would be hundreds of MB); None when exact."""
-    columns = max(1, SEARCH_VALUES // max(len(w_kn), 1))
-    signal = noise = 0.0
-    for c in range(0, w_kn.shape[1], columns):
-        part = w_kn[:, c:c + columns].astype(np.float64)
-        signal += float(np.sum(np.square(part)))
-        noise += float(np.sum(np.square(part - rounded[:, c:c + columns])))
-    db = _ratio_db(signal, noise)
+def _finite(db: float) -> float | None:
     return float(db) if np.isfinite(db) else None
 
 
@@ -255,9 +241,18 @@ class Rounded:
     factors: np.ndarray | None
     smoothing: dict | None  # the smoothing choice's report, for groups that were offered one
 
+    def shaped_factors(self) -> list[np.ndarray] | None:
+        """The smoothing factors shaped to multiply each layer's weight along its input channels."""
+        return None if self.factors is None else _shaped(self.factors, self.layers)
 
-def smoothing_shapes(s: np.ndarray, layers: list) -> list[np.ndarray]:
-    """Factors s [K] shaped to multiply each layer's weight along its input channels."""
+    def computed(self) -> list[np.ndarray]:
+        """Each layer's rounded weight as the model before smoothing computes with it: Q, or for
+        a smoothed layer diag(s)^-1 Q (the walk runs the graph as it was)."""
+        shaped = self.shaped_factors()
+        return [tq.value if shaped is None else tq.value / shaped[i] for i, tq in enumerate(self.tqs)]
+
+
+def _shaped(s: np.ndarray, layers: list) -> list[np.ndarray]:
     return [s.reshape((-1, 1) if axis == 0 else (1, -1)) for _, axis in layers]
 
 
@@ -281,7 +276,7 @@ def walk(g, prefix, readers: dict[str, list], states, grids, current, groups: di
             s, report = factors(g, groups[tensor], moments, quant)
             if s is not None:
                 hessian = hessian / np.outer(s, s)
-                weights = [w * f for w, f in zip(weights, smoothing_shapes(s, layers))]
+                weights = [w * f for w, f in zip(weights, _shaped(s, layers))]
         rounded = round_layers(weights, [axis for _, axis in layers], grids(layers), hessian, cfg)
         yield Rounded(tensor, layers, rounded, s, report)
 

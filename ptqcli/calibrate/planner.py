@@ -83,6 +83,17 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec, method: str = "minmax") -> T
     return TensorQuant("weight", spec, scale, zp, {"method": method, "sqnr_db": _finite(damage)})
 
 
+def fitted_weight(node, w: np.ndarray, cfg: QuantConfig, fmt: str | None = None) -> TensorQuant:
+    """A layer's weight on its format's grid (`fmt`, else the config's): the axis and blocks its
+    node takes, fitted by the config's weight method."""
+    axis, block = weight_axis(node, w, cfg, format_block_size(fmt) if fmt else None)
+    scheme, bits = parse_weight_format(fmt) if fmt else (None, None)
+    spec = weight_spec(cfg, axis, bits, scheme, block)
+    if spec.float_zero and node.op_type != "MatMul":  # only MatMulNBits takes float zero points
+        spec = replace(spec, float_zero=False)
+    return quantize_weight(w, spec, cfg.weight_method.value)
+
+
 def clip_ratio(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """Per channel (or per tensor), the fraction of max|w| whose grid gives the least squared error."""
     axis = 0 if spec.axis is None else spec.axis % w.ndim
@@ -226,13 +237,7 @@ def build_plan(g: Graph, sel: Selection, stats: Stats, cfg: QuantConfig, extra_c
             if name in weights:
                 continue  # a weight shared by several nodes is quantized once
             w = weight_values.get(name, g.constant(name))
-            fmt = weight_formats.get(name)
-            axis, block = weight_axis(node, w, cfg, format_block_size(fmt) if fmt else None)
-            scheme, bits = parse_weight_format(fmt) if fmt else (None, None)
-            spec = weight_spec(cfg, axis, bits, scheme, block)
-            if spec.float_zero and node.op_type != "MatMul":  # only MatMulNBits takes float zero points
-                spec = replace(spec, float_zero=False)
-            tq = quantize_weight(w, spec, cfg.weight_method.value)
+            tq = fitted_weight(node, w, cfg, weight_formats.get(name))
             weights[name] = replace(tq, value=w) if name in weight_values else tq
     constants = {name: tq for name in sel.constants if (tq := quantize_constant(g.constant(name), cfg)) is not None}
     for name in sel.embeddings:

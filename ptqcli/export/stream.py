@@ -25,11 +25,11 @@ from typing import Callable
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto
 
-from ..calibrate.planner import configured_formats, quantize_embedding, quantize_weight, weight_axis, weight_spec
+from ..calibrate.planner import configured_formats, fitted_weight, quantize_embedding
 from ..calibrate.select import select
 from ..config import DataConfig, QuantConfig, Rounding, to_jsonable
 from ..errors import PtqError
-from ..formats import NBITS_WIDTHS, format_block_size, parse_weight_format
+from ..formats import NBITS_WIDTHS, parse_weight_format
 from ..files import check_writable
 from ..graph import Graph, check_model, import_domain, load_model, shell, staged, with_data, write_tensors
 from ..plan import Layer, Plan, TensorQuant
@@ -205,7 +205,7 @@ class _GptqWalk:
 
     def rounded(self):
         from ..calibrate.data import iter_batches, model_inputs
-        from ..calibrate.gptq import GptqConfig, smoothing_shapes, walk
+        from ..calibrate.gptq import GptqConfig, walk
         from ..calibrate.segments import BatchStates
         from ..calibrate.smooth import fold_tail
 
@@ -225,12 +225,10 @@ class _GptqWalk:
                              current, self.groups, self.quant, cfg, advance):
                 if step.smoothing is not None:
                     self.smoothing[step.tensor] = step.smoothing
-                shapes = smoothing_shapes(step.factors, step.layers) if step.factors is not None else None
                 if step.factors is not None:
                     chosen[step.tensor] = step.factors
-                for i, ((layer, _), tq) in enumerate(zip(step.layers, step.tqs)):
-                    # The walk runs the graph as it was: a smoothed layer computes X (diag(s)^-1 Q).
-                    pending[layer.weight] = tq.value / shapes[i] if shapes else tq.value
+                for (layer, _), tq, value in zip(step.layers, step.tqs, step.computed()):
+                    pending[layer.weight] = value
                     yield layer, tq
         for tensor, s in chosen.items():
             fold_tail(self.out, g, self.groups[tensor], s)
@@ -273,11 +271,8 @@ def _packable(g: Graph, layers: list[Layer]) -> tuple[dict[str, Layer], dict[str
 def _fitted(g: Graph, layer: Layer, fmt: str | None, quant: QuantConfig) -> tuple[TensorQuant, np.ndarray]:
     """The layer's weight read from disk and fitted to nearest on its format's grid, as the
     in-memory plan fits it, and the weight."""
-    node = g.node_by_name[layer.node]
     w = g.constant(layer.weight)
-    axis, block = weight_axis(node, w, quant, format_block_size(fmt) if fmt else None)
-    scheme, bits = parse_weight_format(fmt) if fmt else (None, None)
-    tq = quantize_weight(w, weight_spec(quant, axis, bits, scheme, block), quant.weight_method.value)
+    tq = fitted_weight(g.node_by_name[layer.node], w, quant, fmt)
     if not nbits.takes(layer, tq, w):
         raise PtqError(f"layer {layer.node}: {tq.spec.label} weights have no MatMulNBits form")
     return tq, w
