@@ -217,7 +217,7 @@ def export(run: RunArg, output: Annotated[Path, typer.Option("-o", "--output", h
     out.print(f"wrote [bold]{output}[/bold]")
 
 
-def _streams(model: Path, quant, data_cfg, fmt: str, stream: bool | None, eval_data, run_dir) -> bool:
+def _streams(model: Path, quant, data_cfg, fmt: str, stream: bool | None, run_dir) -> bool:
     """Whether `ptq quantize` goes weight by weight (export/stream.py): when asked, or by default
     for a model over 2 GiB whose options allow it."""
     from .export.stream import STREAM_BYTES, stored_bytes, streaming_problem
@@ -375,7 +375,7 @@ def quantize(model: ModelArg, output: Annotated[Path, typer.Option("-o", "--outp
                                exclude_ops, seed, binary_acts, act_damage_limit, smooth,
                                block_size, weight_zero_points, accuracy_level, feedback, whole_feeds, embeddings, keep,
                                float_zero_points, act_order, synthetic_backend, smooth_convs, float_stem)
-    if _streams(model, quant, data_cfg, fmt, stream, eval_data, run_dir):
+    if _streams(model, quant, data_cfg, fmt, stream, run_dir):
         check_writable(output)
         plan, fidelity = stages.quantize_streaming(model, output, quant, data_cfg, rich_progress, eval_data, eval_samples)
         out.print(plan_table(plan))
